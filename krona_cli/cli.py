@@ -1,0 +1,174 @@
+"""The `krona` command line: parse, call one library function, print. Only this module prints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import KronaError
+
+# bitsandbytes warns on import that an optional CPU 4-bit kernel package is missing; krona does not use it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+app = typer.Typer(
+    name="krona",
+    help="Personalise SDXL and SD 1.x/2.x with Kronecker-product adapters (DiffuseKronA), DreamBooth-style.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"krona {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the Python traceback of internal errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def _split(values: list[str]) -> list[str]:
+    """Repeatable options also take comma-separated lists: --factors 64x4,8x64."""
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+@app.command("make-tiny")
+def make_tiny_cmd(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the pipeline to (created or replaced).")],
+    arch: Annotated[str, typer.Option(help="Architecture: sdxl or sd15.")] = "sdxl",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Build a tiny random-weight SDXL or SD 1.5 pipeline (for tests and demos; no download)."""
+    from .tiny import make_tiny
+
+    path = make_tiny(directory, arch=arch, seed=seed)
+    console.print(f"tiny {arch} pipeline written to [bold]{path}[/]")
+
+
+@app.command("plan")
+def plan_cmd(
+    arch: Annotated[str, typer.Option(help="Architecture: sdxl or sd15.")] = "sdxl",
+    factors: Annotated[
+        list[str], typer.Option("--factors", help="Factor settings OxI to compare (repeatable or comma-separated).")
+    ] = ["64x4"],  # noqa: B006 (typer reads the default)
+    targets: Annotated[str, typer.Option(help="attn, attn-ff, text, or a regular expression.")] = "attn",
+    strict_factors: Annotated[bool, typer.Option(help="Error where factors do not divide a layer.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Adapter parameters and file sizes per block group, beside LoRA ranks 4, 8 and 16 (no weights needed)."""
+    from .plan import LORA_RANKS, FP16_BYTES, FP32_BYTES, file_size, plan
+
+    settings = _split(factors)
+    groups = plan(arch, settings, targets, strict_factors)
+    if as_json:
+        out = {
+            name: {"layers": g.layers, "kron": g.kron, "lora": {f"r{r}": v for r, v in g.lora.items()}}
+            for name, g in groups.items()
+        }
+        console.print_json(json.dumps({"arch": arch, "targets": targets, "groups": out}))
+        return
+    table = Table(title=f"krona plan: {arch}, targets {targets}")
+    table.add_column("block group")
+    table.add_column("layers", justify="right")
+    for s in settings:
+        table.add_column(f"kron {s}", justify="right", style="bold green")
+    for r in LORA_RANKS:
+        table.add_column(f"LoRA r{r}", justify="right")
+    total = groups["total"]
+    for name, g in groups.items():
+        cells = [f"{g.kron[s]:,}" for s in settings] + [f"{g.lora[r]:,}" for r in LORA_RANKS]
+        if name == "total":
+            table.add_section()
+            table.add_row("[bold]total parameters[/]", f"{g.layers:,}", *cells)
+        else:
+            table.add_row(name, f"{g.layers:,}", *cells)
+    for label, nbytes in (("fp32 file", FP32_BYTES), ("fp16 file", FP16_BYTES)):
+        sizes = [total.kron[s] for s in settings] + [total.lora[r] for r in LORA_RANKS]
+        table.add_row(label, "", *[f"{file_size(p, nbytes) / 2**20:.2f} MiB" for p in sizes])
+    console.print(table)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    file: Annotated[Path, typer.Argument(help="An adapter .safetensors file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show an adapter file's settings, layers, factors, parameter count, dtype, scale and base model."""
+    from .formats import describe
+
+    info = describe(file)
+    if as_json:
+        console.print_json(json.dumps(info))
+        return
+    table = Table(title=f"adapter {file.name}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("format", f"{info['format']} v{info['format_version']} ({info['layout']} layout)")
+    table.add_row("base model", str(info["base_model"]))
+    table.add_row("architecture", str(info["architecture"]))
+    for component, n in info["layers"].items():
+        factors = ", ".join(f"{f} × {c}" for f, c in info["factors"][component].items())
+        target = info["targets"].get(component, "")
+        table.add_row(f"{component} layers", f"{n} ({factors})" + (f", targets {target}" if target else ""))
+    table.add_row("parameters", f"{info['parameters']:,}")
+    table.add_row("dtype", ", ".join(info["dtype"]))
+    table.add_row("scale", f"{info['scale']:g}")
+    table.add_row("size", f"{info['size_bytes'] / 2**20:.2f} MiB")
+    table.add_row("sha256", info["sha256"][:16])
+    if info["training"]:
+        table.add_row("training", json.dumps(info["training"], sort_keys=True))
+    console.print(table)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: runs the app and turns failures into one line and an exit code (2 bad input, 1 bug, 130 ^C)."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        result = app(args=args, prog_name="krona", standalone_mode=False)
+        code = result if isinstance(result, int) else EXIT_OK
+    except KronaError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        code = e.exit_code
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err_console.print("[yellow]interrupted[/]")
+        code = EXIT_INTERRUPTED
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except Exception as e:  # a bug: one line, the traceback only with --debug
+        if _state["debug"] or "--debug" in args:
+            traceback.print_exc()
+        err_console.print(
+            f"[bold red]internal error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        code = EXIT_INTERNAL
+    if argv is None:
+        sys.exit(code)
+    return code

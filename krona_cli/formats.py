@@ -1,0 +1,249 @@
+"""Adapter files. The native format: one .safetensors with `<component>.<module path>.kron_a` / `.kron_b` tensors
+and the settings as JSON under the metadata key `krona`.
+
+Only .safetensors files are ever read; pickles (PyTorch .bin/.pt/.ckpt) are refused before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from . import __version__
+from .atomic import write_bytes_atomic
+from .errors import KronaError
+from .kron import adapter_state_dict, inject, layer_factors, load_adapter_state_dict, parse_factors
+
+FORMAT = "krona"
+FORMAT_VERSION = 1
+LAYOUT_STANDARD = "standard"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+METADATA_KEY = "krona"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_NATIVE_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(kron_a|kron_b)$")
+
+
+@dataclass
+class Adapter:
+    """An adapter in memory: its tensors by component and the settings it was made with."""
+
+    tensors: dict[str, dict[str, torch.Tensor]]  # component -> {"<module path>.kron_a": tensor, ...}
+    factors: dict[str, dict[str, str]]  # component -> {"<module path>": "OxI"}, the factors each layer uses
+    scale: float = 1.0
+    base_model: str | None = None
+    architecture: str | None = None
+    targets: dict[str, str] = field(default_factory=dict)  # component -> target preset or regex
+    layout: str = LAYOUT_STANDARD
+    training: dict | None = None
+    format_version: int = FORMAT_VERSION
+
+    def num_params(self) -> int:
+        return sum(t.numel() for tensors in self.tensors.values() for t in tensors.values())
+
+    def num_layers(self) -> dict[str, int]:
+        return {component: len(f) for component, f in self.factors.items()}
+
+    def metadata(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "krona_version": __version__,
+            "base_model": self.base_model,
+            "architecture": self.architecture,
+            "layout": self.layout,
+            "scale": self.scale,
+            "targets": self.targets,
+            "factors": self.factors,
+            "training": self.training,
+        }
+
+
+def collect_adapter(
+    models: Mapping[str, nn.Module],
+    scale: float = 1.0,
+    base_model: str | None = None,
+    architecture: str | None = None,
+    targets: Mapping[str, str] | None = None,
+    training: dict | None = None,
+) -> Adapter:
+    """The adapter held by injected models, given by component name (unet, text_encoder, text_encoder_2)."""
+    tensors, factors = {}, {}
+    for component, model in models.items():
+        if component not in COMPONENTS:
+            raise KronaError(f"unknown component '{component}'; use one of {', '.join(COMPONENTS)}")
+        state = adapter_state_dict(model)
+        if state:
+            tensors[component] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+            factors[component] = layer_factors(model)
+    if not tensors:
+        raise KronaError("these models hold no Kronecker adapter to save; inject one first")
+    return Adapter(tensors, factors, scale, base_model, architecture, dict(targets or {}), training=training)
+
+
+def save_adapter(path: str | Path, adapter: Adapter, dtype: str = "fp32") -> Path:
+    """Write `adapter` as one native .safetensors file, atomically."""
+    if dtype not in DTYPES:
+        raise KronaError(f"unknown adapter dtype '{dtype}'; use one of {', '.join(DTYPES)}")
+    flat = {
+        f"{component}.{key}": t.to(DTYPES[dtype]).contiguous()
+        for component, tensors in adapter.tensors.items()
+        for key, t in tensors.items()
+    }
+    data = safetensors_save(flat, metadata={METADATA_KEY: json.dumps(adapter.metadata(), sort_keys=True)})
+    return write_bytes_atomic(path, data)
+
+
+def _refuse_unsafe(path: Path) -> None:
+    if not path.exists():
+        raise KronaError(f"adapter file '{path}' does not exist; check the path")
+    if path.is_dir():
+        raise KronaError(f"'{path}' is a folder; give the adapter's .safetensors file")
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise KronaError(
+            f"'{path}' is a pickle (a PyTorch .bin/.pt/.ckpt file); krona never loads pickles, which can run code. "
+            "Convert it to .safetensors with a tool you trust"
+        )
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a .safetensors file; KronaError for pickles, truncated or corrupt files."""
+    path = Path(path)
+    _refuse_unsafe(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise KronaError(f"'{path}' is not a readable .safetensors file (truncated or corrupt?): {e}") from None
+    return tensors, metadata
+
+
+def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> Adapter:
+    """Build an Adapter from a native file's tensors and metadata; KronaError where they do not fit together."""
+    if METADATA_KEY not in metadata:
+        raise KronaError(f"'{source}' is a .safetensors file but not a krona adapter (no '{METADATA_KEY}' metadata)")
+    try:
+        meta = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError:
+        raise KronaError(f"'{source}' has unreadable krona metadata; the file is damaged") from None
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise KronaError(
+            f"'{source}' is adapter format version {version}; this krona reads up to {FORMAT_VERSION}: upgrade krona"
+        )
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        match = _NATIVE_KEY.match(key)
+        if not match:
+            raise KronaError(f"'{source}' holds an unexpected tensor '{key}'; the file is not a native krona adapter")
+        component, module, _ = match.groups()
+        grouped.setdefault(component, {})[key[len(component) + 1 :]] = t.float()
+    factors = meta.get("factors") or {}
+    for component, layers in factors.items():
+        for module, text in layers.items():
+            f = parse_factors(text)
+            a = grouped.get(component, {}).get(f"{module}.kron_a")
+            b = grouped.get(component, {}).get(f"{module}.kron_b")
+            if a is None or b is None or tuple(a.shape) != (f.a_out, f.a_in) or b.dim() != 2:
+                raise KronaError(f"'{source}' is inconsistent at '{component}.{module}'; the file is damaged")
+    if sum(len(v) for v in factors.values()) * 2 != len(tensors):
+        raise KronaError(f"'{source}' has tensors without factors in its metadata; the file is damaged")
+    return Adapter(
+        tensors=grouped,
+        factors=factors,
+        scale=float(meta.get("scale", 1.0)),
+        base_model=meta.get("base_model"),
+        architecture=meta.get("architecture"),
+        targets=meta.get("targets") or {},
+        layout=meta.get("layout", LAYOUT_STANDARD),
+        training=meta.get("training"),
+        format_version=version,
+    )
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Read an adapter file (native format)."""
+    tensors, metadata = read_safetensors(path)
+    return adapter_from_tensors(tensors, metadata, str(path))
+
+
+def attach(models: Mapping[str, nn.Module], adapter: Adapter, scale: float | None = None, path: str = "auto") -> dict:
+    """Inject `adapter` into the given components with its exact per-layer factors and load its weights.
+
+    `scale` overrides the adapter's own; returns the adapted module names per component.
+    """
+    if adapter.layout != LAYOUT_STANDARD:
+        raise KronaError(f"adapter layout '{adapter.layout}' cannot be attached as a standard Kronecker adapter")
+    attached = {}
+    for component, layers in adapter.factors.items():
+        if component not in models:
+            raise KronaError(f"the adapter adapts '{component}', which this model does not have; wrong base model?")
+        model = models[component]
+        missing = [name for name in layers if not _has_linear(model, name)]
+        if missing:
+            raise KronaError(
+                f"the adapter's layer '{component}.{missing[0]}' is not in this model; "
+                f"it was made for {adapter.architecture or 'another model'} ({adapter.base_model or 'base unknown'})"
+            )
+        targets = [f"^{re.escape(name)}$" for name in layers]
+        attached[component] = inject(
+            model, targets=targets, factors=layers, scale=adapter.scale if scale is None else scale, path=path
+        )
+        load_adapter_state_dict(model, adapter.tensors[component])
+    return attached
+
+
+def _has_linear(model: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(name), nn.Linear)
+    except AttributeError:
+        return False
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256, hex (used to name an adapter in logs and image metadata)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe(path: str | Path) -> dict:
+    """What `krona inspect` shows: settings, layers and factors per component, parameters, dtype, size, hash."""
+    tensors, metadata = read_safetensors(path)
+    adapter = adapter_from_tensors(tensors, metadata, str(path))
+    factor_counts = {}
+    for component, layers in adapter.factors.items():
+        counts: dict[str, int] = {}
+        for text in layers.values():
+            counts[text] = counts.get(text, 0) + 1
+        factor_counts[component] = counts
+    return {
+        "file": str(path),
+        "format": FORMAT,
+        "format_version": adapter.format_version,
+        "base_model": adapter.base_model,
+        "architecture": adapter.architecture,
+        "layout": adapter.layout,
+        "scale": adapter.scale,
+        "targets": adapter.targets,
+        "layers": adapter.num_layers(),
+        "factors": factor_counts,
+        "parameters": adapter.num_params(),
+        "dtype": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
+        "size_bytes": Path(path).stat().st_size,
+        "sha256": file_sha256(path),
+        "training": adapter.training,
+    }

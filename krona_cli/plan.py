@@ -1,0 +1,95 @@
+"""`krona plan`: adapter parameter counts and file sizes per block group, Kronecker factors beside LoRA ranks.
+
+Counts come from the real architectures built on the meta device (no weights, no download), with the same
+target selection and per-layer factor fitting that training uses.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .kron import find_targets, fit_factors, parse_factors
+from .models import build_meta_components
+
+LORA_RANKS = (4, 8, 16)
+FP32_BYTES, FP16_BYTES = 4, 2
+
+
+def block_group(component: str, name: str) -> str:
+    """The block group a module belongs to: `unet down_blocks.1`, `unet mid_block`, `text_encoder_2`, ..."""
+    if component != "unet":
+        return component
+    match = re.match(r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)", name)
+    return f"unet {match.group(1)}" if match else "unet"
+
+
+@dataclass
+class GroupCount:
+    """Parameter counts of one block group: layers, Kronecker parameters per factor setting, LoRA per rank."""
+
+    layers: int = 0
+    kron: dict[str, int] = field(default_factory=dict)
+    lora: dict[int, int] = field(default_factory=dict)
+
+    def add(self, other: "GroupCount") -> None:
+        self.layers += other.layers
+        for k, v in other.kron.items():
+            self.kron[k] = self.kron.get(k, 0) + v
+        for r, v in other.lora.items():
+            self.lora[r] = self.lora.get(r, 0) + v
+
+
+def components_for_targets(targets: str, arch_components: list[str]) -> list[str]:
+    """The text preset adapts the text encoders; every other target (preset or regex) adapts the UNet."""
+    if targets == "text":
+        return [c for c in arch_components if c.startswith("text_encoder")]
+    return ["unet"]
+
+
+def count_linears(
+    linears: list[tuple[str, int, int]],
+    factor_settings: list[str],
+    strict_factors: bool = False,
+    group_of=lambda name: name,
+) -> dict[str, GroupCount]:
+    """Group counts for (name, d_out, d_in) linears under each factor setting and each LoRA rank."""
+    requests = [(str(s), parse_factors(s)) for s in factor_settings]
+    groups: dict[str, GroupCount] = {}
+    for name, d_out, d_in in linears:
+        g = groups.setdefault(group_of(name), GroupCount())
+        one = GroupCount(layers=1)
+        for label, request in requests:
+            one.kron[label] = fit_factors(request, d_out, d_in, strict_factors, name).num_params(d_out, d_in)
+        for r in LORA_RANKS:
+            one.lora[r] = r * (d_in + d_out)
+        g.add(one)
+    return groups
+
+
+def plan(
+    arch: str, factor_settings: list[str], targets: str = "attn", strict_factors: bool = False
+) -> dict[str, GroupCount]:
+    """Counts per block group, plus a `total` entry, for `arch` with these targets and factor settings."""
+    components = build_meta_components(arch)
+    linears = []
+    for component in components_for_targets(targets, list(components)):
+        model: nn.Module = components[component]
+        for name in find_targets(model, targets):
+            layer = model.get_submodule(name)
+            linears.append((f"{component}:{name}", layer.out_features, layer.in_features))
+    groups = count_linears(
+        linears, factor_settings, strict_factors, group_of=lambda n: block_group(*n.split(":", 1))
+    )
+    total = GroupCount()
+    for g in groups.values():
+        total.add(g)
+    groups["total"] = total
+    return groups
+
+
+def file_size(params: int, bytes_per_param: int) -> int:
+    """Tensor bytes of an adapter file (the safetensors header adds a few kB)."""
+    return params * bytes_per_param

@@ -1,0 +1,362 @@
+"""Tiny, offline, random-weight SDXL- and SD1.5-shaped diffusers pipelines for tests and smoke runs.
+
+Everything here is built in-process in about a second, with no model hub access:
+
+* :func:`build_tokenizer` trains a small CLIP-style byte-level BPE tokenizer on a built-in corpus of prompt words
+  and lays its vocabulary out exactly the way OpenAI's CLIP does (512 byte symbols, learned merges, specials).
+* :func:`build_tiny_pipeline` assembles a :class:`~diffusers.StableDiffusionXLPipeline` or
+  :class:`~diffusers.StableDiffusionPipeline` whose components keep the real architectures' *structure* (block
+  types, text-time conditioning, two text encoders, an 8x VAE) at a few kilobytes of weights each.
+* :func:`make_tiny` saves such a pipeline with ``save_pretrained`` into a folder that
+  ``DiffusionPipeline.from_pretrained(folder)`` loads like a real checkpoint.
+
+The UNets are sized so that every attention projection (``to_q``, ``to_k``, ``to_v``, ``to_out.0``) has in and out
+features among 16, 32, 64 and 80 (SDXL's 32 + 48 concatenated text width), all divisible by 2, 4, 8 and 16, so
+Kronecker factorisations such as 2x2, 4x4 or 8x4 divide every one of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers import Regex, normalizers, pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from krona_cli.errors import KronaError
+
+__all__ = ["build_tokenizer", "build_tiny_pipeline", "make_tiny"]
+
+#: Architectures :func:`make_tiny` and :func:`build_tiny_pipeline` can build.
+_ARCHS = ("sdxl", "sd15")
+
+_BOS = "<|startoftext|>"
+_EOS = "<|endoftext|>"  # CLIP uses it as eos, unk and pad alike.
+_END_OF_WORD = "</w>"
+_MAX_LENGTH = 77  # CLIP's context length; the text encoders' position table has exactly this many rows.
+
+# CLIP's word splitter (kept identical to transformers' CLIPTokenizer so training and encoding agree).
+_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+# Words typical of text-to-image and DreamBooth prompts. Every word here becomes a single token, as common
+# English words are in the real CLIP vocabulary; anything else falls back to sub-words and, ultimately, bytes.
+_CORPUS = """
+a an the of on in at by with and or for to from into over under near behind above below beside between
+is are was be as it its this that these those his her their my your our one two three four five
+photo photograph picture image portrait painting drawing sketch illustration render rendering artwork art
+sks zwx ohwx skd shs xyz
+dog dogs cat cats puppy kitten bird birds horse cow sheep fox wolf bear lion tiger rabbit mouse duck owl
+fish frog turtle deer elephant monkey panda squirrel dragon unicorn robot toy teddy plush figurine
+man woman men women person people boy girl child children baby face eyes hair smile hand hands
+backpack bag bottle can cup mug vase bowl plate chair table sofa bed lamp clock book candle sneaker shoe
+boot hat cap glasses sunglasses shirt dress jacket coat scarf car bicycle bike boat ship train plane
+house building castle tower bridge church temple city street road town village room kitchen garden park
+beach sea ocean lake river waterfall mountain mountains hill forest jungle desert snow ice field meadow
+grass flower flowers tree trees leaves rock rocks sand sky cloud clouds rain fog storm sun moon star stars
+space planet galaxy night day morning evening sunset sunrise dawn dusk light shadow fire water wood stone
+red orange yellow green blue purple pink brown black white gray grey golden silver colorful dark bright
+big small tiny large huge little tall short old young new cute happy sad angry beautiful pretty ugly
+soft hard shiny wet dry hot cold warm cool fluffy furry wooden metal glass plastic paper
+sitting standing running jumping walking flying swimming sleeping eating playing wearing holding
+looking riding reading smiling lying floating dancing
+style styled stylized realistic photorealistic hyperrealistic cinematic dramatic lighting studio
+detailed highly intricate sharp focus blurry bokeh depth close closeup up view shot angle wide lens
+camera canon nikon sony mm film analog digital vintage retro modern futuristic fantasy surreal abstract
+oil watercolor acrylic pencil ink charcoal pastel anime cartoon manga comic pixel low poly
+octane unreal engine trending artstation masterpiece best quality high resolution hd uhd
+van gogh monet picasso rembrandt vermeer
+background foreground top bottom left right front back side center middle
+"""
+
+
+@functools.cache
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from the 256 byte values to printable unicode characters, in CLIP's order.
+
+    Printable latin-1 bytes map to themselves; the rest are shifted to code points from 256 up, so that
+    every byte has a visible, non-whitespace symbol a BPE vocabulary can hold.
+    """
+    byte_values = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    code_points = byte_values[:]
+    shift = 0
+    for b in range(256):
+        if b not in byte_values:
+            byte_values.append(b)
+            code_points.append(256 + shift)
+            shift += 1
+    return dict(zip(byte_values, (chr(c) for c in code_points)))
+
+
+def _corpus_words() -> list[str]:
+    """The corpus split into CLIP pre-tokens, through the same normaliser and pre-tokenizer CLIPTokenizer uses."""
+    normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    return [word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(_CORPUS))]
+
+
+def _merge_word(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    """``symbols`` with every left-to-right occurrence of ``pair`` fused into one symbol."""
+    merged: list[str] = []
+    i = 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return tuple(merged)
+
+
+@functools.cache
+def _learn_bpe() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """Learn BPE merges on the built-in corpus; return ``(vocabulary in id order, merges in rank order)``.
+
+    A plain, fully deterministic BPE learner: each step fuses the most frequent adjacent pair, ties going to the
+    lexicographically smallest pair, until every corpus word is a single symbol. (``tokenizers``' own
+    ``BpeTrainer`` is not used because its tie-breaking depends on hash-map order, so it learns different merges
+    from one process to the next.) The vocabulary is laid out the way CLIP's is: the 256 byte symbols, the same
+    with ``</w>`` appended, one entry per merge, then ``<|startoftext|>`` and ``<|endoftext|>``.
+    """
+    byte_symbols = list(_bytes_to_unicode().values())
+    word_counts = Counter(_corpus_words())
+    words = {
+        word: tuple(word[:-1]) + (word[-1] + _END_OF_WORD,) for word in sorted(word_counts)
+    }  # "dog" -> ("d", "o", "g</w>")
+
+    merges: list[tuple[str, str]] = []
+    while True:
+        pair_counts: Counter[tuple[str, str]] = Counter()
+        for word, symbols in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pair_counts[pair] += word_counts[word]
+        if not pair_counts:
+            break
+        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
+        merges.append(best)
+        words = {word: _merge_word(symbols, best) if best[0] in symbols else symbols for word, symbols in words.items()}
+
+    vocab = byte_symbols + [s + _END_OF_WORD for s in byte_symbols]
+    vocab += ["".join(pair) for pair in merges]
+    vocab += [_BOS, _EOS]
+    return tuple(vocab), tuple(merges)
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A small CLIP-style BPE tokenizer, identical on every call and in every process.
+
+    Uses CLIP's normaliser, word splitter, byte-level alphabet and ``</w>`` end-of-word suffix, so no input
+    (unicode, emoji, punctuation) ever maps to the unknown token. ``<|endoftext|>`` is eos, unk and pad, and the
+    context length is 77, as in CLIP. Each call returns a fresh tokenizer object.
+    """
+    vocab, merges = _learn_bpe()
+    # transformers 5 builds the backend from ``vocab``/``merges`` (``vocab_file=`` would be silently ignored), and
+    # without ``model_max_length`` padding to max length would try to pad to an effectively infinite length.
+    return CLIPTokenizer(
+        vocab={token: index for index, token in enumerate(vocab)},
+        merges=list(merges),
+        model_max_length=_MAX_LENGTH,
+    )
+
+
+def _text_config(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str) -> CLIPTextConfig:
+    """A two-layer CLIP text config of width ``hidden_size`` whose vocabulary and special ids match ``tokenizer``.
+
+    The eos id matters beyond the embedding size: CLIP pools the sequence at the first eos token.
+    """
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        projection_dim=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=_MAX_LENGTH,
+        hidden_act=hidden_act,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _vae(scaling_factor: float) -> AutoencoderKL:
+    """A VAE with four resolution levels, hence the real SD/SDXL VAE's 8x spatial downscale, and 4 latent channels."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _scheduler() -> EulerDiscreteScheduler:
+    """Euler with the beta schedule, spacing and offset SD 1.5 and SDXL ship with."""
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+
+
+# UNet settings the two architectures share. ``attention_head_dim`` is, as in the real configs, diffusers' legacy
+# name for the number of heads per block; with these widths every head is 8 channels wide.
+_UNET_COMMON = dict(
+    sample_size=8,  # 8x8 latents, i.e. 64x64 images through the 8x VAE
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(16, 32, 64),
+    layers_per_block=1,
+    attention_head_dim=(2, 4, 8),
+    norm_num_groups=8,
+)
+
+
+def _sdxl_unet(text_width: int, pooled_width: int) -> UNet2DConditionModel:
+    """SDXL's UNet layout: no attention at the highest resolution, more transformer layers deeper down, linear
+    projections, and "text_time" added conditioning (pooled text embedding plus six embedded size/crop numbers)."""
+    time_embed_dim = 8
+    return UNet2DConditionModel(
+        **_UNET_COMMON,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        use_linear_projection=True,
+        cross_attention_dim=text_width,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_width,
+    )
+
+
+def _sd15_unet(text_width: int) -> UNet2DConditionModel:
+    """SD 1.5's UNet layout: cross-attention at the higher resolutions, none at the lowest, 1x1 conv projections."""
+    return UNet2DConditionModel(
+        **_UNET_COMMON,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_width,
+    )
+
+
+def build_tiny_pipeline(arch: str = "sdxl", seed: int = 0) -> StableDiffusionXLPipeline | StableDiffusionPipeline:
+    """Build a tiny random-weight pipeline in memory: ``StableDiffusionXLPipeline`` for ``"sdxl"``,
+    ``StableDiffusionPipeline`` for ``"sd15"``.
+
+    Weights are drawn under ``torch.manual_seed(seed)`` inside a forked RNG, so the same seed always gives the same
+    weights and the caller's global RNG state is left untouched.
+
+    Raises:
+        KronaError: ``arch`` is not one of :data:`_ARCHS`.
+    """
+    if arch not in _ARCHS:
+        raise KronaError(f"Unknown tiny architecture {arch!r}: expected one of {', '.join(repr(a) for a in _ARCHS)}.")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = build_tokenizer()
+        if arch == "sdxl":
+            # Two encoders like SDXL's CLIP ViT-L (32 wide here) and OpenCLIP bigG with projection (48 wide here):
+            # the UNet attends to their concatenated penultimate states and is conditioned on the pooled projection.
+            text_encoder = CLIPTextModel(_text_config(tokenizer, 32, "quick_gelu"))
+            text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, 48, "gelu"))
+            return StableDiffusionXLPipeline(
+                vae=_vae(scaling_factor=0.13025),
+                text_encoder=text_encoder,
+                text_encoder_2=text_encoder_2,
+                tokenizer=tokenizer,
+                tokenizer_2=build_tokenizer(),
+                unet=_sdxl_unet(text_width=32 + 48, pooled_width=48),
+                scheduler=_scheduler(),
+                add_watermarker=False,
+            )
+        return StableDiffusionPipeline(
+            vae=_vae(scaling_factor=0.18215),
+            text_encoder=CLIPTextModel(_text_config(tokenizer, 32, "quick_gelu")),
+            tokenizer=tokenizer,
+            unet=_sd15_unet(text_width=32),
+            scheduler=_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            image_encoder=None,
+            requires_safety_checker=False,
+        )
+
+
+def make_tiny(path: str | Path, arch: str = "sdxl", seed: int = 0) -> Path:
+    """Build a tiny pipeline (see :func:`build_tiny_pipeline`) and save it as a diffusers folder at ``path``.
+
+    The folder is written into a temporary sibling and renamed into place, so ``path`` never holds a half-written
+    pipeline. An existing empty folder, or an existing pipeline folder (one holding ``model_index.json``), is
+    replaced; anything else at ``path`` is left alone and reported.
+
+    Returns:
+        ``path`` as an absolute :class:`~pathlib.Path`.
+
+    Raises:
+        KronaError: ``arch`` is unknown, or ``path`` holds something other than an empty or pipeline folder.
+    """
+    target = Path(path).expanduser().absolute()
+    if target.exists() and not (
+        target.is_dir() and (not any(target.iterdir()) or (target / "model_index.json").is_file())
+    ):
+        raise KronaError(
+            f"Refusing to overwrite {target}: it exists and is neither an empty folder nor a diffusers pipeline "
+            "folder (no model_index.json). Choose another path or remove it."
+        )
+    pipeline = build_tiny_pipeline(arch, seed)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Sibling names in the same folder, so the renames below never cross a filesystem boundary. ``mkdir`` (rather
+    # than ``tempfile.mkdtemp``, which forces mode 0700) gives the finished folder the usual umask permissions.
+    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
+    staging.mkdir()
+    try:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        if target.exists():
+            # Swap by two renames, putting the old folder back if the second fails; delete it only afterwards.
+            target.rename(retired)
+            try:
+                staging.rename(target)
+            except BaseException:
+                retired.rename(target)
+                raise
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
