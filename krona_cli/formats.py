@@ -32,6 +32,32 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _NATIVE_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(kron_a|kron_b)$")
 
 
+# CLIP text encoders name their layers `text_model.encoder.layers.N...` in transformers 4 and `encoder.layers.N...`
+# in transformers 5. Files always use the first (diffusers' and everyone else's) naming.
+_TEXT_PREFIX = "text_model."
+
+
+def canonical_name(component: str, name: str) -> str:
+    """A module's name as adapter files spell it, whatever the installed transformers calls it."""
+    if component.startswith("text_encoder") and not name.startswith(_TEXT_PREFIX):
+        return _TEXT_PREFIX + name
+    return name
+
+
+def module_name(model: nn.Module, component: str, name: str) -> str | None:
+    """The installed model's name for a module named `name` in a file, or None if the model has no such linear."""
+    candidates = [name]
+    if component.startswith("text_encoder") and name.startswith(_TEXT_PREFIX):
+        candidates.append(name[len(_TEXT_PREFIX) :])
+    for candidate in candidates:
+        try:
+            if isinstance(model.get_submodule(candidate), nn.Linear):
+                return candidate
+        except AttributeError:
+            continue
+    return None
+
+
 @dataclass
 class Adapter:
     """An adapter in memory: its tensors by component and the settings it was made with."""
@@ -82,8 +108,8 @@ def collect_adapter(
             raise KronaError(f"unknown component '{component}'; use one of {', '.join(COMPONENTS)}")
         state = adapter_state_dict(model)
         if state:
-            tensors[component] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-            factors[component] = layer_factors(model)
+            tensors[component] = {canonical_name(component, k): v.to("cpu", copy=True) for k, v in state.items()}
+            factors[component] = {canonical_name(component, k): v for k, v in layer_factors(model).items()}
     if not tensors:
         raise KronaError("these models hold no Kronecker adapter to save; inject one first")
     return Adapter(tensors, factors, scale, base_model, architecture, dict(targets or {}), training=training)
@@ -190,25 +216,28 @@ def attach(models: Mapping[str, nn.Module], adapter: Adapter, scale: float | Non
         if component not in models:
             raise KronaError(f"the adapter adapts '{component}', which this model does not have; wrong base model?")
         model = models[component]
-        missing = [name for name in layers if not _has_linear(model, name)]
-        if missing:
-            raise KronaError(
-                f"the adapter's layer '{component}.{missing[0]}' is not in this model; "
-                f"it was made for {adapter.architecture or 'another model'} ({adapter.base_model or 'base unknown'})"
-            )
-        targets = [f"^{re.escape(name)}$" for name in layers]
+        names = {}  # name in the file -> name in the installed model
+        for name in layers:
+            local = module_name(model, component, name)
+            if local is None:
+                raise KronaError(
+                    f"the adapter's layer '{component}.{name}' is not in this model; it was made for "
+                    f"{adapter.architecture or 'another model'} ({adapter.base_model or 'base unknown'})"
+                )
+            names[name] = local
         attached[component] = inject(
-            model, targets=targets, factors=layers, scale=adapter.scale if scale is None else scale, path=path
+            model,
+            targets=[f"^{re.escape(local)}$" for local in names.values()],
+            factors={names[name]: f for name, f in layers.items()},
+            scale=adapter.scale if scale is None else scale,
+            path=path,
         )
-        load_adapter_state_dict(model, adapter.tensors[component])
+        state = {}
+        for key, t in adapter.tensors[component].items():
+            name, _, param = key.rpartition(".")
+            state[f"{names[name]}.{param}"] = t
+        load_adapter_state_dict(model, state)
     return attached
-
-
-def _has_linear(model: nn.Module, name: str) -> bool:
-    try:
-        return isinstance(model.get_submodule(name), nn.Linear)
-    except AttributeError:
-        return False
 
 
 def file_sha256(path: str | Path) -> str:

@@ -6,7 +6,7 @@ Everything here is built in-process in about a second, with no model hub access:
   and lays its vocabulary out exactly the way OpenAI's CLIP does (512 byte symbols, learned merges, specials).
 * :func:`build_tiny_pipeline` assembles a :class:`~diffusers.StableDiffusionXLPipeline` or
   :class:`~diffusers.StableDiffusionPipeline` whose components keep the real architectures' *structure* (block
-  types, text-time conditioning, two text encoders, an 8x VAE) at a few kilobytes of weights each.
+  types, text-time conditioning, two text encoders, an 8x VAE) at a few megabytes of weights in all.
 * :func:`make_tiny` saves such a pipeline with ``save_pretrained`` into a folder that
   ``DiffusionPipeline.from_pretrained(folder)`` loads like a real checkpoint.
 
@@ -31,7 +31,6 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from tokenizers import Regex, normalizers, pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from krona_cli.errors import KronaError
@@ -45,9 +44,6 @@ _BOS = "<|startoftext|>"
 _EOS = "<|endoftext|>"  # CLIP uses it as eos, unk and pad alike.
 _END_OF_WORD = "</w>"
 _MAX_LENGTH = 77  # CLIP's context length; the text encoders' position table has exactly this many rows.
-
-# CLIP's word splitter (kept identical to transformers' CLIPTokenizer so training and encoding agree).
-_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 # Words typical of text-to-image and DreamBooth prompts. Every word here becomes a single token, as common
 # English words are in the real CLIP vocabulary; anything else falls back to sub-words and, ultimately, bytes.
@@ -103,17 +99,14 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _corpus_words() -> list[str]:
-    """The corpus split into CLIP pre-tokens, through the same normaliser and pre-tokenizer CLIPTokenizer uses."""
-    normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    return [word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(_CORPUS))]
+    """The corpus split into byte-level pre-tokens by CLIPTokenizer's own normaliser and word splitter.
+
+    Borrowing them from a (vocabulary-less) ``CLIPTokenizer`` backend guarantees training sees words exactly the way
+    the finished tokenizer will.
+    """
+    backend = CLIPTokenizer(model_max_length=_MAX_LENGTH).backend_tokenizer
+    text = backend.normalizer.normalize_str(_CORPUS)
+    return [word for word, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
 
 
 def _merge_word(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
@@ -142,9 +135,8 @@ def _learn_bpe() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     """
     byte_symbols = list(_bytes_to_unicode().values())
     word_counts = Counter(_corpus_words())
-    words = {
-        word: tuple(word[:-1]) + (word[-1] + _END_OF_WORD,) for word in sorted(word_counts)
-    }  # "dog" -> ("d", "o", "g</w>")
+    # Each distinct word as a symbol sequence whose last symbol carries the end-of-word mark: "dog" -> d, o, g</w>.
+    words = {word: (*word[:-1], word[-1] + _END_OF_WORD) for word in sorted(word_counts)}
 
     merges: list[tuple[str, str]] = []
     while True:

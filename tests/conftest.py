@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny pipelines built locally (never downloaded), and an offline hub."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    from krona_cli.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "sdxl", arch="sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory):
+    from krona_cli.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "sd15", arch="sd15")
+
+
+@pytest.fixture()
+def tiny_sdxl_unet():
+    from krona_cli.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline("sdxl", seed=0).unet

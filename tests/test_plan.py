@@ -1,0 +1,74 @@
+"""`krona plan`: parameter counts on the real architectures (meta device), checked against the paper and by hand."""
+
+import json
+
+from krona_cli.cli import main
+from krona_cli.plan import plan
+
+
+def kron_params(a_out, a_in, d_out, d_in):
+    return a_out * a_in + (d_out // a_out) * (d_in // a_in)
+
+
+def sdxl_attn_by_hand(per_linear):
+    """SDXL: 10 transformer blocks at width 640 and 60 at 1280; attn1 is 4 c×c linears, attn2 has k/v 2048→c."""
+    def block(c):
+        return 6 * per_linear(c, c) + 2 * per_linear(c, 2048)
+
+    return 10 * block(640) + 60 * block(1280)
+
+
+def test_sdxl_64x4_matches_the_paper_and_lora_rank_4():
+    total = plan("sdxl", ["64x4"])["total"]
+    assert total.layers == 560
+    assert total.kron["64x4"] == 3_874_560
+    assert total.lora[4] == 5_806_080
+
+
+def test_other_factor_settings_by_hand_count():
+    groups = plan("sdxl", ["8x64", "16x16", "48x4"])
+    total = groups["total"]
+    assert total.kron["8x64"] == sdxl_attn_by_hand(lambda o, i: kron_params(8, 64, o, i)) == 2_152_320
+    assert total.kron["16x16"] == sdxl_attn_by_hand(lambda o, i: kron_params(16, 16, o, i))
+    # 48 divides none of 640 and 1280: every layer falls back to the largest divisor not above 48, i.e. 40
+    assert total.kron["48x4"] == sdxl_attn_by_hand(lambda o, i: kron_params(40, 4, o, i))
+    assert total.lora[8] == sdxl_attn_by_hand(lambda o, i: 8 * (o + i))
+    assert sum(g.layers for name, g in groups.items() if name != "total") == 560
+
+
+def test_sd15_and_text_encoders_by_hand():
+    # SD 1.5: 16 transformer blocks: 5 at 320, 5 at 640, 6 at 1280 (mid included); k/v read 768-wide text
+    def sd15(per_linear):
+        def block(c):
+            return 6 * per_linear(c, c) + 2 * per_linear(c, 768)
+
+        return 5 * block(320) + 5 * block(640) + 6 * block(1280)
+
+    assert plan("sd15", ["64x4"])["total"].kron["64x4"] == sd15(lambda o, i: kron_params(64, 4, o, i)) == 398_048
+    assert plan("sd15", ["64x4"])["total"].lora[4] == 797_184
+    text = plan("sdxl", ["64x4"], targets="text")
+    assert text["text_encoder"].kron["64x4"] == 48 * kron_params(64, 4, 768, 768) == 122_880
+    assert text["text_encoder_2"].kron["64x4"] == 128 * kron_params(64, 4, 1280, 1280)
+
+
+def test_cli_plan_prints_the_paper_figures(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["plan", "--arch", "sdxl", "--factors", "64x4"]) == 0
+    out = capsys.readouterr().out
+    assert "3,874,560" in out and "5,806,080" in out and "14.78 MiB" in out
+
+
+def test_cli_plan_json_and_several_settings(capsys):
+    assert main(["plan", "--arch", "sdxl", "--factors", "64x4,8x64", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["groups"]["total"]["kron"] == {"64x4": 3_874_560, "8x64": 2_152_320}
+    assert data["groups"]["total"]["lora"]["r4"] == 5_806_080
+
+
+def test_cli_plan_bad_input(capsys):
+    assert main(["plan", "--arch", "sd3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown architecture 'sd3'" in err and "Traceback" not in err
+    assert main(["plan", "--factors", "64by4"]) == 2
+    assert main(["plan", "--factors", "48x4", "--strict-factors"]) == 2
+    assert "do not divide" in capsys.readouterr().err
