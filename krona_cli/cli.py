@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Annotated, Optional
 
 import click
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -27,8 +29,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (files, CI logs) has no width to respect: give tables room instead of rich's 80-column default.
+_PIPE_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
+console = Console(width=_PIPE_WIDTH)
+err_console = Console(stderr=True, width=_PIPE_WIDTH)
 _state = {"debug": False}
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -90,24 +94,24 @@ def plan_cmd(
         }
         console.print_json(json.dumps({"arch": arch, "targets": targets, "groups": out}))
         return
-    table = Table(title=f"krona plan: {arch}, targets {targets}")
-    table.add_column("block group")
-    table.add_column("layers", justify="right")
+    table = Table(title=f"krona plan: {arch}, targets {targets} (parameters; file sizes in MiB)", box=box.SIMPLE_HEAD)
+    table.add_column("block group", no_wrap=True)
+    table.add_column("layers", justify="right", no_wrap=True)
     for s in settings:
-        table.add_column(f"kron {s}", justify="right", style="bold green")
+        table.add_column(f"kron\n{s}", justify="right", style="bold green", no_wrap=True)
     for r in LORA_RANKS:
-        table.add_column(f"LoRA r{r}", justify="right")
+        table.add_column(f"LoRA\nr{r}", justify="right", no_wrap=True)
     total = groups["total"]
     for name, g in groups.items():
         cells = [f"{g.kron[s]:,}" for s in settings] + [f"{g.lora[r]:,}" for r in LORA_RANKS]
         if name == "total":
             table.add_section()
-            table.add_row("[bold]total parameters[/]", f"{g.layers:,}", *cells)
+            table.add_row("[bold]total[/]", f"{g.layers:,}", *cells)
         else:
             table.add_row(name, f"{g.layers:,}", *cells)
     for label, nbytes in (("fp32 file", FP32_BYTES), ("fp16 file", FP16_BYTES)):
         sizes = [total.kron[s] for s in settings] + [total.lora[r] for r in LORA_RANKS]
-        table.add_row(label, "", *[f"{file_size(p, nbytes) / 2**20:.2f} MiB" for p in sizes])
+        table.add_row(label, "", *[f"{file_size(p, nbytes) / 2**20:.2f}M" for p in sizes])
     console.print(table)
 
 

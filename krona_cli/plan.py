@@ -19,11 +19,11 @@ FP32_BYTES, FP16_BYTES = 4, 2
 
 
 def block_group(component: str, name: str) -> str:
-    """The block group a module belongs to: `unet down_blocks.1`, `unet mid_block`, `text_encoder_2`, ..."""
+    """The block group a module belongs to: `down_blocks.1`, `mid_block`, `up_blocks.0` (UNet) or the component."""
     if component != "unet":
         return component
     match = re.match(r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)", name)
-    return f"unet {match.group(1)}" if match else "unet"
+    return match.group(1) if match else "unet"
 
 
 @dataclass

@@ -55,7 +55,7 @@ def test_cli_plan_prints_the_paper_figures(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     assert main(["plan", "--arch", "sdxl", "--factors", "64x4"]) == 0
     out = capsys.readouterr().out
-    assert "3,874,560" in out and "5,806,080" in out and "14.78 MiB" in out
+    assert "3,874,560" in out and "5,806,080" in out and "14.78M" in out
 
 
 def test_cli_plan_json_and_several_settings(capsys):
