@@ -18,6 +18,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+# CUDA runs where a GPU is present (the device checks), and is skipped cleanly elsewhere.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
 # (d_out, d_in, a_out, a_in): non-square layers; some contract B first, some A first
 SHAPES = [(40, 24, 8, 4), (24, 40, 4, 8), (60, 36, 2, 12), (36, 60, 12, 2), (30, 30, 5, 3), (16, 48, 16, 1)]
 INPUTS = [(7,), (3, 5), (2, 3, 4)]  # leading shapes: 2-D, 3-D and 4-D inputs
@@ -26,14 +32,15 @@ INPUTS = [(7,), (3, 5), (2, 3, 4)]  # leading shapes: 2-D, 3-D and 4-D inputs
 @pytest.mark.parametrize("d_out,d_in,a_out,a_in", SHAPES)
 @pytest.mark.parametrize("lead", INPUTS)
 @pytest.mark.parametrize("path", ["reshape", "merged"])
-def test_forward_and_gradients_match_explicit_kron_float64(d_out, d_in, a_out, a_in, lead, path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_and_gradients_match_explicit_kron_float64(d_out, d_in, a_out, a_in, lead, path, device):
     torch.manual_seed(d_out * 100 + d_in + len(lead))
-    base = nn.Linear(d_in, d_out).double()
+    base = nn.Linear(d_in, d_out).double().to(device)
     layer = KronLinear(base, (a_out, a_in), scale=0.7, dtype=torch.float64, path=path)
     with torch.no_grad():
         layer.kron_b.normal_()
-    x = torch.randn(*lead, d_in, dtype=torch.float64, requires_grad=True)
-    dy = torch.randn(*lead, d_out, dtype=torch.float64)
+    x = torch.randn(*lead, d_in, dtype=torch.float64, device=device, requires_grad=True)
+    dy = torch.randn(*lead, d_out, dtype=torch.float64, device=device)
 
     y = layer(x)
     grads = torch.autograd.grad(y, (x, layer.kron_a, layer.kron_b), dy)
@@ -122,16 +129,17 @@ def test_delta_weight_is_scaled_kron():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_base_with_float32_adapter(dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_half_precision_base_with_float32_adapter(dtype, device):
     torch.manual_seed(2)
-    base32 = nn.Linear(64, 32)
-    base = nn.Linear(64, 32).to(dtype)
+    base32 = nn.Linear(64, 32).to(device)
+    base = nn.Linear(64, 32).to(device, dtype)
     base.load_state_dict({k: v.to(dtype) for k, v in base32.state_dict().items()})
     layer = KronLinear(base, (8, 4), scale=1.0)
     with torch.no_grad():
         layer.kron_b.normal_(std=0.1)
     assert layer.kron_a.dtype == torch.float32 and layer.base.weight.dtype == dtype
-    x = torch.randn(3, 6, 64)
+    x = torch.randn(3, 6, 64, device=device)
     y = layer(x.to(dtype))
     assert y.dtype == dtype
     y.float().square().sum().backward()
@@ -142,11 +150,18 @@ def test_half_precision_base_with_float32_adapter(dtype):
     assert _rel(y.float(), y_ref) < 2e-2
 
 
-def test_autocast_runs_the_update_in_the_autocast_dtype():
-    layer = KronLinear(nn.Linear(32, 16), (4, 4))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(torch.randn(4, 32))
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_runs_the_update_in_the_autocast_dtype(device):
+    layer = KronLinear(nn.Linear(32, 16).to(device), (4, 4))
+    with torch.no_grad():
+        layer.kron_b.normal_()
+    x = torch.randn(4, 32, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = layer(x)
     assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.kron_a.grad.dtype == torch.float32
+    assert _rel(y.float(), _reference(layer, x).detach()) < 2e-2
 
 
 def test_scale_zero_gives_the_base_output():
