@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,7 @@ def contraction_cost(d_out: int, d_in: int, a_out: int, a_in: int, b_first: bool
     return a_out * d_in + d_out * b_in  # U = A X (a_out × b_in), then U Bᵀ
 
 
+@lru_cache(maxsize=4096)
 def choose_path(n_tokens: int, d_out: int, d_in: int, a_out: int, a_in: int, device_type: str, elem_size: int) -> str:
     """`reshape` or `merged`, whichever the device's cost model says is faster for one training forward+backward.
 
