@@ -180,3 +180,22 @@ def test_auto_path_picks_reshape_on_cpu_at_sdxl_shapes_and_merged_for_a_few_toke
     assert choose_path(1, 320, 320, 64, 4, "cuda", 2) == "merged"
     layer = KronLinear(nn.Linear(64, 64), (8, 8), path="merged")
     assert layer.resolved_path(10_000, "cpu", 4) == "merged"
+
+
+def test_both_ways_of_computing_the_factor_gradient_agree():
+    from krona_cli.kron.layer import da_by_gemm
+
+    assert da_by_gemm(4096, 640, 4, 10, "cpu") and not da_by_gemm(4096, 1280, 4, 20, "cpu")
+    assert not da_by_gemm(77, 640, 4, 10, "cpu")
+    torch.manual_seed(5)
+    base = nn.Linear(640, 640).double()
+    layer = KronLinear(base, (64, 4), dtype=torch.float64, path="reshape")
+    with torch.no_grad():
+        layer.kron_b.normal_()
+    for n in (8, 600):  # below and above the token count where the GEMM form is used
+        x = torch.randn(n, 640, dtype=torch.float64, requires_grad=True)
+        dy = torch.randn(n, 640, dtype=torch.float64)
+        grads = torch.autograd.grad(layer(x), (x, layer.kron_a, layer.kron_b), dy)
+        grads_ref = torch.autograd.grad(_reference(layer, x), (x, layer.kron_a, layer.kron_b), dy)
+        for g, g_ref in zip(grads, grads_ref):
+            assert _rel(g, g_ref) < 1e-10

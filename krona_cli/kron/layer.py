@@ -34,12 +34,17 @@ class _Device:
     launch: float
 
 
-# Orders of magnitude, not measurements of any one machine: they only have to rank two paths whose costs differ
-# by large factors. `scripts/bench_adapter.py` measures both paths, so a wrong ranking shows up there.
+# Orders of magnitude, not measurements of any one machine: they only have to rank two paths. Calibration, from
+# scripts/bench_adapter.py and a profile of one SDXL UNet training step (docs/benchmarks.md): on an H100 in bf16
+# the two paths launch about the same number of kernels per layer (28 reshape, 26 merged, counting casts, gradient
+# reductions and accumulation), and the reductions of the weight-sized gradient of A ⊗ B run far below memory
+# bandwidth, so they count as many passes over a weight-sized tensor.
 _DEVICES = {
     "cpu": _Device(flops=5e10, bandwidth=1e10, launch=2e-6),
     "cuda": _Device(flops=3e14, bandwidth=2e12, launch=8e-6),
 }
+_KERNELS = {"reshape": 28, "merged": 26}
+_WEIGHT_PASSES = 20  # build A ⊗ B, add it to W, and reduce its gradient to the gradients of A and B
 
 
 def contraction_cost(d_out: int, d_in: int, a_out: int, a_in: int, b_first: bool) -> int:
@@ -61,14 +66,23 @@ def choose_path(n_tokens: int, d_out: int, d_in: int, a_out: int, a_in: int, dev
     reshape = (
         3 * 2 * n_tokens * macs / dev.flops  # forward, input gradient, factor gradients
         + 8 * n_tokens * (d_in + d_out) * elem_size / dev.bandwidth  # passes over activations and gradients
-        + 6 * dev.launch
+        + _KERNELS["reshape"] * dev.launch
     )
     merged = (
         2 * n_tokens * d_in * d_out / dev.flops  # the weight-gradient GEMM the frozen layer does not need
-        + 5 * d_in * d_out * elem_size / dev.bandwidth  # build A ⊗ B, add it to W, reduce its gradient
-        + 5 * dev.launch
+        + _WEIGHT_PASSES * d_in * d_out * elem_size / dev.bandwidth
+        + _KERNELS["merged"] * dev.launch
     )
     return "reshape" if reshape <= merged else "merged"
+
+
+def da_by_gemm(n_tokens: int, d_out: int, a_in: int, b_out: int, device_type: str) -> bool:
+    """Whether dA = Σ_n dY_n T_nᵀ is faster as one GEMM (which also computes the b_out² - b_out unneeded off-diagonal
+    products) than as a batched product over tokens. Measured on CPU (docs/benchmarks.md): the batched product
+    costs about 0.6 µs per token of fixed overhead; the GEMM wins at 640-wide SDXL layers with 64x4 factors
+    (b_out = 10) and loses at 1280-wide ones (b_out = 20) and at few tokens.
+    """
+    return device_type == "cpu" and n_tokens >= 512 and d_out * a_in * b_out < 40_000
 
 
 class _KronLinearFn(torch.autograd.Function):
@@ -95,6 +109,7 @@ class _KronLinearFn(torch.autograd.Function):
             y.view(n * a_out, b_out).addmm_(t.view(n * a_out, b_in), b.t(), alpha=scale)
         ctx.save_for_backward(x2, weight, a, b, t)
         ctx.scale, ctx.b_first, ctx.lead = scale, b_first, lead
+        ctx.da_by_gemm = b_first and da_by_gemm(n, a_out * b_out, a_in, b_out, x.device.type)
         return y.view(*lead, a_out * b_out)
 
     @staticmethod
@@ -117,7 +132,12 @@ class _KronLinearFn(torch.autograd.Function):
             if need_b:
                 db = torch.mm(g.view(n * a_in, b_out).t(), x2.view(n * a_in, b_in)).mul_(s)
             if need_a:
-                da = torch.bmm(d_y, t.transpose(1, 2)).sum(0).mul_(s)
+                if ctx.da_by_gemm:
+                    # one GEMM over all tokens gives Σ_n dY_n ⊗ T_n; dA is the sum of its diagonal blocks
+                    dm = torch.mm(dy2.t(), t.view(n, a_in * b_out)).view(a_out, b_out, a_in, b_out)
+                    da = dm.diagonal(dim1=1, dim2=3).sum(-1).mul_(s)
+                else:
+                    da = torch.bmm(d_y, t.transpose(1, 2)).sum(0).mul_(s)
         else:
             # dU_n = dY_n B; dx_n += s · Aᵀ dU_n; dB = s · Σ dY_nᵀ U_n; dA = s · Σ dU_n X_nᵀ
             du = torch.mm(d_y.reshape(n * a_out, b_out), b).view(n, a_out, b_in) if (need_x or need_a) else None
