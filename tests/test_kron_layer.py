@@ -26,7 +26,7 @@ DEVICES = [
 
 # (d_out, d_in, a_out, a_in): non-square layers; some contract B first, some A first
 SHAPES = [(40, 24, 8, 4), (24, 40, 4, 8), (60, 36, 2, 12), (36, 60, 12, 2), (30, 30, 5, 3), (16, 48, 16, 1)]
-INPUTS = [(7,), (3, 5), (2, 3, 4)]  # leading shapes: 2-D, 3-D and 4-D inputs
+INPUTS = [(), (7,), (3, 5), (2, 3, 4)]  # leading shapes: 1-D, 2-D, 3-D and 4-D inputs
 
 
 @pytest.mark.parametrize("d_out,d_in,a_out,a_in", SHAPES)
