@@ -10,7 +10,6 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich import box
 from rich.console import Console
@@ -35,7 +34,9 @@ console = Console(width=_PIPE_WIDTH)
 err_console = Console(stderr=True, width=_PIPE_WIDTH)
 _state = {"debug": False}
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 130  # bad input exits with KronaError.exit_code, 2
+# The base class of typer's usage errors (typer ships its own copy of click, whose classes it does not export).
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
 def _version(value: bool) -> None:
@@ -156,12 +157,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KronaError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         code = e.exit_code
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         code = e.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         err_console.print("[yellow]interrupted[/]")
         code = EXIT_INTERRUPTED
-    except click.ClickException as e:
+    except _UsageError as e:  # unknown option, missing argument, bad value: typer's own one-line message
         e.show()
         code = e.exit_code
     except Exception as e:  # a bug: one line, the traceback only with --debug

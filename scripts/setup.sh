@@ -18,4 +18,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -
     echo "$want" > "$stamp"
 fi
 export HF_HUB_OFFLINE=1
+# keep library chatter (progress bars, optional-backend notices) out of the output people read
+export TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1
 export PATH="$PWD/.venv/bin:$PATH"

@@ -1,0 +1,56 @@
+"""The CLI's entry points and its handling of failures: one line, an exit code, no traceback."""
+
+import subprocess
+import sys
+
+from krona_cli import __version__
+from krona_cli.cli import main
+
+
+def test_python_dash_m_and_version():
+    done = subprocess.run([sys.executable, "-m", "krona_cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and __version__ in done.stdout
+
+
+def test_make_tiny_command_writes_a_pipeline_folder(tmp_path, capsys):
+    target = tmp_path / "tiny sd15 ünïcode"
+    assert main(["make-tiny", str(target), "--arch", "sd15"]) == 0
+    assert (target / "model_index.json").is_file() and (target / "unet").is_dir()
+    assert "written to" in capsys.readouterr().out
+
+
+def test_make_tiny_bad_arch_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["make-tiny", str(tmp_path / "x"), "--arch", "flux"]) == 2
+    err = capsys.readouterr().err
+    assert "sdxl" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_option_is_a_usage_error(capsys):
+    assert main(["plan", "--no-such-flag"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_internal_error_is_exit_1_with_a_hint(monkeypatch, capsys):
+    import krona_cli.plan
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(krona_cli.plan, "plan", boom)
+    assert main(["plan"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error" in err and "--debug" in err and "Traceback" not in err
+    assert main(["--debug", "plan"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_interrupt_exits_130(monkeypatch, capsys):
+    import krona_cli.plan
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(krona_cli.plan, "plan", interrupted)
+    assert main(["plan"]) == 130
+    assert "interrupted" in capsys.readouterr().err
