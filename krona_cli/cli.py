@@ -157,8 +157,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KronaError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         code = e.exit_code
-    except typer.Exit as e:
+    except typer.Exit as e:  # typer turns Ctrl-C into Exit(130)
         code = e.exit_code
+        if code == EXIT_INTERRUPTED:
+            err_console.print("[yellow]interrupted[/]")
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("[yellow]interrupted[/]")
         code = EXIT_INTERRUPTED
