@@ -157,12 +157,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KronaError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         code = e.exit_code
-    except typer.Exit as e:  # typer turns Ctrl-C into Exit(130)
+    except typer.Exit as e:
         code = e.exit_code
-        if code == EXIT_INTERRUPTED:
-            err_console.print("[yellow]interrupted[/]")
     except (typer.Abort, KeyboardInterrupt):
-        err_console.print("[yellow]interrupted[/]")
         code = EXIT_INTERRUPTED
     except _UsageError as e:  # unknown option, missing argument, bad value: typer's own one-line message
         e.show()
@@ -176,6 +173,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             soft_wrap=True,
         )
         code = EXIT_INTERNAL
+    if code == EXIT_INTERRUPTED:  # typer itself turns Ctrl-C into exit code 130
+        err_console.print("[yellow]interrupted[/]")
     if argv is None:
         sys.exit(code)
     return code
