@@ -22,7 +22,9 @@ are checked against each other in float32; a mismatch stops the run.
 
 Rounds are interleaved (every variant once per round, in an order rotated from round to round) so that background
 load hits all variants alike. Reported: the median over the timed rounds, and "extra" = the median of the per-round
-differences from `frozen`. Big shapes get fewer timed rounds (at least --min-reps) when --shape-budget-s would be
+differences from `frozen`. Check (a) compares krona's extra with materialised's by their fastest rounds (on a shared
+machine interference only ever adds time) and prints the ratio of the median paired extras beside it; check (b)
+takes the median over rounds of krona - peer, timed in the same round. Big shapes get fewer timed rounds (at least --min-reps) when --shape-budget-s would be
 exceeded. The defaults take about 2.5 minutes on 2 CPU cores.
 """
 
@@ -427,9 +429,15 @@ def fmt_ms(v: float | None) -> str:
     return f"{v:.3f}" if v < 10 else f"{v:.1f}" if v < 1000 else f"{v:.0f}"
 
 
-def ratio(res: dict) -> float | None:
+def ratio(res: dict, by: str = "median") -> float | None:
+    """krona's extra time over frozen divided by materialised's: `median` uses the medians of the per-round
+    differences, `min` the fastest round of each variant (interference from elsewhere only ever adds time, so the
+    minimum is the steadiest estimate of what the code itself costs on a shared machine)."""
     v = res["variants"]
     try:
+        if by == "min":
+            floor = v["frozen"]["min_ms"]
+            return (v["krona"]["min_ms"] - floor) / (v["materialised"]["min_ms"] - floor)
         return v["krona"]["extra_ms"] / v["materialised"]["extra_ms"]
     except (KeyError, TypeError, ZeroDivisionError):
         return None
@@ -437,7 +445,7 @@ def ratio(res: dict) -> float | None:
 
 def table(results: list[dict], skipped: dict[str, str]) -> str:
     """Markdown table: one row per shape; 'ms (+extra over frozen)' per variant."""
-    head = ["shape (out x in)", "N", "krona path"] + list(VARIANTS) + ["krona extra / materialised extra"]
+    head = ["shape (out x in)", "N", "krona path"] + list(VARIANTS) + ["krona extra / materialised extra (median, min)"]
     rows = [head, ["---"] * len(head)]
     for res in results:
         shp = f"{res['d_out']}x{res['d_in']}"
@@ -453,8 +461,8 @@ def table(results: list[dict], skipped: dict[str, str]) -> str:
                 row.append(fmt_ms(v["median_ms"]))
             else:
                 row.append(f"{fmt_ms(v['median_ms'])} (+{fmt_ms(v['extra_ms'])})".replace("+-", "-"))
-        r = ratio(res)
-        row.append("-" if r is None else f"{r:.2f}")
+        r, r_min = ratio(res), ratio(res, "min")
+        row.append("-" if r is None or r_min is None else f"{r:.2f}, {r_min:.2f}")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = []
@@ -469,12 +477,14 @@ def acceptance(results: list[dict]) -> list[dict]:
     for res in results:
         if (res["d_out"], res["d_in"], res["n_tokens"]) not in ((1280, 1280, 4096), (640, 640, 4096)):
             continue
-        r = ratio(res)
+        r, r_min = ratio(res), ratio(res, "min")
         checks.append(
             {
-                "check": f"(a) {res['d_out']}x{res['d_in']} N={res['n_tokens']}: krona extra <= 0.5 x materialised extra",
-                "value": None if r is None else round(r, 3),
-                "pass": None if r is None else bool(r <= 0.5),
+                "check": f"(a) {res['d_out']}x{res['d_in']} N={res['n_tokens']}: krona extra <= 0.5 x materialised "
+                f"extra, by fastest rounds (by median paired differences: "
+                f"{'-' if r is None else f'{r:.3f}'})",
+                "value": None if r_min is None else round(r_min, 3),
+                "pass": None if r_min is None else bool(r_min <= 0.5),
             }
         )
     for res in results:
@@ -609,7 +619,7 @@ def main(argv=None) -> int:
         "skipped": skipped,
         "shapes": {f"{r['d_out']}x{r['d_in']}:{r['n_tokens']}": r for r in results},
         "ratio_krona_extra_over_materialised_extra": {
-            f"{r['d_out']}x{r['d_in']}:{r['n_tokens']}": ratio(r) for r in results
+            f"{r['d_out']}x{r['d_in']}:{r['n_tokens']}": {"median": ratio(r), "min": ratio(r, "min")} for r in results
         },
         "acceptance": checks,
         # 1-minute load average before and after the run (others' work on the machine shows up here)

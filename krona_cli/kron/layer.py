@@ -119,7 +119,7 @@ class _KronLinearFn(torch.autograd.Function):
         a_out, a_in = a.shape
         b_out, b_in = b.shape
         n = x2.shape[0]
-        dy2 = dy.reshape(n, a_out * b_out)
+        dy2 = dy.reshape(n, a_out * b_out).contiguous()  # a no-op unless upstream handed a strided gradient
         d_y = dy2.view(n, a_out, b_out)
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         dx = da = db = None
@@ -194,6 +194,10 @@ class KronLinear(nn.Module):
         b_out, b_in = f.b_shape(d_out, d_in)
         self.kron_a = nn.Parameter(torch.empty(f.a_out, f.a_in, device=device, dtype=dtype))
         self.kron_b = nn.Parameter(torch.zeros(b_out, b_in, device=device, dtype=dtype))
+        # the cheaper contraction order for the reshape path, fixed by the shapes
+        self.b_first = contraction_cost(d_out, d_in, f.a_out, f.a_in, True) <= contraction_cost(
+            d_out, d_in, f.a_out, f.a_in, False
+        )
         self.reset_parameters(init)
 
     @property
@@ -263,12 +267,8 @@ class KronLinear(nn.Module):
         n_tokens = x.numel() // max(x.shape[-1], 1)
         if self.resolved_path(n_tokens, x.device.type, x.element_size()) == "merged":
             return F.linear(x, weight + self.scale * torch.kron(a, b), bias)
-        f = self.factors
-        b_first = contraction_cost(self.out_features, self.in_features, f.a_out, f.a_in, True) <= contraction_cost(
-            self.out_features, self.in_features, f.a_out, f.a_in, False
-        )
         with torch.autocast(x.device.type, enabled=False):
-            return _KronLinearFn.apply(x, weight, bias, a, b, self.scale, b_first)
+            return _KronLinearFn.apply(x, weight, bias, a, b, self.scale, self.b_first)
 
     def extra_repr(self) -> str:
         return (
