@@ -27,24 +27,25 @@ INITS = ("normal", "kaiming", "xavier")
 
 @dataclass(frozen=True)
 class _Device:
-    """A rough cost model of a device: sustained GEMM FLOP/s, memory bytes/s and the fixed cost of one kernel."""
+    """A rough cost model of a device: sustained GEMM FLOP/s, memory bytes/s, and each path's fixed cost per layer
+    and training step (launching its kernels and running its autograd nodes on the host)."""
 
     flops: float
     bandwidth: float
-    launch: float
+    fixed: dict
 
 
-# Orders of magnitude, not measurements of any one machine: they only have to rank two paths. Calibration, from
-# scripts/bench_adapter.py and a profile of one SDXL UNet training step (docs/benchmarks.md): on an H100 in bf16
-# the two paths launch about the same number of kernels per layer (28 reshape, 26 merged, counting casts, gradient
-# reductions and accumulation), and the reductions of the weight-sized gradient of A ⊗ B run far below memory
-# bandwidth, so they count as many passes over a weight-sized tensor.
+# Orders of magnitude, not measurements of any one machine: they only have to rank two paths. The fixed costs on
+# CUDA are measured (docs/benchmarks.md): in eager mode an SDXL training step on an H100 is bound by the host, and
+# each adapted layer added about 0.55 ms per step on the reshape path (a Python autograd Function of ~28 kernels)
+# against 0.44 ms on the merged path (~26 kernels through autograd's C++ nodes), on three machines.
 _DEVICES = {
-    "cpu": _Device(flops=5e10, bandwidth=1e10, launch=2e-6),
-    "cuda": _Device(flops=3e14, bandwidth=2e12, launch=8e-6),
+    "cpu": _Device(flops=5e10, bandwidth=1e10, fixed={"reshape": 56e-6, "merged": 52e-6}),
+    "cuda": _Device(flops=3e14, bandwidth=2e12, fixed={"reshape": 550e-6, "merged": 440e-6}),
 }
-_KERNELS = {"reshape": 28, "merged": 26}
-_WEIGHT_PASSES = 20  # build A ⊗ B, add it to W, and reduce its gradient to the gradients of A and B
+# Building A ⊗ B, adding it to W and reducing its gradient to the gradients of A and B: the reductions ran far below
+# memory bandwidth on the H100, so all of it counts as this many passes over a weight-sized tensor.
+_WEIGHT_PASSES = 20
 
 
 def contraction_cost(d_out: int, d_in: int, a_out: int, a_in: int, b_first: bool) -> int:
@@ -66,12 +67,12 @@ def choose_path(n_tokens: int, d_out: int, d_in: int, a_out: int, a_in: int, dev
     reshape = (
         3 * 2 * n_tokens * macs / dev.flops  # forward, input gradient, factor gradients
         + 8 * n_tokens * (d_in + d_out) * elem_size / dev.bandwidth  # passes over activations and gradients
-        + _KERNELS["reshape"] * dev.launch
+        + dev.fixed["reshape"]
     )
     merged = (
         2 * n_tokens * d_in * d_out / dev.flops  # the weight-gradient GEMM the frozen layer does not need
         + _WEIGHT_PASSES * d_in * d_out * elem_size / dev.bandwidth
-        + _KERNELS["merged"] * dev.launch
+        + dev.fixed["merged"]
     )
     return "reshape" if reshape <= merged else "merged"
 
