@@ -18,10 +18,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from . import __version__
-from .atomic import write_bytes_atomic
-from .errors import KronaError
-from .kron import adapter_state_dict, inject, layer_factors, load_adapter_state_dict, parse_factors
+from .. import __version__
+from ..atomic import write_bytes_atomic
+from ..errors import KronaError
+from ..kron import adapter_state_dict, inject, layer_factors, load_adapter_state_dict, parse_factors
 
 FORMAT = "krona"
 FORMAT_VERSION = 1
