@@ -1,0 +1,386 @@
+"""The LyCORIS / kohya LoKr file format, read and written, so that ComfyUI, A1111 and LyCORIS itself load krona's
+adapters and krona reads LoKr files made by other trainers.
+
+A LoKr file is one .safetensors with, per adapted module, `<lora name>.lokr_w1`, `.lokr_w2` and a 0-d `.alpha`,
+where ΔW = kron(w1, w2) (torch.kron semantics, the same as krona's A ⊗ B). The lora name is a prefix plus the
+module path with `.` replaced by `_`: `lora_unet_` for the UNet (diffusers module paths), `lora_te1_` / `lora_te2_`
+for SDXL's text_encoder / text_encoder_2 and `lora_te_` for SD 1.x/2.x's text_encoder (transformers 4 paths,
+`text_model.encoder.layers.0.self_attn.q_proj`).
+
+Either factor may instead be stored decomposed (`lokr_w1_a` @ `lokr_w1_b`, `lokr_w2_a` @ `lokr_w2_b`). ComfyUI and
+A1111 then scale ΔW by alpha / r (r the inner rank of the decomposed factor) and by 1.0 when neither is decomposed,
+whatever alpha says. krona always writes both factors full, so its scale s is baked into w1 (w1 = s·A, w2 = B).
+
+Module paths are decoded from the underscore names without a model: see `decode_path`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_save
+
+from ..atomic import write_bytes_atomic
+from ..errors import KronaError
+from ..kron import PRESETS
+from .native import DTYPES, LAYOUT_STANDARD, METADATA_KEY, Adapter, canonical_name
+
+__all__ = ["decode_path", "encode_path", "from_lycoris", "is_lycoris", "save_lycoris", "to_lycoris"]
+
+UNET_PREFIX = "lora_unet_"
+# The file prefix of each text encoder, by architecture family: SDXL has two, SD 1.x/2.x one.
+TE_PREFIXES_SDXL = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+TE_PREFIX_SINGLE = "lora_te_"
+# Longest first, so that `lora_te1_` is not read as `lora_te_` + `1...`.
+_PREFIXES = (
+    ("lora_te1_", "text_encoder"),
+    ("lora_te2_", "text_encoder_2"),
+    ("lora_te_", "text_encoder"),
+    (UNET_PREFIX, "unet"),
+)
+
+# What kohya's sd-scripts writes for a LyCORIS network (`--network_module lycoris.kohya --network_args algo=lokr
+# full_matrix=True`): network_args as JSON of the strings given on its command line.
+NETWORK_MODULE = "lycoris.kohya"
+NETWORK_ARGS = {"algo": "lokr", "full_matrix": "True"}
+# kohya's `ss_base_model_version`; A1111 takes a file for SDXL when this starts with `sdxl_`.
+BASE_MODEL_VERSIONS = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1"}
+
+# The alpha written for every module. Both factors are full, so ComfyUI and A1111 ignore alpha (scale 1.0), and
+# LyCORIS itself does too: `LokrModule` forces alpha = lora_dim when w1 and w2 are both full, so its scale is 1, and
+# `make_module_from_state_dict` infers lora_dim = 1 for such a module, so 1 is exactly the alpha buffer LyCORIS
+# would save for it (alpha·lora_dim/r_factor = 1). Its functional form (`functional.lokr.diff_weight(gamma=alpha)`)
+# divides alpha by itself when nothing is decomposed, which is 1 for any alpha but 0 (0/0). A reader that naively
+# divides alpha by a rank of 1 also gets 1. So alpha = 1 gives scale 1 under every convention in use.
+ALPHA = 1.0
+
+# Tensor suffixes krona reads. Anything else (Tucker `lokr_t1`/`lokr_t2`, DoRA `dora_scale`, LoRA keys) is refused.
+_FULL = ("lokr_w1", "lokr_w2")
+_DECOMPOSED = ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")
+SUFFIXES = (*_FULL, *_DECOMPOSED, "alpha")
+_SUPPORTED = (
+    "LoKr on linear layers with `lokr_w1` or `lokr_w1_a`/`lokr_w1_b`, `lokr_w2` or `lokr_w2_a`/`lokr_w2_b`, "
+    "and `alpha`"
+)
+_LOKR_KEY = re.compile(r"^lora_(unet|te|te1|te2)_[A-Za-z0-9_]+\.lokr_(w1|w2|w1_a|w1_b|w2_a|w2_b|t1|t2)$")
+
+# kohya's own SDXL UNet (from the original Stability checkpoint) names its modules the SGM way.
+_SGM_UNET = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_")
+
+
+# --- module path <-> underscore name ------------------------------------------------------------------------------
+
+# Every module-path segment of diffusers' UNet2DConditionModel (SD 1.x/2.x/SDXL configs) and transformers' CLIP text
+# models that is not a number. Some contain `_` themselves, which is why names need a vocabulary to be decoded.
+VOCABULARY = frozenset(
+    {
+        # UNet2DConditionModel
+        "conv_in", "conv_out", "conv_norm_out", "conv_act",
+        "time_proj", "time_embedding", "add_time_proj", "add_embedding", "linear_1", "linear_2", "act",
+        "down_blocks", "mid_block", "up_blocks", "attentions", "resnets", "downsamplers", "upsamplers",
+        "norm", "norm1", "norm2", "norm3", "conv", "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+        "nonlinearity", "dropout", "proj_in", "proj_out", "transformer_blocks",
+        "attn1", "attn2", "to_q", "to_k", "to_v", "to_out", "ff", "net", "proj",
+        # CLIPTextModel / CLIPTextModelWithProjection
+        "text_model", "embeddings", "token_embedding", "position_embedding", "encoder", "layers",
+        "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "layer_norm1", "layer_norm2", "mlp",
+        "fc1", "fc2", "activation_fn", "final_layer_norm", "text_projection",
+    }
+)  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def _words_by_length() -> tuple[tuple[str, ...], ...]:
+    """The vocabulary as part tuples, longest first: a greedy match then prefers `proj_in` to `proj`."""
+    return tuple(sorted((tuple(w.split("_")) for w in VOCABULARY), key=lambda p: (-len(p), p)))
+
+
+def encode_path(path: str) -> str:
+    """A module path as it appears in a LoKr lora name: `down_blocks.1.attn1.to_q` -> `down_blocks_1_attn1_to_q`."""
+    return path.replace(".", "_")
+
+
+def decode_path(name: str, key: str | None = None) -> str:
+    """The module path whose `encode_path` is `name`, found with the segment vocabulary and numbers alone.
+
+    The name is split at `_` and rebuilt segment by segment, trying the longest vocabulary word first and going back
+    when the rest cannot be read (a depth-first search, so the result is deterministic). KronaError, naming `key`,
+    when no reading exists.
+    """
+    parts = name.split("_")
+    words = _words_by_length()
+
+    @lru_cache(maxsize=None)
+    def read(i: int) -> tuple[str, ...] | None:
+        if i == len(parts):
+            return ()
+        if parts[i].isdigit():
+            rest = read(i + 1)
+            return None if rest is None else (parts[i], *rest)
+        for word in words:
+            if tuple(parts[i : i + len(word)]) == word:
+                rest = read(i + len(word))
+                if rest is not None:
+                    return ("_".join(word), *rest)
+        return None
+
+    segments = read(0) if all(parts) else None
+    if not segments:
+        raise KronaError(
+            f"cannot read the module path of LoKr key '{key or name}': '{name}' is not made of diffusers UNet / "
+            "CLIP text encoder module names; krona reads LoKr files for the SDXL and SD 1.x UNet and text encoders"
+        )
+    return ".".join(segments)
+
+
+# --- detection ----------------------------------------------------------------------------------------------------
+
+
+def is_lycoris(keys: Iterable[str]) -> bool:
+    """True when the keys look like a kohya/LyCORIS LoKr file (`lora_unet_...lokr_w1` etc.)."""
+    return any(_LOKR_KEY.match(k) for k in keys)
+
+
+# --- writing ------------------------------------------------------------------------------------------------------
+
+
+def _prefix(adapter: Adapter, component: str) -> str:
+    """The lora-name prefix of a component: text encoders are numbered only where there are two (SDXL)."""
+    if component == "unet":
+        return UNET_PREFIX
+    if component not in TE_PREFIXES_SDXL:
+        raise KronaError(f"the adapter holds an unknown component '{component}'; the adapter is damaged")
+    if adapter.architecture == "sdxl" or "text_encoder_2" in adapter.factors:
+        return TE_PREFIXES_SDXL[component]
+    return TE_PREFIX_SINGLE
+
+
+def to_lycoris(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of the LoKr file that holds `adapter` (standard layout only).
+
+    Per layer: `lokr_w1` = s·A, `lokr_w2` = B and `alpha` = 1, so every LoKr loader builds ΔW = s·(A ⊗ B).
+    The metadata carries krona's own settings under `krona` and kohya's `ss_*` keys.
+    """
+    if adapter.layout != LAYOUT_STANDARD:
+        raise KronaError(
+            f"adapter layout '{adapter.layout}' cannot be exported as LyCORIS LoKr: only '{LAYOUT_STANDARD}' "
+            "adapters (ΔW = s·A⊗B per layer) are plain Kronecker updates; retrain with the standard layout"
+        )
+    scale = float(adapter.scale)
+    if scale == 0.0 or not math.isfinite(scale):
+        raise KronaError(
+            f"adapter scale {adapter.scale} cannot be exported: LoKr files hold s·A, so a zero or non-finite scale "
+            "would lose A; export with a finite, non-zero --scale"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for component, layers in adapter.factors.items():
+        prefix = _prefix(adapter, component)
+        stored = adapter.tensors.get(component, {})
+        for module in layers:
+            a, b = stored.get(f"{module}.kron_a"), stored.get(f"{module}.kron_b")
+            if a is None or b is None:
+                raise KronaError(f"the adapter has no factors for '{component}.{module}'; the adapter is damaged")
+            name = prefix + encode_path(module)
+            # s·A in float32; multiplying by 1 or a power of two is exact, so reading back gives A bit for bit.
+            tensors[f"{name}.lokr_w1"] = (a.float() * scale).contiguous()
+            tensors[f"{name}.lokr_w2"] = b.float().clone().contiguous()
+            tensors[f"{name}.alpha"] = torch.tensor(ALPHA)
+    metadata = {
+        METADATA_KEY: json.dumps(adapter.metadata(), sort_keys=True),
+        "ss_network_module": NETWORK_MODULE,
+        "ss_network_args": json.dumps(NETWORK_ARGS),
+    }
+    if adapter.architecture in BASE_MODEL_VERSIONS:
+        metadata["ss_base_model_version"] = BASE_MODEL_VERSIONS[adapter.architecture]
+    return tensors, metadata
+
+
+def save_lycoris(path: str | Path, adapter: Adapter, dtype: str = "fp32") -> Path:
+    """Write `adapter` as one LyCORIS LoKr .safetensors file, atomically; dtype is fp32, fp16 or bf16."""
+    if dtype not in DTYPES:
+        raise KronaError(f"unknown adapter dtype '{dtype}'; use one of {', '.join(DTYPES)}")
+    tensors, metadata = to_lycoris(adapter)
+    data = safetensors_save({k: t.to(DTYPES[dtype]).contiguous() for k, t in tensors.items()}, metadata=metadata)
+    return write_bytes_atomic(path, data)
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+
+
+def _split_key(key: str, source: str) -> tuple[str, str, str]:
+    """(component, module path, suffix) of a LoKr key; KronaError for anything krona does not read."""
+    lora_name, dot, suffix = key.partition(".")
+    component = next((c for p, c in _PREFIXES if lora_name.startswith(p)), None)
+    if not dot or component is None:
+        raise KronaError(
+            f"'{source}' holds a tensor '{key}' that is not a kohya/LyCORIS key (lora_unet_..., lora_te_..., "
+            f"lora_te1_..., lora_te2_...); krona reads {_SUPPORTED}"
+        )
+    if component == "unet" and _SGM_UNET.match(lora_name):
+        raise KronaError(
+            f"'{source}' names its UNet layers the SGM way ('{key}'), as kohya's sd-scripts does for SDXL: "
+            "SGM-named (kohya-trained) files are not read yet; krona reads LoKr files with diffusers module names "
+            "(lora_unet_down_blocks_..., as LyCORIS and ComfyUI write them)"
+        )
+    if suffix not in SUFFIXES:
+        raise KronaError(
+            f"'{source}' holds '{key}', which krona does not read: it supports {_SUPPORTED} "
+            "(no Tucker `lokr_t2`, DoRA `dora_scale`, conv layers or other algorithms)"
+        )
+    prefix = next(p for p, c in _PREFIXES if lora_name.startswith(p))
+    path = decode_path(lora_name[len(prefix) :], key)
+    return component, canonical_name(component, path), suffix
+
+
+def _matrix(t: torch.Tensor, key: str, source: str) -> torch.Tensor:
+    if t.dim() != 2:
+        raise KronaError(
+            f"'{source}' holds '{key}' of shape {tuple(t.shape)}: krona reads LoKr factors of linear layers "
+            "(2-D matrices), not conv-shaped or Tucker factors"
+        )
+    return t.to(torch.float32, copy=True)
+
+
+def _product(parts: dict[str, torch.Tensor], side: str, where: str, source: str) -> tuple[torch.Tensor, int | None]:
+    """The full factor `side` (w1 or w2) and the inner rank when it is stored decomposed."""
+    full, a, b = parts.get(f"lokr_{side}"), parts.get(f"lokr_{side}_a"), parts.get(f"lokr_{side}_b")
+    if full is not None and (a is not None or b is not None):
+        raise KronaError(f"'{source}' stores both lokr_{side} and lokr_{side}_a/_b for '{where}'; the file is damaged")
+    if full is not None:
+        return _matrix(full, f"{where}.lokr_{side}", source), None
+    if a is None or b is None:
+        raise KronaError(
+            f"'{source}' lacks lokr_{side} (or the pair lokr_{side}_a/lokr_{side}_b) for '{where}'; "
+            "the file is damaged or incomplete"
+        )
+    a, b = _matrix(a, f"{where}.lokr_{side}_a", source), _matrix(b, f"{where}.lokr_{side}_b", source)
+    if a.shape[1] != b.shape[0]:
+        raise KronaError(
+            f"'{source}' has lokr_{side}_a {tuple(a.shape)} and lokr_{side}_b {tuple(b.shape)} at '{where}', "
+            "which do not multiply; the file is damaged"
+        )
+    return a @ b, b.shape[0]
+
+
+def _krona_metadata(metadata: dict[str, str], source: str) -> dict | None:
+    if METADATA_KEY not in metadata:
+        return None
+    try:
+        meta = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError:
+        raise KronaError(f"'{source}' has unreadable krona metadata; the file is damaged") from None
+    return meta if isinstance(meta, dict) else None
+
+
+# Width of the text states the UNet's cross-attention reads (attn2.to_k / to_v inputs): one per architecture.
+_CONTEXT_WIDTHS = {2048: "sdxl", 768: "sd15"}
+
+
+def _architecture(
+    metadata: dict[str, str], prefixes: set[str], tensors: dict[str, dict[str, torch.Tensor]]
+) -> str | None:
+    """sdxl / sd15 from kohya's base-model metadata, else the text-encoder prefixes, else the UNet's cross-attention
+    width; None when none of them says (or the metadata names another base model, e.g. sd_v2)."""
+    version = metadata.get("ss_base_model_version")
+    if version:
+        if version.startswith("sdxl_"):
+            return "sdxl"
+        return "sd15" if version.startswith("sd_v1") else None
+    if prefixes & {"lora_te1_", "lora_te2_"}:
+        return "sdxl"
+    if "lora_te_" in prefixes:
+        return "sd15"
+    unet = tensors.get("unet", {})
+    widths = {
+        unet[key].shape[1] * unet[key[: -len("kron_a")] + "kron_b"].shape[1]
+        for key in unet
+        if key.endswith((".attn2.to_k.kron_a", ".attn2.to_v.kron_a"))
+    }
+    found = {_CONTEXT_WIDTHS.get(w) for w in widths}
+    return found.pop() if len(found) == 1 else None
+
+
+def _infer_targets(component: str, modules: Iterable[str]) -> str:
+    """A preset when it covers every adapted module, else a regular expression for exactly these modules."""
+    modules = list(modules)
+    presets = ("attn", "attn-ff") if component == "unet" else ("text",)
+    for preset in presets:
+        pattern = re.compile(PRESETS[preset])
+        if all(pattern.search(m) for m in modules):
+            return preset
+    return "^(?:" + "|".join(re.escape(m) for m in modules) + ")$"
+
+
+def from_lycoris(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> Adapter:
+    """The standard-layout Adapter held by a LyCORIS/kohya LoKr file's tensors and metadata.
+
+    Each layer gives A = w1 and B = w2, a decomposed factor being multiplied out first (w2 = w2_a @ w2_b) with the
+    loaders' scale alpha / r (r its inner rank; 1 when no factor is decomposed) folded into A. With krona's own
+    metadata (a file that `to_lycoris` wrote) the scale s is restored and A = w1 / s: native -> LyCORIS -> native then
+    gives back the same tensors bit for bit when s is 1 or any power of two, and equal up to float rounding (one
+    multiplication and one division by s) otherwise. Without it the scale is 1, the architecture comes from
+    `ss_base_model_version` or the text-encoder prefixes, and the targets are inferred from the adapted modules.
+    Tensors are returned in float32 whatever the file's dtype.
+    """
+    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    prefixes: set[str] = set()
+    for key, t in tensors.items():
+        component, module, suffix = _split_key(key, source)
+        grouped.setdefault((component, module), {})[suffix] = t
+        prefixes.add(next(p for p, _ in _PREFIXES if key.startswith(p)))
+    if not grouped:
+        raise KronaError(f"'{source}' holds no tensors; it is not a LoKr adapter")
+    if "lora_te_" in prefixes and prefixes & {"lora_te1_", "lora_te2_"}:
+        raise KronaError(
+            f"'{source}' mixes lora_te_ (one text encoder) with lora_te1_/lora_te2_ (SDXL's two) keys; "
+            "the file is damaged"
+        )
+
+    meta = _krona_metadata(metadata, source)
+    scale = 1.0
+    if meta is not None:
+        s = meta.get("scale", 1.0)
+        if isinstance(s, (int, float)) and math.isfinite(s) and s != 0:
+            scale = float(s)
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    factors: dict[str, dict[str, str]] = {}
+    for (component, module), parts in grouped.items():
+        where = f"{component}.{module}"
+        w1, r1 = _product(parts, "w1", where, source)
+        w2, r2 = _product(parts, "w2", where, source)
+        # ComfyUI's and A1111's rule: alpha / r when a factor is decomposed (w2's rank when both are), else 1.
+        rank = r2 if r2 is not None else r1
+        alpha = parts.get("alpha")
+        ui_scale = 1.0 if rank is None or alpha is None else float(alpha.float().reshape(-1)[0]) / rank
+        a = w1 if ui_scale == 1.0 else w1 * ui_scale
+        if scale != 1.0:
+            a = a / scale
+        out.setdefault(component, {})[f"{module}.kron_a"] = a.contiguous()
+        out[component][f"{module}.kron_b"] = w2.contiguous()
+        factors.setdefault(component, {})[module] = f"{w1.shape[0]}x{w1.shape[1]}"
+
+    if meta is not None:
+        architecture = meta.get("architecture")
+        targets = meta.get("targets") or {}
+        base_model, training = meta.get("base_model"), meta.get("training")
+    else:
+        architecture = _architecture(metadata, prefixes, out)
+        targets = {component: _infer_targets(component, layers) for component, layers in factors.items()}
+        base_model, training = None, None
+    return Adapter(
+        tensors=out,
+        factors=factors,
+        scale=scale,
+        base_model=base_model,
+        architecture=architecture,
+        targets=targets,
+        layout=LAYOUT_STANDARD,
+        training=training,
+    )
