@@ -121,7 +121,9 @@ def inspect_cmd(
     file: Annotated[Path, typer.Argument(help="An adapter .safetensors file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Show an adapter file's settings, layers, factors, parameter count, dtype, scale and base model."""
+    """Show an adapter file's format, settings, layers, factors, parameter count, dtype, scale and base model.
+
+    Reads krona's own files, LyCORIS/kohya LoKr files and official DiffuseKronA checkpoints."""
     from .formats import describe
 
     info = describe(file)
@@ -131,7 +133,8 @@ def inspect_cmd(
     table = Table(title=f"adapter {file.name}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
-    table.add_row("format", f"{info['format']} v{info['format_version']} ({info['layout']} layout)")
+    version = f" v{info['format_version']}" if info["format"] == "native" else ""
+    table.add_row("format", f"{info['format']}{version} ({info['layout']} layout)")
     table.add_row("base model", str(info["base_model"]))
     table.add_row("architecture", str(info["architecture"]))
     for component, n in info["layers"].items():

@@ -123,7 +123,7 @@ def test_pickles_truncated_and_foreign_files_are_refused(tmp_path, adapter_file)
 
     foreign = tmp_path / "model.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
-    with pytest.raises(KronaError, match="not a krona adapter"):
+    with pytest.raises(KronaError, match="not an adapter krona reads"):
         load_adapter(foreign)
     with pytest.raises(KronaError, match="does not exist"):
         load_adapter(tmp_path / "missing.safetensors")
@@ -159,3 +159,29 @@ def test_cli_inspect_refuses_a_pickle_in_one_line(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err
     assert "pickle" in err and "Traceback" not in err
+
+
+def test_inspect_and_load_tell_the_formats_apart(tmp_path, adapter_file, capsys, monkeypatch):
+    from krona_cli.formats import save_lycoris
+
+    adapter = load_adapter(adapter_file)
+    lokr = save_lycoris(tmp_path / "dog-lokr.safetensors", adapter)
+    assert describe(adapter_file)["format"] == "native"
+    info = describe(lokr)
+    assert info["format"] == "lycoris" and info["parameters"] == adapter.num_params()
+    again = load_adapter(lokr)
+    assert again.factors == adapter.factors and again.scale == adapter.scale
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["inspect", str(lokr)]) == 0
+    assert "lycoris (standard layout)" in capsys.readouterr().out
+
+
+def test_inspect_an_official_diffusekrona_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    prefix = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora"
+    save_file({f"{prefix}.down.weight": torch.randn(4, 4), f"{prefix}.up.weight": torch.randn(8, 8)}, str(path))
+    info = describe(path)
+    assert info["format"] == "diffusekrona" and info["layout"] == "diffusekrona"
+    assert info["layers"] == {"unet": 1} and info["parameters"] == 16 + 64

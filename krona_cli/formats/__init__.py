@@ -1,27 +1,38 @@
-"""Adapter files in and out. `native.py`: krona's own format (one .safetensors, settings in its metadata)."""
+"""Adapter files in and out, one module per format: `native.py` (krona's own: one .safetensors, settings in its
+metadata), `lycoris.py` (LyCORIS / kohya LoKr, read and written), `official.py` (official DiffuseKronA checkpoints,
+read); `detect.py` tells them apart and reads any of them."""
 
+from .detect import describe, detect_format, load_adapter, read_adapter
+from .lycoris import from_lycoris, save_lycoris, to_lycoris
 from .native import (
     Adapter,
     attach,
     canonical_name,
     collect_adapter,
-    describe,
     file_sha256,
-    load_adapter,
     module_name,
     read_safetensors,
     save_adapter,
 )
+from .official import LAYOUT_DIFFUSEKRONA, from_official, official_delta
 
 __all__ = [
+    "LAYOUT_DIFFUSEKRONA",
     "Adapter",
     "attach",
     "canonical_name",
     "collect_adapter",
     "describe",
+    "detect_format",
     "file_sha256",
+    "from_lycoris",
+    "from_official",
     "load_adapter",
     "module_name",
+    "official_delta",
+    "read_adapter",
     "read_safetensors",
     "save_adapter",
+    "save_lycoris",
+    "to_lycoris",
 ]

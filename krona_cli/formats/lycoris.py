@@ -29,7 +29,7 @@ from safetensors.torch import save as safetensors_save
 from ..atomic import write_bytes_atomic
 from ..errors import KronaError
 from ..kron import PRESETS
-from .native import DTYPES, LAYOUT_STANDARD, METADATA_KEY, Adapter, canonical_name
+from .native import LAYOUT_STANDARD, METADATA_KEY, Adapter, canonical_name, file_dtype
 
 __all__ = ["decode_path", "encode_path", "from_lycoris", "is_lycoris", "save_lycoris", "to_lycoris"]
 
@@ -203,10 +203,9 @@ def to_lycoris(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def save_lycoris(path: str | Path, adapter: Adapter, dtype: str = "fp32") -> Path:
     """Write `adapter` as one LyCORIS LoKr .safetensors file, atomically; dtype is fp32, fp16 or bf16."""
-    if dtype not in DTYPES:
-        raise KronaError(f"unknown adapter dtype '{dtype}'; use one of {', '.join(DTYPES)}")
+    torch_dtype = file_dtype(dtype)
     tensors, metadata = to_lycoris(adapter)
-    data = safetensors_save({k: t.to(DTYPES[dtype]).contiguous() for k, t in tensors.items()}, metadata=metadata)
+    data = safetensors_save({k: t.to(torch_dtype).contiguous() for k, t in tensors.items()}, metadata=metadata)
     return write_bytes_atomic(path, data)
 
 

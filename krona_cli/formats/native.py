@@ -115,12 +115,18 @@ def collect_adapter(
     return Adapter(tensors, factors, scale, base_model, architecture, dict(targets or {}), training=training)
 
 
+def file_dtype(name: str) -> torch.dtype:
+    """The torch dtype for an adapter file's dtype name (fp32, fp16, bf16)."""
+    if name not in DTYPES:
+        raise KronaError(f"unknown adapter dtype '{name}'; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def save_adapter(path: str | Path, adapter: Adapter, dtype: str = "fp32") -> Path:
     """Write `adapter` as one native .safetensors file, atomically."""
-    if dtype not in DTYPES:
-        raise KronaError(f"unknown adapter dtype '{dtype}'; use one of {', '.join(DTYPES)}")
+    torch_dtype = file_dtype(dtype)
     flat = {
-        f"{component}.{key}": t.to(DTYPES[dtype]).contiguous()
+        f"{component}.{key}": t.to(torch_dtype).contiguous()
         for component, tensors in adapter.tensors.items()
         for key, t in tensors.items()
     }
@@ -198,12 +204,6 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
     )
 
 
-def load_adapter(path: str | Path) -> Adapter:
-    """Read an adapter file (native format)."""
-    tensors, metadata = read_safetensors(path)
-    return adapter_from_tensors(tensors, metadata, str(path))
-
-
 def attach(models: Mapping[str, nn.Module], adapter: Adapter, scale: float | None = None, path: str = "auto") -> dict:
     """Inject `adapter` into the given components with its exact per-layer factors and load its weights.
 
@@ -247,32 +247,3 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def describe(path: str | Path) -> dict:
-    """What `krona inspect` shows: settings, layers and factors per component, parameters, dtype, size, hash."""
-    tensors, metadata = read_safetensors(path)
-    adapter = adapter_from_tensors(tensors, metadata, str(path))
-    factor_counts = {}
-    for component, layers in adapter.factors.items():
-        counts: dict[str, int] = {}
-        for text in layers.values():
-            counts[text] = counts.get(text, 0) + 1
-        factor_counts[component] = counts
-    return {
-        "file": str(path),
-        "format": FORMAT,
-        "format_version": adapter.format_version,
-        "base_model": adapter.base_model,
-        "architecture": adapter.architecture,
-        "layout": adapter.layout,
-        "scale": adapter.scale,
-        "targets": adapter.targets,
-        "layers": adapter.num_layers(),
-        "factors": factor_counts,
-        "parameters": adapter.num_params(),
-        "dtype": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
-        "size_bytes": Path(path).stat().st_size,
-        "sha256": file_sha256(path),
-        "training": adapter.training,
-    }
