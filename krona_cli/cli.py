@@ -151,6 +151,32 @@ def inspect_cmd(
     console.print(table)
 
 
+@app.command("merge")
+def merge_cmd(
+    adapter: Annotated[
+        list[str], typer.Option("--adapter", help="Adapter file, optionally FILE:SCALE (repeatable).")
+    ],
+    output_dir: Annotated[Path, typer.Option(help="Folder for the merged diffusers pipeline.")],
+    pretrained_model: Annotated[
+        Optional[str], typer.Option(help="Base model: folder, .safetensors file or hub id (default: the adapter's).")
+    ] = None,
+    scale: Annotated[float, typer.Option(help="Multiplies every adapter's scale.")] = 1.0,
+    dtype: Annotated[str, typer.Option(help="Saved weights: fp32, fp16 or bf16.")] = "fp32",
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+) -> None:
+    """Bake adapters into the base weights and save a complete diffusers pipeline (plain diffusers loads it)."""
+    from .merge import merge_to_folder, parse_adapter_spec
+
+    specs = [parse_adapter_spec(a) for a in adapter]
+    summary = merge_to_folder(
+        [(path, s * scale) for path, s in specs], output_dir, pretrained_model, dtype=dtype, overwrite=overwrite
+    )
+    console.print(
+        f"merged {len(specs)} adapter(s) into {summary['layers_changed']} layers of {summary['base_model']} "
+        f"({summary['architecture']}, {dtype}) -> [bold]{summary['output_dir']}[/]"
+    )
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: runs the app and turns failures into one line and an exit code (2 bad input, 1 bug, 130 ^C)."""
     args = sys.argv[1:] if argv is None else argv

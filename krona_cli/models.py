@@ -61,3 +61,53 @@ def build_component(arch: str, component: str, device: str | torch.device = "met
 def build_meta_components(arch: str) -> dict[str, nn.Module]:
     """Every adaptable component of a real architecture, on the meta device (no memory, no download)."""
     return {component: build_component(arch, component) for component in ARCHITECTURES[check_arch(arch)]}
+
+
+def architecture_of(unet_config) -> str:
+    """`sdxl` for SDXL-style UNets (text-time conditioning), else `sd15` (SD 1.x) or `sd2` (1024-wide text)."""
+    get = unet_config.get if isinstance(unet_config, dict) else lambda k, d=None: getattr(unet_config, k, d)
+    if get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd2" if get("cross_attention_dim") == 1024 else "sd15"
+
+
+def load_pipeline(pretrained: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A diffusers SDXL or SD pipeline from a local folder, a single .safetensors checkpoint, or a hub id.
+
+    Returns (pipeline, architecture). Local paths never touch the network.
+    """
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    path = Path(pretrained).expanduser()
+    sd_extras = {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise KronaError(
+                    f"'{pretrained}' is a folder but not a diffusers pipeline (no model_index.json); "
+                    "give a pipeline folder, a single .safetensors checkpoint or a hub id"
+                )
+            index = json.loads((path / "model_index.json").read_text())
+            extras = sd_extras if index.get("_class_name") == "StableDiffusionPipeline" else {}
+            pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **extras)
+        elif path.is_file():
+            if path.suffix != ".safetensors":
+                raise KronaError(f"'{pretrained}' is not a .safetensors checkpoint; krona never loads pickles")
+            try:
+                pipe = StableDiffusionXLPipeline.from_single_file(str(path), torch_dtype=dtype)
+            except Exception:
+                pipe = StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype, **sd_extras)
+        elif path.suffix or path.is_absolute() or str(pretrained).startswith("."):
+            raise KronaError(f"base model '{pretrained}' does not exist; check the path")
+        else:
+            pipe = DiffusionPipeline.from_pretrained(pretrained, torch_dtype=dtype)
+    except KronaError:
+        raise
+    except Exception as e:
+        raise KronaError(
+            f"could not load the base model '{pretrained}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+            "give a local diffusers folder, a single .safetensors checkpoint, or a hub id while online"
+        ) from None
+    if not hasattr(pipe, "unet"):
+        raise KronaError(f"'{pretrained}' is a {type(pipe).__name__}, not an SDXL or SD pipeline with a UNet")
+    return pipe.to(device), architecture_of(pipe.unet.config)

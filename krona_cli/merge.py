@@ -1,0 +1,148 @@
+"""Baking adapters into base weights: in memory for sampling, or into a complete diffusers pipeline folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .atomic import fsync_dir
+from .errors import KronaError
+from .formats import LAYOUT_DIFFUSEKRONA, Adapter, file_sha256, load_adapter, module_name, official_delta
+from .formats.native import LAYOUT_STANDARD, file_dtype
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, float]:
+    """`PATH` or `PATH:SCALE` (e.g. `dog.safetensors:0.8`); the scale multiplies the adapter's own."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def adapter_deltas(adapter) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(component, module, ΔW in float32, the adapter's own scale included) for every layer of an adapter."""
+    if isinstance(adapter, Adapter):
+        for component, layers in adapter.factors.items():
+            for module in layers:
+                a = adapter.tensors[component][f"{module}.kron_a"].float()
+                b = adapter.tensors[component][f"{module}.kron_b"].float()
+                if adapter.layout == LAYOUT_STANDARD:
+                    yield component, module, adapter.scale * torch.kron(a.contiguous(), b.contiguous())
+                elif adapter.layout == LAYOUT_DIFFUSEKRONA:
+                    yield component, module, official_delta(a, b, adapter.scale)
+                else:
+                    raise KronaError(f"unknown adapter layout '{adapter.layout}'; this krona cannot merge it")
+        return
+    from .formats.lora import LoraAdapter, lora_deltas
+
+    if isinstance(adapter, LoraAdapter):
+        yield from lora_deltas(adapter)
+        return
+    raise KronaError(f"cannot merge a {type(adapter).__name__}")
+
+
+@torch.no_grad()
+def bake(
+    components: Mapping[str, nn.Module], adapters: Sequence[tuple[object, float]], architecture: str | None = None
+) -> int:
+    """Add multiplier · ΔW of every (adapter, multiplier) into the matching nn.Linear weights; return layers changed.
+
+    With `architecture` (the base's), an adapter that records another architecture is refused before anything
+    changes. A layer the model lacks, or whose shape differs, is a KronaError naming the first mismatch and both
+    shapes.
+    """
+    for adapter, _ in adapters:
+        made_for = getattr(adapter, "architecture", None)
+        if architecture and made_for and made_for != architecture:
+            raise KronaError(
+                f"the adapter was made for {made_for} ({getattr(adapter, 'base_model', None) or 'base not recorded'}), "
+                f"the base model is {architecture}; pass the matching --pretrained-model"
+            )
+    changed = 0
+    for adapter, multiplier in adapters:
+        for component, module, delta in adapter_deltas(adapter):
+            if component not in components or components[component] is None:
+                raise KronaError(f"the adapter adapts '{component}', which this base model does not have; wrong base?")
+            model = components[component]
+            local = module_name(model, component, module)
+            if local is None:
+                raise KronaError(
+                    f"the adapter's layer '{component}.{module}' is not in this base model; "
+                    "the adapter was made for another architecture"
+                )
+            weight = model.get_submodule(local).weight
+            if tuple(weight.shape) != tuple(delta.shape):
+                raise KronaError(
+                    f"layer '{component}.{module}': the adapter's update is {tuple(delta.shape)}, the base weight is "
+                    f"{tuple(weight.shape)}; the adapter was made for another base model"
+                )
+            if multiplier:
+                weight.copy_((weight.float() + multiplier * delta.to(weight.device)).to(weight.dtype))
+            changed += 1
+    return changed
+
+
+def pipeline_components(pipe) -> dict[str, nn.Module]:
+    """The adaptable components of a pipeline by name."""
+    return {name: getattr(pipe, name) for name in COMPONENTS if getattr(pipe, name, None) is not None}
+
+
+def merge_to_folder(
+    adapters: Sequence[tuple[str, float]],
+    output_dir: str | Path,
+    pretrained: str | None = None,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+) -> dict:
+    """Bake adapters (path, multiplier) into the base model and save a complete diffusers pipeline folder.
+
+    The folder is written beside its final place and renamed into it, so it is complete or absent.
+    Returns a summary (base, architecture, adapters with their hashes, layers changed, dtype, output).
+    """
+    from .models import load_pipeline
+
+    torch_dtype = file_dtype(dtype)
+    loaded = [(load_adapter(path), scale, path) for path, scale in adapters]
+    if not loaded:
+        raise KronaError("no adapter given; pass --adapter FILE[:SCALE]")
+    base = pretrained or loaded[0][0].base_model
+    if not base:
+        raise KronaError("the adapter does not record its base model; pass --pretrained-model")
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise KronaError(f"output folder '{out}' is not empty; choose another or pass --overwrite")
+    pipe, arch = load_pipeline(base, dtype=torch.float32)
+    changed = bake(pipeline_components(pipe), [(adapter, scale) for adapter, scale, _ in loaded], arch)
+    pipe.to(torch_dtype)
+    summary = {
+        "base_model": base,
+        "architecture": arch,
+        "dtype": dtype,
+        "layers_changed": changed,
+        "adapters": [{"file": str(p), "sha256": file_sha256(p), "scale": s} for _, s, p in loaded],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp)
+        (tmp / "krona_merge.json").write_text(json.dumps(summary, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(out.parent)
+    summary["output_dir"] = str(out)
+    return summary
