@@ -177,6 +177,108 @@ def merge_cmd(
     )
 
 
+@app.command("sample")
+def sample_cmd(
+    adapter: Annotated[
+        list[str],
+        typer.Option(
+            "--adapter",
+            help="Adapter file, optionally FILE:SCALE (repeatable; SCALE 0 gives the base model's images). "
+            "None: the base model alone (needs --pretrained-model).",
+        ),
+    ] = [],  # noqa: B006 (typer reads the default)
+    prompt: Annotated[list[str], typer.Option("--prompt", help="A prompt (repeatable).")] = [],  # noqa: B006
+    prompts_file: Annotated[Optional[Path], typer.Option(help="A text file with one prompt per line.")] = None,
+    pretrained_model: Annotated[
+        Optional[str], typer.Option(help="Base model: folder, .safetensors file or hub id (default: the adapter's).")
+    ] = None,
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt for every image.")] = "",
+    num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of each prompt's first image; image i uses SEED + i.")] = 0,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.0,
+    scheduler: Annotated[str, typer.Option(help="euler, euler-a, dpm++ or ddim.")] = "euler",
+    width: Annotated[Optional[int], typer.Option(help="Image width (default: the model's native size).")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Image height (default: the model's native size).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per pipeline call (the images stay the same, up to float rounding).")] = 1,
+    output_dir: Annotated[Path, typer.Option(help="Folder for the images and the grid.")] = Path("samples"),
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N (default: cuda when present).")] = None,
+    dtype: Annotated[
+        Optional[str], typer.Option(help="Weights: fp32, fp16 or bf16 (default: fp16 on GPUs, fp32 on the CPU).")
+    ] = None,
+) -> None:
+    """Sample images with adapters merged into the base weights (costs what the base model costs).
+
+    Writes every image and one grid (rows: prompts, columns: seeds) as PNG files whose metadata hold the prompt,
+    seed, steps, guidance, scheduler, size, base model and each adapter's file, hash and scale."""
+    import torch
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    from .merge import parse_adapter_spec
+    from .sampling import SampleConfig, ceil_batches, generate, load_prompts, prepare_pipeline
+
+    config = SampleConfig(
+        num_images=num_images,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        scheduler=scheduler,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        batch_size=batch_size,
+    ).validate()
+    prompts = load_prompts(prompt, prompts_file)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("fp32" if device == "cpu" else "fp16")
+    try:  # diffusers' and transformers' own loading bars would interleave with ours
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    with console.status("loading the base model and merging adapters"):
+        pipe, info = prepare_pipeline([parse_adapter_spec(a) for a in adapter], pretrained_model, device, dtype)
+
+    calls = ceil_batches(config, len(prompts))
+    total = len(prompts) * config.num_images
+
+    class _Rate(ProgressColumn):  # denoising steps of one pipeline call per second, as diffusers counts "it"
+        def render(self, task) -> Text:
+            if not task.speed:
+                return Text("-- it/s")
+            return Text(f"{task.speed * config.steps * calls / total:.2f} it/s")
+
+    with Progress(
+        TextColumn("sampling"),
+        BarColumn(),
+        TextColumn("{task.fields[done]}/{task.total:.0f} images"),
+        _Rate(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("sampling", total=total, done=0)
+        result = generate(
+            pipe,
+            config,
+            prompts,
+            info,
+            output_dir,
+            progress=lambda done, _total: bar.update(task, completed=done, done=int(done)),
+        )
+    adapters = ", ".join(f"{Path(a.file).name}:{a.scale:g} ({a.sha256[:12]})" for a in info.adapters) or "none"
+    console.print(
+        f"{len(result.images)} images ({result.width}x{result.height}, {config.steps} steps, {config.scheduler}, "
+        f"guidance {config.guidance:g}, seeds {result.seeds[0]}..{result.seeds[-1]}) from {info.base_model} "
+        f"with adapters {adapters} -> [bold]{Path(output_dir)}[/]; grid: [bold]{result.grid}[/]"
+    )
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: runs the app and turns failures into one line and an exit code (2 bad input, 1 bug, 130 ^C)."""
     args = sys.argv[1:] if argv is None else argv

@@ -185,3 +185,16 @@ def test_inspect_an_official_diffusekrona_checkpoint(tmp_path):
     info = describe(path)
     assert info["format"] == "diffusekrona" and info["layout"] == "diffusekrona"
     assert info["layers"] == {"unet": 1} and info["parameters"] == 16 + 64
+
+
+def test_a_safetensors_header_length_ending_in_0x80_is_not_mistaken_for_a_pickle(tmp_path):
+    import struct
+
+    adapter = load_adapter(save_adapter(tmp_path / "probe.safetensors", _trained(build_tiny_pipeline("sdxl"))))
+    for pad in range(256):  # pad the training settings until the header's length has 0x80 as its low byte
+        adapter.training = {"note": "x" * pad}
+        path = save_adapter(tmp_path / "a.safetensors", adapter)
+        if struct.unpack("<Q", path.read_bytes()[:8])[0] % 256 == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert load_adapter(path).training == {"note": "x" * pad}

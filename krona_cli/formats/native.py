@@ -140,8 +140,13 @@ def _refuse_unsafe(path: Path) -> None:
     if path.is_dir():
         raise KronaError(f"'{path}' is a folder; give the adapter's .safetensors file")
     with path.open("rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+    # a safetensors file starts with its header's length (8 bytes, little-endian, so the first byte can be
+    # anything, 0x80 included) followed by the JSON header's "{"
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+    zip_archive = head[:4] == b"PK\x03\x04"  # torch.save's default format
+    legacy_pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    if not looks_safetensors and (zip_archive or legacy_pickle):
         raise KronaError(
             f"'{path}' is a pickle (a PyTorch .bin/.pt/.ckpt file); krona never loads pickles, which can run code. "
             "Convert it to .safetensors with a tool you trust"

@@ -1,0 +1,306 @@
+"""Sampling images from a base model with adapters baked into its weights (`krona sample`).
+
+Adapters are merged into the weights in memory (`merge.bake`), so sampling costs exactly what the base model costs.
+
+Seeds: image i of every prompt uses seed `config.seed + i`, drawn from its own CPU `torch.Generator`
+(`torch.Generator("cpu").manual_seed(seed)`, one per image, passed to the pipeline as a list). The starting noise of
+an image, and the noise an ancestral scheduler adds at each step, therefore depend on its seed alone, not on the batch
+it is in nor on the device: the same seed and settings give the same image. Plain diffusers gives the same image with
+`pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), ...)` (an empty negative prompt is passed as None,
+diffusers' default, which SDXL turns into zero embeddings). Different batch sizes run different matrix shapes, so they
+agree up to floating-point rounding (at most one 8-bit level here and there), not bit for bit.
+
+Library code: raises KronaError, never prints; progress is reported through a callback.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from . import __version__
+from .atomic import write_bytes_atomic
+from .errors import KronaError
+
+# name -> diffusers scheduler class name; each is built with from_config(the pipeline's own scheduler config), so
+# it keeps the model's beta schedule, prediction type and timestep spacing.
+SCHEDULERS: dict[str, str] = {
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+ProgressCallback = Callable[[float, int], None]  # (images done, fractional within a batch; images in total)
+
+
+@dataclass
+class SampleConfig:
+    """How to sample. `width`/`height` None: the UNet's native size (sample_size × the VAE's scale factor)."""
+
+    num_images: int = 4  # per prompt
+    seed: int = 0  # image i of each prompt uses seed + i
+    steps: int = 30
+    guidance: float = 7.0  # the paper's best classifier-free guidance scale
+    scheduler: str = "euler"
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+
+    def validate(self) -> SampleConfig:
+        """Check the settings that need no model; KronaError naming the first bad one."""
+        scheduler_class(self.scheduler)
+        for name in ("num_images", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise KronaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and value < 8:
+                raise KronaError(f"--{name} must be a positive multiple of 8, got {value}")
+        if self.guidance < 0:
+            raise KronaError(f"--guidance must be 0 or more, got {self.guidance:g}")
+        if self.seed < 0:
+            raise KronaError(f"--seed must be 0 or more, got {self.seed}")
+        return self
+
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.num_images)]
+
+
+@dataclass
+class AdapterInfo:
+    """One adapter as sampled: its file, the file's SHA-256, and the multiplier given (`FILE:SCALE`)."""
+
+    file: str
+    sha256: str
+    scale: float
+
+
+@dataclass
+class ModelInfo:
+    """What a prepared pipeline holds: its base model, architecture, adapters and the layers they changed."""
+
+    base_model: str
+    architecture: str
+    adapters: list[AdapterInfo] = field(default_factory=list)
+    layers_changed: int = 0
+    dtype: str = "fp32"
+
+
+@dataclass
+class SampleResult:
+    images: list[Path]  # in prompt order, then seed order
+    grid: Path
+    seeds: list[int]
+    width: int
+    height: int
+
+
+def scheduler_class(name: str):
+    """The diffusers scheduler class for a krona scheduler name; KronaError listing the names for an unknown one."""
+    if name not in SCHEDULERS:
+        raise KronaError(f"unknown scheduler '{name}'; use one of {', '.join(SCHEDULERS)}")
+    import diffusers
+
+    return getattr(diffusers, SCHEDULERS[name])
+
+
+def make_scheduler(name: str, base_config):
+    """A fresh scheduler of the named kind built from a pipeline's scheduler config."""
+    return scheduler_class(name).from_config(base_config)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise KronaError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_prompts(prompts: Sequence[str] = (), prompts_file: str | Path | None = None) -> list[str]:
+    """The prompts given directly, then those of `prompts_file` (one per non-empty line); KronaError if none."""
+    out = [p.strip() for p in prompts if p.strip()]
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise KronaError(f"prompts file '{path}' does not exist; give a text file with one prompt per line")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise KronaError(f"cannot read prompts file '{path}': {e}; give a UTF-8 text file") from None
+        file_prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not file_prompts:
+            raise KronaError(f"prompts file '{path}' has no prompts; write one prompt per line")
+        out += file_prompts
+    if not out:
+        raise KronaError("no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    return out
+
+
+def prepare_pipeline(
+    adapters: Sequence[tuple[str | Path, float]],
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str = "fp32",
+):
+    """Load the base model and bake every (adapter file, multiplier) into its weights; return (pipe, ModelInfo).
+
+    The base is `pretrained`, else the base model the first adapter records. With no adapter, `pretrained` is
+    required and the pipeline is the base model alone. A multiplier of 0 changes nothing (the base's images).
+    Adapter files are read and checked before the base model is loaded.
+    """
+    from .formats import file_sha256, load_adapter
+    from .merge import bake, pipeline_components
+    from .models import load_pipeline
+
+    weights_dtype = torch_dtype(dtype)
+    loaded = [(load_adapter(path), float(scale), str(path)) for path, scale in adapters]
+    base = pretrained or (loaded[0][0].base_model if loaded else None)
+    if not base:
+        if not loaded:
+            raise KronaError("nothing to sample from; pass --adapter FILE[:SCALE] or --pretrained-model")
+        raise KronaError(f"the adapter '{loaded[0][2]}' does not record its base model; pass --pretrained-model")
+    pipe, arch = load_pipeline(str(base), dtype=weights_dtype, device=device)
+    changed = bake(pipeline_components(pipe), [(adapter, scale) for adapter, scale, _ in loaded])
+    pipe.set_progress_bar_config(disable=True)
+    info = ModelInfo(
+        base_model=str(base),
+        architecture=arch,
+        adapters=[AdapterInfo(path, file_sha256(path), scale) for _, scale, path in loaded],
+        layers_changed=changed,
+        dtype=dtype,
+    )
+    return pipe, info
+
+
+def native_size(pipe) -> int:
+    """The UNet's native image side: its latent sample_size times the VAE's scale factor (SDXL 1024, SD 1.5 512)."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def _png(image: Image.Image, text: dict[str, str]) -> bytes:
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def _grid(rows: list[list[Image.Image]], width: int, height: int) -> Image.Image:
+    cols = max(len(r) for r in rows)
+    canvas = np.zeros((len(rows) * height, cols * width, 3), dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            canvas[r * height : (r + 1) * height, c * width : (c + 1) * width] = np.asarray(image.convert("RGB"))
+    return Image.fromarray(canvas)
+
+
+def image_name(prompt_index: int, seed: int) -> str:
+    return f"p{prompt_index:02d}-s{seed}.png"
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    config: SampleConfig,
+    prompts: Sequence[str],
+    info: ModelInfo,
+    output_dir: str | Path,
+    progress: ProgressCallback | None = None,
+) -> SampleResult:
+    """Sample `config.num_images` images per prompt and write them, and one grid, as PNG files with metadata.
+
+    Image i of prompt j uses seed `config.seed + i` and is written to `output_dir/p{j:02d}-s{seed}.png`; the grid
+    (`grid.png`: one row per prompt, one column per seed) goes beside them. Every file carries PNG text chunks:
+    prompt, negative_prompt, seed, steps, guidance, scheduler, width, height, base_model, architecture, dtype,
+    adapters (JSON list of {file, sha256, scale}) and krona_version; the grid has prompts and seeds (JSON lists)
+    instead of prompt and seed. Files are written atomically. `progress(images_done, images_total)` is called
+    during every denoising step (images_done is fractional within a batch) and after every batch.
+    """
+    config.validate()
+    if not prompts:
+        raise KronaError("no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    factor = int(pipe.vae_scale_factor)
+    width = config.width or native_size(pipe)
+    height = config.height or native_size(pipe)
+    for name, value in (("width", width), ("height", height)):
+        if value % factor:
+            raise KronaError(f"--{name} {value} is not a multiple of {factor} (the VAE's scale factor); choose one")
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KronaError(f"cannot create the output folder '{out}': {e.strerror or e}; choose another") from None
+
+    seeds = config.seeds()
+    jobs = [(j, seed) for j in range(len(prompts)) for seed in seeds]  # prompt-major, so rows fill in order
+    total = len(jobs)
+    common = {
+        "negative_prompt": config.negative_prompt,
+        "steps": str(config.steps),
+        "guidance": repr(float(config.guidance)),
+        "scheduler": config.scheduler,
+        "width": str(width),
+        "height": str(height),
+        "base_model": info.base_model,
+        "architecture": info.architecture,
+        "dtype": info.dtype,
+        "adapters": json.dumps([asdict(a) for a in info.adapters]),
+        "krona_version": __version__,
+    }
+    original_scheduler = pipe.scheduler
+    pipe.scheduler = make_scheduler(config.scheduler, original_scheduler.config)
+    images: dict[tuple[int, int], Image.Image] = {}
+    paths: list[Path] = []
+    done = 0
+    try:
+        for start in range(0, total, config.batch_size):
+            batch = jobs[start : start + config.batch_size]
+
+            def on_step(p, step, timestep, kwargs, _done=done, _n=len(batch)):
+                if progress is not None:
+                    steps = getattr(p, "num_timesteps", None) or config.steps
+                    progress(_done + _n * min(1.0, (step + 1) / steps), total)
+                return kwargs
+
+            result = pipe(
+                prompt=[prompts[j] for j, _ in batch],
+                negative_prompt=[config.negative_prompt] * len(batch) if config.negative_prompt else None,
+                num_inference_steps=config.steps,
+                guidance_scale=config.guidance,
+                width=width,
+                height=height,
+                generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in batch],
+                output_type="pil",
+                callback_on_step_end=on_step,
+            )
+            for (j, seed), image in zip(batch, result.images):
+                images[(j, seed)] = image
+                path = out / image_name(j, seed)
+                write_bytes_atomic(path, _png(image, {"prompt": prompts[j], "seed": str(seed), **common}))
+                paths.append(path)
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
+    finally:
+        pipe.scheduler = original_scheduler
+    grid = _grid([[images[(j, s)] for s in seeds] for j in range(len(prompts))], width, height)
+    grid_meta = {"prompts": json.dumps(list(prompts)), "seeds": json.dumps(seeds), **common}
+    grid_path = write_bytes_atomic(out / "grid.png", _png(grid, grid_meta))
+    return SampleResult(images=paths, grid=grid_path, seeds=seeds, width=width, height=height)
+
+
+def ceil_batches(config: SampleConfig, num_prompts: int) -> int:
+    """How many pipeline calls a run makes."""
+    return math.ceil(num_prompts * config.num_images / config.batch_size)

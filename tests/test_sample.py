@@ -1,0 +1,194 @@
+"""`krona sample`: seeds, scale 0, batch sizes, schedulers, PNG metadata, the grid, errors, and the same image as a
+merged pipeline folder run by plain diffusers. Tiny pipelines, 64x64 images, 2 steps."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from krona_cli.cli import main
+from krona_cli.errors import KronaError
+from krona_cli.formats import collect_adapter, file_sha256, save_adapter
+from krona_cli.kron import adapted_layers, inject
+from krona_cli.sampling import SCHEDULERS, SampleConfig, generate, load_prompts, prepare_pipeline
+from krona_cli.tiny import build_tiny_pipeline
+
+PROMPT = "a photo of a dog"
+FAST = ["--steps", "2", "--width", "64", "--height", "64", "--guidance", "7.0"]
+
+
+def _adapter(arch: str, base_model: str | None, path):
+    """An adapter on the tiny UNet's attention with random B (std 0.1) so that it changes the image visibly."""
+    pipe = build_tiny_pipeline(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        inject(pipe.unet, factors="4x4")
+        for layer in adapted_layers(pipe.unet).values():
+            with torch.no_grad():
+                layer.kron_b.normal_(std=0.1)
+    return save_adapter(path, collect_adapter({"unet": pipe.unet}, base_model=base_model, architecture=arch))
+
+
+@pytest.fixture(scope="module")
+def sdxl_adapter(tiny_sdxl_dir, tmp_path_factory):
+    return _adapter("sdxl", str(tiny_sdxl_dir), tmp_path_factory.mktemp("adapter") / "dog.safetensors")
+
+
+def _sample(out, *args):
+    code = main(["sample", *args, "--prompt", PROMPT, *FAST, "--output-dir", str(out)])
+    assert code == 0
+    return out
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255.0
+
+
+@pytest.fixture(scope="module")
+def reference(sdxl_adapter, tmp_path_factory):
+    """The adapter at scale 1, seeds 0 and 1, batch size 1."""
+    return _sample(tmp_path_factory.mktemp("ref"), "--adapter", str(sdxl_adapter), "-n", "2")
+
+
+def test_same_seed_same_image_different_seeds_differ(reference, sdxl_adapter, tmp_path):
+    again = _sample(tmp_path, "--adapter", str(sdxl_adapter), "-n", "1")
+    assert np.array_equal(_pixels(reference / "p00-s0.png"), _pixels(again / "p00-s0.png"))
+    assert np.abs(_pixels(reference / "p00-s0.png") - _pixels(reference / "p00-s1.png")).mean() > 0.02
+    # --seed 1 starts at seed 1: its first image is the reference's second
+    shifted = _sample(tmp_path / "shifted", "--adapter", str(sdxl_adapter), "-n", "1", "--seed", "1")
+    assert np.array_equal(_pixels(reference / "p00-s1.png"), _pixels(shifted / "p00-s1.png"))
+
+
+def test_batch_size_does_not_change_the_images(reference, sdxl_adapter, tmp_path):
+    batched = _sample(tmp_path, "--adapter", str(sdxl_adapter), "-n", "2", "--batch-size", "2")
+    for name in ("p00-s0.png", "p00-s1.png"):
+        diff = np.abs(_pixels(reference / name) - _pixels(batched / name))
+        # other matrix shapes round differently: at most one 8-bit level here and there
+        assert diff.max() <= 1 / 255 + 1e-9 and diff.mean() < 1e-3
+
+
+def test_scale_0_is_the_base_model_and_scale_1_is_not(reference, sdxl_adapter, tiny_sdxl_dir, tmp_path):
+    base = _sample(tmp_path / "base", "--pretrained-model", str(tiny_sdxl_dir), "-n", "1")
+    zero = _sample(tmp_path / "zero", "--adapter", f"{sdxl_adapter}:0", "-n", "1")
+    assert np.array_equal(_pixels(base / "p00-s0.png"), _pixels(zero / "p00-s0.png"))
+    assert np.abs(_pixels(base / "p00-s0.png") - _pixels(reference / "p00-s0.png")).mean() > 0.01
+    assert json.loads(Image.open(base / "p00-s0.png").text["adapters"]) == []
+
+
+def test_png_metadata_and_grid(reference, sdxl_adapter, tiny_sdxl_dir):
+    text = Image.open(reference / "p00-s1.png").text
+    assert text["prompt"] == PROMPT and text["seed"] == "1" and text["negative_prompt"] == ""
+    assert text["steps"] == "2" and float(text["guidance"]) == 7.0 and text["scheduler"] == "euler"
+    assert text["width"] == "64" and text["height"] == "64" and text["base_model"] == str(tiny_sdxl_dir)
+    [adapter] = json.loads(text["adapters"])
+    assert adapter == {"file": str(sdxl_adapter), "sha256": file_sha256(sdxl_adapter), "scale": 1.0}
+    grid = Image.open(reference / "grid.png")
+    assert grid.size == (2 * 64, 1 * 64)
+    assert json.loads(grid.text["seeds"]) == [0, 1] and json.loads(grid.text["prompts"]) == [PROMPT]
+    assert "seed" not in grid.text and json.loads(grid.text["adapters"]) == [adapter]
+    assert np.array_equal(np.asarray(grid)[:, 64:], np.asarray(Image.open(reference / "p00-s1.png").convert("RGB")))
+
+
+def test_grid_rows_are_prompts_and_prompts_file(sdxl_adapter, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog\n\n  a cat on a mat  \n")
+    out = tmp_path / "out"
+    code = main(["sample", "--adapter", str(sdxl_adapter), "--prompts-file", str(prompts), "--prompt", "a house",
+                 "-n", "2", "--batch-size", "3", *FAST, "--output-dir", str(out)])
+    assert code == 0
+    assert sorted(p.name for p in out.glob("p*.png")) == [f"p{j:02d}-s{s}.png" for j in range(3) for s in (0, 1)]
+    assert Image.open(out / "grid.png").size == (2 * 64, 3 * 64)
+    assert Image.open(out / "p02-s1.png").text["prompt"] == "a cat on a mat"
+    stdout = capsys.readouterr().out
+    assert "6/6 images" in stdout and "grid.png" in stdout
+
+
+def test_merged_folder_in_plain_diffusers_gives_the_same_image(reference, sdxl_adapter, tmp_path, capsys):
+    from diffusers import StableDiffusionXLPipeline
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(sdxl_adapter), "--output-dir", str(merged)]) == 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(merged)
+    image = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=2, guidance_scale=7.0,
+                 width=64, height=64).images[0]
+    diff = np.abs(np.asarray(image, dtype=np.float64) / 255.0 - _pixels(reference / "p00-s0.png")).mean()
+    assert diff <= 1e-4
+
+
+def test_merged_sd15_folder_in_plain_diffusers_gives_the_same_image(tiny_sd15_dir, tmp_path, capsys):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    adapter = _adapter("sd15", str(tiny_sd15_dir), tmp_path / "sd15.safetensors")
+    out = _sample(tmp_path / "out", "--adapter", f"{adapter}:0.7", "-n", "1", "--scheduler", "ddim")
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", f"{adapter}:0.7", "--output-dir", str(merged)]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(merged, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    image = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=2, guidance_scale=7.0,
+                 width=64, height=64).images[0]
+    assert np.abs(np.asarray(image, dtype=np.float64) / 255.0 - _pixels(out / "p00-s0.png")).mean() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def prepared(sdxl_adapter):
+    return prepare_pipeline([(sdxl_adapter, 1.0)])
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_scheduler_works_and_is_restored(prepared, name, tmp_path):
+    pipe, info = prepared
+    original = pipe.scheduler
+    calls = []
+    config = SampleConfig(num_images=1, steps=2, scheduler=name, width=64, height=64)
+    result = generate(pipe, config, [PROMPT], info, tmp_path, progress=lambda done, total: calls.append((done, total)))
+    assert Image.open(result.images[0]).text["scheduler"] == name
+    assert pipe.scheduler is original
+    assert calls[-1] == (1, 1) and all(0 < d <= 1 for d, _ in calls)
+
+
+def test_library_defaults_and_native_size(prepared, tmp_path):
+    pipe, info = prepared
+    config = SampleConfig(num_images=1, steps=1)
+    assert (config.steps, config.guidance, config.scheduler, config.seed, config.batch_size) == (1, 7.0, "euler", 0, 1)
+    assert SampleConfig().steps == 30 and SampleConfig().num_images == 4
+    result = generate(pipe, config, [PROMPT], info, tmp_path)
+    assert (result.width, result.height) == (64, 64)  # the tiny UNet's 8x8 latents through the 8x VAE
+
+
+def test_unknown_scheduler_is_one_line_exit_2(sdxl_adapter, tmp_path, capsys):
+    assert main(["sample", "--adapter", str(sdxl_adapter), "--prompt", "x", "--scheduler", "heun",
+                 "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error:")
+    assert all(name in err for name in SCHEDULERS)
+    with pytest.raises(KronaError, match="euler-a"):
+        SampleConfig(scheduler="heun").validate()
+
+
+def _error(args, capsys) -> str:
+    assert main(["sample", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if "error" in line]
+    assert len(lines) == 1 and lines[0].startswith("error:")
+    return lines[0]
+
+
+def test_cli_errors(sdxl_adapter, tmp_path, capsys):
+    assert "does not exist" in _error(["--adapter", str(tmp_path / "nope.safetensors"), "--prompt", "x"], capsys)
+    no_base = _adapter("sdxl", None, tmp_path / "nobase.safetensors")
+    assert "--pretrained-model" in _error(["--adapter", str(no_base), "--prompt", "x"], capsys)
+    assert "--prompt" in _error(["--adapter", str(sdxl_adapter)], capsys)
+    assert "--pretrained-model" in _error(["--prompt", "x"], capsys)
+    assert "--steps" in _error(["--adapter", str(sdxl_adapter), "--prompt", "x", "--steps", "0"], capsys)
+    assert "does not exist" in _error(["--adapter", str(sdxl_adapter), "--prompts-file", str(tmp_path / "p")], capsys)
+    assert "multiple of 8" in _error(["--adapter", str(sdxl_adapter), "--prompt", "x", "--width", "60", "-n", "1",
+                                      "--steps", "1", "--output-dir", str(tmp_path / "o")], capsys)
+
+
+def test_load_prompts():
+    assert load_prompts(["a", "  ", "b "]) == ["a", "b"]
+    with pytest.raises(KronaError, match="no prompt"):
+        load_prompts([])
