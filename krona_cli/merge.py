@@ -6,15 +6,17 @@ import json
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .atomic import fsync_dir
+from .dtypes import dtype_from_name
 from .errors import KronaError
 from .formats import LAYOUT_DIFFUSEKRONA, Adapter, file_sha256, load_adapter, module_name, official_delta
-from .formats.native import LAYOUT_STANDARD, file_dtype
+from .formats.native import LAYOUT_STANDARD
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -98,6 +100,38 @@ def pipeline_components(pipe) -> dict[str, nn.Module]:
     return {name: getattr(pipe, name) for name in COMPONENTS if getattr(pipe, name, None) is not None}
 
 
+@dataclass
+class BakedPipeline:
+    """A base pipeline with adapters baked into its weights, and what went into it."""
+
+    pipe: object
+    base_model: str
+    architecture: str
+    adapters: list[tuple[object, float, str]]  # (adapter, multiplier, file)
+    layers_changed: int
+
+
+def load_and_bake(
+    adapters: Sequence[tuple[str | Path, float]],
+    pretrained: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> BakedPipeline:
+    """Read every adapter file (all of them before the base model), load the base (`pretrained`, else the base the
+    first adapter records) and bake the adapters into it. With no adapter the base alone is loaded."""
+    from .models import load_pipeline
+
+    loaded = [(load_adapter(path), float(scale), str(path)) for path, scale in adapters]
+    base = pretrained or (loaded[0][0].base_model if loaded else None)
+    if not base:
+        if not loaded:
+            raise KronaError("no adapter and no base model given; pass --adapter FILE[:SCALE] or --pretrained-model")
+        raise KronaError(f"the adapter '{loaded[0][2]}' does not record its base model; pass --pretrained-model")
+    pipe, arch = load_pipeline(str(base), dtype=dtype, device=device)
+    changed = bake(pipeline_components(pipe), [(adapter, scale) for adapter, scale, _ in loaded], arch)
+    return BakedPipeline(pipe, str(base), arch, loaded, changed)
+
+
 def merge_to_folder(
     adapters: Sequence[tuple[str, float]],
     output_dir: str | Path,
@@ -110,32 +144,25 @@ def merge_to_folder(
     The folder is written beside its final place and renamed into it, so it is complete or absent.
     Returns a summary (base, architecture, adapters with their hashes, layers changed, dtype, output).
     """
-    from .models import load_pipeline
-
-    torch_dtype = file_dtype(dtype)
-    loaded = [(load_adapter(path), scale, path) for path, scale in adapters]
-    if not loaded:
+    torch_dtype = dtype_from_name(dtype)
+    if not adapters:
         raise KronaError("no adapter given; pass --adapter FILE[:SCALE]")
-    base = pretrained or loaded[0][0].base_model
-    if not base:
-        raise KronaError("the adapter does not record its base model; pass --pretrained-model")
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise KronaError(f"output folder '{out}' is not empty; choose another or pass --overwrite")
-    pipe, arch = load_pipeline(base, dtype=torch.float32)
-    changed = bake(pipeline_components(pipe), [(adapter, scale) for adapter, scale, _ in loaded], arch)
-    pipe.to(torch_dtype)
+    baked = load_and_bake(adapters, pretrained)
+    baked.pipe.to(torch_dtype)
     summary = {
-        "base_model": base,
-        "architecture": arch,
+        "base_model": baked.base_model,
+        "architecture": baked.architecture,
         "dtype": dtype,
-        "layers_changed": changed,
-        "adapters": [{"file": str(p), "sha256": file_sha256(p), "scale": s} for _, s, p in loaded],
+        "layers_changed": baked.layers_changed,
+        "adapters": [{"file": p, "sha256": file_sha256(p), "scale": s} for _, s, p in baked.adapters],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        pipe.save_pretrained(tmp)
+        baked.pipe.save_pretrained(tmp)
         (tmp / "krona_merge.json").write_text(json.dumps(summary, indent=2))
         if out.exists():
             shutil.rmtree(out)

@@ -29,6 +29,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
 from .atomic import write_bytes_atomic
+from .dtypes import dtype_from_name
 from .errors import KronaError
 
 # name -> diffusers scheduler class name; each is built with from_config(the pipeline's own scheduler config), so
@@ -39,7 +40,6 @@ SCHEDULERS: dict[str, str] = {
     "dpm++": "DPMSolverMultistepScheduler",
     "ddim": "DDIMScheduler",
 }
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 ProgressCallback = Callable[[float, int], None]  # (images done, fractional within a batch; images in total)
 
@@ -121,12 +121,6 @@ def make_scheduler(name: str, base_config):
     return scheduler_class(name).from_config(base_config)
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise KronaError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def load_prompts(prompts: Sequence[str] = (), prompts_file: str | Path | None = None) -> list[str]:
     """The prompts given directly, then those of `prompts_file` (one per non-empty line); KronaError if none."""
     out = [p.strip() for p in prompts if p.strip()]
@@ -159,28 +153,19 @@ def prepare_pipeline(
     required and the pipeline is the base model alone. A multiplier of 0 changes nothing (the base's images).
     Adapter files are read and checked before the base model is loaded.
     """
-    from .formats import file_sha256, load_adapter
-    from .merge import bake, pipeline_components
-    from .models import load_pipeline
+    from .formats import file_sha256
+    from .merge import load_and_bake
 
-    weights_dtype = torch_dtype(dtype)
-    loaded = [(load_adapter(path), float(scale), str(path)) for path, scale in adapters]
-    base = pretrained or (loaded[0][0].base_model if loaded else None)
-    if not base:
-        if not loaded:
-            raise KronaError("nothing to sample from; pass --adapter FILE[:SCALE] or --pretrained-model")
-        raise KronaError(f"the adapter '{loaded[0][2]}' does not record its base model; pass --pretrained-model")
-    pipe, arch = load_pipeline(str(base), dtype=weights_dtype, device=device)
-    changed = bake(pipeline_components(pipe), [(adapter, scale) for adapter, scale, _ in loaded])
-    pipe.set_progress_bar_config(disable=True)
+    baked = load_and_bake(adapters, pretrained, dtype_from_name(dtype), device)
+    baked.pipe.set_progress_bar_config(disable=True)
     info = ModelInfo(
-        base_model=str(base),
-        architecture=arch,
-        adapters=[AdapterInfo(path, file_sha256(path), scale) for _, scale, path in loaded],
-        layers_changed=changed,
+        base_model=baked.base_model,
+        architecture=baked.architecture,
+        adapters=[AdapterInfo(path, file_sha256(path), scale) for _, scale, path in baked.adapters],
+        layers_changed=baked.layers_changed,
         dtype=dtype,
     )
-    return pipe, info
+    return baked.pipe, info
 
 
 def native_size(pipe) -> int:

@@ -64,7 +64,7 @@ VARIANTS = (
     "peft_lora_r4",
 )
 CHECKED = ("krona", "materialised", "peft_lokr", "lycoris_lokr", "lycoris_lokr_bypass")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from krona_cli.dtypes import DTYPES  # noqa: E402
 SCALE = 1.0  # peft LoKr: alpha/r = 1; LyCORIS full-matrix LoKr forces alpha = lora_dim, i.e. scale 1
 
 

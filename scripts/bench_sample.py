@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from krona_cli.formats import collect_adapter, save_adapter  # noqa: E402
 from krona_cli.kron import adapted_layers, inject, remove  # noqa: E402
-from krona_cli.sampling import DTYPES, SCHEDULERS, SampleConfig, generate, prepare_pipeline  # noqa: E402
+from krona_cli.dtypes import DTYPES  # noqa: E402
+from krona_cli.sampling import SCHEDULERS, SampleConfig, generate, prepare_pipeline  # noqa: E402
 
 
 def _sync(device: str) -> None:

@@ -26,7 +26,7 @@ import torch
 from krona_cli.kron import adapted_layers, inject
 from krona_cli.models import build_component
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from krona_cli.dtypes import DTYPES  # noqa: E402
 VARIANTS = ("frozen", "krona-auto", "krona-reshape", "krona-merged")
 
 

@@ -27,9 +27,10 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from ..atomic import write_bytes_atomic
+from ..dtypes import dtype_from_name
 from ..errors import KronaError
 from ..kron import PRESETS
-from .native import LAYOUT_STANDARD, METADATA_KEY, Adapter, canonical_name, file_dtype
+from .native import LAYOUT_STANDARD, METADATA_KEY, Adapter, canonical_name
 
 __all__ = ["decode_path", "encode_path", "from_lycoris", "is_lycoris", "save_lycoris", "to_lycoris"]
 
@@ -203,7 +204,7 @@ def to_lycoris(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def save_lycoris(path: str | Path, adapter: Adapter, dtype: str = "fp32") -> Path:
     """Write `adapter` as one LyCORIS LoKr .safetensors file, atomically; dtype is fp32, fp16 or bf16."""
-    torch_dtype = file_dtype(dtype)
+    torch_dtype = dtype_from_name(dtype)
     tensors, metadata = to_lycoris(adapter)
     data = safetensors_save({k: t.to(torch_dtype).contiguous() for k, t in tensors.items()}, metadata=metadata)
     return write_bytes_atomic(path, data)

@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import __version__
 from ..atomic import write_bytes_atomic
+from ..dtypes import dtype_from_name
 from ..errors import KronaError
 from ..kron import adapter_state_dict, inject, layer_factors, load_adapter_state_dict, parse_factors
 
@@ -28,7 +29,6 @@ FORMAT_VERSION = 1
 LAYOUT_STANDARD = "standard"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 METADATA_KEY = "krona"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _NATIVE_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(kron_a|kron_b)$")
 
 
@@ -115,16 +115,9 @@ def collect_adapter(
     return Adapter(tensors, factors, scale, base_model, architecture, dict(targets or {}), training=training)
 
 
-def file_dtype(name: str) -> torch.dtype:
-    """The torch dtype for an adapter file's dtype name (fp32, fp16, bf16)."""
-    if name not in DTYPES:
-        raise KronaError(f"unknown adapter dtype '{name}'; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def save_adapter(path: str | Path, adapter: Adapter, dtype: str = "fp32") -> Path:
     """Write `adapter` as one native .safetensors file, atomically."""
-    torch_dtype = file_dtype(dtype)
+    torch_dtype = dtype_from_name(dtype)
     flat = {
         f"{component}.{key}": t.to(torch_dtype).contiguous()
         for component, tensors in adapter.tensors.items()
