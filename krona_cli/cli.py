@@ -279,6 +279,29 @@ def sample_cmd(
     )
 
 
+@app.command("export")
+def export_cmd(
+    adapter: Annotated[Path, typer.Option(help="The adapter to convert (any format krona reads).")],
+    to: Annotated[str, typer.Option("--to", help="native, lycoris (LyCORIS/kohya LoKr) or lora (truncated SVD).")],
+    output: Annotated[Path, typer.Option(help="The file to write (.safetensors).")],
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank (only with --to lora).")] = None,
+    dtype: Annotated[str, typer.Option(help="Saved tensors: fp32, fp16 or bf16.")] = "fp32",
+) -> None:
+    """Write an adapter in another format: for ComfyUI/A1111 (lycoris) or tools that only load LoRA (lora)."""
+    from .export import export_adapter
+
+    summary = export_adapter(adapter, to, output, rank=rank, dtype=dtype)
+    console.print(f"wrote {summary['layers']} layers as {to} -> [bold]{summary['output']}[/]")
+    report = summary.get("report")
+    if report:
+        errors = [(f"{c}.{m}", v["error"]) for c, layers in report["layers"].items() for m, v in layers.items()]
+        worst = max(errors, key=lambda e: e[1])
+        console.print(
+            f"LoRA rank {report['rank']}: relative error of ΔW {report['error']:.4f} in total, "
+            f"worst layer {worst[1]:.4f} ({worst[0]}); {report['parameters']:,} parameters"
+        )
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: runs the app and turns failures into one line and an exit code (2 bad input, 1 bug, 130 ^C)."""
     args = sys.argv[1:] if argv is None else argv

@@ -15,7 +15,16 @@ from torch import nn
 from .atomic import fsync_dir
 from .dtypes import dtype_from_name
 from .errors import KronaError
-from .formats import LAYOUT_DIFFUSEKRONA, Adapter, file_sha256, load_adapter, module_name, official_delta
+from .formats import (
+    LAYOUT_DIFFUSEKRONA,
+    Adapter,
+    LoraAdapter,
+    file_sha256,
+    load_adapter,
+    lora_deltas,
+    module_name,
+    official_delta,
+)
 from .formats.native import LAYOUT_STANDARD
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -46,8 +55,6 @@ def adapter_deltas(adapter) -> Iterator[tuple[str, str, torch.Tensor]]:
                 else:
                     raise KronaError(f"unknown adapter layout '{adapter.layout}'; this krona cannot merge it")
         return
-    from .formats.lora import LoraAdapter, lora_deltas
-
     if isinstance(adapter, LoraAdapter):
         yield from lora_deltas(adapter)
         return

@@ -1,0 +1,505 @@
+"""LoRA files: read (diffusers/peft, older diffusers, kohya) and written (a Kronecker adapter turned into a LoRA by
+truncated SVD, for tools that load LoRA only, such as diffusers' `load_lora_weights`).
+
+A LoRA layer holds down (r × d_in) and up (d_out × r) with ΔW = multiplier · up @ down. Key formats read:
+
+* diffusers / peft, as `StableDiffusionXLPipeline.save_lora_weights` and diffusers' DreamBooth LoRA scripts write them
+  today: `unet.<module>.lora_A.weight` (down) / `.lora_B.weight` (up), and the same under `text_encoder.` and
+  `text_encoder_2.`. Text-encoder modules are spelled with or without `text_model.` (diffusers 0.42 under
+  transformers 5 writes `text_encoder.encoder.layers.N...`). Keys without a component prefix
+  (`UNet2DConditionModel.save_lora_adapter`) are the UNet's. The multiplier is 1 (diffusers' convention: alpha = r)
+  unless the file carries diffusers' `lora_adapter_metadata` (the peft LoraConfig per component, e.g.
+  `unet.lora_alpha`), which gives alpha / r per module (`alpha_pattern`, `rank_pattern`, alpha / √r with
+  `use_rslora`), exactly as peft builds the layers when diffusers loads the file.
+* older diffusers: `unet.<module>.lora.down.weight` / `.lora.up.weight`, with text encoders as
+  `text_encoder.<module>.lora_linear_layer.down.weight` / `.up.weight`. The processor naming
+  (`...processor.to_q_lora.down.weight`) is not read here: official DiffuseKronA checkpoints use it (official.py).
+  A file holding only `lora_linear_layer` keys is not recognised by `is_lora` for the same reason.
+* kohya: `lora_unet_<module path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha` (multiplier alpha / r, 1
+  without alpha), `lora_te1_` / `lora_te2_` for SDXL's text encoders and `lora_te_` for SD 1.x's. Module paths are
+  diffusers' (decoded with lycoris.decode_path); kohya's SGM-named SDXL UNet keys (`lora_unet_input_blocks_...`) are
+  not read yet.
+
+Conv LoRA (4-D weights), DoRA (`dora_scale`, `lora_magnitude_vector`), biases, LoCon/LoHa/LoKr keys and anything else
+are refused with a KronaError naming the key. Everything is read into float32.
+
+Export (`to_lora`, `save_lora`) writes the diffusers/peft format: `<component>.<module>.lora_A.weight` (down) and
+`.lora_B.weight` (up), module paths as krona's files spell them (text encoders with `text_model.`, which diffusers
+strips where the installed transformers does not use it), no alpha (so every loader uses multiplier 1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_save
+
+from .. import __version__
+from ..atomic import write_bytes_atomic
+from ..dtypes import dtype_from_name
+from ..errors import KronaError
+from .lycoris import decode_path
+from .native import COMPONENTS, LAYOUT_STANDARD, METADATA_KEY, Adapter, canonical_name
+from .official import LAYOUT_DIFFUSEKRONA
+
+__all__ = ["LoraAdapter", "from_lora", "is_lora", "lora_deltas", "save_lora", "to_lora"]
+
+EXPORT_FORMAT = "lora"
+EXPORT_FORMAT_VERSION = 1
+# diffusers' key for the peft LoraConfig of each component (`loaders.lora_base.LORA_ADAPTER_METADATA_KEY`).
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+
+# kohya prefixes, longest first so that `lora_te1_` is not read as `lora_te_` + `1...`.
+_KOHYA_PREFIXES = (
+    ("lora_te1_", "text_encoder"),
+    ("lora_te2_", "text_encoder_2"),
+    ("lora_te_", "text_encoder"),
+    ("lora_unet_", "unet"),
+)
+_KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+_SGM_UNET = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_")
+
+# diffusers formats: <component>.<module>.<suffix>; the component prefix may be missing for the UNet.
+_DIFFUSERS_SUFFIXES = {
+    "lora_A.weight": ("down", "diffusers"),
+    "lora_B.weight": ("up", "diffusers"),
+    "lora.down.weight": ("down", "diffusers-old"),
+    "lora.up.weight": ("up", "diffusers-old"),
+    "lora_linear_layer.down.weight": ("down", "diffusers-old"),
+    "lora_linear_layer.up.weight": ("up", "diffusers-old"),
+}
+_DIFFUSERS_KEY = re.compile(
+    r"^(?:(?P<component>unet|text_encoder|text_encoder_2)\.)?(?P<module>.+?)\."
+    r"(?P<suffix>lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|"
+    r"lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight)$"
+)
+# Top-level modules of UNet2DConditionModel: where a key without a component prefix must start.
+_UNET_ROOTS = (
+    "down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.", "add_embedding.",
+    "encoder_hid_proj", "class_embedding",
+)  # fmt: skip
+
+# What `is_lora` takes as LoRA: only names no other format krona reads uses.
+_LORA_KEY = re.compile(
+    r"(?:^lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+\.lora_(?:down|up)\.weight$)"
+    r"|(?:\.lora_[AB]\.weight$)"
+    r"|(?:\.lora\.(?:down|up)\.weight$)"
+)
+_DORA = ("dora_scale", "lora_magnitude_vector")
+_SUPPORTED = (
+    "LoRA on linear layers: diffusers/peft `lora_A`/`lora_B` keys, older diffusers `lora.down`/`lora.up` keys, "
+    "or kohya `lora_down`/`lora_up`/`alpha` keys"
+)
+
+# Width of the text states the UNet's cross-attention reads (attn2.to_k / to_v inputs): one per architecture.
+_CONTEXT_WIDTHS = {2048: "sdxl", 768: "sd15"}
+
+
+# --- LoRA adapters in memory ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraAdapter:
+    """A LoRA in memory: per component and module (canonical spelling, as krona's files write it) the factors
+    down (r × d_in), up (d_out × r) and the multiplier alpha / r already resolved (1.0 without alpha), so that
+    ΔW = scale · multiplier · up @ down."""
+
+    layers: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]
+    scale: float = 1.0
+    base_model: str | None = None
+    architecture: str | None = None
+    key_format: str | None = None  # diffusers, diffusers-old or kohya: the naming the file used
+
+    def num_params(self) -> int:
+        return sum(down.numel() + up.numel() for mods in self.layers.values() for down, up, _ in mods.values())
+
+    def num_layers(self) -> dict[str, int]:
+        return {component: len(mods) for component, mods in self.layers.items()}
+
+
+def lora_deltas(lora: LoraAdapter) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(component, module, ΔW = scale · multiplier · up @ down) for every layer, ΔW in float32."""
+    for component, mods in lora.layers.items():
+        for module, (down, up, multiplier) in mods.items():
+            delta = up.float() @ down.float()
+            yield component, module, delta * (float(lora.scale) * float(multiplier))
+
+
+# --- reading -------------------------------------------------------------------------------------------------------
+
+
+def is_lora(keys: Iterable[str]) -> bool:
+    """True when any key is a LoRA key in a naming only LoRA files use (diffusers `lora_A`/`lora_B`, older diffusers
+    `lora.down`/`lora.up`, kohya `lora_down`/`lora_up`). Files in the processor / `lora_linear_layer` naming alone
+    are left to the official DiffuseKronA reader, which shares it."""
+    return any(_LORA_KEY.search(k) for k in keys)
+
+
+def _refuse_other_kinds(key: str, source: str) -> None:
+    """KronaError for DoRA keys, with the reason; other unknown keys are refused where they are parsed."""
+    if any(part in key for part in _DORA):
+        raise KronaError(
+            f"'{source}' holds '{key}', a DoRA magnitude: DoRA adapters are not plain LoRA (ΔW is renormalised per "
+            f"column) and krona does not read them; krona reads {_SUPPORTED}"
+        )
+
+
+def _unknown(key: str, source: str) -> KronaError:
+    return KronaError(
+        f"'{source}' holds '{key}', which krona does not read as LoRA: it supports {_SUPPORTED} "
+        "(no DoRA, biases, conv LoRA, LoCon/LoHa/LoKr or other algorithms)"
+    )
+
+
+def _parse_kohya(key: str, source: str) -> tuple[str, str, str] | None:
+    """(component, module, down|up|alpha) of a kohya key, None when the key is not kohya-named."""
+    prefix, component = next(((p, c) for p, c in _KOHYA_PREFIXES if key.startswith(p)), (None, None))
+    if prefix is None:
+        return None
+    lora_name, dot, suffix = key.partition(".")
+    if not dot:
+        raise _unknown(key, source)
+    if component == "unet" and _SGM_UNET.match(lora_name):
+        raise KronaError(
+            f"'{source}' names its UNet layers the SGM way ('{key}'), as kohya's sd-scripts does for SDXL: "
+            "SGM-named (kohya-trained) files are not read yet; krona reads kohya LoRA files with diffusers module "
+            "names (lora_unet_down_blocks_..., as diffusers' training scripts write them)"
+        )
+    if suffix not in _KOHYA_SUFFIXES:
+        raise _unknown(key, source)
+    try:
+        path = decode_path(lora_name[len(prefix) :], key)
+    except KronaError:
+        raise KronaError(
+            f"cannot read the module path of LoRA key '{key}': it is not made of diffusers UNet / CLIP text encoder "
+            "module names; krona reads LoRA files for the SDXL and SD 1.x UNet and text encoders"
+        ) from None
+    return component, canonical_name(component, path), _KOHYA_SUFFIXES[suffix]
+
+
+def _parse_diffusers(key: str, source: str) -> tuple[str, str, str, str]:
+    """(component, module, down|up, key format) of a diffusers-format key; KronaError for anything else."""
+    match = _DIFFUSERS_KEY.match(key)
+    if not match:
+        raise _unknown(key, source)
+    component, module, suffix = match["component"], match["module"], match["suffix"]
+    part, key_format = _DIFFUSERS_SUFFIXES[suffix]
+    if component is None:
+        if not module.startswith(_UNET_ROOTS):
+            raise KronaError(
+                f"'{source}' holds '{key}' without a component prefix (unet., text_encoder., text_encoder_2.) and "
+                "it is not a UNet module; krona cannot tell which model it adapts"
+            )
+        component = "unet"
+    if suffix.startswith("lora_linear_layer") and component == "unet":
+        raise _unknown(key, source)
+    return component, canonical_name(component, module), part, key_format
+
+
+def _matrix(t: torch.Tensor, key: str, source: str) -> torch.Tensor:
+    if t.dim() == 4:
+        raise KronaError(
+            f"'{source}' holds '{key}' of shape {tuple(t.shape)}, a conv LoRA weight: krona reads LoRA on linear "
+            "layers only (2-D down/up matrices)"
+        )
+    if t.dim() != 2 or 0 in t.shape or not t.is_floating_point():
+        raise KronaError(
+            f"'{source}' holds '{key}' of shape {tuple(t.shape)} and dtype {t.dtype}; a LoRA factor is a non-empty "
+            "floating-point matrix. The file is damaged or of another kind"
+        )
+    return t.to(torch.float32, copy=True).contiguous()
+
+
+def _json_metadata(metadata: dict[str, str], name: str, source: str) -> dict | None:
+    if name not in metadata:
+        return None
+    try:
+        value = json.loads(metadata[name])
+    except json.JSONDecodeError:
+        raise KronaError(f"'{source}' has unreadable '{name}' metadata; the file is damaged") from None
+    return value if isinstance(value, dict) else None
+
+
+def _pattern_value(patterns: dict, names: list[str], default, source: str):
+    """peft's `get_pattern_key`: the first pattern p with `(.*\\.)?(p)$` matching the module name, else default."""
+    for pattern, value in patterns.items():
+        for name in names:
+            try:
+                if re.match(rf"(.*\.)?({pattern})$", name):
+                    return value
+            except re.error:
+                raise KronaError(
+                    f"'{source}' has an invalid module pattern '{pattern}' in its LoRA metadata; the file is damaged"
+                ) from None
+    return default
+
+
+def _peft_multiplier(config: dict, component: str, module: str, rank: int, source: str) -> float:
+    """alpha / r for one module from a component's peft LoraConfig (as diffusers stores it), like peft computes it."""
+    if config.get("use_dora"):
+        raise KronaError(
+            f"'{source}' is a DoRA adapter (its {component} LoRA config says use_dora); DoRA is not plain LoRA and "
+            f"krona does not read it; krona reads {_SUPPORTED}"
+        )
+    names = [module]
+    if component.startswith("text_encoder") and module.startswith("text_model."):
+        names.append(module[len("text_model.") :])
+    r = _pattern_value(config.get("rank_pattern") or {}, names, config.get("r", 8), source)
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, names, config.get("lora_alpha", 8), source)
+    if not isinstance(r, (int, float)) or not isinstance(alpha, (int, float)):
+        raise KronaError(f"'{source}' has a non-numeric rank or alpha for '{component}.{module}'; the file is damaged")
+    if r != rank:
+        raise KronaError(
+            f"'{source}': the LoRA metadata gives '{component}.{module}' rank {r}, its tensors have rank {rank}; "
+            "the file is damaged"
+        )
+    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def _architecture(metadata: dict[str, str], kohya_prefixes: set[str], layers: dict) -> str | None:
+    """sdxl / sd15 from kohya's base-model metadata, else from a second text encoder, else from the UNet's
+    cross-attention width; None when nothing says."""
+    version = metadata.get("ss_base_model_version")
+    if version:
+        if version.startswith("sdxl_"):
+            return "sdxl"
+        return "sd15" if version.startswith("sd_v1") else None
+    if "text_encoder_2" in layers or kohya_prefixes & {"lora_te2_"}:
+        return "sdxl"
+    widths = {
+        down.shape[1]
+        for module, (down, _up, _m) in layers.get("unet", {}).items()
+        if module.endswith((".attn2.to_k", ".attn2.to_v"))
+    }
+    found = {_CONTEXT_WIDTHS.get(w) for w in widths}
+    return found.pop() if len(found) == 1 else None
+
+
+def from_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> LoraAdapter:
+    """The LoraAdapter held by a LoRA file's tensors and metadata (formats: see the module docstring).
+
+    Multipliers: kohya alpha / r (1 without alpha); diffusers formats 1, or alpha / r from diffusers'
+    `lora_adapter_metadata` where present. A file krona exported carries its base model and architecture in the
+    `krona` metadata; otherwise the architecture comes from `ss_base_model_version`, a second text encoder, or the
+    UNet's cross-attention width.
+    """
+    if not tensors:
+        raise KronaError(f"'{source}' holds no tensors; it is not a LoRA adapter")
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    keys_of: dict[tuple[str, str], dict[str, str]] = {}
+    formats: set[str] = set()
+    kohya_prefixes: set[str] = set()
+    for key, t in tensors.items():
+        _refuse_other_kinds(key, source)
+        parsed = _parse_kohya(key, source)
+        if parsed is not None:
+            component, module, part = parsed
+            formats.add("kohya")
+            kohya_prefixes.add(next(p for p, _ in _KOHYA_PREFIXES if key.startswith(p)))
+        else:
+            component, module, part, key_format = _parse_diffusers(key, source)
+            formats.add(key_format)
+        found = parts.setdefault((component, module), {})
+        if part in found:
+            raise KronaError(
+                f"'{source}' holds two tensors for the {part} of '{component}.{module}' "
+                f"('{keys_of[(component, module)][part]}' and '{key}'); the file is damaged"
+            )
+        found[part] = t
+        keys_of.setdefault((component, module), {})[part] = key
+    if "kohya" in formats and len(formats) > 1:
+        raise KronaError(
+            f"'{source}' mixes kohya (lora_unet_...) and diffusers (unet....) LoRA keys; the file is damaged"
+        )
+    if "lora_te_" in kohya_prefixes and kohya_prefixes & {"lora_te1_", "lora_te2_"}:
+        raise KronaError(
+            f"'{source}' mixes lora_te_ (one text encoder) with lora_te1_/lora_te2_ (SDXL's two) keys; "
+            "the file is damaged"
+        )
+
+    peft_configs = _json_metadata(metadata, DIFFUSERS_METADATA_KEY, source) if "kohya" not in formats else None
+    layers: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    for (component, module), found in sorted(parts.items()):
+        where = f"{component}.{module}"
+        have = keys_of[(component, module)]
+        for needed in ("down", "up"):
+            if needed not in found:
+                raise KronaError(
+                    f"'{source}': layer '{where}' has {', '.join(repr(k) for k in have.values())} but no {needed} "
+                    "weight; each LoRA layer needs both. The file is incomplete"
+                )
+        down, up = _matrix(found["down"], have["down"], source), _matrix(found["up"], have["up"], source)
+        if down.shape[0] != up.shape[1]:
+            raise KronaError(
+                f"'{source}': layer '{where}' has down {tuple(down.shape)} and up {tuple(up.shape)}, which do not "
+                "multiply (down must be r × d_in, up d_out × r); the file is damaged"
+            )
+        rank = down.shape[0]
+        multiplier = 1.0
+        if "alpha" in found:
+            alpha = found["alpha"]
+            if alpha.numel() != 1 or alpha.dtype.is_complex:
+                raise KronaError(f"'{source}': '{have['alpha']}' of shape {tuple(alpha.shape)} is not one number")
+            value = float(alpha.float().reshape(-1)[0])
+            if not math.isfinite(value):
+                raise KronaError(f"'{source}': '{have['alpha']}' is {value}; the file is damaged")
+            multiplier = value / rank
+        elif peft_configs is not None:
+            config = {k[len(component) + 1 :]: v for k, v in peft_configs.items() if k.startswith(f"{component}.")}
+            if config:
+                multiplier = _peft_multiplier(config, component, module, rank, source)
+        layers.setdefault(component, {})[module] = (down, up, multiplier)
+
+    meta = _json_metadata(metadata, METADATA_KEY, source)
+    if meta is not None and meta.get("format") == EXPORT_FORMAT:
+        base_model, architecture = meta.get("base_model"), meta.get("architecture")
+    else:
+        base_model, architecture = None, _architecture(metadata, kohya_prefixes, layers)
+    key_format = "kohya" if "kohya" in formats else ("diffusers" if "diffusers" in formats else "diffusers-old")
+    return LoraAdapter(layers, 1.0, base_model, architecture, key_format)
+
+
+# --- export by truncated SVD ---------------------------------------------------------------------------------------
+
+
+def _kron_svd_factors(
+    a: torch.Tensor, b: torch.Tensor, scale: float, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """up (d_out × k), down (k × d_in), float64, with up @ down the best rank-k approximation of s·(A ⊗ B),
+    k = min(rank, min(a_out, a_in)·min(b_out, b_in)).
+
+    From A = Ua Sa Vaᵀ and B = Ub Sb Vbᵀ: A ⊗ B = (Ua ⊗ Ub)(Sa ⊗ Sb)(Va ⊗ Vb)ᵀ is an SVD (Kronecker products of
+    orthonormal columns are orthonormal), so its singular values are the products σ_i(A)·σ_j(B) and the k largest,
+    with their vectors kron(u_i, u_j) and kron(v_i, v_j), give the optimal truncation (Eckart–Young).
+    """
+    ua, sa, vha = torch.linalg.svd(a.double(), full_matrices=False)
+    ub, sb, vhb = torch.linalg.svd(b.double(), full_matrices=False)
+    products = (sa[:, None] * sb[None, :]).reshape(-1)
+    k = min(rank, products.numel())
+    order = torch.sort(products, descending=True, stable=True).indices[:k]
+    i, j = order // sb.numel(), order % sb.numel()
+    root = torch.sqrt(products[order] * abs(scale))
+    up = (ua[:, None, i] * ub[None, :, j]).reshape(a.shape[0] * b.shape[0], k) * root
+    down = (vha[i, :, None] * vhb[j, None, :]).reshape(k, a.shape[1] * b.shape[1]) * root[:, None]
+    if scale < 0:
+        down = -down
+    return up, down
+
+
+def _kron_error(
+    a: torch.Tensor, b: torch.Tensor, scale: float, up: torch.Tensor, down: torch.Tensor
+) -> tuple[float, float]:
+    """(‖s·A⊗B − up@down‖_F², ‖s·A⊗B‖_F²) in float64 without building A ⊗ B: ‖s·A⊗B‖² = s²‖A‖²‖B‖²,
+    ⟨s·A⊗B, up@down⟩ = s·Σ_k up_kᵀ (A⊗B) down_k (by the reshape trick) and ‖up@down‖² = Σ (upᵀup) ∘ (down downᵀ).
+    up/down are the factors as written (dtype rounding included), in A ⊗ B's row order."""
+    a, b, up, down = a.double(), b.double(), up.double(), down.double()
+    (a_out, a_in), (b_out, b_in) = a.shape, b.shape
+    norm2 = scale**2 * float(a.pow(2).sum()) * float(b.pow(2).sum())
+    k = down.shape[0]
+    # Y[p, k, q] = ((A⊗B) down_k)[p·b_out + q] = (A X_k Bᵀ)[p, q] with X_k = down_k as a_in × b_in, in two 2-D
+    # products (no batched ones: those run in parallel regions that stall on a busy CPU)
+    t = (down.reshape(k * a_in, b_in) @ b.t()).reshape(k, a_in, b_out).transpose(0, 1).reshape(a_in, k * b_out)
+    y = (a @ t).reshape(a_out, k, b_out)
+    inner = scale * float((y * up.reshape(a_out, b_out, k).transpose(1, 2)).sum())
+    approx2 = float(((up.t() @ up) * (down @ down.t())).sum())
+    return max(norm2 - 2.0 * inner + approx2, 0.0), norm2
+
+
+def _regroup_rows(up: torch.Tensor, a_out: int, b_out: int) -> torch.Tensor:
+    """The rows of `up` in the DiffuseKronA order (official_delta): row q·b_out + p of A ⊗ B goes to p·a_out + q."""
+    return up.reshape(a_out, b_out, -1).transpose(0, 1).reshape(a_out * b_out, -1)
+
+
+def to_lora(
+    adapter: Adapter, rank: int, dtype: str = "fp32"
+) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
+    """The tensors and metadata of a diffusers/peft-format LoRA file approximating `adapter`, and a report.
+
+    Per layer ΔW is the adapter's update (layout standard: s·(A ⊗ B); layout diffusekrona: `official_delta(A, B, s)`,
+    a row permutation of it) and the LoRA is its truncated SVD, split evenly: up = U_r·√S_r, down = √S_r·V_rᵀ, so that
+    up @ down is the best rank-r approximation (Frobenius norm). The SVD comes exactly and cheaply from the SVDs of A
+    and B: the singular values of A ⊗ B are the products σ_i(A)·σ_j(B). Hence rank(A ⊗ B) = rank(A)·rank(B), and a
+    LoRA of that rank is exact: with 64x4 factors (A 64×4, rank ≤ 4) and B of rank ≤ min(b_out, b_in), a rank
+    4·rank(B) LoRA reproduces ΔW up to float rounding. The rank used per layer is min(rank, min(a_out, a_in)·
+    min(b_out, b_in)) (never above min(d_out, d_in)): beyond it every singular value is zero, so a larger rank would
+    only add zeros.
+
+    Keys: `<component>.<module>.lora_A.weight` (down, r × d_in) and `.lora_B.weight` (up, d_out × r), no alpha
+    (multiplier 1 for every loader). Metadata: {"format": "pt"} as diffusers writes, and krona's JSON under `krona`
+    ({"format": "lora", rank, error, base model, architecture, and the source adapter's own metadata}); diffusers'
+    loader reads only `lora_adapter_metadata`, so neither confuses it.
+
+    The report: {"rank", "dtype", "error", "layers": {component: {module: {"rank", "error"}}}, "parameters"}, with the
+    relative error ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F of the factors as written (after rounding to `dtype`) per layer (0 for a
+    layer whose ΔW is 0) and in total, sqrt(Σ‖ΔW − ΔW_r‖²) / sqrt(Σ‖ΔW‖²).
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise KronaError(f"LoRA rank {rank!r} must be a whole number of at least 1, e.g. 16")
+    if adapter.layout not in (LAYOUT_STANDARD, LAYOUT_DIFFUSEKRONA):
+        raise KronaError(
+            f"adapter layout '{adapter.layout}' cannot be exported as LoRA; krona exports the "
+            f"'{LAYOUT_STANDARD}' and '{LAYOUT_DIFFUSEKRONA}' layouts"
+        )
+    scale = float(adapter.scale)
+    if not math.isfinite(scale):
+        raise KronaError(f"adapter scale {adapter.scale} is not a finite number; export with a finite --scale")
+    torch_dtype = dtype_from_name(dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    report_layers: dict[str, dict[str, dict]] = {}
+    total_err2 = total_norm2 = 0.0
+    params = 0
+    for component, mods in adapter.factors.items():
+        if component not in COMPONENTS:
+            raise KronaError(f"the adapter holds an unknown component '{component}'; the adapter is damaged")
+        stored = adapter.tensors.get(component, {})
+        for module in mods:
+            a, b = stored.get(f"{module}.kron_a"), stored.get(f"{module}.kron_b")
+            if a is None or b is None or a.dim() != 2 or b.dim() != 2:
+                raise KronaError(f"the adapter has no factors for '{component}.{module}'; the adapter is damaged")
+            up, down = _kron_svd_factors(a, b, scale, rank)
+            up, down = up.to(torch_dtype), down.to(torch_dtype)
+            err2, norm2 = _kron_error(a, b, scale, up, down)
+            if adapter.layout == LAYOUT_DIFFUSEKRONA:
+                up = _regroup_rows(up, a.shape[0], b.shape[0])
+            name = f"{component}.{canonical_name(component, module)}"
+            tensors[f"{name}.lora_A.weight"] = down.contiguous()
+            tensors[f"{name}.lora_B.weight"] = up.contiguous()
+            report_layers.setdefault(component, {})[module] = {
+                "rank": down.shape[0],
+                "error": math.sqrt(err2 / norm2) if norm2 > 0 else 0.0,
+            }
+            total_err2 += err2
+            total_norm2 += norm2
+            params += down.numel() + up.numel()
+    if not tensors:
+        raise KronaError("the adapter holds no layers; there is nothing to export")
+    total = math.sqrt(total_err2 / total_norm2) if total_norm2 > 0 else 0.0
+    report = {"rank": rank, "dtype": dtype, "error": total, "layers": report_layers, "parameters": params}
+    krona_meta = {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "krona_version": __version__,
+        "key_format": "diffusers",
+        "method": "truncated SVD of the Kronecker update",
+        "rank": rank,
+        "relative_error": total,
+        "base_model": adapter.base_model,
+        "architecture": adapter.architecture,
+        "source": adapter.metadata(),
+    }
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(krona_meta, sort_keys=True)}
+    return tensors, metadata, report
+
+
+def save_lora(path: str | Path, adapter: Adapter, rank: int, dtype: str = "fp32") -> dict:
+    """Write `adapter` as a diffusers/peft-format LoRA .safetensors file of the given rank, atomically (see
+    `to_lora`); dtype is fp32, fp16 or bf16. Returns the report, its errors measured on the factors as written."""
+    tensors, metadata, report = to_lora(adapter, rank, dtype)
+    write_bytes_atomic(path, safetensors_save(tensors, metadata=metadata))
+    return report

@@ -1,0 +1,75 @@
+"""`krona export`: one adapter written as native, LyCORIS LoKr or LoRA, and read back by `inspect` and `load_adapter`."""
+
+import json
+
+import pytest
+import torch
+
+from krona_cli.cli import main
+from krona_cli.formats import LoraAdapter, collect_adapter, describe, load_adapter, save_adapter
+from krona_cli.kron import adapted_layers, inject
+from krona_cli.merge import adapter_deltas
+from krona_cli.tiny import build_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def adapter_path(tmp_path_factory):
+    pipe = build_tiny_pipeline("sdxl")
+    torch.manual_seed(1)
+    inject(pipe.unet, factors="4x4", scale=0.5)
+    for layer in adapted_layers(pipe.unet).values():
+        with torch.no_grad():
+            layer.kron_b.normal_(std=0.05)
+    adapter = collect_adapter({"unet": pipe.unet}, scale=0.5, base_model="tiny", architecture="sdxl")
+    return save_adapter(tmp_path_factory.mktemp("export") / "dog.safetensors", adapter)
+
+
+def _deltas(adapter):
+    return {(c, m): d for c, m, d in adapter_deltas(adapter)}
+
+
+def test_export_to_lycoris_and_back_to_native_is_exact(adapter_path, tmp_path):
+    lokr, back = tmp_path / "dog-lokr.safetensors", tmp_path / "dog-native.safetensors"
+    assert main(["export", "--adapter", str(adapter_path), "--to", "lycoris", "--output", str(lokr)]) == 0
+    assert describe(lokr)["format"] == "lycoris"
+    assert main(["export", "--adapter", str(lokr), "--to", "native", "--output", str(back)]) == 0
+    original, again = load_adapter(adapter_path), load_adapter(back)
+    assert describe(back)["format"] == "native" and again.scale == original.scale
+    for key, tensor in original.tensors["unet"].items():
+        assert torch.equal(tensor, again.tensors["unet"][key])
+
+
+def test_export_to_lora_reports_the_error_it_makes(adapter_path, tmp_path, capsys):
+    out = tmp_path / "dog-lora.safetensors"
+    assert main(["export", "--adapter", str(adapter_path), "--to", "lora", "--rank", "4", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "LoRA rank 4" in printed and "relative error" in printed
+    lora = load_adapter(out)
+    assert isinstance(lora, LoraAdapter) and describe(out)["format"] == "lora"
+    exact, approx = _deltas(load_adapter(adapter_path)), _deltas(lora)
+    assert exact.keys() == approx.keys()
+    num = sum((exact[k] - approx[k]).square().sum() for k in exact)
+    den = sum(exact[k].square().sum() for k in exact)
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        reported = json.loads(f.metadata()["krona"])["relative_error"]
+    assert (num / den).sqrt().item() == pytest.approx(reported, abs=1e-5)
+    assert 0 < reported < 1
+    assert main(["inspect", str(out)]) == 0 and "rank 4" in capsys.readouterr().out
+
+
+def test_export_errors(adapter_path, tmp_path, capsys):
+    lora = tmp_path / "l.safetensors"
+    assert main(["export", "--adapter", str(adapter_path), "--to", "lora", "--output", str(lora)]) == 2
+    assert "--rank" in capsys.readouterr().err
+    assert main(["export", "--adapter", str(adapter_path), "--to", "lycoris", "--rank", "4", "--output", str(lora)]) == 2
+    assert "only applies" in capsys.readouterr().err
+    assert main(["export", "--adapter", str(adapter_path), "--to", "onnx", "--output", str(lora)]) == 2
+    assert "native, lycoris, lora" in capsys.readouterr().err
+    assert main(["export", "--adapter", str(adapter_path), "--to", "native", "--output", str(adapter_path)]) == 2
+    assert "overwrite the input" in capsys.readouterr().err
+    assert main(["export", "--adapter", str(adapter_path), "--to", "lora", "--rank", "2", "--output", str(lora)]) == 0
+    assert main(["export", "--adapter", str(lora), "--to", "lycoris", "--output", str(tmp_path / "x.safetensors")]) == 2
+    assert "not a Kronecker adapter" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
