@@ -54,11 +54,47 @@ def adapter_deltas(adapter) -> Iterator[tuple[str, str, torch.Tensor]]:
                     yield component, module, official_delta(a, b, adapter.scale)
                 else:
                     raise KronaError(f"unknown adapter layout '{adapter.layout}'; this krona cannot merge it")
-        return
-    if isinstance(adapter, LoraAdapter):
+    elif isinstance(adapter, LoraAdapter):
         yield from lora_deltas(adapter)
-        return
-    raise KronaError(f"cannot merge a {type(adapter).__name__}")
+    else:
+        raise KronaError(f"cannot merge a {type(adapter).__name__}")
+
+
+def adapter_shapes(adapter) -> Iterator[tuple[str, str, tuple[int, int]]]:
+    """(component, module, (d_out, d_in)) of every layer an adapter changes, without building any ΔW."""
+    if isinstance(adapter, Adapter):
+        for component, layers in adapter.factors.items():
+            for module in layers:
+                a = adapter.tensors[component][f"{module}.kron_a"]
+                b = adapter.tensors[component][f"{module}.kron_b"]
+                yield component, module, (a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
+    elif isinstance(adapter, LoraAdapter):
+        for component, layers in adapter.layers.items():
+            for module, (down, up, _) in layers.items():
+                yield component, module, (up.shape[0], down.shape[1])
+    else:
+        raise KronaError(f"cannot merge a {type(adapter).__name__}")
+
+
+def _check_fits(components: Mapping[str, nn.Module], adapter, architecture: str | None) -> None:
+    """A KronaError naming the first layer of `adapter` that the base model lacks or whose shape differs."""
+    made_for = getattr(adapter, "architecture", None)
+    mismatch = None
+    for component, module, shape in adapter_shapes(adapter):
+        model = components.get(component)
+        local = None if model is None else module_name(model, component, module)
+        if local is None:
+            mismatch = f"its layer '{component}.{module}' (shape {shape}) is not in the base model"
+        elif tuple(model.get_submodule(local).weight.shape) != shape:
+            base_shape = tuple(model.get_submodule(local).weight.shape)
+            mismatch = f"layer '{component}.{module}': the adapter's update is {shape}, the base weight is {base_shape}"
+        if mismatch:
+            break
+    other_arch = bool(architecture and made_for and made_for != architecture)
+    if mismatch or other_arch:
+        what = f"made for {made_for}, the base model is {architecture}" if other_arch else "made for another model"
+        detail = f"; {mismatch}" if mismatch else ""
+        raise KronaError(f"the adapter does not fit this base model ({what}){detail}; pass the matching --pretrained-model")
 
 
 @torch.no_grad()
@@ -67,35 +103,17 @@ def bake(
 ) -> int:
     """Add multiplier · ΔW of every (adapter, multiplier) into the matching nn.Linear weights; return layers changed.
 
-    With `architecture` (the base's), an adapter that records another architecture is refused before anything
-    changes. A layer the model lacks, or whose shape differs, is a KronaError naming the first mismatch and both
-    shapes.
+    Every adapter is checked against the base before any weight changes: one that records another architecture
+    (given `architecture`, the base's), or has a layer the base lacks or shapes differently, is a KronaError naming
+    the first such layer and both shapes.
     """
     for adapter, _ in adapters:
-        made_for = getattr(adapter, "architecture", None)
-        if architecture and made_for and made_for != architecture:
-            raise KronaError(
-                f"the adapter was made for {made_for} ({getattr(adapter, 'base_model', None) or 'base not recorded'}), "
-                f"the base model is {architecture}; pass the matching --pretrained-model"
-            )
+        _check_fits(components, adapter, architecture)
     changed = 0
     for adapter, multiplier in adapters:
         for component, module, delta in adapter_deltas(adapter):
-            if component not in components or components[component] is None:
-                raise KronaError(f"the adapter adapts '{component}', which this base model does not have; wrong base?")
             model = components[component]
-            local = module_name(model, component, module)
-            if local is None:
-                raise KronaError(
-                    f"the adapter's layer '{component}.{module}' is not in this base model; "
-                    "the adapter was made for another architecture"
-                )
-            weight = model.get_submodule(local).weight
-            if tuple(weight.shape) != tuple(delta.shape):
-                raise KronaError(
-                    f"layer '{component}.{module}': the adapter's update is {tuple(delta.shape)}, the base weight is "
-                    f"{tuple(weight.shape)}; the adapter was made for another base model"
-                )
+            weight = model.get_submodule(module_name(model, component, module)).weight
             if multiplier:
                 weight.copy_((weight.float() + multiplier * delta.to(weight.device)).to(weight.dtype))
             changed += 1
