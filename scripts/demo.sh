@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv if needed, then the main job on the embedded default: build a tiny random-weight SDXL pipeline
-# (no download), adapt it, save and inspect the adapter, and plan the adapter for the real SDXL.
+# (no download), attach a fresh (untrained: ΔW = 0) adapter, save and inspect it, sample with it, export it for
+# ComfyUI/A1111, bake it into a pipeline folder, and plan the adapter for the real SDXL. Training comes next.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
@@ -25,4 +26,7 @@ save_adapter(out / "adapter.safetensors", adapter)
 print(f"adapted {len(names)} attention projections of the tiny SDXL UNet -> {out / 'adapter.safetensors'}")
 PY
 krona inspect "$out/adapter.safetensors"
+krona sample --adapter "$out/adapter.safetensors" --prompt "a photo of sks dog" -n 2 --steps 4 --output-dir "$out/samples"
+krona export --adapter "$out/adapter.safetensors" --to lycoris --output "$out/adapter-lokr.safetensors"
+krona merge --adapter "$out/adapter.safetensors" --output-dir "$out/merged" --overwrite
 krona plan --arch sdxl --factors 64x4,8x64
