@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from helpers import random_adapter
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -18,11 +19,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from krona_cli.errors import KronaError
-from krona_cli.formats import canonical_name, collect_adapter, read_safetensors
+from krona_cli.formats import canonical_name, read_safetensors
 from krona_cli.formats.lora import LoraAdapter, from_lora, is_lora, lora_deltas, save_lora, to_lora
 from krona_cli.formats.lycoris import encode_path
 from krona_cli.formats.official import LAYOUT_DIFFUSEKRONA, official_delta
-from krona_cli.kron import adapted_layers, inject
+from krona_cli.merge import pipeline_components
 from krona_cli.tiny import build_tiny_pipeline
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -30,23 +31,8 @@ Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 TE_Q = "text_model.encoder.layers.0.self_attn.q_proj"
 
 
-def _components(pipe):
-    return {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
-
-
 def _trained(arch, scale=0.8):
-    """Kronecker adapters on the UNet (attention and feed-forward) and every text encoder, random non-zero B."""
-    pipe = build_tiny_pipeline(arch)
-    torch.manual_seed(3)
-    inject(pipe.unet, targets="attn-ff", factors="4x4", scale=scale)
-    for name, model in _components(pipe).items():
-        if name != "unet":
-            inject(model, targets="text", factors="2x2", scale=scale)
-    for model in _components(pipe).values():
-        for layer in adapted_layers(model).values():
-            with torch.no_grad():
-                layer.kron_b.normal_(std=0.05)
-    return collect_adapter(_components(pipe), scale=scale, base_model=f"tiny-{arch}", architecture=arch)
+    return random_adapter(arch, scale=scale, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +94,7 @@ def _fused_deltas(pipeline_cls, pipe_dir, lora_path):
     """Load the LoRA file with diffusers' own `load_lora_weights` into a fresh pipeline read from disk, fuse it, and
     return {(component, canonical module): W_fused − W_base} for every weight it changed, and the warnings logged."""
     pipe = pipeline_cls.from_pretrained(pipe_dir)
-    models = _components(pipe)
+    models = pipeline_components(pipe)
     base = {c: {k: v.clone() for k, v in m.state_dict().items()} for c, m in models.items()}
     with _captured_warnings() as messages:
         pipe.load_lora_weights(lora_path.parent, weight_name=lora_path.name)
@@ -318,7 +304,7 @@ def _kohya_file(arch, alpha):
     if arch == "sd15":
         prefixes["text_encoder"] = "lora_te_"
     tensors, expected = {}, {}
-    for component, model in _components(pipe).items():
+    for component, model in pipeline_components(pipe).items():
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and name.endswith(("to_q", "to_k", "to_out.0", "q_proj", "out_proj")):
                 module_path = canonical_name(component, name)
@@ -346,7 +332,7 @@ def test_reads_kohya_lora_with_alpha_over_rank(tmp_path):
     path = tmp_path / "kohya.safetensors"
     save_file(tensors, str(path))
     pipe = build_tiny_pipeline("sdxl")
-    models = _components(pipe)
+    models = pipeline_components(pipe)
     base = {c: {k: v.clone() for k, v in m.state_dict().items()} for c, m in models.items()}
     pipe.load_lora_weights(tmp_path, weight_name=path.name)
     pipe.fuse_lora(components=list(models))
@@ -374,8 +360,8 @@ UQ = f"unet.{Q}"
     "tensors, message",
     [
         (
-            {f"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(4, 16, 3, 3),
-             f"lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(16, 4, 1, 1)},
+            {"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(4, 16, 3, 3),
+             "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(16, 4, 1, 1)},
             "conv LoRA weight",
         ),
         ({f"{UQ}.lora_A.weight": torch.zeros(4, 32, 1, 1), f"{UQ}.lora_B.weight": torch.zeros(32, 4, 1, 1)}, "conv"),

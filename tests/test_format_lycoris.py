@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers import random_adapter
 from safetensors.torch import load_file
 from torch import nn
 
 from krona_cli.errors import KronaError
-from krona_cli.formats import attach, canonical_name, collect_adapter, load_adapter, read_safetensors, save_adapter
+from krona_cli.formats import attach, canonical_name, load_adapter, read_safetensors, save_adapter
 from krona_cli.formats.lycoris import (
     decode_path,
     encode_path,
@@ -19,8 +20,9 @@ from krona_cli.formats.lycoris import (
     save_lycoris,
     to_lycoris,
 )
-from krona_cli.kron import adapted_layers, find_targets, inject
+from krona_cli.kron import adapted_layers, find_targets
 from krona_cli.models import build_meta_components
+from krona_cli.merge import pipeline_components
 from krona_cli.tiny import build_tiny_pipeline
 
 TE_PREFIXES = {
@@ -30,31 +32,8 @@ TE_PREFIXES = {
 Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 
 
-def _components(pipe):
-    names = ("unet", "text_encoder", "text_encoder_2")
-    return {c: getattr(pipe, c) for c in names if getattr(pipe, c, None) is not None}
-
-
 def _trained(arch, scale=1.0):
-    """Adapters on the UNet (attention and feed-forward) and the text encoders, random non-zero weights."""
-    pipe = build_tiny_pipeline(arch)
-    torch.manual_seed(5)
-    inject(pipe.unet, targets="attn-ff", factors="4x4", scale=scale)
-    for name, model in _components(pipe).items():
-        if name != "unet":
-            inject(model, targets="text", factors="2x2", scale=scale)
-    for model in _components(pipe).values():
-        for layer in adapted_layers(model).values():
-            with torch.no_grad():
-                layer.kron_b.normal_(std=0.05)
-    return collect_adapter(
-        _components(pipe),
-        scale=scale,
-        base_model=f"tiny-{arch}",
-        architecture=arch,
-        targets={c: ("attn-ff" if c == "unet" else "text") for c in _components(pipe)},
-        training={"steps": 3, "lr": 1e-4},
-    )
+    return random_adapter(arch, scale=scale, seed=5, training={"steps": 3, "lr": 1e-4})
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +49,9 @@ def sd15_adapter():
 def _krona_deltas(adapter, arch):
     """{lora name: s·(A ⊗ B)} from krona's own KronLinear.delta_weight, the adapter attached to a tiny model."""
     pipe = build_tiny_pipeline(arch)
-    attach(_components(pipe), adapter)
+    attach(pipeline_components(pipe), adapter)
     deltas = {}
-    for component, model in _components(pipe).items():
+    for component, model in pipeline_components(pipe).items():
         for name, layer in adapted_layers(model).items():
             lora_name = TE_PREFIXES[arch][component] + encode_path(canonical_name(component, name))
             deltas[lora_name] = layer.delta_weight().detach()
@@ -340,7 +319,7 @@ def all_linear_names():
     names = set()
     for arch in ("sdxl", "sd15"):
         names |= _linear_names(build_meta_components(arch))
-        names |= _linear_names(_components(build_tiny_pipeline(arch)))
+        names |= _linear_names(pipeline_components(build_tiny_pipeline(arch)))
     return names
 
 

@@ -44,8 +44,8 @@ from .. import __version__
 from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
-from .lycoris import decode_path
-from .native import COMPONENTS, LAYOUT_STANDARD, METADATA_KEY, Adapter, canonical_name
+from .lycoris import decode_path, refuse_sgm_names
+from .native import COMPONENTS, LAYOUT_STANDARD, METADATA_KEY, Adapter, canonical_name, json_metadata
 from .official import LAYOUT_DIFFUSEKRONA
 
 __all__ = ["LoraAdapter", "from_lora", "is_lora", "lora_deltas", "save_lora", "to_lora"]
@@ -63,7 +63,6 @@ _KOHYA_PREFIXES = (
     ("lora_unet_", "unet"),
 )
 _KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
-_SGM_UNET = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_")
 
 # diffusers formats: <component>.<module>.<suffix>; the component prefix may be missing for the UNet.
 _DIFFUSERS_SUFFIXES = {
@@ -165,12 +164,7 @@ def _parse_kohya(key: str, source: str) -> tuple[str, str, str] | None:
     lora_name, dot, suffix = key.partition(".")
     if not dot:
         raise _unknown(key, source)
-    if component == "unet" and _SGM_UNET.match(lora_name):
-        raise KronaError(
-            f"'{source}' names its UNet layers the SGM way ('{key}'), as kohya's sd-scripts does for SDXL: "
-            "SGM-named (kohya-trained) files are not read yet; krona reads kohya LoRA files with diffusers module "
-            "names (lora_unet_down_blocks_..., as diffusers' training scripts write them)"
-        )
+    refuse_sgm_names(component, lora_name, key, source)
     if suffix not in _KOHYA_SUFFIXES:
         raise _unknown(key, source)
     try:
@@ -214,16 +208,6 @@ def _matrix(t: torch.Tensor, key: str, source: str) -> torch.Tensor:
             "floating-point matrix. The file is damaged or of another kind"
         )
     return t.to(torch.float32, copy=True).contiguous()
-
-
-def _json_metadata(metadata: dict[str, str], name: str, source: str) -> dict | None:
-    if name not in metadata:
-        return None
-    try:
-        value = json.loads(metadata[name])
-    except json.JSONDecodeError:
-        raise KronaError(f"'{source}' has unreadable '{name}' metadata; the file is damaged") from None
-    return value if isinstance(value, dict) else None
 
 
 def _pattern_value(patterns: dict, names: list[str], default, source: str):
@@ -323,7 +307,7 @@ def from_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source
             "the file is damaged"
         )
 
-    peft_configs = _json_metadata(metadata, DIFFUSERS_METADATA_KEY, source) if "kohya" not in formats else None
+    peft_configs = json_metadata(metadata, DIFFUSERS_METADATA_KEY, source) if "kohya" not in formats else None
     layers: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
     for (component, module), found in sorted(parts.items()):
         where = f"{component}.{module}"
@@ -356,7 +340,7 @@ def from_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source
                 multiplier = _peft_multiplier(config, component, module, rank, source)
         layers.setdefault(component, {})[module] = (down, up, multiplier)
 
-    meta = _json_metadata(metadata, METADATA_KEY, source)
+    meta = json_metadata(metadata, METADATA_KEY, source)
     if meta is not None and meta.get("format") == EXPORT_FORMAT:
         base_model, architecture = meta.get("base_model"), meta.get("architecture")
     else:

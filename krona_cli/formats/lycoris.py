@@ -30,7 +30,7 @@ from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
 from ..kron import PRESETS
-from .native import LAYOUT_STANDARD, METADATA_KEY, Adapter, canonical_name
+from .native import LAYOUT_STANDARD, METADATA_KEY, Adapter, canonical_name, json_metadata
 
 __all__ = ["decode_path", "encode_path", "from_lycoris", "is_lycoris", "save_lycoris", "to_lycoris"]
 
@@ -213,6 +213,17 @@ def save_lycoris(path: str | Path, adapter: Adapter, dtype: str = "fp32") -> Pat
 # --- reading ------------------------------------------------------------------------------------------------------
 
 
+def refuse_sgm_names(component: str, lora_name: str, key: str, source: str) -> None:
+    """kohya's sd-scripts names SDXL UNet layers the SGM way (`lora_unet_input_blocks_4_1_...`); krona reads only
+    diffusers module names (`lora_unet_down_blocks_...`, as LyCORIS, ComfyUI and diffusers' scripts write them)."""
+    if component == "unet" and _SGM_UNET.match(lora_name):
+        raise KronaError(
+            f"'{source}' names its UNet layers the SGM way ('{key}'), as kohya's sd-scripts does for SDXL: "
+            "SGM-named (kohya-trained) files are not read yet; krona reads files with diffusers module names "
+            "(lora_unet_down_blocks_..., as LyCORIS, ComfyUI and diffusers' training scripts write them)"
+        )
+
+
 def _split_key(key: str, source: str) -> tuple[str, str, str]:
     """(component, module path, suffix) of a LoKr key; KronaError for anything krona does not read."""
     lora_name, dot, suffix = key.partition(".")
@@ -222,12 +233,7 @@ def _split_key(key: str, source: str) -> tuple[str, str, str]:
             f"'{source}' holds a tensor '{key}' that is not a kohya/LyCORIS key (lora_unet_..., lora_te_..., "
             f"lora_te1_..., lora_te2_...); krona reads {_SUPPORTED}"
         )
-    if component == "unet" and _SGM_UNET.match(lora_name):
-        raise KronaError(
-            f"'{source}' names its UNet layers the SGM way ('{key}'), as kohya's sd-scripts does for SDXL: "
-            "SGM-named (kohya-trained) files are not read yet; krona reads LoKr files with diffusers module names "
-            "(lora_unet_down_blocks_..., as LyCORIS and ComfyUI write them)"
-        )
+    refuse_sgm_names(component, lora_name, key, source)
     if suffix not in SUFFIXES:
         raise KronaError(
             f"'{source}' holds '{key}', which krona does not read: it supports {_SUPPORTED} "
@@ -266,16 +272,6 @@ def _product(parts: dict[str, torch.Tensor], side: str, where: str, source: str)
             "which do not multiply; the file is damaged"
         )
     return a @ b, b.shape[0]
-
-
-def _krona_metadata(metadata: dict[str, str], source: str) -> dict | None:
-    if METADATA_KEY not in metadata:
-        return None
-    try:
-        meta = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError:
-        raise KronaError(f"'{source}' has unreadable krona metadata; the file is damaged") from None
-    return meta if isinstance(meta, dict) else None
 
 
 # Width of the text states the UNet's cross-attention reads (attn2.to_k / to_v inputs): one per architecture.
@@ -342,7 +338,7 @@ def from_lycoris(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sou
             "the file is damaged"
         )
 
-    meta = _krona_metadata(metadata, source)
+    meta = json_metadata(metadata, METADATA_KEY, source)
     scale = 1.0
     if meta is not None:
         s = meta.get("scale", 1.0)

@@ -159,6 +159,17 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, metadata
 
 
+def json_metadata(metadata: dict[str, str], name: str, source: str) -> dict | None:
+    """The JSON object stored under metadata key `name`, None when absent or not an object; damaged JSON is an error."""
+    if name not in metadata:
+        return None
+    try:
+        value = json.loads(metadata[name])
+    except json.JSONDecodeError:
+        raise KronaError(f"'{source}' has unreadable '{name}' metadata; the file is damaged") from None
+    return value if isinstance(value, dict) else None
+
+
 def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> Adapter:
     """Build an Adapter from a native file's tensors and metadata; KronaError where they do not fit together."""
     if METADATA_KEY not in metadata:
