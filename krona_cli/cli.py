@@ -286,11 +286,14 @@ def export_cmd(
     output: Annotated[Path, typer.Option(help="The file to write (.safetensors).")],
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank (only with --to lora).")] = None,
     dtype: Annotated[str, typer.Option(help="Saved tensors: fp32, fp16 or bf16.")] = "fp32",
+    report: Annotated[
+        Optional[Path], typer.Option(help="With --to lora: write the per-layer approximation errors here as JSON.")
+    ] = None,
 ) -> None:
     """Write an adapter in another format: for ComfyUI/A1111 (lycoris) or tools that only load LoRA (lora)."""
     from .export import export_adapter
 
-    summary = export_adapter(adapter, to, output, rank=rank, dtype=dtype)
+    summary = export_adapter(adapter, to, output, rank=rank, dtype=dtype, report_path=report)
     console.print(f"wrote {summary['layers']} layers as {to} -> [bold]{summary['output']}[/]")
     report = summary.get("report")
     if report:

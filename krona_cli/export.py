@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from .atomic import write_bytes_atomic
 from .errors import KronaError
 from .formats import Adapter, load_adapter, save_adapter, save_lora, save_lycoris
 
 TARGETS = ("native", "lycoris", "lora")
 
 
-def export_adapter(source: str | Path, to: str, output: str | Path, rank: int | None = None, dtype: str = "fp32") -> dict:
+def export_adapter(
+    source: str | Path,
+    to: str,
+    output: str | Path,
+    rank: int | None = None,
+    dtype: str = "fp32",
+    report_path: str | Path | None = None,
+) -> dict:
     """Read `source` (any format krona reads) and write it to `output` as `to`; return a summary.
 
     `lora` approximates each layer's update by truncated SVD at `rank` and reports the relative error per layer and
-    in total; the other targets are exact.
+    in total (also written to `report_path` as JSON when given); the other targets are exact.
     """
     if to not in TARGETS:
         raise KronaError(f"unknown export format '{to}'; use one of {', '.join(TARGETS)}")
@@ -28,8 +37,10 @@ def export_adapter(source: str | Path, to: str, output: str | Path, rank: int | 
         if rank is None:
             raise KronaError("exporting to LoRA needs --rank (e.g. --rank 16)")
         summary["report"] = save_lora(output, adapter, rank, dtype=dtype)
-    elif rank is not None:
-        raise KronaError("--rank only applies to --to lora; the other formats are exact")
+        if report_path is not None:
+            write_bytes_atomic(report_path, json.dumps(summary["report"], indent=2).encode())
+    elif rank is not None or report_path is not None:
+        raise KronaError("--rank and --report only apply to --to lora; the other formats are exact")
     elif to == "lycoris":
         save_lycoris(output, adapter, dtype=dtype)
     else:

@@ -40,8 +40,9 @@ def test_export_to_lycoris_and_back_to_native_is_exact(adapter_path, tmp_path):
 
 
 def test_export_to_lora_reports_the_error_it_makes(adapter_path, tmp_path, capsys):
-    out = tmp_path / "dog-lora.safetensors"
-    assert main(["export", "--adapter", str(adapter_path), "--to", "lora", "--rank", "4", "--output", str(out)]) == 0
+    out, report = tmp_path / "dog-lora.safetensors", tmp_path / "dog-lora.json"
+    assert main(["export", "--adapter", str(adapter_path), "--to", "lora", "--rank", "4", "--output", str(out),
+                 "--report", str(report)]) == 0
     printed = capsys.readouterr().out
     assert "LoRA rank 4" in printed and "relative error" in printed
     lora = load_adapter(out)
@@ -56,6 +57,11 @@ def test_export_to_lora_reports_the_error_it_makes(adapter_path, tmp_path, capsy
         reported = json.loads(f.metadata()["krona"])["relative_error"]
     assert (num / den).sqrt().item() == pytest.approx(reported, abs=1e-5)
     assert 0 < reported < 1
+    per_layer = json.loads(report.read_text())
+    assert per_layer["error"] == pytest.approx(reported)
+    for (component, module), delta in exact.items():
+        measured = ((delta - approx[(component, module)]).norm() / delta.norm()).item()
+        assert per_layer["layers"][component][module]["error"] == pytest.approx(measured, abs=1e-5)
     assert main(["inspect", str(out)]) == 0 and "rank 4" in capsys.readouterr().out
 
 
@@ -64,7 +70,7 @@ def test_export_errors(adapter_path, tmp_path, capsys):
     assert main(["export", "--adapter", str(adapter_path), "--to", "lora", "--output", str(lora)]) == 2
     assert "--rank" in capsys.readouterr().err
     assert main(["export", "--adapter", str(adapter_path), "--to", "lycoris", "--rank", "4", "--output", str(lora)]) == 2
-    assert "only applies" in capsys.readouterr().err
+    assert "only apply" in capsys.readouterr().err
     assert main(["export", "--adapter", str(adapter_path), "--to", "onnx", "--output", str(lora)]) == 2
     assert "native, lycoris, lora" in capsys.readouterr().err
     assert main(["export", "--adapter", str(adapter_path), "--to", "native", "--output", str(adapter_path)]) == 2
