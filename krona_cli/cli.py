@@ -55,6 +55,15 @@ def _root(
     _state["debug"] = debug
 
 
+def _quiet_model_loading() -> None:
+    """diffusers' and transformers' own loading bars would interleave with krona's output."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def _split(values: list[str]) -> list[str]:
     """Repeatable options also take comma-separated lists: --factors 64x4,8x64."""
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
@@ -168,6 +177,7 @@ def merge_cmd(
     from .merge import merge_to_folder, parse_adapter_spec
 
     specs = [parse_adapter_spec(a) for a in adapter]
+    _quiet_model_loading()
     summary = merge_to_folder(
         [(path, s * scale) for path, s in specs], output_dir, pretrained_model, dtype=dtype, overwrite=overwrite
     )
@@ -232,14 +242,7 @@ def sample_cmd(
     prompts = load_prompts(prompt, prompts_file)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("fp32" if device == "cpu" else "fp16")
-    try:  # diffusers' and transformers' own loading bars would interleave with ours
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    _quiet_model_loading()
     with console.status("loading the base model and merging adapters"):
         pipe, info = prepare_pipeline([parse_adapter_spec(a) for a in adapter], pretrained_model, device, dtype)
 

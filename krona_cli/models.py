@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,6 +81,8 @@ def load_pipeline(pretrained: str, dtype: torch.dtype = torch.float32, device: s
 
     path = Path(pretrained).expanduser()
     sd_extras = {"safety_checker": None, "requires_safety_checker": False}
+    # diffusers 0.42 renamed torch_dtype to dtype and warns on the old name; krona keeps the name older releases know
+    warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated", category=FutureWarning)
     try:
         if path.is_dir():
             if not (path / "model_index.json").is_file():
