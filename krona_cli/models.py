@@ -64,12 +64,22 @@ def build_meta_components(arch: str) -> dict[str, nn.Module]:
     return {component: build_component(arch, component) for component in ARCHITECTURES[check_arch(arch)]}
 
 
+# Width of the text states the UNet's cross-attention reads (attn2.to_k / to_v inputs), per architecture.
+ARCH_BY_CONTEXT_WIDTH = {2048: "sdxl", 768: "sd15", 1024: "sd2"}
+
+
+def architecture_from_context_widths(widths: set[int]) -> str | None:
+    """The architecture whose cross-attention reads text of these widths; None unless they name exactly one."""
+    found = {ARCH_BY_CONTEXT_WIDTH.get(w) for w in widths}
+    return found.pop() if len(found) == 1 else None
+
+
 def architecture_of(unet_config) -> str:
     """`sdxl` for SDXL-style UNets (text-time conditioning), else `sd15` (SD 1.x) or `sd2` (1024-wide text)."""
     get = unet_config.get if isinstance(unet_config, dict) else lambda k, d=None: getattr(unet_config, k, d)
     if get("addition_embed_type") == "text_time":
         return "sdxl"
-    return "sd2" if get("cross_attention_dim") == 1024 else "sd15"
+    return "sd2" if architecture_from_context_widths({get("cross_attention_dim")}) == "sd2" else "sd15"
 
 
 def load_pipeline(pretrained: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

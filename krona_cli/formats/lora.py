@@ -44,7 +44,13 @@ from .. import __version__
 from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
-from .lycoris import decode_path, refuse_sgm_names
+from .lycoris import (
+    check_text_prefixes,
+    decode_path,
+    guess_architecture,
+    kohya_prefix,
+    refuse_sgm_names,
+)
 from .native import COMPONENTS, LAYOUT_STANDARD, METADATA_KEY, Adapter, canonical_name, json_metadata
 from .official import LAYOUT_DIFFUSEKRONA
 
@@ -55,13 +61,6 @@ EXPORT_FORMAT_VERSION = 1
 # diffusers' key for the peft LoraConfig of each component (`loaders.lora_base.LORA_ADAPTER_METADATA_KEY`).
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 
-# kohya prefixes, longest first so that `lora_te1_` is not read as `lora_te_` + `1...`.
-_KOHYA_PREFIXES = (
-    ("lora_te1_", "text_encoder"),
-    ("lora_te2_", "text_encoder_2"),
-    ("lora_te_", "text_encoder"),
-    ("lora_unet_", "unet"),
-)
 _KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 
 # diffusers formats: <component>.<module>.<suffix>; the component prefix may be missing for the UNet.
@@ -96,8 +95,6 @@ _SUPPORTED = (
     "or kohya `lora_down`/`lora_up`/`alpha` keys"
 )
 
-# Width of the text states the UNet's cross-attention reads (attn2.to_k / to_v inputs): one per architecture.
-_CONTEXT_WIDTHS = {2048: "sdxl", 768: "sd15"}
 
 
 # --- LoRA adapters in memory ---------------------------------------------------------------------------------------
@@ -158,9 +155,10 @@ def _unknown(key: str, source: str) -> KronaError:
 
 def _parse_kohya(key: str, source: str) -> tuple[str, str, str] | None:
     """(component, module, down|up|alpha) of a kohya key, None when the key is not kohya-named."""
-    prefix, component = next(((p, c) for p, c in _KOHYA_PREFIXES if key.startswith(p)), (None, None))
-    if prefix is None:
+    found = kohya_prefix(key)
+    if found is None:
         return None
+    prefix, component = found
     lora_name, dot, suffix = key.partition(".")
     if not dot:
         raise _unknown(key, source)
@@ -246,25 +244,6 @@ def _peft_multiplier(config: dict, component: str, module: str, rank: int, sourc
     return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
-def _architecture(metadata: dict[str, str], kohya_prefixes: set[str], layers: dict) -> str | None:
-    """sdxl / sd15 from kohya's base-model metadata, else from a second text encoder, else from the UNet's
-    cross-attention width; None when nothing says."""
-    version = metadata.get("ss_base_model_version")
-    if version:
-        if version.startswith("sdxl_"):
-            return "sdxl"
-        return "sd15" if version.startswith("sd_v1") else None
-    if "text_encoder_2" in layers or kohya_prefixes & {"lora_te2_"}:
-        return "sdxl"
-    widths = {
-        down.shape[1]
-        for module, (down, _up, _m) in layers.get("unet", {}).items()
-        if module.endswith((".attn2.to_k", ".attn2.to_v"))
-    }
-    found = {_CONTEXT_WIDTHS.get(w) for w in widths}
-    return found.pop() if len(found) == 1 else None
-
-
 def from_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> LoraAdapter:
     """The LoraAdapter held by a LoRA file's tensors and metadata (formats: see the module docstring).
 
@@ -285,7 +264,7 @@ def from_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source
         if parsed is not None:
             component, module, part = parsed
             formats.add("kohya")
-            kohya_prefixes.add(next(p for p, _ in _KOHYA_PREFIXES if key.startswith(p)))
+            kohya_prefixes.add(kohya_prefix(key)[0])
         else:
             component, module, part, key_format = _parse_diffusers(key, source)
             formats.add(key_format)
@@ -301,11 +280,7 @@ def from_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source
         raise KronaError(
             f"'{source}' mixes kohya (lora_unet_...) and diffusers (unet....) LoRA keys; the file is damaged"
         )
-    if "lora_te_" in kohya_prefixes and kohya_prefixes & {"lora_te1_", "lora_te2_"}:
-        raise KronaError(
-            f"'{source}' mixes lora_te_ (one text encoder) with lora_te1_/lora_te2_ (SDXL's two) keys; "
-            "the file is damaged"
-        )
+    check_text_prefixes(kohya_prefixes, source)
 
     peft_configs = json_metadata(metadata, DIFFUSERS_METADATA_KEY, source) if "kohya" not in formats else None
     layers: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
@@ -344,7 +319,13 @@ def from_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source
     if meta is not None and meta.get("format") == EXPORT_FORMAT:
         base_model, architecture = meta.get("base_model"), meta.get("architecture")
     else:
-        base_model, architecture = None, _architecture(metadata, kohya_prefixes, layers)
+        widths = {  # input width of cross-attention k/v
+            down.shape[1]
+            for module, (down, _up, _m) in layers.get("unet", {}).items()
+            if module.endswith((".attn2.to_k", ".attn2.to_v"))
+        }
+        sdxl_text_encoders = "text_encoder_2" in layers or "lora_te2_" in kohya_prefixes
+        base_model, architecture = None, guess_architecture(metadata, sdxl_text_encoders, False, widths)
     key_format = "kohya" if "kohya" in formats else ("diffusers" if "diffusers" in formats else "diffusers-old")
     return LoraAdapter(layers, 1.0, base_model, architecture, key_format)
 

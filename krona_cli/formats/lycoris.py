@@ -30,6 +30,7 @@ from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
 from ..kron import PRESETS
+from ..models import architecture_from_context_widths
 from .native import LAYOUT_STANDARD, METADATA_KEY, Adapter, canonical_name, json_metadata
 
 __all__ = ["decode_path", "encode_path", "from_lycoris", "is_lycoris", "save_lycoris", "to_lycoris"]
@@ -38,8 +39,9 @@ UNET_PREFIX = "lora_unet_"
 # The file prefix of each text encoder, by architecture family: SDXL has two, SD 1.x/2.x one.
 TE_PREFIXES_SDXL = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 TE_PREFIX_SINGLE = "lora_te_"
-# Longest first, so that `lora_te1_` is not read as `lora_te_` + `1...`.
-_PREFIXES = (
+# kohya's lora-name prefixes (LoKr and LoRA files alike), longest first, so that `lora_te1_` is not read as
+# `lora_te_` + `1...`.
+KOHYA_PREFIXES = (
     ("lora_te1_", "text_encoder"),
     ("lora_te2_", "text_encoder_2"),
     ("lora_te_", "text_encoder"),
@@ -224,24 +226,56 @@ def refuse_sgm_names(component: str, lora_name: str, key: str, source: str) -> N
         )
 
 
-def _split_key(key: str, source: str) -> tuple[str, str, str]:
-    """(component, module path, suffix) of a LoKr key; KronaError for anything krona does not read."""
+def kohya_prefix(name: str) -> tuple[str, str] | None:
+    """(prefix, component) of a kohya lora name or key (`lora_te1_...` -> ("lora_te1_", "text_encoder")), or None."""
+    return next(((p, c) for p, c in KOHYA_PREFIXES if name.startswith(p)), None)
+
+
+def check_text_prefixes(prefixes: set[str], source: str) -> None:
+    """A file uses either one text encoder's prefix (`lora_te_`) or SDXL's two (`lora_te1_`/`lora_te2_`), not both."""
+    if "lora_te_" in prefixes and prefixes & {"lora_te1_", "lora_te2_"}:
+        raise KronaError(
+            f"'{source}' mixes lora_te_ (one text encoder) with lora_te1_/lora_te2_ (SDXL's two) keys; "
+            "the file is damaged"
+        )
+
+
+def guess_architecture(
+    metadata: dict[str, str], sdxl_text_encoders: bool, single_text_encoder: bool, context_widths: set[int]
+) -> str | None:
+    """The architecture of a file without krona's metadata: kohya's `ss_base_model_version` when present (None for a
+    base model other than SDXL or SD 1.x), else SDXL's two text encoders, else one text encoder (SD 1.x) when the
+    caller counts that, else the UNet's cross-attention width."""
+    version = metadata.get("ss_base_model_version")
+    if version:
+        if version.startswith("sdxl_"):
+            return "sdxl"
+        return "sd15" if version.startswith("sd_v1") else None
+    if sdxl_text_encoders:
+        return "sdxl"
+    if single_text_encoder:
+        return "sd15"
+    return architecture_from_context_widths(context_widths)
+
+
+def _split_key(key: str, source: str) -> tuple[str, str, str, str]:
+    """(prefix, component, module path, suffix) of a LoKr key; KronaError for anything krona does not read."""
     lora_name, dot, suffix = key.partition(".")
-    component = next((c for p, c in _PREFIXES if lora_name.startswith(p)), None)
-    if not dot or component is None:
+    found = kohya_prefix(lora_name)
+    if not dot or found is None:
         raise KronaError(
             f"'{source}' holds a tensor '{key}' that is not a kohya/LyCORIS key (lora_unet_..., lora_te_..., "
             f"lora_te1_..., lora_te2_...); krona reads {_SUPPORTED}"
         )
+    prefix, component = found
     refuse_sgm_names(component, lora_name, key, source)
     if suffix not in SUFFIXES:
         raise KronaError(
             f"'{source}' holds '{key}', which krona does not read: it supports {_SUPPORTED} "
             "(no Tucker `lokr_t2`, DoRA `dora_scale`, conv layers or other algorithms)"
         )
-    prefix = next(p for p, c in _PREFIXES if lora_name.startswith(p))
     path = decode_path(lora_name[len(prefix) :], key)
-    return component, canonical_name(component, path), suffix
+    return prefix, component, canonical_name(component, path), suffix
 
 
 def _matrix(t: torch.Tensor, key: str, source: str) -> torch.Tensor:
@@ -274,34 +308,6 @@ def _product(parts: dict[str, torch.Tensor], side: str, where: str, source: str)
     return a @ b, b.shape[0]
 
 
-# Width of the text states the UNet's cross-attention reads (attn2.to_k / to_v inputs): one per architecture.
-_CONTEXT_WIDTHS = {2048: "sdxl", 768: "sd15"}
-
-
-def _architecture(
-    metadata: dict[str, str], prefixes: set[str], tensors: dict[str, dict[str, torch.Tensor]]
-) -> str | None:
-    """sdxl / sd15 from kohya's base-model metadata, else the text-encoder prefixes, else the UNet's cross-attention
-    width; None when none of them says (or the metadata names another base model, e.g. sd_v2)."""
-    version = metadata.get("ss_base_model_version")
-    if version:
-        if version.startswith("sdxl_"):
-            return "sdxl"
-        return "sd15" if version.startswith("sd_v1") else None
-    if prefixes & {"lora_te1_", "lora_te2_"}:
-        return "sdxl"
-    if "lora_te_" in prefixes:
-        return "sd15"
-    unet = tensors.get("unet", {})
-    widths = {
-        unet[key].shape[1] * unet[key[: -len("kron_a")] + "kron_b"].shape[1]
-        for key in unet
-        if key.endswith((".attn2.to_k.kron_a", ".attn2.to_v.kron_a"))
-    }
-    found = {_CONTEXT_WIDTHS.get(w) for w in widths}
-    return found.pop() if len(found) == 1 else None
-
-
 def _infer_targets(component: str, modules: Iterable[str]) -> str:
     """A preset when it covers every adapted module, else a regular expression for exactly these modules."""
     modules = list(modules)
@@ -327,16 +333,12 @@ def from_lycoris(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sou
     grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     prefixes: set[str] = set()
     for key, t in tensors.items():
-        component, module, suffix = _split_key(key, source)
+        prefix, component, module, suffix = _split_key(key, source)
         grouped.setdefault((component, module), {})[suffix] = t
-        prefixes.add(next(p for p, _ in _PREFIXES if key.startswith(p)))
+        prefixes.add(prefix)
     if not grouped:
         raise KronaError(f"'{source}' holds no tensors; it is not a LoKr adapter")
-    if "lora_te_" in prefixes and prefixes & {"lora_te1_", "lora_te2_"}:
-        raise KronaError(
-            f"'{source}' mixes lora_te_ (one text encoder) with lora_te1_/lora_te2_ (SDXL's two) keys; "
-            "the file is damaged"
-        )
+    check_text_prefixes(prefixes, source)
 
     meta = json_metadata(metadata, METADATA_KEY, source)
     scale = 1.0
@@ -367,7 +369,15 @@ def from_lycoris(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sou
         targets = meta.get("targets") or {}
         base_model, training = meta.get("base_model"), meta.get("training")
     else:
-        architecture = _architecture(metadata, prefixes, out)
+        unet = out.get("unet", {})
+        widths = {  # input width of cross-attention k/v = a_in · b_in
+            unet[key].shape[1] * unet[key[: -len("kron_a")] + "kron_b"].shape[1]
+            for key in unet
+            if key.endswith((".attn2.to_k.kron_a", ".attn2.to_v.kron_a"))
+        }
+        architecture = guess_architecture(
+            metadata, bool(prefixes & {"lora_te1_", "lora_te2_"}), "lora_te_" in prefixes, widths
+        )
         targets = {component: _infer_targets(component, layers) for component, layers in factors.items()}
         base_model, training = None, None
     return Adapter(

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 import torch
 
 from ..errors import KronaError
+from ..models import architecture_from_context_widths
 from .native import Adapter
 
 LAYOUT_DIFFUSEKRONA = "diffusekrona"
@@ -45,7 +46,6 @@ _ROLE = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out": "o"}
 _ROLE |= {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o"}
 _UNET_MODULE = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 # Cross-attention key/value input width -> architecture.
-_ARCH_BY_CONTEXT = {2048: "sdxl", 768: "sd15", 1024: "sd2"}
 
 
 def is_official(keys: Iterable[str]) -> bool:
@@ -176,7 +176,7 @@ def _guess_architecture(layers: dict, dims: dict) -> str | None:
         for layer, (component, module, role) in layers.items()
         if component == "unet" and role in ("k", "v") and module.rpartition(".")[0].endswith(".attn2")
     }
-    return _ARCH_BY_CONTEXT.get(widths.pop()) if len(widths) == 1 else None
+    return architecture_from_context_widths(widths)
 
 
 def from_official(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> Adapter:
