@@ -26,7 +26,7 @@ import torch
 
 from ..errors import KronaError
 from ..models import architecture_from_context_widths
-from .native import Adapter
+from .native import Adapter, canonical_name
 
 LAYOUT_DIFFUSEKRONA = "diffusekrona"
 
@@ -45,7 +45,6 @@ _OFFICIAL_LIKE = re.compile(r"(?:\.processor\.[A-Za-z0-9_.]+_lora|\.lora_linear_
 _ROLE = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out": "o"}
 _ROLE |= {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o"}
 _UNET_MODULE = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
-# Cross-attention key/value input width -> architecture.
 
 
 def is_official(keys: Iterable[str]) -> bool:
@@ -79,10 +78,9 @@ def _parse_key(key: str) -> tuple[str, str, str, str] | None:
         return "unet", f"{path}.{_UNET_MODULE[proj]}", _ROLE[proj], match["part"]
     match = _TEXT_KEY.match(key)
     if match:
-        path = match["path"]
-        if not path.startswith("text_model."):
-            path = "text_model." + path
-        return match["component"], f"{path}.{match['proj']}", _ROLE[match["proj"]], match["part"]
+        component = match["component"]
+        module = canonical_name(component, f"{match['path']}.{match['proj']}")
+        return component, module, _ROLE[match["proj"]], match["part"]
     return None
 
 
