@@ -25,9 +25,7 @@ from .formats import (
     module_name,
     official_delta,
 )
-from .formats.native import LAYOUT_STANDARD
-
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+from .formats.native import COMPONENTS, LAYOUT_STANDARD
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, float]:
