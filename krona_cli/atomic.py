@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -35,3 +38,35 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_folder_atomic(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Have `fill(folder)` write a folder's contents into a temporary sibling, then rename it into `target`.
+
+    An existing `target` is swapped out by two renames (put back if the second fails) and deleted afterwards, so
+    `target` always holds either the old folder or the whole new one. The caller decides whether replacing is allowed.
+    """
+    target = Path(target).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Siblings, so the renames never cross a filesystem; `mkdir` (not `tempfile.mkdtemp`, which forces mode 0700)
+    # gives the finished folder the usual umask permissions.
+    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
+    staging.mkdir()
+    try:
+        fill(staging)
+        if target.exists():
+            target.rename(retired)
+            try:
+                staging.rename(target)
+            except BaseException:
+                retired.rename(target)
+                raise
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_dir(target.parent)
+    return target

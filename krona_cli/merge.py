@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import fsync_dir
+from .atomic import write_folder_atomic
 from .dtypes import dtype_from_name
 from .errors import KronaError
 from .formats import (
@@ -182,17 +180,11 @@ def merge_to_folder(
         "layers_changed": baked.layers_changed,
         "adapters": [{"file": p, "sha256": file_sha256(p), "scale": s} for _, s, p in baked.adapters],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        baked.pipe.save_pretrained(tmp)
-        (tmp / "krona_merge.json").write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(out.parent)
+
+    def fill(folder: Path) -> None:
+        baked.pipe.save_pretrained(folder)
+        (folder / "krona_merge.json").write_text(json.dumps(summary, indent=2))
+
+    write_folder_atomic(out, fill)
     summary["output_dir"] = str(out)
     return summary

@@ -18,8 +18,6 @@ Kronecker factorisations such as 2x2, 4x4 or 8x4 divide every one of them.
 from __future__ import annotations
 
 import functools
-import shutil
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from krona_cli.atomic import write_folder_atomic
 from krona_cli.errors import KronaError
 
 __all__ = ["build_tokenizer", "build_tiny_pipeline", "make_tiny"]
@@ -328,27 +327,5 @@ def make_tiny(path: str | Path, arch: str = "sdxl", seed: int = 0) -> Path:
             "folder (no model_index.json). Choose another path or remove it."
         )
     pipeline = build_tiny_pipeline(arch, seed)
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Sibling names in the same folder, so the renames below never cross a filesystem boundary. ``mkdir`` (rather
-    # than ``tempfile.mkdtemp``, which forces mode 0700) gives the finished folder the usual umask permissions.
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
-    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
-    staging.mkdir()
-    try:
-        pipeline.save_pretrained(staging, safe_serialization=True)
-        if target.exists():
-            # Swap by two renames, putting the old folder back if the second fails; delete it only afterwards.
-            target.rename(retired)
-            try:
-                staging.rename(target)
-            except BaseException:
-                retired.rename(target)
-                raise
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    write_folder_atomic(target, lambda folder: pipeline.save_pretrained(folder, safe_serialization=True))
     return target
