@@ -195,43 +195,21 @@ def image_name(prompt_index: int, seed: int) -> str:
     return f"p{prompt_index:02d}-s{seed}.png"
 
 
-@torch.no_grad()
-def generate(
-    pipe,
-    config: SampleConfig,
-    prompts: Sequence[str],
-    info: ModelInfo,
-    output_dir: str | Path,
-    progress: ProgressCallback | None = None,
-) -> SampleResult:
-    """Sample `config.num_images` images per prompt and write them, and one grid, as PNG files with metadata.
-
-    Image i of prompt j uses seed `config.seed + i` and is written to `output_dir/p{j:02d}-s{seed}.png`; the grid
-    (`grid.png`: one row per prompt, one column per seed) goes beside them. Every file carries PNG text chunks:
-    prompt, negative_prompt, seed, steps, guidance, scheduler, width, height, base_model, architecture, dtype,
-    adapters (JSON list of {file, sha256, scale}) and krona_version; the grid has prompts and seeds (JSON lists)
-    instead of prompt and seed. Files are written atomically. `progress(images_done, images_total)` is called
-    during every denoising step (images_done is fractional within a batch) and after every batch.
-    """
-    config.validate()
-    if not prompts:
-        raise KronaError("no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
+def image_size(pipe, config: SampleConfig) -> tuple[int, int]:
+    """(width, height) of the images a config asks for: its own, else the model's native size; multiples of the
+    VAE's scale factor."""
     factor = int(pipe.vae_scale_factor)
     width = config.width or native_size(pipe)
     height = config.height or native_size(pipe)
     for name, value in (("width", width), ("height", height)):
         if value % factor:
             raise KronaError(f"--{name} {value} is not a multiple of {factor} (the VAE's scale factor); choose one")
-    out = Path(output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise KronaError(f"cannot create the output folder '{out}': {e.strerror or e}; choose another") from None
+    return width, height
 
-    seeds = config.seeds()
-    jobs = [(j, seed) for j in range(len(prompts)) for seed in seeds]  # prompt-major, so rows fill in order
-    total = len(jobs)
-    common = {
+
+def image_metadata(config: SampleConfig, info: ModelInfo, width: int, height: int) -> dict[str, str]:
+    """The PNG text chunks every image of a run shares (prompt and seed are added per image)."""
+    return {
         "negative_prompt": config.negative_prompt,
         "steps": str(config.steps),
         "guidance": repr(float(config.guidance)),
@@ -244,10 +222,30 @@ def generate(
         "adapters": json.dumps([asdict(a) for a in info.adapters]),
         "krona_version": __version__,
     }
+
+
+@torch.no_grad()
+def render(
+    pipe,
+    config: SampleConfig,
+    prompts: Sequence[str],
+    progress: ProgressCallback | None = None,
+    on_image: Callable[[int, int, Image.Image], None] | None = None,
+) -> dict[tuple[int, int], Image.Image]:
+    """Sample `config.num_images` images per prompt; return them by (prompt index, seed).
+
+    Image i of every prompt uses seed `config.seed + i`. `on_image(prompt_index, seed, image)` is called as each
+    image is made; `progress(images_done, images_total)` during every denoising step and after every batch.
+    """
+    config.validate()
+    if not prompts:
+        raise KronaError("no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    width, height = image_size(pipe, config)
+    jobs = [(j, seed) for j in range(len(prompts)) for seed in config.seeds()]  # prompt-major: rows fill in order
+    total = len(jobs)
     original_scheduler = pipe.scheduler
     pipe.scheduler = make_scheduler(config.scheduler, original_scheduler.config)
     images: dict[tuple[int, int], Image.Image] = {}
-    paths: list[Path] = []
     done = 0
     try:
         for start in range(0, total, config.batch_size):
@@ -272,18 +270,65 @@ def generate(
             )
             for (j, seed), image in zip(batch, result.images):
                 images[(j, seed)] = image
-                path = out / image_name(j, seed)
-                write_bytes_atomic(path, _png(image, {"prompt": prompts[j], "seed": str(seed), **common}))
-                paths.append(path)
+                if on_image is not None:
+                    on_image(j, seed, image)
             done += len(batch)
             if progress is not None:
                 progress(done, total)
     finally:
         pipe.scheduler = original_scheduler
+    return images
+
+
+def write_grid(
+    path: str | Path,
+    images: dict[tuple[int, int], Image.Image],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    metadata: dict[str, str],
+) -> Path:
+    """One PNG grid (a row per prompt, a column per seed), with the prompts and seeds (JSON lists) in its metadata."""
+    width, height = next(iter(images.values())).size
     grid = _grid([[images[(j, s)] for s in seeds] for j in range(len(prompts))], width, height)
-    grid_meta = {"prompts": json.dumps(list(prompts)), "seeds": json.dumps(seeds), **common}
-    grid_path = write_bytes_atomic(out / "grid.png", _png(grid, grid_meta))
-    return SampleResult(images=paths, grid=grid_path, seeds=seeds, width=width, height=height)
+    meta = {"prompts": json.dumps(list(prompts)), "seeds": json.dumps(list(seeds)), **metadata}
+    return write_bytes_atomic(Path(path), _png(grid, meta))
+
+
+def generate(
+    pipe,
+    config: SampleConfig,
+    prompts: Sequence[str],
+    info: ModelInfo,
+    output_dir: str | Path,
+    progress: ProgressCallback | None = None,
+) -> SampleResult:
+    """Sample `config.num_images` images per prompt and write them, and one grid, as PNG files with metadata.
+
+    Image i of prompt j uses seed `config.seed + i` and is written to `output_dir/p{j:02d}-s{seed}.png`; the grid
+    (`grid.png`: one row per prompt, one column per seed) goes beside them. Every file carries PNG text chunks:
+    prompt, negative_prompt, seed, steps, guidance, scheduler, width, height, base_model, architecture, dtype,
+    adapters (JSON list of {file, sha256, scale}) and krona_version; the grid has prompts and seeds (JSON lists)
+    instead of prompt and seed. Files are written atomically. `progress(images_done, images_total)` is called
+    during every denoising step (images_done is fractional within a batch) and after every batch.
+    """
+    config.validate()
+    width, height = image_size(pipe, config)
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KronaError(f"cannot create the output folder '{out}': {e.strerror or e}; choose another") from None
+    common = image_metadata(config, info, width, height)
+    paths: list[Path] = []
+
+    def write(j: int, seed: int, image: Image.Image) -> None:
+        path = out / image_name(j, seed)
+        write_bytes_atomic(path, _png(image, {"prompt": prompts[j], "seed": str(seed), **common}))
+        paths.append(path)
+
+    images = render(pipe, config, prompts, progress, on_image=write)
+    grid_path = write_grid(out / "grid.png", images, prompts, config.seeds(), common)
+    return SampleResult(images=paths, grid=grid_path, seeds=config.seeds(), width=width, height=height)
 
 
 def ceil_batches(config: SampleConfig, num_prompts: int) -> int:
