@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .config import with_train_options
 from .errors import KronaError
 
 # bitsandbytes warns on import that an optional CPU 4-bit kernel package is missing; krona does not use it.
@@ -306,6 +307,85 @@ def export_cmd(
             f"LoRA rank {report['rank']}: relative error of ΔW {report['error']:.4f} in total, "
             f"worst layer {worst[1]:.4f} ({worst[0]}); {report['parameters']:,} parameters"
         )
+
+
+class _RichReporter:
+    """Draws a training run: the summary table, class-image and step progress bars, saved files, warnings."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def _task(self, name: str, total: int, completed: int = 0) -> int:
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(name, total=total, completed=completed, info="", rate="")
+        return self.tasks[name]
+
+    def start(self, summary: list[tuple[str, str]]) -> None:
+        table = Table(title="krona train", show_header=False, box=box.SIMPLE_HEAD)
+        table.add_column("setting", style="bold", no_wrap=True)
+        table.add_column("value")
+        for key, value in summary:
+            table.add_row(key, value)
+        console.print(table)
+
+    def warn(self, message: str) -> None:
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+    def class_images(self, done: int, total: int) -> None:
+        self.progress.start()
+        self.progress.update(self._task("class images", total), completed=done, total=total)
+
+    def step(self, step: int, total: int, loss: float, lr: float) -> None:
+        self.progress.start()
+        task = self._task("training", total, completed=step - 1)
+        self.progress.update(task, completed=step, total=total, info=f"loss {loss:.4f}  lr {lr:.2e}")
+        speed = self.progress.tasks[task].speed
+        self.progress.update(task, rate=f"{speed:.2f} it/s" if speed else "")
+
+    def saved(self, what: str, path: Path) -> None:
+        self.progress.console.print(f"{what}: [bold]{path}[/]", highlight=False)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+@app.command("train", context_settings={"help_option_names": ["--help", "-h"]})
+@with_train_options
+def train_cmd(config: Optional[str] = None, **overrides) -> None:
+    """Train a Kronecker adapter (or a LoRA baseline) on photos of one subject, DreamBooth-style.
+
+    Every option is also a key of a YAML config (--config FILE or a preset: sdxl, sd15, tiny); flags override it."""
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(config, overrides)
+    _quiet_model_loading()
+    reporter = _RichReporter()
+    try:
+        result = train(cfg, reporter)
+    finally:
+        reporter.close()
+    if cfg.dry_run:
+        console.print("dry run: data, model, adapter and output folder are fine; nothing was trained")
+        return
+    console.print(
+        f"trained {result.step} steps -> [bold]{result.adapter}[/]\n"
+        f"samples: {result.output_dir / 'samples'}   checkpoints: {result.output_dir / 'checkpoints'}   "
+        f"model card: {result.output_dir / 'README.md'}"
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -82,15 +82,25 @@ def architecture_of(unet_config) -> str:
     return "sd2" if architecture_from_context_widths({get("cross_attention_dim")}) == "sd2" else "sd15"
 
 
-def load_pipeline(pretrained: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_pipeline(
+    pretrained: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    vae: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+):
     """A diffusers SDXL or SD pipeline from a local folder, a single .safetensors checkpoint, or a hub id.
 
-    Returns (pipeline, architecture). Local paths never touch the network.
+    `vae` replaces the pipeline's VAE (a diffusers AutoencoderKL folder or hub id); `revision` and `variant`
+    (e.g. fp16) pick the files of a hub model or folder. Returns (pipeline, architecture). Local paths never touch
+    the network.
     """
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = Path(pretrained).expanduser()
     sd_extras = {"safety_checker": None, "requires_safety_checker": False}
+    choice = {k: v for k, v in (("revision", revision), ("variant", variant)) if v}
     # diffusers 0.42 renamed torch_dtype to dtype and warns on the old name; krona keeps the name older releases know
     warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated", category=FutureWarning)
     try:
@@ -102,7 +112,7 @@ def load_pipeline(pretrained: str, dtype: torch.dtype = torch.float32, device: s
                 )
             index = json.loads((path / "model_index.json").read_text())
             extras = sd_extras if index.get("_class_name") == "StableDiffusionPipeline" else {}
-            pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **extras)
+            pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **extras, **choice)
         elif path.is_file():
             if path.suffix != ".safetensors":
                 raise KronaError(f"'{pretrained}' is not a .safetensors checkpoint; krona never loads pickles")
@@ -113,7 +123,7 @@ def load_pipeline(pretrained: str, dtype: torch.dtype = torch.float32, device: s
         elif path.suffix or path.is_absolute() or str(pretrained).startswith("."):
             raise KronaError(f"base model '{pretrained}' does not exist; check the path")
         else:
-            pipe = DiffusionPipeline.from_pretrained(pretrained, torch_dtype=dtype)
+            pipe = DiffusionPipeline.from_pretrained(pretrained, torch_dtype=dtype, **choice)
     except KronaError:
         raise
     except Exception as e:
@@ -123,4 +133,21 @@ def load_pipeline(pretrained: str, dtype: torch.dtype = torch.float32, device: s
         ) from None
     if not hasattr(pipe, "unet"):
         raise KronaError(f"'{pretrained}' is a {type(pipe).__name__}, not an SDXL or SD pipeline with a UNet")
+    if vae:
+        pipe.vae = load_vae(vae, dtype)
     return pipe.to(device), architecture_of(pipe.unet.config)
+
+
+def load_vae(name: str, dtype: torch.dtype = torch.float32):
+    """A diffusers AutoencoderKL from a folder (with or without a `vae` sub-folder) or a hub id."""
+    from diffusers import AutoencoderKL
+
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    elif not path.is_dir() and (path.suffix or path.is_absolute() or name.startswith(".")):
+        raise KronaError(f"VAE '{name}' does not exist; give a diffusers VAE folder or a hub id (--vae)")
+    try:
+        return AutoencoderKL.from_pretrained(path if path.is_dir() else name, torch_dtype=dtype)
+    except Exception as e:
+        raise KronaError(f"could not load the VAE '{name}': {type(e).__name__}; give a diffusers VAE folder or hub id") from None

@@ -173,7 +173,7 @@ def native_size(pipe) -> int:
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
-def _png(image: Image.Image, text: dict[str, str]) -> bytes:
+def png_bytes(image: Image.Image, text: dict[str, str]) -> bytes:
     info = PngInfo()
     for key, value in text.items():
         info.add_text(key, value)
@@ -231,17 +231,20 @@ def render(
     prompts: Sequence[str],
     progress: ProgressCallback | None = None,
     on_image: Callable[[int, int, Image.Image], None] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> dict[tuple[int, int], Image.Image]:
-    """Sample `config.num_images` images per prompt; return them by (prompt index, seed).
+    """Sample one image per seed for every prompt; return them by (prompt index, seed).
 
-    Image i of every prompt uses seed `config.seed + i`. `on_image(prompt_index, seed, image)` is called as each
-    image is made; `progress(images_done, images_total)` during every denoising step and after every batch.
+    The seeds are `seeds` if given, else `config.seeds()` (image i uses `config.seed + i`). `on_image(prompt_index,
+    seed, image)` is called as each image is made; `progress(images_done, images_total)` during every denoising
+    step and after every batch.
     """
     config.validate()
     if not prompts:
         raise KronaError("no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
     width, height = image_size(pipe, config)
-    jobs = [(j, seed) for j in range(len(prompts)) for seed in config.seeds()]  # prompt-major: rows fill in order
+    seeds = config.seeds() if seeds is None else list(seeds)
+    jobs = [(j, seed) for j in range(len(prompts)) for seed in seeds]  # prompt-major: rows fill in order
     total = len(jobs)
     original_scheduler = pipe.scheduler
     pipe.scheduler = make_scheduler(config.scheduler, original_scheduler.config)
@@ -291,7 +294,7 @@ def write_grid(
     width, height = next(iter(images.values())).size
     grid = _grid([[images[(j, s)] for s in seeds] for j in range(len(prompts))], width, height)
     meta = {"prompts": json.dumps(list(prompts)), "seeds": json.dumps(list(seeds)), **metadata}
-    return write_bytes_atomic(Path(path), _png(grid, meta))
+    return write_bytes_atomic(Path(path), png_bytes(grid, meta))
 
 
 def generate(
@@ -323,7 +326,7 @@ def generate(
 
     def write(j: int, seed: int, image: Image.Image) -> None:
         path = out / image_name(j, seed)
-        write_bytes_atomic(path, _png(image, {"prompt": prompts[j], "seed": str(seed), **common}))
+        write_bytes_atomic(path, png_bytes(image, {"prompt": prompts[j], "seed": str(seed), **common}))
         paths.append(path)
 
     images = render(pipe, config, prompts, progress, on_image=write)

@@ -1,0 +1,365 @@
+"""`krona train` settings: one dataclass, its YAML form, validation whose errors name the flag, and the typer options.
+
+Every setting is a kebab-case flag (`--lr-scheduler`) and the same key of a YAML config file (`lr-scheduler:`;
+snake_case keys work too). `load_config` applies defaults, then the file (or a preset from configs/), then the flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
+
+import typer
+import yaml
+
+from .errors import KronaError
+
+# torch-importing modules (kron, models) are imported where needed: the cli imports this module for every command.
+
+PRESETS = ("sdxl", "sd15", "tiny")
+
+
+def _opt(default: Any, help: str, **rules: Any) -> Any:
+    """A setting: its default, its --help text and its rules (choices; min, above, below: bounds; unset: what None
+    means, shown as the default)."""
+    if isinstance(default, list):
+        return field(default_factory=default.copy, metadata={"help": help, **rules})
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass
+class TrainConfig:
+    """Everything `krona train` needs; field order is the order of `krona train --help`."""
+
+    # model
+    pretrained_model: str = _opt(
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        "Base model: hub id, local diffusers folder or single .safetensors file.",
+    )
+    vae: Optional[str] = _opt(None, "Another VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix.",
+                              unset="the base model's")
+    revision: Optional[str] = _opt(None, "Hub revision (branch, tag or commit) of the base model.", unset="main")
+    variant: Optional[str] = _opt(None, "Weight file variant of the base model, e.g. fp16.", unset="the full files")
+    # data
+    instance_dir: Optional[str] = _opt(None, "Folder of photos of the subject (captions: same-named .txt files).",
+                                       unset="required")
+    prompt: Optional[str] = _opt(None, "Instance prompt naming the subject, e.g. 'a photo of sks dog'.",
+                                 unset="required")
+    repeats: int = _opt(1, "Times each photo appears per epoch.", min=1)
+    resolution: Optional[int] = _opt(None, "Training image size in pixels (a multiple of 8).",
+                                     unset="1024 for SDXL, 512 otherwise", min=8)
+    center_crop: bool = _opt(False, "Crop the centre of each photo instead of a random window.")
+    random_flip: bool = _opt(False, "Mirror photos horizontally at random.")
+    # prior preservation
+    class_prompt: Optional[str] = _opt(None, "Class prompt, e.g. 'a photo of a dog'; turns prior preservation on.",
+                                       unset="none, no prior preservation")
+    class_dir: Optional[str] = _opt(None, "Folder of class images (missing ones are generated).",
+                                    unset="<output-dir>/class-images")
+    num_class_images: int = _opt(100, "Class images to use (and generate where the folder has fewer).", min=0)
+    prior_loss_weight: float = _opt(1.0, "Weight of the class images' loss.", min=0)
+    class_batch_size: int = _opt(4, "Images per pipeline call when generating class images.", min=1)
+    # adapter
+    adapter: str = _opt("kron", "Adapter type: Kronecker product or the LoRA baseline.", choices=("kron", "lora"))
+    factors: str = _opt("64x4", "Kronecker factor A's size OxI (output side x input side), fitted per layer.")
+    rank: int = _opt(4, "LoRA rank (with --adapter lora).", min=1)
+    scale: float = _opt(1.0, "Adapter scale s in W + s·ΔW.")
+    targets: str = _opt("attn", "Layers to adapt: attn (UNet attention q/k/v/out), attn-ff (plus feed-forward) or a "
+                        "regular expression over module names.")
+    train_text_encoder: bool = _opt(False, "Adapt the text encoders' attention too.")
+    text_encoder_lr: Optional[float] = _opt(None, "Learning rate of the text-encoder adapters.", unset="--lr", above=0)
+    text_encoder_factors: Optional[str] = _opt(None, "Factors of the text-encoder adapters.", unset="--factors")
+    # optimisation
+    steps: int = _opt(1000, "Optimisation steps.", min=1)
+    lr: Optional[float] = _opt(None, "Learning rate.", unset="5e-4 for kron, 1e-4 for lora", above=0)
+    lr_scheduler: str = _opt("constant", "Learning-rate schedule.",
+                             choices=("constant", "constant_with_warmup", "cosine", "linear", "polynomial"))
+    lr_warmup_steps: int = _opt(0, "Warm-up steps of the schedule.", min=0)
+    batch_size: int = _opt(1, "Images per step on each process.", min=1)
+    grad_accum: int = _opt(1, "Batches accumulated per optimisation step.", min=1)
+    optimizer: str = _opt("adamw", "Optimizer (adamw8bit needs bitsandbytes).", choices=("adamw", "adamw8bit"))
+    weight_decay: float = _opt(1e-4, "AdamW weight decay.", min=0)
+    max_grad_norm: float = _opt(1.0, "Gradient-norm clipping threshold; 0 turns clipping off.", min=0)
+    snr_gamma: Optional[float] = _opt(None, "Min-SNR loss weighting gamma (5.0 is usual).", unset="off", above=0)
+    noise_offset: float = _opt(0.0, "Noise offset (helps very dark and bright images), e.g. 0.05.", min=0)
+    seed: int = _opt(0, "Seed of every random draw of the run.", min=0)
+    ema: bool = _opt(False, "Keep an exponential moving average of the adapter weights and save it.")
+    ema_decay: float = _opt(0.999, "EMA decay per step.", above=0, below=1)
+    # speed and memory
+    mixed_precision: str = _opt("no", "Mixed precision of the frozen model and autocast.",
+                                choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = _opt(False, "Recompute UNet activations in the backward pass (less memory).")
+    cache_latents: bool = _opt(True, "Encode the photos with the VAE once, before training.")
+    xformers: bool = _opt(False, "Use xformers attention (GPU only; needs the xformers extra).")
+    allow_tf32: bool = _opt(False, "Allow TF32 matmuls on Ampere and newer GPUs.")
+    # outputs
+    output_dir: str = _opt("krona-output", "Folder for the adapter, checkpoints, samples and logs.")
+    checkpoint_every: int = _opt(500, "Steps between checkpoints; 0 saves none until the end.", min=0)
+    keep_checkpoints: int = _opt(3, "Newest checkpoints kept; 0 keeps all.", min=0)
+    resume: Optional[str] = _opt(None, "Resume from a checkpoint: latest, or its folder.", unset="start afresh")
+    sample_prompt: list[str] = _opt([], "Prompt of the sample grids (repeatable).", unset="the instance prompt")
+    sample_every: int = _opt(250, "Steps between sample grids; 0 draws one only at the end.", min=0)
+    sample_images: int = _opt(2, "Images (seeds) per sample prompt in each grid.", min=1)
+    sample_steps: int = _opt(25, "Denoising steps of sample images.", min=1)
+    sample_guidance: float = _opt(7.0, "Classifier-free guidance of sample images.", min=0)
+    report_to: str = _opt("tensorboard", "Where to log losses and learning rates.",
+                          choices=("tensorboard", "wandb", "none"))
+    overwrite: bool = _opt(False, "Allow an output folder that holds another run.")
+    dry_run: bool = _opt(False, "Check data, model, adapter and output folder, then stop before training.")
+
+    def validate(self, require_data: bool = True) -> TrainConfig:
+        """Check every value (choices, bounds, factors, targets, required data); KronaError names the flag."""
+        from .kron.factors import parse_factors
+        from .kron.inject import target_pattern
+
+        for f in dataclasses.fields(self):
+            _check_rules(f, getattr(self, f.name))
+        if self.resolution is not None and self.resolution % 8:
+            raise KronaError(f"--resolution must be a multiple of 8 (the VAE's downscale); got {self.resolution}")
+        for name in ("factors", "text_encoder_factors"):
+            _flag_errors(name, parse_factors, getattr(self, name))
+        _flag_errors("targets", target_pattern, self.targets)
+        if require_data:
+            if not self.instance_dir:
+                raise KronaError("--instance-dir is required: the folder of photos of your subject")
+            if not (self.prompt or "").strip():
+                raise KronaError("--prompt is required: the instance prompt naming your subject, "
+                                 "e.g. 'a photo of sks dog'")
+        return self
+
+    def effective_lr(self) -> float:
+        """--lr, or the default of the adapter type: 5e-4 for kron (the DiffuseKronA paper's), 1e-4 for LoRA."""
+        if self.lr is not None:
+            return self.lr
+        return 5e-4 if self.adapter == "kron" else 1e-4
+
+    def effective_text_encoder_lr(self) -> float:
+        return self.text_encoder_lr if self.text_encoder_lr is not None else self.effective_lr()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting under its kebab-case key, in --help order (what `load_config` reads back)."""
+        return {_key(f.name): _copy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_yaml(self) -> str:
+        header = "# krona train settings; `krona train --config THIS-FILE` trains with them again\n"
+        return header + yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def config_hash(self) -> str:
+        """sha256 of the settings that decide the trained weights: model, data, prior preservation, adapter,
+        optimisation (learning rates resolved), seed and precision; a checkpoint resumes only under the same hash.
+        Not covered: the step count (a run may be resumed to train longer), settings that change speed or memory but
+        not the result (gradient-checkpointing, cache-latents, xformers, allow-tf32, class-batch-size), where and how
+        often things are written or shown (output-dir, checkpoint-every, keep-checkpoints, sample-*, report-to) and
+        how the command runs (resume, dry-run, overwrite)."""
+        settings = {k: v for k, v in self.to_dict().items() if k not in _UNHASHED and not k.startswith("sample-")}
+        settings["lr"], settings["text-encoder-lr"] = self.effective_lr(), self.effective_text_encoder_lr()
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+_UNHASHED = {
+    "steps", "gradient-checkpointing", "cache-latents", "xformers", "allow-tf32", "class-batch-size",
+    "output-dir", "checkpoint-every", "keep-checkpoints", "report-to", "resume", "dry-run", "overwrite",
+}
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = get_type_hints(TrainConfig)
+# Names the diffusers DreamBooth scripts (and the official DiffuseKronA scripts) use, for "did you mean" only.
+_ALIASES = {
+    "pretrained-model-name-or-path": "pretrained-model", "pretrained-vae-model-name-or-path": "vae",
+    "instance-data-dir": "instance-dir", "instance-prompt": "prompt", "class-data-dir": "class-dir",
+    "learning-rate": "lr", "learning-rate-text": "text-encoder-lr", "max-train-steps": "steps",
+    "train-batch-size": "batch-size", "gradient-accumulation-steps": "grad-accum", "use-8bit-adam": "optimizer",
+    "adam-weight-decay": "weight-decay", "checkpointing-steps": "checkpoint-every",
+    "checkpoints-total-limit": "keep-checkpoints", "resume-from-checkpoint": "resume",
+    "validation-prompt": "sample-prompt", "validation-steps": "sample-every", "num-validation-images": "sample-images",
+    "enable-xformers-memory-efficient-attention": "xformers", "use-ema": "ema",
+    "with-prior-preservation": "class-prompt",
+}
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+def _check_rules(f: dataclasses.Field, value: Any) -> None:
+    """The choices and bounds in a field's metadata; None (unset) passes."""
+    if value is None:
+        return
+    rules, flag = f.metadata, f"--{_key(f.name)}"
+    if "choices" in rules and value not in rules["choices"]:
+        raise KronaError(f"{flag} must be one of {', '.join(rules['choices'])}; got '{value}'")
+    if "min" in rules and value < rules["min"]:
+        raise KronaError(f"{flag} must be at least {rules['min']}; got {value}")
+    if "above" in rules and value <= rules["above"]:
+        raise KronaError(f"{flag} must be greater than {rules['above']}; got {value}")
+    if "below" in rules and value >= rules["below"]:
+        raise KronaError(f"{flag} must be less than {rules['below']}; got {value}")
+
+
+def _flag_errors(name: str, check: Callable[[Any], Any], value: Any) -> None:
+    """Run a library check on a set value, prefixing its KronaError with the flag."""
+    if value is not None:
+        try:
+            check(value)
+        except KronaError as e:
+            raise KronaError(f"--{_key(name)}: {e}") from None
+
+
+def _base_type(tp: Any) -> Any:
+    """int for int and Optional[int], list for list[str], and so on."""
+    if get_origin(tp) is Union:
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    return get_origin(tp) or tp
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """A YAML or caller value as the field's type; `where` names it in errors ("'steps' in run.yaml", "--steps")."""
+    tp = _TYPES[name]
+    kind = _base_type(tp)
+    if value is None:
+        if type(None) in get_args(tp):
+            return None
+        raise KronaError(f"{where} cannot be empty; remove it to use the default")
+    if kind is bool and isinstance(value, bool) or kind is str and isinstance(value, str):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and not isinstance(value, bool):
+        try:
+            number = float(value)  # YAML reads 1e-4 (no dot) as a string
+        except (TypeError, ValueError):
+            number = math.nan
+        if math.isfinite(number):
+            return number
+    if kind is list and isinstance(value, str):
+        return [value]
+    if kind is list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    wanted = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+              list: "a string or a list of strings"}[kind]
+    if kind is str and isinstance(value, bool):
+        wanted += " (quote it: YAML reads yes, no, on and off as true and false)"
+    raise KronaError(f"{where} must be {wanted}, got {value!r}")
+
+
+def _unknown(key: str, where: str) -> KronaError:
+    known = [_key(n) for n in _FIELDS]
+    match = difflib.get_close_matches(key, known + list(_ALIASES), n=1)
+    hint = f"did you mean '{_ALIASES.get(match[0], match[0])}'?" if match else "`krona train --help` lists them all"
+    return KronaError(f"unknown key '{key}' in {where}; {hint}")
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML file, or the preset of that name in configs/ when no such file exists."""
+    from .models import CONFIGS_DIR
+
+    given = Path(path).expanduser()
+    if given.exists():
+        return given
+    if str(path) in PRESETS:
+        return CONFIGS_DIR / f"{path}.yaml"
+    raise KronaError(f"config file '{path}' does not exist; give a YAML file or a preset: {', '.join(PRESETS)}")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file's settings by field name, typed; KronaError for bad YAML, unknown keys or wrong types."""
+    file = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise KronaError(f"cannot read config file '{path}': {getattr(e, 'strerror', None) or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise KronaError(f"config file '{path}' is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KronaError(f"config file '{path}' must be a mapping of settings (key: value), "
+                         f"not a {type(data).__name__}")
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        name = _key(str(key)).replace("-", "_")
+        if name == "config":
+            raise KronaError(f"'config' in {file.name}: a config file cannot name another one; give one --config")
+        if name not in _FIELDS:
+            raise _unknown(str(key), file.name)
+        if name in settings:
+            raise KronaError(f"'{_key(name)}' is given twice in {file.name} (as kebab-case and snake_case)")
+        settings[name] = _coerce(name, value, f"'{key}' in {file.name}")
+    return settings
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any]) -> TrainConfig:
+    """Defaults, then the config file or preset at `path`, then `overrides` (field names; None values are
+    "not given"), validated."""
+    settings = read_config_file(path) if path is not None else {}
+    for name, value in overrides.items():
+        if name not in _FIELDS:
+            raise _unknown(_key(name), "the overrides")
+        if value is not None:
+            settings[name] = _coerce(name, value, f"--{_key(name)}")
+    return TrainConfig(**settings).validate()
+
+
+def _shown_default(f: dataclasses.Field) -> str:
+    if "unset" in f.metadata:
+        return f.metadata["unset"]
+    if isinstance(f.default, bool):
+        return "on" if f.default else "off"
+    return str(f.default)
+
+
+# The first field of each --help section (the comments in TrainConfig).
+_PANELS = {"pretrained_model": "Model", "instance_dir": "Data", "class_prompt": "Prior preservation",
+           "adapter": "Adapter", "steps": "Optimisation", "mixed_precision": "Speed and memory",
+           "output_dir": "Outputs"}
+
+
+def _parameter(f: dataclasses.Field, panel: str) -> inspect.Parameter:
+    """The typer option of one field: default None (not given), --kebab-name (bools: --x/--no-x)."""
+    kind = _base_type(_TYPES[f.name])
+    flag = f"--{_key(f.name)}"
+    help = f.metadata["help"]
+    if "choices" in f.metadata:
+        help += f" One of: {', '.join(f.metadata['choices'])}."
+    option = typer.Option(
+        None,
+        f"{flag}/--no-{_key(f.name)}" if kind is bool else flag,
+        help=help,
+        show_default=_shown_default(f),  # typer shows a string as "[default: (it)]"
+        metavar="<str>" if kind is list else None,
+        rich_help_panel=panel,
+    )
+    annotation = Optional[list[str]] if kind is list else Optional[kind]
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def typer_parameters() -> list[inspect.Parameter]:
+    """`--config`, then one option per TrainConfig field, in field order."""
+    config = typer.Option(None, "--config", help="YAML config file or a preset (sdxl, sd15, tiny); flags override it.",
+                          show_default=False)
+    first = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config, annotation=Optional[str])
+    params, panel = [first], ""
+    for f in _FIELDS.values():
+        panel = _PANELS.get(f.name, panel)
+        params.append(_parameter(f, panel))
+    return params
+
+
+def with_train_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Give `func(config=None, **overrides)` the signature typer reads: --config and every TrainConfig flag."""
+    params = typer_parameters()
+    func.__signature__ = inspect.Signature(params)
+    func.__annotations__ = {p.name: p.annotation for p in params}
+    return func

@@ -1,0 +1,165 @@
+"""Training images: finding them, reading any image file as RGB, captions, and the DreamBooth transforms.
+
+The transforms are those of diffusers' `train_dreambooth_lora_sdxl.py` (resize the shorter side, optional flip,
+center or random square crop, SDXL micro-conditioning), but every random draw comes from a generator seeded by the
+dataset item (`rng.generator("augment", ...)`), so an item is the same picture whenever and wherever it is read.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from . import rng
+from .errors import KronaError
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb limit (2 × Image.MAX_IMAGE_PIXELS)
+CAPTION_SUFFIX = ".txt"
+
+TimeIds = tuple[int, int, int, int, int, int]
+
+
+def scan_images(folder: str | Path, what: str = "instance", allow_empty: bool = False) -> tuple[list[Path], list[Path]]:
+    """(images sorted by name, skipped files) of one folder; sub-folders, hidden files and captions are ignored.
+
+    Skipped: files without an image suffix and empty files. A missing folder, or one with no usable image (unless
+    `allow_empty`), is an error that names the `--{what}-dir` flag.
+    """
+    folder = Path(folder).expanduser()
+    flag = f"--{what}-dir '{folder}'"
+    if not folder.is_dir():
+        raise KronaError(f"{flag} does not exist or is not a folder; point it at the folder that holds your images")
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError as e:
+        raise KronaError(f"cannot list {flag}: {e.strerror}; check its permissions") from None
+    images, skipped = [], []
+    for path in entries:
+        if path.name.startswith(".") or path.is_dir() or path.suffix.lower() == CAPTION_SUFFIX:
+            continue
+        usable = path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and path.stat().st_size > 0
+        (images if usable else skipped).append(path)
+    if not images and not allow_empty:
+        raise KronaError(f"{flag} holds no images ({', '.join(IMAGE_SUFFIXES)}); add photos there or point the "
+                         f"flag at the folder that has them")
+    return images, skipped
+
+
+def load_image(path: Path) -> Image.Image:
+    """The image at `path` as 8-bit RGB, EXIF orientation applied; a file that cannot be used is a KronaError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, or fine to load
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise Image.DecompressionBombError(
+                        f"{image.width}×{image.height} pixels, over the {MAX_PIXELS:,}-pixel limit")
+                return _to_rgb(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError as e:
+        raise KronaError(f"image '{path}' is too large to load safely ({e}); downscale it or remove it") from None
+    except Exception as e:  # any failure to decode or convert (OSError, SyntaxError, zlib.error...): unusable file
+        raise KronaError(f"cannot read image '{path}': {e}; remove or replace it") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB: high-bit greyscale scaled by its range, transparency composited on white."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        image = Image.fromarray(_grey_to_uint8(np.asarray(image), image.mode))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _grey_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit and 32-bit integer greyscale divided by 257; float greyscale from 0..1, or min-max when it exceeds 1."""
+    values = values.astype(np.float64)
+    if mode == "F":
+        values = np.nan_to_num(values)
+        high, low = values.max(), values.min()
+        scaled = values.clip(0, 1) * 255 if high <= 1 else (values - low) / ((high - low) or 1) * 255
+    else:
+        scaled = values.clip(0, 65535) / 257
+    return np.round(scaled).astype(np.uint8)
+
+
+def read_caption(image_path: Path, default: str) -> str:
+    """The image's sidecar caption (same name, `.txt`), stripped; `default` when there is none or it is empty."""
+    sidecar = Path(image_path).with_suffix(CAPTION_SUFFIX)
+    if not sidecar.is_file():
+        return default
+    try:
+        caption = sidecar.read_text(encoding="utf-8-sig").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise KronaError(f"cannot read caption file '{sidecar}': {e}; save it as UTF-8 text or delete it") from None
+    return caption or default
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training item: pixels in [-1, 1] (3, R, R), SDXL time ids (original h, w, crop y, x, target h, w)."""
+
+    pixels: torch.Tensor
+    time_ids: TimeIds
+    caption: str
+    source: Path
+
+
+def prepare_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+                  generator: torch.Generator) -> tuple[torch.Tensor, TimeIds]:
+    """Resize the shorter side to `resolution`, maybe flip, crop a square; pixels (3, R, R) in [-1, 1] and time ids.
+
+    As diffusers does it: the longer side becomes int(long · R / short) (torchvision's Resize), the flip comes before
+    the crop, and the crop's top-left is in the flipped image. Random draws (flip, then crop) come from `generator`.
+    """
+    original = (image.height, image.width)
+    short, long = sorted(image.size)
+    long = int(resolution * long / short)
+    image = image.resize((resolution, long) if image.width <= image.height else (long, resolution),
+                         Image.Resampling.LANCZOS)
+    if random_flip and torch.rand(1, generator=generator).item() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if center_crop:
+        y, x = round((image.height - resolution) / 2), round((image.width - resolution) / 2)
+    else:
+        y = int(torch.randint(0, image.height - resolution + 1, (1,), generator=generator))
+        x = int(torch.randint(0, image.width - resolution + 1, (1,), generator=generator))
+    image = image.crop((x, y, x + resolution, y + resolution))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1).contiguous()
+    return pixels, (*original, y, x, resolution, resolution)
+
+
+class ImageSet(Dataset):
+    """One folder of images with captions, repeated; item i is image i % len(paths), augmented by its own generator."""
+
+    def __init__(self, folder: str | Path, prompt: str, resolution: int, *, repeats: int = 1, center_crop: bool = False,
+                 random_flip: bool = False, seed: int = 0, what: str = "instance"):
+        if repeats < 1:
+            raise KronaError(f"--repeats must be at least 1 (got {repeats})")
+        self.paths, self.skipped = scan_images(folder, what)
+        self.captions = [read_caption(path, prompt) for path in self.paths]
+        self.resolution, self.repeats, self.seed, self.what = resolution, repeats, seed, what
+        self.center_crop, self.random_flip = center_crop, random_flip
+
+    def __len__(self) -> int:
+        return len(self.paths) * self.repeats
+
+    def __getitem__(self, index: int) -> Example:
+        if not 0 <= index < len(self):
+            raise IndexError(f"item {index} of a {len(self)}-item image set")
+        image = index % len(self.paths)
+        generator = rng.generator("augment", self.what, self.seed, index)
+        pixels, time_ids = prepare_image(load_image(self.paths[image]), self.resolution, self.center_crop,
+                                         self.random_flip, generator)
+        return Example(pixels, time_ids, self.captions[image], self.paths[image])
+
+    def original_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of each image as loaded (EXIF orientation applied), in `paths` order."""
+        return [(image.height, image.width) for image in map(load_image, self.paths)]

@@ -1,0 +1,76 @@
+"""Class images for prior preservation: generated with the base model when the class folder holds too few.
+
+Generation is resumable: images already in the folder (made by an earlier, interrupted run or put there by the user)
+are kept and counted, and only the missing ones are made. Image `class-NNNNN.png` is drawn from its own seed
+(`rng.derive_seed("class-image", seed, NNNNN)`), so an interrupted and resumed generation makes the same images as
+an uninterrupted one. Every file is written atomically, with its prompt and seed in the PNG metadata.
+
+Library code: raises KronaError, never prints; progress is reported through a callback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .data import scan_images
+from .errors import KronaError
+from .rng import derive_seed
+from .atomic import write_bytes_atomic
+from .sampling import SampleConfig, image_metadata, png_bytes, render
+
+
+def existing_class_images(class_dir: Path) -> list[Path]:
+    """The images already in a class folder (none if it does not exist yet)."""
+    return scan_images(class_dir, "class", allow_empty=True)[0] if class_dir.is_dir() else []
+
+
+def missing_indices(class_dir: Path, wanted: int) -> list[int]:
+    """The `class-NNNNN.png` indices still to generate so that the folder holds `wanted` images."""
+    have = existing_class_images(class_dir)
+    taken = {p.stem for p in have}
+    free = (i for i in range(10**6) if f"class-{i:05d}" not in taken)
+    return [next(free) for _ in range(max(0, wanted - len(have)))]
+
+
+def generate_class_images(
+    pipe,
+    info,
+    class_dir: str | Path,
+    prompt: str,
+    wanted: int,
+    resolution: int,
+    seed: int = 0,
+    batch_size: int = 4,
+    steps: int = 25,
+    guidance: float = 7.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """Fill `class_dir` up to `wanted` images of `prompt` made by `pipe` at resolution×resolution; return new files.
+
+    `info` is the sampling.ModelInfo written into each PNG's metadata. `progress(done, total)` is called after
+    every image.
+    """
+    class_dir = Path(class_dir)
+    todo = missing_indices(class_dir, wanted)
+    if not todo:
+        return []
+    try:
+        class_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KronaError(f"cannot create the class folder '{class_dir}': {e.strerror or e}; set --class-dir") from None
+    seeds = [derive_seed("class-image", seed, i) for i in todo]
+    index_of = dict(zip(seeds, todo))
+    config = SampleConfig(steps=steps, guidance=guidance, width=resolution, height=resolution, batch_size=batch_size)
+    meta = image_metadata(config, info, resolution, resolution)
+    written: list[Path] = []
+
+    def write(_prompt_index: int, image_seed: int, image) -> None:
+        path = class_dir / f"class-{index_of[image_seed]:05d}.png"
+        write_bytes_atomic(path, png_bytes(image, {"prompt": prompt, "seed": str(image_seed), **meta}))
+        written.append(path)
+        if progress is not None:
+            progress(len(written), len(todo))
+
+    render(pipe, config, [prompt], on_image=write, seeds=seeds)
+    return written

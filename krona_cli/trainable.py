@@ -1,0 +1,123 @@
+"""The adapter being trained: Kronecker adapters (krona's own) or LoRA through peft (the baseline), attached to the
+UNet and optionally to the text encoders, with their trainable parameters by name and how each kind is saved.
+
+Kronecker adapters are saved in krona's native format; LoRA adapters in diffusers' LoRA format (what
+`pipeline.load_lora_weights` loads), with the LoRA scale baked into the up weights so that any loader gives the
+trained model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from .atomic import write_bytes_atomic
+from .errors import KronaError
+from .kron import inject
+
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+_LORA_UNET = {"attn": ["to_q", "to_k", "to_v", "to_out.0"], "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]}
+_LORA_TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class TrainableAdapter:
+    """Adapters attached to a pipeline's models; `models` maps component names to the adapted modules."""
+
+    kind: str  # kron | lora
+    models: dict[str, nn.Module]
+    targets: dict[str, str]
+    factors: dict[str, str] = field(default_factory=dict)  # component -> requested factors (kron)
+    rank: int = 4
+    scale: float = 1.0
+
+    def params(self) -> dict[str, nn.Parameter]:
+        """Every trainable parameter, named `<component>.<parameter name>`, in a fixed order."""
+        return {
+            f"{component}.{name}": p
+            for component, model in self.models.items()
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params().values())
+
+    def save(self, path: str | Path, base_model: str, architecture: str, training: dict) -> Path:
+        """Write the adapter file atomically: native Kronecker format, or diffusers LoRA format."""
+        if self.kind == "kron":
+            from .formats import collect_adapter, save_adapter
+
+            adapter = collect_adapter(self.models, self.scale, base_model, architecture, self.targets, training)
+            return save_adapter(path, adapter)
+        return _save_lora(self, Path(path))
+
+
+def attach(pipe, kind: str, targets: str, factors: str, rank: int, scale: float,
+           train_text_encoder: bool, text_encoder_factors: str | None) -> TrainableAdapter:
+    """Freeze the pipeline's models and attach trainable adapters to the UNet (and the text encoders if asked)."""
+    models = {"unet": pipe.unet}
+    if train_text_encoder:
+        models.update({c: getattr(pipe, c) for c in TEXT_COMPONENTS if getattr(pipe, c, None) is not None})
+    for model in models.values():
+        model.requires_grad_(False)
+    chosen = {c: "text" if c in TEXT_COMPONENTS else targets for c in models}
+    if kind == "kron":
+        requested = {c: (text_encoder_factors or factors) if c in TEXT_COMPONENTS else factors for c in models}
+        for component, model in models.items():
+            inject(model, chosen[component], requested[component], scale=scale)
+        return TrainableAdapter(kind, models, chosen, requested, scale=scale)
+    if kind == "lora":
+        for component, model in models.items():
+            _add_lora(model, component, targets, rank, scale)
+        return TrainableAdapter(kind, models, chosen, rank=rank, scale=scale)
+    raise KronaError(f"unknown adapter '{kind}'; use kron or lora")
+
+
+def _add_lora(model: nn.Module, component: str, targets: str, rank: int, scale: float) -> None:
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise KronaError("--adapter lora needs peft; install it with: pip install peft") from None
+    if component in TEXT_COMPONENTS:
+        modules = _LORA_TEXT
+    else:  # a preset's module names, or the regular expression as peft reads one (a full match of the name)
+        modules = _LORA_UNET.get(targets) or rf".*(?:{targets}).*"
+    config = LoraConfig(r=rank, lora_alpha=rank * scale, init_lora_weights="gaussian", target_modules=modules)
+    try:
+        model.add_adapter(config)
+    except ValueError as e:
+        raise KronaError(f"cannot attach LoRA to the {component}: {e}; check --targets") from None
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
+
+
+def _save_lora(adapter: TrainableAdapter, path: Path) -> Path:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {}
+    for component, model in adapter.models.items():
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        # bake alpha / r into the up weights: diffusers-format files carry no alpha
+        layers[f"{component}_lora_layers"] = {
+            k: (v * adapter.scale if "lora.up" in k or "lora_B" in k else v).detach().to("cpu", torch.float32).contiguous()
+            for k, v in state.items()
+        }
+    pipeline_class = StableDiffusionXLPipeline if _is_sdxl(adapter) else StableDiffusionPipeline
+
+    def save_function(weights: dict, filename: str) -> None:
+        write_bytes_atomic(filename, safetensors_save(weights, metadata={"format": "pt"}))
+
+    pipeline_class.save_lora_weights(path.parent, weight_name=path.name, save_function=save_function, **layers)
+    return path
+
+
+def _is_sdxl(adapter: TrainableAdapter) -> bool:
+    return getattr(adapter.models["unet"].config, "addition_embed_type", None) == "text_time"
