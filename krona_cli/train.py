@@ -182,6 +182,7 @@ def _models_on(device, models):
 def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     """Run (or, with cfg.dry_run, only check and plan) a training run; see the module docstring."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration, set_seed
 
     from .checkpoint import (
@@ -216,6 +217,10 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         raise KronaError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to} "
                          "(or pass --report-to none)")
+    # accelerate keeps one state per process; each run (several in one process for tests and comparisons) sets its
+    # own precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" or cfg.dry_run else cfg.report_to,
@@ -249,16 +254,6 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     class_dir = Path(cfg.class_dir or out / "class-images").expanduser()
     to_generate = len(missing_indices(class_dir, cfg.num_class_images)) if prior else 0
 
-    generated = 0
-    if prior and to_generate and not cfg.dry_run:
-        if accelerator.is_main_process:
-            with accelerator.autocast(), torch.no_grad():
-                generated = len(generate_class_images(
-                    pipe, info, class_dir, cfg.class_prompt, cfg.num_class_images, resolution, seed=cfg.seed,
-                    batch_size=cfg.class_batch_size, steps=cfg.sample_steps, guidance=cfg.sample_guidance,
-                    progress=reporter.class_images))
-        accelerator.wait_for_everyone()
-
     adapter = attach(pipe, cfg.adapter, cfg.targets, cfg.factors, cfg.rank, cfg.scale, cfg.train_text_encoder,
                      cfg.text_encoder_factors)
     params = adapter.params()
@@ -280,10 +275,21 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
          + (", gradient checkpointing" if cfg.gradient_checkpointing else "")),
         ("output", str(out)),
     ]
-    result = TrainResult(output_dir=out, summary=summary, class_images_generated=generated)
+    result = TrainResult(output_dir=out, summary=summary)
     reporter.start(summary)
     if cfg.dry_run:
         return result
+    if cfg.overwrite and not cfg.resume and accelerator.is_main_process:
+        _clear_run(out)
+    # fresh adapters change nothing yet (B = 0), so these are the base model's images
+    if prior and to_generate:
+        if accelerator.is_main_process:
+            with accelerator.autocast(), torch.no_grad():
+                result.class_images_generated = len(generate_class_images(
+                    pipe, info, class_dir, cfg.class_prompt, cfg.num_class_images, resolution, seed=cfg.seed,
+                    batch_size=cfg.class_batch_size, steps=cfg.sample_steps, guidance=cfg.sample_guidance,
+                    progress=reporter.class_images))
+        accelerator.wait_for_everyone()
 
     classes = ImageSet(class_dir, cfg.class_prompt, resolution, center_crop=cfg.center_crop,
                        random_flip=cfg.random_flip, seed=cfg.seed, what="class") if prior else None
@@ -481,6 +487,15 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     result.step = step
     accelerator.wait_for_everyone()
     return result
+
+
+def _clear_run(out: Path) -> None:
+    """--overwrite: remove the earlier run's adapter, checkpoints and samples (its class images are kept for reuse)."""
+    import shutil
+
+    for name in ("checkpoints", "samples"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "adapter.safetensors").unlink(missing_ok=True)
 
 
 def _cast(model, device, dtype) -> None:

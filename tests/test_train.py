@@ -231,3 +231,46 @@ def test_xformers_on_a_cpu_is_a_clear_error(tiny_sdxl_dir, tmp_path):
         pytest.skip("a GPU is present")
     with pytest.raises(KronaError, match="--xformers needs a CUDA GPU"):
         train(config(tiny_sdxl_dir, tmp_path / "run", xformers=True))
+
+
+def test_text_encoders_8bit_adam_bf16_checkpointing_and_tensorboard(tiny_sdxl_dir, tmp_path):
+    from krona_cli.formats import load_adapter
+
+    out = tmp_path / "run"
+    result = train(config(
+        tiny_sdxl_dir, out, steps=3, train_text_encoder=True, text_encoder_factors="4x4", text_encoder_lr=1e-3,
+        optimizer="adamw8bit", mixed_precision="bf16", gradient_checkpointing=True, snr_gamma=5.0, noise_offset=0.05,
+        lr_scheduler="cosine", lr_warmup_steps=1, report_to="tensorboard", vae=str(tiny_sdxl_dir),
+        class_prompt=CLASS_PROMPT, num_class_images=2,
+    ))
+    adapter = load_adapter(result.adapter)
+    assert set(adapter.tensors) == {"unet", "text_encoder", "text_encoder_2"}
+    assert set(adapter.factors["text_encoder"].values()) == {"4x4"}
+    assert all(torch.isfinite(t).all() for c in adapter.tensors.values() for t in c.values())
+    assert all(t.dtype == torch.float32 for t in adapter.tensors["text_encoder"].values())  # fp32 under bf16
+    assert any(t.abs().sum() > 0 for t in adapter.tensors["text_encoder_2"].values())
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+def test_v_prediction_models_train_on_the_velocity(tiny_sd15_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from krona_cli import diffusion
+
+    v_model = tmp_path / "v-model"
+    shutil.copytree(tiny_sd15_dir, v_model)
+    scheduler_config = v_model / "scheduler" / "scheduler_config.json"
+    settings = json.loads(scheduler_config.read_text()) | {"prediction_type": "v_prediction"}
+    scheduler_config.write_text(json.dumps(settings))
+    kinds = []
+    original = diffusion.target_for
+
+    def spy(scheduler, latents, noise, timesteps):
+        target = original(scheduler, latents, noise, timesteps)
+        kinds.append(torch.allclose(target, scheduler.get_velocity(latents, noise, timesteps)))
+        return target
+
+    monkeypatch.setattr(diffusion, "target_for", spy)
+    result = train(config(v_model, tmp_path / "run", steps=2))
+    assert kinds == [True, True] and "v-prediction" in dict(result.summary)["model"]
