@@ -391,12 +391,14 @@ def train_cmd(config: Optional[str] = None, **overrides) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: runs the app and turns failures into one line and an exit code (2 bad input, 1 bug, 130 ^C)."""
     args = sys.argv[1:] if argv is None else argv
+    stopped_by_krona = False  # an interrupted run that said how to resume: no second line
     try:
         result = app(args=args, prog_name="krona", standalone_mode=False)
         code = result if isinstance(result, int) else EXIT_OK
     except KronaError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        code = e.exit_code
+        label = "[yellow]interrupted:[/]" if e.exit_code == EXIT_INTERRUPTED else "[bold red]error:[/]"
+        err_console.print(f"{label} {e}", highlight=False, soft_wrap=True)
+        code, stopped_by_krona = e.exit_code, e.exit_code == EXIT_INTERRUPTED
     except typer.Exit as e:
         code = e.exit_code
     except (typer.Abort, KeyboardInterrupt):
@@ -413,7 +415,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             soft_wrap=True,
         )
         code = EXIT_INTERNAL
-    if code == EXIT_INTERRUPTED:  # typer itself turns Ctrl-C into exit code 130
+    if code == EXIT_INTERRUPTED and not stopped_by_krona:  # typer itself turns Ctrl-C into exit code 130
         err_console.print("[yellow]interrupted[/]")
     if argv is None:
         sys.exit(code)

@@ -274,3 +274,37 @@ def test_v_prediction_models_train_on_the_velocity(tiny_sd15_dir, tmp_path, monk
     monkeypatch.setattr(diffusion, "target_for", spy)
     result = train(config(v_model, tmp_path / "run", steps=2))
     assert kinds == [True, True] and "v-prediction" in dict(result.summary)["model"]
+
+
+def test_with_ema_the_saved_adapter_holds_the_ema_weights(tiny_sd15_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from krona_cli.formats import load_adapter
+
+    result = train(config(tiny_sd15_dir, tmp_path / "run", steps=4, ema=True, ema_decay=0.9, lr=1e-2))
+    ema = load_file(result.checkpoints[-1] / "ema.safetensors")
+    params = load_file(result.checkpoints[-1] / "params.safetensors")
+    saved = load_adapter(result.adapter).tensors["unet"]
+    assert saved and all(torch.equal(t, ema[f"ema.unet.{name}"]) for name, t in saved.items())
+    assert any(not torch.equal(t, params[f"params.unet.{name}"]) for name, t in saved.items())
+
+
+def test_ctrl_c_from_the_command_line_checkpoints_and_exits_130(tiny_sd15_dir, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "krona_cli", "train", "--config", "tiny", "--pretrained-model", str(tiny_sd15_dir),
+               "--instance-dir", str(EXAMPLES), "--prompt", PROMPT, "--output-dir", str(out), "--steps", "100000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "config.yaml").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)  # config.yaml is written just before the first step
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "--resume latest" in stderr and "Traceback" not in stderr
+    checkpoints = list((out / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and not (out / "adapter.safetensors").exists()
