@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -342,7 +343,7 @@ class _RichReporter:
         console.print(table)
 
     def warn(self, message: str) -> None:
-        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
     def class_images(self, done: int, total: int) -> None:
         self.progress.start()
@@ -378,6 +379,8 @@ def train_cmd(config: Optional[str] = None, **overrides) -> None:
         result = train(cfg, reporter)
     finally:
         reporter.close()
+    if not result.main_process:
+        return
     if cfg.dry_run:
         console.print("dry run: data, model, adapter and output folder are fine; nothing was trained")
         return
@@ -397,7 +400,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         code = result if isinstance(result, int) else EXIT_OK
     except KronaError as e:
         label = "[yellow]interrupted:[/]" if e.exit_code == EXIT_INTERRUPTED else "[bold red]error:[/]"
-        err_console.print(f"{label} {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"{label} {escape(str(e))}", highlight=False, soft_wrap=True)
         code, stopped_by_krona = e.exit_code, e.exit_code == EXIT_INTERRUPTED
     except typer.Exit as e:
         code = e.exit_code
@@ -410,7 +413,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if _state["debug"] or "--debug" in args:
             traceback.print_exc()
         err_console.print(
-            f"[bold red]internal error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+            f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))} (rerun with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,
         )

@@ -53,6 +53,7 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     class_images_generated: int = 0
     summary: list[tuple[str, str]] = field(default_factory=list)
+    main_process: bool = True  # the process that writes files and reports (the only one in a 1-process run)
 
 
 RUN_MARKERS = ("config.yaml", "adapter.safetensors", "checkpoints")
@@ -222,6 +223,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     AcceleratorState._reset_state()
     GradientState._reset_state()
     accelerator = Accelerator(
+        # without an accelerator device, `accelerate launch --multi_gpu` processes join a gloo group only with cpu=True
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" or cfg.dry_run else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
@@ -229,6 +232,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if not accelerator.is_main_process:
+        reporter = Reporter()  # one process speaks
     set_seed(cfg.seed)
     device, weight_dtype = accelerator.device, _PRECISION[cfg.mixed_precision]
 
@@ -275,12 +280,13 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
          + (", gradient checkpointing" if cfg.gradient_checkpointing else "")),
         ("output", str(out)),
     ]
-    result = TrainResult(output_dir=out, summary=summary)
+    result = TrainResult(output_dir=out, summary=summary, main_process=accelerator.is_main_process)
     reporter.start(summary)
     if cfg.dry_run:
         return result
     if cfg.overwrite and not cfg.resume and accelerator.is_main_process:
         _clear_run(out)
+    accelerator.wait_for_everyone()  # every process has counted the class images before any are made
     # fresh adapters change nothing yet (B = 0), so these are the base model's images
     if prior and to_generate:
         if accelerator.is_main_process:
@@ -480,8 +486,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         save_samples(step)
         progress_done = True
     finally:
-        if accelerator.is_main_process and not cfg.dry_run:
-            accelerator.end_training()
+        for tracker in accelerator.trackers:  # not end_training(): it also ends the process group
+            tracker.finish()
     if progress_done and accelerator.is_main_process:
         result.adapter = _save_final(cfg, adapter, ema, out, arch, step, result, reporter)
     result.step = step
