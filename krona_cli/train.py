@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .atomic import write_bytes_atomic
 from .config import TrainConfig
 from .errors import KronaError
 
@@ -356,12 +357,6 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
             accelerator.scaler.load_state_dict(state.meta["grad_scaler"])
         step = state.step
 
-    if accelerator.is_main_process:
-        from .atomic import write_bytes_atomic
-
-        write_bytes_atomic(out / "config.yaml", cfg.to_yaml().encode())
-        tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.to_dict().items()}
-        accelerator.init_trackers("krona", config=tracker_config)
     noise_scheduler = _noise_scheduler(pipe)
     num_timesteps = noise_scheduler.config.num_train_timesteps
     sample_prompts = list(cfg.sample_prompt) or [cfg.prompt]
@@ -445,7 +440,12 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         model.train()
     progress_done = False
     try:
-        with _Stop() as stop:
+        with _Stop() as stop:  # from here on, Ctrl-C or SIGTERM ends the run with a checkpoint
+            if accelerator.is_main_process:
+                write_bytes_atomic(out / "config.yaml", cfg.to_yaml().encode())
+                tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                  for k, v in cfg.to_dict().items()}
+                accelerator.init_trackers("krona", config=tracker_config)
             while step < cfg.steps:
                 total = 0.0
                 for micro in range(cfg.grad_accum):
