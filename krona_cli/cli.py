@@ -384,6 +384,8 @@ def train_cmd(config: Optional[str] = None, **overrides) -> None:
     if cfg.dry_run:
         console.print("dry run: data, model, adapter and output folder are fine; nothing was trained")
         return
+    if result.processes_agree > 1:
+        console.print(f"all {result.processes_agree} processes hold bit-identical adapter weights")
     console.print(
         f"trained {result.step} steps -> [bold]{result.adapter}[/]\n"
         f"samples: {result.output_dir / 'samples'}   checkpoints: {result.output_dir / 'checkpoints'}   "

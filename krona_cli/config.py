@@ -154,8 +154,10 @@ class TrainConfig:
     def config_hash(self) -> str:
         """sha256 of the settings that decide the trained weights: model, data, prior preservation, adapter,
         optimisation (learning rates resolved), seed and precision; a checkpoint resumes only under the same hash.
-        Not covered: the step count (a run may be resumed to train longer), settings that change speed or memory but
-        not the result (gradient-checkpointing, cache-latents, xformers, allow-tf32, class-batch-size), where and how
+        Not covered: the step count (a run may be resumed to train longer), how the global batch is split
+        (batch-size per process and grad-accum: train checks the global batch itself, so a run may resume on another
+        number of processes), settings that change speed or memory but not the result (gradient-checkpointing,
+        cache-latents, xformers, allow-tf32, class-batch-size), where and how
         often things are written or shown (output-dir, checkpoint-every, keep-checkpoints, sample-*, report-to) and
         how the command runs (resume, dry-run, overwrite)."""
         settings = {k: v for k, v in self.to_dict().items() if k not in _UNHASHED and not k.startswith("sample-")}
@@ -164,7 +166,7 @@ class TrainConfig:
 
 
 _UNHASHED = {
-    "steps", "gradient-checkpointing", "cache-latents", "xformers", "allow-tf32", "class-batch-size",
+    "steps", "batch-size", "grad-accum", "gradient-checkpointing", "cache-latents", "xformers", "allow-tf32", "class-batch-size",
     "output-dir", "checkpoint-every", "keep-checkpoints", "report-to", "resume", "dry-run", "overwrite",
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -45,14 +45,17 @@ def generate_class_images(
     steps: int = 25,
     guidance: float = 7.0,
     progress: Callable[[int, int], None] | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> list[Path]:
     """Fill `class_dir` up to `wanted` images of `prompt` made by `pipe` at resolution×resolution; return new files.
 
-    `info` is the sampling.ModelInfo written into each PNG's metadata. `progress(done, total)` is called after
-    every image.
+    With several processes, process `rank` of `world` makes every world-th missing image (all of them must have
+    listed the folder before any starts); the images are the same whatever the process count. `info` is the
+    sampling.ModelInfo written into each PNG's metadata. `progress(done, total)` is called after every image.
     """
     class_dir = Path(class_dir)
-    todo = missing_indices(class_dir, wanted)
+    todo = missing_indices(class_dir, wanted)[rank::world]
     if not todo:
         return []
     try:

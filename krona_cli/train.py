@@ -55,6 +55,7 @@ class TrainResult:
     class_images_generated: int = 0
     summary: list[tuple[str, str]] = field(default_factory=list)
     main_process: bool = True  # the process that writes files and reports (the only one in a 1-process run)
+    processes_agree: int = 0  # how many processes were checked to hold bit-identical adapter weights at the end
 
 
 RUN_MARKERS = ("config.yaml", "adapter.safetensors", "checkpoints")
@@ -290,12 +291,11 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     accelerator.wait_for_everyone()  # every process has counted the class images before any are made
     # fresh adapters change nothing yet (B = 0), so these are the base model's images
     if prior and to_generate:
-        if accelerator.is_main_process:
-            with accelerator.autocast(), torch.no_grad():
-                result.class_images_generated = len(generate_class_images(
-                    pipe, info, class_dir, cfg.class_prompt, cfg.num_class_images, resolution, seed=cfg.seed,
-                    batch_size=cfg.class_batch_size, steps=cfg.sample_steps, guidance=cfg.sample_guidance,
-                    progress=reporter.class_images))
+        with accelerator.autocast(), torch.no_grad():
+            result.class_images_generated = len(generate_class_images(
+                pipe, info, class_dir, cfg.class_prompt, cfg.num_class_images, resolution, seed=cfg.seed,
+                batch_size=cfg.class_batch_size, steps=cfg.sample_steps, guidance=cfg.sample_guidance,
+                progress=reporter.class_images, rank=accelerator.process_index, world=world))
         accelerator.wait_for_everyone()
 
     classes = ImageSet(class_dir, cfg.class_prompt, resolution, center_crop=cfg.center_crop,
@@ -340,6 +340,13 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         _check_same_run(cfg, state.meta, resume_from)
+        saved_batch = state.meta.get("global_batch", global_batch)
+        if saved_batch != global_batch:
+            raise KronaError(
+                f"checkpoint '{resume_from}' was trained with a global batch of {saved_batch} samples per step; this "
+                f"run has {global_batch} (--batch-size {cfg.batch_size} × --grad-accum {cfg.grad_accum} × {world} "
+                f"process(es)); choose --batch-size and --grad-accum so that they multiply to {saved_batch}"
+            )
         if set(state.params) != set(params):
             odd = sorted(set(state.params) ^ set(params))[0]
             raise KronaError(f"checkpoint '{resume_from}' does not hold the weights this run trains (e.g. '{odd}'); "
@@ -381,7 +388,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     def checkpoint(at_step: int) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            meta = {"config": cfg.to_dict(), "config_hash": cfg.config_hash(), "krona_version": __version__}
+            meta = {"config": cfg.to_dict(), "config_hash": cfg.config_hash(), "krona_version": __version__,
+                    "global_batch": global_batch, "processes": world}
             if accelerator.scaler is not None:
                 meta["grad_scaler"] = accelerator.scaler.state_dict()
             state = TrainingState(
@@ -484,6 +492,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
                     )
         checkpoint(step)
         save_samples(step)
+        result.processes_agree = _check_processes_agree(accelerator, params)
         progress_done = True
     finally:
         for tracker in accelerator.trackers:  # not end_training(): it also ends the process group
@@ -493,6 +502,20 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     result.step = step
     accelerator.wait_for_everyone()
     return result
+
+
+def _check_processes_agree(accelerator, params: dict[str, torch.Tensor]) -> int:
+    """Compare a SHA-256 of every process's adapter weights; return the process count, raise if any differs."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for value in params.values():
+        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    mine = torch.frombuffer(bytearray(digest.digest()), dtype=torch.int64).to(accelerator.device)
+    everyone = accelerator.gather(mine).reshape(accelerator.num_processes, -1)
+    if not bool((everyone == everyone[0]).all()):
+        raise RuntimeError("the training processes ended with different adapter weights (a bug: please report it)")
+    return accelerator.num_processes
 
 
 def _clear_run(out: Path) -> None:

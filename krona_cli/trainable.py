@@ -18,6 +18,7 @@ from torch import nn
 from .atomic import write_bytes_atomic
 from .errors import KronaError
 from .kron import inject
+from .kron.inject import PRESETS
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 _LORA_UNET = {"attn": ["to_q", "to_k", "to_v", "to_out.0"], "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]}
@@ -65,7 +66,10 @@ def attach(pipe, kind: str, targets: str, factors: str, rank: int, scale: float,
         models.update({c: getattr(pipe, c) for c in TEXT_COMPONENTS if getattr(pipe, c, None) is not None})
     for model in models.values():
         model.requires_grad_(False)
-    chosen = {c: "text" if c in TEXT_COMPONENTS else targets for c in models}
+    skip = _unused_text_layer(pipe)
+    chosen = {c: targets for c in models if c not in TEXT_COMPONENTS}
+    chosen |= {c: rf"^(?!.*\blayers\.{skip[c]}\.).*(?:{PRESETS['text']})" if c in skip else "text"
+               for c in models if c in TEXT_COMPONENTS}
     if kind == "kron":
         requested = {c: (text_encoder_factors or factors) if c in TEXT_COMPONENTS else factors for c in models}
         for component, model in models.items():
@@ -73,23 +77,36 @@ def attach(pipe, kind: str, targets: str, factors: str, rank: int, scale: float,
         return TrainableAdapter(kind, models, chosen, requested, scale=scale)
     if kind == "lora":
         for component, model in models.items():
-            _add_lora(model, component, targets, rank, scale)
+            _add_lora(model, component, targets, rank, scale, skip.get(component))
         return TrainableAdapter(kind, models, chosen, rank=rank, scale=scale)
     raise KronaError(f"unknown adapter '{kind}'; use kron or lora")
 
 
-def _add_lora(model: nn.Module, component: str, targets: str, rank: int, scale: float) -> None:
+def _unused_text_layer(pipe) -> dict[str, int]:
+    """Text-encoder layers whose output training never reads, by component: SDXL reads the first encoder's
+    penultimate hidden states only, so its last layer cannot learn (and DDP would wait for its gradients)."""
+    unet = pipe.unet.config
+    if getattr(unet, "addition_embed_type", None) != "text_time":
+        return {}
+    return {"text_encoder": pipe.text_encoder.config.num_hidden_layers - 1}
+
+
+def _add_lora(model: nn.Module, component: str, targets: str, rank: int, scale: float, skip: int | None) -> None:
     try:
-        from peft import LoraConfig
+        from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise KronaError("--adapter lora needs peft; install it with: pip install peft") from None
     if component in TEXT_COMPONENTS:
         modules = _LORA_TEXT
     else:  # a preset's module names, or the regular expression as peft reads one (a full match of the name)
         modules = _LORA_UNET.get(targets) or rf".*(?:{targets}).*"
-    config = LoraConfig(r=rank, lora_alpha=rank * scale, init_lora_weights="gaussian", target_modules=modules)
+    layers = {} if skip is None else {"layers_to_transform": list(range(skip)), "layers_pattern": "layers"}
+    config = LoraConfig(r=rank, lora_alpha=rank * scale, init_lora_weights="gaussian", target_modules=modules, **layers)
     try:
-        model.add_adapter(config)
+        if component in TEXT_COMPONENTS:  # transformers' own add_adapter wants a newer peft than diffusers does
+            inject_adapter_in_model(config, model)
+        else:
+            model.add_adapter(config)
     except ValueError as e:
         raise KronaError(f"cannot attach LoRA to the {component}: {e}; check --targets") from None
     for p in model.parameters():

@@ -200,7 +200,8 @@ def test_config_hash_covers_the_run_not_its_outputs():
     assert re.fullmatch(r"[0-9a-f]{64}", digest) and TrainConfig(**DATA).config_hash() == digest
     same = dict(output_dir="elsewhere", resume="latest", dry_run=True, overwrite=True, sample_prompt=["x"],
                 sample_every=1, report_to="none", checkpoint_every=1, keep_checkpoints=0, lr=5e-4,
-                steps=5000, gradient_checkpointing=True, cache_latents=False, class_batch_size=1)
+                steps=5000, gradient_checkpointing=True, cache_latents=False, class_batch_size=1,
+                batch_size=4, grad_accum=2)
     assert dataclasses.replace(base, **same).config_hash() == digest
     for change in ({"mixed_precision": "bf16"}, {"factors": "8x4"}, {"seed": 1}, {"prompt": "other"}, {"lr": 1e-3}):
         assert dataclasses.replace(base, **change).config_hash() != digest, change
