@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from .errors import KronaError
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _no_space(path: Path, error: OSError) -> KronaError:
+    return KronaError(
+        f"no space left on the device while writing '{path}' ({error.strerror}); the previous version, if any, is "
+        "intact: free some space and run the command again (a training run continues with --resume latest)"
+    )
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -21,8 +33,10 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            raise _no_space(path, e) from None
         raise
     fsync_dir(path.parent)
     return path
@@ -65,8 +79,10 @@ def write_folder_atomic(target: str | os.PathLike, fill: Callable[[Path], None])
             shutil.rmtree(retired, ignore_errors=True)
         else:
             staging.rename(target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            raise _no_space(target, e) from None
         raise
     fsync_dir(target.parent)
     return target

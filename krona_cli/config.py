@@ -92,6 +92,8 @@ class TrainConfig:
     seed: int = _opt(0, "Seed of every random draw of the run.", min=0)
     ema: bool = _opt(False, "Keep an exponential moving average of the adapter weights and save it.")
     ema_decay: float = _opt(0.999, "EMA decay per step.", above=0, below=1)
+    max_bad_steps: int = _opt(5, "Steps in a row with a non-finite loss or gradient (each skipped) before the run "
+                                 "stops.", min=1)
     # speed and memory
     mixed_precision: str = _opt("no", "Mixed precision of the frozen model and autocast.",
                                 choices=("no", "fp16", "bf16"))
@@ -166,7 +168,7 @@ class TrainConfig:
 
 
 _UNHASHED = {
-    "steps", "batch-size", "grad-accum", "gradient-checkpointing", "cache-latents", "xformers", "allow-tf32", "class-batch-size",
+    "steps", "batch-size", "grad-accum", "max-bad-steps", "gradient-checkpointing", "cache-latents", "xformers", "allow-tf32", "class-batch-size",
     "output-dir", "checkpoint-every", "keep-checkpoints", "report-to", "resume", "dry-run", "overwrite",
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class TrainResult:
     summary: list[tuple[str, str]] = field(default_factory=list)
     main_process: bool = True  # the process that writes files and reports (the only one in a 1-process run)
     processes_agree: int = 0  # how many processes were checked to hold bit-identical adapter weights at the end
+    bad_steps: int = 0  # steps skipped because the loss or gradients were not finite
 
 
 RUN_MARKERS = ("config.yaml", "adapter.safetensors", "checkpoints")
@@ -182,8 +184,41 @@ def _models_on(device, models):
             m.to(home)
 
 
+_OOM_HINT = (
+    "out of GPU memory; lower it with --gradient-checkpointing, --optimizer adamw8bit, --mixed-precision bf16, "
+    "--cache-latents (the default), a smaller --resolution or --batch-size (with --grad-accum to keep the batch)"
+)
+
+
 def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     """Run (or, with cfg.dry_run, only check and plan) a training run; see the module docstring."""
+    try:
+        return _train(cfg, reporter or Reporter())
+    except torch.OutOfMemoryError:
+        raise KronaError(_OOM_HINT) from None
+
+
+def _data_files(*datasets) -> dict[str, list[list]]:
+    """What a run trains on: each image set's file names and sizes (recorded in checkpoints)."""
+    return {d.what: [[p.name, p.stat().st_size] for p in d.paths] for d in datasets if d is not None}
+
+
+def _check_same_data(saved: dict | None, now: dict, path: Path) -> None:
+    """KronaError naming the first difference if the photos changed since a checkpoint was made."""
+    if saved is None:  # a checkpoint of an older krona
+        return
+    for what in sorted(set(saved) | set(now)):
+        before, after = dict(map(tuple, saved.get(what, []))), dict(map(tuple, now.get(what, [])))
+        changes = [f"added {n}" for n in after if n not in before] + [f"removed {n}" for n in before if n not in after]
+        changes += [f"changed {n}" for n in after if n in before and before[n] != after[n]]
+        if changes:
+            raise KronaError(
+                f"the {what} images changed since checkpoint '{path}' ({', '.join(changes[:3])}); resume with the "
+                "images it was trained on, or start a new run in another --output-dir"
+            )
+
+
+def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -205,7 +240,6 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     from .sampling import ModelInfo, SampleConfig, image_metadata, render, write_grid
     from .trainable import attach
 
-    reporter = reporter or Reporter()
     cfg.validate()
     out = check_output_dir(cfg)
     scan_images(cfg.instance_dir, "instance")  # bad data fails before the model loads
@@ -347,6 +381,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
                 f"run has {global_batch} (--batch-size {cfg.batch_size} × --grad-accum {cfg.grad_accum} × {world} "
                 f"process(es)); choose --batch-size and --grad-accum so that they multiply to {saved_batch}"
             )
+        _check_same_data(state.meta.get("data"), _data_files(instance, classes), resume_from)
         if set(state.params) != set(params):
             odd = sorted(set(state.params) ^ set(params))[0]
             raise KronaError(f"checkpoint '{resume_from}' does not hold the weights this run trains (e.g. '{odd}'); "
@@ -388,8 +423,9 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     def checkpoint(at_step: int) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            _check_finite(params.values(), "adapter")
             meta = {"config": cfg.to_dict(), "config_hash": cfg.config_hash(), "krona_version": __version__,
-                    "global_batch": global_batch, "processes": world}
+                    "global_batch": global_batch, "processes": world, "data": _data_files(instance, classes)}
             if accelerator.scaler is not None:
                 meta["grad_scaler"] = accelerator.scaler.state_dict()
             state = TrainingState(
@@ -446,7 +482,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
 
     for model in adapter.models.values():
         model.train()
-    progress_done = False
+    progress_done, bad_in_row = False, 0
     try:
         with _Stop() as stop:  # from here on, Ctrl-C or SIGTERM ends the run with a checkpoint
             if accelerator.is_main_process:
@@ -465,14 +501,32 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
                         loss = micro_loss(step, micro)
                         accelerator.backward(loss / cfg.grad_accum)
                     total += loss.detach().float().item() / cfg.grad_accum
-                if cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-                optimizer.step()
-                if not accelerator.optimizer_step_was_skipped:
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update()
+                # fp16: the gradient scaler itself skips steps with overflowing gradients and lowers its scale
+                check_grads = accelerator.scaler is None
+                bad = not math.isfinite(total) or (check_grads and not _finite_grads(params.values()))
+                if accelerator.reduce(torch.tensor(float(bad), device=device), "sum") > 0:
+                    optimizer.zero_grad(set_to_none=True)
+                    result.bad_steps += 1
+                    bad_in_row += 1
+                    reporter.warn(f"step {step + 1}: the loss or gradients are not finite; step skipped "
+                                  f"({bad_in_row} in a row, at most {cfg.max_bad_steps})")
+                    if bad_in_row >= cfg.max_bad_steps:
+                        raise KronaError(
+                            f"the loss or gradients were not finite for {bad_in_row} steps in a row (up to step "
+                            f"{step + 1}); likely causes: fp16 overflow (use --mixed-precision bf16 or no, or an "
+                            "fp16-safe --vae) or a learning rate too high (lower --lr); the adapter was not saved, "
+                            "the last checkpoint is intact"
+                        )
+                else:
+                    bad_in_row = 0
+                    if cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+                    optimizer.step()
+                    if not accelerator.optimizer_step_was_skipped:
+                        lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.update()
                 step += 1
                 loss_value = float(accelerator.reduce(torch.tensor(total, device=device), "mean"))
                 lr = lr_scheduler.get_last_lr()[0]
@@ -502,6 +556,17 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     result.step = step
     accelerator.wait_for_everyone()
     return result
+
+
+def _finite_grads(params) -> bool:
+    return all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+
+
+def _check_finite(tensors, what: str) -> None:
+    """KronaError instead of saving non-finite weights."""
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise KronaError(f"the {what} holds non-finite values and was not saved; lower --lr or use --mixed-precision "
+                         "bf16, and resume from the last checkpoint")
 
 
 def _check_processes_agree(accelerator, params: dict[str, torch.Tensor]) -> int:
@@ -587,6 +652,7 @@ def _save_final(cfg, adapter, ema, out: Path, arch: str, step: int, result: Trai
                 "ema": cfg.ema, "seed": cfg.seed, "resolution": cfg.resolution, "adapter": cfg.adapter}
     weights = ema.applied() if ema is not None else contextlib.nullcontext()
     with weights:
+        _check_finite(adapter.params().values(), "adapter")
         path = adapter.save(out / "adapter.safetensors", cfg.pretrained_model, arch, training)
     reporter.saved("adapter", path)
     card = write_model_card(out, cfg, arch, step, adapter.num_params(), result.samples[-1] if result.samples else None)
