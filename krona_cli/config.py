@@ -151,7 +151,8 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         header = "# krona train settings; `krona train --config THIS-FILE` trains with them again\n"
-        return header + yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        # allow_unicode=False: escapes such as \N (U+0085) keep every character of a prompt through a round trip
+        return header + yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=False)
 
     def config_hash(self) -> str:
         """sha256 of the settings that decide the trained weights: model, data, prior preservation, adapter,
@@ -241,7 +242,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     if kind is float and not isinstance(value, bool):
         try:
             number = float(value)  # YAML reads 1e-4 (no dot) as a string
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             number = math.nan
         if math.isfinite(number):
             return number
@@ -282,6 +283,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise KronaError(f"cannot read config file '{path}': {getattr(e, 'strerror', None) or e}") from None
+    except ValueError as e:  # PyYAML's own limits, such as Python's cap on the digits of an integer
+        raise KronaError(f"config file '{path}' holds a value krona cannot read: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -53,8 +53,13 @@ def parse_factors(value: str | tuple[int, int] | Factors) -> Factors:
             )
         a_out, a_in = match.groups()
     try:
-        a_out, a_in = int(a_out), int(a_in)
-    except (TypeError, ValueError):
+        whole = [int(v) for v in (a_out, a_in)]
+        if any(isinstance(v, float) and v != w for v, w in zip((a_out, a_in), whole)) or any(
+            isinstance(v, bool) for v in (a_out, a_in)
+        ):
+            raise ValueError
+        a_out, a_in = whole
+    except (TypeError, ValueError, OverflowError):
         raise KronaError(f"factors {value!r} must be whole numbers, e.g. 64x4") from None
     if a_out < 1 or a_in < 1:
         raise KronaError(f"factors '{value}' must be positive whole numbers, e.g. 64x4")

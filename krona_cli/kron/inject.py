@@ -36,7 +36,7 @@ def target_pattern(targets: str | Iterable[str]) -> re.Pattern:
         expr = PRESETS.get(item, item)
         try:
             re.compile(expr)
-        except re.error as e:
+        except (re.error, OverflowError, RecursionError) as e:
             raise KronaError(
                 f"targets '{item}' is neither a preset ({', '.join(PRESETS)}) nor a valid regular expression: {e}"
             ) from None

@@ -97,7 +97,7 @@ class _KronLinearFn(torch.autograd.Function):
         a_out, a_in = a.shape
         b_out, b_in = b.shape
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, a_in * b_in)
+        x2 = x.reshape(-1, a_in * b_in).contiguous()  # the views below need rows laid out densely
         n = x2.shape[0]
         y = F.linear(x2, weight, bias)
         if b_first:
@@ -152,6 +152,11 @@ class _KronLinearFn(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(*ctx.lead, a_in * b_in)
         return dx, None, None, da, db, None, None
+
+
+def _merge_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Merging adds in float32 at least (fp16/bf16 weights), in float64 for float64 weights."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 class KronLinear(nn.Module):
@@ -233,7 +238,7 @@ class KronLinear(nn.Module):
         """Add the update into the base weight; forward then runs the base alone."""
         if not self.merged:
             w = self.base.weight
-            w.copy_((w.float() + self.delta_weight().float()).to(w.dtype))
+            w.copy_((w.to(_merge_dtype(w)) + self.delta_weight().to(_merge_dtype(w))).to(w.dtype))
             self.merged = True
 
     @torch.no_grad()
@@ -241,7 +246,7 @@ class KronLinear(nn.Module):
         """Take a merged update back out of the base weight."""
         if self.merged:
             w = self.base.weight
-            w.copy_((w.float() - self.delta_weight().float()).to(w.dtype))
+            w.copy_((w.to(_merge_dtype(w)) - self.delta_weight().to(_merge_dtype(w))).to(w.dtype))
             self.merged = False
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
