@@ -310,6 +310,96 @@ def export_cmd(
         )
 
 
+@app.command("eval")
+def eval_cmd(
+    images: Annotated[Path, typer.Option(help="Folder of generated images (PNG prompts are read from their metadata).")],
+    reference: Annotated[Path, typer.Option(help="Folder of the subject's real photos (the instance images).")],
+    prompt: Annotated[Optional[str], typer.Option(help="The prompt of every generated image (else their metadata).")] = None,
+    prompts_file: Annotated[
+        Optional[Path], typer.Option(help="One prompt per generated image, in file-name order.")
+    ] = None,
+    output: Annotated[Path, typer.Option(help="Write the metrics here as JSON.")] = Path("metrics.json"),
+    identifier: Annotated[str, typer.Option(help="The subject's identifier token, removed from prompts for CLIP-T.")] = "sks",
+    clip_model: Annotated[str, typer.Option(help="CLIP model: hub id or local folder.")] = "openai/clip-vit-base-patch32",
+    dino_model: Annotated[str, typer.Option(help="DINO model: hub id or local folder.")] = "facebook/dino-vits16",
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 16,
+) -> None:
+    """Score generated images: CLIP-I and DINO (similarity to the subject's photos) and CLIP-T (to the prompt)."""
+    from rich.progress import Progress
+
+    from .atomic import write_bytes_atomic
+    from .data import scan_images
+    from .metrics import Embedder, evaluate
+    from .sampling import load_prompts
+
+    generated, _ = scan_images(images, "images")
+    photos, _ = scan_images(reference, "reference")
+    prompts = None
+    if prompt is not None or prompts_file is not None:
+        prompts = load_prompts([prompt] if prompt else [], prompts_file)
+        if len(prompts) not in (1, len(generated)):
+            raise KronaError(f"{len(prompts)} prompts for {len(generated)} images; give one prompt, or one per image")
+    _quiet_model_loading()
+    with console.status("loading the CLIP and DINO models"):
+        clip, dino = Embedder.clip(clip_model), Embedder.dino(dino_model)
+    with Progress(console=console) as bar:
+        task = bar.add_task("scoring", total=None)
+        metrics = evaluate(generated, photos, prompts, identifier=identifier, clip=clip, dino=dino,
+                           batch_size=batch_size, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    result = metrics.to_dict() | {"images_dir": str(images), "reference_dir": str(reference), "clip_model": clip_model,
+                                  "dino_model": dino_model, "identifier": identifier}
+    write_bytes_atomic(output, json.dumps(result, indent=2).encode())
+    table = Table(title=f"{metrics.generated} images against {metrics.reference} reference photos", box=box.SIMPLE_HEAD)
+    for column in ("CLIP-I", "CLIP-T", "DINO"):
+        table.add_column(column, justify="right")
+    table.add_row(*("-" if v is None else f"{v:.4f}" for v in (metrics.clip_i, metrics.clip_t, metrics.dino)))
+    console.print(table)
+    console.print(f"metrics -> [bold]{output}[/]")
+
+
+@app.command("compare")
+def compare_cmd(
+    instance_dir: Annotated[str, typer.Option(help="Folder of photos of the subject.")],
+    prompt: Annotated[str, typer.Option(help="Instance prompt, e.g. 'a photo of sks dog'.")],
+    output_dir: Annotated[Path, typer.Option(help="Folder for the runs, report.md, grids and the plot.")],
+    class_prompt: Annotated[Optional[str], typer.Option(help="Class prompt (prior preservation for both methods).")] = None,
+    config: Annotated[Optional[str], typer.Option(help="Training settings shared by both methods: YAML file or preset.")] = None,
+    pretrained_model: Annotated[Optional[str], typer.Option(help="Base model (overrides the config's).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps of every run (overrides the config's).")] = None,
+    sweep: Annotated[Optional[str], typer.Option(help="Repeat over settings: lr=1e-4,5e-4,1e-3, factors=..., rank=....")] = None,
+    prompt_set: Annotated[str, typer.Option(help="DreamBench prompts: object or live (25 each).")] = "live",
+    identifier: Annotated[str, typer.Option(help="The subject's identifier token in the prompt.")] = "sks",
+    class_noun: Annotated[Optional[str], typer.Option(help="The subject's class noun (default: the word after the identifier).")] = None,
+    num_images: Annotated[int, typer.Option(help="Images (seeds) per prompt and run.")] = 2,
+    sample_steps: Annotated[int, typer.Option(help="Denoising steps of the scored samples.")] = 30,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance of the scored samples.")] = 7.0,
+    clip_model: Annotated[str, typer.Option(help="CLIP model: hub id or local folder.")] = "openai/clip-vit-base-patch32",
+    dino_model: Annotated[str, typer.Option(help="DINO model: hub id or local folder.")] = "facebook/dino-vits16",
+) -> None:
+    """Train krona and the LoRA baseline on the same subject and budget, sample the same prompts and seeds, score
+    both (CLIP-I, CLIP-T, DINO) and write report.md with the table, side-by-side grids and a plot."""
+    from .compare import compare
+    from .config import load_config
+
+    overrides = {"instance_dir": instance_dir, "prompt": prompt, "class_prompt": class_prompt, "steps": steps,
+                 "pretrained_model": pretrained_model, "output_dir": str(output_dir)}
+    cfg = load_config(config, overrides)
+    _quiet_model_loading()
+    with console.status("comparing") as status:
+        summary = compare(cfg, output_dir, sweep=sweep, prompts=prompt_set, identifier=identifier, noun=class_noun,
+                          num_images=num_images, sample_steps=sample_steps, guidance=guidance, clip_model=clip_model,
+                          dino_model=dino_model, progress=lambda message: status.update(message))
+    table = Table(title="krona compare", box=box.SIMPLE_HEAD)
+    for column in ("method", summary["sweep"] or "setting", "parameters", "CLIP-I", "CLIP-T", "DINO"):
+        table.add_column(column, justify="right")
+    for run in summary["runs"]:
+        m = run["metrics"]
+        table.add_row(run["method"], str(run["setting"] if run["setting"] is not None else "default"),
+                      f"{run['parameters']:,}", f"{m['clip_i']:.4f}", f"{m['clip_t']:.4f}", f"{m['dino']:.4f}")
+    console.print(table)
+    console.print(f"report -> [bold]{summary['report']}[/]")
+
+
 class _RichReporter:
     """Draws a training run: the summary table, class-image and step progress bars, saved files, warnings."""
 

@@ -329,3 +329,39 @@ def make_tiny(path: str | Path, arch: str = "sdxl", seed: int = 0) -> Path:
     pipeline = build_tiny_pipeline(arch, seed)
     write_folder_atomic(target, lambda folder: pipeline.save_pretrained(folder, safe_serialization=True))
     return target
+
+
+def build_tiny_clip(seed: int = 0):
+    """A tiny random CLIP model (32-px images, 16-wide projections), its image processor and tokenizer."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
+
+    tokenizer = build_tokenizer()
+    text = _text_config(tokenizer, hidden_size=32, hidden_act="quick_gelu").to_dict()
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=16).to_dict()
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, processor, tokenizer
+
+
+def build_tiny_dino(seed: int = 0):
+    """A tiny random ViT (DINO's architecture: the CLS token is the embedding) and its image processor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                       image_size=32, patch_size=8)
+    return ViTModel(config, add_pooling_layer=False).eval(), ViTImageProcessor(size={"height": 32, "width": 32})
+
+
+def make_tiny_clip(path: str | Path, seed: int = 0) -> Path:
+    """Save the tiny CLIP model, processor and tokenizer as a folder that `metrics.Embedder.clip` loads offline."""
+    parts = build_tiny_clip(seed)
+    return write_folder_atomic(path, lambda folder: [part.save_pretrained(folder) for part in parts])
+
+
+def make_tiny_dino(path: str | Path, seed: int = 0) -> Path:
+    """Save the tiny DINO model and processor as a folder that `metrics.Embedder.dino` loads offline."""
+    parts = build_tiny_dino(seed)
+    return write_folder_atomic(path, lambda folder: [part.save_pretrained(folder) for part in parts])

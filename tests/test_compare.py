@@ -1,0 +1,80 @@
+"""`krona compare` and `krona eval` end to end on the tiny pipelines with tiny local CLIP and DINO models."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from krona_cli.cli import main
+from krona_cli.compare import PROMPT_SETS, class_noun, parse_sweep, prompt_set
+from krona_cli.errors import KronaError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
+PROMPT = "a photo of sks cat"
+
+
+@pytest.fixture(scope="module")
+def scorers(tmp_path_factory):
+    from krona_cli.tiny import make_tiny_clip, make_tiny_dino
+
+    root = tmp_path_factory.mktemp("scorers")
+    return make_tiny_clip(root / "clip"), make_tiny_dino(root / "dino")
+
+
+def test_prompt_sets_sweeps_and_class_nouns():
+    assert {name: len(t) for name, t in PROMPT_SETS.items()} == {"object": 25, "live": 25}
+    live = prompt_set("live", "sks", "dog")
+    assert "a sks dog wearing a santa hat" in live and len(set(live)) == 25
+    assert "a sks dog floating in an ocean of milk" in prompt_set("object", "sks", "dog")
+    assert parse_sweep("lr=1e-4, 5e-4") == ("lr", [1e-4, 5e-4]) and parse_sweep(None) == (None, [None])
+    assert parse_sweep("factors=64x4,8x64") == ("factors", ["64x4", "8x64"]) and parse_sweep("rank=4,8")[1] == [4, 8]
+    for bad in ("lr", "speed=1,2", "rank=four", "lr="):
+        with pytest.raises(KronaError, match="--sweep"):
+            parse_sweep(bad)
+    assert class_noun("a photo of sks dog", "sks") == "dog"
+    with pytest.raises(KronaError, match="--class-noun"):
+        class_noun("a photo of a dog", "sks")
+
+
+def test_compare_with_a_two_value_sweep_writes_the_report(tiny_sdxl_dir, tmp_path, scorers, capsys):
+    clip, dino = scorers
+    out = tmp_path / "compare"
+    code = main(["compare", "--config", "tiny", "--pretrained-model", str(tiny_sdxl_dir), "--instance-dir",
+                 str(EXAMPLES), "--prompt", PROMPT, "--class-prompt", "a photo of a cat", "--output-dir", str(out),
+                 "--steps", "4", "--sweep", "lr=1e-3,5e-3", "--num-images", "1", "--sample-steps", "2",
+                 "--clip-model", str(clip), "--dino-model", str(dino)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    results = json.loads((out / "results.json").read_text())
+    runs = {(r["method"], r["setting"]) for r in results["runs"]}
+    assert runs == {("kron", 1e-3), ("kron", 5e-3), ("lora", 1e-3), ("lora", 5e-3)}
+    for run in results["runs"]:
+        assert all(0.0 < run["metrics"][m] <= 1.0 + 1e-6 for m in ("clip_i", "dino")), run
+        assert len(list(Path(run["samples"]).glob("p*-s*.png"))) == 25  # the live prompt set, one seed each
+    kron = next(r for r in results["runs"] if r["method"] == "kron")
+    lora = next(r for r in results["runs"] if r["method"] == "lora")
+    assert kron["parameters"] != lora["parameters"]
+    report = (out / "report.md").read_text()
+    assert "| kron |" in report and "| lora |" in report and "plot.png" in report
+    for name in ("grids/lr-0.001.png", "grids/lr-0.005.png", "plot.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+        assert name in report
+    assert len(list((out / "class-images").glob("*.png"))) == 8  # shared by every run, generated once
+
+
+def test_eval_scores_a_folder_and_writes_json(tiny_sdxl_dir, tmp_path, scorers, capsys):
+    clip, dino = scorers
+    output = tmp_path / "metrics.json"
+    code = main(["eval", "--images", str(EXAMPLES), "--reference", str(EXAMPLES), "--prompt", PROMPT,
+                 "--output", str(output), "--clip-model", str(clip), "--dino-model", str(dino)])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads(output.read_text())
+    assert metrics["generated"] == metrics["reference"] == 5 and 0 < metrics["clip_i"] <= 1.0 + 1e-6
+
+
+def test_eval_without_a_model_names_the_flag(tmp_path, scorers, capsys):
+    clip, _ = scorers
+    code = main(["eval", "--images", str(EXAMPLES), "--reference", str(EXAMPLES), "--clip-model", str(clip),
+                 "--dino-model", str(tmp_path / "no-such-dino")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--dino-model" in err and "Traceback" not in err
