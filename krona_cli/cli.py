@@ -22,6 +22,8 @@ from .errors import KronaError
 
 # bitsandbytes warns on import that an optional CPU 4-bit kernel package is missing; krona does not use it.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# transformers says on every model load that it falls back to PIL image processors without torchvision: krona uses PIL.
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 
 app = typer.Typer(
     name="krona",

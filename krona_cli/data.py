@@ -8,6 +8,7 @@ dataset item (`rng.generator("augment", ...)`), so an item is the same picture w
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,14 +27,22 @@ CAPTION_SUFFIX = ".txt"
 TimeIds = tuple[int, int, int, int, int, int]
 
 
+# Commands whose folder option is not spelled `--{what}-dir` (krona eval: --images, --reference).
+_FLAGS = {"images": "--images", "reference": "--reference"}
+
+
+def _flag(what: str, folder: Path) -> str:
+    return f"{_FLAGS.get(what, f'--{what}-dir')} '{folder}'"
+
+
 def scan_images(folder: str | Path, what: str = "instance", allow_empty: bool = False) -> tuple[list[Path], list[Path]]:
     """(images sorted by name, skipped files) of one folder; sub-folders, hidden files and captions are ignored.
 
     Skipped: files without an image suffix and empty files. A missing folder, or one with no usable image (unless
-    `allow_empty`), is an error that names the `--{what}-dir` flag.
+    `allow_empty`), is an error that names the `--{what}-dir` flag (and the files it skipped).
     """
     folder = Path(folder).expanduser()
-    flag = f"--{what}-dir '{folder}'"
+    flag = _flag(what, folder)
     if not folder.is_dir():
         raise KronaError(f"{flag} does not exist or is not a folder; point it at the folder that holds your images")
     try:
@@ -47,9 +56,56 @@ def scan_images(folder: str | Path, what: str = "instance", allow_empty: bool = 
         usable = path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and path.stat().st_size > 0
         (images if usable else skipped).append(path)
     if not images and not allow_empty:
-        raise KronaError(f"{flag} holds no images ({', '.join(IMAGE_SUFFIXES)}); add photos there or point the "
-                         f"flag at the folder that has them")
+        found = f"; it has only {skipped_note(skipped)}" if skipped else ""
+        raise KronaError(f"{flag} holds no images ({', '.join(IMAGE_SUFFIXES)}){found}; add photos there or point "
+                         "the flag at the folder that has them")
     return images, skipped
+
+
+def skipped_note(skipped: Sequence[Path], limit: int = 5) -> str:
+    """'3 files that are empty or not images: a.pdf, b.jpg (empty), c.md' (at most `limit` names, then '...')."""
+    names = [p.name + (" (empty)" if p.suffix.lower() in IMAGE_SUFFIXES else "") for p in skipped]
+    more = ", ..." if len(names) > limit else ""
+    return f"{len(names)} file(s) that are empty or not images: {', '.join(names[:limit])}{more}"
+
+
+def check_images(paths: Sequence[Path]) -> list[tuple[int, int]]:
+    """Decode every image once, whole, before any work depends on them; their (height, width) as loaded (EXIF
+    orientation applied), in `paths` order.
+
+    A file that cannot be used (truncated, corrupt, too large to decode safely) fails here rather than in the middle
+    of a run: a KronaError naming it, or, when several are bad, naming how many and the first few.
+    """
+    sizes, bad = [], []
+    for path in paths:
+        try:
+            image = load_image(path)
+        except KronaError as e:
+            bad.append((Path(path), e))
+            continue
+        sizes.append((image.height, image.width))
+        image.close()
+    if len(bad) == 1:
+        raise bad[0][1]
+    if bad:
+        names = ", ".join(p.name for p, _ in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise KronaError(f"{len(bad)} images cannot be used ({names}) in '{Path(bad[0][0]).parent}'; the first: "
+                         f"{bad[0][1]}")
+    return sizes
+
+
+def small_images_warning(paths: Sequence[Path], sizes: Sequence[tuple[int, int]], resolution: int,
+                         what: str = "instance", limit: int = 3) -> str | None:
+    """A warning about the images whose shorter side is under `resolution` (they are upscaled), or None.
+
+    `sizes` are (height, width) in `paths` order, as `check_images` returns them.
+    """
+    small = [(Path(p), h, w) for p, (h, w) in zip(paths, sizes) if min(h, w) < resolution]
+    if not small:
+        return None
+    listed = ", ".join(f"{p.name} {w}×{h}" for p, h, w in small[:limit]) + (", ..." if len(small) > limit else "")
+    return (f"{len(small)} of {len(sizes)} {what} images are smaller than {resolution} px on their shorter side and "
+            f"will be upscaled ({listed}); use larger photos or a lower --resolution")
 
 
 def load_image(path: Path) -> Image.Image:
@@ -162,4 +218,4 @@ class ImageSet(Dataset):
 
     def original_sizes(self) -> list[tuple[int, int]]:
         """(height, width) of each image as loaded (EXIF orientation applied), in `paths` order."""
-        return [(image.height, image.width) for image in map(load_image, self.paths)]
+        return check_images(self.paths)

@@ -232,7 +232,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
         restore_rng,
         save_checkpoint,
     )
-    from .data import ImageSet, scan_images
+    from .data import ImageSet, check_images, scan_images, skipped_note, small_images_warning
     from .diffusion import draw_noise, per_sample_loss, target_for
     from .ema import EMA
     from .models import load_pipeline
@@ -242,7 +242,8 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
 
     cfg.validate()
     out = check_output_dir(cfg)
-    scan_images(cfg.instance_dir, "instance")  # bad data fails before the model loads
+    photos, _ = scan_images(cfg.instance_dir, "instance")
+    photo_sizes = check_images(photos)  # every photo decoded once: a broken one fails before the model loads
     resume_from = resolve_resume(out, cfg.resume) if cfg.resume else None
     for leftover in incomplete_leftovers(out):
         reporter.warn(f"ignoring an incomplete checkpoint left by a killed run: {leftover}")
@@ -289,8 +290,10 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     instance = ImageSet(cfg.instance_dir, cfg.prompt, resolution, repeats=cfg.repeats, center_crop=cfg.center_crop,
                         random_flip=cfg.random_flip, seed=cfg.seed, what="instance")
     if instance.skipped:
-        reporter.warn(f"skipped {len(instance.skipped)} file(s) that are not images: "
-                      + ", ".join(p.name for p in instance.skipped[:5]))
+        reporter.warn("skipped " + skipped_note(instance.skipped))
+    small = small_images_warning(photos, photo_sizes, resolution)
+    if small:
+        reporter.warn(small)
     prior = cfg.class_prompt is not None
     class_dir = Path(cfg.class_dir or out / "class-images").expanduser()
     to_generate = len(missing_indices(class_dir, cfg.num_class_images)) if prior else 0
@@ -334,6 +337,8 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
 
     classes = ImageSet(class_dir, cfg.class_prompt, resolution, center_crop=cfg.center_crop,
                        random_flip=cfg.random_flip, seed=cfg.seed, what="class") if prior else None
+    if classes is not None:
+        check_images(classes.paths)  # a broken file in a user's class folder fails now, not mid-training
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:

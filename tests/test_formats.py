@@ -92,7 +92,7 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path, adapter_file, monkey
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", fail)
-    with pytest.raises(OSError):
+    with pytest.raises(KronaError, match="no space left on the device.*previous version.*intact"):
         save_adapter(target, adapter)
     assert target.read_bytes() == before
     assert os.listdir(tmp_path) == ["adapter.safetensors"]
