@@ -34,7 +34,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from krona_cli.atomic import write_folder_atomic
 from krona_cli.errors import KronaError
 
-__all__ = ["build_tokenizer", "build_tiny_pipeline", "make_tiny"]
+__all__ = [
+    "build_tokenizer", "build_tiny_pipeline", "make_tiny", "build_tiny_clip", "build_tiny_dino", "make_tiny_clip",
+    "make_tiny_dino",
+]
 
 #: Architectures :func:`make_tiny` and :func:`build_tiny_pipeline` can build.
 _ARCHS = ("sdxl", "sd15")
@@ -331,37 +334,74 @@ def make_tiny(path: str | Path, arch: str = "sdxl", seed: int = 0) -> Path:
     return target
 
 
+def _pil_image_processor(name: str):
+    """transformers' PIL image processor class ``name`` (``CLIPImageProcessorPil`` in transformers 5, where the plain class
+    needs torchvision; the plain class, which is the PIL one, before)."""
+    import transformers
+
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
 def build_tiny_clip(seed: int = 0):
-    """A tiny random CLIP model (32-px images, 16-wide projections), its image processor and tokenizer."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
+    """A tiny random CLIP model, its image processor and tokenizer: ``(CLIPModel, processor, CLIPTokenizer)``.
+
+    Text tower: :func:`build_tokenizer`'s vocabulary, width 32, 2 layers, 4 heads, quick-GELU, 77 positions. Vision
+    tower: 32-px images in 8-px patches (16 patches and a class token), width 32, 2 layers, 2 heads. Both project to
+    16. The processor is CLIP's (shorter side to 32, bicubic, centre crop 32, CLIP's mean and std). Weights are drawn
+    under ``torch.manual_seed(seed)`` in a forked RNG: the same seed gives the same model, the caller's RNG is untouched.
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
 
     tokenizer = build_tokenizer()
-    text = _text_config(tokenizer, hidden_size=32, hidden_act="quick_gelu").to_dict()
+    text = _text_config(tokenizer, hidden_size=32, hidden_act="quick_gelu").to_dict() | {"projection_dim": 16}
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=16).to_dict()
-    torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+                              image_size=32, patch_size=8, projection_dim=16, hidden_act="quick_gelu").to_dict()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    processor = _pil_image_processor("CLIPImageProcessor")(size={"shortest_edge": 32},
+                                                           crop_size={"height": 32, "width": 32})
     return model, processor, tokenizer
 
 
 def build_tiny_dino(seed: int = 0):
-    """A tiny random ViT (DINO's architecture: the CLS token is the embedding) and its image processor."""
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+    """A tiny random DINO-style ViT and its image processor: ``(ViTModel, processor)``.
 
-    torch.manual_seed(seed)
+    32-px images in 8-px patches, width 32, 2 layers, 2 heads, no pooler (the CLS token of the last hidden state is
+    the embedding). The processor resizes to 32x32 (bilinear) with ImageNet's mean and std, as facebook/dino-vits16's
+    does at 224. Deterministic in ``seed``, the caller's RNG untouched.
+    """
+    from transformers import ViTConfig, ViTModel
+
     config = ViTConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
                        image_size=32, patch_size=8)
-    return ViTModel(config, add_pooling_layer=False).eval(), ViTImageProcessor(size={"height": 32, "width": 32})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ViTModel(config, add_pooling_layer=False).eval()
+    processor = _pil_image_processor("ViTImageProcessor")(size={"height": 32, "width": 32}, resample=2,
+                                                          image_mean=[0.485, 0.456, 0.406],
+                                                          image_std=[0.229, 0.224, 0.225])
+    return model, processor
+
+
+def _save_parts(path: str | Path, parts) -> Path:
+    """``save_pretrained`` every part into one folder, written atomically; like :func:`make_tiny`, only an empty
+    folder or a model folder (one holding ``config.json``) is replaced."""
+    target = Path(path).expanduser().absolute()
+    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / "config.json").is_file())):
+        raise KronaError(f"Refusing to overwrite {target}: it exists and is neither an empty folder nor a model folder "
+                         "(no config.json). Choose another path or remove it.")
+    write_folder_atomic(target, lambda folder: [part.save_pretrained(folder) for part in parts])
+    return target
 
 
 def make_tiny_clip(path: str | Path, seed: int = 0) -> Path:
-    """Save the tiny CLIP model, processor and tokenizer as a folder that `metrics.Embedder.clip` loads offline."""
-    parts = build_tiny_clip(seed)
-    return write_folder_atomic(path, lambda folder: [part.save_pretrained(folder) for part in parts])
+    """Save :func:`build_tiny_clip`'s model, processor and tokenizer at ``path`` (written atomically), a folder that
+    ``metrics.Embedder.clip(str(path))`` loads offline. Returns ``path`` as an absolute Path."""
+    return _save_parts(path, build_tiny_clip(seed))
 
 
 def make_tiny_dino(path: str | Path, seed: int = 0) -> Path:
-    """Save the tiny DINO model and processor as a folder that `metrics.Embedder.dino` loads offline."""
-    parts = build_tiny_dino(seed)
-    return write_folder_atomic(path, lambda folder: [part.save_pretrained(folder) for part in parts])
+    """Save :func:`build_tiny_dino`'s model and processor at ``path`` (written atomically), a folder that
+    ``metrics.Embedder.dino(str(path))`` loads offline. Returns ``path`` as an absolute Path."""
+    return _save_parts(path, build_tiny_dino(seed))
