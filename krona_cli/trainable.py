@@ -19,6 +19,7 @@ from .atomic import write_bytes_atomic
 from .errors import KronaError
 from .kron import inject
 from .kron.inject import PRESETS
+from .models import architecture_of
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 _LORA_UNET = {"attn": ["to_q", "to_k", "to_v", "to_out.0"], "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]}
@@ -85,8 +86,7 @@ def attach(pipe, kind: str, targets: str, factors: str, rank: int, scale: float,
 def _unused_text_layer(pipe) -> dict[str, int]:
     """Text-encoder layers whose output training never reads, by component: SDXL reads the first encoder's
     penultimate hidden states only, so its last layer cannot learn (and DDP would wait for its gradients)."""
-    unet = pipe.unet.config
-    if getattr(unet, "addition_embed_type", None) != "text_time":
+    if architecture_of(pipe.unet.config) != "sdxl":
         return {}
     return {"text_encoder": pipe.text_encoder.config.num_hidden_layers - 1}
 
@@ -127,7 +127,8 @@ def _save_lora(adapter: TrainableAdapter, path: Path) -> Path:
             k: (v * adapter.scale if "lora.up" in k or "lora_B" in k else v).detach().to("cpu", torch.float32).contiguous()
             for k, v in state.items()
         }
-    pipeline_class = StableDiffusionXLPipeline if _is_sdxl(adapter) else StableDiffusionPipeline
+    sdxl = architecture_of(adapter.models["unet"].config) == "sdxl"
+    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
 
     def save_function(weights: dict, filename: str) -> None:
         write_bytes_atomic(filename, safetensors_save(weights, metadata={"format": "pt"}))
@@ -135,6 +136,3 @@ def _save_lora(adapter: TrainableAdapter, path: Path) -> Path:
     pipeline_class.save_lora_weights(path.parent, weight_name=path.name, save_function=save_function, **layers)
     return path
 
-
-def _is_sdxl(adapter: TrainableAdapter) -> bool:
-    return getattr(adapter.models["unet"].config, "addition_embed_type", None) == "text_time"
