@@ -163,12 +163,8 @@ def compare(
 
 def _parameters(adapter: str) -> int:
     from .formats import load_adapter
-    from .formats.lora import LoraAdapter
 
-    loaded = load_adapter(adapter)
-    if isinstance(loaded, LoraAdapter):
-        return sum(down.numel() + up.numel() for layers in loaded.layers.values() for down, up, _ in layers.values())
-    return loaded.num_params()
+    return load_adapter(adapter).num_params()  # Kronecker and LoRA adapters both count their own
 
 
 def _side_by_side(left: Path, right: Path, target: Path) -> Path:
