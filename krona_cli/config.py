@@ -58,6 +58,9 @@ class TrainConfig:
                                      unset="1024 for SDXL, 512 otherwise", min=8)
     center_crop: bool = _opt(False, "Crop the centre of each photo instead of a random window.")
     random_flip: bool = _opt(False, "Mirror photos horizontally at random.")
+    buckets: Optional[bool] = _opt(None, "Train each photo at the aspect-ratio bucket nearest its own (about "
+                                   "resolution² pixels, sides multiples of 64) instead of a square crop.",
+                                   unset="on for SDXL, off otherwise")
     # prior preservation
     class_prompt: Optional[str] = _opt(None, "Class prompt, e.g. 'a photo of a dog'; turns prior preservation on.",
                                        unset="none, no prior preservation")
@@ -97,6 +100,9 @@ class TrainConfig:
     # speed and memory
     mixed_precision: str = _opt("no", "Mixed precision of the frozen model and autocast.",
                                 choices=("no", "fp16", "bf16"))
+    base_precision: Optional[str] = _opt(
+        None, "Precision of the frozen UNet (and of the text encoders when adapted): int8 and nf4 quantize its linear "
+        "layers with bitsandbytes.", unset="that of --mixed-precision", choices=("fp32", "fp16", "bf16", "int8", "nf4"))
     gradient_checkpointing: bool = _opt(False, "Recompute UNet activations in the backward pass (less memory).")
     cache_latents: bool = _opt(True, "Encode the photos with the VAE once, before training.")
     xformers: bool = _opt(False, "Use xformers attention (GPU only; needs the xformers extra).")
@@ -108,6 +114,8 @@ class TrainConfig:
     resume: Optional[str] = _opt(None, "Resume from a checkpoint: latest, or its folder.", unset="start afresh")
     sample_prompt: list[str] = _opt([], "Prompt of the sample grids (repeatable).", unset="the instance prompt")
     sample_every: int = _opt(250, "Steps between sample grids; 0 draws one only at the end.", min=0)
+    sample_width: Optional[int] = _opt(None, "Width of sample images (a multiple of 8).", unset="--resolution", min=8)
+    sample_height: Optional[int] = _opt(None, "Height of sample images (a multiple of 8).", unset="--resolution", min=8)
     sample_images: int = _opt(2, "Images (seeds) per sample prompt in each grid.", min=1)
     sample_steps: int = _opt(25, "Denoising steps of sample images.", min=1)
     sample_guidance: float = _opt(7.0, "Classifier-free guidance of sample images.", min=0)
@@ -123,8 +131,13 @@ class TrainConfig:
 
         for f in dataclasses.fields(self):
             _check_rules(f, getattr(self, f.name))
-        if self.resolution is not None and self.resolution % 8:
-            raise KronaError(f"--resolution must be a multiple of 8 (the VAE's downscale); got {self.resolution}")
+        for name in ("resolution", "sample_width", "sample_height"):
+            value = getattr(self, name)
+            if value is not None and value % 8:
+                raise KronaError(f"--{_key(name)} must be a multiple of 8 (the VAE's downscale); got {value}")
+        if self.base_precision in ("fp16", "bf16") and self.base_precision != self.mixed_precision:
+            raise KronaError(f"--base-precision {self.base_precision} needs --mixed-precision {self.base_precision} "
+                             "(the model computes in its own precision); or use --base-precision fp32, int8 or nf4")
         for name in ("factors", "text_encoder_factors"):
             _flag_errors(name, parse_factors, getattr(self, name))
         _flag_errors("targets", target_pattern, self.targets)

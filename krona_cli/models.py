@@ -151,3 +151,15 @@ def load_vae(name: str, dtype: torch.dtype = torch.float32):
         return AutoencoderKL.from_pretrained(path if path.is_dir() else name, torch_dtype=dtype)
     except Exception as e:
         raise KronaError(f"could not load the VAE '{name}': {type(e).__name__}; give a diffusers VAE folder or hub id") from None
+
+
+def cast(model: nn.Module, device, dtype: torch.dtype) -> None:
+    """Move and cast a model; diffusers' warning about modules to keep in float32 (none, in these models) is muted."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        model.to(device, dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)

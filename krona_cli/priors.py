@@ -39,7 +39,7 @@ def generate_class_images(
     class_dir: str | Path,
     prompt: str,
     wanted: int,
-    resolution: int,
+    size_of: Callable[[int], tuple[int, int]],
     seed: int = 0,
     batch_size: int = 4,
     steps: int = 25,
@@ -48,7 +48,8 @@ def generate_class_images(
     rank: int = 0,
     world: int = 1,
 ) -> list[Path]:
-    """Fill `class_dir` up to `wanted` images of `prompt` made by `pipe` at resolution×resolution; return new files.
+    """Fill `class_dir` up to `wanted` images of `prompt` made by `pipe`; return the new files. Image
+    `class-NNNNN.png` is made at `size_of(NNNNN)` = (height, width) pixels.
 
     With several processes, process `rank` of `world` makes every world-th missing image (all of them must have
     listed the folder before any starts); the images are the same whatever the process count. `info` is the
@@ -62,18 +63,22 @@ def generate_class_images(
         class_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise KronaError(f"cannot create the class folder '{class_dir}': {e.strerror or e}; set --class-dir") from None
-    seeds = [derive_seed("class-image", seed, i) for i in todo]
-    index_of = dict(zip(seeds, todo))
-    config = SampleConfig(steps=steps, guidance=guidance, width=resolution, height=resolution, batch_size=batch_size)
-    meta = image_metadata(config, info, resolution, resolution)
     written: list[Path] = []
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i in todo:
+        by_size.setdefault(size_of(i), []).append(i)
+    for (height, width), indices in by_size.items():
+        seeds = [derive_seed("class-image", seed, i) for i in indices]
+        index_of = dict(zip(seeds, indices))
+        config = SampleConfig(steps=steps, guidance=guidance, width=width, height=height, batch_size=batch_size)
+        meta = image_metadata(config, info, width, height)
 
-    def write(_prompt_index: int, image_seed: int, image) -> None:
-        path = class_dir / f"class-{index_of[image_seed]:05d}.png"
-        write_bytes_atomic(path, png_bytes(image, {"prompt": prompt, "seed": str(image_seed), **meta}))
-        written.append(path)
-        if progress is not None:
-            progress(len(written), len(todo))
+        def write(_prompt_index: int, image_seed: int, image, index_of=index_of, meta=meta) -> None:
+            path = class_dir / f"class-{index_of[image_seed]:05d}.png"
+            write_bytes_atomic(path, png_bytes(image, {"prompt": prompt, "seed": str(image_seed), **meta}))
+            written.append(path)
+            if progress is not None:
+                progress(len(written), len(todo))
 
-    render(pipe, config, [prompt], on_image=write, seeds=seeds)
+        render(pipe, config, [prompt], on_image=write, seeds=seeds)
     return written

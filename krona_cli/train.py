@@ -18,13 +18,13 @@ import math
 import signal
 import threading
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from . import __version__
 from .atomic import write_bytes_atomic
+from .buckets import Bucket
 from .config import TrainConfig
 from .errors import KronaError
 
@@ -78,18 +78,6 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-@lru_cache(maxsize=64)
-def _epoch_order(n: int, seed: int, epoch: int, what: str) -> tuple[int, ...]:
-    from .rng import generator
-
-    return tuple(torch.randperm(n, generator=generator("order", what, seed, epoch)).tolist())
-
-
-def item_for(global_index: int, n: int, seed: int, what: str) -> int:
-    """The dataset item of the g-th sample of a run: epochs walk the dataset in a seeded random order."""
-    return _epoch_order(n, seed, global_index // n, what)[global_index % n]
-
-
 class _Stop:
     """Turns the first SIGINT/SIGTERM into a flag the loop checks after each step; a second SIGINT stops at once."""
 
@@ -120,7 +108,8 @@ class _Encoder:
     def __init__(self, pipe, sdxl: bool, device, weight_dtype, train_text: bool, text_models):
         self.pipe, self.sdxl, self.device, self.weight_dtype = pipe, sdxl, device, weight_dtype
         self.train_text, self.text_models = train_text, text_models
-        self.latents: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, tuple]] = {}
+        self.latents: dict[tuple[str, int, Bucket], tuple[torch.Tensor, torch.Tensor, tuple]] = {}
+        self.caching = False  # with cached latents, items encoded for another bucket are kept too
         self.embeds: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         vae = pipe.vae.config
         self.scaling, self.shift = vae.scaling_factor, getattr(vae, "shift_factor", None)
@@ -132,21 +121,27 @@ class _Encoder:
         return dist.mean.float(), dist.std.float()
 
     def cache_latents(self, name: str, dataset, chunk: int = 8) -> None:
-        for start in range(0, len(dataset), chunk):
-            examples = [dataset[i] for i in range(start, min(start + chunk, len(dataset)))]
-            mean, std = self.posterior(torch.stack([e.pixels for e in examples]))
-            for offset, example in enumerate(examples):
-                self.latents[(name, start + offset)] = (mean[offset], std[offset], example.time_ids)
+        """Encode every item of `dataset` at its own bucket, `chunk` images of one bucket at a time."""
+        self.caching = True
+        by_bucket: dict[Bucket, list[int]] = {}
+        for i in range(len(dataset)):
+            by_bucket.setdefault(dataset.bucket_of(i), []).append(i)
+        for bucket, indices in by_bucket.items():
+            for start in range(0, len(indices), chunk):
+                self.items(name, dataset, indices[start:start + chunk], bucket)
 
-    def items(self, name: str, dataset, indices: list[int]):
-        """(posterior means, stds, time ids, captions) of dataset items, from the cache or encoded now."""
-        if all((name, i) in self.latents for i in indices):
-            rows = [self.latents[(name, i)] for i in indices]
-            captions = [dataset.captions[i % len(dataset.paths)] for i in indices]
-            return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), [r[2] for r in rows], captions
-        examples = [dataset[i] for i in indices]
-        mean, std = self.posterior(torch.stack([e.pixels for e in examples]))
-        return mean, std, [e.time_ids for e in examples], [e.caption for e in examples]
+    def items(self, name: str, dataset, indices: list[int], bucket: Bucket):
+        """(posterior means, stds, time ids, captions) of dataset items at `bucket`, from the cache or encoded now."""
+        captions = [dataset.captions[i % len(dataset.paths)] for i in indices]
+        if not all((name, i, bucket) in self.latents for i in indices):
+            examples = [dataset.example(i, bucket) for i in indices]
+            mean, std = self.posterior(torch.stack([e.pixels for e in examples]))
+            if not self.caching:
+                return mean, std, [e.time_ids for e in examples], captions
+            for i, m, s, e in zip(indices, mean, std, examples):
+                self.latents[(name, i, bucket)] = (m, s, e.time_ids)
+        rows = [self.latents[(name, i, bucket)] for i in indices]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), [r[2] for r in rows], captions
 
     def scale(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.shift) * self.scaling if self.shift is not None else z * self.scaling
@@ -232,11 +227,13 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
         restore_rng,
         save_checkpoint,
     )
+    from .buckets import Schedule, histogram, spread
     from .data import ImageSet, check_images, scan_images, skipped_note, small_images_warning
     from .diffusion import draw_noise, per_sample_loss, target_for
     from .ema import EMA
-    from .models import load_pipeline
+    from .models import cast, load_pipeline
     from .priors import generate_class_images, missing_indices
+    from .quantize import FLOAT, QUANTIZED, memory_estimate, quantize
     from .sampling import ModelInfo, SampleConfig, image_metadata, render, write_grid
     from .trainable import attach
 
@@ -282,16 +279,26 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
         raise KronaError(f"the base model predicts '{prediction}'; krona trains epsilon and v-prediction models")
     resolution = cfg.resolution or (1024 if sdxl else 512)
     text_models = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
+    compute = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)
+    base_precision = cfg.base_precision or compute
+    adapted = [pipe.unet] + (text_models if cfg.train_text_encoder else [])
     for model in [pipe.unet, *text_models]:
-        _cast(model, device, weight_dtype)
-    _cast(pipe.vae, device, torch.float32)  # the SDXL VAE overflows in fp16; latents are cached anyway
+        if model not in adapted:
+            cast(model, device, weight_dtype)
+        elif base_precision in QUANTIZED:
+            quantize(model, base_precision, weight_dtype, device)
+        else:
+            cast(model, device, FLOAT[base_precision])
+    cast(pipe.vae, device, torch.float32)  # the SDXL VAE overflows in fp16; latents are cached anyway
     info = ModelInfo(base_model=cfg.pretrained_model, architecture=arch, dtype=cfg.mixed_precision)
 
+    buckets = sdxl if cfg.buckets is None else cfg.buckets
     instance = ImageSet(cfg.instance_dir, cfg.prompt, resolution, repeats=cfg.repeats, center_crop=cfg.center_crop,
-                        random_flip=cfg.random_flip, seed=cfg.seed, what="instance")
+                        random_flip=cfg.random_flip, seed=cfg.seed, what="instance", buckets=buckets,
+                        sizes=photo_sizes)
     if instance.skipped:
         reporter.warn("skipped " + skipped_note(instance.skipped))
-    small = small_images_warning(photos, photo_sizes, resolution)
+    small = small_images_warning(photos, photo_sizes, instance.buckets)
     if small:
         reporter.warn(small)
     prior = cfg.class_prompt is not None
@@ -303,20 +310,25 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     params = adapter.params()
     world = accelerator.num_processes
     global_batch = cfg.batch_size * cfg.grad_accum * world
+    memory = memory_estimate(adapted + ([] if cfg.cache_latents else [pipe.vae]), sum(p.numel() for p in params.values()),
+                             cfg.optimizer, cfg.ema)
     summary = [
         ("model", f"{cfg.pretrained_model} ({arch}, {prediction.replace('_', '-')})"),
         ("adapter", f"{cfg.adapter} " + (f"{cfg.factors}" if cfg.adapter == "kron" else f"rank {cfg.rank}")
          + f", targets {cfg.targets}" + (", text encoders too" if cfg.train_text_encoder else "")),
         ("trainable parameters", f"{sum(p.numel() for p in params.values()):,}"),
-        ("instance images", f"{len(instance.paths)} × {cfg.repeats} repeats, {resolution} px, '{cfg.prompt}'"),
+        ("instance images", f"{len(instance.paths)} × {cfg.repeats} repeats, '{cfg.prompt}'"),
+        ("sizes", f"aspect-ratio buckets of about {resolution}² px: {histogram(instance.buckets)}" if buckets
+         else f"{resolution}×{resolution} squares"),
         ("class images", f"{cfg.num_class_images} of '{cfg.class_prompt}' in {class_dir} ({to_generate} to generate)"
          if prior else "none (no --class-prompt: prior preservation off)"),
         ("steps", f"{cfg.steps}" + (f", resuming from {resume_from.name}" if resume_from else "")),
         ("batch", f"{cfg.batch_size} per process × {cfg.grad_accum} accumulation × {world} process(es) "
                   f"= {global_batch} per step"),
         ("optimizer", f"{cfg.optimizer}, lr {cfg.effective_lr():g} ({cfg.lr_scheduler}), weight decay {cfg.weight_decay:g}"),
-        ("precision", f"{cfg.mixed_precision} (adapter weights fp32) on {device}"
+        ("precision", f"compute {compute}, frozen base {base_precision}, adapter weights fp32, on {device}"
          + (", gradient checkpointing" if cfg.gradient_checkpointing else "")),
+        ("memory (estimate)", memory),
         ("output", str(out)),
     ]
     result = TrainResult(output_dir=out, summary=summary, main_process=accelerator.is_main_process)
@@ -329,16 +341,20 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     # fresh adapters change nothing yet (B = 0), so these are the base model's images
     if prior and to_generate:
         with accelerator.autocast(), torch.no_grad():
+            # made in the photos' buckets, in their proportions, so every photo's bucket has class images of its own
+            sizes = [(b.height, b.width) for b in spread(instance.buckets, len(instance.buckets))]
             result.class_images_generated = len(generate_class_images(
-                pipe, info, class_dir, cfg.class_prompt, cfg.num_class_images, resolution, seed=cfg.seed,
+                pipe, info, class_dir, cfg.class_prompt, cfg.num_class_images, lambda i: sizes[i % len(sizes)],
+                seed=cfg.seed,
                 batch_size=cfg.class_batch_size, steps=cfg.sample_steps, guidance=cfg.sample_guidance,
                 progress=reporter.class_images, rank=accelerator.process_index, world=world))
         accelerator.wait_for_everyone()
 
+    # every class image is decoded here: a broken file in a user's class folder fails now, not mid-training
     classes = ImageSet(class_dir, cfg.class_prompt, resolution, center_crop=cfg.center_crop,
-                       random_flip=cfg.random_flip, seed=cfg.seed, what="class") if prior else None
-    if classes is not None:
-        check_images(classes.paths)  # a broken file in a user's class folder fails now, not mid-training
+                       random_flip=cfg.random_flip, seed=cfg.seed, what="class", buckets=buckets) if prior else None
+    schedule = Schedule([instance.bucket_of(i) for i in range(len(instance))], global_batch, cfg.seed, "instance")
+    class_schedule = None if classes is None else Schedule(classes.buckets, global_batch, cfg.seed, "class")
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
@@ -407,8 +423,9 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     noise_scheduler = _noise_scheduler(pipe)
     num_timesteps = noise_scheduler.config.num_train_timesteps
     sample_prompts = list(cfg.sample_prompt) or [cfg.prompt]
+    sample_size = (cfg.sample_width or resolution, cfg.sample_height or resolution)
     sample_config = SampleConfig(num_images=cfg.sample_images, seed=cfg.seed, steps=cfg.sample_steps,
-                                 guidance=cfg.sample_guidance, width=resolution, height=resolution,
+                                 guidance=cfg.sample_guidance, width=sample_size[0], height=sample_size[1],
                                  batch_size=cfg.sample_images)
 
     def save_samples(at_step: int) -> None:
@@ -419,7 +436,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
         with weights, _models_on(device, idle), accelerator.autocast(), torch.no_grad():
             images = render(pipe, sample_config, sample_prompts)
         unet.train()
-        meta = image_metadata(sample_config, info, resolution, resolution) | {"step": str(at_step)}
+        meta = image_metadata(sample_config, info, *sample_size) | {"step": str(at_step)}
         path = write_grid(out / "samples" / f"step-{at_step:06d}.png", images, sample_prompts,
                           sample_config.seeds(), meta)
         result.samples.append(path)
@@ -448,17 +465,17 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
         accelerator.wait_for_everyone()
 
     def micro_batch(at_step: int, micro: int):
-        first = at_step * global_batch + (micro * world + accelerator.process_index) * cfg.batch_size
-        samples = [("instance", instance, first + k) for k in range(cfg.batch_size)]
-        if classes is not None:
-            samples += [("class", classes, first + k) for k in range(cfg.batch_size)]
+        offset = (micro * world + accelerator.process_index) * cfg.batch_size
+        first = at_step * global_batch + offset  # the run's index of this micro-batch's first sample
+        bucket, earlier = schedule.step(at_step)
+        batches = [("instance", instance, schedule.take(bucket, earlier))]
+        if class_schedule is not None:
+            # the class images of the photos' bucket, else any class images, resized and cropped to that bucket
+            batches.append(("class", classes, class_schedule.take(bucket, earlier) or class_schedule.take_any(at_step)))
         latents, noises, steps, times, captions = [], [], [], [], []
-        for name, dataset in (("instance", instance), ("class", classes)):
-            rows = [g for n, _, g in samples if n == name]
-            if not rows:
-                continue
-            items = [item_for(g, len(dataset), cfg.seed, name) for g in rows]
-            mean, std, time_ids, caps = encoder.items(name, dataset, items)
+        for name, dataset, items in batches:
+            rows = range(first, first + cfg.batch_size)
+            mean, std, time_ids, caps = encoder.items(name, dataset, items[offset:offset + cfg.batch_size], bucket)
             for j, g in enumerate(rows):
                 noise, t, eps = draw_noise(tuple(mean[j].shape), num_timesteps, cfg.noise_offset, "noise", name,
                                            cfg.seed, g)
@@ -595,18 +612,6 @@ def _clear_run(out: Path) -> None:
     for name in ("checkpoints", "samples"):
         shutil.rmtree(out / name, ignore_errors=True)
     (out / "adapter.safetensors").unlink(missing_ok=True)
-
-
-def _cast(model, device, dtype) -> None:
-    """Move and cast a model; diffusers' warning about modules to keep in float32 (none, in these models) is muted."""
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        model.to(device, dtype)
-    finally:
-        diffusers_logging.set_verbosity(level)
 
 
 def _optimizer(cfg: TrainConfig, adapter):

@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+from krona_cli.buckets import Bucket
 from krona_cli import data, models
 from krona_cli.cli import main
 
@@ -210,7 +211,7 @@ def test_photos_smaller_than_the_resolution_are_upscaled_with_a_warning(tiny_sd1
     code, _, lines = run(capsys, train_args(tiny_sd15_dir, folder, out))
     assert code == 0, lines
     warning = [line for line in lines if line.startswith("warning:")]
-    assert len(warning) == 1 and "2 " in warning[0] and "smaller than 64 px" in warning[0], lines
+    assert len(warning) == 1 and "2 " in warning[0] and "smaller than their training size" in warning[0], lines
     assert "upscaled" in warning[0] and "s0.png" in warning[0] and "s1.png" in warning[0]
     assert "s2.png" not in warning[0]
     assert (out / "adapter.safetensors").is_file()
@@ -444,9 +445,13 @@ def test_check_images_decodes_every_photo_and_names_every_bad_one(tmp_path):
 def test_small_images_warning_lists_the_upscaled_photos():
     paths = [Path(f"p{i}.png") for i in range(5)]
     sizes = [(300, 451), (40, 40), (80, 30), (64, 64), (10, 500)]  # (height, width)
-    assert data.small_images_warning(paths, sizes, 10) is None
-    message = data.small_images_warning(paths, sizes, 64)
-    assert message.startswith("3 of 5 instance images are smaller than 64 px on their shorter side")
-    assert "(p1.png 40×40, p2.png 30×80, p4.png 500×10);" in message and "--resolution" in message
-    assert data.small_images_warning(paths, sizes, 1000, what="class").startswith("5 of 5 class images")
-    assert "p2.png 30×80, ...);" in data.small_images_warning(paths, sizes, 1000)
+    assert data.small_images_warning(paths, sizes, [Bucket(10, 10)] * 5) is None
+    message = data.small_images_warning(paths, sizes, [Bucket(64, 64)] * 5)
+    assert message.startswith("3 of 5 instance images are smaller than their training size and will be upscaled")
+    assert "(p1.png 40×40 → 64×64, p2.png 30×80 → 64×64, p4.png 500×10 → 64×64);" in message
+    assert "--resolution" in message
+    assert data.small_images_warning(paths, sizes, [Bucket(1000, 1000)] * 5, what="class").startswith("5 of 5 class")
+    assert "p2.png 30×80 → 1000×1000, ...);" in data.small_images_warning(paths, sizes, [Bucket(1000, 1000)] * 5)
+    # a bucket's own size is not upscaled, whatever the shorter side; one side short of it is
+    tall = [(128, 64), (120, 64)]
+    assert data.small_images_warning(paths[:2], tall, [Bucket(128, 64)] * 2).startswith("1 of 2 instance")

@@ -274,5 +274,5 @@ def test_imageset_original_sizes_follow_exif(tmp_path):
     exif[0x0112] = 8
     save(tmp_path / "b.jpg", noise(40, 24), exif=exif)
     s = ImageSet(tmp_path, "p", 16, center_crop=True)
-    assert s.original_sizes() == [(20, 30), (40, 24)]
+    assert s.sizes == [(20, 30), (40, 24)]
     assert s[1].time_ids[:2] == (40, 24)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import KronaError
+from ..quantize import is_quantized
 from .factors import Factors, parse_factors
 
 PATHS = ("auto", "reshape", "merged")
@@ -89,7 +90,8 @@ def da_by_gemm(n_tokens: int, d_out: int, a_in: int, b_out: int, device_type: st
 class _KronLinearFn(torch.autograd.Function):
     """y = x Wᵀ + bias + s · (A ⊗ B) x, with the Kronecker term computed by the reshape trick.
 
-    W and bias are frozen (no gradient). All tensors arrive in one dtype (the compute dtype).
+    W and bias are frozen (no gradient). All tensors arrive in one dtype (the compute dtype). With W None (a
+    quantized base, run by its own layer) it computes the update alone: y = s · (A ⊗ B) x.
     """
 
     @staticmethod
@@ -99,7 +101,7 @@ class _KronLinearFn(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, a_in * b_in).contiguous()  # the views below need rows laid out densely
         n = x2.shape[0]
-        y = F.linear(x2, weight, bias)
+        y = F.linear(x2, weight, bias) if weight is not None else x2.new_zeros(n, a_out * b_out)
         if b_first:
             # T_n = X_n Bᵀ for every token in one GEMM, then y_n += s · A T_n (batched, written into y)
             t = torch.mm(x2.view(n * a_in, b_in), b.t()).view(n, a_in, b_out)
@@ -128,7 +130,7 @@ class _KronLinearFn(torch.autograd.Function):
             # G_n = Aᵀ dY_n; dx_n += s · G_n B; dB = s · Σ G_nᵀ X_n; dA = s · Σ dY_n T_nᵀ
             g = torch.bmm(a.t().expand(n, a_in, a_out), d_y) if (need_x or need_b) else None
             if need_x:
-                dx = torch.mm(dy2, weight)
+                dx = _base_grad(dy2, weight, n, a_in * b_in)
                 dx.view(n * a_in, b_in).addmm_(g.view(n * a_in, b_out), b, alpha=s)
             if need_b:
                 db = torch.mm(g.view(n * a_in, b_out).t(), x2.view(n * a_in, b_in)).mul_(s)
@@ -143,7 +145,7 @@ class _KronLinearFn(torch.autograd.Function):
             # dU_n = dY_n B; dx_n += s · Aᵀ dU_n; dB = s · Σ dY_nᵀ U_n; dA = s · Σ dU_n X_nᵀ
             du = torch.mm(d_y.reshape(n * a_out, b_out), b).view(n, a_out, b_in) if (need_x or need_a) else None
             if need_x:
-                dx = torch.mm(dy2, weight)
+                dx = _base_grad(dy2, weight, n, a_in * b_in)
                 dx.view(n, a_in, b_in).baddbmm_(a.t().expand(n, a_in, a_out), du, alpha=s)
             if need_b:
                 db = torch.mm(d_y.reshape(n * a_out, b_out).t(), t.view(n * a_out, b_in)).mul_(s)
@@ -152,6 +154,11 @@ class _KronLinearFn(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(*ctx.lead, a_in * b_in)
         return dx, None, None, da, db, None, None
+
+
+def _base_grad(dy: torch.Tensor, weight: torch.Tensor | None, n: int, d_in: int) -> torch.Tensor:
+    """The frozen layer's input gradient dy W, the buffer the update's input gradient is added into."""
+    return torch.mm(dy, weight) if weight is not None else dy.new_zeros(n, d_in)
 
 
 def _merge_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -167,7 +174,9 @@ class KronLinear(nn.Module):
     base may be float16/bfloat16: the update runs in the compute dtype (the input's, or autocast's).
 
     `path` picks how the update is computed: `reshape` (never materialises A ⊗ B), `merged` (one F.linear with
-    W + s·A⊗B), or `auto` (per call, from the shapes and the device; see `choose_path`).
+    W + s·A⊗B), or `auto` (per call, from the shapes and the device; see `choose_path`). A quantized base
+    (bitsandbytes, `quantize.py`) runs as its own layer and the update beside it by the reshape trick, whatever
+    `path` says: its weights are never read or changed.
     """
 
     def __init__(
@@ -236,6 +245,9 @@ class KronLinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Add the update into the base weight; forward then runs the base alone."""
+        if is_quantized(self.base):
+            raise KronaError("cannot merge an adapter into a quantized layer; merge it into the full-precision base "
+                             "model (krona merge)")
         if not self.merged:
             w = self.base.weight
             w.copy_((w.to(_merge_dtype(w)) + self.delta_weight().to(_merge_dtype(w))).to(w.dtype))
@@ -266,10 +278,14 @@ class KronLinear(nn.Module):
         if self.merged or self.scale == 0.0:
             return self.base(x)
         dtype = self._compute_dtype(x)
-        weight = self.base.weight.to(dtype)
-        bias = None if self.base.bias is None else self.base.bias.to(dtype)
         a, b = self.kron_a.to(dtype), self.kron_b.to(dtype)
         x = x.to(dtype)
+        if is_quantized(self.base):
+            with torch.autocast(x.device.type, enabled=False):
+                update = _KronLinearFn.apply(x, None, None, a, b, self.scale, self.b_first)
+            return self.base(x) + update
+        weight = self.base.weight.to(dtype)
+        bias = None if self.base.bias is None else self.base.bias.to(dtype)
         n_tokens = x.numel() // max(x.shape[-1], 1)
         if self.resolved_path(n_tokens, x.device.type, x.element_size()) == "merged":
             return F.linear(x, weight + self.scale * torch.kron(a, b), bias)
