@@ -27,3 +27,30 @@ def random_adapter(arch, scale=1.0, seed=5, unet_targets="attn-ff", training=Non
         targets={c: (unet_targets if c == "unet" else "text") for c in components},
         training=training,
     )
+
+
+def fixed_pair_loss(pipe, arch, folder, prompt):
+    """Denoising loss of a pipeline on the (center-cropped, 64 px) images of `folder` at fixed noise and timesteps."""
+    from krona_cli.data import ImageSet
+    from krona_cli.diffusion import per_sample_loss
+    from krona_cli.text import encode_prompts
+    from krona_cli.train import _noise_scheduler
+
+    images = ImageSet(folder, prompt, 64, center_crop=True)
+    pixels = torch.stack([images[i].pixels for i in range(len(images))])
+    scheduler = _noise_scheduler(pipe)
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        timesteps = torch.randint(0, 1000, (len(latents),), generator=g)
+        sdxl = arch == "sdxl"
+        tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if sdxl else [])
+        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
+        embeds, pooled = encode_prompts(tokenizers, encoders, [prompt] * len(latents), sdxl)
+        extra = {}
+        if sdxl:
+            time_ids = torch.tensor([images[i].time_ids for i in range(len(images))], dtype=torch.float32)
+            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        prediction = pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, embeds, **extra).sample
+        return float(per_sample_loss(scheduler, prediction, noise, timesteps, None).mean())

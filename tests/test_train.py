@@ -14,6 +14,8 @@ from krona_cli.config import load_config
 from krona_cli.errors import KronaError
 from krona_cli.train import Reporter, TrainingInterrupted, train
 
+from helpers import fixed_pair_loss
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
 PROMPT, CLASS_PROMPT = "a photo of sks cat", "a photo of a cat"
 
@@ -63,33 +65,6 @@ def test_cli_run_with_prior_preservation_writes_every_output(arch, request, tmp_
     assert "trainable parameters" in captured.out and "Traceback" not in captured.err
 
 
-def _fixed_pair_loss(pipe, arch):
-    """Denoising loss of a pipeline on the (center-cropped) instance images at fixed noise and timesteps."""
-    from krona_cli.data import ImageSet
-    from krona_cli.diffusion import per_sample_loss
-    from krona_cli.text import encode_prompts
-    from krona_cli.train import _noise_scheduler
-
-    images = ImageSet(EXAMPLES, PROMPT, 64, center_crop=True)
-    pixels = torch.stack([images[i].pixels for i in range(len(images))])
-    scheduler = _noise_scheduler(pipe)
-    g = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=g)
-        timesteps = torch.randint(0, 1000, (len(latents),), generator=g)
-        sdxl = arch == "sdxl"
-        tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if sdxl else [])
-        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
-        embeds, pooled = encode_prompts(tokenizers, encoders, [PROMPT] * len(latents), sdxl)
-        extra = {}
-        if sdxl:
-            time_ids = torch.tensor([images[i].time_ids for i in range(len(images))], dtype=torch.float32)
-            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-        prediction = pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, embeds, **extra).sample
-        return float(per_sample_loss(scheduler, prediction, noise, timesteps, None).mean())
-
-
 def test_training_learns_and_leaves_the_base_weights_untouched(tiny_sd15_dir, tmp_path, captured_pipes):
     """The loss at fixed (noise, timestep) pairs on the instance images falls by at least 20%.
 
@@ -102,8 +77,8 @@ def test_training_learns_and_leaves_the_base_weights_untouched(tiny_sd15_dir, tm
     cfg = config(tiny_sd15_dir, tmp_path / "run", steps=120, lr=3e-2, factors="4x4", center_crop=True, batch_size=2)
     result = train(cfg)
     base, _ = models.load_pipeline(str(tiny_sd15_dir))
-    before = _fixed_pair_loss(base, "sd15")
-    after = _fixed_pair_loss(load_and_bake([(result.adapter, 1.0)], str(tiny_sd15_dir)).pipe, "sd15")
+    before = fixed_pair_loss(base, "sd15", EXAMPLES, PROMPT)
+    after = fixed_pair_loss(load_and_bake([(result.adapter, 1.0)], str(tiny_sd15_dir)).pipe, "sd15", EXAMPLES, PROMPT)
     assert after <= 0.8 * before, (before, after)
 
     trained = captured_pipes[0]
