@@ -68,7 +68,12 @@ def test_quantize_replaces_linear_layers_and_shrinks_the_weights(tiny_sdxl_unet)
     linears = sum(type(m) is nn.Linear for m in tiny_sdxl_unet.modules())
     convs = {n: m.weight.dtype for n, m in tiny_sdxl_unet.named_modules() if isinstance(m, nn.Conv2d)}
     before = weight_bytes(tiny_sdxl_unet)
+    assert before == 4 * sum(t.numel() for t in [*tiny_sdxl_unet.parameters(), *tiny_sdxl_unet.buffers()])
+    # int8: one byte per linear weight plus one fp32 scale per output row; biases and everything else stay fp32
+    linear_weights = [m.weight for m in tiny_sdxl_unet.modules() if type(m) is nn.Linear]
+    expected = before - sum(3 * w.numel() - 4 * w.shape[0] for w in linear_weights)
     assert quantize(tiny_sdxl_unet, "int8", torch.float32, "cpu") == linears
+    assert weight_bytes(tiny_sdxl_unet) == expected
     assert not any(type(m) is nn.Linear for m in tiny_sdxl_unet.modules())
     assert all(is_quantized(m) for m in tiny_sdxl_unet.modules() if isinstance(m, nn.Linear))
     assert {n: m.weight.dtype for n, m in tiny_sdxl_unet.named_modules() if isinstance(m, nn.Conv2d)} == convs
