@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import math
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -513,7 +512,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
                                   for k, v in cfg.to_dict().items()}
                 accelerator.init_trackers("krona", config=tracker_config)
             while step < cfg.steps:
-                total = 0.0
+                total = torch.zeros((), device=device)
                 for micro in range(cfg.grad_accum):
                     last = micro == cfg.grad_accum - 1
                     with contextlib.ExitStack() as sync:
@@ -522,11 +521,15 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
                                 sync.enter_context(accelerator.no_sync(model))
                         loss = micro_loss(step, micro)
                         accelerator.backward(loss / cfg.grad_accum)
-                    total += loss.detach().float().item() / cfg.grad_accum
-                # fp16: the gradient scaler itself skips steps with overflowing gradients and lowers its scale
-                check_grads = accelerator.scaler is None
-                bad = not math.isfinite(total) or (check_grads and not _finite_grads(params.values()))
-                if accelerator.reduce(torch.tensor(float(bad), device=device), "sum") > 0:
+                    total += loss.detach().float() / cfg.grad_accum
+                # the step's one wait for the GPU: the loss and whether it or any gradient is non-finite, from every
+                # process at once (fp16: the gradient scaler itself skips steps with overflowing gradients)
+                finite = torch.isfinite(total)
+                grads = [p.grad for p in params.values() if p.grad is not None]
+                if accelerator.scaler is None and grads:
+                    finite &= torch.isfinite(torch.nn.utils.get_total_norm(grads))
+                loss_sum, bad = accelerator.reduce(torch.stack([total, (~finite).float()]), "sum").tolist()
+                if bad > 0:
                     optimizer.zero_grad(set_to_none=True)
                     result.bad_steps += 1
                     bad_in_row += 1
@@ -550,7 +553,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
                     if ema is not None:
                         ema.update()
                 step += 1
-                loss_value = float(accelerator.reduce(torch.tensor(total, device=device), "mean"))
+                loss_value = loss_sum / world
                 lr = lr_scheduler.get_last_lr()[0]
                 result.losses.append(loss_value)
                 accelerator.log({"loss": loss_value, "lr": lr}, step=step)
@@ -578,10 +581,6 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     result.step = step
     accelerator.wait_for_everyone()
     return result
-
-
-def _finite_grads(params) -> bool:
-    return all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
 
 
 def _check_finite(tensors, what: str) -> None:
