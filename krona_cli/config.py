@@ -105,6 +105,8 @@ class TrainConfig:
         "layers with bitsandbytes.", unset="that of --mixed-precision", choices=("fp32", "fp16", "bf16", "int8", "nf4"))
     gradient_checkpointing: bool = _opt(False, "Recompute UNet activations in the backward pass (less memory).")
     cache_latents: bool = _opt(True, "Encode the photos with the VAE once, before training.")
+    compile: bool = _opt(False, "Compile the UNet with torch.compile: faster steps on a GPU once the first step "
+                                "(the compilation, minutes) is done.")
     xformers: bool = _opt(False, "Use xformers attention (GPU only; needs the xformers extra).")
     allow_tf32: bool = _opt(False, "Allow TF32 matmuls on Ampere and newer GPUs.")
     # outputs
@@ -182,7 +184,8 @@ class TrainConfig:
 
 
 _UNHASHED = {
-    "steps", "batch-size", "grad-accum", "max-bad-steps", "gradient-checkpointing", "cache-latents", "xformers", "allow-tf32", "class-batch-size",
+    "steps", "batch-size", "grad-accum", "max-bad-steps", "gradient-checkpointing", "cache-latents", "compile",
+    "xformers", "allow-tf32", "class-batch-size",
     "output-dir", "checkpoint-every", "keep-checkpoints", "report-to", "resume", "dry-run", "overwrite",
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -326,7 +326,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
                   f"= {global_batch} per step"),
         ("optimizer", f"{cfg.optimizer}, lr {cfg.effective_lr():g} ({cfg.lr_scheduler}), weight decay {cfg.weight_decay:g}"),
         ("precision", f"compute {compute}, frozen base {base_precision}, adapter weights fp32, on {device}"
-         + (", gradient checkpointing" if cfg.gradient_checkpointing else "")),
+         + (", gradient checkpointing" if cfg.gradient_checkpointing else "") + (", torch.compile" if cfg.compile else "")),
         ("memory (estimate)", memory),
         ("output", str(out)),
     ]
@@ -386,7 +386,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     trained = list(adapter.models)
     prepared = accelerator.prepare(*[adapter.models[c] for c in trained], optimizer)
     wrapped, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
-    unet = wrapped["unet"]
+    unet = torch.compile(wrapped["unet"]) if cfg.compile else wrapped["unet"]
     if cfg.train_text_encoder:
         encoder.text_models = [wrapped[c] for c in ("text_encoder", "text_encoder_2") if c in wrapped]
 

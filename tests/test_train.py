@@ -284,3 +284,20 @@ def test_ctrl_c_from_the_command_line_checkpoints_and_exits_130(tiny_sd15_dir, t
     assert "--resume latest" in stderr and "Traceback" not in stderr
     checkpoints = list((out / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and not (out / "adapter.safetensors").exists()
+
+
+def test_compile_trains_the_same_adapter(tiny_sd15_dir, tmp_path, monkeypatch):
+    """--compile runs the UNet through torch.compile (here with the aot_eager backend: inductor's C++ build takes
+    minutes on a CPU) and trains what eager mode trains."""
+    compiled = []
+    original = torch.compile
+
+    def aot_eager(model, **kwargs):
+        compiled.append(model)
+        return original(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    eager = train(config(tiny_sd15_dir, tmp_path / "eager", steps=3))
+    fast = train(config(tiny_sd15_dir, tmp_path / "compiled", steps=3, compile=True))
+    assert len(compiled) == 1 and "torch.compile" in dict(fast.summary)["precision"]
+    assert fast.losses == pytest.approx(eager.losses, rel=1e-5)

@@ -272,7 +272,9 @@ class KronLinear(nn.Module):
         if self.path != "auto":
             return self.path
         f = self.factors
-        return choose_path(n_tokens, self.out_features, self.in_features, f.a_out, f.a_in, device_type, elem_size)
+        # under torch.compile the path is decided once, while tracing: the uncached function says the same
+        choose = choose_path.__wrapped__ if torch.compiler.is_compiling() else choose_path
+        return choose(n_tokens, self.out_features, self.in_features, f.a_out, f.a_in, device_type, elem_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.scale == 0.0:
