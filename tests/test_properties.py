@@ -251,8 +251,10 @@ def _valid_value(name: str):
         strategy = _factor_text()
     elif name == "targets":
         strategy = st.one_of(st.sampled_from(sorted(TARGET_PRESETS)), TEXT.map(re.escape))
-    elif name == "resolution":
+    elif name in ("resolution", "sample_width", "sample_height"):
         strategy = st.integers(1, 10**6).map(lambda k: 8 * k)
+    elif name == "base_precision":  # fp16 and bf16 also need that --mixed-precision (tests/test_quantize.py)
+        strategy = st.sampled_from(["fp32", "int8", "nf4"])
     elif "choices" in rules:
         strategy = st.sampled_from(rules["choices"])
     elif kind is bool:
