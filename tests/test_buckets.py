@@ -172,8 +172,9 @@ def test_class_images_of_another_shape_are_fitted_to_the_photos_bucket(tiny_sdxl
     photos = _photos(tmp_path / "photos", {"portrait": (100, 180), "tall": (90, 200)})
     classes = _photos(tmp_path / "classes", {"c0": (200, 200), "c1": (180, 170)})  # square bucket only
     seen = _spy_unet(monkeypatch)
-    train(_config(tiny_sdxl_dir, photos, tmp_path / "run", class_prompt=CLASS_PROMPT, class_dir=str(classes),
-                  num_class_images=2, steps=3))
+    result = train(_config(tiny_sdxl_dir, photos, tmp_path / "run", class_prompt=CLASS_PROMPT, class_dir=str(classes),
+                           num_class_images=2, steps=3, sample_width=128, sample_height=256))
+    assert Image.open(result.samples[-1]).size == (2 * 128, 256)  # one prompt, two seeds, in the photos' aspect
     for shape, time_ids in seen:
         bucket = (shape[2] * 8, shape[3] * 8)
         assert bucket == (256, 128)
