@@ -72,6 +72,7 @@ class TrainConfig:
     # adapter
     adapter: str = _opt("kron", "Adapter type: Kronecker product or the LoRA baseline.", choices=("kron", "lora"))
     factors: str = _opt("64x4", "Kronecker factor A's size OxI (output side x input side), fitted per layer.")
+    strict_factors: bool = _opt(False, "Stop where the factors do not divide a layer, instead of fitting them to it.")
     rank: int = _opt(4, "LoRA rank (with --adapter lora).", min=1)
     scale: float = _opt(1.0, "Adapter scale s in W + s·ΔW.")
     targets: str = _opt("attn", "Layers to adapt: attn (UNet attention q/k/v/out), attn-ff (plus feed-forward) or a "

@@ -305,7 +305,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     to_generate = len(missing_indices(class_dir, cfg.num_class_images)) if prior else 0
 
     adapter = attach(pipe, cfg.adapter, cfg.targets, cfg.factors, cfg.rank, cfg.scale, cfg.train_text_encoder,
-                     cfg.text_encoder_factors)
+                     cfg.text_encoder_factors, cfg.strict_factors)
     params = adapter.params()
     world = accelerator.num_processes
     global_batch = cfg.batch_size * cfg.grad_accum * world
@@ -314,7 +314,9 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     summary = [
         ("model", f"{cfg.pretrained_model} ({arch}, {prediction.replace('_', '-')})"),
         ("adapter", f"{cfg.adapter} " + (f"{cfg.factors}" if cfg.adapter == "kron" else f"rank {cfg.rank}")
-         + f", targets {cfg.targets}" + (", text encoders too" if cfg.train_text_encoder else "")),
+         + f", targets {cfg.targets}" + (", text encoders too" if cfg.train_text_encoder else "")
+         + (f"; factors fitted to the {fitted} layer(s) they do not divide (--strict-factors stops instead)"
+            if (fitted := adapter.fitted_layers()) else "")),
         ("trainable parameters", f"{sum(p.numel() for p in params.values()):,}"),
         ("instance images", f"{len(instance.paths)} × {cfg.repeats} repeats, '{cfg.prompt}'"),
         ("sizes", f"aspect-ratio buckets of about {resolution}² px: {histogram(instance.buckets)}" if buckets

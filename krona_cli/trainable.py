@@ -17,7 +17,8 @@ from torch import nn
 
 from .atomic import write_bytes_atomic
 from .errors import KronaError
-from .kron import inject
+from .kron import inject, layer_factors
+from .kron.factors import parse_factors
 from .kron.inject import PRESETS
 from .models import architecture_of
 
@@ -49,6 +50,11 @@ class TrainableAdapter:
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params().values())
 
+    def fitted_layers(self) -> int:
+        """How many Kronecker-adapted layers use other factors than requested (sizes the request does not divide)."""
+        return sum(used != str(parse_factors(self.factors[component]))
+                   for component, model in self.models.items() for used in layer_factors(model).values())
+
     def save(self, path: str | Path, base_model: str, architecture: str, training: dict) -> Path:
         """Write the adapter file atomically: native Kronecker format, or diffusers LoRA format."""
         if self.kind == "kron":
@@ -60,7 +66,7 @@ class TrainableAdapter:
 
 
 def attach(pipe, kind: str, targets: str, factors: str, rank: int, scale: float,
-           train_text_encoder: bool, text_encoder_factors: str | None) -> TrainableAdapter:
+           train_text_encoder: bool, text_encoder_factors: str | None, strict_factors: bool = False) -> TrainableAdapter:
     """Freeze the pipeline's models and attach trainable adapters to the UNet (and the text encoders if asked)."""
     models = {"unet": pipe.unet}
     if train_text_encoder:
@@ -74,7 +80,7 @@ def attach(pipe, kind: str, targets: str, factors: str, rank: int, scale: float,
     if kind == "kron":
         requested = {c: (text_encoder_factors or factors) if c in TEXT_COMPONENTS else factors for c in models}
         for component, model in models.items():
-            inject(model, chosen[component], requested[component], scale=scale)
+            inject(model, chosen[component], requested[component], scale=scale, strict_factors=strict_factors)
         return TrainableAdapter(kind, models, chosen, requested, scale=scale)
     if kind == "lora":
         for component, model in models.items():

@@ -301,3 +301,22 @@ def test_compile_trains_the_same_adapter(tiny_sd15_dir, tmp_path, monkeypatch):
     fast = train(config(tiny_sd15_dir, tmp_path / "compiled", steps=3, compile=True))
     assert len(compiled) == 1 and "torch.compile" in dict(fast.summary)["precision"]
     assert fast.losses == pytest.approx(eager.losses, rel=1e-5)
+
+
+def test_factors_that_do_not_divide_a_layer_are_fitted_and_counted_or_refused(tiny_sd15_dir, tmp_path, capsys):
+    from krona_cli.kron.inject import find_targets
+
+    unet = models.load_pipeline(str(tiny_sd15_dir))[0].unet
+    shapes = [unet.get_submodule(n).weight.shape for n in find_targets(unet, "attn")]
+    misfits = sum(out % 64 != 0 or inp % 4 != 0 for out, inp in shapes)
+    assert 0 < misfits
+    result = train(config(tiny_sd15_dir, tmp_path / "a", factors="64x4", dry_run=True))
+    assert f"factors fitted to the {misfits} layer(s) they do not divide" in dict(result.summary)["adapter"]
+    assert "fitted" not in dict(train(config(tiny_sd15_dir, tmp_path / "b", factors="4x4", dry_run=True)).summary)[
+        "adapter"]
+    capsys.readouterr()  # the loading chatter of the calls above
+    code = main(["train", "--config", "tiny", "--pretrained-model", str(tiny_sd15_dir), "--instance-dir", str(EXAMPLES),
+                 "--prompt", PROMPT, "--output-dir", str(tmp_path / "c"), "--factors", "64x4", "--strict-factors"])
+    err = capsys.readouterr().err
+    assert code == 2 and "factors 64x4 do not divide layer" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "c" / "checkpoints").exists()
