@@ -217,6 +217,8 @@ class ImageSet(Dataset):
         self.resolution, self.repeats, self.seed, self.what = resolution, repeats, seed, what
         self.center_crop, self.random_flip = center_crop, random_flip
         self.sizes = list(sizes) if sizes is not None else check_images(self.paths)
+        if len(self.sizes) != len(self.paths):
+            raise KronaError(f"the {what} folder '{folder}' changed while krona was reading it; run again")
         choices = bucket_sizes(resolution) if buckets else [Bucket(resolution, resolution)]
         self.buckets = [nearest_bucket(h, w, choices) for h, w in self.sizes]
 
