@@ -116,7 +116,7 @@ class _Encoder:
     @torch.no_grad()
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         vae = self.pipe.vae
-        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        dist = vae.encode(_to_device(pixels, self.device).to(vae.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
     def cache_latents(self, name: str, dataset, chunk: int = 8) -> None:
@@ -163,6 +163,13 @@ class _Encoder:
             pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
             return torch.stack([r[0] for r in rows]), pooled
         return self._encode(captions)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU through pinned memory (PyTorch's caching host allocator), without waiting."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @contextlib.contextmanager
@@ -473,19 +480,23 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
         if class_schedule is not None:
             # the class images of the photos' bucket, else any class images, resized and cropped to that bucket
             batches.append(("class", classes, class_schedule.take(bucket, earlier) or class_schedule.take_any(at_step)))
-        latents, noises, steps, times, captions = [], [], [], [], []
+        means, stds, noises, posterior_draws, steps, times, captions = [], [], [], [], [], [], []
         for name, dataset, items in batches:
-            rows = range(first, first + cfg.batch_size)
             mean, std, time_ids, caps = encoder.items(name, dataset, items[offset:offset + cfg.batch_size], bucket)
-            for j, g in enumerate(rows):
-                noise, t, eps = draw_noise(tuple(mean[j].shape), num_timesteps, cfg.noise_offset, "noise", name,
+            means.append(mean)
+            stds.append(std)
+            for g in range(first, first + cfg.batch_size):
+                noise, t, eps = draw_noise(tuple(mean.shape[1:]), num_timesteps, cfg.noise_offset, "noise", name,
                                            cfg.seed, g)
-                latents.append(encoder.scale(mean[j] + std[j] * eps.to(device)))
                 noises.append(noise)
+                posterior_draws.append(eps)
                 steps.append(t)
             times += time_ids
             captions += caps
-        return (torch.stack(latents), torch.stack(noises).to(device), torch.tensor(steps, device=device),
+        # the draws are made on the CPU (the same numbers on any device) and go over in one copy
+        noise, eps = _to_device(torch.stack([torch.stack(noises), torch.stack(posterior_draws)]), device)
+        latents = encoder.scale(torch.cat(means) + torch.cat(stds) * eps)
+        return (latents, noise, torch.tensor(steps, device=device),
                 torch.tensor(times, device=device, dtype=weight_dtype), captions)
 
     def micro_loss(at_step: int, micro: int) -> torch.Tensor:
