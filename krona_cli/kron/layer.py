@@ -293,7 +293,7 @@ class KronLinear(nn.Module):
         n_tokens = x.numel() // max(x.shape[-1], 1)
         if self.resolved_path(n_tokens, x.device.type, x.element_size()) == "merged":
             a, b = self.kron_a.to(x.dtype), self.kron_b.to(x.dtype)
-            return F.linear(x, weight + self.scale * torch.kron(a, b), bias)
+            return F.linear(x, torch.add(weight, torch.kron(a, b), alpha=self.scale), bias)
         return self._update(x, weight, bias)
 
     def _update(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
