@@ -174,57 +174,93 @@ def build_materialised(w, bias, a, b, dtype, factors) -> Variant:
     return Variant(fn, [a_, b_])
 
 
-def build_peft_lokr(w, bias, a, b, dtype, factors) -> Variant:
+def peft_lokr_layer(base: nn.Linear, a: torch.Tensor, b: torch.Tensor):
+    """peft's LoKr `Linear` around the frozen `base` whose w1 / w2 are exactly A (a_out x a_in) and B, scale 1.
+
+    Returns (layer, [w1, w2], info). peft's factorization(dim, factor) splits d_out and d_in with ONE factor, so a
+    64x4 A cannot be asked for: the layer is made with full matrices (r = max(d_out, d_in), alpha = r,
+    decompose_both=False) and its w1 / w2 are replaced by exactly-shaped fp32 parameters on `base`'s device (its
+    forward is F.linear(x, kron(w1, w2) * alpha/r), shapes taken from the tensors it holds)."""
     from peft import LoKrConfig
     from peft.tuners.lokr.layer import Linear as LoKrLinear
 
-    base = make_base(w, bias, dtype)
-    d_out, d_in = w.shape
+    d_out, d_in = base.out_features, base.in_features
     r = max(d_out, d_in)  # r >= max(w2 dims)/2: w2 is a full matrix; decompose_both=False: w1 is full too
     cfg = LoKrConfig(r=r, alpha=r, decompose_both=False, decompose_factor=-1, target_modules=["lin"])
     layer = LoKrLinear(base, "default", config=cfg, r=r, alpha=r)
     base.requires_grad_(False)
-    # peft's factorization(dim, factor) splits d_out and d_in with ONE factor, so a 64x4 A cannot be asked for:
-    # put exactly-shaped full matrices in place of its w1 / w2 (its forward is F.linear(x, kron(w1, w2) * alpha/r)).
     assert "default" in layer.lokr_w1 and "default" in layer.lokr_w2, "peft LoKr did not make full w1/w2"
     made = (tuple(layer.lokr_w1["default"].shape), tuple(layer.lokr_w2["default"].shape))
-    layer.lokr_w1["default"] = nn.Parameter(a.detach().clone().float())
-    layer.lokr_w2["default"] = nn.Parameter(b.detach().clone().float())
+    device = base.weight.device
+    layer.lokr_w1["default"] = nn.Parameter(a.detach().clone().float().to(device))
+    layer.lokr_w2["default"] = nn.Parameter(b.detach().clone().float().to(device))
     scaling = layer.scaling["default"]
     assert scaling == SCALE, f"peft LoKr scaling {scaling} != {SCALE}"
     params = [layer.lokr_w1["default"], layer.lokr_w2["default"]]
     assert all(p.requires_grad for p in params)
     assert not any(p.requires_grad for p in base.parameters())
-    return Variant(layer, params, info={"scale": scaling, "made_w1_w2": made})
+    return layer, params, {"scale": scaling, "made_w1_w2": made}
+
+
+def lycoris_lokr_layer(base: nn.Linear, a: torch.Tensor, b: torch.Tensor, bypass: bool = False):
+    """LyCORIS `LokrModule(full_matrix=True)` around the frozen `base` with w1 = A and w2 = B exactly, scale 1;
+    `bypass` picks its bypass forward (x -> w2 -> w1, kron never built) over its default rebuild forward.
+
+    Returns (module, [w1, w2], info). Same one-factor limitation as peft (LyCORIS' factorization is the one peft
+    copied), so w1 / w2 are replaced by exactly-shaped fp32 parameters: both its rebuild (kron(w1, w2).view(shape))
+    and its bypass forward (x.reshape(..., w1.in, -1) -> w2 -> w1) take the shapes from the tensors it holds. The
+    module calls `base` itself (it keeps it out of its own parameters), so it can stand in `base`'s place."""
+    from lycoris.modules.lokr import LokrModule
+
+    mod = LokrModule(
+        "bench",
+        base,
+        multiplier=1.0,
+        lora_dim=1,
+        alpha=1,
+        decompose_both=False,
+        factor=-1,
+        full_matrix=True,
+        bypass_mode=bypass,
+    )
+    assert mod.use_w1 and mod.use_w2, "LyCORIS LoKr did not make full w1/w2"
+    made = (tuple(mod.lokr_w1.shape), tuple(mod.lokr_w2.shape))
+    mod.lokr_w1 = nn.Parameter(a.detach().clone().float())
+    mod.lokr_w2 = nn.Parameter(b.detach().clone().float())
+    mod.to(base.weight.device)
+    assert mod.scale == SCALE, f"LyCORIS LoKr scale {mod.scale} != {SCALE}"
+    assert mod.bypass_mode == bypass
+    return mod, [mod.lokr_w1, mod.lokr_w2], {"scale": mod.scale, "made_w1_w2": made}
+
+
+def peft_lora_layer(base: nn.Linear, rank: int = 4, seed: int = 1):
+    """peft's LoRA `Linear` around the frozen `base`, rank `rank`, alpha = rank (scale 1), lora_A and lora_B fp32
+    and random (N(0, 0.02²), drawn from `seed`), so the update is not skipped. Returns (layer, [trainable params])."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=["lin"])
+    layer = LoraLinear(base, "default", config=cfg, r=rank, lora_alpha=rank)
+    base.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in (layer.lora_A["default"], layer.lora_B["default"]):
+            mod.float()
+            mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * 0.02)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    assert len(params) == 2
+    return layer, params
+
+
+def build_peft_lokr(w, bias, a, b, dtype, factors) -> Variant:
+    layer, params, info = peft_lokr_layer(make_base(w, bias, dtype), a, b)
+    return Variant(layer, params, info=info)
 
 
 def build_lycoris(bypass: bool):
     def build(w, bias, a, b, dtype, factors) -> Variant:
-        from lycoris.modules.lokr import LokrModule
-
-        base = make_base(w, bias, dtype)
-        mod = LokrModule(
-            "bench",
-            base,
-            multiplier=1.0,
-            lora_dim=1,
-            alpha=1,
-            decompose_both=False,
-            factor=-1,
-            full_matrix=True,
-            bypass_mode=bypass,
-        )
-        assert mod.use_w1 and mod.use_w2, "LyCORIS LoKr did not make full w1/w2"
-        made = (tuple(mod.lokr_w1.shape), tuple(mod.lokr_w2.shape))
-        # Same one-factor limitation as peft (LyCORIS' factorization is the one peft copied): replace w1 / w2 with
-        # exactly-shaped matrices. Both its rebuild (kron(w1, w2).view(shape)) and its bypass forward
-        # (x.reshape(..., w1.in, -1) -> w2 -> w1) take the shapes from the tensors it holds.
-        mod.lokr_w1 = nn.Parameter(a.detach().clone().float())
-        mod.lokr_w2 = nn.Parameter(b.detach().clone().float())
-        mod.to(w.device)
-        assert mod.scale == SCALE, f"LyCORIS LoKr scale {mod.scale} != {SCALE}"
-        assert mod.bypass_mode == bypass
-        return Variant(mod, [mod.lokr_w1, mod.lokr_w2], info={"scale": mod.scale, "made_w1_w2": made})
+        mod, params, info = lycoris_lokr_layer(make_base(w, bias, dtype), a, b, bypass)
+        return Variant(mod, params, info=info)
 
     return build
 
@@ -248,20 +284,7 @@ def build_official(w, bias, a, b, dtype, factors) -> Variant:
 
 
 def build_peft_lora(w, bias, a, b, dtype, factors) -> Variant:
-    from peft import LoraConfig
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    base = make_base(w, bias, dtype)
-    cfg = LoraConfig(r=4, lora_alpha=4, lora_dropout=0.0, target_modules=["lin"])
-    layer = LoraLinear(base, "default", config=cfg, r=4, lora_alpha=4)
-    base.requires_grad_(False)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for mod in (layer.lora_A["default"], layer.lora_B["default"]):
-            mod.float()
-            mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * 0.02)
-    params = [p for p in layer.parameters() if p.requires_grad]
-    assert len(params) == 2
+    layer, params = peft_lora_layer(make_base(w, bias, dtype), rank=4, seed=1)
     return Variant(layer, params)
 
 
