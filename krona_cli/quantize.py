@@ -28,7 +28,9 @@ def is_quantized(layer: nn.Module) -> bool:
     return weight is not None and not weight.dtype.is_floating_point
 
 
-def _bitsandbytes(precision: str):
+def import_bitsandbytes(flag: str, instead: str = ""):
+    """The bitsandbytes module, quietened; a KronaError saying how to install it for `flag` (or to use `instead`)
+    when it is missing."""
     # bitsandbytes' CPU backend logs a warning at import when the optional `kernels` package is absent (its own
     # fallback runs instead), and int8 layers log at every call that inputs are quantized through fp16, which is how
     # LLM.int8 works: neither says anything a user should act on
@@ -37,14 +39,14 @@ def _bitsandbytes(precision: str):
     try:
         import bitsandbytes
     except ImportError:
-        raise KronaError(f"--base-precision {precision} needs bitsandbytes: pip install bitsandbytes "
-                         "(or use --base-precision bf16)") from None
+        raise KronaError(f"{flag} needs bitsandbytes: pip install bitsandbytes"
+                         + (f" (or use {instead})" if instead else "")) from None
     return bitsandbytes
 
 
 def _quantized_linear(linear: nn.Linear, precision: str, compute_dtype: torch.dtype) -> nn.Linear:
     """A bitsandbytes layer holding `linear`'s weights (on the CPU, not yet quantized) and bias."""
-    bnb = _bitsandbytes(precision)
+    bnb = import_bitsandbytes(f"--base-precision {precision}", instead="--base-precision bf16")
     weight = linear.weight.data.to("cpu", compute_dtype)
     if precision == "int8":
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,

@@ -316,15 +316,15 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     params = adapter.params()
     world = accelerator.num_processes
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    memory = memory_estimate(adapted + ([] if cfg.cache_latents else [pipe.vae]), sum(p.numel() for p in params.values()),
-                             cfg.optimizer, cfg.ema)
+    memory = memory_estimate(adapted + ([] if cfg.cache_latents else [pipe.vae]), adapter.num_params(), cfg.optimizer,
+                             cfg.ema)
     summary = [
         ("model", f"{cfg.pretrained_model} ({arch}, {prediction.replace('_', '-')})"),
         ("adapter", f"{cfg.adapter} " + (f"{cfg.factors}" if cfg.adapter == "kron" else f"rank {cfg.rank}")
          + f", targets {cfg.targets}" + (", text encoders too" if cfg.train_text_encoder else "")
          + (f"; factors fitted to the {fitted} layer(s) they do not divide (--strict-factors stops instead)"
             if (fitted := adapter.fitted_layers()) else "")),
-        ("trainable parameters", f"{sum(p.numel() for p in params.values()):,}"),
+        ("trainable parameters", f"{adapter.num_params():,}"),
         ("instance images", f"{len(instance.paths)} × {cfg.repeats} repeats, '{cfg.prompt}'"),
         ("sizes", f"aspect-ratio buckets of about {resolution}² px: {histogram(instance.buckets)}" if buckets
          else f"{resolution}×{resolution} squares"),
@@ -632,11 +632,9 @@ def _optimizer(cfg: TrainConfig, adapter):
     if text:
         groups.append({"params": text, "lr": cfg.effective_text_encoder_lr()})
     if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise KronaError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
+        from .quantize import import_bitsandbytes
+
+        return import_bitsandbytes("--optimizer adamw8bit").optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
