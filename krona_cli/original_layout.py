@@ -1,25 +1,42 @@
-"""The original (LDM / SGM) checkpoint layout: diffusers' UNet module and parameter paths and the names the original
-Stability code, single-file checkpoints (A1111, Forge, ComfyUI) and kohya's SDXL trainer use for the same weights.
+"""The original (LDM / SGM) checkpoint layout, which A1111, Forge, ComfyUI, kohya's trainers and Stability's own code
+read: one .safetensors file holding every weight of a pipeline under the names those tools use.
 
-The UNet's block structure decides the numbering, so every mapping takes the UNet's config (a dict or diffusers'
-FrozenDict): down block i, layer j sits in `input_blocks.N.0` (its resnet) and `input_blocks.N.1` (its attention) with
-N counted over every layer and downsampler before it; `input_blocks.0.0` is `conv_in`; the middle block is
-`middle_block.0/1/2` (resnet, attention, resnet); up block i, layer j in `output_blocks.N.0/.1`, its upsampler in the
-same `output_blocks.N` as its last layer, after the attention where there is one. Inside a resnet, diffusers' `norm1`,
-`conv1`, `time_emb_proj`, `norm2`, `conv2`, `conv_shortcut` are `in_layers.0`, `in_layers.2`, `emb_layers.1`,
-`out_layers.0`, `out_layers.3`, `skip_connection`; attention blocks keep their inner names (`proj_in`,
-`transformer_blocks.0.attn1.to_q`, ...).
+UNet paths. The UNet's block structure decides the numbering, so every mapping takes the UNet's config (a dict or
+diffusers' FrozenDict): down block i, layer j sits in `input_blocks.N.0` (its resnet) and `input_blocks.N.1` (its
+attention) with N counted over every layer and downsampler before it; `input_blocks.0.0` is `conv_in`; the middle block
+is `middle_block.0/1/2` (resnet, attention, resnet); up block i, layer j in `output_blocks.N.0/.1`, its upsampler in
+the same `output_blocks.N` as its last layer, after the attention where there is one. Inside a resnet, diffusers'
+`norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`, `conv_shortcut` are `in_layers.0`, `in_layers.2`,
+`emb_layers.1`, `out_layers.0`, `out_layers.3`, `skip_connection`; attention blocks keep their inner names
+(`proj_in`, `transformer_blocks.0.attn1.to_q`, ...). Paths carry no `model.diffusion_model.` prefix:
+`unet_path_to_sgm("down_blocks.1.attentions.0.proj_in", cfg)` is `"input_blocks.4.1.proj_in"` on SDXL.
 
-Paths carry no `model.diffusion_model.` prefix: `unet_path_to_sgm("down_blocks.1.attentions.0.proj_in", cfg)` is
-`"input_blocks.4.1.proj_in"` on SDXL.
+Whole checkpoints (`to_original`, `save_single_file`), SDXL and SD 1.x only: the UNet under `model.diffusion_model.`;
+the VAE under `first_stage_model.` in LDM names (`encoder.down.i.block.j`, `encoder.mid.block_1`, `mid.attn_1` with
+its q, k, v, proj_out as 1x1-conv weights, `decoder.up.i` numbered like the encoder's levels, 0 at full resolution,
+so in the reverse of diffusers' `up_blocks`); CLIP ViT-L in transformers' names, always spelled with `text_model.`,
+under `cond_stage_model.transformer.` (SD 1.x) or `conditioner.embedders.0.transformer.` (SDXL); SDXL's OpenCLIP bigG
+in OpenCLIP's own layout under `conditioner.embedders.1.model.` (q, k, v concatenated into `attn.in_proj_*`,
+`text_projection` transposed). SD 2.x is refused: diffusers keeps only 23 of its OpenCLIP-H's 24 layers, so its
+original checkpoint cannot be written back whole. `original_architecture` tells the three apart from a file's keys.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
+from pathlib import Path
 
+import torch
+
+from .atomic import _NO_SPACE, _no_space, fsync_dir
 from .errors import KronaError
+from .models import architecture_of
 
 # diffusers resnet child -> original ResBlock child
 _RESNET = {
@@ -86,9 +103,18 @@ def _blocks(key: tuple) -> tuple[tuple[str, str, bool], ...]:
             if attention:
                 out.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{n}.1", False))
             if j == per_block and i < len(up_types) - 1:
-                out.append((f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{n}.{2 if attention else 1}.conv", False))
+                upsampler = f"output_blocks.{n}.{2 if attention else 1}.conv"
+                out.append((f"up_blocks.{i}.upsamplers.0.conv", upsampler, False))
             n += 1
     return tuple(out)
+
+
+def _rename_child(path: str, names: Mapping[str, str]) -> str | None:
+    """`path` with its first module(s) renamed by `names` (`{"conv_shortcut": "nin_shortcut"}`), None if none match."""
+    for child, renamed in names.items():
+        if path == child or path.startswith(child + "."):
+            return renamed + path[len(child) :]
+    return None
 
 
 def _translate(path: str, table, source: int, resnet_names: dict[str, str], what: str) -> str:
@@ -97,11 +123,8 @@ def _translate(path: str, table, source: int, resnet_names: dict[str, str], what
         if path == prefix or path.startswith(prefix + "."):
             rest = path[len(prefix) + 1 :]
             if entry[2] and rest:
-                for child, renamed in resnet_names.items():
-                    if rest == child or rest.startswith(child + "."):
-                        rest = renamed + rest[len(child) :]
-                        break
-                else:
+                rest = _rename_child(rest, resnet_names)
+                if rest is None:
                     raise KronaError(f"'{path}' is not a {what} UNet path krona knows")
             return entry[1 - source] + ("." + rest if rest else "")
     raise KronaError(f"'{path}' is not a {what} UNet path of this architecture")
@@ -115,3 +138,204 @@ def unet_path_to_sgm(path: str, config: Mapping) -> str:
 def unet_path_from_sgm(path: str, config: Mapping) -> str:
     """The original (SGM/LDM) UNet module or parameter path -> diffusers' one, for a UNet with this config."""
     return _translate(path, _blocks(_key(config)), 1, _RESNET_BACK, "original (SGM)")
+
+
+# --- whole checkpoints ------------------------------------------------------------------------------------------------
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+# the text encoders' prefixes, per architecture: (CLIP ViT-L in transformers' names, OpenCLIP bigG in its own)
+_TEXT_PREFIXES = {
+    "sd15": ("cond_stage_model.transformer.", None),
+    "sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
+}
+# what marks an original-layout checkpoint's architecture (its text encoder), first match wins
+_ARCH_MARKS = (
+    ("conditioner.embedders.1.model.", "sdxl"),
+    ("cond_stage_model.model.", "sd2"),
+    ("cond_stage_model.transformer.", "sd15"),
+)
+
+# diffusers' AutoencoderKL module names -> LDM's, inside a resnet, the mid-block attention and at the ends
+_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_VAE_ENDS = {"conv_norm_out": "norm_out"}
+_VAE_LEVEL = re.compile(r"(down|up)_blocks\.(\d+)\.(?:resnets\.(\d+)|downsamplers\.0|upsamplers\.0)\.(.+)")
+_VAE_MID = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
+
+# transformers' CLIP names (with `text_model.`) -> OpenCLIP's, outside the layers and inside layer N
+_OPENCLIP_ENDS = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+_OPENCLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+_CLIP_LAYER = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def _vae_path(path: str, levels: int) -> str:
+    """diffusers' AutoencoderKL parameter path -> LDM's, for a VAE with `levels` resolution levels."""
+    half, _, rest = path.partition(".")
+    if half not in ("encoder", "decoder"):
+        return path  # quant_conv, post_quant_conv
+    if level := _VAE_LEVEL.fullmatch(rest):
+        kind, i, j, tail = level.groups()
+        n = int(i) if kind == "down" else levels - 1 - int(i)
+        inner = f"block.{j}.{_rename_child(tail, _VAE_RESNET) or tail}" if j else f"{kind}sample.{tail}"
+        return f"{half}.{kind}.{n}.{inner}"
+    if mid := _VAE_MID.fullmatch(rest):
+        kind, i, tail = mid.groups()
+        if kind == "resnets":
+            return f"{half}.mid.block_{int(i) + 1}.{_rename_child(tail, _VAE_RESNET) or tail}"
+        return f"{half}.mid.attn_{int(i) + 1}.{_rename_child(tail, _VAE_ATTENTION) or tail}"
+    return f"{half}.{_rename_child(rest, _VAE_ENDS) or rest}"
+
+
+def _clip_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model's state named as every file names it, `text_model.` included (transformers 5
+    leaves it out of `CLIPTextModel`)."""
+    return {
+        name if name.startswith(("text_model.", "text_projection.")) else "text_model." + name: tensor
+        for name, tensor in state.items()
+    }
+
+
+def _openclip_tensors(clip: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' CLIP text tensors (`_clip_tensors`) in OpenCLIP's layout: q, k, v concatenated into `in_proj`,
+    the projection as the matrix text features are multiplied by (transformers' weight transposed)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in clip.items():
+        if name in _OPENCLIP_ENDS:
+            out[_OPENCLIP_ENDS[name]] = tensor
+        elif name == "text_projection.weight":
+            out["text_projection"] = tensor.T
+        elif (layer := _CLIP_LAYER.fullmatch(name)) is None:
+            raise KronaError(f"'{name}' is not a CLIP text encoder weight krona can write in OpenCLIP's layout")
+        elif layer[2] in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            if layer[2] == "self_attn.q_proj":
+                parts = [clip[f"text_model.encoder.layers.{layer[1]}.self_attn.{p}_proj.{layer[3]}"] for p in "qkv"]
+                out[f"transformer.resblocks.{layer[1]}.attn.in_proj_{layer[3]}"] = torch.cat(parts)
+        else:
+            out[f"transformer.resblocks.{layer[1]}.{_OPENCLIP_LAYER[layer[2]]}.{layer[3]}"] = tensor
+    return out
+
+
+def _architecture(pipe) -> str:
+    """`sdxl` or `sd15` for a pipeline single-file output can hold whole, else a KronaError saying what to do."""
+    arch = architecture_of(pipe.unet.config)
+    if arch == "sd2":
+        raise KronaError(
+            "single-file (original layout) output supports SDXL and SD 1.x, not SD 2.x, whose text encoder diffusers "
+            "keeps only in part; write a diffusers folder instead"
+        )
+    needed = ("vae", "text_encoder", "text_encoder_2") if arch == "sdxl" else ("vae", "text_encoder")
+    missing = [name for name in needed if getattr(pipe, name, None) is None]
+    if missing:
+        raise KronaError(
+            f"this {arch} pipeline has no {', '.join(missing)}; single-file output needs the whole SDXL base or SD 1.x "
+            "pipeline: write a diffusers folder instead"
+        )
+    return arch
+
+
+def _state(pipe, component: str) -> dict[str, torch.Tensor]:
+    """A component's state dict, refused where a file of it would be wrong: adapters still injected, or a quantized
+    base (weights that are not floating point)."""
+    state = getattr(pipe, component).state_dict()
+    if any(key.endswith((".kron_a", ".kron_b")) for key in state):
+        raise KronaError(f"the {component} still holds Kronecker adapters; merge them into its weights first")
+    if any(not tensor.is_floating_point() for tensor in state.values()):
+        raise KronaError(
+            f"the {component} has weights that are not floating point (a quantized base?); load the base in full "
+            "precision to write a single file"
+        )
+    return state
+
+
+def _put(out: dict[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> None:
+    for key, tensor in tensors.items():
+        if key in out:
+            raise KronaError(f"two weights land on '{key}' in the original layout; this is a bug in krona: report it")
+        out[key] = tensor
+
+
+def to_original(pipe) -> dict[str, torch.Tensor]:
+    """Every weight of an SDXL or SD 1.x pipeline (anything with `unet`, `vae`, `text_encoder`[, `text_encoder_2`])
+    under its original-layout name. The tensors are the models' own (or views of them), except OpenCLIP's
+    concatenated `in_proj`. SD 2.x, incomplete pipelines, injected adapters and quantized weights raise KronaError."""
+    arch = _architecture(pipe)
+    out: dict[str, torch.Tensor] = {}
+    config = pipe.unet.config
+    _put(out, {UNET_PREFIX + unet_path_to_sgm(k, config): t for k, t in _state(pipe, "unet").items()})
+    levels = len(pipe.vae.config.block_out_channels)
+    vae = {VAE_PREFIX + _vae_path(k, levels): t for k, t in _state(pipe, "vae").items()}
+    _put(out, {k: t[:, :, None, None] if ".attn_1." in k and t.ndim == 2 else t for k, t in vae.items()})
+    clip_prefix, openclip_prefix = _TEXT_PREFIXES[arch]
+    _put(out, {clip_prefix + k: t for k, t in _clip_tensors(_state(pipe, "text_encoder")).items()})
+    if openclip_prefix:
+        openclip = _openclip_tensors(_clip_tensors(_state(pipe, "text_encoder_2")))
+        _put(out, {openclip_prefix + k: t for k, t in openclip.items()})
+    return out
+
+
+def original_architecture(keys: Iterable[str]) -> str | None:
+    """The architecture of an original-layout checkpoint from its keys (its text encoder's): "sdxl", "sd2", "sd15" or
+    None when no key tells."""
+    for key in keys:
+        for prefix, arch in _ARCH_MARKS:
+            if key.startswith(prefix):
+                return arch
+    return None
+
+
+def _safetensors_header(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, metadata: Mapping[str, str]) -> bytes:
+    """The header of a .safetensors file holding `tensors`, cast to `dtype`, in sorted key order."""
+    entries: dict[str, dict] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    offset = 0
+    for name in sorted(tensors):
+        size = tensors[name].numel() * dtype.itemsize
+        shape = list(tensors[name].shape)
+        entries[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as with safetensors' own writer
+    return struct.pack("<Q", len(header)) + header
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, metadata) -> Path:
+    """`tensors` as a .safetensors file, streamed one cast tensor at a time through a temp file renamed into place
+    (what `atomic.write_bytes_atomic` does, without first building the whole file in memory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(_safetensors_header(tensors, dtype, metadata))
+            for name in sorted(tensors):
+                data = tensors[name].detach().to("cpu", dtype).contiguous()
+                f.write(data.reshape(-1).view(torch.uint8).numpy())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            raise _no_space(path, e) from None
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype, metadata: dict[str, str] | None = None) -> Path:
+    """Write `to_original(pipe)` as one .safetensors file, every tensor cast to `dtype`, atomically. The extra memory
+    is one tensor's worth (plus OpenCLIP's concatenated q, k, v), not a second copy of the model."""
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise KronaError(f"cannot write a checkpoint in {dtype}; use fp32, fp16 or bf16")
+    return _write_safetensors(Path(path), to_original(pipe), dtype, metadata or {})
