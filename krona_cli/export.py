@@ -1,8 +1,10 @@
-"""`krona export`: write an adapter in another file format (krona's own, LyCORIS/kohya LoKr, or LoRA by SVD)."""
+"""`krona export`: write an adapter in another file format (krona's own, LyCORIS/kohya LoKr, or LoRA by SVD, in
+kohya's key layout by default)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from .atomic import write_bytes_atomic
@@ -19,24 +21,31 @@ def export_adapter(
     rank: int | None = None,
     dtype: str = "fp32",
     report_path: str | Path | None = None,
+    lora_layout: str | None = None,
+    unet_config: Mapping | None = None,
 ) -> dict:
     """Read `source` (any format krona reads) and write it to `output` as `to`; return a summary.
 
     `lora` approximates each layer's update by truncated SVD at `rank` and reports the relative error per layer and
-    in total (also written to `report_path` as JSON when given); the other targets are exact.
+    in total (also written to `report_path` as JSON when given); its keys follow `lora_layout`: `kohya` (the default,
+    which ComfyUI, A1111/Forge, kohya and diffusers all load) or `peft` (diffusers' own naming). The other targets are
+    exact. Every output carries the modelspec and kohya `ss_` keys UIs show, titled with the output's file name.
+    `unet_config` numbers the SGM-named UNet layers of a kohya SDXL source (see formats/kohya_names.py).
     """
     if to not in TARGETS:
         raise KronaError(f"unknown export format '{to}'; use one of {', '.join(TARGETS)}")
     if Path(output).resolve() == Path(source).resolve():
         raise KronaError("the output would overwrite the input adapter; choose another --output")
-    adapter = load_adapter(source)
+    if to != "lora" and lora_layout is not None:
+        raise KronaError("--lora-layout only applies to --to lora")
+    adapter = load_adapter(source, unet_config)
     if not isinstance(adapter, Adapter):
         raise KronaError(f"'{source}' is not a Kronecker adapter; only Kronecker adapters can be exported")
     summary = {"source": str(source), "format": to, "output": str(output), "layers": sum(adapter.num_layers().values())}
     if to == "lora":
         if rank is None:
             raise KronaError("exporting to LoRA needs --rank (e.g. --rank 16)")
-        summary["report"] = save_lora(output, adapter, rank, dtype=dtype)
+        summary["report"] = save_lora(output, adapter, rank, dtype=dtype, layout=lora_layout or "kohya")
         if report_path is not None:
             write_bytes_atomic(report_path, json.dumps(summary["report"], indent=2).encode())
     elif rank is not None or report_path is not None:

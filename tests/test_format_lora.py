@@ -21,7 +21,7 @@ from torch import nn
 from krona_cli.errors import KronaError
 from krona_cli.formats import canonical_name, read_safetensors
 from krona_cli.formats.lora import LoraAdapter, from_lora, is_lora, lora_deltas, save_lora, to_lora
-from krona_cli.formats.lycoris import encode_path
+from krona_cli.formats.kohya_names import encode_path
 from krona_cli.formats.official import LAYOUT_DIFFUSEKRONA, official_delta
 from krona_cli.merge import pipeline_components
 from krona_cli.tiny import build_tiny_pipeline
@@ -111,14 +111,26 @@ def _fused_deltas(pipeline_cls, pipe_dir, lora_path):
     return changed, messages
 
 
-def _check_diffusers_load(adapter, pipeline_cls, pipe_dir, path, rank):
-    report = save_lora(path, adapter, rank=rank)
+def _check_diffusers_load(adapter, pipeline_cls, pipe_dir, path, rank, layout):
+    report = save_lora(path, adapter, rank=rank, layout=layout)
     changed, messages = _fused_deltas(pipeline_cls, pipe_dir, path)
     bad = [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "no lora keys", "not "))]
     assert not bad, bad
     expected = _kron_deltas(adapter)
     # every adapted layer was changed by the load, and nothing else
     assert set(changed) == set(expected)
+    # by exactly the file's up @ down (· alpha / rank: 1), read here from the raw tensors
+    written = read_safetensors(path)[0]
+    sdxl = "text_encoder_2" in adapter.factors
+    for (component, module), delta in changed.items():
+        if layout == "kohya":
+            name = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+                    "text_encoder_2": "lora_te2_"}[component] + encode_path(module)
+            down, up = written[f"{name}.lora_down.weight"], written[f"{name}.lora_up.weight"]
+            assert written[f"{name}.alpha"].item() == down.shape[0]
+        else:
+            down, up = written[f"{component}.{module}.lora_A.weight"], written[f"{component}.{module}.lora_B.weight"]
+        torch.testing.assert_close(delta, up.double() @ down.double(), rtol=1e-5, atol=1e-6)
     err2 = norm2 = 0.0
     for (component, module), delta in expected.items():
         measured = (changed[(component, module)] - delta).norm() / delta.norm()
@@ -130,10 +142,18 @@ def _check_diffusers_load(adapter, pipeline_cls, pipe_dir, path, rank):
     return report
 
 
-def test_sdxl_export_loads_in_diffusers_with_the_reported_error(sdxl_adapter, tiny_sdxl_dir, tmp_path):
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_sdxl_export_loads_in_diffusers_with_the_reported_error(sdxl_adapter, tiny_sdxl_dir, tmp_path, layout):
     report = _check_diffusers_load(
-        sdxl_adapter, StableDiffusionXLPipeline, tiny_sdxl_dir, tmp_path / "lora.safetensors", rank=6
+        sdxl_adapter, StableDiffusionXLPipeline, tiny_sdxl_dir, tmp_path / "lora.safetensors", rank=6, layout=layout
     )
+    keys = set(read_safetensors(tmp_path / "lora.safetensors")[0])
+    if layout == "kohya":
+        assert f"lora_unet_{encode_path(Q)}.lora_down.weight" in keys and f"lora_unet_{encode_path(Q)}.alpha" in keys
+        assert f"lora_te1_{encode_path(TE_Q)}.lora_up.weight" in keys and f"lora_te2_{encode_path(TE_Q)}.alpha" in keys
+    else:
+        assert f"unet.{Q}.lora_A.weight" in keys and f"text_encoder_2.{TE_Q}.lora_B.weight" in keys
+        assert not any(k.endswith(".alpha") for k in keys)
     # rank 6 is below every layer's Kronecker rank, so every layer is approximated
     assert {v["rank"] for mods in report["layers"].values() for v in mods.values()} == {6}
     assert all(v["error"] > 1e-3 for mods in report["layers"].values() for v in mods.values())
@@ -142,14 +162,22 @@ def test_sdxl_export_loads_in_diffusers_with_the_reported_error(sdxl_adapter, ti
     meta = json.loads(read_safetensors(tmp_path / "lora.safetensors")[1]["krona"])
     assert meta["format"] == "lora" and meta["rank"] == 6 and meta["relative_error"] == report["error"]
     assert meta["architecture"] == "sdxl" and meta["source"]["scale"] == 0.8
+    assert meta["key_format"] == {"kohya": "kohya", "peft": "diffusers"}[layout]
 
 
-def test_sd15_export_with_mixed_ranks_loads_in_diffusers(sd15_adapter, tiny_sd15_dir, tmp_path):
-    # rank 20: exact on layers whose Kronecker rank is 16, approximate on those with 32 (per-layer ranks differ,
-    # which diffusers' loader must handle through peft's rank_pattern)
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_sd15_export_with_mixed_ranks_loads_in_diffusers(sd15_adapter, tiny_sd15_dir, tmp_path, layout):
+    # rank 20: exact on layers whose Kronecker rank is 16, approximate on those with 32 (per-layer ranks differ:
+    # peft keys keep each layer's own, which diffusers' loader handles through peft's rank_pattern; kohya keys pad
+    # every layer to 20 with zeros, alpha 20, because diffusers loses per-layer alphas of UNet attention layers)
     report = _check_diffusers_load(
-        sd15_adapter, StableDiffusionPipeline, tiny_sd15_dir, tmp_path / "lora.safetensors", rank=20
+        sd15_adapter, StableDiffusionPipeline, tiny_sd15_dir, tmp_path / "lora.safetensors", rank=20, layout=layout
     )
+    if layout == "kohya":
+        written = read_safetensors(tmp_path / "lora.safetensors")[0]
+        assert f"lora_te_{encode_path(TE_Q)}.lora_down.weight" in written
+        assert {t.shape[0] for k, t in written.items() if k.endswith(".lora_down.weight")} == {20}
+        assert {t.item() for k, t in written.items() if k.endswith(".alpha")} == {20.0}
     ranks = {v["rank"] for mods in report["layers"].values() for v in mods.values()}
     assert ranks == {16, 20}
     for mods in report["layers"].values():
@@ -169,7 +197,7 @@ def test_exact_rank_gives_no_error_and_truncation_is_optimal(sdxl_adapter):
             assert v["rank"] == min(a.shape) * min(b.shape) <= min(deltas[(component, module)].shape)
             assert v["error"] < 1e-5
     lora = from_lora(tensors, {}, "memory")
-    assert lora.key_format == "diffusers"
+    assert lora.key_format == "kohya"
     for component, module, delta in lora_deltas(lora):
         expected = deltas[(component, module)]
         assert (delta.double() - expected).norm() / expected.norm() < 1e-5
@@ -194,7 +222,8 @@ def test_diffusekrona_layout_and_negative_scale_and_fp16(sdxl_adapter, tmp_path)
     # fp16 factors: the report measures what was written, rounding included
     report = save_lora(tmp_path / "half.safetensors", official, rank=64, dtype="fp16")
     written, metadata = read_safetensors(tmp_path / "half.safetensors")
-    assert {t.dtype for t in written.values()} == {torch.float16}
+    assert {t.dtype for k, t in written.items() if not k.endswith(".alpha")} == {torch.float16}
+    assert {t.dtype for k, t in written.items() if k.endswith(".alpha")} == {torch.float32}  # alpha = rank, exactly
     assert 1e-6 < report["error"] < 1e-2 and report["dtype"] == "fp16"
     lora = from_lora(written, metadata, "half")
     assert lora.architecture == "sdxl" and lora.base_model == "tiny-sdxl"
@@ -375,9 +404,14 @@ UQ = f"unet.{Q}"
              f"{KQ}.dora_scale": torch.ones(1, 32)},
             "DoRA",
         ),
-        (
-            {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 32)},
-            "SGM way \\('lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight'\\)",
+        (  # kohya's SDXL conv LoRA (LoCon), SGM-named: read as the resnet's conv1, refused as conv
+            {"lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight": torch.zeros(4, 320, 3, 3),
+             "lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight": torch.zeros(320, 4, 1, 1)},
+            "input_blocks_1_0_in_layers_2.lora_down.weight' of shape \\(4, 320, 3, 3\\), a conv LoRA weight",
+        ),
+        (  # SDXL's input_blocks.1 is a resnet alone: no attention there
+            {"lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 32)},
+            "SGM way \\('lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight'\\).*SDXL UNet",
         ),
         ({f"{UQ}.lora_A.weight": torch.zeros(4, 32)}, "no up weight"),
         ({f"{UQ}.lora_A.weight": torch.zeros(4, 32), f"{UQ}.lora_B.weight": torch.zeros(32, 3)}, "do not multiply"),

@@ -12,14 +12,8 @@ from torch import nn
 
 from krona_cli.errors import KronaError
 from krona_cli.formats import attach, canonical_name, load_adapter, read_safetensors, save_adapter
-from krona_cli.formats.lycoris import (
-    decode_path,
-    encode_path,
-    from_lycoris,
-    is_lycoris,
-    save_lycoris,
-    to_lycoris,
-)
+from krona_cli.formats.kohya_names import decode_path, encode_path
+from krona_cli.formats.lycoris import from_lycoris, is_lycoris, save_lycoris, to_lycoris
 from krona_cli.kron import adapted_layers, find_targets
 from krona_cli.models import build_meta_components
 from krona_cli.merge import pipeline_components
@@ -348,7 +342,11 @@ def _one(key, suffix="lokr_w1", shape=(2, 2)):
 @pytest.mark.parametrize(
     "tensors, message",
     [
-        (_one("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"), r"input_blocks_4_1.*SGM-named"),
+        (_one("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"), r"SGM way.*input_blocks_1_1.*SDXL UNet"),
+        (
+            {**_one("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"), **_one(f"lora_unet_{encode_path(Q)}")},
+            r"both the SGM way.*and the diffusers way",
+        ),
         (_one(f"lora_unet_{encode_path(Q)}", "lokr_t2"), rf"{encode_path(Q)}\.lokr_t2.*supports"),
         (_one(f"lora_unet_{encode_path(Q)}", "dora_scale"), r"dora_scale.*supports"),
         (_one(f"lora_unet_{encode_path(Q)}", "lora_down.weight"), r"lora_down\.weight.*supports"),

@@ -1,7 +1,9 @@
 """Adapter files in and out, one module per format: `native.py` (krona's own: one .safetensors, settings in its
 metadata), `lycoris.py` (LyCORIS / kohya LoKr, read and written), `lora.py` (diffusers and kohya LoRA read; LoRA
-written from a Kronecker adapter by truncated SVD), `official.py` (official DiffuseKronA checkpoints, read);
-`detect.py` tells them apart and reads any of them."""
+written from a Kronecker adapter by truncated SVD, in kohya's key layout by default), `official.py` (official
+DiffuseKronA checkpoints, read); `detect.py` tells them apart and reads any of them. Shared by the formats:
+`kohya_names.py` (kohya's lora names, diffusers- or SGM-named) and `ui_metadata.py` (the modelspec and kohya `ss_`
+keys other tools show)."""
 
 from .detect import describe, detect_format, load_adapter, read_adapter
 from .lora import LoraAdapter, from_lora, lora_deltas, save_lora, to_lora

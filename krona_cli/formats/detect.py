@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -20,6 +20,8 @@ READERS = {
     "lora": from_lora,
     "diffusekrona": from_official,
 }
+# the readers of kohya-named files, which take the UNet config SGM names are numbered for
+SGM_READERS = ("lycoris", "lora")
 
 
 def detect_format(keys: Iterable[str], metadata: dict[str, str], source: str) -> str:
@@ -40,24 +42,34 @@ def detect_format(keys: Iterable[str], metadata: dict[str, str], source: str) ->
     )
 
 
-def read_adapter(path: str | Path) -> tuple[Adapter | LoraAdapter, str, dict[str, torch.Tensor]]:
-    """The adapter in a file of any supported format, the format's name, and the file's raw tensors."""
+def read_adapter(
+    path: str | Path, unet_config: Mapping | None = None
+) -> tuple[Adapter | LoraAdapter, str, dict[str, torch.Tensor]]:
+    """The adapter in a file of any supported format, the format's name, and the file's raw tensors.
+
+    `unet_config` is the config of the base model's UNet, with which kohya's SGM-named UNet layers are numbered
+    (default: the real SDXL UNet's, or SD 1.x's for a file that says it is for SD 1.x; see kohya_names.py)."""
     tensors, metadata = read_safetensors(path)
     fmt = detect_format(tensors, metadata, str(path))
+    if fmt in SGM_READERS:
+        return READERS[fmt](tensors, metadata, str(path), unet_config), fmt, tensors
     return READERS[fmt](tensors, metadata, str(path)), fmt, tensors
 
 
-def load_adapter(path: str | Path) -> Adapter | LoraAdapter:
-    """Read an adapter file in any supported format (native, LyCORIS/kohya LoKr, LoRA, official DiffuseKronA)."""
-    return read_adapter(path)[0]
+def load_adapter(path: str | Path, unet_config: Mapping | None = None) -> Adapter | LoraAdapter:
+    """Read an adapter file in any supported format (native, LyCORIS/kohya LoKr, LoRA, official DiffuseKronA);
+    `unet_config` as for `read_adapter`."""
+    return read_adapter(path, unet_config)[0]
 
 
-def describe(path: str | Path) -> dict:
-    """What `krona inspect` shows: format, settings, layers and factors per component, parameters, dtype, size, hash."""
-    adapter, fmt, tensors = read_adapter(path)
+def describe(path: str | Path, unet_config: Mapping | None = None) -> dict:
+    """What `krona inspect` shows: format, key naming (`key_format`: krona, kohya, kohya-sgm, diffusers, ...),
+    settings, layers and factors per component, parameters, dtype, size, hash. `unet_config` as for `read_adapter`."""
+    adapter, fmt, tensors = read_adapter(path, unet_config)
     if isinstance(adapter, LoraAdapter):  # ranks instead of factors; no Kronecker settings
         shapes = {c: {m: f"rank {down.shape[0]}" for m, (down, _, _) in layers.items()} for c, layers in adapter.layers.items()}
         settings = {"format_version": None, "layout": "lora", "targets": {}, "training": None}
+        key_format = adapter.key_format
     else:
         shapes = adapter.factors
         settings = {
@@ -66,6 +78,7 @@ def describe(path: str | Path) -> dict:
             "targets": adapter.targets,
             "training": adapter.training,
         }
+        key_format = adapter.key_format
     factor_counts = {}
     for component, layers in shapes.items():
         counts: dict[str, int] = {}
@@ -75,6 +88,7 @@ def describe(path: str | Path) -> dict:
     return {
         "file": str(path),
         "format": fmt,
+        "key_format": key_format,
         "base_model": adapter.base_model,
         "architecture": adapter.architecture,
         "scale": adapter.scale,

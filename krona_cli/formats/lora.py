@@ -1,5 +1,5 @@
 """LoRA files: read (diffusers/peft, older diffusers, kohya) and written (a Kronecker adapter turned into a LoRA by
-truncated SVD, for tools that load LoRA only, such as diffusers' `load_lora_weights`).
+truncated SVD, for tools that load LoRA but not LoKr).
 
 A LoRA layer holds down (r × d_in) and up (d_out × r) with ΔW = multiplier · up @ down. Key formats read:
 
@@ -15,17 +15,21 @@ A LoRA layer holds down (r × d_in) and up (d_out × r) with ΔW = multiplier ·
   `text_encoder.<module>.lora_linear_layer.down.weight` / `.up.weight`. The processor naming
   (`...processor.to_q_lora.down.weight`) is not read here: official DiffuseKronA checkpoints use it (official.py).
   A file holding only `lora_linear_layer` keys is not recognised by `is_lora` for the same reason.
-* kohya: `lora_unet_<module path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha` (multiplier alpha / r, 1
-  without alpha), `lora_te1_` / `lora_te2_` for SDXL's text encoders and `lora_te_` for SD 1.x's. Module paths are
-  diffusers' (decoded with lycoris.decode_path); kohya's SGM-named SDXL UNet keys (`lora_unet_input_blocks_...`) are
-  not read yet.
+* kohya: `<lora name>.lora_down.weight` / `.lora_up.weight` / `.alpha` (multiplier alpha / r, 1 without alpha), lora
+  names as in kohya_names.py: `lora_unet_` + the diffusers module path with `_`, `lora_te1_` / `lora_te2_` for SDXL's
+  text encoders and `lora_te_` for SD 1.x's, and the SGM-named UNet layers of kohya's SDXL files
+  (`lora_unet_input_blocks_4_1_...`, key_format `kohya-sgm`).
 
 Conv LoRA (4-D weights), DoRA (`dora_scale`, `lora_magnitude_vector`), biases, LoCon/LoHa/LoKr keys and anything else
 are refused with a KronaError naming the key. Everything is read into float32.
 
-Export (`to_lora`, `save_lora`) writes the diffusers/peft format: `<component>.<module>.lora_A.weight` (down) and
-`.lora_B.weight` (up), module paths as krona's files spell them (text encoders with `text_model.`, which diffusers
-strips where the installed transformers does not use it), no alpha (so every loader uses multiplier 1).
+Export (`to_lora`, `save_lora`) writes, by default, kohya's layout, which ComfyUI, A1111/Forge, kohya's scripts and
+diffusers' `load_lora_weights` all load: `<lora name>.lora_down.weight`, `.lora_up.weight` and `.alpha` = their
+rank, the same in every layer (every loader's multiplier alpha / r is then exactly 1), lora names with diffusers' UNet paths and `text_model.`
+text-encoder paths. `layout="peft"` writes diffusers' own naming instead: `<component>.<module>.lora_A.weight` (down)
+and `.lora_B.weight` (up), no alpha (multiplier 1), for diffusers and peft; some UIs skip those keys (ComfyUI: "lora
+key not loaded"). Both carry krona's settings and the modelspec / kohya `ss_` keys UIs
+show (ui_metadata.py).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,20 +48,20 @@ from .. import __version__
 from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
-from .lycoris import (
-    check_text_prefixes,
-    decode_path,
-    guess_architecture,
-    kohya_prefix,
-    refuse_sgm_names,
-)
+from .kohya_names import NameReader, check_text_prefixes, kohya_prefix, lora_name
+from .lycoris import is_sdxl
 from .native import COMPONENTS, LAYOUT_STANDARD, METADATA_KEY, Adapter, canonical_name, json_metadata
 from .official import LAYOUT_DIFFUSEKRONA
+from .ui_metadata import describe_adapter, guess_architecture, ui_metadata
 
 __all__ = ["LoraAdapter", "from_lora", "is_lora", "lora_deltas", "save_lora", "to_lora"]
 
 EXPORT_FORMAT = "lora"
 EXPORT_FORMAT_VERSION = 1
+# The key layouts `to_lora` writes: kohya's (every UI and diffusers load it) and diffusers' own peft naming.
+LAYOUTS = ("kohya", "peft")
+# kohya's `ss_network_module` for a LoRA (sd-scripts' `networks.lora`).
+NETWORK_MODULE = "networks.lora"
 # diffusers' key for the peft LoraConfig of each component (`loaders.lora_base.LORA_ADAPTER_METADATA_KEY`).
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 
@@ -110,7 +114,7 @@ class LoraAdapter:
     scale: float = 1.0
     base_model: str | None = None
     architecture: str | None = None
-    key_format: str | None = None  # diffusers, diffusers-old or kohya: the naming the file used
+    key_format: str | None = None  # diffusers, diffusers-old, kohya or kohya-sgm: the naming the file used
 
     def num_params(self) -> int:
         return sum(down.numel() + up.numel() for mods in self.layers.values() for down, up, _ in mods.values())
@@ -153,26 +157,15 @@ def _unknown(key: str, source: str) -> KronaError:
     )
 
 
-def _parse_kohya(key: str, source: str) -> tuple[str, str, str] | None:
+def _parse_kohya(key: str, names: NameReader, source: str) -> tuple[str, str, str] | None:
     """(component, module, down|up|alpha) of a kohya key, None when the key is not kohya-named."""
-    found = kohya_prefix(key)
-    if found is None:
+    if kohya_prefix(key) is None:
         return None
-    prefix, component = found
-    lora_name, dot, suffix = key.partition(".")
-    if not dot:
+    name, dot, suffix = key.partition(".")
+    if not dot or suffix not in _KOHYA_SUFFIXES:
         raise _unknown(key, source)
-    refuse_sgm_names(component, lora_name, key, source)
-    if suffix not in _KOHYA_SUFFIXES:
-        raise _unknown(key, source)
-    try:
-        path = decode_path(lora_name[len(prefix) :], key)
-    except KronaError:
-        raise KronaError(
-            f"cannot read the module path of LoRA key '{key}': it is not made of diffusers UNet / CLIP text encoder "
-            "module names; krona reads LoRA files for the SDXL and SD 1.x UNet and text encoders"
-        ) from None
-    return component, canonical_name(component, path), _KOHYA_SUFFIXES[suffix]
+    _prefix, component, module = names.module(name, key)
+    return component, module, _KOHYA_SUFFIXES[suffix]
 
 
 def _parse_diffusers(key: str, source: str) -> tuple[str, str, str, str]:
@@ -244,27 +237,29 @@ def _peft_multiplier(config: dict, component: str, module: str, rank: int, sourc
     return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
-def from_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> LoraAdapter:
+def from_lora(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str, unet_config: Mapping | None = None
+) -> LoraAdapter:
     """The LoraAdapter held by a LoRA file's tensors and metadata (formats: see the module docstring).
 
     Multipliers: kohya alpha / r (1 without alpha); diffusers formats 1, or alpha / r from diffusers'
     `lora_adapter_metadata` where present. A file krona exported carries its base model and architecture in the
     `krona` metadata; otherwise the architecture comes from `ss_base_model_version`, a second text encoder, or the
-    UNet's cross-attention width.
+    UNet's cross-attention width. SGM-named UNet layers (kohya's SDXL files) are mapped to diffusers paths with
+    `unet_config` (kohya_names.py).
     """
     if not tensors:
         raise KronaError(f"'{source}' holds no tensors; it is not a LoRA adapter")
+    names = NameReader(tensors, metadata, source, unet_config, "LoRA")
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     keys_of: dict[tuple[str, str], dict[str, str]] = {}
     formats: set[str] = set()
-    kohya_prefixes: set[str] = set()
     for key, t in tensors.items():
         _refuse_other_kinds(key, source)
-        parsed = _parse_kohya(key, source)
+        parsed = _parse_kohya(key, names, source)
         if parsed is not None:
             component, module, part = parsed
             formats.add("kohya")
-            kohya_prefixes.add(kohya_prefix(key)[0])
         else:
             component, module, part, key_format = _parse_diffusers(key, source)
             formats.add(key_format)
@@ -280,6 +275,7 @@ def from_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source
         raise KronaError(
             f"'{source}' mixes kohya (lora_unet_...) and diffusers (unet....) LoRA keys; the file is damaged"
         )
+    kohya_prefixes = names.prefixes
     check_text_prefixes(kohya_prefixes, source)
 
     peft_configs = json_metadata(metadata, DIFFUSERS_METADATA_KEY, source) if "kohya" not in formats else None
@@ -326,7 +322,10 @@ def from_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source
         }
         sdxl_text_encoders = "text_encoder_2" in layers or "lora_te2_" in kohya_prefixes
         base_model, architecture = None, guess_architecture(metadata, sdxl_text_encoders, False, widths)
-    key_format = "kohya" if "kohya" in formats else ("diffusers" if "diffusers" in formats else "diffusers-old")
+    if "kohya" in formats:
+        key_format = names.key_format
+    else:
+        key_format = "diffusers" if "diffusers" in formats else "diffusers-old"
     return LoraAdapter(layers, 1.0, base_model, architecture, key_format)
 
 
@@ -382,9 +381,9 @@ def _regroup_rows(up: torch.Tensor, a_out: int, b_out: int) -> torch.Tensor:
 
 
 def to_lora(
-    adapter: Adapter, rank: int, dtype: str = "fp32"
+    adapter: Adapter, rank: int, dtype: str = "fp32", layout: str = "kohya", title: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
-    """The tensors and metadata of a diffusers/peft-format LoRA file approximating `adapter`, and a report.
+    """The tensors and metadata of a LoRA file approximating `adapter`, and a report.
 
     Per layer ΔW is the adapter's update (layout standard: s·(A ⊗ B); layout diffusekrona: `official_delta(A, B, s)`,
     a row permutation of it) and the LoRA is its truncated SVD, split evenly: up = U_r·√S_r, down = √S_r·V_rᵀ, so that
@@ -395,17 +394,24 @@ def to_lora(
     min(b_out, b_in)) (never above min(d_out, d_in)): beyond it every singular value is zero, so a larger rank would
     only add zeros.
 
-    Keys: `<component>.<module>.lora_A.weight` (down, r × d_in) and `.lora_B.weight` (up, d_out × r), no alpha
-    (multiplier 1 for every loader). Metadata: {"format": "pt"} as diffusers writes, and krona's JSON under `krona`
-    ({"format": "lora", rank, error, base model, architecture, and the source adapter's own metadata}); diffusers'
-    loader reads only `lora_adapter_metadata`, so neither confuses it.
+    Keys (`layout`, see the module docstring): `kohya` (the default, which ComfyUI, A1111/Forge, kohya and diffusers
+    all load) writes `<lora name>.lora_down.weight` (R × d_in), `.lora_up.weight` (d_out × R) and `.alpha` = R in
+    float32 whatever `dtype`, R the largest rank of any layer, a layer of smaller rank getting zero rows and columns:
+    every loader's multiplier alpha / R is then exactly 1 in every layer; `peft` writes diffusers'
+    `<component>.<module>.lora_A.weight` (down, r × d_in) / `.lora_B.weight` (up, d_out × r), each layer at its own
+    rank r, with no alpha (multiplier 1). Metadata: {"format": "pt"} as diffusers writes, krona's JSON under `krona`
+    ({"format": "lora", key_format, rank, error, base model, architecture, and the source adapter's own metadata})
+    and the modelspec and kohya `ss_` keys UIs show (ui_metadata.py; `title` is the modelspec title and kohya output
+    name, by default "krona LoRA"); diffusers' loader reads only `lora_adapter_metadata`, so none of them confuses it.
 
-    The report: {"rank", "dtype", "error", "layers": {component: {module: {"rank", "error"}}}, "parameters"}, with the
-    relative error ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F of the factors as written (after rounding to `dtype`) per layer (0 for a
+    The report: {"rank", "dtype", "error", "layers": {component: {module: {"rank", "error"}}}, "parameters"}, with
+    each layer's SVD rank r, the numbers stored in the file, and the relative error ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F of the factors as written (after rounding to `dtype`) per layer (0 for a
     layer whose ΔW is 0) and in total, sqrt(Σ‖ΔW − ΔW_r‖²) / sqrt(Σ‖ΔW‖²).
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise KronaError(f"LoRA rank {rank!r} must be a whole number of at least 1, e.g. 16")
+    if layout not in LAYOUTS:
+        raise KronaError(f"unknown LoRA key layout '{layout}'; use {' or '.join(LAYOUTS)}")
     if adapter.layout not in (LAYOUT_STANDARD, LAYOUT_DIFFUSEKRONA):
         raise KronaError(
             f"adapter layout '{adapter.layout}' cannot be exported as LoRA; krona exports the "
@@ -415,10 +421,10 @@ def to_lora(
     if not math.isfinite(scale):
         raise KronaError(f"adapter scale {adapter.scale} is not a finite number; export with a finite --scale")
     torch_dtype = dtype_from_name(dtype)
-    tensors: dict[str, torch.Tensor] = {}
+    sdxl = is_sdxl(adapter)
+    written: list[tuple[str, str, torch.Tensor, torch.Tensor]] = []  # component, module, up, down
     report_layers: dict[str, dict[str, dict]] = {}
     total_err2 = total_norm2 = 0.0
-    params = 0
     for component, mods in adapter.factors.items():
         if component not in COMPONENTS:
             raise KronaError(f"the adapter holds an unknown component '{component}'; the adapter is damaged")
@@ -432,25 +438,40 @@ def to_lora(
             err2, norm2 = _kron_error(a, b, scale, up, down)
             if adapter.layout == LAYOUT_DIFFUSEKRONA:
                 up = _regroup_rows(up, a.shape[0], b.shape[0])
-            name = f"{component}.{canonical_name(component, module)}"
-            tensors[f"{name}.lora_A.weight"] = down.contiguous()
-            tensors[f"{name}.lora_B.weight"] = up.contiguous()
+            written.append((component, module, up, down))
             report_layers.setdefault(component, {})[module] = {
                 "rank": down.shape[0],
                 "error": math.sqrt(err2 / norm2) if norm2 > 0 else 0.0,
             }
             total_err2 += err2
             total_norm2 += norm2
-            params += down.numel() + up.numel()
-    if not tensors:
+    if not written:
         raise KronaError("the adapter holds no layers; there is nothing to export")
+    # kohya: every layer at the file's largest rank R (zero columns / rows added, which change nothing) with alpha R,
+    # so alpha / r is exactly 1 everywhere and is the same number in every layer, which diffusers' loader needs: it
+    # turns kohya alphas into peft's, and those of UNet attention layers under names that match no module, so that
+    # every layer gets the most common alpha.
+    stored_rank = max(down.shape[0] for _, _, _, down in written)
+    tensors: dict[str, torch.Tensor] = {}
+    for component, module, up, down in written:
+        if layout == "kohya":
+            name = lora_name(component, module, sdxl)
+            pad = stored_rank - down.shape[0]
+            tensors[f"{name}.lora_down.weight"] = torch.cat([down, down.new_zeros(pad, down.shape[1])]).contiguous()
+            tensors[f"{name}.lora_up.weight"] = torch.cat([up, up.new_zeros(up.shape[0], pad)], dim=1).contiguous()
+            tensors[f"{name}.alpha"] = torch.tensor(float(stored_rank))
+        else:
+            name = f"{component}.{canonical_name(component, module)}"
+            tensors[f"{name}.lora_A.weight"] = down.contiguous()
+            tensors[f"{name}.lora_B.weight"] = up.contiguous()
+    params = sum(t.numel() for key, t in tensors.items() if not key.endswith(".alpha"))
     total = math.sqrt(total_err2 / total_norm2) if total_norm2 > 0 else 0.0
     report = {"rank": rank, "dtype": dtype, "error": total, "layers": report_layers, "parameters": params}
     krona_meta = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
         "krona_version": __version__,
-        "key_format": "diffusers",
+        "key_format": "kohya" if layout == "kohya" else "diffusers",
         "method": "truncated SVD of the Kronecker update",
         "rank": rank,
         "relative_error": total,
@@ -458,13 +479,27 @@ def to_lora(
         "architecture": adapter.architecture,
         "source": adapter.metadata(),
     }
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(krona_meta, sort_keys=True)}
+    exported_as = f"exported as a rank-{rank} LoRA by truncated SVD (relative error of ΔW {total:.3g})"
+    network = None
+    if layout == "kohya":
+        network = {"module": NETWORK_MODULE, "dim": str(stored_rank), "alpha": str(stored_rank)}
+    metadata = {
+        "format": "pt",
+        METADATA_KEY: json.dumps(krona_meta, sort_keys=True),
+        **ui_metadata(
+            "lora", title or "krona LoRA", adapter.architecture, adapter.base_model, adapter.training,
+            describe_adapter(adapter.base_model, adapter.training, exported_as), network,
+        ),
+    }
     return tensors, metadata, report
 
 
-def save_lora(path: str | Path, adapter: Adapter, rank: int, dtype: str = "fp32") -> dict:
-    """Write `adapter` as a diffusers/peft-format LoRA .safetensors file of the given rank, atomically (see
-    `to_lora`); dtype is fp32, fp16 or bf16. Returns the report, its errors measured on the factors as written."""
-    tensors, metadata, report = to_lora(adapter, rank, dtype)
+def save_lora(
+    path: str | Path, adapter: Adapter, rank: int, dtype: str = "fp32", layout: str = "kohya", title: str | None = None
+) -> dict:
+    """Write `adapter` as a LoRA .safetensors file of the given rank and key layout (kohya or peft), atomically (see
+    `to_lora`); dtype is fp32, fp16 or bf16; `title` defaults to the file's name. Returns the report, its errors
+    measured on the factors as written."""
+    tensors, metadata, report = to_lora(adapter, rank, dtype, layout, title or Path(path).stem)
     write_bytes_atomic(path, safetensors_save(tensors, metadata=metadata))
     return report

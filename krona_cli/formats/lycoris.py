@@ -5,13 +5,14 @@ A LoKr file is one .safetensors with, per adapted module, `<lora name>.lokr_w1`,
 where ΔW = kron(w1, w2) (torch.kron semantics, the same as krona's A ⊗ B). The lora name is a prefix plus the
 module path with `.` replaced by `_`: `lora_unet_` for the UNet (diffusers module paths), `lora_te1_` / `lora_te2_`
 for SDXL's text_encoder / text_encoder_2 and `lora_te_` for SD 1.x/2.x's text_encoder (transformers 4 paths,
-`text_model.encoder.layers.0.self_attn.q_proj`).
+`text_model.encoder.layers.0.self_attn.q_proj`): see kohya_names.py.
 
 Either factor may instead be stored decomposed (`lokr_w1_a` @ `lokr_w1_b`, `lokr_w2_a` @ `lokr_w2_b`). ComfyUI and
 A1111 then scale ΔW by alpha / r (r the inner rank of the decomposed factor) and by 1.0 when neither is decomposed,
 whatever alpha says. krona always writes both factors full, so its scale s is baked into w1 (w1 = s·A, w2 = B).
 
-Module paths are decoded from the underscore names without a model: see `decode_path`.
+Lora names, including the SGM-named UNet layers of kohya's SDXL files, are read by kohya_names.py. Written files carry
+the modelspec and kohya `ss_` keys UIs show (ui_metadata.py) beside krona's own settings.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
-from functools import lru_cache
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -30,30 +30,16 @@ from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
 from ..kron import PRESETS
-from ..models import architecture_from_context_widths
-from .native import LAYOUT_STANDARD, METADATA_KEY, Adapter, canonical_name, json_metadata
+from .kohya_names import NameReader, check_text_prefixes, lora_name
+from .native import LAYOUT_STANDARD, METADATA_KEY, Adapter, json_metadata
+from .ui_metadata import describe_adapter, guess_architecture, ui_metadata
 
-__all__ = ["decode_path", "encode_path", "from_lycoris", "is_lycoris", "save_lycoris", "to_lycoris"]
-
-UNET_PREFIX = "lora_unet_"
-# The file prefix of each text encoder, by architecture family: SDXL has two, SD 1.x/2.x one.
-TE_PREFIXES_SDXL = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-TE_PREFIX_SINGLE = "lora_te_"
-# kohya's lora-name prefixes (LoKr and LoRA files alike), longest first, so that `lora_te1_` is not read as
-# `lora_te_` + `1...`.
-KOHYA_PREFIXES = (
-    ("lora_te1_", "text_encoder"),
-    ("lora_te2_", "text_encoder_2"),
-    ("lora_te_", "text_encoder"),
-    (UNET_PREFIX, "unet"),
-)
+__all__ = ["from_lycoris", "is_lycoris", "save_lycoris", "to_lycoris"]
 
 # What kohya's sd-scripts writes for a LyCORIS network (`--network_module lycoris.kohya --network_args algo=lokr
 # full_matrix=True`): network_args as JSON of the strings given on its command line.
 NETWORK_MODULE = "lycoris.kohya"
 NETWORK_ARGS = {"algo": "lokr", "full_matrix": "True"}
-# kohya's `ss_base_model_version`; A1111 takes a file for SDXL when this starts with `sdxl_`.
-BASE_MODEL_VERSIONS = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1"}
 
 # The alpha written for every module. Both factors are full, so ComfyUI and A1111 ignore alpha (scale 1.0), and
 # LyCORIS itself does too: `LokrModule` forces alpha = lora_dim when w1 and w2 are both full, so its scale is 1, and
@@ -62,6 +48,8 @@ BASE_MODEL_VERSIONS = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1"}
 # divides alpha by itself when nothing is decomposed, which is 1 for any alpha but 0 (0/0). A reader that naively
 # divides alpha by a rank of 1 also gets 1. So alpha = 1 gives scale 1 under every convention in use.
 ALPHA = 1.0
+# kohya's `ss_network_dim` / `ss_network_alpha` for such a file: the lora_dim LyCORIS infers for it, and its alpha.
+NETWORK_DIM = 1
 
 # Tensor suffixes krona reads. Anything else (Tucker `lokr_t1`/`lokr_t2`, DoRA `dora_scale`, LoRA keys) is refused.
 _FULL = ("lokr_w1", "lokr_w2")
@@ -72,74 +60,6 @@ _SUPPORTED = (
     "and `alpha`"
 )
 _LOKR_KEY = re.compile(r"^lora_(unet|te|te1|te2)_[A-Za-z0-9_]+\.lokr_(w1|w2|w1_a|w1_b|w2_a|w2_b|t1|t2)$")
-
-# kohya's own SDXL UNet (from the original Stability checkpoint) names its modules the SGM way.
-_SGM_UNET = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_")
-
-
-# --- module path <-> underscore name ------------------------------------------------------------------------------
-
-# Every module-path segment of diffusers' UNet2DConditionModel (SD 1.x/2.x/SDXL configs) and transformers' CLIP text
-# models that is not a number. Some contain `_` themselves, which is why names need a vocabulary to be decoded.
-VOCABULARY = frozenset(
-    {
-        # UNet2DConditionModel
-        "conv_in", "conv_out", "conv_norm_out", "conv_act",
-        "time_proj", "time_embedding", "add_time_proj", "add_embedding", "linear_1", "linear_2", "act",
-        "down_blocks", "mid_block", "up_blocks", "attentions", "resnets", "downsamplers", "upsamplers",
-        "norm", "norm1", "norm2", "norm3", "conv", "conv1", "conv2", "conv_shortcut", "time_emb_proj",
-        "nonlinearity", "dropout", "proj_in", "proj_out", "transformer_blocks",
-        "attn1", "attn2", "to_q", "to_k", "to_v", "to_out", "ff", "net", "proj",
-        # CLIPTextModel / CLIPTextModelWithProjection
-        "text_model", "embeddings", "token_embedding", "position_embedding", "encoder", "layers",
-        "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "layer_norm1", "layer_norm2", "mlp",
-        "fc1", "fc2", "activation_fn", "final_layer_norm", "text_projection",
-    }
-)  # fmt: skip
-
-
-@lru_cache(maxsize=1)
-def _words_by_length() -> tuple[tuple[str, ...], ...]:
-    """The vocabulary as part tuples, longest first: a greedy match then prefers `proj_in` to `proj`."""
-    return tuple(sorted((tuple(w.split("_")) for w in VOCABULARY), key=lambda p: (-len(p), p)))
-
-
-def encode_path(path: str) -> str:
-    """A module path as it appears in a LoKr lora name: `down_blocks.1.attn1.to_q` -> `down_blocks_1_attn1_to_q`."""
-    return path.replace(".", "_")
-
-
-def decode_path(name: str, key: str | None = None) -> str:
-    """The module path whose `encode_path` is `name`, found with the segment vocabulary and numbers alone.
-
-    The name is split at `_` and rebuilt segment by segment, trying the longest vocabulary word first and going back
-    when the rest cannot be read (a depth-first search, so the result is deterministic). KronaError, naming `key`,
-    when no reading exists.
-    """
-    parts = name.split("_")
-    words = _words_by_length()
-
-    @lru_cache(maxsize=None)
-    def read(i: int) -> tuple[str, ...] | None:
-        if i == len(parts):
-            return ()
-        if parts[i].isdigit():
-            rest = read(i + 1)
-            return None if rest is None else (parts[i], *rest)
-        for word in words:
-            if tuple(parts[i : i + len(word)]) == word:
-                rest = read(i + len(word))
-                if rest is not None:
-                    return ("_".join(word), *rest)
-        return None
-
-    segments = read(0) if all(parts) else None
-    if not segments:
-        raise KronaError(
-            f"cannot read the module path of LoKr key '{key or name}': '{name}' is not made of diffusers UNet / "
-            "CLIP text encoder module names; krona reads LoKr files for the SDXL and SD 1.x UNet and text encoders"
-        )
-    return ".".join(segments)
 
 
 # --- detection ----------------------------------------------------------------------------------------------------
@@ -153,22 +73,17 @@ def is_lycoris(keys: Iterable[str]) -> bool:
 # --- writing ------------------------------------------------------------------------------------------------------
 
 
-def _prefix(adapter: Adapter, component: str) -> str:
-    """The lora-name prefix of a component: text encoders are numbered only where there are two (SDXL)."""
-    if component == "unet":
-        return UNET_PREFIX
-    if component not in TE_PREFIXES_SDXL:
-        raise KronaError(f"the adapter holds an unknown component '{component}'; the adapter is damaged")
-    if adapter.architecture == "sdxl" or "text_encoder_2" in adapter.factors:
-        return TE_PREFIXES_SDXL[component]
-    return TE_PREFIX_SINGLE
+def is_sdxl(adapter: Adapter) -> bool:
+    """Whether the adapter's text encoders are SDXL's two (numbered `lora_te1_`/`lora_te2_`) rather than one."""
+    return adapter.architecture == "sdxl" or "text_encoder_2" in adapter.factors
 
 
-def to_lycoris(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def to_lycoris(adapter: Adapter, title: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of the LoKr file that holds `adapter` (standard layout only).
 
     Per layer: `lokr_w1` = s·A, `lokr_w2` = B and `alpha` = 1, so every LoKr loader builds ΔW = s·(A ⊗ B).
-    The metadata carries krona's own settings under `krona` and kohya's `ss_*` keys.
+    The metadata carries krona's own settings under `krona`, and the modelspec and kohya `ss_*` keys UIs show
+    (ui_metadata.py; `title` is the modelspec title and kohya output name, by default "krona LoKr").
     """
     if adapter.layout != LAYOUT_STANDARD:
         raise KronaError(
@@ -182,32 +97,40 @@ def to_lycoris(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str
             "would lose A; export with a finite, non-zero --scale"
         )
     tensors: dict[str, torch.Tensor] = {}
+    sdxl = is_sdxl(adapter)
     for component, layers in adapter.factors.items():
-        prefix = _prefix(adapter, component)
         stored = adapter.tensors.get(component, {})
         for module in layers:
+            name = lora_name(component, module, sdxl)
             a, b = stored.get(f"{module}.kron_a"), stored.get(f"{module}.kron_b")
             if a is None or b is None:
                 raise KronaError(f"the adapter has no factors for '{component}.{module}'; the adapter is damaged")
-            name = prefix + encode_path(module)
             # s·A in float32; multiplying by 1 or a power of two is exact, so reading back gives A bit for bit.
             tensors[f"{name}.lokr_w1"] = (a.float() * scale).contiguous()
             tensors[f"{name}.lokr_w2"] = b.float().clone().contiguous()
             tensors[f"{name}.alpha"] = torch.tensor(ALPHA)
+    network = {
+        "module": NETWORK_MODULE,
+        "dim": str(NETWORK_DIM),
+        "alpha": f"{ALPHA:g}",
+        "args": json.dumps(NETWORK_ARGS),
+    }
+    description = describe_adapter(adapter.base_model, adapter.training, "exported as LyCORIS LoKr (exact)")
     metadata = {
         METADATA_KEY: json.dumps(adapter.metadata(), sort_keys=True),
-        "ss_network_module": NETWORK_MODULE,
-        "ss_network_args": json.dumps(NETWORK_ARGS),
+        **ui_metadata(
+            "lycoris", title or "krona LoKr", adapter.architecture, adapter.base_model, adapter.training,
+            description, network,
+        ),
     }
-    if adapter.architecture in BASE_MODEL_VERSIONS:
-        metadata["ss_base_model_version"] = BASE_MODEL_VERSIONS[adapter.architecture]
     return tensors, metadata
 
 
-def save_lycoris(path: str | Path, adapter: Adapter, dtype: str = "fp32") -> Path:
-    """Write `adapter` as one LyCORIS LoKr .safetensors file, atomically; dtype is fp32, fp16 or bf16."""
+def save_lycoris(path: str | Path, adapter: Adapter, dtype: str = "fp32", title: str | None = None) -> Path:
+    """Write `adapter` as one LyCORIS LoKr .safetensors file, atomically; dtype is fp32, fp16 or bf16; `title`
+    (modelspec title, kohya output name) defaults to the file's name."""
     torch_dtype = dtype_from_name(dtype)
-    tensors, metadata = to_lycoris(adapter)
+    tensors, metadata = to_lycoris(adapter, title or Path(path).stem)
     data = safetensors_save({k: t.to(torch_dtype).contiguous() for k, t in tensors.items()}, metadata=metadata)
     return write_bytes_atomic(path, data)
 
@@ -215,67 +138,22 @@ def save_lycoris(path: str | Path, adapter: Adapter, dtype: str = "fp32") -> Pat
 # --- reading ------------------------------------------------------------------------------------------------------
 
 
-def refuse_sgm_names(component: str, lora_name: str, key: str, source: str) -> None:
-    """kohya's sd-scripts names SDXL UNet layers the SGM way (`lora_unet_input_blocks_4_1_...`); krona reads only
-    diffusers module names (`lora_unet_down_blocks_...`, as LyCORIS, ComfyUI and diffusers' scripts write them)."""
-    if component == "unet" and _SGM_UNET.match(lora_name):
-        raise KronaError(
-            f"'{source}' names its UNet layers the SGM way ('{key}'), as kohya's sd-scripts does for SDXL: "
-            "SGM-named (kohya-trained) files are not read yet; krona reads files with diffusers module names "
-            "(lora_unet_down_blocks_..., as LyCORIS, ComfyUI and diffusers' training scripts write them)"
-        )
-
-
-def kohya_prefix(name: str) -> tuple[str, str] | None:
-    """(prefix, component) of a kohya lora name or key (`lora_te1_...` -> ("lora_te1_", "text_encoder")), or None."""
-    return next(((p, c) for p, c in KOHYA_PREFIXES if name.startswith(p)), None)
-
-
-def check_text_prefixes(prefixes: set[str], source: str) -> None:
-    """A file uses either one text encoder's prefix (`lora_te_`) or SDXL's two (`lora_te1_`/`lora_te2_`), not both."""
-    if "lora_te_" in prefixes and prefixes & {"lora_te1_", "lora_te2_"}:
-        raise KronaError(
-            f"'{source}' mixes lora_te_ (one text encoder) with lora_te1_/lora_te2_ (SDXL's two) keys; "
-            "the file is damaged"
-        )
-
-
-def guess_architecture(
-    metadata: dict[str, str], sdxl_text_encoders: bool, single_text_encoder: bool, context_widths: set[int]
-) -> str | None:
-    """The architecture of a file without krona's metadata: kohya's `ss_base_model_version` when present (None for a
-    base model other than SDXL or SD 1.x), else SDXL's two text encoders, else one text encoder (SD 1.x) when the
-    caller counts that, else the UNet's cross-attention width."""
-    version = metadata.get("ss_base_model_version")
-    if version:
-        if version.startswith("sdxl_"):
-            return "sdxl"
-        return "sd15" if version.startswith("sd_v1") else None
-    if sdxl_text_encoders:
-        return "sdxl"
-    if single_text_encoder:
-        return "sd15"
-    return architecture_from_context_widths(context_widths)
-
-
-def _split_key(key: str, source: str) -> tuple[str, str, str, str]:
-    """(prefix, component, module path, suffix) of a LoKr key; KronaError for anything krona does not read."""
-    lora_name, dot, suffix = key.partition(".")
-    found = kohya_prefix(lora_name)
-    if not dot or found is None:
+def _split_key(key: str, names: NameReader, source: str) -> tuple[str, str, str]:
+    """(component, module path, suffix) of a LoKr key; KronaError for anything krona does not read."""
+    name, dot, suffix = key.partition(".")
+    found = names.module(name, key) if dot else None
+    if found is None:
         raise KronaError(
             f"'{source}' holds a tensor '{key}' that is not a kohya/LyCORIS key (lora_unet_..., lora_te_..., "
             f"lora_te1_..., lora_te2_...); krona reads {_SUPPORTED}"
         )
-    prefix, component = found
-    refuse_sgm_names(component, lora_name, key, source)
     if suffix not in SUFFIXES:
         raise KronaError(
             f"'{source}' holds '{key}', which krona does not read: it supports {_SUPPORTED} "
             "(no Tucker `lokr_t2`, DoRA `dora_scale`, conv layers or other algorithms)"
         )
-    path = decode_path(lora_name[len(prefix) :], key)
-    return prefix, component, canonical_name(component, path), suffix
+    _prefix, component, module = found
+    return component, module, suffix
 
 
 def _matrix(t: torch.Tensor, key: str, source: str) -> torch.Tensor:
@@ -319,7 +197,9 @@ def _infer_targets(component: str, modules: Iterable[str]) -> str:
     return "^(?:" + "|".join(re.escape(m) for m in modules) + ")$"
 
 
-def from_lycoris(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> Adapter:
+def from_lycoris(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str, unet_config: Mapping | None = None
+) -> Adapter:
     """The standard-layout Adapter held by a LyCORIS/kohya LoKr file's tensors and metadata.
 
     Each layer gives A = w1 and B = w2, a decomposed factor being multiplied out first (w2 = w2_a @ w2_b) with the
@@ -328,16 +208,21 @@ def from_lycoris(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sou
     gives back the same tensors bit for bit when s is 1 or any power of two, and equal up to float rounding (one
     multiplication and one division by s) otherwise. Without it the scale is 1, the architecture comes from
     `ss_base_model_version` or the text-encoder prefixes, and the targets are inferred from the adapted modules.
+    SGM-named UNet layers (kohya's SDXL files) are mapped to diffusers paths with `unet_config` (kohya_names.py).
     Tensors are returned in float32 whatever the file's dtype.
     """
+    names = NameReader(tensors, metadata, source, unet_config, "LoKr")
     grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    prefixes: set[str] = set()
     for key, t in tensors.items():
-        prefix, component, module, suffix = _split_key(key, source)
-        grouped.setdefault((component, module), {})[suffix] = t
-        prefixes.add(prefix)
+        component, module, suffix = _split_key(key, names, source)
+        parts = grouped.setdefault((component, module), {})
+        if suffix in parts:
+            check_text_prefixes(names.prefixes, source)  # the likelier cause, named first
+            raise KronaError(f"'{source}' holds two '{suffix}' tensors for '{component}.{module}'; the file is damaged")
+        parts[suffix] = t
     if not grouped:
         raise KronaError(f"'{source}' holds no tensors; it is not a LoKr adapter")
+    prefixes = names.prefixes
     check_text_prefixes(prefixes, source)
 
     meta = json_metadata(metadata, METADATA_KEY, source)
@@ -389,4 +274,5 @@ def from_lycoris(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sou
         targets=targets,
         layout=LAYOUT_STANDARD,
         training=training,
+        key_format=names.key_format,
     )

@@ -1,5 +1,6 @@
 """Adapter files. The native format: one .safetensors with `<component>.<module path>.kron_a` / `.kron_b` tensors
-and the settings as JSON under the metadata key `krona`.
+and the settings as JSON under the metadata key `krona` (the only key krona reads back; the header also carries the
+modelspec and kohya `ss_` keys other tools show, see ui_metadata.py).
 
 Only .safetensors files are ever read; pickles (PyTorch .bin/.pt/.ckpt) are refused before anything is loaded.
 """
@@ -23,6 +24,7 @@ from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
 from ..kron import adapter_state_dict, inject, layer_factors, load_adapter_state_dict, parse_factors
+from .ui_metadata import describe_adapter, ui_metadata
 
 FORMAT = "krona"
 FORMAT_VERSION = 1
@@ -33,13 +35,15 @@ _NATIVE_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(kron_a|kr
 
 
 # CLIP text encoders name their layers `text_model.encoder.layers.N...` in transformers 4 and `encoder.layers.N...`
-# in transformers 5. Files always use the first (diffusers' and everyone else's) naming.
+# in transformers 5. Files always use the first (diffusers' and everyone else's) naming. CLIPTextModelWithProjection's
+# `text_projection` sits beside `text_model` in both, so it never gets the prefix.
 _TEXT_PREFIX = "text_model."
+_TEXT_TOP_LEVEL = "text_projection"
 
 
 def canonical_name(component: str, name: str) -> str:
     """A module's name as adapter files spell it, whatever the installed transformers calls it."""
-    if component.startswith("text_encoder") and not name.startswith(_TEXT_PREFIX):
+    if component.startswith("text_encoder") and not name.startswith((_TEXT_PREFIX, _TEXT_TOP_LEVEL)):
         return _TEXT_PREFIX + name
     return name
 
@@ -71,6 +75,7 @@ class Adapter:
     layout: str = LAYOUT_STANDARD
     training: dict | None = None
     format_version: int = FORMAT_VERSION
+    key_format: str | None = None  # how the file it was read from names its tensors (krona, kohya, kohya-sgm, ...)
 
     def num_params(self) -> int:
         return sum(t.numel() for tensors in self.tensors.values() for t in tensors.values())
@@ -115,16 +120,27 @@ def collect_adapter(
     return Adapter(tensors, factors, scale, base_model, architecture, dict(targets or {}), training=training)
 
 
-def save_adapter(path: str | Path, adapter: Adapter, dtype: str = "fp32") -> Path:
-    """Write `adapter` as one native .safetensors file, atomically."""
+def save_adapter(path: str | Path, adapter: Adapter, dtype: str = "fp32", title: str | None = None) -> Path:
+    """Write `adapter` as one native .safetensors file, atomically. Beside krona's settings the header carries the
+    modelspec and kohya `ss_` keys other tools show (ui_metadata.py); `title` defaults to the file's name."""
     torch_dtype = dtype_from_name(dtype)
     flat = {
         f"{component}.{key}": t.to(torch_dtype).contiguous()
         for component, tensors in adapter.tensors.items()
         for key, t in tensors.items()
     }
-    data = safetensors_save(flat, metadata={METADATA_KEY: json.dumps(adapter.metadata(), sort_keys=True)})
-    return write_bytes_atomic(path, data)
+    metadata = {
+        METADATA_KEY: json.dumps(adapter.metadata(), sort_keys=True),
+        **ui_metadata(
+            "native",
+            title or Path(path).stem,
+            adapter.architecture,
+            adapter.base_model,
+            adapter.training,
+            describe_adapter(adapter.base_model, adapter.training, "saved in krona's own format"),
+        ),
+    }
+    return write_bytes_atomic(path, safetensors_save(flat, metadata=metadata))
 
 
 def _refuse_unsafe(path: Path) -> None:
@@ -210,6 +226,7 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         layout=meta.get("layout", LAYOUT_STANDARD),
         training=meta.get("training"),
         format_version=version,
+        key_format=FORMAT,
     )
 
 

@@ -238,4 +238,5 @@ def from_official(tensors: dict[str, torch.Tensor], metadata: dict[str, str], so
         architecture=_guess_architecture(layers, dims),
         targets={component: "attn" if component == "unet" else "text" for component in factors},
         layout=LAYOUT_DIFFUSEKRONA,
+        key_format="diffusers-processor",
     )
