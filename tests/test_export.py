@@ -79,3 +79,28 @@ def test_export_errors(adapter_path, tmp_path, capsys):
     assert main(["export", "--adapter", str(lora), "--to", "lycoris", "--output", str(tmp_path / "x.safetensors")]) == 2
     assert "not a Kronecker adapter" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_export_to_lora_writes_kohya_keys_unless_asked_for_peft(adapter_path, tmp_path):
+    from krona_cli.errors import KronaError
+    from krona_cli.export import export_adapter
+    from krona_cli.formats import read_safetensors
+
+    q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    kohya, peft = tmp_path / "kohya.safetensors", tmp_path / "peft.safetensors"
+    export_adapter(adapter_path, "lora", kohya, rank=2)
+    export_adapter(adapter_path, "lora", peft, rank=2, lora_layout="peft")
+    keys = set(read_safetensors(kohya)[0])
+    assert {f"lora_unet_{q.replace('.', '_')}.{s}" for s in ("lora_down.weight", "lora_up.weight", "alpha")} <= keys
+    assert {f"unet.{q}.lora_A.weight", f"unet.{q}.lora_B.weight"} <= set(read_safetensors(peft)[0])
+    assert describe(kohya)["key_format"] == "kohya" and describe(peft)["key_format"] == "diffusers"
+    exact = _deltas(load_adapter(adapter_path))
+    from_kohya, from_peft = _deltas(load_adapter(kohya)), _deltas(load_adapter(peft))
+    assert from_kohya.keys() == from_peft.keys() == exact.keys()
+    for layer, delta in from_kohya.items():  # the same LoRA either way
+        torch.testing.assert_close(delta, from_peft[layer])
+    with pytest.raises(KronaError, match="unknown LoRA key layout 'comfy'"):
+        export_adapter(adapter_path, "lora", tmp_path / "x.safetensors", rank=2, lora_layout="comfy")
+    with pytest.raises(KronaError, match="--lora-layout only applies to --to lora"):
+        export_adapter(adapter_path, "lycoris", tmp_path / "x.safetensors", lora_layout="peft")
+    assert not (tmp_path / "x.safetensors").exists()

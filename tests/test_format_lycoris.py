@@ -344,7 +344,7 @@ def _one(key, suffix="lokr_w1", shape=(2, 2)):
     [
         (_one("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"), r"SGM way.*input_blocks_1_1.*SDXL UNet"),
         (
-            {**_one("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"), **_one(f"lora_unet_{encode_path(Q)}")},
+            _one("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") | _one(f"lora_unet_{encode_path(Q)}"),
             r"both the SGM way.*and the diffusers way",
         ),
         (_one(f"lora_unet_{encode_path(Q)}", "lokr_t2"), rf"{encode_path(Q)}\.lokr_t2.*supports"),
