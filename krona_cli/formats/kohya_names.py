@@ -26,7 +26,7 @@ from functools import lru_cache
 from ..errors import KronaError
 from ..models import load_model_config
 from ..original_layout import unet_path_from_sgm
-from .native import COMPONENTS, canonical_name
+from .native import COMPONENTS, Adapter, canonical_name
 
 UNET_PREFIX = "lora_unet_"
 # The file prefix of each text encoder, by architecture family: SDXL has two, SD 1.x/2.x one.
@@ -136,6 +136,11 @@ def component_prefix(component: str, sdxl: bool) -> str:
     if component not in TE_PREFIXES_SDXL:
         raise KronaError(f"the adapter holds an unknown component '{component}'; the adapter is damaged")
     return TE_PREFIXES_SDXL[component] if sdxl else TE_PREFIX_SINGLE
+
+
+def two_text_encoders(adapter: Adapter) -> bool:
+    """Whether the adapter's text encoders are SDXL's two (numbered `lora_te1_`/`lora_te2_`) rather than one."""
+    return adapter.architecture == "sdxl" or "text_encoder_2" in adapter.factors
 
 
 def lora_name(component: str, module: str, sdxl: bool) -> str:

@@ -24,12 +24,12 @@ Conv LoRA (4-D weights), DoRA (`dora_scale`, `lora_magnitude_vector`), biases, L
 are refused with a KronaError naming the key. Everything is read into float32.
 
 Export (`to_lora`, `save_lora`) writes, by default, kohya's layout, which ComfyUI, A1111/Forge, kohya's scripts and
-diffusers' `load_lora_weights` all load: `<lora name>.lora_down.weight`, `.lora_up.weight` and `.alpha` = their
-rank, the same in every layer (every loader's multiplier alpha / r is then exactly 1), lora names with diffusers' UNet paths and `text_model.`
-text-encoder paths. `layout="peft"` writes diffusers' own naming instead: `<component>.<module>.lora_A.weight` (down)
-and `.lora_B.weight` (up), no alpha (multiplier 1), for diffusers and peft; some UIs skip those keys (ComfyUI: "lora
-key not loaded"). Both carry krona's settings and the modelspec / kohya `ss_` keys UIs
-show (ui_metadata.py).
+diffusers' `load_lora_weights` all load: `<lora name>.lora_down.weight`, `.lora_up.weight` and `.alpha` = their rank,
+the same in every layer (every loader's multiplier alpha / r is then exactly 1), lora names with diffusers' UNet paths
+and `text_model.` text-encoder paths. `layout="peft"` writes diffusers' own naming instead:
+`<component>.<module>.lora_A.weight` (down) and `.lora_B.weight` (up), no alpha (multiplier 1), for diffusers and peft;
+some UIs skip those keys (ComfyUI: "lora key not loaded"). Both carry krona's settings and the modelspec / kohya `ss_`
+keys UIs show (ui_metadata.py).
 """
 
 from __future__ import annotations
@@ -48,8 +48,7 @@ from .. import __version__
 from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
-from .kohya_names import NameReader, check_text_prefixes, kohya_prefix, lora_name
-from .lycoris import is_sdxl
+from .kohya_names import NameReader, check_text_prefixes, kohya_prefix, lora_name, two_text_encoders
 from .native import COMPONENTS, LAYOUT_STANDARD, METADATA_KEY, Adapter, canonical_name, json_metadata
 from .official import LAYOUT_DIFFUSEKRONA
 from .ui_metadata import describe_adapter, guess_architecture, ui_metadata
@@ -404,9 +403,10 @@ def to_lora(
     and the modelspec and kohya `ss_` keys UIs show (ui_metadata.py; `title` is the modelspec title and kohya output
     name, by default "krona LoRA"); diffusers' loader reads only `lora_adapter_metadata`, so none of them confuses it.
 
-    The report: {"rank", "dtype", "error", "layers": {component: {module: {"rank", "error"}}}, "parameters"}, with
-    each layer's SVD rank r, the numbers stored in the file, and the relative error ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F of the factors as written (after rounding to `dtype`) per layer (0 for a
-    layer whose ΔW is 0) and in total, sqrt(Σ‖ΔW − ΔW_r‖²) / sqrt(Σ‖ΔW‖²).
+    The report: {"rank", "dtype", "error", "layers": {component: {module: {"rank", "error"}}}, "parameters"}, with each
+    layer's SVD rank r, the numbers stored in the file, and the relative error ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F of the factors as
+    written (after rounding to `dtype`) per layer (0 for a layer whose ΔW is 0) and in total, sqrt(Σ‖ΔW − ΔW_r‖²) /
+    sqrt(Σ‖ΔW‖²).
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise KronaError(f"LoRA rank {rank!r} must be a whole number of at least 1, e.g. 16")
@@ -421,7 +421,7 @@ def to_lora(
     if not math.isfinite(scale):
         raise KronaError(f"adapter scale {adapter.scale} is not a finite number; export with a finite --scale")
     torch_dtype = dtype_from_name(dtype)
-    sdxl = is_sdxl(adapter)
+    sdxl = two_text_encoders(adapter)
     written: list[tuple[str, str, torch.Tensor, torch.Tensor]] = []  # component, module, up, down
     report_layers: dict[str, dict[str, dict]] = {}
     total_err2 = total_norm2 = 0.0

@@ -30,7 +30,7 @@ from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
 from ..kron import PRESETS
-from .kohya_names import NameReader, check_text_prefixes, lora_name
+from .kohya_names import NameReader, check_text_prefixes, lora_name, two_text_encoders
 from .native import LAYOUT_STANDARD, METADATA_KEY, Adapter, json_metadata
 from .ui_metadata import describe_adapter, guess_architecture, ui_metadata
 
@@ -73,11 +73,6 @@ def is_lycoris(keys: Iterable[str]) -> bool:
 # --- writing ------------------------------------------------------------------------------------------------------
 
 
-def is_sdxl(adapter: Adapter) -> bool:
-    """Whether the adapter's text encoders are SDXL's two (numbered `lora_te1_`/`lora_te2_`) rather than one."""
-    return adapter.architecture == "sdxl" or "text_encoder_2" in adapter.factors
-
-
 def to_lycoris(adapter: Adapter, title: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of the LoKr file that holds `adapter` (standard layout only).
 
@@ -97,7 +92,7 @@ def to_lycoris(adapter: Adapter, title: str | None = None) -> tuple[dict[str, to
             "would lose A; export with a finite, non-zero --scale"
         )
     tensors: dict[str, torch.Tensor] = {}
-    sdxl = is_sdxl(adapter)
+    sdxl = two_text_encoders(adapter)
     for component, layers in adapter.factors.items():
         stored = adapter.tensors.get(component, {})
         for module in layers:
