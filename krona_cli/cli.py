@@ -169,25 +169,47 @@ def merge_cmd(
     adapter: Annotated[
         list[str], typer.Option("--adapter", help="Adapter file, optionally FILE:SCALE (repeatable).")
     ],
-    output_dir: Annotated[Path, typer.Option(help="Folder for the merged diffusers pipeline.")],
+    output_dir: Annotated[
+        Optional[Path], typer.Option(help="Folder for the merged diffusers pipeline (--format diffusers).")
+    ] = None,
+    output: Annotated[
+        Optional[Path], typer.Option(help="The merged checkpoint file, NAME.safetensors (--format single-file).")
+    ] = None,
+    format: Annotated[
+        str, typer.Option("--format", help="diffusers (a pipeline folder) or single-file (one checkpoint in the "
+                          "original layout, for A1111, Forge and ComfyUI). Default: single-file with --output.")
+    ] = "",
     pretrained_model: Annotated[
         Optional[str], typer.Option(help="Base model: folder, .safetensors file or hub id (default: the adapter's).")
     ] = None,
     scale: Annotated[float, typer.Option(help="Multiplies every adapter's scale.")] = 1.0,
-    dtype: Annotated[str, typer.Option(help="Saved weights: fp32, fp16 or bf16.")] = "fp32",
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    dtype: Annotated[
+        Optional[str], typer.Option(help="Saved weights: fp32, fp16 or bf16 (default: fp32 for a folder, fp16 for a "
+                                    "single file, as checkpoints are shared).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder or an existing file.")] = False,
 ) -> None:
-    """Bake adapters into the base weights and save a complete diffusers pipeline (plain diffusers loads it)."""
-    from .merge import merge_to_folder, parse_adapter_spec
+    """Bake adapters into the base weights: a complete diffusers pipeline (plain diffusers loads it) or one
+    single-file checkpoint (A1111, Forge and ComfyUI load it as a model)."""
+    from .merge import merge_to_file, merge_to_folder, parse_adapter_spec
 
+    format = format or ("single-file" if output is not None else "diffusers")
+    if format not in ("diffusers", "single-file"):
+        raise KronaError(f"--format must be diffusers or single-file; got '{format}'")
+    destination = output_dir if format == "diffusers" else output
+    if destination is None or (output_dir is not None and output is not None):
+        raise KronaError("give --output-dir FOLDER for a diffusers pipeline or --output NAME.safetensors for a "
+                         "single-file checkpoint (one of them)")
+    if format == "diffusers" and output is not None or format == "single-file" and output_dir is not None:
+        raise KronaError(f"--format {format} writes to --{'output-dir' if format == 'diffusers' else 'output'}")
     specs = [parse_adapter_spec(a) for a in adapter]
     _quiet_model_loading()
-    summary = merge_to_folder(
-        [(path, s * scale) for path, s in specs], output_dir, pretrained_model, dtype=dtype, overwrite=overwrite
-    )
+    save = merge_to_folder if format == "diffusers" else merge_to_file
+    summary = save([(path, s * scale) for path, s in specs], destination, pretrained_model,
+                   dtype=dtype or ("fp32" if format == "diffusers" else "fp16"), overwrite=overwrite)
     console.print(
         f"merged {len(specs)} adapter(s) into {summary['layers_changed']} layers of {summary['base_model']} "
-        f"({summary['architecture']}, {dtype}) -> [bold]{summary['output_dir']}[/]"
+        f"({summary['architecture']}, {summary['dtype']}) -> [bold]{escape(summary['output'])}[/]"
     )
 
 

@@ -152,6 +152,20 @@ class TrainConfig:
                                  "e.g. 'a photo of sks dog'")
         return self
 
+    def with_absolute_paths(self) -> TrainConfig:
+        """The same settings with every local path absolute (the base model and VAE where they exist locally: else
+        they are hub ids), so config.yaml, checkpoints and the adapter's metadata work from any folder."""
+        from .models import absolute
+
+        for name in ("pretrained_model", "vae"):
+            setattr(self, name, absolute(getattr(self, name)))
+        for name in ("instance_dir", "class_dir", "output_dir"):
+            if getattr(self, name) is not None:
+                setattr(self, name, str(Path(getattr(self, name)).expanduser().absolute()))
+        if self.resume not in (None, "latest"):
+            self.resume = absolute(self.resume)
+        return self
+
     def effective_lr(self) -> float:
         """--lr, or the default of the adapter type: 5e-4 for kron (the DiffuseKronA paper's), 1e-4 for LoRA."""
         if self.lr is not None:
@@ -333,7 +347,7 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any]) -> TrainC
             raise _unknown(_key(name), "the overrides")
         if value is not None:
             settings[name] = _coerce(name, value, f"--{_key(name)}")
-    return TrainConfig(**settings).validate()
+    return TrainConfig(**settings).validate().with_absolute_paths()
 
 
 def _shown_default(f: dataclasses.Field) -> str:

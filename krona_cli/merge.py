@@ -1,4 +1,5 @@
-"""Baking adapters into base weights: in memory for sampling, or into a complete diffusers pipeline folder."""
+"""Baking adapters into base weights: in memory for sampling, into a complete diffusers pipeline folder, or into one
+single-file checkpoint in the original layout."""
 
 from __future__ import annotations
 
@@ -140,10 +141,10 @@ def load_and_bake(
 ) -> BakedPipeline:
     """Read every adapter file (all of them before the base model), load the base (`pretrained`, else the base the
     first adapter records) and bake the adapters into it. With no adapter the base alone is loaded."""
-    from .models import load_pipeline
+    from .models import absolute, load_pipeline
 
-    loaded = [(load_adapter(path), float(scale), str(path)) for path, scale in adapters]
-    base = pretrained or (loaded[0][0].base_model if loaded else None)
+    loaded = [(load_adapter(path), float(scale), absolute(str(path))) for path, scale in adapters]
+    base = absolute(pretrained) or (loaded[0][0].base_model if loaded else None)
     if not base:
         if not loaded:
             raise KronaError("no adapter and no base model given; pass --adapter FILE[:SCALE] or --pretrained-model")
@@ -151,6 +152,23 @@ def load_and_bake(
     pipe, arch = load_pipeline(str(base), dtype=dtype, device=device)
     changed = bake(pipeline_components(pipe), [(adapter, scale) for adapter, scale, _ in loaded], arch)
     return BakedPipeline(pipe, str(base), arch, loaded, changed)
+
+
+def _bake_for_saving(adapters: Sequence[tuple[str, float]], pretrained: str | None, dtype: str) -> tuple[BakedPipeline, dict]:
+    """Bake adapters (path, multiplier) into the base model cast to `dtype`; the pipeline and the summary of it."""
+    if not adapters:
+        raise KronaError("no adapter given; pass --adapter FILE[:SCALE]")
+    torch_dtype = dtype_from_name(dtype)
+    baked = load_and_bake(adapters, pretrained)
+    baked.pipe.to(torch_dtype)
+    summary = {
+        "base_model": baked.base_model,
+        "architecture": baked.architecture,
+        "dtype": dtype,
+        "layers_changed": baked.layers_changed,
+        "adapters": [{"file": p, "sha256": file_sha256(p), "scale": s} for _, s, p in baked.adapters],
+    }
+    return baked, summary
 
 
 def merge_to_folder(
@@ -165,26 +183,42 @@ def merge_to_folder(
     The folder is written beside its final place and renamed into it, so it is complete or absent.
     Returns a summary (base, architecture, adapters with their hashes, layers changed, dtype, output).
     """
-    torch_dtype = dtype_from_name(dtype)
-    if not adapters:
-        raise KronaError("no adapter given; pass --adapter FILE[:SCALE]")
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise KronaError(f"output folder '{out}' is not empty; choose another or pass --overwrite")
-    baked = load_and_bake(adapters, pretrained)
-    baked.pipe.to(torch_dtype)
-    summary = {
-        "base_model": baked.base_model,
-        "architecture": baked.architecture,
-        "dtype": dtype,
-        "layers_changed": baked.layers_changed,
-        "adapters": [{"file": p, "sha256": file_sha256(p), "scale": s} for _, s, p in baked.adapters],
-    }
+    baked, summary = _bake_for_saving(adapters, pretrained, dtype)
 
     def fill(folder: Path) -> None:
         baked.pipe.save_pretrained(folder)
         (folder / "krona_merge.json").write_text(json.dumps(summary, indent=2))
 
     write_folder_atomic(out, fill)
-    summary["output_dir"] = str(out)
+    summary["output"] = str(out.absolute())
+    return summary
+
+
+def merge_to_file(
+    adapters: Sequence[tuple[str, float]],
+    output: str | Path,
+    pretrained: str | None = None,
+    dtype: str = "fp16",
+    overwrite: bool = False,
+) -> dict:
+    """Bake adapters into the base model and save one single-file checkpoint in the original (LDM/SGM) layout, the
+    model file A1111, Forge and ComfyUI load. It carries the pipeline's configs (`krona_pipeline`) so krona reads it
+    back exactly and offline, and the merge summary (`krona_merge`). Written atomically; returns the summary."""
+    from .original_layout import save_single_file
+    from .single_file import METADATA_KEY, pipeline_description
+
+    out = Path(output)
+    if out.suffix != ".safetensors":
+        raise KronaError(f"--output '{out}' must end in .safetensors (a single-file checkpoint)")
+    if out.is_dir():
+        raise KronaError(f"--output '{out}' is a folder; give the checkpoint's file name, e.g. {out / 'model.safetensors'}")
+    if out.exists() and not overwrite:
+        raise KronaError(f"'{out}' exists; choose another name or pass --overwrite")
+    baked, summary = _bake_for_saving(adapters, pretrained, dtype)
+    metadata = {METADATA_KEY: json.dumps(pipeline_description(baked.pipe)), "krona_merge": json.dumps(summary)}
+    save_single_file(baked.pipe, out, dtype_from_name(dtype), metadata)
+    summary["output"] = str(out.absolute())
     return summary

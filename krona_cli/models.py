@@ -1,4 +1,6 @@
-"""Base-model architectures: the public SDXL and SD 1.5 configs, built without weights on the meta device."""
+"""Base models: the public SDXL and SD 1.5 architectures (built without weights on the meta device) and loading a
+base pipeline by every route a user has: a hub id (from the local Hugging Face cache when it is there), a diffusers
+folder, or a single-file checkpoint. Paths and hub ids are told apart by what exists, never by their spelling."""
 
 from __future__ import annotations
 
@@ -82,6 +84,105 @@ def architecture_of(unet_config) -> str:
     return "sd2" if architecture_from_context_widths({get("cross_attention_dim")}) == "sd2" else "sd15"
 
 
+def _header(path: Path) -> tuple[list[str], dict[str, str]]:
+    """A .safetensors file's tensor names and metadata, without reading its tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys()), f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise KronaError(f"'{path}' is not a readable .safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _refuse_adapter(path: Path, keys: list[str], metadata: dict[str, str], flag: str) -> None:
+    """An adapter file given where a base model belongs gets one line naming it."""
+    from .formats.detect import detect_format
+
+    try:
+        kind = detect_format(keys, metadata, str(path))
+    except KronaError:
+        return
+    names = {"native": "krona", "lycoris": "LyCORIS/kohya LoKr", "lora": "LoRA", "diffusekrona": "DiffuseKronA"}
+    raise KronaError(
+        f"'{path}' is a {names.get(kind, kind)} adapter, not a base model: pass it as --adapter, and give the base "
+        f"model it was made for as {flag} (a hub id, a diffusers folder or a single-file checkpoint)"
+    )
+
+
+_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def locate(name: str, flag: str = "--pretrained-model") -> tuple[str, Path | str]:
+    """Where a model named on the command line is: ("folder", path), ("file", path) or ("hub", repo id).
+
+    Decided by what exists, never by spelling: an existing folder or file is local (a hub id such as
+    `stabilityai/stable-diffusion-xl-base-1.0` is one only where no such path exists)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return "folder", path.absolute()
+    if path.is_file():
+        return "file", path.absolute()
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+        is_repo_id = name.count("/") == 1 and not name.startswith((".", "~")) and not name.endswith(_FILE_SUFFIXES)
+    except HFValidationError:
+        is_repo_id = False
+    if not is_repo_id:
+        raise KronaError(
+            f"{flag} '{name}' does not exist; give a diffusers folder, a single-file .safetensors checkpoint or a hub "
+            "id such as stabilityai/stable-diffusion-xl-base-1.0"
+        )
+    return "hub", name
+
+
+def absolute(name: str | None) -> str | None:
+    """A model or file named by the user as it is saved in files: absolute where it exists locally, else as given
+    (a hub id), so that it still works from another folder."""
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    return str(path.absolute()) if path.exists() else name
+
+
+def _hub_index(repo: str, revision: str | None, flag: str) -> dict:
+    """The model_index.json of a hub pipeline, from the local cache when it is there; one line for every way the
+    hub can fail."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return json.loads(Path(hf_hub_download(repo, "model_index.json", revision=revision)).read_text())
+    except GatedRepoError:
+        raise KronaError(f"'{repo}' is gated on the Hugging Face hub: accept its licence on huggingface.co/{repo}, "
+                         "then log in with `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise KronaError(f"{flag} '{repo}' is neither a local path nor a model on the Hugging Face hub (a private "
+                         "one needs `hf auth login`); check the name") from None
+    except RevisionNotFoundError:
+        raise KronaError(f"'{repo}' has no revision '{revision}'; check --revision") from None
+    except RemoteEntryNotFoundError:
+        raise KronaError(f"'{repo}' is not a diffusers pipeline (no model_index.json); give an SDXL or SD model") from None
+    except LocalEntryNotFoundError:
+        why = "the hub is switched off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise KronaError(
+            f"'{repo}' is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: download it once "
+            f"while online with `hf download {repo}`, or give a local diffusers folder or .safetensors file"
+        ) from None
+    except (HfHubHTTPError, OSError) as e:
+        raise KronaError(f"could not fetch '{repo}' from the Hugging Face hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def load_pipeline(
     pretrained: str,
     dtype: torch.dtype = torch.float32,
@@ -90,46 +191,49 @@ def load_pipeline(
     revision: str | None = None,
     variant: str | None = None,
 ):
-    """A diffusers SDXL or SD pipeline from a local folder, a single .safetensors checkpoint, or a hub id.
+    """A diffusers SDXL or SD pipeline from a local folder, a single .safetensors checkpoint, or a hub id (from the
+    local Hugging Face cache when it is there, so offline too).
 
     `vae` replaces the pipeline's VAE (a diffusers AutoencoderKL folder or hub id); `revision` and `variant`
     (e.g. fp16) pick the files of a hub model or folder. Returns (pipeline, architecture). Local paths never touch
-    the network.
+    the network; single-file checkpoints get their configs and tokenizers from krona (single_file.py).
     """
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline
 
-    path = Path(pretrained).expanduser()
-    sd_extras = {"safety_checker": None, "requires_safety_checker": False}
+    from .single_file import SD_EXTRAS, load_single_file
+
+    kind, where = locate(pretrained)
     choice = {k: v for k, v in (("revision", revision), ("variant", variant)) if v}
     # diffusers 0.42 renamed torch_dtype to dtype and warns on the old name; krona keeps the name older releases know
     warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated", category=FutureWarning)
+    if kind == "file":
+        if where.suffix != ".safetensors":
+            raise KronaError(f"'{pretrained}' is not a .safetensors checkpoint; krona never loads pickles "
+                             "(convert it to .safetensors with a tool you trust)")
+        keys, metadata = _header(where)
+        _refuse_adapter(where, keys, metadata, "--pretrained-model")
+    elif kind == "folder":
+        if not (where / "model_index.json").is_file():
+            raise KronaError(
+                f"'{pretrained}' is a folder but not a diffusers pipeline (no model_index.json); "
+                "give a pipeline folder, a single .safetensors checkpoint or a hub id"
+            )
+        index = json.loads((where / "model_index.json").read_text())
+    else:
+        index = _hub_index(where, revision, "--pretrained-model")
     try:
-        if path.is_dir():
-            if not (path / "model_index.json").is_file():
-                raise KronaError(
-                    f"'{pretrained}' is a folder but not a diffusers pipeline (no model_index.json); "
-                    "give a pipeline folder, a single .safetensors checkpoint or a hub id"
-                )
-            index = json.loads((path / "model_index.json").read_text())
-            extras = sd_extras if index.get("_class_name") == "StableDiffusionPipeline" else {}
-            pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **extras, **choice)
-        elif path.is_file():
-            if path.suffix != ".safetensors":
-                raise KronaError(f"'{pretrained}' is not a .safetensors checkpoint; krona never loads pickles")
-            try:
-                pipe = StableDiffusionXLPipeline.from_single_file(str(path), torch_dtype=dtype)
-            except Exception:
-                pipe = StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype, **sd_extras)
-        elif path.suffix or path.is_absolute() or str(pretrained).startswith("."):
-            raise KronaError(f"base model '{pretrained}' does not exist; check the path")
+        if kind == "file":
+            pipe = load_single_file(where, keys, metadata, dtype)
         else:
-            pipe = DiffusionPipeline.from_pretrained(pretrained, torch_dtype=dtype, **choice)
+            extras = SD_EXTRAS if index.get("_class_name") == "StableDiffusionPipeline" else {}
+            pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=dtype, **extras, **choice)
     except KronaError:
         raise
     except Exception as e:
         raise KronaError(
-            f"could not load the base model '{pretrained}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
-            "give a local diffusers folder, a single .safetensors checkpoint, or a hub id while online"
+            f"could not load the base model '{pretrained}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            + ("; the cached copy may be incomplete: download it again with `hf download " + pretrained + "`"
+               if kind == "hub" else "")
         ) from None
     if not hasattr(pipe, "unet"):
         raise KronaError(f"'{pretrained}' is a {type(pipe).__name__}, not an SDXL or SD pipeline with a UNet")
@@ -142,13 +246,13 @@ def load_vae(name: str, dtype: torch.dtype = torch.float32):
     """A diffusers AutoencoderKL from a folder (with or without a `vae` sub-folder) or a hub id."""
     from diffusers import AutoencoderKL
 
-    path = Path(name).expanduser()
-    if path.is_dir() and (path / "vae" / "config.json").is_file():
-        path = path / "vae"
-    elif not path.is_dir() and (path.suffix or path.is_absolute() or name.startswith(".")):
-        raise KronaError(f"VAE '{name}' does not exist; give a diffusers VAE folder or a hub id (--vae)")
+    kind, where = locate(name, "--vae")
+    if kind == "file":
+        raise KronaError(f"--vae '{name}' is a file; give a diffusers VAE folder or a hub id")
+    if kind == "folder" and (where / "vae" / "config.json").is_file():
+        where = where / "vae"
     try:
-        return AutoencoderKL.from_pretrained(path if path.is_dir() else name, torch_dtype=dtype)
+        return AutoencoderKL.from_pretrained(where, torch_dtype=dtype)
     except Exception as e:
         raise KronaError(f"could not load the VAE '{name}': {type(e).__name__}; give a diffusers VAE folder or hub id") from None
 

@@ -32,6 +32,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from krona_cli.atomic import write_folder_atomic
+from krona_cli.clip_tokenizer import END_OF_WORD, MAX_LENGTH, tokenizer_from_merges
 from krona_cli.errors import KronaError
 
 __all__ = [
@@ -42,10 +43,6 @@ __all__ = [
 #: Architectures :func:`make_tiny` and :func:`build_tiny_pipeline` can build.
 _ARCHS = ("sdxl", "sd15")
 
-_BOS = "<|startoftext|>"
-_EOS = "<|endoftext|>"  # CLIP uses it as eos, unk and pad alike.
-_END_OF_WORD = "</w>"
-_MAX_LENGTH = 77  # CLIP's context length; the text encoders' position table has exactly this many rows.
 
 # Words typical of text-to-image and DreamBooth prompts. Every word here becomes a single token, as common
 # English words are in the real CLIP vocabulary; anything else falls back to sub-words and, ultimately, bytes.
@@ -78,35 +75,13 @@ background foreground top bottom left right front back side center middle
 """
 
 
-@functools.cache
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map from the 256 byte values to printable unicode characters, in CLIP's order.
-
-    Printable latin-1 bytes map to themselves; the rest are shifted to code points from 256 up, so that
-    every byte has a visible, non-whitespace symbol a BPE vocabulary can hold.
-    """
-    byte_values = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    code_points = byte_values[:]
-    shift = 0
-    for b in range(256):
-        if b not in byte_values:
-            byte_values.append(b)
-            code_points.append(256 + shift)
-            shift += 1
-    return dict(zip(byte_values, (chr(c) for c in code_points)))
-
-
 def _corpus_words() -> list[str]:
     """The corpus split into byte-level pre-tokens by CLIPTokenizer's own normaliser and word splitter.
 
     Borrowing them from a (vocabulary-less) ``CLIPTokenizer`` backend guarantees training sees words exactly the way
     the finished tokenizer will.
     """
-    backend = CLIPTokenizer(model_max_length=_MAX_LENGTH).backend_tokenizer
+    backend = CLIPTokenizer(model_max_length=MAX_LENGTH).backend_tokenizer
     text = backend.normalizer.normalize_str(_CORPUS)
     return [word for word, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
 
@@ -126,19 +101,17 @@ def _merge_word(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, .
 
 
 @functools.cache
-def _learn_bpe() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    """Learn BPE merges on the built-in corpus; return ``(vocabulary in id order, merges in rank order)``.
+def _learn_bpe() -> tuple[tuple[str, str], ...]:
+    """Learn BPE merges on the built-in corpus, in rank order.
 
     A plain, fully deterministic BPE learner: each step fuses the most frequent adjacent pair, ties going to the
     lexicographically smallest pair, until every corpus word is a single symbol. (``tokenizers``' own
     ``BpeTrainer`` is not used because its tie-breaking depends on hash-map order, so it learns different merges
-    from one process to the next.) The vocabulary is laid out the way CLIP's is: the 256 byte symbols, the same
-    with ``</w>`` appended, one entry per merge, then ``<|startoftext|>`` and ``<|endoftext|>``.
+    from one process to the next.) The vocabulary follows from the merges as CLIP's does (clip_tokenizer.py).
     """
-    byte_symbols = list(_bytes_to_unicode().values())
     word_counts = Counter(_corpus_words())
     # Each distinct word as a symbol sequence whose last symbol carries the end-of-word mark: "dog" -> d, o, g</w>.
-    words = {word: (*word[:-1], word[-1] + _END_OF_WORD) for word in sorted(word_counts)}
+    words = {word: (*word[:-1], word[-1] + END_OF_WORD) for word in sorted(word_counts)}
 
     merges: list[tuple[str, str]] = []
     while True:
@@ -151,11 +124,7 @@ def _learn_bpe() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
         best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
         merges.append(best)
         words = {word: _merge_word(symbols, best) if best[0] in symbols else symbols for word, symbols in words.items()}
-
-    vocab = byte_symbols + [s + _END_OF_WORD for s in byte_symbols]
-    vocab += ["".join(pair) for pair in merges]
-    vocab += [_BOS, _EOS]
-    return tuple(vocab), tuple(merges)
+    return tuple(merges)
 
 
 def build_tokenizer() -> CLIPTokenizer:
@@ -165,14 +134,7 @@ def build_tokenizer() -> CLIPTokenizer:
     (unicode, emoji, punctuation) ever maps to the unknown token. ``<|endoftext|>`` is eos, unk and pad, and the
     context length is 77, as in CLIP. Each call returns a fresh tokenizer object.
     """
-    vocab, merges = _learn_bpe()
-    # transformers 5 builds the backend from ``vocab``/``merges`` (``vocab_file=`` would be silently ignored), and
-    # without ``model_max_length`` padding to max length would try to pad to an effectively infinite length.
-    return CLIPTokenizer(
-        vocab={token: index for index, token in enumerate(vocab)},
-        merges=list(merges),
-        model_max_length=_MAX_LENGTH,
-    )
+    return tokenizer_from_merges(list(_learn_bpe()))
 
 
 def _text_config(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str) -> CLIPTextConfig:
@@ -187,7 +149,7 @@ def _text_config(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str) ->
         projection_dim=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=_MAX_LENGTH,
+        max_position_embeddings=MAX_LENGTH,
         hidden_act=hidden_act,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -54,3 +54,27 @@ def fixed_pair_loss(pipe, arch, folder, prompt):
             extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
         prediction = pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, embeds, **extra).sample
         return float(per_sample_loss(scheduler, prediction, noise, timesteps, None).mean())
+
+
+def put_in_hub_cache(folder, repo_id, cache):
+    """Copy a diffusers folder into a Hugging Face hub cache (`HF_HUB_CACHE` layout) as `repo_id`'s main revision,
+    the way `hf download` leaves it: blobs, a snapshot of links to them, and refs/main."""
+    import hashlib
+    import os
+    import shutil
+    from pathlib import Path
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for file in sorted(Path(folder).rglob("*")):
+        if file.is_file():
+            blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, blob)
+            link = snapshot / file.relative_to(folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.relpath(blob, link.parent), link)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

@@ -1,0 +1,137 @@
+"""Single-file checkpoints (one .safetensors in the original layout, as A1111, Forge and ComfyUI keep models), loaded
+without the network.
+
+diffusers' `from_single_file` converts the weights; what it needs besides them is a diffusers config folder and the
+tokenizers, which it would fetch from the hub. krona gives it both: a file krona wrote (`krona merge --format
+single-file`) carries its pipeline's configs under the metadata key `krona_pipeline` (and its tokenizers when they
+are not CLIP's), so it reads back exactly whatever its architecture; any other file is told SDXL, SD 1.x or SD 2.x by
+its keys and gets the public configs shipped in configs/models/ with CLIP's tokenizer built from the shipped merges.
+SD 2.x files are read as the 768 px v-prediction models (2.0-768, 2.1), the configs their single files are used with.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .clip_tokenizer import EOS, clip_tokenizer, is_clip_tokenizer, tokenizer_from_merges
+from .errors import KronaError
+from .models import load_model_config
+from .original_layout import original_architecture
+
+METADATA_KEY = "krona_pipeline"
+# component -> config file in configs/models/, per architecture of an original-layout checkpoint
+PIPELINES: dict[str, dict[str, str]] = {
+    "sdxl": {
+        "unet": "sdxl_unet.json",
+        "vae": "sdxl_vae.json",
+        "text_encoder": "clip_vit_l_text.json",
+        "text_encoder_2": "clip_vit_bigg_text.json",
+        "scheduler": "sdxl_scheduler.json",
+    },
+    "sd15": {
+        "unet": "sd15_unet.json",
+        "vae": "sd15_vae.json",
+        "text_encoder": "clip_vit_l_text.json",
+        "scheduler": "sd15_scheduler.json",
+    },
+    "sd2": {
+        "unet": "sd2_unet.json",
+        "vae": "sd15_vae.json",
+        "text_encoder": "clip_vit_h_text.json",
+        "scheduler": "sd2_scheduler.json",
+    },
+}
+# pad token of each tokenizer: OpenCLIP-based encoders (SDXL's second, SD 2's) pad with "!"
+PADS = {"sdxl": {"tokenizer": EOS, "tokenizer_2": "!"}, "sd15": {"tokenizer": EOS}, "sd2": {"tokenizer": "!"}}
+SD_EXTRAS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+_TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+
+def _shipped(arch: str) -> dict:
+    """The `krona_pipeline` description of a public architecture, from configs/models/."""
+    components = {name: load_model_config(file) for name, file in PIPELINES[arch].items()}
+    return {
+        "class": "StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline",
+        "index": {
+            name: ["transformers", config.pop("architectures")[0]] if name.startswith("text_encoder")
+            else ["diffusers", config["_class_name"]]
+            for name, config in components.items()
+        },
+        "components": components,
+        "tokenizers": {name: {"pad": pad} for name, pad in PADS[arch].items()},
+    }
+
+
+def pipeline_description(pipe) -> dict:
+    """What a single file written from `pipe` carries to be read back exactly: the pipeline class, every
+    component's config and each tokenizer's pad token, with its merges where it is not CLIP's own."""
+    parts = {name: getattr(pipe, name, None) for name in ("unet", "vae", "scheduler", *_TOKENIZERS)}
+    parts = {name: part for name, part in parts.items() if part is not None}
+    components = {
+        name: {k: v for k, v in (part.config.to_dict() if name in _TOKENIZERS else part.config).items()
+               if not k.startswith("_") or k == "_class_name"}  # no `_name_or_path`: it would point at this machine
+        for name, part in parts.items()
+    }
+    index = {name: [type(part).__module__.split(".")[0], type(part).__name__] for name, part in parts.items()}
+    tokenizers = {}
+    for encoder, tokenizer_name in _TOKENIZERS.items():
+        if encoder not in parts:
+            continue
+        tokenizer = getattr(pipe, tokenizer_name)
+        tokenizers[tokenizer_name] = {"pad": tokenizer.pad_token}
+        if not is_clip_tokenizer(tokenizer):
+            tokenizers[tokenizer_name]["merges"] = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    return {"class": type(pipe).__name__, "index": index, "components": components, "tokenizers": tokenizers}
+
+
+def _write_config_folder(folder: Path, description: dict) -> None:
+    index = {"_class_name": description["class"], **description["index"]}
+    for name, config in description["components"].items():
+        (folder / name).mkdir()
+        (folder / name / ("scheduler_config.json" if name == "scheduler" else "config.json")).write_text(
+            json.dumps({k: v for k, v in config.items() if k != "_comment"})
+        )
+    for name in description["tokenizers"]:
+        index[name] = ["transformers", "CLIPTokenizer"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+def _tokenizers(description: dict) -> dict:
+    return {
+        name: tokenizer_from_merges([tuple(m) for m in t["merges"]], t["pad"]) if "merges" in t else clip_tokenizer(t["pad"])
+        for name, t in description["tokenizers"].items()
+    }
+
+
+def describe_file(path: Path, keys: list[str], metadata: dict[str, str]) -> dict:
+    """The pipeline a single-file checkpoint holds: its carried description, or the shipped one its keys name."""
+    if METADATA_KEY in metadata:
+        try:
+            return json.loads(metadata[METADATA_KEY])
+        except json.JSONDecodeError:
+            raise KronaError(f"'{path}' has unreadable '{METADATA_KEY}' metadata; the file is damaged") from None
+    arch = original_architecture(keys)
+    if arch is None:
+        raise KronaError(
+            f"'{path}' is not a model checkpoint krona knows: expected a single-file SDXL, SD 1.x or SD 2.x checkpoint "
+            "(model.diffusion_model.… keys), a diffusers folder or a hub id"
+        )
+    return _shipped(arch)
+
+
+def load_single_file(path: Path, keys: list[str], metadata: dict[str, str], dtype: torch.dtype):
+    """A diffusers pipeline from a single-file checkpoint, offline (see the module docstring)."""
+    import diffusers
+
+    description = describe_file(path, keys, metadata)
+    pipeline_class = getattr(diffusers, description["class"])
+    extras = SD_EXTRAS if description["class"] == "StableDiffusionPipeline" else {}
+    with tempfile.TemporaryDirectory(prefix="krona-config-") as folder:
+        _write_config_folder(Path(folder), description)
+        return pipeline_class.from_single_file(
+            str(path), config=folder, torch_dtype=dtype, local_files_only=True, **_tokenizers(description), **extras
+        )

@@ -1,0 +1,130 @@
+"""The path a real user takes: the default hub ids through a local Hugging Face cache (tiny pipelines stand in for the
+real weights under the real repo ids), the README's commands as written, run from other folders in a fresh shell
+without scripts/setup.sh's variables, and base models given in every wrong way."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import put_in_hub_cache
+
+from krona_cli.cli import main
+from krona_cli.tiny import make_tiny, make_tiny_clip, make_tiny_dino
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
+KRONA = Path(sys.executable).parent / "krona"
+SDXL, SD15, SD21 = "stabilityai/stable-diffusion-xl-base-1.0", "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-2-1"
+# What a README command needs to finish in seconds on the tiny models; nothing else is changed.
+SMALL_TRAIN = ["--steps", "2", "--resolution", "64", "--num-class-images", "2", "--sample-steps", "2",
+               "--sample-images", "1", "--checkpoint-every", "0", "--report-to", "none", "--mixed-precision", "no"]
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory):
+    """A Hugging Face cache holding tiny pipelines under the real SDXL, SD 1.5 and SD 2.1 ids and tiny scorers under
+    the ids `krona eval` uses by default."""
+    root = tmp_path_factory.mktemp("hub")
+    cache = root / "cache"
+    put_in_hub_cache(make_tiny(root / "sdxl", arch="sdxl"), SDXL, cache)
+    put_in_hub_cache(make_tiny(root / "sd15", arch="sd15"), SD15, cache)
+    sd21 = make_tiny(root / "sd21", arch="sd15")
+    scheduler = sd21 / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(scheduler.read_text().replace('"epsilon"', '"v_prediction"'))
+    put_in_hub_cache(sd21, SD21, cache)
+    put_in_hub_cache(make_tiny_clip(root / "clip"), "openai/clip-vit-base-patch32", cache)
+    put_in_hub_cache(make_tiny_dino(root / "dino"), "facebook/dino-vits16", cache)
+    return cache
+
+
+def fresh_shell(cache) -> dict:
+    """The environment of a new terminal: none of setup.sh's variables, the hub offline, the cache standing in."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "TRANSFORMERS_", "DIFFUSERS_", "KRONA_"))}
+    return env | {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def krona(args, cwd, env):
+    done = subprocess.run([str(KRONA), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"krona {' '.join(args)}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def test_readme_commands_with_the_default_sdxl_model(hub_cache, tmp_path):
+    """The README's train, sample, merge and eval lines as written (train scaled down by flags), each from a
+    different folder, the later ones with the paths the model card prints."""
+    env = fresh_shell(hub_cache)
+    work = tmp_path / "work"
+    shutil.copytree(EXAMPLES, work / "dog")
+    krona(["train", "--config", "sdxl", "--instance-dir", "dog/", "--prompt", "a photo of sks dog",
+           "--class-prompt", "a photo of a dog", "--output-dir", "dog-run/", *SMALL_TRAIN], work, env)
+    run = work / "dog-run"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["pretrained-model"] == SDXL
+    assert all(Path(config[k]).is_absolute() for k in ("instance-dir", "output-dir"))
+    card = (run / "README.md").read_text()
+    sample_line = next(line for line in card.splitlines() if line.startswith("krona sample"))
+    assert str(run / "adapter.safetensors") in sample_line and SDXL in sample_line
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    adapter = str(run / "adapter.safetensors")
+    krona(["sample", "--adapter", adapter, "--prompt", "a photo of sks dog on the moon", "-n", "4"], elsewhere, env)
+    assert len(list((elsewhere / "samples").glob("*.png"))) == 5  # four images and the grid
+    krona(["merge", "--adapter", adapter, "--output-dir", "dog-merged/"], elsewhere, env)
+    assert (elsewhere / "dog-merged" / "model_index.json").is_file()
+    done = krona(["eval", "--images", "samples", "--reference", str(work / "dog"), "--prompt", "a photo of sks dog",
+                  "--output", "metrics.json"], elsewhere, env)
+    assert (elsewhere / "metrics.json").is_file(), done.stdout
+
+
+@pytest.mark.parametrize("repo", [SD15, SD21])
+def test_sd_hub_ids_train_and_sample_offline(hub_cache, tmp_path, repo):
+    """SD 1.5 (the sd15 preset's default) and SD 2.1 (v-prediction) by their hub ids, offline from the cache."""
+    env = fresh_shell(hub_cache)
+    base = ["--config", "sd15"] if repo == SD15 else ["--config", "sd15", "--pretrained-model", repo]
+    done = krona(["train", *base, "--instance-dir", str(EXAMPLES), "--prompt", "a photo of sks cat",
+                  "--output-dir", "run", *SMALL_TRAIN], tmp_path, env)
+    assert ("v-prediction" in done.stdout) == (repo == SD21)
+    krona(["sample", "--adapter", "run/adapter.safetensors", "--prompt", "sks cat", "-n", "1", "--steps", "2"],
+          tmp_path, env)
+
+
+def test_hub_id_not_in_the_cache_offline_is_one_line(hub_cache, tmp_path):
+    env = fresh_shell(hub_cache)
+    done = subprocess.run([str(KRONA), "sample", "--pretrained-model", "stabilityai/sdxl-turbo-2.0", "--prompt", "x"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "hf download stabilityai/sdxl-turbo-2.0" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+
+
+def test_adapter_given_as_the_base_model_is_named(tmp_path, tiny_sd15_dir, capsys):
+    from helpers import random_adapter
+
+    from krona_cli.formats import save_adapter, save_lora, save_lycoris
+
+    adapter = random_adapter("sd15")
+    files = {"krona": save_adapter(tmp_path / "native.safetensors", adapter),
+             "LyCORIS/kohya LoKr": tmp_path / "lokr.safetensors", "LoRA": tmp_path / "lora.safetensors"}
+    save_lycoris(files["LyCORIS/kohya LoKr"], adapter)
+    save_lora(files["LoRA"], adapter, rank=4)
+    for kind, path in files.items():
+        assert main(["sample", "--pretrained-model", str(path), "--prompt", "x", "--output-dir", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err
+        assert f"is a {kind} adapter, not a base model" in err and "--adapter" in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_local_path_wins_over_a_hub_id_of_the_same_spelling(tmp_path, tiny_sd15_dir, monkeypatch):
+    """A folder named like a hub id (`org/model-1.0`) is the folder: what exists decides, not the spelling."""
+    from krona_cli.models import locate
+
+    folder = tmp_path / "org" / "model-1.0"
+    shutil.copytree(tiny_sd15_dir, folder)
+    monkeypatch.chdir(tmp_path)
+    assert locate("org/model-1.0") == ("folder", folder)
+    assert locate("org/other-1.0") == ("hub", "org/other-1.0")
