@@ -9,6 +9,7 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import KronaError
 
@@ -22,14 +23,15 @@ def _no_space(path: Path, error: OSError) -> KronaError:
     )
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` through a temp file in the same folder: write, fsync, rename, fsync the folder."""
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Have `write(file)` write `path`'s contents into a temp file in the same folder, then fsync, rename and fsync the
+    folder; `write` may stream (a model checkpoint need not be built in memory first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,6 +42,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically (see `write_atomic`)."""
+    return write_atomic(path, lambda f: f.write(data))
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

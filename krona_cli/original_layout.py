@@ -27,14 +27,13 @@ import json
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from .atomic import _NO_SPACE, _no_space, fsync_dir
+from .atomic import write_atomic
 from .errors import KronaError
 from .models import architecture_of
 
@@ -311,26 +310,15 @@ def _safetensors_header(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
 
 
 def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, metadata) -> Path:
-    """`tensors` as a .safetensors file, streamed one cast tensor at a time through a temp file renamed into place
-    (what `atomic.write_bytes_atomic` does, without first building the whole file in memory)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_safetensors_header(tensors, dtype, metadata))
-            for name in sorted(tensors):
-                data = tensors[name].detach().to("cpu", dtype).contiguous()
-                f.write(data.reshape(-1).view(torch.uint8).numpy())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in _NO_SPACE:
-            raise _no_space(path, e) from None
-        raise
-    fsync_dir(path.parent)
-    return path
+    """`tensors` as a .safetensors file, written atomically and streamed one cast tensor at a time (the file is never
+    built in memory)."""
+
+    def stream(f) -> None:
+        f.write(_safetensors_header(tensors, dtype, metadata))
+        for name in sorted(tensors):
+            f.write(tensors[name].detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    return write_atomic(path, stream)
 
 
 def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype, metadata: dict[str, str] | None = None) -> Path:
