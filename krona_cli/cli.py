@@ -148,6 +148,7 @@ def inspect_cmd(
     table.add_column("value")
     version = f" v{info['format_version']}" if info["format"] == "native" else ""
     table.add_row("format", f"{info['format']}{version} ({info['layout']} layout)")
+    table.add_row("key names", str(info["key_format"]))
     table.add_row("base model", str(info["base_model"]))
     table.add_row("architecture", str(info["architecture"]))
     for component, n in info["layers"].items():
@@ -311,18 +312,24 @@ def sample_cmd(
 @app.command("export")
 def export_cmd(
     adapter: Annotated[Path, typer.Option(help="The adapter to convert (any format krona reads).")],
-    to: Annotated[str, typer.Option("--to", help="native, lycoris (LyCORIS/kohya LoKr) or lora (truncated SVD).")],
+    to: Annotated[str, typer.Option("--to", help="native, lycoris (LyCORIS/kohya LoKr, exact) or lora (truncated SVD, "
+                                    "kohya layout: ComfyUI, A1111/Forge, kohya and diffusers all load it).")],
     output: Annotated[Path, typer.Option(help="The file to write (.safetensors).")],
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank (only with --to lora).")] = None,
+    lora_layout: Annotated[
+        Optional[str], typer.Option(help="With --to lora: kohya (default: lora_unet_…lora_down/lora_up/alpha) or peft "
+                                    "(diffusers' unet.….lora_A/lora_B names).")
+    ] = None,
     dtype: Annotated[str, typer.Option(help="Saved tensors: fp32, fp16 or bf16.")] = "fp32",
     report: Annotated[
         Optional[Path], typer.Option(help="With --to lora: write the per-layer approximation errors here as JSON.")
     ] = None,
 ) -> None:
-    """Write an adapter in another format: for ComfyUI/A1111 (lycoris) or tools that only load LoRA (lora)."""
+    """Write an adapter in another format: LoKr for ComfyUI, A1111/Forge and kohya (lycoris, exact), or a LoRA for every
+    client, tools that only load LoRA included (lora)."""
     from .export import export_adapter
 
-    summary = export_adapter(adapter, to, output, rank=rank, dtype=dtype, report_path=report)
+    summary = export_adapter(adapter, to, output, rank=rank, dtype=dtype, report_path=report, lora_layout=lora_layout)
     console.print(f"wrote {summary['layers']} layers as {to} -> [bold]{summary['output']}[/]")
     report = summary.get("report")
     if report:

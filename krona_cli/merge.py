@@ -150,6 +150,9 @@ def load_and_bake(
             raise KronaError("no adapter and no base model given; pass --adapter FILE[:SCALE] or --pretrained-model")
         raise KronaError(f"the adapter '{loaded[0][2]}' does not record its base model; pass --pretrained-model")
     pipe, arch = load_pipeline(str(base), dtype=dtype, device=device)
+    # kohya's SGM-named layers are numbered by the UNet's blocks: read again with this base's own
+    loaded = [(load_adapter(path, pipe.unet.config) if adapter.key_format == "kohya-sgm" else adapter, scale, path)
+              for adapter, scale, path in loaded]
     changed = bake(pipeline_components(pipe), [(adapter, scale) for adapter, scale, _ in loaded], arch)
     return BakedPipeline(pipe, str(base), arch, loaded, changed)
 

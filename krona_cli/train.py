@@ -590,7 +590,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
         for tracker in accelerator.trackers:  # not end_training(): it also ends the process group
             tracker.finish()
     if progress_done and accelerator.is_main_process:
-        result.adapter = _save_final(cfg, adapter, ema, out, arch, step, result, reporter)
+        result.adapter = _save_final(cfg, adapter, ema, out, arch, prediction, step, result, reporter)
     result.step = step
     accelerator.wait_for_everyone()
     return result
@@ -665,15 +665,17 @@ def _check_same_run(cfg: TrainConfig, meta: dict, path: Path) -> None:
     )
 
 
-def _save_final(cfg, adapter, ema, out: Path, arch: str, step: int, result: TrainResult, reporter: Reporter) -> Path:
+def _save_final(cfg, adapter, ema, out: Path, arch: str, prediction: str, step: int, result: TrainResult,
+                reporter: Reporter) -> Path:
     from .card import write_model_card
 
     training = {"steps": step, "lr": cfg.effective_lr(), "prompt": cfg.prompt, "class_prompt": cfg.class_prompt,
-                "ema": cfg.ema, "seed": cfg.seed, "resolution": cfg.resolution, "adapter": cfg.adapter}
+                "ema": cfg.ema, "seed": cfg.seed, "resolution": cfg.resolution, "adapter": cfg.adapter,
+                "prediction_type": prediction}
     weights = ema.applied() if ema is not None else contextlib.nullcontext()
     with weights:
         _check_finite(adapter.params().values(), "adapter")
-        path = adapter.save(out / "adapter.safetensors", cfg.pretrained_model, arch, training)
+        path = adapter.save(out / "adapter.safetensors", cfg.pretrained_model, arch, training, title=out.name)
     reporter.saved("adapter", path)
     card = write_model_card(out, cfg, arch, step, adapter.num_params(), result.samples[-1] if result.samples else None)
     reporter.saved("model card", card)

@@ -55,13 +55,14 @@ class TrainableAdapter:
         return sum(used != str(parse_factors(self.factors[component]))
                    for component, model in self.models.items() for used in layer_factors(model).values())
 
-    def save(self, path: str | Path, base_model: str, architecture: str, training: dict) -> Path:
-        """Write the adapter file atomically: native Kronecker format, or diffusers LoRA format."""
+    def save(self, path: str | Path, base_model: str, architecture: str, training: dict, title: str | None = None) -> Path:
+        """Write the adapter file atomically: native Kronecker format (titled `title` for UIs), or diffusers LoRA
+        format."""
         if self.kind == "kron":
             from .formats import collect_adapter, save_adapter
 
             adapter = collect_adapter(self.models, self.scale, base_model, architecture, self.targets, training)
-            return save_adapter(path, adapter)
+            return save_adapter(path, adapter, title=title)
         return _save_lora(self, Path(path))
 
 

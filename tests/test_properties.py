@@ -308,7 +308,7 @@ def test_the_strategies_know_every_rule():
 @_settings(100)
 @given(values=SETTINGS)
 def test_valid_settings_survive_a_yaml_round_trip(values):
-    cfg = TrainConfig(**values).validate()
+    cfg = TrainConfig(**values).validate().with_absolute_paths()  # what load_config gives
     text = cfg.to_yaml()
     assert list(yaml.safe_load(text)) == [_kebab(n) for n in FIELDS]
     loaded = _load(text, {})
@@ -327,14 +327,14 @@ def test_valid_settings_survive_a_yaml_round_trip(values):
        text=st.builds(lambda a, b: a + "\x85" + b, TEXT, TEXT))
 @example(values={**{n: getattr(TrainConfig(), n) for n in FIELDS}, **REQUIRED}, name="prompt", text="a\x85b")
 def test_next_line_characters_survive_a_yaml_round_trip(values, name, text):
-    cfg = TrainConfig(**{**values, name: text}).validate()
+    cfg = TrainConfig(**{**values, name: text}).validate().with_absolute_paths()
     assert _load(cfg.to_yaml(), {}) == cfg
 
 
 @_settings(50)
 @given(values=SETTINGS, snake=st.sets(st.sampled_from(sorted(FIELDS))))
 def test_snake_case_keys_read_the_same_as_kebab_case(values, snake):
-    cfg = TrainConfig(**values).validate()
+    cfg = TrainConfig(**values).validate().with_absolute_paths()
     text = _dump({(name if name in snake else _kebab(name)): getattr(cfg, name) for name in FIELDS})
     assert _load(text, {}) == cfg
 
@@ -355,8 +355,8 @@ def test_flags_beat_the_file_which_beats_the_defaults(file_values, flag_values, 
         overrides.update(REQUIRED)
         expected.update(REQUIRED)
     cfg = _load(_dump(file_settings), overrides)
-    assert cfg == TrainConfig(**expected)
-    assert cfg.config_hash() == TrainConfig(**expected).config_hash()
+    assert cfg == TrainConfig(**expected).with_absolute_paths()
+    assert cfg.config_hash() == TrainConfig(**expected).with_absolute_paths().config_hash()
 
 
 def _not_a_field(key: str) -> bool:
