@@ -360,10 +360,13 @@ def eval_cmd(
 
     from .atomic import write_bytes_atomic
     from .data import scan_images
-    from .metrics import Embedder, evaluate
+    from .metrics import Embedder, evaluate, is_sample_grid
     from .sampling import load_prompts
 
     generated, _ = scan_images(images, "images")
+    generated = [p for p in generated if not is_sample_grid(p)]  # krona sample's grid.png repeats its images
+    if not generated:
+        raise KronaError(f"--images '{images}' holds only sample grids; give the folder of the single images")
     photos, _ = scan_images(reference, "reference")
     prompts = None
     if prompt is not None or prompts_file is not None:

@@ -141,18 +141,17 @@ def load_and_bake(
 ) -> BakedPipeline:
     """Read every adapter file (all of them before the base model), load the base (`pretrained`, else the base the
     first adapter records) and bake the adapters into it. With no adapter the base alone is loaded."""
-    from .models import absolute, load_pipeline
+    from .models import absolute, base_unet_config, load_pipeline
 
-    loaded = [(load_adapter(path), float(scale), absolute(str(path))) for path, scale in adapters]
+    # kohya's SGM-named layers are numbered by the UNet's blocks: a given base's own numbering reads them
+    unet_config = base_unet_config(pretrained) if pretrained else None
+    loaded = [(load_adapter(path, unet_config), float(scale), absolute(str(path))) for path, scale in adapters]
     base = absolute(pretrained) or (loaded[0][0].base_model if loaded else None)
     if not base:
         if not loaded:
             raise KronaError("no adapter and no base model given; pass --adapter FILE[:SCALE] or --pretrained-model")
         raise KronaError(f"the adapter '{loaded[0][2]}' does not record its base model; pass --pretrained-model")
     pipe, arch = load_pipeline(str(base), dtype=dtype, device=device)
-    # kohya's SGM-named layers are numbered by the UNet's blocks: read again with this base's own
-    loaded = [(load_adapter(path, pipe.unet.config) if adapter.key_format == "kohya-sgm" else adapter, scale, path)
-              for adapter, scale, path in loaded]
     changed = bake(pipeline_components(pipe), [(adapter, scale) for adapter, scale, _ in loaded], arch)
     return BakedPipeline(pipe, str(base), arch, loaded, changed)
 

@@ -232,8 +232,8 @@ class Metrics:
         return asdict(self)
 
 
-def read_prompt(path: Path) -> str | None:
-    """The prompt `krona sample` wrote into a PNG's "prompt" text chunk; None for other files or an empty prompt."""
+def _png_text(path: Path, key: str) -> str | None:
+    """A text chunk of a PNG (None for other files or a missing key), without decoding the pixels."""
     from PIL import Image
 
     try:
@@ -242,12 +242,23 @@ def read_prompt(path: Path) -> str | None:
             with Image.open(path) as image:
                 if image.format != "PNG":
                     return None
-                prompt = image.info.get("prompt")  # chunks before the pixels, where krona sample writes them
-                if prompt is None:
-                    prompt = image.text.get("prompt")  # also those after the pixels
+                value = image.info.get(key)  # chunks before the pixels, where krona sample writes them
+                if value is None:
+                    value = image.text.get(key)  # also those after the pixels
     except Exception as e:  # unreadable or not an image: the same message as data.load_image
         raise KronaError(f"cannot read image '{path}': {e}; remove or replace it") from None
-    return str(prompt) if prompt is not None and str(prompt).strip() else None
+    return None if value is None else str(value)
+
+
+def read_prompt(path: Path) -> str | None:
+    """The prompt `krona sample` wrote into a PNG's "prompt" text chunk; None for other files or an empty prompt."""
+    prompt = _png_text(path, "prompt")
+    return prompt if prompt is not None and prompt.strip() else None
+
+
+def is_sample_grid(path: Path) -> bool:
+    """True for the grids `krona sample` and training write (their metadata list the prompts and seeds of a grid)."""
+    return _png_text(path, "prompts") is not None and _png_text(path, "seeds") is not None
 
 
 def evaluate(

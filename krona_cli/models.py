@@ -148,9 +148,9 @@ def absolute(name: str | None) -> str | None:
     return str(path.absolute()) if path.exists() else name
 
 
-def _hub_index(repo: str, revision: str | None, flag: str) -> dict:
-    """The model_index.json of a hub pipeline, from the local cache when it is there; one line for every way the
-    hub can fail."""
+def _hub_json(repo: str, filename: str, revision: str | None, flag: str) -> dict:
+    """A JSON file of a hub pipeline (model_index.json, unet/config.json), from the local cache when it is there; one
+    line for every way the hub can fail."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -162,7 +162,7 @@ def _hub_index(repo: str, revision: str | None, flag: str) -> dict:
     )
 
     try:
-        return json.loads(Path(hf_hub_download(repo, "model_index.json", revision=revision)).read_text())
+        return json.loads(Path(hf_hub_download(repo, filename, revision=revision)).read_text())
     except GatedRepoError:
         raise KronaError(f"'{repo}' is gated on the Hugging Face hub: accept its licence on huggingface.co/{repo}, "
                          "then log in with `hf auth login`") from None
@@ -172,7 +172,7 @@ def _hub_index(repo: str, revision: str | None, flag: str) -> dict:
     except RevisionNotFoundError:
         raise KronaError(f"'{repo}' has no revision '{revision}'; check --revision") from None
     except RemoteEntryNotFoundError:
-        raise KronaError(f"'{repo}' is not a diffusers pipeline (no model_index.json); give an SDXL or SD model") from None
+        raise KronaError(f"'{repo}' is not a diffusers pipeline (no {filename}); give an SDXL or SD model") from None
     except LocalEntryNotFoundError:
         why = "the hub is switched off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
         raise KronaError(
@@ -220,7 +220,7 @@ def load_pipeline(
             )
         index = json.loads((where / "model_index.json").read_text())
     else:
-        index = _hub_index(where, revision, "--pretrained-model")
+        index = _hub_json(where, "model_index.json", revision, "--pretrained-model")
     try:
         if kind == "file":
             pipe = load_single_file(where, keys, metadata, dtype)
@@ -240,6 +240,24 @@ def load_pipeline(
     if vae:
         pipe.vae = load_vae(vae, dtype)
     return pipe.to(device), architecture_of(pipe.unet.config)
+
+
+def base_unet_config(pretrained: str, revision: str | None = None) -> dict:
+    """The UNet config of a base model, read without loading it (for numbering kohya's SGM-named adapter layers
+    before the model loads)."""
+    from .single_file import describe_file
+
+    kind, where = locate(pretrained)
+    if kind == "hub":
+        return _hub_json(where, "unet/config.json", revision, "--pretrained-model")
+    if kind == "folder":
+        path = where / "unet" / "config.json"
+        if not path.is_file():
+            raise KronaError(f"'{pretrained}' is a folder but not a diffusers pipeline with a UNet (no unet/config.json)")
+        return json.loads(path.read_text())
+    keys, metadata = _header(where)
+    _refuse_adapter(where, keys, metadata, "--pretrained-model")
+    return describe_file(where, keys, metadata)["components"]["unet"]
 
 
 def load_vae(name: str, dtype: torch.dtype = torch.float32):

@@ -180,3 +180,21 @@ def test_sd1_files_are_numbered_with_the_sd15_unet():
     # SDXL's input_blocks.2 is a resnet alone, so the same file read as SDXL's is refused
     with pytest.raises(KronaError, match="SDXL UNet does not have"):
         from_lycoris(one, {}, "x")
+
+
+def test_cli_merge_numbers_sgm_layers_by_the_given_base(tiny_sdxl_dir, tmp_path):
+    """`krona merge --pretrained-model` reads a kohya SGM-named file with that base's own UNet numbering (the tiny
+    SDXL's, not the real SDXL's) and bakes what the diffusers-named file bakes."""
+    from krona_cli.cli import main
+    from krona_cli.models import load_pipeline
+
+    tensors, metadata = to_lycoris(random_adapter("sdxl", scale=0.5, seed=11))
+    metadata = {k: v for k, v in metadata.items() if k != "krona"}
+    save_file(tensors, str(tmp_path / "plain.safetensors"), metadata=metadata)
+    save_file(_to_sgm(tensors, build_tiny_pipeline("sdxl").unet.config), str(tmp_path / "sgm.safetensors"),
+              metadata=metadata)
+    for name in ("plain", "sgm"):
+        assert main(["merge", "--adapter", str(tmp_path / f"{name}.safetensors"), "--pretrained-model",
+                     str(tiny_sdxl_dir), "--output-dir", str(tmp_path / f"merged-{name}")]) == 0
+    plain, sgm = (load_pipeline(str(tmp_path / f"merged-{name}"))[0].unet.state_dict() for name in ("plain", "sgm"))
+    assert all(torch.equal(plain[k], sgm[k]) for k in plain)

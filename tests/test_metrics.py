@@ -5,6 +5,7 @@ in-memory models `tiny.build_tiny_*` returns, called directly (vision tower + pr
 and compared pair by pair, so a save/load round trip that changed anything would fail too.
 """
 
+import json
 import shutil
 import socket
 from pathlib import Path
@@ -227,3 +228,22 @@ def test_tiny_scorers_are_deterministic():
     a, b = build_tiny_dino(3)[0].state_dict(), build_tiny_dino(3)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+
+
+def test_eval_leaves_out_sample_grids(tmp_path, tiny_sdxl_dir, capsys):
+    """`krona sample` writes grid.png beside its images; eval scores the images, not the grid (nor only a grid)."""
+    from krona_cli.cli import main
+    from krona_cli.tiny import make_tiny_clip, make_tiny_dino
+
+    clip, dino = make_tiny_clip(tmp_path / "clip"), make_tiny_dino(tmp_path / "dino")
+    assert main(["sample", "--pretrained-model", str(tiny_sdxl_dir), "--prompt", "a photo of sks cat", "-n", "2",
+                 "--steps", "2", "--output-dir", str(tmp_path / "s")]) == 0
+    models = ["--clip-model", str(clip), "--dino-model", str(dino), "--reference", str(tmp_path / "s")]
+    assert main(["eval", "--images", str(tmp_path / "s"), *models, "--output", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["generated"] == 2
+    only_grid = tmp_path / "grid-only"
+    only_grid.mkdir()
+    (only_grid / "grid.png").write_bytes((tmp_path / "s" / "grid.png").read_bytes())
+    capsys.readouterr()
+    assert main(["eval", "--images", str(only_grid), *models]) == 2
+    assert "only sample grids" in capsys.readouterr().err

@@ -2,7 +2,9 @@
 real weights under the real repo ids), the README's commands as written, run from other folders in a fresh shell
 without scripts/setup.sh's variables, and base models given in every wrong way."""
 
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -54,31 +56,36 @@ def krona(args, cwd, env):
 
 
 def test_readme_commands_with_the_default_sdxl_model(hub_cache, tmp_path):
-    """The README's train, sample, merge and eval lines as written (train scaled down by flags), each from a
-    different folder, the later ones with the paths the model card prints."""
+    """The README's train, sample and merge lines as written (train scaled down by flags), then, from another folder,
+    the sample and merge commands the model card prints, and eval with its default scorer models."""
     env = fresh_shell(hub_cache)
     work = tmp_path / "work"
     shutil.copytree(EXAMPLES, work / "dog")
     krona(["train", "--config", "sdxl", "--instance-dir", "dog/", "--prompt", "a photo of sks dog",
            "--class-prompt", "a photo of a dog", "--output-dir", "dog-run/", *SMALL_TRAIN], work, env)
+    krona(["sample", "--adapter", "dog-run/adapter.safetensors", "--prompt", "a photo of sks dog on the moon", "-n", "4"],
+          work, env)
+    assert len(list((work / "samples").glob("*.png"))) == 5  # four images and the grid
+    krona(["merge", "--adapter", "dog-run/adapter.safetensors", "--output-dir", "dog-merged/"], work, env)
+    assert (work / "dog-merged" / "model_index.json").is_file()
+
     run = work / "dog-run"
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["pretrained-model"] == SDXL
     assert all(Path(config[k]).is_absolute() for k in ("instance-dir", "output-dir"))
     card = (run / "README.md").read_text()
-    sample_line = next(line for line in card.splitlines() if line.startswith("krona sample"))
-    assert str(run / "adapter.safetensors") in sample_line and SDXL in sample_line
-
+    commands = [shlex.split(line) for line in card.splitlines() if line.startswith(("krona sample", "krona merge"))]
+    assert [c[1] for c in commands] == ["sample", "merge"]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    adapter = str(run / "adapter.safetensors")
-    krona(["sample", "--adapter", adapter, "--prompt", "a photo of sks dog on the moon", "-n", "4"], elsewhere, env)
-    assert len(list((elsewhere / "samples").glob("*.png"))) == 5  # four images and the grid
-    krona(["merge", "--adapter", adapter, "--output-dir", "dog-merged/"], elsewhere, env)
-    assert (elsewhere / "dog-merged" / "model_index.json").is_file()
-    done = krona(["eval", "--images", "samples", "--reference", str(work / "dog"), "--prompt", "a photo of sks dog",
-                  "--output", "metrics.json"], elsewhere, env)
-    assert (elsewhere / "metrics.json").is_file(), done.stdout
+    for command in commands:
+        assert str(run / "adapter.safetensors") in command and SDXL in command
+        krona(command[1:], elsewhere, env)
+    assert (elsewhere / "merged" / "model_index.json").is_file() and len(list((elsewhere / "samples").glob("*.png"))) == 5
+    krona(["eval", "--images", "samples", "--reference", str(work / "dog"), "--prompt", "a photo of sks dog",
+           "--output", "metrics.json"], elsewhere, env)
+    metrics = json.loads((elsewhere / "metrics.json").read_text())
+    assert metrics["generated"] == 4 and all(metrics[k] is not None for k in ("clip_i", "clip_t", "dino"))
 
 
 @pytest.mark.parametrize("repo", [SD15, SD21])
