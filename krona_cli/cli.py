@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .config import with_train_options
+from .training.config import with_train_options
 from .errors import KronaError
 
 # bitsandbytes warns on import that an optional CPU 4-bit kernel package is missing; krona does not use it.
@@ -80,7 +80,7 @@ def make_tiny_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
     """Build a tiny random-weight SDXL or SD 1.5 pipeline (for tests and demos; no download)."""
-    from .tiny import make_tiny
+    from .pipeline.tiny import make_tiny
 
     path = make_tiny(directory, arch=arch, seed=seed)
     console.print(f"tiny {arch} pipeline written to [bold]{path}[/]")
@@ -97,7 +97,7 @@ def plan_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Adapter parameters and file sizes per block group, beside LoRA ranks 4, 8 and 16 (no weights needed)."""
-    from .plan import LORA_RANKS, FP16_BYTES, FP32_BYTES, file_size, plan
+    from .inference.plan import LORA_RANKS, FP16_BYTES, FP32_BYTES, file_size, plan
 
     settings = _split(factors)
     groups = plan(arch, settings, targets, strict_factors)
@@ -192,7 +192,7 @@ def merge_cmd(
 ) -> None:
     """Bake adapters into the base weights: a complete diffusers pipeline (plain diffusers loads it) or one
     single-file checkpoint (A1111, Forge and ComfyUI load it as a model)."""
-    from .merge import merge_to_file, merge_to_folder, parse_adapter_spec
+    from .inference.merge import merge_to_file, merge_to_folder, parse_adapter_spec
 
     format = format or ("single-file" if output is not None else "diffusers")
     if format not in ("diffusers", "single-file"):
@@ -252,8 +252,8 @@ def sample_cmd(
     from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.text import Text
 
-    from .merge import parse_adapter_spec
-    from .sampling import SampleConfig, ceil_batches, generate, load_prompts, prepare_pipeline
+    from .inference.merge import parse_adapter_spec
+    from .inference.sampling import SampleConfig, ceil_batches, generate, load_prompts, prepare_pipeline
 
     config = SampleConfig(
         num_images=num_images,
@@ -327,7 +327,7 @@ def export_cmd(
 ) -> None:
     """Write an adapter in another format: LoKr for ComfyUI, A1111/Forge and kohya (lycoris, exact), or a LoRA for every
     client, tools that only load LoRA included (lora)."""
-    from .export import export_adapter
+    from .inference.export import export_adapter
 
     summary = export_adapter(adapter, to, output, rank=rank, dtype=dtype, report_path=report, lora_layout=lora_layout)
     console.print(f"wrote {summary['layers']} layers as {to} -> [bold]{summary['output']}[/]")
@@ -359,9 +359,9 @@ def eval_cmd(
     from rich.progress import Progress
 
     from .atomic import write_bytes_atomic
-    from .data import scan_images
-    from .metrics import Embedder, evaluate, is_sample_grid
-    from .sampling import load_prompts
+    from .training.data import scan_images
+    from .evaluation.metrics import Embedder, evaluate, is_sample_grid
+    from .inference.sampling import load_prompts
 
     generated, _ = scan_images(images, "images")
     generated = [p for p in generated if not is_sample_grid(p)]  # krona sample's grid.png repeats its images
@@ -412,8 +412,8 @@ def compare_cmd(
 ) -> None:
     """Train krona and the LoRA baseline on the same subject and budget, sample the same prompts and seeds, score
     both (CLIP-I, CLIP-T, DINO) and write report.md with the table, side-by-side grids and a plot."""
-    from .compare import compare
-    from .config import load_config
+    from .evaluation.compare import compare
+    from .training.config import load_config
 
     overrides = {"instance_dir": instance_dir, "prompt": prompt, "class_prompt": class_prompt, "steps": steps,
                  "pretrained_model": pretrained_model, "output_dir": str(output_dir)}
@@ -493,8 +493,8 @@ def train_cmd(config: Optional[str] = None, **overrides) -> None:
     """Train a Kronecker adapter (or a LoRA baseline) on photos of one subject, DreamBooth-style.
 
     Every option is also a key of a YAML config (--config FILE or a preset: sdxl, sd15, tiny); flags override it."""
-    from .config import load_config
-    from .train import train
+    from .training.config import load_config
+    from .training.train import train
 
     cfg = load_config(config, overrides)
     _quiet_model_loading()

@@ -25,8 +25,8 @@ unet   One training step (forward + backward, batch 1, latents of --resolution/8
        script reports instead the peak allocated during one extra, untimed step above the level before it
        (activations, gradients, temporaries; not the weights), from torch.profiler's allocation records.
 
-train  `krona train` itself (krona_cli.train.train): a random-weight SDXL pipeline (UNet, VAE, both text encoders
-       from configs/models/, the tokenizer of krona_cli.tiny) is saved once in the compute dtype to a temporary
+train  `krona train` itself (krona_cli.training.train.train): a random-weight SDXL pipeline (UNet, VAE, both text encoders
+       from configs/models/, the tokenizer of krona_cli.pipeline.tiny) is saved once in the compute dtype to a temporary
        folder, then each run trains --train-steps steps on the photos of --instance-dir (default examples/cat/) at
        --resolution, batch 1, gradient checkpointing, prompt embeddings cached, square crops, no sample grids or
        checkpoints until the end, for cached latents on/off × --optimizer (adamw, adamw8bit), and each further
@@ -83,7 +83,7 @@ from bench_adapter import cpu_model, lycoris_lokr_layer, peft_lokr_layer, peft_l
 
 from krona_cli.dtypes import DTYPES  # noqa: E402
 from krona_cli.kron import Factors, adapted_layers, find_targets, inject, parse_factors, remove  # noqa: E402
-from krona_cli.models import ARCHITECTURES, load_model_config  # noqa: E402
+from krona_cli.architectures import ARCHITECTURES, load_model_config  # noqa: E402
 
 UNET_VARIANTS = ("frozen", "krona", "krona-compile", "materialised", "peft-lokr", "lycoris-lokr", "peft-lora-r4")
 # not run unless named in --variants: krona's reshape path forced everywhere, LyCORIS' bypass forward
@@ -662,7 +662,7 @@ def save_pipeline(folder: Path, s: float, device: torch.device, dtype: torch.dty
     factors to train with (`pick_factors` on its UNet, as part 1 picks them)."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from krona_cli.tiny import _scheduler, build_tokenizer
+    from krona_cli.pipeline.tiny import _scheduler, build_tokenizer
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
@@ -686,7 +686,7 @@ def save_pipeline(folder: Path, s: float, device: torch.device, dtype: torch.dty
 
 
 def step_clock_class():
-    from krona_cli.train import Reporter
+    from krona_cli.training.train import Reporter
 
     class StepClock(Reporter):
         """Timestamps of every optimizer step (Reporter.step), the start of training, warnings; the CUDA peak
@@ -726,8 +726,8 @@ def run_train_part(args, device, dtype, doc: dict, save: Callable[[], None], bud
     """`krona train` runs of one phase: `grid` (cached latents × optimizers at the first base precision) or
     `extra` (each further base precision, cached latents and the first optimizer). The pipeline is saved once, in
     the grid phase, and removed after the extra phase."""
-    from krona_cli.config import TrainConfig, load_config
-    from krona_cli.train import train
+    from krona_cli.training.config import TrainConfig, load_config
+    from krona_cli.training.train import train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     compute = "bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else "fp32"

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from krona_cli.formats import collect_adapter, save_adapter  # noqa: E402
 from krona_cli.kron import adapted_layers, inject, remove  # noqa: E402
 from krona_cli.dtypes import DTYPES  # noqa: E402
-from krona_cli.sampling import SCHEDULERS, SampleConfig, generate, prepare_pipeline  # noqa: E402
+from krona_cli.inference.sampling import SCHEDULERS, SampleConfig, generate, prepare_pipeline  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -131,13 +131,13 @@ def main() -> int:
         tmp = Path(tmp)
         tiny = args.pretrained_model is None
         if tiny:
-            from krona_cli.tiny import make_tiny
+            from krona_cli.pipeline.tiny import make_tiny
 
             pretrained = str(make_tiny(tmp / "tiny-sdxl", "sdxl"))
         else:
             pretrained = args.pretrained_model
         if args.adapter:
-            from krona_cli.merge import parse_adapter_spec
+            from krona_cli.inference.merge import parse_adapter_spec
 
             adapter = parse_adapter_spec(args.adapter)
         else:

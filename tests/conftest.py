@@ -9,20 +9,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory):
-    from krona_cli.tiny import make_tiny
+    from krona_cli.pipeline.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "sdxl", arch="sdxl")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd15_dir(tmp_path_factory):
-    from krona_cli.tiny import make_tiny
+    from krona_cli.pipeline.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "sd15", arch="sd15")
 
 
 @pytest.fixture()
 def tiny_sdxl_unet():
-    from krona_cli.tiny import build_tiny_pipeline
+    from krona_cli.pipeline.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline("sdxl", seed=0).unet

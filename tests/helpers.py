@@ -4,8 +4,8 @@ import torch
 
 from krona_cli.formats import collect_adapter
 from krona_cli.kron import adapted_layers, inject
-from krona_cli.merge import pipeline_components
-from krona_cli.tiny import build_tiny_pipeline
+from krona_cli.inference.merge import pipeline_components
+from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 
 def random_adapter(arch, scale=1.0, seed=5, unet_targets="attn-ff", training=None):
@@ -31,10 +31,10 @@ def random_adapter(arch, scale=1.0, seed=5, unet_targets="attn-ff", training=Non
 
 def fixed_pair_loss(pipe, arch, folder, prompt):
     """Denoising loss of a pipeline on the (center-cropped, 64 px) images of `folder` at fixed noise and timesteps."""
-    from krona_cli.data import ImageSet
-    from krona_cli.diffusion import per_sample_loss
-    from krona_cli.text import encode_prompts
-    from krona_cli.train import _noise_scheduler
+    from krona_cli.training.data import ImageSet
+    from krona_cli.training.diffusion import per_sample_loss
+    from krona_cli.pipeline.text import encode_prompts
+    from krona_cli.training.train import _noise_scheduler
 
     images = ImageSet(folder, prompt, 64, center_crop=True)
     pixels = torch.stack([images[i].pixels for i in range(len(images))])

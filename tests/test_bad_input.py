@@ -23,8 +23,9 @@ import pytest
 import torch
 from PIL import Image
 
-from krona_cli.buckets import Bucket
-from krona_cli import data, models
+from krona_cli.training.buckets import Bucket
+from krona_cli.training import data
+from krona_cli.pipeline import models
 from krona_cli.cli import main
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
@@ -383,7 +384,7 @@ def fail_fsync_of(monkeypatch, marker):
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell which file is being written")
 def test_no_space_for_the_final_adapter_keeps_the_last_checkpoint(tiny_sd15_dir, tmp_path, capsys, monkeypatch):
-    from krona_cli.checkpoint import list_checkpoints, load_checkpoint
+    from krona_cli.training.checkpoint import list_checkpoints, load_checkpoint
 
     out = tmp_path / "run"
     args = train_args(tiny_sd15_dir, EXAMPLES, out, "--checkpoint-every", "1")
@@ -401,7 +402,7 @@ def test_no_space_for_the_final_adapter_keeps_the_last_checkpoint(tiny_sd15_dir,
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell which file is being written")
 def test_no_space_for_a_checkpoint_keeps_the_previous_one(tiny_sd15_dir, tmp_path, capsys, monkeypatch):
-    from krona_cli.checkpoint import incomplete_leftovers, list_checkpoints, load_checkpoint
+    from krona_cli.training.checkpoint import incomplete_leftovers, list_checkpoints, load_checkpoint
 
     out = tmp_path / "run"
     hits = fail_fsync_of(monkeypatch, ".step-000002.tmp-")  # the staging folder of the second checkpoint

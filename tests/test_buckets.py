@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from krona_cli.buckets import Bucket, Schedule, bucket_sizes, crop_fraction, histogram, nearest_bucket, spread
-from krona_cli.buckets import stream_item
-from krona_cli.config import load_config
-from krona_cli.data import ImageSet, prepare_image
-from krona_cli.train import train
+from krona_cli.training.buckets import Bucket, Schedule, bucket_sizes, crop_fraction, histogram, nearest_bucket, spread
+from krona_cli.training.buckets import stream_item
+from krona_cli.training.config import load_config
+from krona_cli.training.data import ImageSet, prepare_image
+from krona_cli.training.train import train
 
 PROMPT, CLASS_PROMPT = "a photo of sks thing", "a photo of a thing"
 
@@ -111,7 +111,7 @@ MIXED = {"portrait": (100, 180), "landscape": (240, 130), "square": (150, 150), 
 def _spy_unet(monkeypatch):
     """Record (latent shape, time ids) of every training call of the UNet."""
     seen = []
-    original = __import__("krona_cli.trainable", fromlist=["attach"]).attach
+    original = __import__("krona_cli.training.trainable", fromlist=["attach"]).attach
 
     def attach_and_spy(pipe, *args, **kwargs):
         adapter = original(pipe, *args, **kwargs)
@@ -122,7 +122,7 @@ def _spy_unet(monkeypatch):
         )
         return adapter
 
-    monkeypatch.setattr("krona_cli.trainable.attach", attach_and_spy)
+    monkeypatch.setattr("krona_cli.training.trainable.attach", attach_and_spy)
     return seen
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers.optimization import get_scheduler
 
-from krona_cli import checkpoint as ckpt
-from krona_cli.checkpoint import (
+from krona_cli.training import checkpoint as ckpt
+from krona_cli.training.checkpoint import (
     TrainingState,
     capture_rng,
     checkpoint_dir,

@@ -32,12 +32,12 @@ def test_unknown_option_is_a_usage_error(capsys):
 
 
 def test_internal_error_is_exit_1_with_a_hint(monkeypatch, capsys):
-    import krona_cli.plan
+    import krona_cli.inference.plan
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(krona_cli.plan, "plan", boom)
+    monkeypatch.setattr(krona_cli.inference.plan, "plan", boom)
     assert main(["plan"]) == 1
     err = capsys.readouterr().err
     assert "internal error" in err and "--debug" in err and "Traceback" not in err
@@ -46,11 +46,11 @@ def test_internal_error_is_exit_1_with_a_hint(monkeypatch, capsys):
 
 
 def test_interrupt_exits_130(monkeypatch, capsys):
-    import krona_cli.plan
+    import krona_cli.inference.plan
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(krona_cli.plan, "plan", interrupted)
+    monkeypatch.setattr(krona_cli.inference.plan, "plan", interrupted)
     assert main(["plan"]) == 130
     assert "interrupted" in capsys.readouterr().err

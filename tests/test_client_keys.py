@@ -23,8 +23,9 @@ from krona_cli.formats import Adapter
 from krona_cli.formats.lora import to_lora
 from krona_cli.formats.lycoris import to_lycoris
 from krona_cli.kron import fit_factors, parse_factors
-from krona_cli.models import build_meta_components, load_model_config
-from krona_cli.original_layout import unet_path_to_sgm
+from krona_cli.pipeline.models import build_meta_components
+from krona_cli.architectures import load_model_config
+from krona_cli.formats.original_layout import unet_path_to_sgm
 
 UNET_CONFIGS = {"sdxl": "sdxl_unet.json", "sd15": "sd15_unet.json"}
 CLIP_LINEARS = {  # module path inside a CLIP layer -> its part of the lora name

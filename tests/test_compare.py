@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from krona_cli.cli import main
-from krona_cli.compare import PROMPT_SETS, class_noun, parse_sweep, prompt_set
+from krona_cli.evaluation.compare import PROMPT_SETS, class_noun, parse_sweep, prompt_set
 from krona_cli.errors import KronaError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
@@ -15,7 +15,7 @@ PROMPT = "a photo of sks cat"
 
 @pytest.fixture(scope="module")
 def scorers(tmp_path_factory):
-    from krona_cli.tiny import make_tiny_clip, make_tiny_dino
+    from krona_cli.pipeline.tiny import make_tiny_clip, make_tiny_dino
 
     root = tmp_path_factory.mktemp("scorers")
     return make_tiny_clip(root / "clip"), make_tiny_dino(root / "dino")

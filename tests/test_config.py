@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 import typer
@@ -9,9 +10,9 @@ import typer.rich_utils
 import yaml
 from typer.testing import CliRunner
 
-from krona_cli.config import PRESETS, TrainConfig, load_config, with_train_options
+from krona_cli.training.config import CONFIG_PRESETS, TrainConfig, load_config, with_train_options
 from krona_cli.errors import KronaError
-from krona_cli.models import CONFIGS_DIR
+from krona_cli.architectures import CONFIGS_DIR
 
 DATA = {"instance_dir": "photos", "prompt": "a photo of sks dog"}
 DATA_FLAGS = ("--instance-dir", "photos", "--prompt", "a photo of sks dog")
@@ -35,7 +36,7 @@ def error(path_or_none, overrides=DATA) -> str:
 
 def test_defaults_need_only_data():
     cfg = load_config(None, DATA)
-    assert cfg == TrainConfig(**DATA)
+    assert cfg == TrainConfig(**DATA).with_absolute_paths()
     assert TrainConfig().validate(require_data=False).factors == "64x4"
 
 
@@ -55,15 +56,28 @@ def test_flags_beat_the_file_and_none_means_not_given(tmp_path):
 def test_yaml_values_are_coerced_to_the_field_types(tmp_path):
     path = write(tmp_path, "instance_dir: photos\nprompt: p\nlr: 1e-4\nscale: 2\nsample-prompt: one prompt\n")
     cfg = load_config(path, {})
-    assert (cfg.instance_dir, cfg.lr, cfg.scale, cfg.sample_prompt) == ("photos", 1e-4, 2.0, ["one prompt"])
+    assert (cfg.instance_dir, cfg.lr, cfg.scale, cfg.sample_prompt) == (str(Path("photos").absolute()), 1e-4, 2.0,
+                                                                        ["one prompt"])
     assert isinstance(cfg.scale, float)
 
 
 def test_an_empty_file_is_the_defaults(tmp_path):
-    assert load_config(write(tmp_path, "# nothing yet\n"), DATA) == TrainConfig(**DATA)
+    assert load_config(write(tmp_path, "# nothing yet\n"), DATA) == TrainConfig(**DATA).with_absolute_paths()
 
 
-@pytest.mark.parametrize("name", PRESETS)
+def test_paths_are_saved_absolute_and_hub_ids_as_given(tmp_path, monkeypatch):
+    """config.yaml must work from any folder: local paths become absolute, a base model that is no local path stays
+    a hub id, and an existing folder spelled like a hub id is that folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "model-1.0").mkdir(parents=True)
+    cfg = load_config(None, {**DATA, "output_dir": "out", "class_dir": "~/classes", "vae": "madebyollin/sdxl-vae"})
+    assert cfg.instance_dir == str(tmp_path / "photos") and cfg.output_dir == str(tmp_path / "out")
+    assert cfg.class_dir == str(Path("~/classes").expanduser())
+    assert cfg.pretrained_model == "stabilityai/stable-diffusion-xl-base-1.0" and cfg.vae == "madebyollin/sdxl-vae"
+    assert load_config(None, {**DATA, "pretrained_model": "org/model-1.0"}).pretrained_model == str(tmp_path / "org" / "model-1.0")
+
+
+@pytest.mark.parametrize("name", CONFIG_PRESETS)
 def test_each_preset_loads_validates_and_explains_itself(name):
     text = (CONFIGS_DIR / f"{name}.yaml").read_text()
     assert text.startswith("# ")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from krona_cli import data
-from krona_cli.data import ImageSet, load_image, prepare_image, read_caption, scan_images
+from krona_cli.training import data
+from krona_cli.training.data import ImageSet, load_image, prepare_image, read_caption, scan_images
 from krona_cli.errors import KronaError
 
 

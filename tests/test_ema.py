@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from krona_cli.ema import EMA
+from krona_cli.training.ema import EMA
 from krona_cli.errors import KronaError
 
 

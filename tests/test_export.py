@@ -8,8 +8,8 @@ import torch
 from krona_cli.cli import main
 from krona_cli.formats import LoraAdapter, collect_adapter, describe, load_adapter, save_adapter
 from krona_cli.kron import adapted_layers, inject
-from krona_cli.merge import adapter_deltas
-from krona_cli.tiny import build_tiny_pipeline
+from krona_cli.inference.merge import adapter_deltas
+from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_export_errors(adapter_path, tmp_path, capsys):
 
 def test_export_to_lora_writes_kohya_keys_unless_asked_for_peft(adapter_path, tmp_path):
     from krona_cli.errors import KronaError
-    from krona_cli.export import export_adapter
+    from krona_cli.inference.export import export_adapter
     from krona_cli.formats import read_safetensors
 
     q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"

@@ -23,8 +23,8 @@ from krona_cli.formats import canonical_name, read_safetensors
 from krona_cli.formats.lora import LoraAdapter, from_lora, is_lora, lora_deltas, save_lora, to_lora
 from krona_cli.formats.kohya_names import encode_path
 from krona_cli.formats.official import LAYOUT_DIFFUSEKRONA, official_delta
-from krona_cli.merge import pipeline_components
-from krona_cli.tiny import build_tiny_pipeline
+from krona_cli.inference.merge import pipeline_components
+from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"

@@ -15,9 +15,9 @@ from krona_cli.formats import attach, canonical_name, load_adapter, read_safeten
 from krona_cli.formats.kohya_names import decode_path, encode_path
 from krona_cli.formats.lycoris import from_lycoris, is_lycoris, save_lycoris, to_lycoris
 from krona_cli.kron import adapted_layers, find_targets
-from krona_cli.models import build_meta_components
-from krona_cli.merge import pipeline_components
-from krona_cli.tiny import build_tiny_pipeline
+from krona_cli.pipeline.models import build_meta_components
+from krona_cli.inference.merge import pipeline_components
+from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 TE_PREFIXES = {
     "sdxl": {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},

@@ -18,7 +18,7 @@ from krona_cli.errors import KronaError
 from krona_cli.formats import attach, read_safetensors
 from krona_cli.formats.native import module_name
 from krona_cli.formats.official import LAYOUT_DIFFUSEKRONA, from_official, is_official, official_delta
-from krona_cli.tiny import build_tiny_pipeline
+from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 ATTN = re.compile(r"\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)$")
 

@@ -11,7 +11,7 @@ from krona_cli.cli import main
 from krona_cli.errors import KronaError
 from krona_cli.formats import attach, collect_adapter, describe, load_adapter, save_adapter
 from krona_cli.kron import adapted_layers, inject, remove
-from krona_cli.tiny import build_tiny_pipeline
+from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 
 def _trained(pipe, factors="4x4"):

@@ -60,7 +60,7 @@ def test_default_preset_adapts_every_attention_projection_of_the_tiny_sdxl_unet_
 
 
 def test_presets_on_the_real_sdxl_architecture():
-    from krona_cli.models import build_component
+    from krona_cli.pipeline.models import build_component
 
     unet = build_component("sdxl", "unet")
     assert len(find_targets(unet, "attn")) == 560
@@ -132,7 +132,7 @@ def test_remove_restores_linears_and_merge_bakes_the_update():
 
 
 def test_adapter_state_dict_round_trip_and_mismatch_errors(tiny_sdxl_unet):
-    from krona_cli.tiny import build_tiny_pipeline
+    from krona_cli.pipeline.tiny import build_tiny_pipeline
 
     inject(tiny_sdxl_unet, factors="4x4")
     for layer in adapted_layers(tiny_sdxl_unet).values():

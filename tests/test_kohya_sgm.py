@@ -9,15 +9,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from krona_cli.errors import KronaError
-from krona_cli.export import export_adapter
+from krona_cli.inference.export import export_adapter
 from krona_cli.formats import LoraAdapter, describe, load_adapter, read_safetensors
 from krona_cli.formats.kohya_names import encode_path
 from krona_cli.formats.lora import from_lora, to_lora
 from krona_cli.formats.lycoris import from_lycoris, to_lycoris
-from krona_cli.merge import bake, pipeline_components
-from krona_cli.models import build_component, load_model_config
-from krona_cli.original_layout import unet_path_to_sgm
-from krona_cli.tiny import build_tiny_pipeline
+from krona_cli.inference.merge import bake, pipeline_components
+from krona_cli.pipeline.models import build_component
+from krona_cli.architectures import load_model_config
+from krona_cli.formats.original_layout import unet_path_to_sgm
+from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 TE = "text_model.encoder.layers.{}.self_attn.q_proj"
 
@@ -186,7 +187,7 @@ def test_cli_merge_numbers_sgm_layers_by_the_given_base(tiny_sdxl_dir, tmp_path)
     """`krona merge --pretrained-model` reads a kohya SGM-named file with that base's own UNet numbering (the tiny
     SDXL's, not the real SDXL's) and bakes what the diffusers-named file bakes."""
     from krona_cli.cli import main
-    from krona_cli.models import load_pipeline
+    from krona_cli.pipeline.models import load_pipeline
 
     tensors, metadata = to_lycoris(random_adapter("sdxl", scale=0.5, seed=11))
     metadata = {k: v for k, v in metadata.items() if k != "krona"}

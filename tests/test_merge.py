@@ -9,8 +9,8 @@ from krona_cli.cli import main
 from krona_cli.errors import KronaError
 from krona_cli.formats import collect_adapter, load_adapter, save_adapter, save_lycoris
 from krona_cli.kron import adapted_layers, inject, remove
-from krona_cli.merge import bake, parse_adapter_spec, pipeline_components
-from krona_cli.tiny import build_tiny_pipeline
+from krona_cli.inference.merge import bake, parse_adapter_spec, pipeline_components
+from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from krona_cli.errors import KronaError
-from krona_cli.metrics import Embedder, Metrics, evaluate, read_prompt, remove_identifier
+from krona_cli.evaluation.metrics import Embedder, Metrics, evaluate, read_prompt, remove_identifier
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples" / "cat").glob("*.jpg"))
 TOL = 1e-5
@@ -24,7 +24,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from krona_cli.tiny import make_tiny_clip, make_tiny_dino
+    from krona_cli.pipeline.tiny import make_tiny_clip, make_tiny_dino
 
     root = tmp_path_factory.mktemp("scorers")
     return make_tiny_clip(root / "clip"), make_tiny_dino(root / "dino")
@@ -38,8 +38,8 @@ def models(folders):
 @pytest.fixture(scope="module")
 def direct():
     """The in-memory tiny models, called directly: (image embedding fns, text embedding fn), normalised by hand."""
-    from krona_cli.data import load_image
-    from krona_cli.tiny import build_tiny_clip, build_tiny_dino
+    from krona_cli.training.data import load_image
+    from krona_cli.pipeline.tiny import build_tiny_clip, build_tiny_dino
 
     clip, clip_processor, tokenizer = build_tiny_clip(0)
     dino, dino_processor = build_tiny_dino(0)
@@ -219,7 +219,7 @@ def test_remove_identifier():
 
 
 def test_tiny_scorers_are_deterministic():
-    from krona_cli.tiny import build_tiny_clip, build_tiny_dino
+    from krona_cli.pipeline.tiny import build_tiny_clip, build_tiny_dino
 
     state = torch.random.get_rng_state()
     first, second, other = build_tiny_clip(0)[0].state_dict(), build_tiny_clip(0)[0].state_dict(), build_tiny_clip(1)[0]
@@ -233,7 +233,7 @@ def test_tiny_scorers_are_deterministic():
 def test_eval_leaves_out_sample_grids(tmp_path, tiny_sdxl_dir, capsys):
     """`krona sample` writes grid.png beside its images; eval scores the images, not the grid (nor only a grid)."""
     from krona_cli.cli import main
-    from krona_cli.tiny import make_tiny_clip, make_tiny_dino
+    from krona_cli.pipeline.tiny import make_tiny_clip, make_tiny_dino
 
     clip, dino = make_tiny_clip(tmp_path / "clip"), make_tiny_dino(tmp_path / "dino")
     assert main(["sample", "--pretrained-model", str(tiny_sdxl_dir), "--prompt", "a photo of sks cat", "-n", "2",

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from krona_cli.config import load_config
+from krona_cli.training.config import load_config
 from krona_cli.errors import KronaError
-from krona_cli.train import train
+from krona_cli.training.train import train
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
 PROMPT, CLASS_PROMPT = "a photo of sks cat", "a photo of a cat"

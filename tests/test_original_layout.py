@@ -14,9 +14,10 @@ from diffusers.loaders import single_file_utils as sfu
 from safetensors import safe_open
 
 from krona_cli.errors import KronaError
-from krona_cli.models import build_component, load_model_config
-from krona_cli.original_layout import original_architecture, save_single_file, to_original
-from krona_cli.tiny import build_tiny_pipeline
+from krona_cli.pipeline.models import build_component
+from krona_cli.architectures import load_model_config
+from krona_cli.formats.original_layout import original_architecture, save_single_file, to_original
+from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 READERS = {

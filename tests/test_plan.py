@@ -3,7 +3,7 @@
 import json
 
 from krona_cli.cli import main
-from krona_cli.plan import plan
+from krona_cli.inference.plan import plan
 
 
 def kron_params(a_out, a_in, d_out, d_in):

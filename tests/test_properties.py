@@ -29,11 +29,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from krona_cli.config import TrainConfig, load_config
+from krona_cli.training.config import TrainConfig, load_config
 from krona_cli.errors import KronaError
 from krona_cli.formats import attach, collect_adapter, load_adapter, save_adapter
 from krona_cli.kron import (
-    PRESETS as TARGET_PRESETS,
+    TARGET_PRESETS,
     Factors,
     KronLinear,
     adapted_layers,

@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from krona_cli import models
+from krona_cli.pipeline import models
 from krona_cli.cli import main
 from krona_cli.errors import KronaError
 from krona_cli.kron import KronLinear, inject
 from krona_cli.kron.inject import load_adapter_state_dict, set_scale
-from krona_cli.quantize import check_device, is_quantized, quantize, weight_bytes
+from krona_cli.kron.layer import is_quantized
+from krona_cli.pipeline.quantize import check_device, quantize, weight_bytes
 
 from helpers import fixed_pair_loss
 
@@ -115,7 +116,7 @@ def test_missing_bitsandbytes_says_how_to_install_it(monkeypatch):
 
 
 def test_float_base_precision_must_match_the_compute_precision():
-    from krona_cli.config import load_config
+    from krona_cli.training.config import load_config
 
     with pytest.raises(KronaError, match="--base-precision bf16 needs --mixed-precision bf16"):
         load_config(None, {"instance_dir": "x", "prompt": "p", "base_precision": "bf16"})
@@ -130,7 +131,7 @@ def test_quantized_training_learns_and_merges_into_the_full_precision_base(preci
     the adapter gives when it runs unmerged on that base: UNet predictions within 1e-4 (relative), sampled 8-bit
     images within 1 level."""
     from krona_cli.formats import load_adapter
-    from krona_cli.sampling import SampleConfig, render
+    from krona_cli.inference.sampling import SampleConfig, render
 
     runs_here(precision)
     out = tmp_path / "run"

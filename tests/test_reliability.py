@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from krona_cli import diffusion
-from krona_cli.checkpoint import incomplete_leftovers
+from krona_cli.training import diffusion
+from krona_cli.training.checkpoint import incomplete_leftovers
 from krona_cli.cli import main
-from krona_cli.config import load_config
+from krona_cli.training.config import load_config
 from krona_cli.errors import KronaError
-from krona_cli.train import Reporter, train
+from krona_cli.training.train import Reporter, train
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
 PROMPT = "a photo of sks cat"
@@ -28,9 +28,9 @@ PROMPT = "a photo of sks cat"
 # writing a checkpoint (after its k-th file, while the checkpoint is still a staging folder).
 CHILD = r"""
 import json, os, signal, sys
-from krona_cli import checkpoint
-from krona_cli.config import load_config
-from krona_cli.train import Reporter, train
+from krona_cli.training import checkpoint
+from krona_cli.training.config import load_config
+from krona_cli.training.train import Reporter, train
 
 settings, kill_at_file = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 written = 0

@@ -12,8 +12,8 @@ from krona_cli.cli import main
 from krona_cli.errors import KronaError
 from krona_cli.formats import collect_adapter, file_sha256, save_adapter
 from krona_cli.kron import adapted_layers, inject
-from krona_cli.sampling import SCHEDULERS, SampleConfig, generate, load_prompts, prepare_pipeline
-from krona_cli.tiny import build_tiny_pipeline
+from krona_cli.inference.sampling import SCHEDULERS, SampleConfig, generate, load_prompts, prepare_pipeline
+from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 PROMPT = "a photo of a dog"
 FAST = ["--steps", "2", "--width", "64", "--height", "64", "--guidance", "7.0"]

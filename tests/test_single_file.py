@@ -10,11 +10,11 @@ from helpers import random_adapter
 from PIL import Image
 
 from krona_cli.cli import main
-from krona_cli.clip_tokenizer import clip_tokenizer
+from krona_cli.pipeline.clip_tokenizer import clip_tokenizer
 from krona_cli.formats import save_adapter
-from krona_cli.models import load_pipeline
-from krona_cli.original_layout import to_original
-from krona_cli.single_file import METADATA_KEY, PIPELINES, _shipped, _tokenizers, _write_config_folder, describe_file
+from krona_cli.pipeline.models import load_pipeline
+from krona_cli.formats.original_layout import to_original
+from krona_cli.pipeline.single_file import METADATA_KEY, PIPELINES, _shipped, _tokenizers, _write_config_folder, describe_file
 
 EXAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "examples" / "cat"
 
@@ -142,7 +142,7 @@ def test_merge_output_mistakes_are_one_line(single_file, tmp_path, capsys):
 
 def test_original_layout_of_a_pipeline_has_no_diffusers_keys():
     """A sanity check of what A1111/ComfyUI look for first: the original prefixes only."""
-    from krona_cli.tiny import build_tiny_pipeline
+    from krona_cli.pipeline.tiny import build_tiny_pipeline
 
     keys = to_original(build_tiny_pipeline("sdxl")).keys()
     assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "conditioner"}

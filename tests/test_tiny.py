@@ -1,4 +1,4 @@
-"""Tests for krona_cli.tiny: the offline tiny SDXL / SD1.5 pipelines and the tiny CLIP-style tokenizer."""
+"""Tests for krona_cli.pipeline.tiny: the offline tiny SDXL / SD1.5 pipelines and the tiny CLIP-style tokenizer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTokenizer
 
 from krona_cli.errors import KronaError
-from krona_cli.tiny import build_tiny_pipeline, build_tokenizer, make_tiny
+from krona_cli.pipeline.tiny import build_tiny_pipeline, build_tokenizer, make_tiny
 
 PIPELINE_CLASSES = {"sdxl": StableDiffusionXLPipeline, "sd15": StableDiffusionPipeline}
 ATTENTION_LINEARS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from krona_cli import models
+from krona_cli.pipeline import models
 from krona_cli.cli import main
-from krona_cli.config import load_config
+from krona_cli.training.config import load_config
 from krona_cli.errors import KronaError
-from krona_cli.train import Reporter, TrainingInterrupted, train
+from krona_cli.training.train import Reporter, TrainingInterrupted, train
 
 from helpers import fixed_pair_loss
 
@@ -72,7 +72,7 @@ def test_training_learns_and_leaves_the_base_weights_untouched(tiny_sd15_dir, tm
     SDXL's, has none there, and on a random-weight network attention adapters then only reach coarse features: its
     loss stops at the no-information floor (1.18 -> 1.02, predicting zero noise gives 1.0), where a trained base
     starts far below it."""
-    from krona_cli.merge import load_and_bake
+    from krona_cli.inference.merge import load_and_bake
 
     cfg = config(tiny_sd15_dir, tmp_path / "run", steps=120, lr=3e-2, factors="4x4", center_crop=True, batch_size=2)
     result = train(cfg)
@@ -114,7 +114,7 @@ def test_class_images_get_their_own_micro_conditioning(tiny_sdxl_dir, tmp_path, 
     for i, size in enumerate([(96, 80), (80, 120)]):  # (width, height), unlike any instance photo
         Image.new("RGB", size, (i * 90, 40, 200)).save(classes / f"c{i}.png")
     seen = []
-    original_attach = __import__("krona_cli.trainable", fromlist=["attach"]).attach
+    original_attach = __import__("krona_cli.training.trainable", fromlist=["attach"]).attach
 
     def attach_and_spy(pipe, *args, **kwargs):
         adapter = original_attach(pipe, *args, **kwargs)
@@ -124,7 +124,7 @@ def test_class_images_get_their_own_micro_conditioning(tiny_sdxl_dir, tmp_path, 
         )
         return adapter
 
-    monkeypatch.setattr("krona_cli.trainable.attach", attach_and_spy)
+    monkeypatch.setattr("krona_cli.training.trainable.attach", attach_and_spy)
     cfg = config(tiny_sdxl_dir, tmp_path / "run", steps=2, center_crop=True, class_prompt=CLASS_PROMPT,
                  class_dir=str(classes), num_class_images=2, batch_size=2)
     train(cfg)
@@ -231,7 +231,7 @@ def test_v_prediction_models_train_on_the_velocity(tiny_sd15_dir, tmp_path, monk
     import json
     import shutil
 
-    from krona_cli import diffusion
+    from krona_cli.training import diffusion
 
     v_model = tmp_path / "v-model"
     shutil.copytree(tiny_sd15_dir, v_model)

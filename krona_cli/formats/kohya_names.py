@@ -24,8 +24,8 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
 from ..errors import KronaError
-from ..models import load_model_config
-from ..original_layout import unet_path_from_sgm
+from ..architectures import load_model_config
+from .original_layout import unet_path_from_sgm
 from .native import COMPONENTS, Adapter, canonical_name
 
 UNET_PREFIX = "lora_unet_"

@@ -29,7 +29,7 @@ from safetensors.torch import save as safetensors_save
 from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
-from ..kron import PRESETS
+from ..kron import TARGET_PRESETS
 from .kohya_names import NameReader, check_text_prefixes, lora_name, two_text_encoders
 from .native import LAYOUT_STANDARD, METADATA_KEY, Adapter, json_metadata
 from .ui_metadata import describe_adapter, guess_architecture, ui_metadata
@@ -186,7 +186,7 @@ def _infer_targets(component: str, modules: Iterable[str]) -> str:
     modules = list(modules)
     presets = ("attn", "attn-ff") if component == "unet" else ("text",)
     for preset in presets:
-        pattern = re.compile(PRESETS[preset])
+        pattern = re.compile(TARGET_PRESETS[preset])
         if all(pattern.search(m) for m in modules):
             return preset
     return "^(?:" + "|".join(re.escape(m) for m in modules) + ")$"

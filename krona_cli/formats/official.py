@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import torch
 
 from ..errors import KronaError
-from ..models import architecture_from_context_widths
+from ..architectures import architecture_from_context_widths
 from .native import Adapter, canonical_name
 
 LAYOUT_DIFFUSEKRONA = "diffusekrona"

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath, PureWindowsPath
 
 from .. import __version__
-from ..models import architecture_from_context_widths
+from ..architectures import architecture_from_context_widths
 
 SPEC_VERSION = "1.0.0"
 # modelspec architecture ids of the bases krona knows (SD 2.x's depends on its prediction type)

@@ -2,7 +2,7 @@
 
 from .factors import DEFAULT_FACTORS, Factors, fit_factors, parse_factors
 from .inject import (
-    PRESETS,
+    TARGET_PRESETS,
     adapted_layers,
     adapter_state_dict,
     find_targets,
@@ -18,7 +18,7 @@ __all__ = [
     "DEFAULT_FACTORS",
     "Factors",
     "KronLinear",
-    "PRESETS",
+    "TARGET_PRESETS",
     "adapted_layers",
     "adapter_state_dict",
     "choose_path",

@@ -17,7 +17,7 @@ _UNET_ATTN = r"\.(to_q|to_k|to_v|to_out\.0)$"
 _UNET_FF = r"\.ff\.net\.(0\.proj|2)$"
 _TEXT_ATTN = r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$"
 
-PRESETS: dict[str, str] = {
+TARGET_PRESETS: dict[str, str] = {
     "attn": _UNET_ATTN,
     "attn-ff": f"(?:{_UNET_ATTN})|(?:{_UNET_FF})",
     "text": _TEXT_ATTN,
@@ -33,12 +33,12 @@ def target_pattern(targets: str | Iterable[str]) -> re.Pattern:
         raise KronaError("no adapter targets given; use a preset (attn, attn-ff, text) or a regular expression")
     parts = []
     for item in items:
-        expr = PRESETS.get(item, item)
+        expr = TARGET_PRESETS.get(item, item)
         try:
             re.compile(expr)
         except (re.error, OverflowError, RecursionError) as e:
             raise KronaError(
-                f"targets '{item}' is neither a preset ({', '.join(PRESETS)}) nor a valid regular expression: {e}"
+                f"targets '{item}' is neither a preset ({', '.join(TARGET_PRESETS)}) nor a valid regular expression: {e}"
             ) from None
         parts.append(f"(?:{expr})")
     return re.compile("|".join(parts))

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import KronaError
-from ..quantize import is_quantized
 from .factors import Factors, parse_factors
 
 PATHS = ("auto", "reshape", "merged")
@@ -171,6 +170,12 @@ def _merge_dtype(weight: torch.Tensor) -> torch.dtype:
     """Merging adds in float32 at least (fp16/bf16 weights), in float64 for float64 weights."""
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    """Whether a linear layer's weight is held quantized (bitsandbytes int8 or packed 4-bit), on its device."""
+    weight = getattr(layer, "weight", None)
+    return weight is not None and not weight.dtype.is_floating_point
 
 class KronLinear(nn.Module):
     """A frozen `nn.Linear` with a trainable Kronecker-product update: y = base(x) + scale · (A ⊗ B) x.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .atomic import write_bytes_atomic
+from ..atomic import write_bytes_atomic
 from .config import TrainConfig
 
 _USE_KRON = """\
@@ -68,7 +68,7 @@ def write_model_card(out: Path, cfg: TrainConfig, arch: str, steps: int, params:
                                f"{cfg.prior_loss_weight:g}" if cfg.class_prompt else "off"),
         ("steps", f"{steps} (batch {cfg.batch_size} × {cfg.grad_accum} accumulation per process)"),
         ("learning rate", f"{cfg.effective_lr():g}, {cfg.lr_scheduler}, {cfg.optimizer}"),
-        ("resolution", f"{cfg.resolution or (1024 if arch == 'sdxl' else 512)} px"),
+        ("resolution", f"{cfg.effective_resolution(arch)} px"),
         ("precision", cfg.mixed_precision),
         ("EMA", f"decay {cfg.ema_decay:g} (the saved weights are the EMA)" if cfg.ema else "off"),
         ("seed", str(cfg.seed)),

@@ -52,7 +52,7 @@ def tokenizer_from_merges(merges: list[tuple[str, str]], pad_token: str = EOS) -
 
 @functools.cache
 def _shipped_merges() -> tuple[tuple[str, str], ...]:
-    from .models import CONFIGS_DIR
+    from ..architectures import CONFIGS_DIR
 
     with gzip.open(CONFIGS_DIR / "tokenizers" / MERGES_FILE, "rt", encoding="utf-8") as f:
         return tuple(tuple(line.split()) for line in f.read().splitlines())

@@ -30,8 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from .atomic import fsync_dir, write_bytes_atomic, write_folder_atomic
-from .errors import KronaError
+from ..atomic import fsync_dir, write_bytes_atomic, write_folder_atomic
+from ..errors import KronaError
 
 CHECKPOINTS = "checkpoints"
 FORMAT = "krona-checkpoint"

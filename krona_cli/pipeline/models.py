@@ -11,38 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import KronaError
-
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
-MODEL_CONFIGS_DIR = CONFIGS_DIR / "models"
-
-# component name (as in a diffusers pipeline folder) -> config file under configs/models/
-ARCHITECTURES: dict[str, dict[str, str]] = {
-    "sdxl": {
-        "unet": "sdxl_unet.json",
-        "text_encoder": "clip_vit_l_text.json",
-        "text_encoder_2": "clip_vit_bigg_text.json",
-    },
-    "sd15": {
-        "unet": "sd15_unet.json",
-        "text_encoder": "clip_vit_l_text.json",
-    },
-}
-
-
-def check_arch(arch: str) -> str:
-    if arch not in ARCHITECTURES:
-        raise KronaError(f"unknown architecture '{arch}'; use one of {', '.join(ARCHITECTURES)}")
-    return arch
-
-
-def load_model_config(name: str) -> dict:
-    """A config file from configs/models/, without its `_comment`."""
-    path = MODEL_CONFIGS_DIR / name
-    config = json.loads(path.read_text())
-    config.pop("_comment", None)
-    return config
-
+from ..architectures import ARCHITECTURES, architecture_of, check_arch, load_model_config
+from ..errors import KronaError
 
 def build_component(arch: str, component: str, device: str | torch.device = "meta") -> nn.Module:
     """One component (unet, text_encoder, text_encoder_2) of a real architecture, random or meta weights."""
@@ -66,24 +36,6 @@ def build_meta_components(arch: str) -> dict[str, nn.Module]:
     return {component: build_component(arch, component) for component in ARCHITECTURES[check_arch(arch)]}
 
 
-# Width of the text states the UNet's cross-attention reads (attn2.to_k / to_v inputs), per architecture.
-ARCH_BY_CONTEXT_WIDTH = {2048: "sdxl", 768: "sd15", 1024: "sd2"}
-
-
-def architecture_from_context_widths(widths: set[int]) -> str | None:
-    """The architecture whose cross-attention reads text of these widths; None unless they name exactly one."""
-    found = {ARCH_BY_CONTEXT_WIDTH.get(w) for w in widths}
-    return found.pop() if len(found) == 1 else None
-
-
-def architecture_of(unet_config) -> str:
-    """`sdxl` for SDXL-style UNets (text-time conditioning), else `sd15` (SD 1.x) or `sd2` (1024-wide text)."""
-    get = unet_config.get if isinstance(unet_config, dict) else lambda k, d=None: getattr(unet_config, k, d)
-    if get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return "sd2" if architecture_from_context_widths({get("cross_attention_dim")}) == "sd2" else "sd15"
-
-
 def _header(path: Path) -> tuple[list[str], dict[str, str]]:
     """A .safetensors file's tensor names and metadata, without reading its tensors."""
     from safetensors import SafetensorError, safe_open
@@ -97,7 +49,7 @@ def _header(path: Path) -> tuple[list[str], dict[str, str]]:
 
 def _refuse_adapter(path: Path, keys: list[str], metadata: dict[str, str], flag: str) -> None:
     """An adapter file given where a base model belongs gets one line naming it."""
-    from .formats.detect import detect_format
+    from ..formats.detect import detect_format
 
     try:
         kind = detect_format(keys, metadata, str(path))

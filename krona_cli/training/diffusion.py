@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .rng import generator
+from ..rng import generator
 
 
 def draw_noise(

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .kron import find_targets, fit_factors, parse_factors
-from .models import build_meta_components
+from ..kron import find_targets, fit_factors, parse_factors
+from ..pipeline.models import build_meta_components
 
 LORA_RANKS = (4, 8, 16)
 FP32_BYTES, FP16_BYTES = 4, 2

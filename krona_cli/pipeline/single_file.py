@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from .clip_tokenizer import EOS, clip_tokenizer, is_clip_tokenizer, tokenizer_from_merges
-from .errors import KronaError
-from .models import load_model_config
-from .original_layout import original_architecture
+from ..errors import KronaError
+from ..architectures import load_model_config
+from ..formats.original_layout import original_architecture
 
 METADATA_KEY = "krona_pipeline"
 # component -> config file in configs/models/, per architecture of an original-layout checkpoint

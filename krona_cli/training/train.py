@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .atomic import write_bytes_atomic
+from .. import __version__
+from ..atomic import write_bytes_atomic
 from .buckets import Bucket
+from ..dtypes import DTYPES, compute_dtype
 from .config import TrainConfig
-from .errors import KronaError
+from ..errors import KronaError
 
 
 class TrainingInterrupted(KronaError):
@@ -60,7 +61,6 @@ class TrainResult:
 
 
 RUN_MARKERS = ("config.yaml", "adapter.safetensors", "checkpoints")
-_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def check_output_dir(cfg: TrainConfig) -> Path:
@@ -152,7 +152,7 @@ class _Encoder:
                 self.embeds[prompt] = (embeds[0], None if pooled is None else pooled[0])
 
     def _encode(self, prompts):
-        from .text import encode_prompts
+        from ..pipeline.text import encode_prompts
 
         tokenizers = [self.pipe.tokenizer] + ([self.pipe.tokenizer_2] if self.sdxl else [])
         return encode_prompts(tokenizers, self.text_models, prompts, self.sdxl)
@@ -237,10 +237,10 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     from .data import ImageSet, check_images, scan_images, skipped_note, small_images_warning
     from .diffusion import draw_noise, per_sample_loss, target_for
     from .ema import EMA
-    from .models import cast, load_pipeline
+    from ..pipeline.models import cast, load_pipeline
     from .priors import generate_class_images, missing_indices
-    from .quantize import FLOAT, QUANTIZED, memory_estimate, quantize
-    from .sampling import ModelInfo, SampleConfig, image_metadata, render, write_grid
+    from ..pipeline.quantize import QUANTIZED, memory_estimate, quantize
+    from ..inference.sampling import ModelInfo, SampleConfig, image_metadata, render, write_grid
     from .trainable import attach
 
     cfg.validate()
@@ -275,7 +275,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     if not accelerator.is_main_process:
         reporter = Reporter()  # one process speaks
     set_seed(cfg.seed)
-    device, weight_dtype = accelerator.device, _PRECISION[cfg.mixed_precision]
+    device, weight_dtype = accelerator.device, compute_dtype(cfg.mixed_precision)
 
     pipe, arch = load_pipeline(cfg.pretrained_model, vae=cfg.vae, revision=cfg.revision, variant=cfg.variant)
     pipe.set_progress_bar_config(disable=True)
@@ -283,7 +283,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
         raise KronaError(f"the base model predicts '{prediction}'; krona trains epsilon and v-prediction models")
-    resolution = cfg.resolution or (1024 if sdxl else 512)
+    resolution = cfg.effective_resolution(arch)
     text_models = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
     compute = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)
     base_precision = cfg.base_precision or compute
@@ -294,7 +294,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
         elif base_precision in QUANTIZED:
             quantize(model, base_precision, weight_dtype, device)
         else:
-            cast(model, device, FLOAT[base_precision])
+            cast(model, device, DTYPES[base_precision])
     cast(pipe.vae, device, torch.float32)  # the SDXL VAE overflows in fp16; latents are cached anyway
     info = ModelInfo(base_model=cfg.pretrained_model, architecture=arch, dtype=cfg.mixed_precision)
 
@@ -632,7 +632,7 @@ def _optimizer(cfg: TrainConfig, adapter):
     if text:
         groups.append({"params": text, "lr": cfg.effective_text_encoder_lr()})
     if cfg.optimizer == "adamw8bit":
-        from .quantize import import_bitsandbytes
+        from ..pipeline.quantize import import_bitsandbytes
 
         return import_bitsandbytes("--optimizer adamw8bit").optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)

@@ -32,7 +32,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from krona_cli.atomic import write_folder_atomic
-from krona_cli.clip_tokenizer import END_OF_WORD, MAX_LENGTH, tokenizer_from_merges
+from krona_cli.pipeline.clip_tokenizer import END_OF_WORD, MAX_LENGTH, tokenizer_from_merges
 from krona_cli.errors import KronaError
 
 __all__ = [

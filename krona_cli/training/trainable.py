@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from .atomic import write_bytes_atomic
-from .errors import KronaError
-from .kron import inject, layer_factors
-from .kron.factors import parse_factors
-from .kron.inject import PRESETS
-from .models import architecture_of
+from ..atomic import write_bytes_atomic
+from ..errors import KronaError
+from ..kron import inject, layer_factors
+from ..kron.factors import parse_factors
+from ..kron.inject import TARGET_PRESETS
+from ..architectures import architecture_of
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 _LORA_UNET = {"attn": ["to_q", "to_k", "to_v", "to_out.0"], "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]}
@@ -59,7 +59,7 @@ class TrainableAdapter:
         """Write the adapter file atomically: native Kronecker format (titled `title` for UIs), or diffusers LoRA
         format."""
         if self.kind == "kron":
-            from .formats import collect_adapter, save_adapter
+            from ..formats import collect_adapter, save_adapter
 
             adapter = collect_adapter(self.models, self.scale, base_model, architecture, self.targets, training)
             return save_adapter(path, adapter, title=title)
@@ -76,7 +76,7 @@ def attach(pipe, kind: str, targets: str, factors: str, rank: int, scale: float,
         model.requires_grad_(False)
     skip = _unused_text_layer(pipe)
     chosen = {c: targets for c in models if c not in TEXT_COMPONENTS}
-    chosen |= {c: rf"^(?!.*\blayers\.{skip[c]}\.).*(?:{PRESETS['text']})" if c in skip else "text"
+    chosen |= {c: rf"^(?!.*\blayers\.{skip[c]}\.).*(?:{TARGET_PRESETS['text']})" if c in skip else "text"
                for c in models if c in TEXT_COMPONENTS}
     if kind == "kron":
         requested = {c: (text_encoder_factors or factors) if c in TEXT_COMPONENTS else factors for c in models}

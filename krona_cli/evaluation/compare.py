@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import KronaError
+from ..errors import KronaError
 
 METHODS = ("kron", "lora")
 SWEEP_KEYS = {"lr": float, "factors": str, "rank": int}  # factors applies to kron only, rank to LoRA only
@@ -114,10 +114,10 @@ def compare(
     """
     import dataclasses
 
-    from .data import scan_images
+    from ..training.data import scan_images
     from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, Embedder, evaluate
-    from .sampling import SampleConfig, generate, prepare_pipeline
-    from .train import train
+    from ..inference.sampling import SampleConfig, generate, prepare_pipeline
+    from ..training.train import train
 
     say = progress or (lambda message: None)
     key, values = parse_sweep(sweep)
@@ -162,7 +162,7 @@ def compare(
 
 
 def _parameters(adapter: str) -> int:
-    from .formats import load_adapter
+    from ..formats import load_adapter
 
     return load_adapter(adapter).num_params()  # Kronecker and LoRA adapters both count their own
 
@@ -171,8 +171,8 @@ def _side_by_side(left: Path, right: Path, target: Path) -> Path:
     """The two methods' grids next to each other, with their names above (PIL only)."""
     from PIL import Image, ImageDraw
 
-    from .atomic import write_bytes_atomic
-    from .sampling import png_bytes
+    from ..atomic import write_bytes_atomic
+    from ..inference.sampling import png_bytes
 
     images = [Image.open(left).convert("RGB"), Image.open(right).convert("RGB")]
     label = 14
@@ -194,7 +194,7 @@ def _plot(out: Path, runs: list[Run], key: str | None, values: list) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .atomic import write_bytes_atomic
+    from ..atomic import write_bytes_atomic
 
     names = ("clip_i", "clip_t", "dino")
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
@@ -218,7 +218,7 @@ def _plot(out: Path, runs: list[Run], key: str | None, values: list) -> Path:
 
 
 def _write_report(out: Path, runs: list[Run], key, values, cfg, prompts: list[str], num_images: int) -> Path:
-    from .atomic import write_bytes_atomic
+    from ..atomic import write_bytes_atomic
 
     plot = _plot(out, runs, key, values)
     lines = [

@@ -14,18 +14,11 @@ import logging
 import torch
 from torch import nn
 
-from .errors import KronaError
+from ..errors import KronaError
 from .models import cast
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4")
 QUANTIZED = ("int8", "nf4")
-FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def is_quantized(layer: nn.Module) -> bool:
-    """Whether a linear layer's weight is held quantized (bitsandbytes int8 or packed 4-bit), on its device."""
-    weight = getattr(layer, "weight", None)
-    return weight is not None and not weight.dtype.is_floating_point
 
 
 def import_bitsandbytes(flag: str, instead: str = ""):

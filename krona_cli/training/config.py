@@ -20,11 +20,11 @@ from typing import Any, Callable, Optional, Union, get_args, get_origin, get_typ
 import typer
 import yaml
 
-from .errors import KronaError
+from ..errors import KronaError
 
 # torch-importing modules (kron, models) are imported where needed: the cli imports this module for every command.
 
-PRESETS = ("sdxl", "sd15", "tiny")
+CONFIG_PRESETS = ("sdxl", "sd15", "tiny")
 
 
 def _opt(default: Any, help: str, **rules: Any) -> Any:
@@ -129,8 +129,8 @@ class TrainConfig:
 
     def validate(self, require_data: bool = True) -> TrainConfig:
         """Check every value (choices, bounds, factors, targets, required data); KronaError names the flag."""
-        from .kron.factors import parse_factors
-        from .kron.inject import target_pattern
+        from ..kron.factors import parse_factors
+        from ..kron.inject import target_pattern
 
         for f in dataclasses.fields(self):
             _check_rules(f, getattr(self, f.name))
@@ -155,7 +155,7 @@ class TrainConfig:
     def with_absolute_paths(self) -> TrainConfig:
         """The same settings with every local path absolute (the base model and VAE where they exist locally: else
         they are hub ids), so config.yaml, checkpoints and the adapter's metadata work from any folder."""
-        from .models import absolute
+        from ..pipeline.models import absolute
 
         for name in ("pretrained_model", "vae"):
             setattr(self, name, absolute(getattr(self, name)))
@@ -171,6 +171,12 @@ class TrainConfig:
         if self.lr is not None:
             return self.lr
         return 5e-4 if self.adapter == "kron" else 1e-4
+
+    def effective_resolution(self, arch: str) -> int:
+        """--resolution, or the architecture's native size (1024 for SDXL, 512 otherwise)."""
+        from ..architectures import native_resolution
+
+        return self.resolution or native_resolution(arch)
 
     def effective_text_encoder_lr(self) -> float:
         return self.text_encoder_lr if self.text_encoder_lr is not None else self.effective_lr()
@@ -297,14 +303,14 @@ def _unknown(key: str, where: str) -> KronaError:
 
 def resolve_config_path(path: str | Path) -> Path:
     """A YAML file, or the preset of that name in configs/ when no such file exists."""
-    from .models import CONFIGS_DIR
+    from ..architectures import CONFIGS_DIR
 
     given = Path(path).expanduser()
     if given.exists():
         return given
-    if str(path) in PRESETS:
+    if str(path) in CONFIG_PRESETS:
         return CONFIGS_DIR / f"{path}.yaml"
-    raise KronaError(f"config file '{path}' does not exist; give a YAML file or a preset: {', '.join(PRESETS)}")
+    raise KronaError(f"config file '{path}' does not exist; give a YAML file or a preset: {', '.join(CONFIG_PRESETS)}")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .data import scan_images
-from .errors import KronaError
-from .rng import derive_seed
-from .atomic import write_bytes_atomic
-from .sampling import SampleConfig, image_metadata, png_bytes, render
+from ..errors import KronaError
+from ..rng import derive_seed
+from ..atomic import write_bytes_atomic
+from ..inference.sampling import SampleConfig, image_metadata, png_bytes, render
 
 
 def existing_class_images(class_dir: Path) -> list[Path]:

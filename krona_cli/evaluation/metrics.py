@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import KronaError
+from ..errors import KronaError
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
@@ -277,7 +277,7 @@ def evaluate(
     one get no CLIP-T). A metric whose model is not given is None. Images are decoded once, `batch_size` at a time,
     and go through both models; `progress(done, total)` after each batch, counting generated and reference images.
     """
-    from .data import load_image
+    from ..training.data import load_image
 
     generated, reference = [Path(p) for p in generated], [Path(p) for p in reference]
     if not generated or not reference:

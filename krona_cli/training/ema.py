@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import KronaError
+from ..errors import KronaError
 
 COUNT_KEY = "__count__"
 

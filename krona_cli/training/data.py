@@ -17,9 +17,9 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from . import rng
+from .. import rng
 from .buckets import Bucket, bucket_sizes, nearest_bucket
-from .errors import KronaError
+from ..errors import KronaError
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb limit (2 × Image.MAX_IMAGE_PIXELS)

@@ -7,9 +7,9 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from .atomic import write_bytes_atomic
-from .errors import KronaError
-from .formats import Adapter, load_adapter, save_adapter, save_lora, save_lycoris
+from ..atomic import write_bytes_atomic
+from ..errors import KronaError
+from ..formats import Adapter, load_adapter, save_adapter, save_lora, save_lycoris
 
 TARGETS = ("native", "lycoris", "lora")
 

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from .rng import derive_seed, generator
+from ..rng import derive_seed, generator
 
 STEP = 64  # sides are multiples of this (8 latent pixels)
 MAX_RATIO = 4.0  # the longest side is at most this many times the shortest (SDXL's own buckets: 512×2048)

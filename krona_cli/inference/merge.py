@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import write_folder_atomic
-from .dtypes import dtype_from_name
-from .errors import KronaError
-from .formats import (
+from ..atomic import write_folder_atomic
+from ..dtypes import dtype_from_name
+from ..errors import KronaError
+from ..formats import (
     LAYOUT_DIFFUSEKRONA,
     Adapter,
     LoraAdapter,
@@ -24,7 +24,7 @@ from .formats import (
     module_name,
     official_delta,
 )
-from .formats.native import COMPONENTS, LAYOUT_STANDARD
+from ..formats.native import COMPONENTS, LAYOUT_STANDARD
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, float]:
@@ -141,7 +141,7 @@ def load_and_bake(
 ) -> BakedPipeline:
     """Read every adapter file (all of them before the base model), load the base (`pretrained`, else the base the
     first adapter records) and bake the adapters into it. With no adapter the base alone is loaded."""
-    from .models import absolute, base_unet_config, load_pipeline
+    from ..pipeline.models import absolute, base_unet_config, load_pipeline
 
     # kohya's SGM-named layers are numbered by the UNet's blocks: a given base's own numbering reads them
     unet_config = base_unet_config(pretrained) if pretrained else None
@@ -209,8 +209,8 @@ def merge_to_file(
     """Bake adapters into the base model and save one single-file checkpoint in the original (LDM/SGM) layout, the
     model file A1111, Forge and ComfyUI load. It carries the pipeline's configs (`krona_pipeline`) so krona reads it
     back exactly and offline, and the merge summary (`krona_merge`). Written atomically; returns the summary."""
-    from .original_layout import save_single_file
-    from .single_file import METADATA_KEY, pipeline_description
+    from ..formats.original_layout import save_single_file
+    from ..pipeline.single_file import METADATA_KEY, pipeline_description
 
     out = Path(output)
     if out.suffix != ".safetensors":

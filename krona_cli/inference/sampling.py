@@ -27,10 +27,10 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import __version__
-from .atomic import write_bytes_atomic
-from .dtypes import dtype_from_name
-from .errors import KronaError
+from .. import __version__
+from ..atomic import write_bytes_atomic
+from ..dtypes import dtype_from_name
+from ..errors import KronaError
 
 # name -> diffusers scheduler class name; each is built with from_config(the pipeline's own scheduler config), so
 # it keeps the model's beta schedule, prediction type and timestep spacing.
@@ -153,7 +153,7 @@ def prepare_pipeline(
     required and the pipeline is the base model alone. A multiplier of 0 changes nothing (the base's images).
     Adapter files are read and checked before the base model is loaded.
     """
-    from .formats import file_sha256
+    from ..formats import file_sha256
     from .merge import load_and_bake
 
     baked = load_and_bake(adapters, pretrained, dtype_from_name(dtype), device)

@@ -1,0 +1,1 @@
+"""Measuring adapters: the paper's scorers (CLIP-I, CLIP-T, DINO) and `krona compare` against LoRA."""

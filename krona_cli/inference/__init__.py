@@ -1,0 +1,1 @@
+"""Using adapters: sampling, baking into weights (merge), export to other formats, parameter plans."""
