@@ -135,8 +135,31 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_factors(model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy (A, B) per module name into an injected model's layers; every layer present on both sides, shapes equal."""
+    layers = adapted_layers(model)
+    missing, unexpected = sorted(set(layers) - set(factors)), sorted(set(factors) - set(layers))
+    if missing or unexpected:
+        detail = f"no factors for {missing[:3]}" if missing else f"no layer {unexpected[:3]}"
+        raise KronaError(
+            f"the adapter weights do not match the adapted layers ({detail}); "
+            "was the adapter trained on another base model or with other targets?"
+        )
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for p, value in zip(PARAM_SUFFIXES, factors[name]):
+                param = getattr(layer, p)
+                if tuple(param.shape) != tuple(value.shape):
+                    raise KronaError(
+                        f"adapter tensor '{name}.{p}' has shape {tuple(value.shape)}, the layer needs "
+                        f"{tuple(param.shape)}; was the adapter trained on another base model?"
+                    )
+                param.copy_(value.to(param.dtype))
+
+
 def load_adapter_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy adapter weights into an injected model; every layer must be present on both sides, shapes equal."""
+    """Copy adapter weights (`adapter_state_dict`'s keys) into an injected model; every layer must be present on both
+    sides, shapes equal."""
     layers = adapted_layers(model)
     expected = {f"{name}.{p}" for name in layers for p in PARAM_SUFFIXES}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -146,13 +169,4 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor])
             f"the adapter weights do not match the adapted layers ({detail}); "
             "was the adapter trained on another base model or with other targets?"
         )
-    with torch.no_grad():
-        for name, layer in layers.items():
-            for p in PARAM_SUFFIXES:
-                param, value = getattr(layer, p), state[f"{name}.{p}"]
-                if tuple(param.shape) != tuple(value.shape):
-                    raise KronaError(
-                        f"adapter tensor '{name}.{p}' has shape {tuple(value.shape)}, the layer needs "
-                        f"{tuple(param.shape)}; was the adapter trained on another base model?"
-                    )
-                param.copy_(value.to(param.dtype))
+    load_factors(model, {name: tuple(state[f"{name}.{p}"] for p in PARAM_SUFFIXES) for name in layers})

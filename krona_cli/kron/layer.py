@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import KronaError
 from .factors import Factors, parse_factors
+from .functional import kron, kron_delta
 
 PATHS = ("auto", "reshape", "merged")
 INITS = ("normal", "kaiming", "xavier")
@@ -251,7 +252,7 @@ class KronLinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The materialised update s · (A ⊗ B), shape (d_out, d_in), in the adapter's dtype (for merging)."""
-        return self.scale * torch.kron(self.kron_a, self.kron_b)
+        return kron_delta(self.kron_a, self.kron_b, self.scale)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -298,7 +299,7 @@ class KronLinear(nn.Module):
         n_tokens = x.numel() // max(x.shape[-1], 1)
         if self.resolved_path(n_tokens, x.device.type, x.element_size()) == "merged":
             a, b = self.kron_a.to(x.dtype), self.kron_b.to(x.dtype)
-            return F.linear(x, torch.add(weight, torch.kron(a, b), alpha=self.scale), bias)
+            return F.linear(x, torch.add(weight, kron(a, b), alpha=self.scale), bias)
         return self._update(x, weight, bias)
 
     def _update(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
