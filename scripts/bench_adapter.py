@@ -10,7 +10,8 @@ Variants:
   krona                KronLinear, path="auto" (the path it picks is recorded)
   krona_reshape        KronLinear, path="reshape" forced
   krona_merged         KronLinear, path="merged" forced
-  materialised         F.linear(x, W + s*kron(A, B), bias) with A, B leaf tensors: one extra weight-sized GEMM
+  materialised         F.linear(x, W + s*kron(A, B), bias) with A, B leaf tensors (kron.kron_delta): one extra
+                       weight-sized GEMM
   peft_lokr            peft's LoKr Linear, full w1 (= A) and w2 (= B) at exactly the same factor shapes
   lycoris_lokr         LyCORIS LokrModule, full matrices, default (rebuild) forward
   lycoris_lokr_bypass  LyCORIS LokrModule, full matrices, bypass_mode=True
@@ -48,7 +49,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from krona_cli.kron import KronLinear, parse_factors  # noqa: E402
+from krona_cli.kron import KronLinear, kron_delta, parse_factors  # noqa: E402
 
 DEFAULT_SHAPES = "640x640:4096,1280x1280:4096,1280x1280:1024,640x2048:77,1280x2048:77"
 VARIANTS = (
@@ -169,7 +170,7 @@ def build_materialised(w, bias, a, b, dtype, factors) -> Variant:
     b_ = b.detach().clone().float().requires_grad_(True)
 
     def fn(x):
-        return F.linear(x, weight + (SCALE * torch.kron(a_, b_)).to(weight.dtype), bias_)
+        return F.linear(x, weight + kron_delta(a_, b_, SCALE).to(weight.dtype), bias_)
 
     return Variant(fn, [a_, b_])
 

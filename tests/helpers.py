@@ -1,5 +1,7 @@
 """Shared test helpers: adapters with random (non-zero) updates on the tiny pipelines."""
 
+import dataclasses
+
 import torch
 
 from krona_cli.formats import collect_adapter
@@ -27,6 +29,24 @@ def random_adapter(arch, scale=1.0, seed=5, unet_targets="attn-ff", training=Non
         targets={c: (unet_targets if c == "unet" else "text") for c in components},
         training=training,
     )
+
+
+def factors_of(adapter):
+    """{component: {module: "OxI"}}: the factors of every layer of a Kronecker adapter."""
+    return {c: {m: layer.factors for m, layer in mods.items()} for c, mods in adapter.layers.items()}
+
+
+def factor_tensors(adapter):
+    """{(component, module, "a" | "b"): tensor}: the factors of every layer of a Kronecker adapter."""
+    return {(c, m, name): getattr(layer, name) for c, mods in adapter.layers.items() for m, layer in mods.items()
+            for name in ("a", "b")}
+
+
+def relayout(adapter, layer_type, **changes):
+    """The adapter with every layer's factors (A, B) held by `layer_type` (KronLayer, DiffuseKronALayer), and
+    `changes` to its settings."""
+    layers = {c: {m: layer_type(layer.a, layer.b) for m, layer in mods.items()} for c, mods in adapter.layers.items()}
+    return dataclasses.replace(adapter, layers=layers, **changes)
 
 
 def fixed_pair_loss(pipe, arch, folder, prompt):

@@ -257,11 +257,12 @@ def test_factors_that_divide_no_layer_are_fitted_per_layer_on_train(tiny_sd15_di
     code, _, lines = run(capsys, train_args(tiny_sd15_dir, EXAMPLES, out, "--factors", "7x3"))
     assert code == 0, lines
     adapter = load_adapter(out / "adapter.safetensors")
-    used = set(adapter.factors["unet"].values())
+    used = {layer.factors for layer in adapter.layers["unet"].values()}
     assert "7x3" not in used  # the tiny SD 1.5 layers are 16..80 wide: 7 and 3 divide none of them
-    for module, text in adapter.factors["unet"].items():  # each layer: the largest divisor not above 7 and 3
+    for module, layer in adapter.layers["unet"].items():  # each layer: the largest divisor not above 7 and 3
+        text = layer.factors
         a_out, a_in = map(int, text.split("x"))
-        b_out, b_in = adapter.tensors["unet"][f"{module}.kron_b"].shape
+        b_out, b_in = layer.b.shape
         d_out, d_in = a_out * b_out, a_in * b_in
         assert a_out == max(k for k in range(1, 8) if d_out % k == 0), (module, text)
         assert a_in == max(k for k in range(1, 4) if d_in % k == 0), (module, text)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from krona_cli.formats import Adapter
+from krona_cli.formats import Adapter, KronLayer
 from krona_cli.formats.lora import to_lora
 from krona_cli.formats.lycoris import to_lycoris
 from krona_cli.kron import fit_factors, parse_factors
@@ -49,7 +49,7 @@ def _real_adapter(arch):
     fits them, with small random values. Returns it and {(component, module): weight shape}."""
     torch.manual_seed(0)
     requested = parse_factors("64x4")
-    tensors, factors, shapes = {}, {}, {}
+    layers, shapes = {}, {}
     for component, model in build_meta_components(arch).items():
         for name, (d_out, d_in) in _linears(model).items():
             if component == "unet" and name.startswith("add_embedding."):
@@ -60,11 +60,10 @@ def _real_adapter(arch):
                 "text_model." + name
             )
             f = fit_factors(requested, d_out, d_in)
-            tensors.setdefault(component, {})[f"{module}.kron_a"] = torch.randn(f.a_out, f.a_in)
-            tensors[component][f"{module}.kron_b"] = torch.randn(d_out // f.a_out, d_in // f.a_in) * 0.01
-            factors.setdefault(component, {})[module] = f"{f.a_out}x{f.a_in}"
+            a, b = torch.randn(f.a_out, f.a_in), torch.randn(d_out // f.a_out, d_in // f.a_in) * 0.01
+            layers.setdefault(component, {})[module] = KronLayer(a, b)
             shapes[(component, module)] = (d_out, d_in)
-    adapter = Adapter(tensors, factors, scale=1.0, base_model=f"real-{arch}", architecture=arch)
+    adapter = Adapter(layers, scale=1.0, base_model=f"real-{arch}", architecture=arch)
     return adapter, shapes
 
 
@@ -110,7 +109,7 @@ def test_every_key_loads_in_comfyui_into_its_own_layer_with_the_right_shape(real
     key_map = _comfyui_key_map(arch)
     # SDXL: 743 UNet linears but add_embedding's 2, 12 + 32 CLIP layers of 6 linears, text_projection; SD 1.5: 160
     # attention and feed-forward linears, 22 resnet time projections, 2 time-embedding linears, 12 CLIP layers of 6
-    assert len(shapes) == sum(len(f) for f in adapter.factors.values()) == {"sdxl": 1006, "sd15": 256}[arch]
+    assert len(shapes) == sum(len(f) for f in adapter.layers.values()) == {"sdxl": 1006, "sd15": 256}[arch]
     for kind, tensors in files.items():
         loaded = {}  # lora name -> its tensors by suffix
         for key, t in tensors.items():
@@ -182,10 +181,10 @@ def test_every_unet_key_resolves_in_a1111_to_its_own_original_module(real):
     }
     for kind, tensors in files.items():
         names = {key.partition(".")[0] for key in tensors if key.startswith("lora_unet_")}
-        assert len(names) == len(adapter.factors["unet"])
+        assert len(names) == len(adapter.layers["unet"])
         for name in names:
             translated = _a1111_unet_module(name)
             assert translated in modules, f"{kind}: {name} -> {translated}"
-        for module in adapter.factors["unet"]:
+        for module in adapter.layers["unet"]:
             name = "lora_unet_" + module.replace(".", "_")
             assert _a1111_unet_module(name) == "diffusion_model_" + unet_path_to_sgm(module, config).replace(".", "_")

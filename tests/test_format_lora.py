@@ -1,7 +1,6 @@
 """LoRA files: export of Kronecker adapters by truncated SVD (loaded by diffusers' own `load_lora_weights`, errors as
 reported), and reading diffusers/peft, older diffusers and kohya LoRA files, with clear errors for what is not read."""
 
-import dataclasses
 import json
 import logging
 import math
@@ -10,7 +9,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from helpers import random_adapter
+from helpers import random_adapter, relayout
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -20,9 +19,11 @@ from torch import nn
 
 from krona_cli.errors import KronaError
 from krona_cli.formats import canonical_name, read_safetensors
-from krona_cli.formats.lora import LoraAdapter, from_lora, is_lora, lora_deltas, save_lora, to_lora
+from krona_cli.formats.adapter import LAYOUT_DIFFUSEKRONA, Adapter, DiffuseKronALayer, KronLayer
+from krona_cli.formats.adapter import LoraLayer as KronaLoraLayer
+from krona_cli.formats.lora import from_lora, is_lora, save_lora, to_lora
 from krona_cli.formats.kohya_names import encode_path
-from krona_cli.formats.official import LAYOUT_DIFFUSEKRONA, official_delta
+from krona_cli.kron.functional import diffusekrona_delta
 from krona_cli.inference.merge import pipeline_components
 from krona_cli.pipeline.tiny import build_tiny_pipeline
 
@@ -48,12 +49,11 @@ def sd15_adapter():
 def _kron_deltas(adapter):
     """{(component, module): ΔW} in float64, from the adapter's factors."""
     out = {}
-    for component, mods in adapter.factors.items():
-        for module in mods:
-            a = adapter.tensors[component][f"{module}.kron_a"].double()
-            b = adapter.tensors[component][f"{module}.kron_b"].double()
+    for component, mods in adapter.layers.items():
+        for module, layer in mods.items():
+            a, b = layer.a.double(), layer.b.double()
             if adapter.layout == LAYOUT_DIFFUSEKRONA:
-                out[(component, module)] = official_delta(a, b, adapter.scale)
+                out[(component, module)] = diffusekrona_delta(a, b, adapter.scale)
             else:
                 out[(component, module)] = adapter.scale * torch.kron(a, b)
     return out
@@ -121,7 +121,7 @@ def _check_diffusers_load(adapter, pipeline_cls, pipe_dir, path, rank, layout):
     assert set(changed) == set(expected)
     # by exactly the file's up @ down (· alpha / rank: 1), read here from the raw tensors
     written = read_safetensors(path)[0]
-    sdxl = "text_encoder_2" in adapter.factors
+    sdxl = "text_encoder_2" in adapter.layers
     for (component, module), delta in changed.items():
         if layout == "kohya":
             name = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
@@ -192,13 +192,12 @@ def test_exact_rank_gives_no_error_and_truncation_is_optimal(sdxl_adapter):
     deltas = _kron_deltas(sdxl_adapter)
     for component, mods in report["layers"].items():
         for module, v in mods.items():
-            a = sdxl_adapter.tensors[component][f"{module}.kron_a"]
-            b = sdxl_adapter.tensors[component][f"{module}.kron_b"]
+            a, b = sdxl_adapter.layers[component][module].a, sdxl_adapter.layers[component][module].b
             assert v["rank"] == min(a.shape) * min(b.shape) <= min(deltas[(component, module)].shape)
             assert v["error"] < 1e-5
     lora = from_lora(tensors, {}, "memory")
     assert lora.key_format == "kohya"
-    for component, module, delta in lora_deltas(lora):
+    for component, module, delta in lora.deltas():
         expected = deltas[(component, module)]
         assert (delta.double() - expected).norm() / expected.norm() < 1e-5
     # below the exact rank the error is Eckart–Young's optimum, read off the singular values of ΔW itself
@@ -210,14 +209,14 @@ def test_exact_rank_gives_no_error_and_truncation_is_optimal(sdxl_adapter):
 
 
 def test_diffusekrona_layout_and_negative_scale_and_fp16(sdxl_adapter, tmp_path):
-    official = dataclasses.replace(sdxl_adapter, layout=LAYOUT_DIFFUSEKRONA, scale=-1.5)
+    official = relayout(sdxl_adapter, DiffuseKronALayer, scale=-1.5)
     tensors, _, report = to_lora(official, rank=64)
     assert report["error"] < 1e-5
     deltas = _kron_deltas(official)
-    for component, module, delta in lora_deltas(from_lora(tensors, {}, "memory")):
+    for component, module, delta in from_lora(tensors, {}, "memory").deltas():
         assert (delta.double() - deltas[(component, module)]).norm() / deltas[(component, module)].norm() < 1e-5
     _, _, truncated = to_lora(official, rank=3)
-    _, _, standard = to_lora(dataclasses.replace(official, layout="standard"), rank=3)
+    _, _, standard = to_lora(relayout(official, KronLayer), rank=3)
     assert abs(truncated["error"] - standard["error"]) < 1e-9  # a row permutation keeps the singular values
     # fp16 factors: the report measures what was written, rounding included
     report = save_lora(tmp_path / "half.safetensors", official, rank=64, dtype="fp16")
@@ -228,7 +227,7 @@ def test_diffusekrona_layout_and_negative_scale_and_fp16(sdxl_adapter, tmp_path)
     lora = from_lora(written, metadata, "half")
     assert lora.architecture == "sdxl" and lora.base_model == "tiny-sdxl"
     err2 = norm2 = 0.0
-    for component, module, delta in lora_deltas(lora):
+    for component, module, delta in lora.deltas():
         err2 += (delta.double() - deltas[(component, module)]).norm().item() ** 2
         norm2 += deltas[(component, module)].norm().item() ** 2
     assert abs(math.sqrt(err2 / norm2) - report["error"]) < 1e-5
@@ -283,10 +282,10 @@ def test_reads_diffusers_peft_lora_with_its_alphas(tmp_path):
     assert lora.key_format == "diffusers" and lora.architecture == "sdxl"
     assert lora.num_layers() == {c: len(d) for c, d in deltas.items()}
     assert TE_Q in lora.layers["text_encoder"]  # canonical spelling, whatever transformers calls it
-    multipliers = {m for _, _, m in lora.layers["unet"].values()}
+    multipliers = {layer.multiplier for layer in lora.layers["unet"].values()}
     assert multipliers == {2.0, 4.0, 0.75}  # 8/4, 8/2 (to_k's rank 2), 3/4 (to_v's alpha 3)
-    assert {m for _, _, m in lora.layers["text_encoder"].values()} == {1.0}  # rsLoRA: 2/√4
-    got = {(c, m): d for c, m, d in lora_deltas(lora)}
+    assert {layer.multiplier for layer in lora.layers["text_encoder"].values()} == {1.0}  # rsLoRA: 2/√4
+    got = {(c, m): d for c, m, d in lora.deltas()}
     assert len(got) == sum(len(d) for d in deltas.values())
     for component, mods in deltas.items():
         for name, delta in mods.items():
@@ -312,7 +311,7 @@ def test_reads_old_diffusers_naming(tmp_path):
     assert is_lora(tensors)
     lora = from_lora(tensors, metadata, "old")
     assert lora.key_format == "diffusers-old"
-    got = {(c, m): d for c, m, d in lora_deltas(lora)}
+    got = {(c, m): d for c, m, d in lora.deltas()}
     assert len(got) == sum(len(d) for d in deltas.values())
     for component, mods in deltas.items():
         for name, delta in mods.items():
@@ -351,9 +350,9 @@ def test_reads_kohya_lora_with_alpha_over_rank(tmp_path):
     assert is_lora(tensors)
     lora = from_lora(tensors, {}, "kohya")
     assert lora.key_format == "kohya" and lora.architecture == "sdxl"
-    assert {m for mods in lora.layers.values() for _, _, m in mods.values()} == {0.5}
+    assert {layer.multiplier for mods in lora.layers.values() for layer in mods.values()} == {0.5}
     assert TE_Q in lora.layers["text_encoder"] and f"{Q}" in lora.layers["unet"]
-    got = {(c, m): d for c, m, d in lora_deltas(lora)}
+    got = {(c, m): d for c, m, d in lora.deltas()}
     assert set(got) == set(expected)
     for key, delta in expected.items():
         assert torch.allclose(got[key], delta, atol=1e-7)
@@ -377,7 +376,7 @@ def test_reads_kohya_lora_with_alpha_over_rank(tmp_path):
     tensors, expected = _kohya_file("sd15", alpha=None)
     lora = from_lora(tensors, {"ss_base_model_version": "sd_v1"}, "kohya15")
     assert lora.architecture == "sd15" and set(lora.layers) == {"unet", "text_encoder"}
-    for component, module, delta in lora_deltas(lora):
+    for component, module, delta in lora.deltas():
         assert torch.allclose(delta, expected[(component, module)], atol=1e-7)
 
 
@@ -448,8 +447,8 @@ def test_rank_and_layout_errors(sdxl_adapter, tmp_path):
     for rank in (0, -1, 1.5, True):
         with pytest.raises(KronaError, match="rank .* must be a whole number of at least 1"):
             save_lora(tmp_path / "x.safetensors", sdxl_adapter, rank=rank)
-    with pytest.raises(KronaError, match="layout 'other'"):
-        to_lora(dataclasses.replace(sdxl_adapter, layout="other"), rank=4)
+    with pytest.raises(KronaError, match="layout 'lora' cannot be exported as LoRA"):
+        to_lora(Adapter({"unet": {Q: KronaLoraLayer(torch.ones(2, 320), torch.ones(320, 2))}}), rank=4)
     with pytest.raises(KronaError, match="dtype"):
         save_lora(tmp_path / "x.safetensors", sdxl_adapter, rank=4, dtype="int8")
     assert not (tmp_path / "x.safetensors").exists()
@@ -457,8 +456,8 @@ def test_rank_and_layout_errors(sdxl_adapter, tmp_path):
 
 def test_lora_adapter_in_memory():
     down, up = torch.randn(2, 8), torch.randn(6, 2)
-    lora = LoraAdapter({"unet": {Q: (down, up, 0.5)}}, scale=2.0)
+    lora = Adapter({"unet": {Q: KronaLoraLayer(down, up, 0.5)}}, scale=2.0)
     assert lora.num_params() == 28 and lora.num_layers() == {"unet": 1}
-    ((component, module, delta),) = list(lora_deltas(lora))
+    ((component, module, delta),) = list(lora.deltas())
     assert (component, module) == ("unet", Q) and delta.dtype == torch.float32
     assert torch.allclose(delta, up @ down)

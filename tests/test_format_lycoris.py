@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from helpers import random_adapter
+from helpers import factor_tensors, factors_of, random_adapter, relayout
 from safetensors.torch import load_file
 from torch import nn
 
 from krona_cli.errors import KronaError
-from krona_cli.formats import attach, canonical_name, load_adapter, read_safetensors, save_adapter
+from krona_cli.formats import DiffuseKronALayer, attach, canonical_name, load_adapter, read_safetensors, save_adapter
 from krona_cli.formats.kohya_names import decode_path, encode_path
 from krona_cli.formats.lycoris import from_lycoris, is_lycoris, save_lycoris, to_lycoris
 from krona_cli.kron import adapted_layers, find_targets
@@ -53,13 +53,13 @@ def _krona_deltas(adapter, arch):
 
 
 def _assert_same_adapter(got, want):
-    assert set(got.tensors) == set(want.tensors)
-    for component, tensors in want.tensors.items():
-        assert set(got.tensors[component]) == set(tensors)
-        for key, t in tensors.items():
-            assert got.tensors[component][key].dtype == torch.float32
-            assert torch.equal(got.tensors[component][key], t), f"{component}.{key}"
-    assert got.factors == want.factors
+    assert set(got.layers) == set(want.layers)
+    got_tensors, want_tensors = factor_tensors(got), factor_tensors(want)
+    assert set(got_tensors) == set(want_tensors)
+    for key, t in want_tensors.items():
+        assert got_tensors[key].dtype == torch.float32
+        assert torch.equal(got_tensors[key], t), key
+    assert factors_of(got) == factors_of(want)
     assert got.scale == want.scale and got.layout == "standard"
     assert (got.base_model, got.architecture, got.targets, got.training) == (
         want.base_model,
@@ -108,14 +108,14 @@ def test_round_trip_through_a_file(sdxl_adapter, tmp_path):
     odd = dataclasses.replace(sdxl_adapter, scale=0.8)
     back = from_lycoris(*to_lycoris(odd), "memory")
     assert back.scale == 0.8
-    for component, tensors_ in odd.tensors.items():
-        for key, t in tensors_.items():
-            torch.testing.assert_close(back.tensors[component][key], t, rtol=1e-6, atol=0)
+    back_tensors = factor_tensors(back)
+    for key, t in factor_tensors(odd).items():
+        torch.testing.assert_close(back_tensors[key], t, rtol=1e-6, atol=0)
     half = save_lycoris(tmp_path / "half.safetensors", adapter, dtype="fp16")
     tensors, metadata = read_safetensors(half)
     assert {t.dtype for t in tensors.values()} == {torch.float16}
     back = from_lycoris(tensors, metadata, str(half))
-    assert {t.dtype for ts in back.tensors.values() for t in ts.values()} == {torch.float32}
+    assert {t.dtype for t in factor_tensors(back).values()} == {torch.float32}
     with pytest.raises(KronaError, match="dtype"):
         save_lycoris(tmp_path / "x.safetensors", adapter, dtype="int8")
 
@@ -257,13 +257,13 @@ def test_decomposed_factors_get_the_ui_scale():
     adapter = from_lycoris(tensors, {"ss_base_model_version": "sdxl_base_v1-0"}, "trainer.safetensors")
     assert adapter.scale == 1.0 and adapter.architecture == "sdxl" and adapter.base_model is None
     assert adapter.targets == {"unet": "attn"}
-    assert adapter.factors == {"unet": {Q: "4x4", k: "4x8"}}
-    a, b = adapter.tensors["unet"][f"{Q}.kron_a"], adapter.tensors["unet"][f"{Q}.kron_b"]
+    assert factors_of(adapter) == {"unet": {Q: "4x4", k: "4x8"}}
+    a, b = adapter.layers["unet"][Q].a, adapter.layers["unet"][Q].b
     assert a.dtype == b.dtype == torch.float32
     w1_, w2_ = w1.half().float(), w2_a.half().float() @ w2_b.half().float()
     torch.testing.assert_close(adapter.scale * torch.kron(a, b), (3.0 / 2) * torch.kron(w1_, w2_))
     torch.testing.assert_close(adapter.scale * torch.kron(a, b), _ui_delta(tensors, q_name))
-    a, b = adapter.tensors["unet"][f"{k}.kron_a"], adapter.tensors["unet"][f"{k}.kron_b"]
+    a, b = adapter.layers["unet"][k].a, adapter.layers["unet"][k].b
     torch.testing.assert_close(torch.kron(a, b), (0.5 / 1) * torch.kron(v1_a @ v1_b, v2))
     torch.testing.assert_close(torch.kron(a, b), _ui_delta(tensors, k_name))
     # LyCORIS's own functional rebuild (gamma / rank) agrees
@@ -283,7 +283,7 @@ def test_architecture_and_targets_without_krona_metadata(sd15_adapter, sdxl_adap
     assert adapter.targets == {"unet": "attn-ff", "text_encoder": "text"}
     tensors, _ = to_lycoris(sdxl_adapter)
     adapter = from_lycoris(tensors, {}, "x")
-    assert adapter.architecture == "sdxl" and set(adapter.factors) == {"unet", "text_encoder", "text_encoder_2"}
+    assert adapter.architecture == "sdxl" and set(adapter.layers) == {"unet", "text_encoder", "text_encoder_2"}
     # UNet only, not all attention: no architecture to tell (tiny widths), targets a regex of exactly these layers
     only = {k: v for k, v in tensors.items() if k.startswith(f"lora_unet_{encode_path(Q)}.")}
     only["lora_unet_down_blocks_1_resnets_0_time_emb_proj.lokr_w1"] = torch.ones(2, 4)
@@ -329,7 +329,7 @@ def test_decoder_reads_every_linear_name(all_linear_names):
         tensors[f"{prefix}{encode_path(path)}.lokr_w1"] = torch.ones(1, 1)
         tensors[f"{prefix}{encode_path(path)}.lokr_w2"] = torch.ones(1, 1)
     adapter = from_lycoris(tensors, {}, "names")
-    assert {(c, m) for c, layers in adapter.factors.items() for m in layers} == all_linear_names
+    assert {(c, m) for c, layers in adapter.layers.items() for m in layers} == all_linear_names
 
 
 # --- errors -------------------------------------------------------------------------------------------------------
@@ -363,8 +363,8 @@ def test_unreadable_files_are_clear_errors(tensors, message):
 
 
 def test_other_layouts_and_zero_scale_are_not_exported(sdxl_adapter):
-    with pytest.raises(KronaError, match="layout 'official'"):
-        to_lycoris(dataclasses.replace(sdxl_adapter, layout="official"))
+    with pytest.raises(KronaError, match="layout 'diffusekrona'"):
+        to_lycoris(relayout(sdxl_adapter, DiffuseKronALayer))
     with pytest.raises(KronaError, match="scale"):
         to_lycoris(dataclasses.replace(sdxl_adapter, scale=0.0))
 

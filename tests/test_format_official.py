@@ -2,7 +2,8 @@
 LoRA files and damaged ones.
 
 The official layer is re-implemented here from reference/diffusekrona.md §1 (not imported from krona), so that
-`official_delta` is checked against what that layer computes rather than against itself.
+`kron.functional.diffusekrona_delta` (the update of the adapter's `DiffuseKronALayer`s) is checked against what that
+layer computes rather than against itself.
 """
 
 import copy
@@ -17,7 +18,9 @@ from torch import nn
 from krona_cli.errors import KronaError
 from krona_cli.formats import attach, read_safetensors
 from krona_cli.formats.native import module_name
-from krona_cli.formats.official import LAYOUT_DIFFUSEKRONA, from_official, is_official, official_delta
+from krona_cli.formats.adapter import LAYOUT_DIFFUSEKRONA, DiffuseKronALayer
+from krona_cli.formats.official import from_official, is_official
+from krona_cli.kron.functional import diffusekrona_delta
 from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 ATTN = re.compile(r"\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)$")
@@ -52,14 +55,14 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("d_out,d_in,a1,a2", SHAPES)
-def test_official_delta_is_what_the_official_layer_computes(d_out, d_in, a1, a2):
+def test_diffusekrona_delta_is_what_the_official_layer_computes(d_out, d_in, a1, a2):
     gen = torch.Generator().manual_seed(d_out * 1000 + d_in + a1 + a2)
     b1, b2 = d_out // a1, d_in // a2
     down = torch.randn(a2, a1, dtype=torch.float64, generator=gen)
     up = torch.randn(b1, b2, dtype=torch.float64, generator=gen)
     x = torch.randn(2, 5, d_in, dtype=torch.float64, generator=gen)
     a, b = down.T, up  # A (a1 × a2) is the down weight transposed; B (b1 × b2) is the up weight
-    delta = official_delta(a, b)
+    delta = diffusekrona_delta(a, b)
     assert delta.shape == (d_out, d_in)
     assert _rel(x @ delta.T, official_forward(x, down, up)) < 1e-10
     # The reference's closed form: rows of kron(A, B) regrouped. (torch.kron needs contiguous factors here:
@@ -67,7 +70,7 @@ def test_official_delta_is_what_the_official_layer_computes(d_out, d_in, a1, a2)
     kron = torch.kron(a.contiguous(), b)
     assert torch.allclose(delta, kron.reshape(a1, b1, d_in).transpose(0, 1).reshape(d_out, d_in), rtol=0, atol=1e-12)
     # Scale multiplies.
-    assert torch.allclose(official_delta(a, b, scale=0.25), 0.25 * delta, rtol=0, atol=1e-12)
+    assert torch.allclose(diffusekrona_delta(a, b, scale=0.25), 0.25 * delta, rtol=0, atol=1e-12)
     # The layout matters: it is the standard A ⊗ B only when A or B has a single row (nothing to regroup).
     if a1 > 1 and b1 > 1:
         assert not torch.allclose(delta, kron)
@@ -76,12 +79,12 @@ def test_official_delta_is_what_the_official_layer_computes(d_out, d_in, a1, a2)
 
 
 @pytest.mark.parametrize("d_out,d_in,a1,a2", SHAPES[:5])
-def test_official_delta_elementwise(d_out, d_in, a1, a2):
+def test_diffusekrona_delta_elementwise(d_out, d_in, a1, a2):
     gen = torch.Generator().manual_seed(7)
     b1, b2 = d_out // a1, d_in // a2
     a = torch.randn(a1, a2, dtype=torch.float64, generator=gen)
     b = torch.randn(b1, b2, dtype=torch.float64, generator=gen)
-    delta = official_delta(a, b)
+    delta = diffusekrona_delta(a, b)
     # Every (p, q, i, j) at once, by index arithmetic: ΔW[p·a1 + q, i·b2 + j] = B[p, j] · A[q, i].
     p, q, i, j = torch.meshgrid(
         torch.arange(b1), torch.arange(a1), torch.arange(a2), torch.arange(b2), indexing="ij"
@@ -177,17 +180,16 @@ def test_official_file_gives_the_official_output(pipe, official_file):
     path, saved = official_file
     tensors, metadata = read_safetensors(path)
     adapter = from_official(tensors, metadata, str(path))
-    layers = adapter.factors["unet"]
+    layers = adapter.layers["unet"]
     assert len(layers) == 4 * 2 * 11  # q/k/v/out of attn1 and attn2 in the 11 transformer blocks
 
     base = pipe.unet.eval()
-    # (1) the adapter's factors merged with official_delta
+    # (1) the adapter's layers merged with their own update (diffusekrona_delta)
+    assert all(isinstance(layer, DiffuseKronALayer) for layer in layers.values())
     merged = copy.deepcopy(base)
     with torch.no_grad():
-        for module in layers:
-            linear = merged.get_submodule(module)
-            a, b = adapter.tensors["unet"][f"{module}.kron_a"], adapter.tensors["unet"][f"{module}.kron_b"]
-            linear.weight += official_delta(a, b, adapter.scale)
+        for module, layer in layers.items():
+            merged.get_submodule(module).weight += layer.delta(adapter.scale)
     # (2) the official layer, run beside each linear of another copy, straight from the file's down/up tensors
     hooked = copy.deepcopy(base)
     by_linear = {}
@@ -212,9 +214,8 @@ def test_official_file_gives_the_official_output(pipe, official_file):
     # The standard layout on the same factors gives another function: reading the file as A ⊗ B would be wrong.
     standard = copy.deepcopy(base)
     with torch.no_grad():
-        for module in layers:
-            a, b = adapter.tensors["unet"][f"{module}.kron_a"], adapter.tensors["unet"][f"{module}.kron_b"]
-            standard.get_submodule(module).weight += torch.kron(a, b)
+        for module, layer in layers.items():
+            standard.get_submodule(module).weight += torch.kron(layer.a, layer.b)
     assert _rel(_unet_call(standard), official) > 1e-3
 
 
@@ -225,26 +226,25 @@ def test_key_mapping_factors_and_settings(pipe, official_file):
     assert adapter.scale == 1.0 and adapter.base_model is None
     assert adapter.architecture is None  # the tiny UNet's context width, 80, is no known model's
     assert adapter.targets == {"unet": "attn"}
-    assert set(adapter.tensors) == set(adapter.factors) == {"unet"}
+    assert set(adapter.layers) == {"unet"}
     linears = {n for n, m in pipe.unet.named_modules() if isinstance(m, nn.Linear) and ATTN.search(n)}
-    assert set(adapter.factors["unet"]) == linears
+    assert set(adapter.layers["unet"]) == linears
     block = "down_blocks.1.attentions.0.transformer_blocks.0"
     pairs = [("attn1.to_q", "attn1.processor.to_q_lora"), ("attn2.to_out.0", "attn2.processor.to_out_lora")]
     for proj, key_proj in pairs:
         module = f"{block}.{proj}"
         down, up = saved[f"unet.{block}.{key_proj}.down.weight"], saved[f"unet.{block}.{key_proj}.up.weight"]
-        a, b = adapter.tensors["unet"][f"{module}.kron_a"], adapter.tensors["unet"][f"{module}.kron_b"]
+        a, b = adapter.layers["unet"][module].a, adapter.layers["unet"][module].b
         assert torch.equal(a, down.T) and torch.equal(b, up)
         assert a.is_contiguous() and a.dtype == torch.float32 and b.dtype == torch.float32
-        assert adapter.factors["unet"][module] == f"{down.shape[1]}x{down.shape[0]}"
-    for module, text in adapter.factors["unet"].items():
-        a_out, a_in = map(int, text.split("x"))
+        assert adapter.layers["unet"][module].factors == f"{down.shape[1]}x{down.shape[0]}"
+    for module, layer in adapter.layers["unet"].items():
+        a_out, a_in = map(int, layer.factors.split("x"))
         linear = pipe.unet.get_submodule(module)
         assert isinstance(linear, nn.Linear)
-        assert adapter.tensors["unet"][f"{module}.kron_a"].shape == (a_out, a_in)
-        a, b = adapter.tensors["unet"][f"{module}.kron_a"], adapter.tensors["unet"][f"{module}.kron_b"]
-        assert official_delta(a, b).shape == linear.weight.shape
-    assert len(set(adapter.factors["unet"].values())) > 3  # per-layer factors really differ
+        assert layer.a.shape == (a_out, a_in)
+        assert diffusekrona_delta(layer.a, layer.b).shape == layer.delta().shape == linear.weight.shape
+    assert len({layer.factors for layer in adapter.layers["unet"].values()}) > 3  # per-layer factors really differ
     # A diffusekrona adapter is not a standard one: attaching it as A ⊗ B is refused.
     with pytest.raises(KronaError, match="layout 'diffusekrona'"):
         attach({"unet": copy.deepcopy(pipe.unet)}, adapter)
@@ -253,8 +253,8 @@ def test_key_mapping_factors_and_settings(pipe, official_file):
 def test_fp16_files_and_keys_without_unet_prefix(pipe):
     tensors = {k.removeprefix("unet."): v.half() for k, v in _official_unet_tensors(pipe.unet, seed=1).items()}
     adapter = from_official(tensors, {}, "bare")
-    assert all(t.dtype == torch.float32 for t in adapter.tensors["unet"].values())
-    assert len(adapter.factors["unet"]) == 88
+    assert all(t.dtype == torch.float32 for layer in adapter.layers["unet"].values() for t in (layer.a, layer.b))
+    assert len(adapter.layers["unet"]) == 88
 
 
 def test_text_encoder_keys_map_to_clip_module_names(pipe):
@@ -263,15 +263,15 @@ def test_text_encoder_keys_map_to_clip_module_names(pipe):
     tensors |= _official_text_tensors("text_encoder_2", pipe.text_encoder_2, seed=1)
     assert "text_encoder.text_model.encoder.layers.1.self_attn.out_proj.lora_linear_layer.up.weight" in tensors
     adapter = from_official(tensors, {"format": "pt"}, "te")
-    assert set(adapter.factors) == {"unet", "text_encoder", "text_encoder_2"}
+    assert set(adapter.layers) == {"unet", "text_encoder", "text_encoder_2"}
     assert adapter.targets == {"unet": "attn", "text_encoder": "text", "text_encoder_2": "text"}
-    assert set(adapter.factors["text_encoder"]) == {
+    assert set(adapter.layers["text_encoder"]) == {
         f"text_model.encoder.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in ("q", "k", "v", "out")
     }
-    assert adapter.factors["text_encoder_2"]["text_model.encoder.layers.0.self_attn.q_proj"] == "4x2"
+    assert adapter.layers["text_encoder_2"]["text_model.encoder.layers.0.self_attn.q_proj"].factors == "4x2"
     for component in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, component)
-        for module in adapter.factors[component]:
+        for module in adapter.layers[component]:
             assert module_name(encoder, component, module) is not None  # a real linear of the installed CLIP
 
     # The official layer beside CLIP's projections equals the merged official ΔW here too.
@@ -280,12 +280,10 @@ def test_text_encoder_keys_map_to_clip_module_names(pipe):
     merged, hooked = copy.deepcopy(encoder), copy.deepcopy(encoder)
     factors = {}
     with torch.no_grad():
-        for module in adapter.factors["text_encoder"]:
+        for module, layer in adapter.layers["text_encoder"].items():
             local = module_name(encoder, "text_encoder", module)
-            a = adapter.tensors["text_encoder"][f"{module}.kron_a"]
-            b = adapter.tensors["text_encoder"][f"{module}.kron_b"]
-            merged.get_submodule(local).weight += official_delta(a, b)
-            factors[local] = (a.T.contiguous(), b)
+            merged.get_submodule(local).weight += layer.delta()
+            factors[local] = (layer.a.T.contiguous(), layer.b)
         _hook_official(hooked, factors)
         official = hooked(ids).last_hidden_state
         err = _rel(merged(ids).last_hidden_state, official)

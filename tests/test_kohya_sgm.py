@@ -10,7 +10,7 @@ from torch import nn
 
 from krona_cli.errors import KronaError
 from krona_cli.inference.export import export_adapter
-from krona_cli.formats import LoraAdapter, describe, load_adapter, read_safetensors
+from krona_cli.formats import describe, load_adapter, read_safetensors
 from krona_cli.formats.kohya_names import encode_path
 from krona_cli.formats.lora import from_lora, to_lora
 from krona_cli.formats.lycoris import from_lycoris, to_lycoris
@@ -72,17 +72,17 @@ def test_every_sgm_key_of_the_real_sdxl_unet_maps_to_its_diffusers_module(real_s
     assert "lora_unet_time_embed_0.alpha" in lora and "lora_unet_label_emb_0_2.lokr_w2" in lokr
     expected = {("unet", m) for m in modules} | {("text_encoder", TE.format(0)), ("text_encoder_2", TE.format(31))}
     adapter = from_lycoris(lokr, {}, "kohya-lokr")
-    assert {(c, m) for c, layers in adapter.factors.items() for m in layers} == expected
+    assert {(c, m) for c, layers in adapter.layers.items() for m in layers} == expected
     assert adapter.key_format == "kohya-sgm" and adapter.architecture == "sdxl"
     # each key's tensors went to its own module: w1 holds the key's position in the file
     sgm_names = [_sgm_name(m, config) for m in modules]
     for i, module in enumerate(modules):
-        assert adapter.tensors["unet"][f"{module}.kron_a"].item() == float(i + 1), (module, sgm_names[i])
+        assert adapter.layers["unet"][module].a.item() == float(i + 1), (module, sgm_names[i])
     read = from_lora(lora, {}, "kohya-lora")
     assert {(c, m) for c, layers in read.layers.items() for m in layers} == expected
     assert read.key_format == "kohya-sgm"
     for i, module in enumerate(modules):
-        assert read.layers["unet"][module][0][0, 0].item() == float(i + 1)
+        assert read.layers["unet"][module].down[0, 0].item() == float(i + 1)
 
 
 def test_sgm_files_are_inspected_and_exported(real_sdxl, tmp_path):
@@ -100,8 +100,7 @@ def test_sgm_files_are_inspected_and_exported(real_sdxl, tmp_path):
         out = tmp_path / f"out-{to}.safetensors"
         export_adapter(tmp_path / "kohya-lokr.safetensors", to, out, rank=2 if to == "lora" else None)
         back = load_adapter(out)
-        layers = back.layers if isinstance(back, LoraAdapter) else back.factors
-        assert {c: set(m) for c, m in layers.items()} == {c: set(m) for c, m in source.factors.items()}, to
+        assert {c: set(m) for c, m in back.layers.items()} == {c: set(m) for c, m in source.layers.items()}, to
         if to != "native":  # krona writes diffusers module names, which every client maps
             assert back.key_format == "kohya"
             assert f"lora_unet_{encode_path('down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q')}" in {
@@ -158,7 +157,7 @@ def test_tiny_sdxl_sgm_file_merges_like_the_diffusers_named_one(kind, tmp_path):
         for key, value in state.items():
             assert torch.equal(got[component][key], value), (component, key)
             changed += not torch.equal(value, base[component][key])
-    assert changed == sum(len(m) for m in adapter.factors.values())
+    assert changed == sum(len(m) for m in adapter.layers.values())
     # read with the real SDXL UNet's numbering instead, the same names point at other layers or at none
     with pytest.raises(KronaError, match="SGM way.*SDXL UNet does not have"):
         load_adapter(tmp_path / "sgm-named.safetensors")
@@ -176,8 +175,8 @@ def test_sd1_files_are_numbered_with_the_sd15_unet():
     te = {"lora_te_" + encode_path(TE.format(0)) + ".lokr_w1": torch.ones(1, 1),
           "lora_te_" + encode_path(TE.format(0)) + ".lokr_w2": torch.ones(2, 2)}
     # by kohya's base model version, or by the one text encoder's prefix
-    assert set(from_lycoris(one, {"ss_base_model_version": "sd_v1"}, "x").factors["unet"]) == {module}
-    assert set(from_lycoris(one | te, {}, "x").factors["unet"]) == {module}
+    assert set(from_lycoris(one, {"ss_base_model_version": "sd_v1"}, "x").layers["unet"]) == {module}
+    assert set(from_lycoris(one | te, {}, "x").layers["unet"]) == {module}
     # SDXL's input_blocks.2 is a resnet alone, so the same file read as SDXL's is refused
     with pytest.raises(KronaError, match="SDXL UNet does not have"):
         from_lycoris(one, {}, "x")

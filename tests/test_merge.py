@@ -46,7 +46,7 @@ def test_parse_adapter_spec(spec, expected):
 def test_bake_equals_injecting_and_merging(adapter_path):
     adapter = load_adapter(adapter_path)
     baked, injected = build_tiny_pipeline("sdxl"), build_tiny_pipeline("sdxl")
-    assert bake(pipeline_components(baked), [(adapter, 1.0)]) == sum(len(f) for f in adapter.factors.values())
+    assert bake(pipeline_components(baked), [(adapter, 1.0)]) == sum(len(f) for f in adapter.layers.values())
     from krona_cli.formats import attach
 
     attach({"unet": injected.unet, "text_encoder": injected.text_encoder}, adapter)
@@ -115,7 +115,7 @@ def test_merging_into_another_architecture_names_the_layer(adapter_path, tiny_sd
 def test_shape_mismatch_names_both_shapes(adapter_path):
     adapter = load_adapter(adapter_path)
     pipe = build_tiny_pipeline("sdxl")
-    module = next(iter(adapter.factors["unet"]))
+    module = next(iter(adapter.layers["unet"]))
     linear = pipe.unet.get_submodule(module)
     pipe.unet.set_submodule(module, torch.nn.Linear(linear.in_features * 2, linear.out_features))
     with pytest.raises(KronaError, match=r"update is \(\d+, \d+\), the base weight is \(\d+, \d+\)"):

@@ -13,7 +13,7 @@ from krona_cli.pipeline import models
 from krona_cli.cli import main
 from krona_cli.errors import KronaError
 from krona_cli.kron import KronLinear, inject
-from krona_cli.kron.inject import load_adapter_state_dict, set_scale
+from krona_cli.kron.inject import load_factors, set_scale
 from krona_cli.kron.layer import is_quantized
 from krona_cli.pipeline.quantize import check_device, quantize, weight_bytes
 
@@ -155,7 +155,7 @@ def test_quantized_training_learns_and_merges_into_the_full_precision_base(preci
     adapter = load_adapter(out / "adapter.safetensors")
     unmerged, _ = models.load_pipeline(str(tiny_sd15_dir))
     inject(unmerged.unet, adapter.targets["unet"], "4x4")
-    load_adapter_state_dict(unmerged.unet, adapter.tensors["unet"])
+    load_factors(unmerged.unet, {module: (layer.a, layer.b) for module, layer in adapter.layers["unet"].items()})
     set_scale(unmerged.unet, adapter.scale)
     g = torch.Generator().manual_seed(3)
     cfg = base.unet.config

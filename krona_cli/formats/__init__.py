@@ -1,15 +1,24 @@
-"""Adapter files in and out, one module per format: `native.py` (krona's own: one .safetensors, settings in its
-metadata), `lycoris.py` (LyCORIS / kohya LoKr, read and written), `lora.py` (diffusers and kohya LoRA read; LoRA
-written from a Kronecker adapter by truncated SVD, in kohya's key layout by default), `official.py` (official
-DiffuseKronA checkpoints, read); `detect.py` tells them apart and reads any of them. Shared by the formats:
-`kohya_names.py` (kohya's lora names, diffusers- or SGM-named) and `ui_metadata.py` (the modelspec and kohya `ss_`
-keys other tools show)."""
+"""Adapter files in and out. `adapter.py` holds the one in-memory adapter every format is read into and written
+from (per-layer records by component and module, each with its own update); then one module per format: `native.py`
+(krona's own: one .safetensors, settings in its metadata), `lycoris.py` (LyCORIS / kohya LoKr, read and written),
+`lora.py` (diffusers and kohya LoRA read; LoRA written from a Kronecker adapter by truncated SVD, in kohya's key
+layout by default), `official.py` (official DiffuseKronA checkpoints, read); `detect.py` tells them apart and reads
+any of them. Shared by the formats: `kohya_names.py` (kohya's lora names, diffusers- or SGM-named) and
+`ui_metadata.py` (the modelspec and kohya `ss_` keys other tools show). Only the format modules spell file keys."""
 
+from .adapter import (
+    LAYOUT_DIFFUSEKRONA,
+    LAYOUT_LORA,
+    LAYOUT_STANDARD,
+    Adapter,
+    DiffuseKronALayer,
+    KronLayer,
+    LoraLayer,
+)
 from .detect import describe, detect_format, load_adapter, read_adapter
-from .lora import LoraAdapter, from_lora, lora_deltas, save_lora, to_lora
+from .lora import from_lora, save_lora, to_lora
 from .lycoris import from_lycoris, save_lycoris, to_lycoris
 from .native import (
-    Adapter,
     attach,
     canonical_name,
     collect_adapter,
@@ -18,12 +27,16 @@ from .native import (
     read_safetensors,
     save_adapter,
 )
-from .official import LAYOUT_DIFFUSEKRONA, from_official, official_delta
+from .official import from_official
 
 __all__ = [
     "LAYOUT_DIFFUSEKRONA",
+    "LAYOUT_LORA",
+    "LAYOUT_STANDARD",
     "Adapter",
-    "LoraAdapter",
+    "DiffuseKronALayer",
+    "KronLayer",
+    "LoraLayer",
     "attach",
     "canonical_name",
     "collect_adapter",
@@ -34,9 +47,7 @@ __all__ = [
     "from_lycoris",
     "from_official",
     "load_adapter",
-    "lora_deltas",
     "module_name",
-    "official_delta",
     "read_adapter",
     "read_safetensors",
     "save_adapter",

@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 
 from ..errors import KronaError
-from .lora import LoraAdapter, from_lora, is_lora
+from .adapter import Adapter
+from .lora import from_lora, is_lora
 from .lycoris import from_lycoris, is_lycoris
-from .native import METADATA_KEY, Adapter, adapter_from_tensors, file_sha256, read_safetensors
+from .native import METADATA_KEY, adapter_from_tensors, file_sha256, read_safetensors
 from .official import from_official, is_official
 
-# format name -> reader(tensors, metadata, source) -> Adapter (Kronecker) or LoraAdapter
+# format name -> reader(tensors, metadata, source) -> Adapter
 READERS = {
     "native": adapter_from_tensors,
     "lycoris": from_lycoris,
@@ -44,7 +45,7 @@ def detect_format(keys: Iterable[str], metadata: dict[str, str], source: str) ->
 
 def read_adapter(
     path: str | Path, unet_config: Mapping | None = None
-) -> tuple[Adapter | LoraAdapter, str, dict[str, torch.Tensor]]:
+) -> tuple[Adapter, str, dict[str, torch.Tensor]]:
     """The adapter in a file of any supported format, the format's name, and the file's raw tensors.
 
     `unet_config` is the config of the base model's UNet, with which kohya's SGM-named UNet layers are numbered
@@ -56,7 +57,7 @@ def read_adapter(
     return READERS[fmt](tensors, metadata, str(path)), fmt, tensors
 
 
-def load_adapter(path: str | Path, unet_config: Mapping | None = None) -> Adapter | LoraAdapter:
+def load_adapter(path: str | Path, unet_config: Mapping | None = None) -> Adapter:
     """Read an adapter file in any supported format (native, LyCORIS/kohya LoKr, LoRA, official DiffuseKronA);
     `unet_config` as for `read_adapter`."""
     return read_adapter(path, unet_config)[0]
@@ -66,33 +67,23 @@ def describe(path: str | Path, unet_config: Mapping | None = None) -> dict:
     """What `krona inspect` shows: format, key naming (`key_format`: krona, kohya, kohya-sgm, diffusers, ...),
     settings, layers and factors per component, parameters, dtype, size, hash. `unet_config` as for `read_adapter`."""
     adapter, fmt, tensors = read_adapter(path, unet_config)
-    if isinstance(adapter, LoraAdapter):  # ranks instead of factors; no Kronecker settings
-        shapes = {c: {m: f"rank {down.shape[0]}" for m, (down, _, _) in layers.items()} for c, layers in adapter.layers.items()}
-        settings = {"format_version": None, "layout": "lora", "targets": {}, "training": None}
-        key_format = adapter.key_format
-    else:
-        shapes = adapter.factors
-        settings = {
-            "format_version": adapter.format_version,
-            "layout": adapter.layout,
-            "targets": adapter.targets,
-            "training": adapter.training,
-        }
-        key_format = adapter.key_format
-    factor_counts = {}
-    for component, layers in shapes.items():
+    factor_counts = {}  # per component: how many layers have each factors (`OxI`) or LoRA rank (`rank r`)
+    for component, layers in adapter.layers.items():
         counts: dict[str, int] = {}
-        for text in layers.values():
-            counts[text] = counts.get(text, 0) + 1
+        for layer in layers.values():
+            counts[layer.label] = counts.get(layer.label, 0) + 1
         factor_counts[component] = counts
     return {
         "file": str(path),
         "format": fmt,
-        "key_format": key_format,
+        "key_format": adapter.key_format,
         "base_model": adapter.base_model,
         "architecture": adapter.architecture,
         "scale": adapter.scale,
-        **settings,
+        "format_version": adapter.format_version,
+        "layout": adapter.layout,
+        "targets": adapter.targets,
+        "training": adapter.training,
         "layers": adapter.num_layers(),
         "factors": factor_counts,
         "parameters": adapter.num_params(),

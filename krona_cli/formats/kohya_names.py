@@ -26,7 +26,8 @@ from functools import lru_cache
 from ..errors import KronaError
 from ..architectures import load_model_config
 from .original_layout import unet_path_from_sgm
-from .native import COMPONENTS, Adapter, canonical_name
+from .adapter import Adapter
+from .native import COMPONENTS, canonical_name
 
 UNET_PREFIX = "lora_unet_"
 # The file prefix of each text encoder, by architecture family: SDXL has two, SD 1.x/2.x one.
@@ -41,7 +42,7 @@ KOHYA_PREFIXES = (
     (UNET_PREFIX, "unet"),
 )
 
-# The key naming of a file, as `LoraAdapter.key_format` / `Adapter.key_format` record it.
+# The key naming of a file, as `Adapter.key_format` records it.
 KEY_FORMAT_DIFFUSERS_NAMES = "kohya"
 KEY_FORMAT_SGM_NAMES = "kohya-sgm"
 
@@ -140,7 +141,7 @@ def component_prefix(component: str, sdxl: bool) -> str:
 
 def two_text_encoders(adapter: Adapter) -> bool:
     """Whether the adapter's text encoders are SDXL's two (numbered `lora_te1_`/`lora_te2_`) rather than one."""
-    return adapter.architecture == "sdxl" or "text_encoder_2" in adapter.factors
+    return adapter.architecture == "sdxl" or "text_encoder_2" in adapter.layers
 
 
 def lora_name(component: str, module: str, sdxl: bool) -> str:

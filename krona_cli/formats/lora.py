@@ -37,8 +37,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -49,11 +48,11 @@ from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
 from .kohya_names import NameReader, check_text_prefixes, kohya_prefix, lora_name, two_text_encoders
-from .native import COMPONENTS, LAYOUT_STANDARD, METADATA_KEY, Adapter, canonical_name, json_metadata
-from .official import LAYOUT_DIFFUSEKRONA
+from .adapter import LAYOUT_DIFFUSEKRONA, LAYOUT_STANDARD, Adapter, LoraLayer
+from .native import COMPONENTS, METADATA_KEY, canonical_name, json_metadata, krona_metadata
 from .ui_metadata import describe_adapter, guess_architecture, ui_metadata
 
-__all__ = ["LoraAdapter", "from_lora", "is_lora", "lora_deltas", "save_lora", "to_lora"]
+__all__ = ["from_lora", "is_lora", "save_lora", "to_lora"]
 
 EXPORT_FORMAT = "lora"
 EXPORT_FORMAT_VERSION = 1
@@ -98,36 +97,6 @@ _SUPPORTED = (
     "or kohya `lora_down`/`lora_up`/`alpha` keys"
 )
 
-
-
-# --- LoRA adapters in memory ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoraAdapter:
-    """A LoRA in memory: per component and module (canonical spelling, as krona's files write it) the factors
-    down (r × d_in), up (d_out × r) and the multiplier alpha / r already resolved (1.0 without alpha), so that
-    ΔW = scale · multiplier · up @ down."""
-
-    layers: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]
-    scale: float = 1.0
-    base_model: str | None = None
-    architecture: str | None = None
-    key_format: str | None = None  # diffusers, diffusers-old, kohya or kohya-sgm: the naming the file used
-
-    def num_params(self) -> int:
-        return sum(down.numel() + up.numel() for mods in self.layers.values() for down, up, _ in mods.values())
-
-    def num_layers(self) -> dict[str, int]:
-        return {component: len(mods) for component, mods in self.layers.items()}
-
-
-def lora_deltas(lora: LoraAdapter) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(component, module, ΔW = scale · multiplier · up @ down) for every layer, ΔW in float32."""
-    for component, mods in lora.layers.items():
-        for module, (down, up, multiplier) in mods.items():
-            delta = up.float() @ down.float()
-            yield component, module, delta * (float(lora.scale) * float(multiplier))
 
 
 # --- reading -------------------------------------------------------------------------------------------------------
@@ -238,8 +207,8 @@ def _peft_multiplier(config: dict, component: str, module: str, rank: int, sourc
 
 def from_lora(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str, unet_config: Mapping | None = None
-) -> LoraAdapter:
-    """The LoraAdapter held by a LoRA file's tensors and metadata (formats: see the module docstring).
+) -> Adapter:
+    """The Adapter of LoraLayers held by a LoRA file's tensors and metadata (formats: see the module docstring).
 
     Multipliers: kohya alpha / r (1 without alpha); diffusers formats 1, or alpha / r from diffusers'
     `lora_adapter_metadata` where present. A file krona exported carries its base model and architecture in the
@@ -278,7 +247,7 @@ def from_lora(
     check_text_prefixes(kohya_prefixes, source)
 
     peft_configs = json_metadata(metadata, DIFFUSERS_METADATA_KEY, source) if "kohya" not in formats else None
-    layers: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    layers: dict[str, dict[str, LoraLayer]] = {}
     for (component, module), found in sorted(parts.items()):
         where = f"{component}.{module}"
         have = keys_of[(component, module)]
@@ -308,15 +277,15 @@ def from_lora(
             config = {k[len(component) + 1 :]: v for k, v in peft_configs.items() if k.startswith(f"{component}.")}
             if config:
                 multiplier = _peft_multiplier(config, component, module, rank, source)
-        layers.setdefault(component, {})[module] = (down, up, multiplier)
+        layers.setdefault(component, {})[module] = LoraLayer(down, up, multiplier)
 
     meta = json_metadata(metadata, METADATA_KEY, source)
     if meta is not None and meta.get("format") == EXPORT_FORMAT:
         base_model, architecture = meta.get("base_model"), meta.get("architecture")
     else:
         widths = {  # input width of cross-attention k/v
-            down.shape[1]
-            for module, (down, _up, _m) in layers.get("unet", {}).items()
+            layer.shape[1]
+            for module, layer in layers.get("unet", {}).items()
             if module.endswith((".attn2.to_k", ".attn2.to_v"))
         }
         sdxl_text_encoders = "text_encoder_2" in layers or "lora_te2_" in kohya_prefixes
@@ -325,58 +294,10 @@ def from_lora(
         key_format = names.key_format
     else:
         key_format = "diffusers" if "diffusers" in formats else "diffusers-old"
-    return LoraAdapter(layers, 1.0, base_model, architecture, key_format)
+    return Adapter(layers, 1.0, base_model, architecture, key_format=key_format, format_version=None)
 
 
 # --- export by truncated SVD ---------------------------------------------------------------------------------------
-
-
-def _kron_svd_factors(
-    a: torch.Tensor, b: torch.Tensor, scale: float, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """up (d_out × k), down (k × d_in), float64, with up @ down the best rank-k approximation of s·(A ⊗ B),
-    k = min(rank, min(a_out, a_in)·min(b_out, b_in)).
-
-    From A = Ua Sa Vaᵀ and B = Ub Sb Vbᵀ: A ⊗ B = (Ua ⊗ Ub)(Sa ⊗ Sb)(Va ⊗ Vb)ᵀ is an SVD (Kronecker products of
-    orthonormal columns are orthonormal), so its singular values are the products σ_i(A)·σ_j(B) and the k largest,
-    with their vectors kron(u_i, u_j) and kron(v_i, v_j), give the optimal truncation (Eckart–Young).
-    """
-    ua, sa, vha = torch.linalg.svd(a.double(), full_matrices=False)
-    ub, sb, vhb = torch.linalg.svd(b.double(), full_matrices=False)
-    products = (sa[:, None] * sb[None, :]).reshape(-1)
-    k = min(rank, products.numel())
-    order = torch.sort(products, descending=True, stable=True).indices[:k]
-    i, j = order // sb.numel(), order % sb.numel()
-    root = torch.sqrt(products[order] * abs(scale))
-    up = (ua[:, None, i] * ub[None, :, j]).reshape(a.shape[0] * b.shape[0], k) * root
-    down = (vha[i, :, None] * vhb[j, None, :]).reshape(k, a.shape[1] * b.shape[1]) * root[:, None]
-    if scale < 0:
-        down = -down
-    return up, down
-
-
-def _kron_error(
-    a: torch.Tensor, b: torch.Tensor, scale: float, up: torch.Tensor, down: torch.Tensor
-) -> tuple[float, float]:
-    """(‖s·A⊗B − up@down‖_F², ‖s·A⊗B‖_F²) in float64 without building A ⊗ B: ‖s·A⊗B‖² = s²‖A‖²‖B‖²,
-    ⟨s·A⊗B, up@down⟩ = s·Σ_k up_kᵀ (A⊗B) down_k (by the reshape trick) and ‖up@down‖² = Σ (upᵀup) ∘ (down downᵀ).
-    up/down are the factors as written (dtype rounding included), in A ⊗ B's row order."""
-    a, b, up, down = a.double(), b.double(), up.double(), down.double()
-    (a_out, a_in), (b_out, b_in) = a.shape, b.shape
-    norm2 = scale**2 * float(a.pow(2).sum()) * float(b.pow(2).sum())
-    k = down.shape[0]
-    # Y[p, k, q] = ((A⊗B) down_k)[p·b_out + q] = (A X_k Bᵀ)[p, q] with X_k = down_k as a_in × b_in, in two 2-D
-    # products (no batched ones: those run in parallel regions that stall on a busy CPU)
-    t = (down.reshape(k * a_in, b_in) @ b.t()).reshape(k, a_in, b_out).transpose(0, 1).reshape(a_in, k * b_out)
-    y = (a @ t).reshape(a_out, k, b_out)
-    inner = scale * float((y * up.reshape(a_out, b_out, k).transpose(1, 2)).sum())
-    approx2 = float(((up.t() @ up) * (down @ down.t())).sum())
-    return max(norm2 - 2.0 * inner + approx2, 0.0), norm2
-
-
-def _regroup_rows(up: torch.Tensor, a_out: int, b_out: int) -> torch.Tensor:
-    """The rows of `up` in the DiffuseKronA order (official_delta): row q·b_out + p of A ⊗ B goes to p·a_out + q."""
-    return up.reshape(a_out, b_out, -1).transpose(0, 1).reshape(a_out * b_out, -1)
 
 
 def to_lora(
@@ -384,10 +305,11 @@ def to_lora(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
     """The tensors and metadata of a LoRA file approximating `adapter`, and a report.
 
-    Per layer ΔW is the adapter's update (layout standard: s·(A ⊗ B); layout diffusekrona: `official_delta(A, B, s)`,
-    a row permutation of it) and the LoRA is its truncated SVD, split evenly: up = U_r·√S_r, down = √S_r·V_rᵀ, so that
-    up @ down is the best rank-r approximation (Frobenius norm). The SVD comes exactly and cheaply from the SVDs of A
-    and B: the singular values of A ⊗ B are the products σ_i(A)·σ_j(B). Hence rank(A ⊗ B) = rank(A)·rank(B), and a
+    Per layer ΔW is the adapter's update (layout standard: s·(A ⊗ B); layout diffusekrona: a row permutation of
+    it, kron.diffusekrona_delta) and the LoRA is its truncated SVD (`KronLayer.low_rank`), split evenly:
+    up = U_r·√S_r, down = √S_r·V_rᵀ, so that up @ down is the best rank-r approximation (Frobenius norm). The SVD
+    comes exactly and cheaply from the SVDs of A and B (kron.kron_svd): the singular values of A ⊗ B are the
+    products σ_i(A)·σ_j(B). Hence rank(A ⊗ B) = rank(A)·rank(B), and a
     LoRA of that rank is exact: with 64x4 factors (A 64×4, rank ≤ 4) and B of rank ≤ min(b_out, b_in), a rank
     4·rank(B) LoRA reproduces ΔW up to float rounding. The rank used per layer is min(rank, min(a_out, a_in)·
     min(b_out, b_in)) (never above min(d_out, d_in)): beyond it every singular value is zero, so a larger rank would
@@ -412,7 +334,7 @@ def to_lora(
         raise KronaError(f"LoRA rank {rank!r} must be a whole number of at least 1, e.g. 16")
     if layout not in LAYOUTS:
         raise KronaError(f"unknown LoRA key layout '{layout}'; use {' or '.join(LAYOUTS)}")
-    if adapter.layout not in (LAYOUT_STANDARD, LAYOUT_DIFFUSEKRONA):
+    if not adapter.kronecker:
         raise KronaError(
             f"adapter layout '{adapter.layout}' cannot be exported as LoRA; krona exports the "
             f"'{LAYOUT_STANDARD}' and '{LAYOUT_DIFFUSEKRONA}' layouts"
@@ -425,19 +347,11 @@ def to_lora(
     written: list[tuple[str, str, torch.Tensor, torch.Tensor]] = []  # component, module, up, down
     report_layers: dict[str, dict[str, dict]] = {}
     total_err2 = total_norm2 = 0.0
-    for component, mods in adapter.factors.items():
+    for component, mods in adapter.layers.items():
         if component not in COMPONENTS:
             raise KronaError(f"the adapter holds an unknown component '{component}'; the adapter is damaged")
-        stored = adapter.tensors.get(component, {})
-        for module in mods:
-            a, b = stored.get(f"{module}.kron_a"), stored.get(f"{module}.kron_b")
-            if a is None or b is None or a.dim() != 2 or b.dim() != 2:
-                raise KronaError(f"the adapter has no factors for '{component}.{module}'; the adapter is damaged")
-            up, down = _kron_svd_factors(a, b, scale, rank)
-            up, down = up.to(torch_dtype), down.to(torch_dtype)
-            err2, norm2 = _kron_error(a, b, scale, up, down)
-            if adapter.layout == LAYOUT_DIFFUSEKRONA:
-                up = _regroup_rows(up, a.shape[0], b.shape[0])
+        for module, layer in mods.items():
+            up, down, err2, norm2 = layer.low_rank(scale, rank, torch_dtype)
             written.append((component, module, up, down))
             report_layers.setdefault(component, {})[module] = {
                 "rank": down.shape[0],
@@ -477,7 +391,7 @@ def to_lora(
         "relative_error": total,
         "base_model": adapter.base_model,
         "architecture": adapter.architecture,
-        "source": adapter.metadata(),
+        "source": krona_metadata(adapter),
     }
     exported_as = f"exported as a rank-{rank} LoRA by truncated SVD (relative error of ΔW {total:.3g})"
     network = None

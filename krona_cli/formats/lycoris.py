@@ -31,7 +31,8 @@ from ..dtypes import dtype_from_name
 from ..errors import KronaError
 from ..kron import TARGET_PRESETS
 from .kohya_names import NameReader, check_text_prefixes, lora_name, two_text_encoders
-from .native import LAYOUT_STANDARD, METADATA_KEY, Adapter, json_metadata
+from .adapter import LAYOUT_STANDARD, Adapter, KronLayer
+from .native import METADATA_KEY, json_metadata, krona_metadata
 from .ui_metadata import describe_adapter, guess_architecture, ui_metadata
 
 __all__ = ["from_lycoris", "is_lycoris", "save_lycoris", "to_lycoris"]
@@ -93,16 +94,12 @@ def to_lycoris(adapter: Adapter, title: str | None = None) -> tuple[dict[str, to
         )
     tensors: dict[str, torch.Tensor] = {}
     sdxl = two_text_encoders(adapter)
-    for component, layers in adapter.factors.items():
-        stored = adapter.tensors.get(component, {})
-        for module in layers:
+    for component, layers in adapter.layers.items():
+        for module, layer in layers.items():
             name = lora_name(component, module, sdxl)
-            a, b = stored.get(f"{module}.kron_a"), stored.get(f"{module}.kron_b")
-            if a is None or b is None:
-                raise KronaError(f"the adapter has no factors for '{component}.{module}'; the adapter is damaged")
             # s·A in float32; multiplying by 1 or a power of two is exact, so reading back gives A bit for bit.
-            tensors[f"{name}.lokr_w1"] = (a.float() * scale).contiguous()
-            tensors[f"{name}.lokr_w2"] = b.float().clone().contiguous()
+            tensors[f"{name}.lokr_w1"] = (layer.a.float() * scale).contiguous()
+            tensors[f"{name}.lokr_w2"] = layer.b.float().clone().contiguous()
             tensors[f"{name}.alpha"] = torch.tensor(ALPHA)
     network = {
         "module": NETWORK_MODULE,
@@ -112,7 +109,7 @@ def to_lycoris(adapter: Adapter, title: str | None = None) -> tuple[dict[str, to
     }
     description = describe_adapter(adapter.base_model, adapter.training, "exported as LyCORIS LoKr (exact)")
     metadata = {
-        METADATA_KEY: json.dumps(adapter.metadata(), sort_keys=True),
+        METADATA_KEY: json.dumps(krona_metadata(adapter), sort_keys=True),
         **ui_metadata(
             "lycoris", title or "krona LoKr", adapter.architecture, adapter.base_model, adapter.training,
             description, network,
@@ -227,8 +224,7 @@ def from_lycoris(
         if isinstance(s, (int, float)) and math.isfinite(s) and s != 0:
             scale = float(s)
 
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    factors: dict[str, dict[str, str]] = {}
+    layers: dict[str, dict[str, KronLayer]] = {}
     for (component, module), parts in grouped.items():
         where = f"{component}.{module}"
         w1, r1 = _product(parts, "w1", where, source)
@@ -240,34 +236,29 @@ def from_lycoris(
         a = w1 if ui_scale == 1.0 else w1 * ui_scale
         if scale != 1.0:
             a = a / scale
-        out.setdefault(component, {})[f"{module}.kron_a"] = a.contiguous()
-        out[component][f"{module}.kron_b"] = w2.contiguous()
-        factors.setdefault(component, {})[module] = f"{w1.shape[0]}x{w1.shape[1]}"
+        layers.setdefault(component, {})[module] = KronLayer(a.contiguous(), w2.contiguous())
 
     if meta is not None:
         architecture = meta.get("architecture")
         targets = meta.get("targets") or {}
         base_model, training = meta.get("base_model"), meta.get("training")
     else:
-        unet = out.get("unet", {})
-        widths = {  # input width of cross-attention k/v = a_in · b_in
-            unet[key].shape[1] * unet[key[: -len("kron_a")] + "kron_b"].shape[1]
-            for key in unet
-            if key.endswith((".attn2.to_k.kron_a", ".attn2.to_v.kron_a"))
+        widths = {  # input width of cross-attention k/v
+            layer.shape[1]
+            for module, layer in layers.get("unet", {}).items()
+            if module.endswith((".attn2.to_k", ".attn2.to_v"))
         }
         architecture = guess_architecture(
             metadata, bool(prefixes & {"lora_te1_", "lora_te2_"}), "lora_te_" in prefixes, widths
         )
-        targets = {component: _infer_targets(component, layers) for component, layers in factors.items()}
+        targets = {component: _infer_targets(component, mods) for component, mods in layers.items()}
         base_model, training = None, None
     return Adapter(
-        tensors=out,
-        factors=factors,
+        layers,
         scale=scale,
         base_model=base_model,
         architecture=architecture,
         targets=targets,
-        layout=LAYOUT_STANDARD,
         training=training,
         key_format=names.key_format,
     )

@@ -11,7 +11,6 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,12 +22,11 @@ from .. import __version__
 from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
-from ..kron import adapter_state_dict, inject, layer_factors, load_adapter_state_dict, parse_factors
+from ..kron import adapted_layers, inject, load_factors, parse_factors
+from .adapter import FORMAT_VERSION, KRON_LAYOUTS, LAYOUT_STANDARD, Adapter, KronLayer
 from .ui_metadata import describe_adapter, ui_metadata
 
 FORMAT = "krona"
-FORMAT_VERSION = 1
-LAYOUT_STANDARD = "standard"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 METADATA_KEY = "krona"
 _NATIVE_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(kron_a|kron_b)$")
@@ -62,40 +60,22 @@ def module_name(model: nn.Module, component: str, name: str) -> str | None:
     return None
 
 
-@dataclass
-class Adapter:
-    """An adapter in memory: its tensors by component and the settings it was made with."""
-
-    tensors: dict[str, dict[str, torch.Tensor]]  # component -> {"<module path>.kron_a": tensor, ...}
-    factors: dict[str, dict[str, str]]  # component -> {"<module path>": "OxI"}, the factors each layer uses
-    scale: float = 1.0
-    base_model: str | None = None
-    architecture: str | None = None
-    targets: dict[str, str] = field(default_factory=dict)  # component -> target preset or regex
-    layout: str = LAYOUT_STANDARD
-    training: dict | None = None
-    format_version: int = FORMAT_VERSION
-    key_format: str | None = None  # how the file it was read from names its tensors (krona, kohya, kohya-sgm, ...)
-
-    def num_params(self) -> int:
-        return sum(t.numel() for tensors in self.tensors.values() for t in tensors.values())
-
-    def num_layers(self) -> dict[str, int]:
-        return {component: len(f) for component, f in self.factors.items()}
-
-    def metadata(self) -> dict:
-        return {
-            "format": FORMAT,
-            "format_version": self.format_version,
-            "krona_version": __version__,
-            "base_model": self.base_model,
-            "architecture": self.architecture,
-            "layout": self.layout,
-            "scale": self.scale,
-            "targets": self.targets,
-            "factors": self.factors,
-            "training": self.training,
-        }
+def krona_metadata(adapter: Adapter) -> dict:
+    """krona's settings of a Kronecker adapter, the JSON stored under the metadata key `krona` (here, and beside the
+    LoKr and LoRA files' own keys): format version, base model, architecture, layout, scale, targets, per-layer
+    factors (`OxI`) and the training settings."""
+    return {
+        "format": FORMAT,
+        "format_version": adapter.format_version,
+        "krona_version": __version__,
+        "base_model": adapter.base_model,
+        "architecture": adapter.architecture,
+        "layout": adapter.layout,
+        "scale": adapter.scale,
+        "targets": adapter.targets,
+        "factors": {c: {m: layer.factors for m, layer in mods.items()} for c, mods in adapter.layers.items()},
+        "training": adapter.training,
+    }
 
 
 def collect_adapter(
@@ -106,31 +86,40 @@ def collect_adapter(
     targets: Mapping[str, str] | None = None,
     training: dict | None = None,
 ) -> Adapter:
-    """The adapter held by injected models, given by component name (unet, text_encoder, text_encoder_2)."""
-    tensors, factors = {}, {}
+    """The adapter held by injected models, given by component name (unet, text_encoder, text_encoder_2): a copy of
+    every KronLinear's factors on the CPU."""
+    layers = {}
     for component, model in models.items():
         if component not in COMPONENTS:
             raise KronaError(f"unknown component '{component}'; use one of {', '.join(COMPONENTS)}")
-        state = adapter_state_dict(model)
-        if state:
-            tensors[component] = {canonical_name(component, k): v.to("cpu", copy=True) for k, v in state.items()}
-            factors[component] = {canonical_name(component, k): v for k, v in layer_factors(model).items()}
-    if not tensors:
+        found = {
+            canonical_name(component, name): KronLayer(
+                layer.kron_a.detach().to("cpu", copy=True), layer.kron_b.detach().to("cpu", copy=True)
+            )
+            for name, layer in adapted_layers(model).items()
+        }
+        if found:
+            layers[component] = found
+    if not layers:
         raise KronaError("these models hold no Kronecker adapter to save; inject one first")
-    return Adapter(tensors, factors, scale, base_model, architecture, dict(targets or {}), training=training)
+    return Adapter(layers, scale, base_model, architecture, dict(targets or {}), training=training)
 
 
 def save_adapter(path: str | Path, adapter: Adapter, dtype: str = "fp32", title: str | None = None) -> Path:
     """Write `adapter` as one native .safetensors file, atomically. Beside krona's settings the header carries the
     modelspec and kohya `ss_` keys other tools show (ui_metadata.py); `title` defaults to the file's name."""
     torch_dtype = dtype_from_name(dtype)
-    flat = {
-        f"{component}.{key}": t.to(torch_dtype).contiguous()
-        for component, tensors in adapter.tensors.items()
-        for key, t in tensors.items()
-    }
+    if not adapter.kronecker:
+        raise KronaError(
+            f"a '{adapter.layout}' adapter holds no Kronecker factors; krona's own format stores Kronecker ones only"
+        )
+    flat = {}
+    for component, mods in adapter.layers.items():
+        for module, layer in mods.items():
+            flat[f"{component}.{module}.kron_a"] = layer.a.to(torch_dtype).contiguous()
+            flat[f"{component}.{module}.kron_b"] = layer.b.to(torch_dtype).contiguous()
     metadata = {
-        METADATA_KEY: json.dumps(adapter.metadata(), sort_keys=True),
+        METADATA_KEY: json.dumps(krona_metadata(adapter), sort_keys=True),
         **ui_metadata(
             "native",
             title or Path(path).stem,
@@ -199,46 +188,51 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         raise KronaError(
             f"'{source}' is adapter format version {version}; this krona reads up to {FORMAT_VERSION}: upgrade krona"
         )
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    layout = meta.get("layout", LAYOUT_STANDARD)
+    if layout not in KRON_LAYOUTS:
+        raise KronaError(
+            f"'{source}' records adapter layout '{layout}', which this krona does not know "
+            f"({', '.join(KRON_LAYOUTS)}); upgrade krona"
+        )
+    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         match = _NATIVE_KEY.match(key)
         if not match:
             raise KronaError(f"'{source}' holds an unexpected tensor '{key}'; the file is not a native krona adapter")
-        component, module, _ = match.groups()
-        grouped.setdefault(component, {})[key[len(component) + 1 :]] = t.float()
+        component, module, param = match.groups()
+        grouped.setdefault((component, module), {})[param] = t.float()
     factors = meta.get("factors") or {}
-    for component, layers in factors.items():
-        for module, text in layers.items():
+    layers: dict[str, dict[str, KronLayer]] = {}
+    for component, mods in factors.items():
+        layers[component] = {}
+        for module, text in mods.items():
             f = parse_factors(text)
-            a = grouped.get(component, {}).get(f"{module}.kron_a")
-            b = grouped.get(component, {}).get(f"{module}.kron_b")
+            found = grouped.get((component, module), {})
+            a, b = found.get("kron_a"), found.get("kron_b")
             if a is None or b is None or tuple(a.shape) != (f.a_out, f.a_in) or b.dim() != 2:
                 raise KronaError(f"'{source}' is inconsistent at '{component}.{module}'; the file is damaged")
+            layers[component][module] = KRON_LAYOUTS[layout](a, b)
     if sum(len(v) for v in factors.values()) * 2 != len(tensors):
         raise KronaError(f"'{source}' has tensors without factors in its metadata; the file is damaged")
     return Adapter(
-        tensors=grouped,
-        factors=factors,
+        layers,
         scale=float(meta.get("scale", 1.0)),
         base_model=meta.get("base_model"),
         architecture=meta.get("architecture"),
         targets=meta.get("targets") or {},
-        layout=meta.get("layout", LAYOUT_STANDARD),
         training=meta.get("training"),
-        format_version=version,
         key_format=FORMAT,
+        format_version=version,
     )
 
 
 def attach(models: Mapping[str, nn.Module], adapter: Adapter, scale: float | None = None, path: str = "auto") -> dict:
-    """Inject `adapter` into the given components with its exact per-layer factors and load its weights.
-
-    `scale` overrides the adapter's own; returns the adapted module names per component.
-    """
+    """Inject `adapter` into the given components as KronLinear layers with its exact per-layer factors and load its
+    weights. `scale` overrides the adapter's own; returns the adapted module names per component."""
     if adapter.layout != LAYOUT_STANDARD:
         raise KronaError(f"adapter layout '{adapter.layout}' cannot be attached as a standard Kronecker adapter")
     attached = {}
-    for component, layers in adapter.factors.items():
+    for component, layers in adapter.layers.items():
         if component not in models:
             raise KronaError(f"the adapter adapts '{component}', which this model does not have; wrong base model?")
         model = models[component]
@@ -254,15 +248,11 @@ def attach(models: Mapping[str, nn.Module], adapter: Adapter, scale: float | Non
         attached[component] = inject(
             model,
             targets=[f"^{re.escape(local)}$" for local in names.values()],
-            factors={names[name]: f for name, f in layers.items()},
+            factors={names[name]: layer.factors for name, layer in layers.items()},
             scale=adapter.scale if scale is None else scale,
             path=path,
         )
-        state = {}
-        for key, t in adapter.tensors[component].items():
-            name, _, param = key.rpartition(".")
-            state[f"{names[name]}.{param}"] = t
-        load_adapter_state_dict(model, state)
+        load_factors(model, {names[name]: (layer.a, layer.b) for name, layer in layers.items()})
     return attached
 
 

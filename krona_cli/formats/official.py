@@ -7,8 +7,9 @@ flattens Y row-major, so the update it applies is not A ⊗ B but a row permutat
 
     ΔW[p·a1 + q, i·b2 + j] = B[p, j] · A[q, i]     (p < b1, q < a1, i < a2, j < b2)
 
-Standard A ⊗ B would put A[q, i] · B[p, j] at row q·b1 + p instead. Adapters read from these files therefore carry
-`layout = "diffusekrona"` and must not be attached as standard Kronecker adapters.
+Standard A ⊗ B would put A[q, i] · B[p, j] at row q·b1 + p instead. Adapters read from these files therefore hold
+`DiffuseKronALayer`s (layout `diffusekrona`, their update kron.diffusekrona_delta) and are not attached as standard
+Kronecker adapters.
 
 Key names (diffusers 0.21 `save_lora_weights`):
     unet.<attention path>.processor.to_{q,k,v,out}_lora.{down,up}.weight
@@ -26,9 +27,8 @@ import torch
 
 from ..errors import KronaError
 from ..architectures import architecture_from_context_widths
-from .native import Adapter, canonical_name
-
-LAYOUT_DIFFUSEKRONA = "diffusekrona"
+from .adapter import Adapter, DiffuseKronALayer
+from .native import canonical_name
 
 _UNET_KEY = re.compile(
     r"^(?:unet\.)?(?P<path>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$"
@@ -54,20 +54,6 @@ def is_official(keys: Iterable[str]) -> bool:
     `...lora_linear_layer.{down,up}.weight`. diffusers LoRA files share this naming; `from_official` refuses them.
     """
     return any(_OFFICIAL_LIKE.search(k) for k in keys)
-
-
-def official_delta(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """The (d_out, d_in) update the official DiffuseKronA layer applies, from A (a_out × a_in, = down.weightᵀ)
-    and B (b_out × b_in, = up.weight): ΔW[p·a_out + q, i·b_in + j] = scale · B[p, j] · A[q, i].
-
-    Equals `kron(A, B).reshape(a_out, b_out, d_in).transpose(0, 1).reshape(d_out, d_in)`: the rows of A ⊗ B
-    regrouped with B's row index outermost.
-    """
-    if a.dim() != 2 or b.dim() != 2:
-        raise KronaError(f"Kronecker factors must be matrices; got A of shape {tuple(a.shape)}, B {tuple(b.shape)}")
-    (a_out, a_in), (b_out, b_in) = a.shape, b.shape
-    delta = torch.einsum("pj,qi->pqij", b, a).reshape(b_out * a_out, a_in * b_in)
-    return delta * scale if scale != 1.0 else delta
 
 
 def _parse_key(key: str) -> tuple[str, str, str, str] | None:
@@ -178,9 +164,9 @@ def _guess_architecture(layers: dict, dims: dict) -> str | None:
 
 
 def from_official(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> Adapter:
-    """An Adapter (layout "diffusekrona") from the tensors of an official DiffuseKronA checkpoint.
+    """An Adapter of DiffuseKronALayers (layout "diffusekrona") from the tensors of an official DiffuseKronA checkpoint.
 
-    kron_a = down.weightᵀ and kron_b = up.weight (float32); module names are diffusers' (`...attn1.to_q`,
+    A = down.weightᵀ and B = up.weight (float32); module names are diffusers' (`...attn1.to_q`,
     `...attn1.to_out.0`, `text_model.encoder.layers.N.self_attn.q_proj`); scale 1.0, as the official code applies
     none. KronaError for keys krona does not read, layers with only one factor, shapes that do not fit together,
     and LoRA files in the same naming. `metadata` (diffusers writes only {"format": "pt"}) is not used.
@@ -222,21 +208,18 @@ def from_official(tensors: dict[str, torch.Tensor], metadata: dict[str, str], so
         shapes[layer] = (tuple(found["down"].shape), tuple(found["up"].shape))
     _classify(source, layers, shapes)
 
-    adapter_tensors: dict[str, dict[str, torch.Tensor]] = {}
-    factors: dict[str, dict[str, str]] = {}
+    adapter_layers: dict[str, dict[str, DiffuseKronALayer]] = {}
     for layer, (component, module, _role) in sorted(layers.items()):
         down, up = parts[layer]["down"], parts[layer]["up"]
-        adapter_tensors.setdefault(component, {})[f"{module}.kron_a"] = down.detach().float().t().contiguous()
-        adapter_tensors[component][f"{module}.kron_b"] = up.detach().float().contiguous()
-        factors.setdefault(component, {})[module] = f"{down.shape[1]}x{down.shape[0]}"
+        adapter_layers.setdefault(component, {})[module] = DiffuseKronALayer(
+            down.detach().float().t().contiguous(), up.detach().float().contiguous()
+        )
     dims = {layer: (up[0] * down[1], up[1] * down[0]) for layer, (down, up) in shapes.items()}
     return Adapter(
-        tensors=adapter_tensors,
-        factors=factors,
+        adapter_layers,
         scale=1.0,
         base_model=None,
         architecture=_guess_architecture(layers, dims),
-        targets={component: "attn" if component == "unet" else "text" for component in factors},
-        layout=LAYOUT_DIFFUSEKRONA,
+        targets={component: "attn" if component == "unet" else "text" for component in adapter_layers},
         key_format="diffusers-processor",
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..atomic import write_bytes_atomic
 from ..errors import KronaError
-from ..formats import Adapter, load_adapter, save_adapter, save_lora, save_lycoris
+from ..formats import load_adapter, save_adapter, save_lora, save_lycoris
 
 TARGETS = ("native", "lycoris", "lora")
 
@@ -39,7 +39,7 @@ def export_adapter(
     if to != "lora" and lora_layout is not None:
         raise KronaError("--lora-layout only applies to --to lora")
     adapter = load_adapter(source, unet_config)
-    if not isinstance(adapter, Adapter):
+    if not adapter.kronecker:
         raise KronaError(f"'{source}' is not a Kronecker adapter; only Kronecker adapters can be exported")
     summary = {"source": str(source), "format": to, "output": str(output), "layers": sum(adapter.num_layers().values())}
     if to == "lora":

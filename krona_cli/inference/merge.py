@@ -4,7 +4,7 @@ single-file checkpoint in the original layout."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,17 +14,8 @@ from torch import nn
 from ..atomic import write_folder_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
-from ..formats import (
-    LAYOUT_DIFFUSEKRONA,
-    Adapter,
-    LoraAdapter,
-    file_sha256,
-    load_adapter,
-    lora_deltas,
-    module_name,
-    official_delta,
-)
-from ..formats.native import COMPONENTS, LAYOUT_STANDARD
+from ..formats import Adapter, file_sha256, load_adapter, module_name
+from ..formats.native import COMPONENTS
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, float]:
@@ -38,46 +29,12 @@ def parse_adapter_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def adapter_deltas(adapter) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(component, module, ΔW in float32, the adapter's own scale included) for every layer of an adapter."""
-    if isinstance(adapter, Adapter):
-        for component, layers in adapter.factors.items():
-            for module in layers:
-                a = adapter.tensors[component][f"{module}.kron_a"].float()
-                b = adapter.tensors[component][f"{module}.kron_b"].float()
-                if adapter.layout == LAYOUT_STANDARD:
-                    yield component, module, adapter.scale * torch.kron(a.contiguous(), b.contiguous())
-                elif adapter.layout == LAYOUT_DIFFUSEKRONA:
-                    yield component, module, official_delta(a, b, adapter.scale)
-                else:
-                    raise KronaError(f"unknown adapter layout '{adapter.layout}'; this krona cannot merge it")
-    elif isinstance(adapter, LoraAdapter):
-        yield from lora_deltas(adapter)
-    else:
-        raise KronaError(f"cannot merge a {type(adapter).__name__}")
-
-
-def adapter_shapes(adapter) -> Iterator[tuple[str, str, tuple[int, int]]]:
-    """(component, module, (d_out, d_in)) of every layer an adapter changes, without building any ΔW."""
-    if isinstance(adapter, Adapter):
-        for component, layers in adapter.factors.items():
-            for module in layers:
-                a = adapter.tensors[component][f"{module}.kron_a"]
-                b = adapter.tensors[component][f"{module}.kron_b"]
-                yield component, module, (a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
-    elif isinstance(adapter, LoraAdapter):
-        for component, layers in adapter.layers.items():
-            for module, (down, up, _) in layers.items():
-                yield component, module, (up.shape[0], down.shape[1])
-    else:
-        raise KronaError(f"cannot merge a {type(adapter).__name__}")
-
-
-def _check_fits(components: Mapping[str, nn.Module], adapter, architecture: str | None) -> None:
+def _check_fits(components: Mapping[str, nn.Module], adapter: Adapter, architecture: str | None) -> None:
     """A KronaError naming the first layer of `adapter` that the base model lacks or whose shape differs."""
-    made_for = getattr(adapter, "architecture", None)
+    made_for = adapter.architecture
     mismatch = None
-    for component, module, shape in adapter_shapes(adapter):
+    shapes = ((c, m, layer.shape) for c, mods in adapter.layers.items() for m, layer in mods.items())
+    for component, module, shape in shapes:
         model = components.get(component)
         local = None if model is None else module_name(model, component, module)
         if local is None:
@@ -96,7 +53,7 @@ def _check_fits(components: Mapping[str, nn.Module], adapter, architecture: str 
 
 @torch.no_grad()
 def bake(
-    components: Mapping[str, nn.Module], adapters: Sequence[tuple[object, float]], architecture: str | None = None
+    components: Mapping[str, nn.Module], adapters: Sequence[tuple[Adapter, float]], architecture: str | None = None
 ) -> int:
     """Add multiplier · ΔW of every (adapter, multiplier) into the matching nn.Linear weights; return layers changed.
 
@@ -108,7 +65,7 @@ def bake(
         _check_fits(components, adapter, architecture)
     changed = 0
     for adapter, multiplier in adapters:
-        for component, module, delta in adapter_deltas(adapter):
+        for component, module, delta in adapter.deltas():
             model = components[component]
             weight = model.get_submodule(module_name(model, component, module)).weight
             if multiplier:
@@ -129,7 +86,7 @@ class BakedPipeline:
     pipe: object
     base_model: str
     architecture: str
-    adapters: list[tuple[object, float, str]]  # (adapter, multiplier, file)
+    adapters: list[tuple[Adapter, float, str]]  # (adapter, multiplier, file)
     layers_changed: int
 
 

@@ -18,8 +18,11 @@ def _check_matrices(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """A ⊗ B (torch.kron): element [q·b_out + p, i·b_in + j] is A[q, i] · B[p, j]. Differentiable."""
-    return torch.kron(a, b)
+    """A ⊗ B (torch.kron): element [q·b_out + p, i·b_in + j] is A[q, i] · B[p, j]. Differentiable.
+
+    The factors go in contiguous (a no-op for contiguous ones): torch 2.13's kron raises a view error for a transposed
+    one, such as an official file's A = down.weightᵀ."""
+    return torch.kron(a.contiguous(), b.contiguous())
 
 
 def kron_delta(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
