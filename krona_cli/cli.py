@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -10,7 +11,16 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
+# The libraries' own chatter (progress bars, info and advisory logs) stays out of krona's output however krona was
+# installed; set before any of them is imported. A user's own setting wins.
+for _name, _value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                      ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+                      ("HF_HUB_DISABLE_TELEMETRY", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_name, _value)
+
+import click  # noqa: E402  (typer's own copy of click is internal; typer.core subclasses click's classes)
+import typer  # noqa: E402
+import typer.core  # noqa: E402
 from rich import box
 from rich.console import Console
 from rich.markup import escape
@@ -25,13 +35,54 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # transformers says on every model load that it falls back to PIL image processors without torchvision: krona uses PIL.
 logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 
+class _Command(typer.core.TyperCommand):
+    """Plain help that reads at 80 columns (long flag names on their own line, never cut), options grouped under
+    their panels, and every default written one way: `[default: X]`."""
+
+    def format_options(self, ctx, formatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                title = getattr(param, "rich_help_panel", None) or (
+                    "Arguments" if param.param_type_name == "argument" else "Options")
+                sections.setdefault(title, []).append((record[0], _help_with_default(param)))
+        for title, rows in sections.items():
+            with formatter.section(title):
+                formatter.write_dl(rows)
+
+
+def _help_with_default(param) -> str:
+    """A parameter's help with its default appended as `[default: X]` (switches: on/off; unset values: what they
+    mean, from show_default)."""
+    text = (param.help or "").strip()
+    shown = param.show_default
+    if isinstance(shown, str):
+        default = shown
+    elif shown is False or param.default in (None, [], "") or getattr(param, "is_flag", False) and \
+            param.default is False and not param.secondary_opts:
+        return text
+    elif isinstance(param.default, bool):
+        default = "on" if param.default else "off"
+    else:
+        default = ",".join(map(str, param.default)) if isinstance(param.default, (list, tuple)) else str(param.default)
+    return f"{text}  [default: {default}]"
+
+
 app = typer.Typer(
     name="krona",
     help="Personalise SDXL and SD 1.x/2.x with Kronecker-product adapters (DiffuseKronA), DreamBooth-style.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    cls=None,
 )
+
+
+def command(name: str):
+    """`@app.command(name)` with krona's help format."""
+    return app.command(name, cls=_Command)
 # Piped output (files, CI logs) has no width to respect: give tables room instead of rich's 80-column default.
 _PIPE_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
 console = Console(width=_PIPE_WIDTH)
@@ -73,7 +124,7 @@ def _split(values: list[str]) -> list[str]:
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
 
-@app.command("make-tiny")
+@command("make-tiny")
 def make_tiny_cmd(
     directory: Annotated[Path, typer.Argument(help="Folder to write the pipeline to (created or replaced).")],
     arch: Annotated[str, typer.Option(help="Architecture: sdxl or sd15.")] = "sdxl",
@@ -86,11 +137,11 @@ def make_tiny_cmd(
     console.print(f"tiny {arch} pipeline written to [bold]{path}[/]")
 
 
-@app.command("plan")
+@command("plan")
 def plan_cmd(
     arch: Annotated[str, typer.Option(help="Architecture: sdxl or sd15.")] = "sdxl",
     factors: Annotated[
-        list[str], typer.Option("--factors", help="Factor settings OxI to compare (repeatable or comma-separated).")
+        list[str], typer.Option("--factors", metavar="OxI", help="Factor settings to compare (repeatable or comma-separated).")
     ] = ["64x4"],  # noqa: B006 (typer reads the default)
     targets: Annotated[str, typer.Option(help="attn, attn-ff, text, or a regular expression.")] = "attn",
     strict_factors: Annotated[bool, typer.Option(help="Error where factors do not divide a layer.")] = False,
@@ -129,7 +180,7 @@ def plan_cmd(
     console.print(table)
 
 
-@app.command("inspect")
+@command("inspect")
 def inspect_cmd(
     file: Annotated[Path, typer.Argument(help="An adapter .safetensors file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -165,10 +216,10 @@ def inspect_cmd(
     console.print(table)
 
 
-@app.command("merge")
+@command("merge")
 def merge_cmd(
     adapter: Annotated[
-        list[str], typer.Option("--adapter", help="Adapter file, optionally FILE:SCALE (repeatable).")
+        list[str], typer.Option("--adapter", metavar="FILE[:SCALE]", help="Adapter file, optionally with a scale (repeatable).")
     ],
     output_dir: Annotated[
         Optional[Path], typer.Option(help="Folder for the merged diffusers pipeline (--format diffusers).")
@@ -178,15 +229,17 @@ def merge_cmd(
     ] = None,
     format: Annotated[
         str, typer.Option("--format", help="diffusers (a pipeline folder) or single-file (one checkpoint in the "
-                          "original layout, for A1111, Forge and ComfyUI). Default: single-file with --output.")
+                          "original layout, for A1111, Forge and ComfyUI).",
+                          show_default="single-file with --output, else diffusers")
     ] = "",
     pretrained_model: Annotated[
-        Optional[str], typer.Option(help="Base model: folder, .safetensors file or hub id (default: the adapter's).")
+        Optional[str], typer.Option(help="Base model: folder, .safetensors file or hub id.",
+                                    show_default="the adapter's")
     ] = None,
     scale: Annotated[float, typer.Option(help="Multiplies every adapter's scale.")] = 1.0,
     dtype: Annotated[
-        Optional[str], typer.Option(help="Saved weights: fp32, fp16 or bf16 (default: fp32 for a folder, fp16 for a "
-                                    "single file, as checkpoints are shared).")
+        Optional[str], typer.Option(help="Saved weights: fp32, fp16 or bf16.",
+                                    show_default="fp32 for a folder, fp16 for a single file")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder or an existing file.")] = False,
 ) -> None:
@@ -214,20 +267,22 @@ def merge_cmd(
     )
 
 
-@app.command("sample")
+@command("sample")
 def sample_cmd(
     adapter: Annotated[
         list[str],
         typer.Option(
             "--adapter",
-            help="Adapter file, optionally FILE:SCALE (repeatable; SCALE 0 gives the base model's images). "
+            metavar="FILE[:SCALE]",
+            help="Adapter file, optionally with a scale (repeatable; SCALE 0 gives the base model's images). "
             "None: the base model alone (needs --pretrained-model).",
         ),
     ] = [],  # noqa: B006 (typer reads the default)
-    prompt: Annotated[list[str], typer.Option("--prompt", help="A prompt (repeatable).")] = [],  # noqa: B006
+    prompt: Annotated[list[str], typer.Option("--prompt", metavar="TEXT", help="A prompt (repeatable).")] = [],  # noqa: B006
     prompts_file: Annotated[Optional[Path], typer.Option(help="A text file with one prompt per line.")] = None,
     pretrained_model: Annotated[
-        Optional[str], typer.Option(help="Base model: folder, .safetensors file or hub id (default: the adapter's).")
+        Optional[str], typer.Option(help="Base model: folder, .safetensors file or hub id.",
+                                    show_default="the adapter's")
     ] = None,
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt for every image.")] = "",
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")] = 4,
@@ -235,13 +290,13 @@ def sample_cmd(
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.0,
     scheduler: Annotated[str, typer.Option(help="euler, euler-a, dpm++ or ddim.")] = "euler",
-    width: Annotated[Optional[int], typer.Option(help="Image width (default: the model's native size).")] = None,
-    height: Annotated[Optional[int], typer.Option(help="Image height (default: the model's native size).")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Image width.", show_default="the model's native size")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Image height.", show_default="the model's native size")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per pipeline call (the images stay the same, up to float rounding).")] = 1,
     output_dir: Annotated[Path, typer.Option(help="Folder for the images and the grid.")] = Path("samples"),
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N (default: cuda when present).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N.", show_default="cuda when present")] = None,
     dtype: Annotated[
-        Optional[str], typer.Option(help="Weights: fp32, fp16 or bf16 (default: fp16 on GPUs, fp32 on the CPU).")
+        Optional[str], typer.Option(help="Weights: fp32, fp16 or bf16.", show_default="fp16 on GPUs, fp32 on the CPU")
     ] = None,
 ) -> None:
     """Sample images with adapters merged into the base weights (costs what the base model costs).
@@ -309,7 +364,7 @@ def sample_cmd(
     )
 
 
-@app.command("export")
+@command("export")
 def export_cmd(
     adapter: Annotated[Path, typer.Option(help="The adapter to convert (any format krona reads).")],
     to: Annotated[str, typer.Option("--to", help="native, lycoris (LyCORIS/kohya LoKr, exact) or lora (truncated SVD, "
@@ -317,8 +372,8 @@ def export_cmd(
     output: Annotated[Path, typer.Option(help="The file to write (.safetensors).")],
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank (only with --to lora).")] = None,
     lora_layout: Annotated[
-        Optional[str], typer.Option(help="With --to lora: kohya (default: lora_unet_…lora_down/lora_up/alpha) or peft "
-                                    "(diffusers' unet.….lora_A/lora_B names).")
+        Optional[str], typer.Option(help="With --to lora: kohya (lora_unet_…lora_down/lora_up/alpha) or peft "
+                                    "(diffusers' unet.….lora_A/lora_B names).", show_default="kohya")
     ] = None,
     dtype: Annotated[str, typer.Option(help="Saved tensors: fp32, fp16 or bf16.")] = "fp32",
     report: Annotated[
@@ -341,7 +396,7 @@ def export_cmd(
         )
 
 
-@app.command("eval")
+@command("eval")
 def eval_cmd(
     images: Annotated[Path, typer.Option(help="Folder of generated images (PNG prompts are read from their metadata).")],
     reference: Annotated[Path, typer.Option(help="Folder of the subject's real photos (the instance images).")],
@@ -358,16 +413,22 @@ def eval_cmd(
     """Score generated images: CLIP-I and DINO (similarity to the subject's photos) and CLIP-T (to the prompt)."""
     from rich.progress import Progress
 
-    from .atomic import write_bytes_atomic
+    from .pipeline.hub import model_source
     from .training.data import scan_images
+
+    generated, _ = scan_images(images, "images")
+    photos, _ = scan_images(reference, "reference")
+    # the scorer models are found (a folder, or a hub id cached or reachable) before any of them loads
+    model_source(clip_model, "--clip-model", "CLIP")
+    model_source(dino_model, "--dino-model", "DINO")
+    from .atomic import write_bytes_atomic
     from .evaluation.metrics import Embedder, evaluate, is_sample_grid
     from .inference.sampling import load_prompts
 
-    generated, _ = scan_images(images, "images")
     generated = [p for p in generated if not is_sample_grid(p)]  # krona sample's grid.png repeats its images
     if not generated:
         raise KronaError(f"--images '{images}' holds only sample grids; give the folder of the single images")
-    photos, _ = scan_images(reference, "reference")
+
     prompts = None
     if prompt is not None or prompts_file is not None:
         prompts = load_prompts([prompt] if prompt else [], prompts_file)
@@ -391,7 +452,7 @@ def eval_cmd(
     console.print(f"metrics -> [bold]{output}[/]")
 
 
-@app.command("compare")
+@command("compare")
 def compare_cmd(
     instance_dir: Annotated[str, typer.Option(help="Folder of photos of the subject.")],
     prompt: Annotated[str, typer.Option(help="Instance prompt, e.g. 'a photo of sks dog'.")],
@@ -403,7 +464,7 @@ def compare_cmd(
     sweep: Annotated[Optional[str], typer.Option(help="Repeat over settings: lr=1e-4,5e-4,1e-3, factors=..., rank=....")] = None,
     prompt_set: Annotated[str, typer.Option(help="DreamBench prompts: object or live (25 each).")] = "live",
     identifier: Annotated[str, typer.Option(help="The subject's identifier token in the prompt.")] = "sks",
-    class_noun: Annotated[Optional[str], typer.Option(help="The subject's class noun (default: the word after the identifier).")] = None,
+    class_noun: Annotated[Optional[str], typer.Option(help="The subject's class noun.", show_default="the word after the identifier")] = None,
     num_images: Annotated[int, typer.Option(help="Images (seeds) per prompt and run.")] = 2,
     sample_steps: Annotated[int, typer.Option(help="Denoising steps of the scored samples.")] = 30,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance of the scored samples.")] = 7.0,
@@ -487,7 +548,7 @@ class _RichReporter:
         self.progress.stop()
 
 
-@app.command("train", context_settings={"help_option_names": ["--help", "-h"]})
+@command("train")
 @with_train_options
 def train_cmd(config: Optional[str] = None, **overrides) -> None:
     """Train a Kronecker adapter (or a LoRA baseline) on photos of one subject, DreamBooth-style.
@@ -517,32 +578,53 @@ def train_cmd(config: Optional[str] = None, **overrides) -> None:
     )
 
 
+def _usage_line(e, args: list[str]) -> str:
+    """typer's usage error as one line, with the closest flag for an unknown one (and the DreamBooth scripts'
+    names of train's settings, e.g. --learning-rate -> --lr)."""
+    message = e.format_message() if hasattr(e, "format_message") else str(e)
+    option = getattr(e, "option_name", None)
+    if option:
+        flags = [o for p in (e.ctx.command.params if e.ctx else []) for o in (*p.opts, *p.secondary_opts)]
+        close = next(iter(difflib.get_close_matches(option, flags, n=1)), None)
+        message = f"no such option: {option}" + (f"; did you mean {close}?" if close else "")
+    command = " ".join(e.ctx.command_path.split()[1:]) if e.ctx else ""
+    return f"{message} (krona {command + ' ' if command else ''}-h lists the options)"
+
+
+def _print_error(e: KronaError, debug: bool) -> None:
+    label = "[yellow]interrupted:[/]" if e.exit_code == EXIT_INTERRUPTED else "[bold red]error:[/]"
+    if debug and e.__cause__ is not None:  # the library error krona turned into this line
+        traceback.print_exception(e.__cause__)
+    err_console.print(f"{label} {escape(str(e))}", highlight=False, soft_wrap=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point: runs the app and turns failures into one line and an exit code (2 bad input, 1 bug, 130 ^C)."""
-    args = sys.argv[1:] if argv is None else argv
+    """Entry point: runs the app and turns failures into one line and an exit code (2 bad input, 1 bug, 130 ^C).
+    `--debug` may stand anywhere on the command line."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    _state["debug"] = debug
     stopped_by_krona = False  # an interrupted run that said how to resume: no second line
     try:
         result = app(args=args, prog_name="krona", standalone_mode=False)
         code = result if isinstance(result, int) else EXIT_OK
     except KronaError as e:
-        label = "[yellow]interrupted:[/]" if e.exit_code == EXIT_INTERRUPTED else "[bold red]error:[/]"
-        err_console.print(f"{label} {escape(str(e))}", highlight=False, soft_wrap=True)
+        _print_error(e, debug)
         code, stopped_by_krona = e.exit_code, e.exit_code == EXIT_INTERRUPTED
     except typer.Exit as e:
         code = e.exit_code
     except (typer.Abort, KeyboardInterrupt):
         code = EXIT_INTERRUPTED
-    except _UsageError as e:  # unknown option, missing argument, bad value: typer's own one-line message
-        e.show()
+    except _UsageError as e:  # unknown option, missing argument, bad value
+        err_console.print(f"[bold red]error:[/] {escape(_usage_line(e, args))}", highlight=False, soft_wrap=True)
         code = e.exit_code
     except Exception as e:  # a bug: one line, the traceback only with --debug
-        if _state["debug"] or "--debug" in args:
+        if debug:
             traceback.print_exc()
-        err_console.print(
-            f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))} (rerun with --debug for the traceback)",
-            highlight=False,
-            soft_wrap=True,
-        )
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}{hint}",
+                          highlight=False, soft_wrap=True)
         code = EXIT_INTERNAL
     if code == EXIT_INTERRUPTED and not stopped_by_krona:  # typer itself turns Ctrl-C into exit code 130
         err_console.print("[yellow]interrupted[/]")

@@ -128,7 +128,7 @@ def test_adapter_given_as_the_base_model_is_named(tmp_path, tiny_sd15_dir, capsy
 
 def test_local_path_wins_over_a_hub_id_of_the_same_spelling(tmp_path, tiny_sd15_dir, monkeypatch):
     """A folder named like a hub id (`org/model-1.0`) is the folder: what exists decides, not the spelling."""
-    from krona_cli.pipeline.models import locate
+    from krona_cli.pipeline.hub import locate
 
     folder = tmp_path / "org" / "model-1.0"
     shutil.copytree(tiny_sd15_dir, folder)

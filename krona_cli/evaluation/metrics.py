@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import KronaError
+from ..pipeline.hub import model_error, model_source
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
@@ -60,7 +61,7 @@ class Embedder:
         """A CLIPModel (image and text towers), its image processor and tokenizer, from a hub id or a local folder."""
         from transformers import AutoTokenizer, CLIPModel
 
-        source = _source(name, "--clip-model", "CLIP")
+        source = model_source(name, "--clip-model", "CLIP")
         with _loading(name, "--clip-model", "CLIP"):
             model_type = _model_type(source)
             if model_type not in _CLIP_TYPES:
@@ -76,7 +77,7 @@ class Embedder:
         embedding is the CLS token of the last hidden state."""
         from transformers import AutoModel, ViTModel
 
-        source = _source(name, "--dino-model", "DINO")
+        source = model_source(name, "--dino-model", "DINO")
         with _loading(name, "--dino-model", "DINO"):
             model_type = _model_type(source)
             if model_type not in _DINO_TYPES:
@@ -135,22 +136,6 @@ class _WrongKind(Exception):
     """A folder or hub id that loads but holds the wrong kind of model."""
 
 
-def _source(name: str, flag: str, what: str) -> str:
-    """The folder to load from (`~` expanded) or the hub id; a path-like name that does not exist is an error."""
-    name = str(name).strip()
-    if not name:
-        raise _load_error(name, flag, what, "no model given")
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise _load_error(name, flag, what, "it is a file; give the model's folder (config.json and weights)")
-        return str(path)
-    path_like = name.startswith((".", "~", os.sep)) or name.count("/") > 1 or "\\" in name
-    if path_like:
-        raise _load_error(name, flag, what, "no such folder")
-    return name  # a hub id
-
-
 @contextmanager
 def _loading(name: str, flag: str, what: str):
     """Turns any failure to load into a KronaError naming the flag to set."""
@@ -162,14 +147,7 @@ def _loading(name: str, flag: str, what: str):
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not Path(name).expanduser().is_dir():  # tried as a hub id
             detail = f"no such local folder, and from the hub: {detail}"
-        raise _load_error(name, flag, what, detail) from None
-
-
-def _load_error(name: str, flag: str, what: str, detail: str) -> KronaError:
-    if len(detail) > 240:
-        detail = detail[:237] + "..."
-    return KronaError(f"cannot load the {what} model '{name}' ({detail}); pass {flag} with a local folder or a hub id "
-                      "while online")
+        raise model_error(name, flag, what, detail) from None
 
 
 def _model_type(source: str) -> str:

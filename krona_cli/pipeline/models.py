@@ -13,6 +13,7 @@ from torch import nn
 
 from ..architectures import ARCHITECTURES, architecture_of, check_arch, load_model_config
 from ..errors import KronaError
+from .hub import absolute, locate, offline  # noqa: F401  absolute: callers move to hub after the refactor
 
 def build_component(arch: str, component: str, device: str | torch.device = "meta") -> nn.Module:
     """One component (unet, text_encoder, text_encoder_2) of a real architecture, random or meta weights."""
@@ -62,44 +63,6 @@ def _refuse_adapter(path: Path, keys: list[str], metadata: dict[str, str], flag:
     )
 
 
-_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-
-def locate(name: str, flag: str = "--pretrained-model") -> tuple[str, Path | str]:
-    """Where a model named on the command line is: ("folder", path), ("file", path) or ("hub", repo id).
-
-    Decided by what exists, never by spelling: an existing folder or file is local (a hub id such as
-    `stabilityai/stable-diffusion-xl-base-1.0` is one only where no such path exists)."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return "folder", path.absolute()
-    if path.is_file():
-        return "file", path.absolute()
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(name)
-        is_repo_id = name.count("/") == 1 and not name.startswith((".", "~")) and not name.endswith(_FILE_SUFFIXES)
-    except HFValidationError:
-        is_repo_id = False
-    if not is_repo_id:
-        raise KronaError(
-            f"{flag} '{name}' does not exist; give a diffusers folder, a single-file .safetensors checkpoint or a hub "
-            "id such as stabilityai/stable-diffusion-xl-base-1.0"
-        )
-    return "hub", name
-
-
-def absolute(name: str | None) -> str | None:
-    """A model or file named by the user as it is saved in files: absolute where it exists locally, else as given
-    (a hub id), so that it still works from another folder."""
-    if name is None:
-        return None
-    path = Path(name).expanduser()
-    return str(path.absolute()) if path.exists() else name
-
-
 def _hub_json(repo: str, filename: str, revision: str | None, flag: str) -> dict:
     """A JSON file of a hub pipeline (model_index.json, unet/config.json), from the local cache when it is there; one
     line for every way the hub can fail."""
@@ -113,6 +76,7 @@ def _hub_json(repo: str, filename: str, revision: str | None, flag: str) -> dict
         RevisionNotFoundError,
     )
 
+    why = offline()  # decided once, before any library retries an unreachable hub
     try:
         return json.loads(Path(hf_hub_download(repo, filename, revision=revision)).read_text())
     except GatedRepoError:
@@ -126,7 +90,7 @@ def _hub_json(repo: str, filename: str, revision: str | None, flag: str) -> dict
     except RemoteEntryNotFoundError:
         raise KronaError(f"'{repo}' is not a diffusers pipeline (no {filename}); give an SDXL or SD model") from None
     except LocalEntryNotFoundError:
-        why = "the hub is switched off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        why = why or "the hub cannot be reached"
         raise KronaError(
             f"'{repo}' is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: download it once "
             f"while online with `hf download {repo}`, or give a local diffusers folder or .safetensors file"
