@@ -111,7 +111,7 @@ MIXED = {"portrait": (100, 180), "landscape": (240, 130), "square": (150, 150), 
 def _spy_unet(monkeypatch):
     """Record (latent shape, time ids) of every training call of the UNet."""
     seen = []
-    original = __import__("krona_cli.training.trainable", fromlist=["attach"]).attach
+    original = __import__("krona_cli.training.trainable", fromlist=["trainable_adapter"]).trainable_adapter
 
     def attach_and_spy(pipe, *args, **kwargs):
         adapter = original(pipe, *args, **kwargs)
@@ -122,7 +122,7 @@ def _spy_unet(monkeypatch):
         )
         return adapter
 
-    monkeypatch.setattr("krona_cli.training.trainable.attach", attach_and_spy)
+    monkeypatch.setattr("krona_cli.training.trainable.trainable_adapter", attach_and_spy)
     return seen
 
 

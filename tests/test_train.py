@@ -114,7 +114,7 @@ def test_class_images_get_their_own_micro_conditioning(tiny_sdxl_dir, tmp_path, 
     for i, size in enumerate([(96, 80), (80, 120)]):  # (width, height), unlike any instance photo
         Image.new("RGB", size, (i * 90, 40, 200)).save(classes / f"c{i}.png")
     seen = []
-    original_attach = __import__("krona_cli.training.trainable", fromlist=["attach"]).attach
+    original_attach = __import__("krona_cli.training.trainable", fromlist=["trainable_adapter"]).trainable_adapter
 
     def attach_and_spy(pipe, *args, **kwargs):
         adapter = original_attach(pipe, *args, **kwargs)
@@ -124,7 +124,7 @@ def test_class_images_get_their_own_micro_conditioning(tiny_sdxl_dir, tmp_path, 
         )
         return adapter
 
-    monkeypatch.setattr("krona_cli.training.trainable.attach", attach_and_spy)
+    monkeypatch.setattr("krona_cli.training.trainable.trainable_adapter", attach_and_spy)
     cfg = config(tiny_sdxl_dir, tmp_path / "run", steps=2, center_crop=True, class_prompt=CLASS_PROMPT,
                  class_dir=str(classes), num_class_images=2, batch_size=2)
     train(cfg)

@@ -1,11 +1,10 @@
-"""`krona train`: the DreamBooth training loop with accelerate, for SDXL and SD 1.x/2.x.
+"""`krona train`: a DreamBooth training run with accelerate, for SDXL and SD 1.x/2.x. `_train` reads top to bottom:
+preflight (settings, output folder, photos, resume point, environment), the base model (precision, casts,
+quantization, VAE), the photos, the adapter, the summary the user sees (`summary`, a pure function), the class
+images, the run (`run.Run`: data, encoder and caches, optimizer), the loop, and the adapter with its model card.
 
-Every random draw comes from a generator seeded by what it is for (`rng.py`): the order of the images in epoch e,
-and the noise, timestep and VAE-posterior draw of the g-th sample of the run (g counts samples over the whole run:
-optimizer step × global batch + position). A run resumed from a checkpoint therefore draws exactly what an
-uninterrupted run draws, and the draws do not depend on how the global batch is split over processes or
-gradient-accumulation steps. Image augmentation (crop, flip) is drawn per dataset item (`data.ImageSet`), so cached
-latents are the latents of the same pictures the uncached path would encode.
+Every random draw comes from a generator seeded by what it is for, so a resumed run draws exactly what an
+uninterrupted one does, whatever the process count: `run.py` states the rule, `run.batch_indices` the sample index.
 
 Library code: raises KronaError, never prints; progress goes to a `Reporter`.
 """
@@ -18,15 +17,18 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from .. import __version__
 from ..atomic import write_bytes_atomic
-from .buckets import Bucket
 from ..dtypes import DTYPES, compute_dtype
-from .config import TrainConfig
 from ..errors import KronaError
+from . import trainable
+from .buckets import Bucket
+from .config import TrainConfig
+from .run import Data, Encoder, Run, Sampling, check_finite
 
 
 class TrainingInterrupted(KronaError):
@@ -101,90 +103,6 @@ class _Stop:
         return False
 
 
-class _Encoder:
-    """Latents and prompt embeddings of dataset items, cached once or computed on demand."""
-
-    def __init__(self, pipe, sdxl: bool, device, weight_dtype, train_text: bool, text_models):
-        self.pipe, self.sdxl, self.device, self.weight_dtype = pipe, sdxl, device, weight_dtype
-        self.train_text, self.text_models = train_text, text_models
-        self.latents: dict[tuple[str, int, Bucket], tuple[torch.Tensor, torch.Tensor, tuple]] = {}
-        self.caching = False  # with cached latents, items encoded for another bucket are kept too
-        self.embeds: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        vae = pipe.vae.config
-        self.scaling, self.shift = vae.scaling_factor, getattr(vae, "shift_factor", None)
-
-    @torch.no_grad()
-    def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vae = self.pipe.vae
-        dist = vae.encode(_to_device(pixels, self.device).to(vae.dtype)).latent_dist
-        return dist.mean.float(), dist.std.float()
-
-    def cache_latents(self, name: str, dataset, chunk: int = 8) -> None:
-        """Encode every item of `dataset` at its own bucket, `chunk` images of one bucket at a time."""
-        self.caching = True
-        by_bucket: dict[Bucket, list[int]] = {}
-        for i in range(len(dataset)):
-            by_bucket.setdefault(dataset.bucket_of(i), []).append(i)
-        for bucket, indices in by_bucket.items():
-            for start in range(0, len(indices), chunk):
-                self.items(name, dataset, indices[start:start + chunk], bucket)
-
-    def items(self, name: str, dataset, indices: list[int], bucket: Bucket):
-        """(posterior means, stds, time ids, captions) of dataset items at `bucket`, from the cache or encoded now."""
-        captions = [dataset.captions[i % len(dataset.paths)] for i in indices]
-        if not all((name, i, bucket) in self.latents for i in indices):
-            examples = [dataset.example(i, bucket) for i in indices]
-            mean, std = self.posterior(torch.stack([e.pixels for e in examples]))
-            if not self.caching:
-                return mean, std, [e.time_ids for e in examples], captions
-            for i, m, s, e in zip(indices, mean, std, examples):
-                self.latents[(name, i, bucket)] = (m, s, e.time_ids)
-        rows = [self.latents[(name, i, bucket)] for i in indices]
-        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), [r[2] for r in rows], captions
-
-    def scale(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.shift) * self.scaling if self.shift is not None else z * self.scaling
-
-    def cache_prompts(self, prompts) -> None:
-        with torch.no_grad():
-            for prompt in dict.fromkeys(prompts):
-                embeds, pooled = self._encode([prompt])
-                self.embeds[prompt] = (embeds[0], None if pooled is None else pooled[0])
-
-    def _encode(self, prompts):
-        from ..pipeline.text import encode_prompts
-
-        tokenizers = [self.pipe.tokenizer] + ([self.pipe.tokenizer_2] if self.sdxl else [])
-        return encode_prompts(tokenizers, self.text_models, prompts, self.sdxl)
-
-    def prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self.train_text and all(c in self.embeds for c in captions):
-            rows = [self.embeds[c] for c in captions]
-            pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
-            return torch.stack([r[0] for r in rows]), pooled
-        return self._encode(captions)
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on `device`; to a GPU through pinned memory (PyTorch's caching host allocator), without waiting."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-@contextlib.contextmanager
-def _models_on(device, models):
-    """Move models (kept off the GPU during the loop) to `device` for a while."""
-    homes = [(m, next(m.parameters()).device) for m in models]
-    for m, _ in homes:
-        m.to(device)
-    try:
-        yield
-    finally:
-        for m, home in homes:
-            m.to(home)
-
-
 _OOM_HINT = (
     "out of GPU memory; lower it with --gradient-checkpointing, --optimizer adamw8bit, --mixed-precision bf16, "
     "--cache-latents (the default), a smaller --resolution or --batch-size (with --grad-accum to keep the batch)"
@@ -199,65 +117,124 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         raise KronaError(_OOM_HINT) from None
 
 
-def _data_files(*datasets) -> dict[str, list[list]]:
-    """What a run trains on: each image set's file names and sizes (recorded in checkpoints)."""
-    return {d.what: [[p.name, p.stat().st_size] for p in d.paths] for d in datasets if d is not None}
-
-
-def _check_same_data(saved: dict | None, now: dict, path: Path) -> None:
-    """KronaError naming the first difference if the photos changed since a checkpoint was made."""
-    if saved is None:  # a checkpoint of an older krona
-        return
-    for what in sorted(set(saved) | set(now)):
-        before, after = dict(map(tuple, saved.get(what, []))), dict(map(tuple, now.get(what, [])))
-        changes = [f"added {n}" for n in after if n not in before] + [f"removed {n}" for n in before if n not in after]
-        changes += [f"changed {n}" for n in after if n in before and before[n] != after[n]]
-        if changes:
-            raise KronaError(
-                f"the {what} images changed since checkpoint '{path}' ({', '.join(changes[:3])}); resume with the "
-                "images it was trained on, or start a new run in another --output-dir"
-            )
-
-
 def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from .checkpoint import load_checkpoint
 
-    from .checkpoint import (
-        TrainingState,
-        capture_rng,
-        incomplete_leftovers,
-        load_checkpoint,
-        resolve_resume,
-        restore_rng,
-        save_checkpoint,
-    )
-    from .buckets import Schedule, histogram, spread
-    from .data import ImageSet, check_images, scan_images, skipped_note, small_images_warning
-    from .diffusion import draw_noise, per_sample_loss, target_for
-    from .ema import EMA
-    from ..pipeline.models import cast, load_pipeline
-    from .priors import generate_class_images, missing_indices
-    from ..pipeline.quantize import QUANTIZED, memory_estimate, quantize
-    from ..inference.sampling import ModelInfo, SampleConfig, image_metadata, render, write_grid
-    from .trainable import attach
+    pre = preflight(cfg, reporter)
+    accelerator = _accelerator(cfg, pre.out)
+    if not accelerator.is_main_process:
+        reporter = Reporter()  # one process speaks
+    base = load_base(cfg, accelerator.device)
+    photos = load_photos(cfg, pre, base, reporter)
+    adapter = trainable.trainable_adapter(base.pipe, cfg.adapter, cfg.targets, cfg.factors, cfg.rank, cfg.scale,
+                                          cfg.train_text_encoder, cfg.text_encoder_factors, cfg.strict_factors)
+    rows = summary(cfg, _plan(cfg, pre, base, photos, adapter, accelerator))
+    result = TrainResult(output_dir=pre.out, summary=rows, main_process=accelerator.is_main_process)
+    reporter.start(rows)
+    if cfg.dry_run:
+        return result
+    if cfg.overwrite and not cfg.resume and accelerator.is_main_process:
+        _clear_run(pre.out)
+    accelerator.wait_for_everyone()  # every process has counted the class images before any are made
+    result.class_images_generated = _class_images(cfg, base, photos, accelerator, reporter)
+    run = _prepare(cfg, accelerator, base, photos, adapter, pre.out, reporter)
+    if pre.resume_from is not None:
+        run.restore(load_checkpoint(pre.resume_from), pre.resume_from)
+    finished = False
+    try:
+        result.processes_agree = _loop(run)
+        finished = True
+    finally:
+        for tracker in accelerator.trackers:  # not end_training(): it also ends the process group
+            tracker.finish()
+    result.step, result.losses, result.bad_steps = run.done, run.losses, run.bad_steps
+    result.samples, result.checkpoints = run.sample_grids, run.checkpoints
+    if finished and accelerator.is_main_process:
+        result.adapter = _save_final(cfg, adapter, run.ema, pre.out, base, run.done, result.samples, reporter)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _loop(run: Run) -> int:
+    """The steps from where the run stands to cfg.steps, a checkpoint and samples whenever due and at the end; Ctrl-C
+    or SIGTERM ends it after the current step with a checkpoint. Returns how many processes hold the same weights."""
+    cfg, accelerator, reporter = run.cfg, run.accelerator, run.reporter
+    with _Stop() as stop:  # from here on, Ctrl-C or SIGTERM ends the run with a checkpoint
+        if accelerator.is_main_process:
+            write_bytes_atomic(run.out / "config.yaml", cfg.to_yaml().encode())
+            accelerator.init_trackers("krona", config=_tracker_config(cfg))
+        while run.done < cfg.steps:
+            loss, lr = run.step()
+            accelerator.log({"loss": loss, "lr": lr}, step=run.done)
+            reporter.step(run.done, cfg.steps, loss, lr)
+            if _due(cfg.checkpoint_every, run.done, cfg.steps):
+                run.checkpoint()
+            if _due(cfg.sample_every, run.done, cfg.steps):
+                run.samples()
+            if stop.requested:
+                if not run.checkpoints or run.checkpoints[-1].name != f"step-{run.done:06d}":
+                    run.checkpoint()
+                raise TrainingInterrupted(_stopped(run.done, cfg.steps, run.out))
+    run.checkpoint()
+    run.samples()
+    return run.processes_agree()
+
+
+def _due(every: int, step: int, steps: int) -> bool:
+    """Whether a periodic checkpoint or sample grid falls on `step` (the last step always gets both)."""
+    return bool(every) and step % every == 0 and step < steps
+
+
+def _stopped(step: int, steps: int, out: Path) -> str:
+    return (f"stopped at step {step} of {steps}; checkpoint saved. Resume with: "
+            f"krona train --config {out / 'config.yaml'} --resume latest")
+
+
+def _tracker_config(cfg: TrainConfig) -> dict:
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.to_dict().items()}
+
+
+# --- the phases before the loop, in the order they run ------------------------------------------------------------
+
+@dataclass
+class Preflight:
+    """What is known before any model loads: the output folder, the photos and their sizes, the resume point."""
+
+    out: Path
+    photos: list[Path]
+    sizes: list[tuple[int, int]]  # (height, width) of each photo
+    resume_from: Path | None  # the checkpoint to continue from
+
+
+def preflight(cfg: TrainConfig, reporter: Reporter) -> Preflight:
+    """Check the settings, the output folder, the photos (each decoded once: a broken one fails before the model
+    loads), the resume point and what the environment must offer (CUDA for xformers, the tracker's package)."""
+    from .checkpoint import incomplete_leftovers, resolve_resume
+    from .data import check_images, scan_images
 
     cfg.validate()
     out = check_output_dir(cfg)
     photos, _ = scan_images(cfg.instance_dir, "instance")
-    photo_sizes = check_images(photos)  # every photo decoded once: a broken one fails before the model loads
+    sizes = check_images(photos)
     resume_from = resolve_resume(out, cfg.resume) if cfg.resume else None
     for leftover in incomplete_leftovers(out):
         reporter.warn(f"ignoring an incomplete checkpoint left by a killed run: {leftover}")
     if cfg.resume and resume_from is None:
         reporter.warn(f"--resume {cfg.resume}: no checkpoint in '{out / 'checkpoints'}' yet; starting from step 0")
-
     if cfg.xformers and not torch.cuda.is_available():
         raise KronaError("--xformers needs a CUDA GPU; leave it off (PyTorch's SDPA attention is the default and as fast)")
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         raise KronaError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to} "
                          "(or pass --report-to none)")
+    return Preflight(out, photos, sizes, resume_from)
+
+
+def _accelerator(cfg: TrainConfig, out: Path):
+    """This run's accelerate state (precision, trackers, process group), TF32 as asked, and the global seed."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration, set_seed
+
     # accelerate keeps one state per process; each run (several in one process for tests and comparisons) sets its
     # own precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
@@ -272,123 +249,190 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if not accelerator.is_main_process:
-        reporter = Reporter()  # one process speaks
     set_seed(cfg.seed)
-    device, weight_dtype = accelerator.device, compute_dtype(cfg.mixed_precision)
+    return accelerator
 
-    pipe, arch = load_pipeline(cfg.pretrained_model, vae=cfg.vae, revision=cfg.revision, variant=cfg.variant)
+
+@dataclass
+class Base:
+    """The base model as the run holds it: loaded, its frozen models cast or quantized, the VAE in fp32."""
+
+    pipe: Any
+    arch: str  # sdxl | sd15 | sd2 ...
+    prediction: str  # epsilon | v_prediction
+    resolution: int  # the training resolution (the architecture's default unless set)
+    text_models: list[nn.Module]
+    adapted: list[nn.Module]  # the models that carry adapters: the UNet, and the text encoders when trained
+    compute: str  # fp32 | fp16 | bf16: what the forward pass runs in
+    base_precision: str  # how the adapted models' frozen weights are stored (a dtype, int8 or nf4)
+    weight_dtype: torch.dtype  # the compute dtype
+    info: Any  # inference.sampling.ModelInfo, for the metadata of pictures
+
+    @property
+    def sdxl(self) -> bool:
+        return self.arch == "sdxl"
+
+
+def load_base(cfg: TrainConfig, device: torch.device) -> Base:
+    """Load the base pipeline, check its prediction type, and put each model on `device` in its precision."""
+    from ..inference.sampling import ModelInfo
+    from ..pipeline import models
+    from ..pipeline.quantize import QUANTIZED, quantize
+
+    pipe, arch = models.load_pipeline(cfg.pretrained_model, vae=cfg.vae, revision=cfg.revision, variant=cfg.variant)
     pipe.set_progress_bar_config(disable=True)
-    sdxl = arch == "sdxl"
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
         raise KronaError(f"the base model predicts '{prediction}'; krona trains epsilon and v-prediction models")
-    resolution = cfg.effective_resolution(arch)
-    text_models = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
+    weight_dtype = compute_dtype(cfg.mixed_precision)
+    text_models = [pipe.text_encoder] + ([pipe.text_encoder_2] if arch == "sdxl" else [])
     compute = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)
     base_precision = cfg.base_precision or compute
     adapted = [pipe.unet] + (text_models if cfg.train_text_encoder else [])
     for model in [pipe.unet, *text_models]:
         if model not in adapted:
-            cast(model, device, weight_dtype)
+            models.cast(model, device, weight_dtype)
         elif base_precision in QUANTIZED:
             quantize(model, base_precision, weight_dtype, device)
         else:
-            cast(model, device, DTYPES[base_precision])
-    cast(pipe.vae, device, torch.float32)  # the SDXL VAE overflows in fp16; latents are cached anyway
+            models.cast(model, device, DTYPES[base_precision])
+    models.cast(pipe.vae, device, torch.float32)  # the SDXL VAE overflows in fp16; latents are cached anyway
     info = ModelInfo(base_model=cfg.pretrained_model, architecture=arch, dtype=cfg.mixed_precision)
+    return Base(pipe, arch, prediction, cfg.effective_resolution(arch), text_models, adapted, compute, base_precision,
+                weight_dtype, info)
 
-    buckets = sdxl if cfg.buckets is None else cfg.buckets
-    instance = ImageSet(cfg.instance_dir, cfg.prompt, resolution, repeats=cfg.repeats, center_crop=cfg.center_crop,
+
+@dataclass
+class Photos:
+    """The photos as a dataset, and where the class images (prior preservation) are and how many are missing."""
+
+    instance: Any  # data.ImageSet
+    buckets: bool  # aspect-ratio buckets (else square crops)
+    class_dir: Path
+    to_generate: int  # class images still to make (0 without --class-prompt)
+
+
+def load_photos(cfg: TrainConfig, pre: Preflight, base: Base, reporter: Reporter) -> Photos:
+    from .data import ImageSet, skipped_note, small_images_warning
+    from .priors import missing_indices
+
+    buckets = base.sdxl if cfg.buckets is None else cfg.buckets
+    instance = ImageSet(cfg.instance_dir, cfg.prompt, base.resolution, repeats=cfg.repeats, center_crop=cfg.center_crop,
                         random_flip=cfg.random_flip, seed=cfg.seed, what="instance", buckets=buckets,
-                        sizes=photo_sizes)
+                        sizes=pre.sizes)
     if instance.skipped:
         reporter.warn("skipped " + skipped_note(instance.skipped))
-    small = small_images_warning(photos, photo_sizes, instance.buckets)
+    small = small_images_warning(pre.photos, pre.sizes, instance.buckets)
     if small:
         reporter.warn(small)
-    prior = cfg.class_prompt is not None
-    class_dir = Path(cfg.class_dir or out / "class-images").expanduser()
-    to_generate = len(missing_indices(class_dir, cfg.num_class_images)) if prior else 0
+    class_dir = Path(cfg.class_dir or pre.out / "class-images").expanduser()
+    to_generate = len(missing_indices(class_dir, cfg.num_class_images)) if cfg.class_prompt is not None else 0
+    return Photos(instance, buckets, class_dir, to_generate)
 
-    adapter = attach(pipe, cfg.adapter, cfg.targets, cfg.factors, cfg.rank, cfg.scale, cfg.train_text_encoder,
-                     cfg.text_encoder_factors, cfg.strict_factors)
-    params = adapter.params()
-    world = accelerator.num_processes
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    memory = memory_estimate(adapted + ([] if cfg.cache_latents else [pipe.vae]), adapter.num_params(), cfg.optimizer,
-                             cfg.ema)
-    summary = [
-        ("model", f"{cfg.pretrained_model} ({arch}, {prediction.replace('_', '-')})"),
-        ("adapter", f"{cfg.adapter} " + (f"{cfg.factors}" if cfg.adapter == "kron" else f"rank {cfg.rank}")
-         + f", targets {cfg.targets}" + (", text encoders too" if cfg.train_text_encoder else "")
-         + (f"; factors fitted to the {fitted} layer(s) they do not divide (--strict-factors stops instead)"
-            if (fitted := adapter.fitted_layers()) else "")),
-        ("trainable parameters", f"{adapter.num_params():,}"),
-        ("instance images", f"{len(instance.paths)} × {cfg.repeats} repeats, '{cfg.prompt}'"),
-        ("sizes", f"aspect-ratio buckets of about {resolution}² px: {histogram(instance.buckets)}" if buckets
-         else f"{resolution}×{resolution} squares"),
-        ("class images", f"{cfg.num_class_images} of '{cfg.class_prompt}' in {class_dir} ({to_generate} to generate)"
-         if prior else "none (no --class-prompt: prior preservation off)"),
-        ("steps", f"{cfg.steps}" + (f", resuming from {resume_from.name}" if resume_from else "")),
-        ("batch", f"{cfg.batch_size} per process × {cfg.grad_accum} accumulation × {world} process(es) "
-                  f"= {global_batch} per step"),
-        ("optimizer", f"{cfg.optimizer}, lr {cfg.effective_lr():g} ({cfg.lr_scheduler}), weight decay {cfg.weight_decay:g}"),
-        ("precision", f"compute {compute}, frozen base {base_precision}, adapter weights fp32, on {device}"
-         + (", gradient checkpointing" if cfg.gradient_checkpointing else "") + (", torch.compile" if cfg.compile else "")),
-        ("memory (estimate)", memory),
-        ("output", str(out)),
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run is about to do, in plain values (no models): what `summary` shows."""
+
+    arch: str
+    prediction: str
+    resolution: int
+    compute: str
+    base_precision: str
+    device: str
+    photos: int  # instance photos
+    buckets: list[Bucket] | None  # each photo's aspect-ratio bucket; None: square crops
+    class_dir: Path
+    to_generate: int
+    params: int  # trainable parameters
+    fitted: int  # Kronecker-adapted layers whose factors were fitted to their size
+    resume_from: Path | None
+    world: int  # processes
+    memory: str  # the memory estimate, in words
+    out: Path
+
+
+def _plan(cfg: TrainConfig, pre: Preflight, base: Base, photos: Photos, adapter, accelerator) -> Plan:
+    from ..pipeline.quantize import memory_estimate
+
+    memory = memory_estimate(base.adapted + ([] if cfg.cache_latents else [base.pipe.vae]), adapter.num_params(),
+                             cfg.optimizer, cfg.ema)
+    return Plan(base.arch, base.prediction, base.resolution, base.compute, base.base_precision,
+                str(accelerator.device), len(photos.instance.paths),
+                photos.instance.buckets if photos.buckets else None, photos.class_dir, photos.to_generate,
+                adapter.num_params(), adapter.fitted_layers(), pre.resume_from, accelerator.num_processes, memory,
+                pre.out)
+
+
+def summary(cfg: TrainConfig, plan: Plan) -> list[tuple[str, str]]:
+    """The (label, text) rows shown before a run starts (and all a dry run shows); a pure function of its inputs."""
+    from .buckets import histogram
+
+    adapter = f"{cfg.adapter} " + (f"{cfg.factors}" if cfg.adapter == "kron" else f"rank {cfg.rank}")
+    adapter += f", targets {cfg.targets}" + (", text encoders too" if cfg.train_text_encoder else "")
+    if plan.fitted:
+        adapter += f"; factors fitted to the {plan.fitted} layer(s) they do not divide (--strict-factors stops instead)"
+    sizes = (f"aspect-ratio buckets of about {plan.resolution}² px: {histogram(plan.buckets)}"
+             if plan.buckets is not None else f"{plan.resolution}×{plan.resolution} squares")
+    classes = (f"{cfg.num_class_images} of '{cfg.class_prompt}' in {plan.class_dir} ({plan.to_generate} to generate)"
+               if cfg.class_prompt is not None else "none (no --class-prompt: prior preservation off)")
+    global_batch = cfg.batch_size * cfg.grad_accum * plan.world
+    batch = (f"{cfg.batch_size} per process × {cfg.grad_accum} accumulation × {plan.world} process(es) "
+             f"= {global_batch} per step")
+    optimizer = f"{cfg.optimizer}, lr {cfg.effective_lr():g} ({cfg.lr_scheduler}), weight decay {cfg.weight_decay:g}"
+    precision = f"compute {plan.compute}, frozen base {plan.base_precision}, adapter weights fp32, on {plan.device}"
+    precision += (", gradient checkpointing" if cfg.gradient_checkpointing else "") + (
+        ", torch.compile" if cfg.compile else "")
+    return [
+        ("model", f"{cfg.pretrained_model} ({plan.arch}, {plan.prediction.replace('_', '-')})"),
+        ("adapter", adapter),
+        ("trainable parameters", f"{plan.params:,}"),
+        ("instance images", f"{plan.photos} × {cfg.repeats} repeats, '{cfg.prompt}'"),
+        ("sizes", sizes),
+        ("class images", classes),
+        ("steps", f"{cfg.steps}" + (f", resuming from {plan.resume_from.name}" if plan.resume_from else "")),
+        ("batch", batch),
+        ("optimizer", optimizer),
+        ("precision", precision),
+        ("memory (estimate)", plan.memory),
+        ("output", str(plan.out)),
     ]
-    result = TrainResult(output_dir=out, summary=summary, main_process=accelerator.is_main_process)
-    reporter.start(summary)
-    if cfg.dry_run:
-        return result
-    if cfg.overwrite and not cfg.resume and accelerator.is_main_process:
-        _clear_run(out)
-    accelerator.wait_for_everyone()  # every process has counted the class images before any are made
+
+
+def _class_images(cfg: TrainConfig, base: Base, photos: Photos, accelerator, reporter: Reporter) -> int:
+    """Make the missing class images with the base model (spread over the processes); how many this process made."""
+    from .buckets import spread
+    from .priors import generate_class_images
+
+    if cfg.class_prompt is None or not photos.to_generate:
+        return 0
     # fresh adapters change nothing yet (B = 0), so these are the base model's images
-    if prior and to_generate:
-        with accelerator.autocast(), torch.no_grad():
-            # made in the photos' buckets, in their proportions, so every photo's bucket has class images of its own
-            sizes = [(b.height, b.width) for b in spread(instance.buckets, len(instance.buckets))]
-            result.class_images_generated = len(generate_class_images(
-                pipe, info, class_dir, cfg.class_prompt, cfg.num_class_images, lambda i: sizes[i % len(sizes)],
-                seed=cfg.seed,
-                batch_size=cfg.class_batch_size, steps=cfg.sample_steps, guidance=cfg.sample_guidance,
-                progress=reporter.class_images, rank=accelerator.process_index, world=world))
-        accelerator.wait_for_everyone()
+    with accelerator.autocast(), torch.no_grad():
+        # made in the photos' buckets, in their proportions, so every photo's bucket has class images of its own
+        buckets = photos.instance.buckets
+        sizes = [(b.height, b.width) for b in spread(buckets, len(buckets))]
+        made = generate_class_images(
+            base.pipe, base.info, photos.class_dir, cfg.class_prompt, cfg.num_class_images,
+            lambda i: sizes[i % len(sizes)], seed=cfg.seed, batch_size=cfg.class_batch_size, steps=cfg.sample_steps,
+            guidance=cfg.sample_guidance, progress=reporter.class_images, rank=accelerator.process_index,
+            world=accelerator.num_processes)
+    accelerator.wait_for_everyone()
+    return len(made)
 
-    # every class image is decoded here: a broken file in a user's class folder fails now, not mid-training
-    classes = ImageSet(class_dir, cfg.class_prompt, resolution, center_crop=cfg.center_crop,
-                       random_flip=cfg.random_flip, seed=cfg.seed, what="class", buckets=buckets) if prior else None
-    schedule = Schedule([instance.bucket_of(i) for i in range(len(instance))], global_batch, cfg.seed, "instance")
-    class_schedule = None if classes is None else Schedule(classes.buckets, global_batch, cfg.seed, "class")
-    if cfg.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            for model in text_models:
-                model.gradient_checkpointing_enable()
-    if cfg.xformers:
-        try:
-            pipe.unet.enable_xformers_memory_efficient_attention()
-        except Exception as e:
-            raise KronaError(f"--xformers cannot run here ({type(e).__name__}: {e}); leave it off") from None
 
-    encoder = _Encoder(pipe, sdxl, device, weight_dtype, cfg.train_text_encoder, text_models)
-    if not cfg.train_text_encoder:
-        encoder.cache_prompts(list(instance.captions) + ([cfg.class_prompt] if prior else []))
-    if cfg.cache_latents:
-        encoder.cache_latents("instance", instance)
-        if classes is not None:
-            encoder.cache_latents("class", classes)
-    idle = ([pipe.vae] if cfg.cache_latents else []) + ([] if cfg.train_text_encoder else text_models)
-    if device.type != "cpu":
-        for model in idle:
-            model.to("cpu")
-
-    optimizer = _optimizer(cfg, adapter)
+def _prepare(cfg: TrainConfig, accelerator, base: Base, photos: Photos, adapter, out: Path,
+             reporter: Reporter) -> Run:
+    """The run at step 0: its data, the encoder with its caches, the optimizer, and the models prepared by
+    accelerate (and compiled with --compile)."""
     from diffusers.optimization import get_scheduler
 
+    from .ema import EMA
+
+    params = adapter.params()
+    data = _data(cfg, base, photos, cfg.batch_size * cfg.grad_accum * accelerator.num_processes)
+    _speedups(cfg, base)
+    encoder, idle = _encoder(cfg, base, data, accelerator.device)
+    optimizer = _optimizer(cfg, adapter)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.steps)
     ema = EMA(params, cfg.ema_decay) if cfg.ema else None
@@ -397,224 +441,66 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     wrapped, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
     unet = torch.compile(wrapped["unet"]) if cfg.compile else wrapped["unet"]
     if cfg.train_text_encoder:
-        encoder.text_models = [wrapped[c] for c in ("text_encoder", "text_encoder_2") if c in wrapped]
-
-    step = 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        _check_same_run(cfg, state.meta, resume_from)
-        saved_batch = state.meta.get("global_batch", global_batch)
-        if saved_batch != global_batch:
-            raise KronaError(
-                f"checkpoint '{resume_from}' was trained with a global batch of {saved_batch} samples per step; this "
-                f"run has {global_batch} (--batch-size {cfg.batch_size} × --grad-accum {cfg.grad_accum} × {world} "
-                f"process(es)); choose --batch-size and --grad-accum so that they multiply to {saved_batch}"
-            )
-        _check_same_data(state.meta.get("data"), _data_files(instance, classes), resume_from)
-        if set(state.params) != set(params):
-            odd = sorted(set(state.params) ^ set(params))[0]
-            raise KronaError(f"checkpoint '{resume_from}' does not hold the weights this run trains (e.g. '{odd}'); "
-                             "resume with the settings it was made with")
-        with torch.no_grad():
-            for name, value in state.params.items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(state.optimizer)
-        lr_scheduler.load_state_dict(state.lr_scheduler)
-        if ema is not None and state.ema is not None:
-            ema.load_state_dict(state.ema)
-        if state.rng is not None:
-            restore_rng(state.rng)
-        if accelerator.scaler is not None and "grad_scaler" in state.meta:
-            accelerator.scaler.load_state_dict(state.meta["grad_scaler"])
-        step = state.step
-
-    noise_scheduler = _noise_scheduler(pipe)
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    sample_prompts = list(cfg.sample_prompt) or [cfg.prompt]
-    sample_size = (cfg.sample_width or resolution, cfg.sample_height or resolution)
-    sample_config = SampleConfig(num_images=cfg.sample_images, seed=cfg.seed, steps=cfg.sample_steps,
-                                 guidance=cfg.sample_guidance, width=sample_size[0], height=sample_size[1],
-                                 batch_size=cfg.sample_images)
-
-    def save_samples(at_step: int) -> None:
-        if not accelerator.is_main_process:
-            return
-        unet.eval()
-        weights = ema.applied() if ema is not None else contextlib.nullcontext()
-        with weights, _models_on(device, idle), accelerator.autocast(), torch.no_grad():
-            images = render(pipe, sample_config, sample_prompts)
-        unet.train()
-        meta = image_metadata(sample_config, info, *sample_size) | {"step": str(at_step)}
-        path = write_grid(out / "samples" / f"step-{at_step:06d}.png", images, sample_prompts,
-                          sample_config.seeds(), meta)
-        result.samples.append(path)
-        reporter.saved("samples", path)
-
-    def checkpoint(at_step: int) -> None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            _check_finite(params.values(), "adapter")
-            meta = {"config": cfg.to_dict(), "config_hash": cfg.config_hash(), "krona_version": __version__,
-                    "global_batch": global_batch, "processes": world, "data": _data_files(instance, classes)}
-            if accelerator.scaler is not None:
-                meta["grad_scaler"] = accelerator.scaler.state_dict()
-            state = TrainingState(
-                step=at_step,
-                params={k: v.detach() for k, v in params.items()},
-                optimizer=optimizer.state_dict(),
-                lr_scheduler=lr_scheduler.state_dict(),
-                ema=None if ema is None else ema.state_dict(),
-                rng=capture_rng(),
-                meta=meta,
-            )
-            path = save_checkpoint(out, state, keep=cfg.keep_checkpoints or None)
-            result.checkpoints.append(path)
-            reporter.saved("checkpoint", path)
-        accelerator.wait_for_everyone()
-
-    def micro_batch(at_step: int, micro: int):
-        offset = (micro * world + accelerator.process_index) * cfg.batch_size
-        first = at_step * global_batch + offset  # the run's index of this micro-batch's first sample
-        bucket, earlier = schedule.step(at_step)
-        batches = [("instance", instance, schedule.take(bucket, earlier))]
-        if class_schedule is not None:
-            # the class images of the photos' bucket, else any class images, resized and cropped to that bucket
-            batches.append(("class", classes, class_schedule.take(bucket, earlier) or class_schedule.take_any(at_step)))
-        means, stds, noises, posterior_draws, steps, times, captions = [], [], [], [], [], [], []
-        for name, dataset, items in batches:
-            mean, std, time_ids, caps = encoder.items(name, dataset, items[offset:offset + cfg.batch_size], bucket)
-            means.append(mean)
-            stds.append(std)
-            for g in range(first, first + cfg.batch_size):
-                noise, t, eps = draw_noise(tuple(mean.shape[1:]), num_timesteps, cfg.noise_offset, "noise", name,
-                                           cfg.seed, g)
-                noises.append(noise)
-                posterior_draws.append(eps)
-                steps.append(t)
-            times += time_ids
-            captions += caps
-        # the draws are made on the CPU (the same numbers on any device) and go over in one copy
-        noise, eps = _to_device(torch.stack([torch.stack(noises), torch.stack(posterior_draws)]), device)
-        latents = encoder.scale(torch.cat(means) + torch.cat(stds) * eps)
-        return (latents, noise, torch.tensor(steps, device=device),
-                torch.tensor(times, device=device, dtype=weight_dtype), captions)
-
-    def micro_loss(at_step: int, micro: int) -> torch.Tensor:
-        latents, noise, timesteps, time_ids, captions = micro_batch(at_step, micro)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        embeds, pooled = encoder.prompts(captions)
-        extra = {"added_cond_kwargs": {"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids}} if sdxl else {}
-        with accelerator.autocast():
-            prediction = unet(noisy.to(weight_dtype), timesteps, embeds.to(weight_dtype), **extra).sample
-        losses = per_sample_loss(noise_scheduler, prediction, target_for(noise_scheduler, latents, noise, timesteps),
-                                 timesteps, cfg.snr_gamma)
-        n = cfg.batch_size
-        loss = losses[:n].mean()
-        if classes is not None:
-            loss = loss + cfg.prior_loss_weight * losses[n:].mean()
-        return loss
-
+        encoder.text_models = [wrapped[c] for c in trainable.TEXT_COMPONENTS if c in wrapped]
     for model in adapter.models.values():
         model.train()
-    progress_done, bad_in_row = False, 0
-    try:
-        with _Stop() as stop:  # from here on, Ctrl-C or SIGTERM ends the run with a checkpoint
-            if accelerator.is_main_process:
-                write_bytes_atomic(out / "config.yaml", cfg.to_yaml().encode())
-                tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                  for k, v in cfg.to_dict().items()}
-                accelerator.init_trackers("krona", config=tracker_config)
-            while step < cfg.steps:
-                total = torch.zeros((), device=device)
-                for micro in range(cfg.grad_accum):
-                    last = micro == cfg.grad_accum - 1
-                    with contextlib.ExitStack() as sync:
-                        if not last:
-                            for model in wrapped.values():
-                                sync.enter_context(accelerator.no_sync(model))
-                        loss = micro_loss(step, micro)
-                        accelerator.backward(loss / cfg.grad_accum)
-                    total += loss.detach().float() / cfg.grad_accum
-                # the step's one wait for the GPU: the loss and whether it or any gradient is non-finite, from every
-                # process at once (fp16: the gradient scaler itself skips steps with overflowing gradients)
-                finite = torch.isfinite(total)
-                grads = [p.grad for p in params.values() if p.grad is not None]
-                if accelerator.scaler is None and grads:
-                    finite &= torch.isfinite(torch.nn.utils.get_total_norm(grads))
-                loss_sum, bad = accelerator.reduce(torch.stack([total, (~finite).float()]), "sum").tolist()
-                if bad > 0:
-                    optimizer.zero_grad(set_to_none=True)
-                    result.bad_steps += 1
-                    bad_in_row += 1
-                    reporter.warn(f"step {step + 1}: the loss or gradients are not finite; step skipped "
-                                  f"({bad_in_row} in a row, at most {cfg.max_bad_steps})")
-                    if bad_in_row >= cfg.max_bad_steps:
-                        raise KronaError(
-                            f"the loss or gradients were not finite for {bad_in_row} steps in a row (up to step "
-                            f"{step + 1}); likely causes: fp16 overflow (use --mixed-precision bf16 or no, or an "
-                            "fp16-safe --vae) or a learning rate too high (lower --lr); the adapter was not saved, "
-                            "the last checkpoint is intact"
-                        )
-                else:
-                    bad_in_row = 0
-                    if cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-                    optimizer.step()
-                    if not accelerator.optimizer_step_was_skipped:
-                        lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if ema is not None:
-                        ema.update()
-                step += 1
-                loss_value = loss_sum / world
-                lr = lr_scheduler.get_last_lr()[0]
-                result.losses.append(loss_value)
-                accelerator.log({"loss": loss_value, "lr": lr}, step=step)
-                reporter.step(step, cfg.steps, loss_value, lr)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                    checkpoint(step)
-                if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-                    save_samples(step)
-                if stop.requested:
-                    if not result.checkpoints or result.checkpoints[-1].name != f"step-{step:06d}":
-                        checkpoint(step)
-                    raise TrainingInterrupted(
-                        f"stopped at step {step} of {cfg.steps}; checkpoint saved. Resume with: "
-                        f"krona train --config {out / 'config.yaml'} --resume latest"
-                    )
-        checkpoint(step)
-        save_samples(step)
-        result.processes_agree = _check_processes_agree(accelerator, params)
-        progress_done = True
-    finally:
-        for tracker in accelerator.trackers:  # not end_training(): it also ends the process group
-            tracker.finish()
-    if progress_done and accelerator.is_main_process:
-        result.adapter = _save_final(cfg, adapter, ema, out, arch, prediction, step, result, reporter)
-    result.step = step
-    accelerator.wait_for_everyone()
-    return result
+    return Run(cfg, accelerator, wrapped, unet, params, optimizer, lr_scheduler, ema, _noise_scheduler(base.pipe),
+               encoder, data, _sampling(cfg, base, idle), out, reporter)
 
 
-def _check_finite(tensors, what: str) -> None:
-    """KronaError instead of saving non-finite weights."""
-    if not all(bool(torch.isfinite(t).all()) for t in tensors):
-        raise KronaError(f"the {what} holds non-finite values and was not saved; lower --lr or use --mixed-precision "
-                         "bf16, and resume from the last checkpoint")
+def _data(cfg: TrainConfig, base: Base, photos: Photos, global_batch: int) -> Data:
+    """The photos and the class images as datasets, and the items each step takes."""
+    from .buckets import Schedule
+    from .data import ImageSet
+
+    # every class image is decoded here: a broken file in a user's class folder fails now, not mid-training
+    classes = ImageSet(photos.class_dir, cfg.class_prompt, base.resolution, center_crop=cfg.center_crop,
+                       random_flip=cfg.random_flip, seed=cfg.seed, what="class",
+                       buckets=photos.buckets) if cfg.class_prompt is not None else None
+    instance = photos.instance
+    schedule = Schedule([instance.bucket_of(i) for i in range(len(instance))], global_batch, cfg.seed, "instance")
+    class_schedule = None if classes is None else Schedule(classes.buckets, global_batch, cfg.seed, "class")
+    return Data(instance, classes, schedule, class_schedule)
 
 
-def _check_processes_agree(accelerator, params: dict[str, torch.Tensor]) -> int:
-    """Compare a SHA-256 of every process's adapter weights; return the process count, raise if any differs."""
-    import hashlib
+def _speedups(cfg: TrainConfig, base: Base) -> None:
+    """Gradient checkpointing and xformers attention, when asked."""
+    if cfg.gradient_checkpointing:
+        base.pipe.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            for model in base.text_models:
+                model.gradient_checkpointing_enable()
+    if cfg.xformers:
+        try:
+            base.pipe.unet.enable_xformers_memory_efficient_attention()
+        except Exception as e:
+            raise KronaError(f"--xformers cannot run here ({type(e).__name__}: {e}); leave it off") from None
 
-    digest = hashlib.sha256()
-    for value in params.values():
-        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    mine = torch.frombuffer(bytearray(digest.digest()), dtype=torch.int64).to(accelerator.device)
-    everyone = accelerator.gather(mine).reshape(accelerator.num_processes, -1)
-    if not bool((everyone == everyone[0]).all()):
-        raise RuntimeError("the training processes ended with different adapter weights (a bug: please report it)")
-    return accelerator.num_processes
+
+def _encoder(cfg: TrainConfig, base: Base, data: Data, device: torch.device) -> tuple[Encoder, list[nn.Module]]:
+    """The encoder with the prompt embeddings (frozen text encoders) and latents (--cache-latents) cached, and the
+    models that then leave the GPU until samples are drawn."""
+    encoder = Encoder(base.pipe, base.sdxl, device, base.weight_dtype, cfg.train_text_encoder, base.text_models)
+    if not cfg.train_text_encoder:
+        encoder.cache_prompts(list(data.instance.captions) + ([cfg.class_prompt] if data.classes is not None else []))
+    if cfg.cache_latents:
+        encoder.cache_latents("instance", data.instance)
+        if data.classes is not None:
+            encoder.cache_latents("class", data.classes)
+    idle = ([base.pipe.vae] if cfg.cache_latents else []) + ([] if cfg.train_text_encoder else base.text_models)
+    if device.type != "cpu":
+        for model in idle:
+            model.to("cpu")
+    return encoder, idle
+
+
+def _sampling(cfg: TrainConfig, base: Base, idle: list[nn.Module]) -> Sampling:
+    from ..inference.sampling import SampleConfig
+
+    size = (cfg.sample_width or base.resolution, cfg.sample_height or base.resolution)
+    config = SampleConfig(num_images=cfg.sample_images, seed=cfg.seed, steps=cfg.sample_steps,
+                          guidance=cfg.sample_guidance, width=size[0], height=size[1], batch_size=cfg.sample_images)
+    return Sampling(base.pipe, config, list(cfg.sample_prompt) or [cfg.prompt], base.info, size, idle)
 
 
 def _clear_run(out: Path) -> None:
@@ -645,38 +531,19 @@ def _noise_scheduler(pipe):
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
-def _check_same_run(cfg: TrainConfig, meta: dict, path: Path) -> None:
-    """KronaError naming the settings that differ if a checkpoint was made with other run-defining settings."""
-    if meta.get("config_hash") in (None, cfg.config_hash()):
-        return
-    import dataclasses
-
-    from .config import load_config
-
-    saved = load_config(None, {k.replace("-", "_"): v for k, v in meta.get("config", {}).items()})
-    differ = [
-        f.name.replace("_", "-")
-        for f in dataclasses.fields(cfg)
-        if dataclasses.replace(saved, **{f.name: getattr(cfg, f.name)}).config_hash() != saved.config_hash()
-    ]
-    raise KronaError(
-        f"checkpoint '{path}' belongs to a run with other settings ({', '.join(differ) or 'unknown'}); resume with the "
-        "settings it was made with (its config.yaml), or start a new run in another --output-dir"
-    )
-
-
-def _save_final(cfg, adapter, ema, out: Path, arch: str, prediction: str, step: int, result: TrainResult,
+def _save_final(cfg: TrainConfig, adapter, ema, out: Path, base: Base, step: int, samples: list[Path],
                 reporter: Reporter) -> Path:
+    """Write the adapter (the EMA weights when the run keeps an EMA) and its model card."""
     from .card import write_model_card
 
     training = {"steps": step, "lr": cfg.effective_lr(), "prompt": cfg.prompt, "class_prompt": cfg.class_prompt,
                 "ema": cfg.ema, "seed": cfg.seed, "resolution": cfg.resolution, "adapter": cfg.adapter,
-                "prediction_type": prediction}
+                "prediction_type": base.prediction}
     weights = ema.applied() if ema is not None else contextlib.nullcontext()
     with weights:
-        _check_finite(adapter.params().values(), "adapter")
-        path = adapter.save(out / "adapter.safetensors", cfg.pretrained_model, arch, training, title=out.name)
+        check_finite(adapter.params().values(), "adapter")
+        path = adapter.save(out / "adapter.safetensors", cfg.pretrained_model, base.arch, training, title=out.name)
     reporter.saved("adapter", path)
-    card = write_model_card(out, cfg, arch, step, adapter.num_params(), result.samples[-1] if result.samples else None)
+    card = write_model_card(out, cfg, base.arch, step, adapter.num_params(), samples[-1] if samples else None)
     reporter.saved("model card", card)
     return path

@@ -66,8 +66,9 @@ class TrainableAdapter:
         return _save_lora(self, Path(path))
 
 
-def attach(pipe, kind: str, targets: str, factors: str, rank: int, scale: float,
-           train_text_encoder: bool, text_encoder_factors: str | None, strict_factors: bool = False) -> TrainableAdapter:
+def trainable_adapter(pipe, kind: str, targets: str, factors: str, rank: int, scale: float,
+                      train_text_encoder: bool, text_encoder_factors: str | None,
+                      strict_factors: bool = False) -> TrainableAdapter:
     """Freeze the pipeline's models and attach trainable adapters to the UNet (and the text encoders if asked)."""
     models = {"unet": pipe.unet}
     if train_text_encoder:
