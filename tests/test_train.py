@@ -20,6 +20,12 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
 PROMPT, CLASS_PROMPT = "a photo of sks cat", "a photo of a cat"
 
 
+def tensors(adapter, component):
+    """A Kronecker adapter's factors in one component by parameter name (`<module>.kron_a`, `<module>.kron_b`)."""
+    return {f"{module}.kron_{part}": getattr(layer, part)
+            for module, layer in adapter.layers[component].items() for part in ("a", "b")}
+
+
 def config(pipeline_dir, out, **overrides):
     settings = dict(pretrained_model=str(pipeline_dir), instance_dir=str(EXAMPLES), prompt=PROMPT,
                     output_dir=str(out), sample_every=0, checkpoint_every=0)
@@ -56,7 +62,7 @@ def test_cli_run_with_prior_preservation_writes_every_output(arch, request, tmp_
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000015.png", "step-000030.png"]
     adapter = load_adapter(out / "adapter.safetensors")
     assert adapter.architecture == arch and adapter.training["steps"] == 30
-    assert adapter.num_params() > 0 and any(t.abs().sum() > 0 for t in adapter.tensors["unet"].values())
+    assert adapter.num_params() > 0 and any(t.abs().sum() > 0 for t in tensors(adapter, "unet").values())
     card = (out / "README.md").read_text()
     assert PROMPT in card and "samples/step-000030.png" in card and "krona sample" in card
     assert load_config(out / "config.yaml", {}) == load_config("tiny", {
@@ -219,11 +225,11 @@ def test_text_encoders_8bit_adam_bf16_checkpointing_and_tensorboard(tiny_sdxl_di
         class_prompt=CLASS_PROMPT, num_class_images=2,
     ))
     adapter = load_adapter(result.adapter)
-    assert set(adapter.tensors) == {"unet", "text_encoder", "text_encoder_2"}
-    assert set(adapter.factors["text_encoder"].values()) == {"4x4"}
-    assert all(torch.isfinite(t).all() for c in adapter.tensors.values() for t in c.values())
-    assert all(t.dtype == torch.float32 for t in adapter.tensors["text_encoder"].values())  # fp32 under bf16
-    assert any(t.abs().sum() > 0 for t in adapter.tensors["text_encoder_2"].values())
+    assert set(adapter.layers) == {"unet", "text_encoder", "text_encoder_2"}
+    assert {layer.factors for layer in adapter.layers["text_encoder"].values()} == {"4x4"}
+    assert all(torch.isfinite(t).all() for c in adapter.layers for t in tensors(adapter, c).values())
+    assert all(t.dtype == torch.float32 for t in tensors(adapter, "text_encoder").values())  # fp32 under bf16
+    assert any(t.abs().sum() > 0 for t in tensors(adapter, "text_encoder_2").values())
     assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
 
 
@@ -259,7 +265,7 @@ def test_with_ema_the_saved_adapter_holds_the_ema_weights(tiny_sd15_dir, tmp_pat
     result = train(config(tiny_sd15_dir, tmp_path / "run", steps=4, ema=True, ema_decay=0.9, lr=1e-2))
     ema = load_file(result.checkpoints[-1] / "ema.safetensors")
     params = load_file(result.checkpoints[-1] / "params.safetensors")
-    saved = load_adapter(result.adapter).tensors["unet"]
+    saved = tensors(load_adapter(result.adapter), "unet")
     assert saved and all(torch.equal(t, ema[f"ema.unet.{name}"]) for name, t in saved.items())
     assert any(not torch.equal(t, params[f"params.unet.{name}"]) for name, t in saved.items())
 
