@@ -23,6 +23,13 @@ def _no_space(path: Path, error: OSError) -> KronaError:
     )
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, then putting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Have `write(file)` write `path`'s contents into a temp file in the same folder, then fsync, rename and fsync the
     folder; `write` may stream (a model checkpoint need not be built in memory first)."""
@@ -30,6 +37,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets what open() would give it
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

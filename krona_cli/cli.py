@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
@@ -18,7 +19,6 @@ for _name, _value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY
                       ("HF_HUB_DISABLE_TELEMETRY", "1"), ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(_name, _value)
 
-import click  # noqa: E402  (typer's own copy of click is internal; typer.core subclasses click's classes)
 import typer  # noqa: E402
 import typer.core  # noqa: E402
 from rich import box
@@ -119,6 +119,27 @@ def _quiet_model_loading() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _renamed(old: str, new: str, value):
+    """A flag renamed for one meaning per name across commands: the old spelling still works, with a line saying so."""
+    if value is not None:
+        err_console.print(f"[yellow]warning:[/] {old} is now {new} (the old name goes in the next release)",
+                          highlight=False)
+    return value
+
+
+@contextlib.contextmanager
+def _locked(output: Path, command: str, flag: str):
+    """Hold the output's lock for a command (one command per output); say so when a dead run's lock is taken over."""
+    from .lock import OutputLock
+
+    with OutputLock(output, command, flag) as lock:
+        if lock.took_over:
+            err_console.print(f"[yellow]warning:[/] took over the lock of `{lock.took_over.get('command')}` (pid "
+                              f"{lock.took_over.get('pid')}, since {lock.took_over.get('started')}), which is gone",
+                              highlight=False)
+        yield
+
+
 def _split(values: list[str]) -> list[str]:
     """Repeatable options also take comma-separated lists: --factors 64x4,8x64."""
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
@@ -126,14 +147,16 @@ def _split(values: list[str]) -> list[str]:
 
 @command("make-tiny")
 def make_tiny_cmd(
-    directory: Annotated[Path, typer.Argument(help="Folder to write the pipeline to (created or replaced).")],
+    directory: Annotated[Path, typer.Argument(help="Folder to write the pipeline to (created, or replaced with --overwrite).")],
     arch: Annotated[str, typer.Option(help="Architecture: sdxl or sd15.")] = "sdxl",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a tiny pipeline written here before.")] = False,
 ) -> None:
     """Build a tiny random-weight SDXL or SD 1.5 pipeline (for tests and demos; no download)."""
     from .pipeline.tiny import make_tiny
 
-    path = make_tiny(directory, arch=arch, seed=seed)
+    with _locked(directory, "krona make-tiny", "DIRECTORY"):
+        path = make_tiny(directory, arch=arch, seed=seed, overwrite=overwrite)
     console.print(f"tiny {arch} pipeline written to [bold]{path}[/]")
 
 
@@ -236,7 +259,8 @@ def merge_cmd(
         Optional[str], typer.Option(help="Base model: folder, .safetensors file or hub id.",
                                     show_default="the adapter's")
     ] = None,
-    scale: Annotated[float, typer.Option(help="Multiplies every adapter's scale.")] = 1.0,
+    multiplier: Annotated[float, typer.Option(help="Multiplies every adapter's scale.")] = 1.0,
+    scale: Annotated[Optional[float], typer.Option(hidden=True, help="Old name of --multiplier.")] = None,
     dtype: Annotated[
         Optional[str], typer.Option(help="Saved weights: fp32, fp16 or bf16.",
                                     show_default="fp32 for a folder, fp16 for a single file")
@@ -256,11 +280,13 @@ def merge_cmd(
                          "single-file checkpoint (one of them)")
     if format == "diffusers" and output is not None or format == "single-file" and output_dir is not None:
         raise KronaError(f"--format {format} writes to --{'output-dir' if format == 'diffusers' else 'output'}")
+    multiplier = _renamed("--scale", "--multiplier", scale) or multiplier
     specs = [parse_adapter_spec(a) for a in adapter]
     _quiet_model_loading()
     save = merge_to_folder if format == "diffusers" else merge_to_file
-    summary = save([(path, s * scale) for path, s in specs], destination, pretrained_model,
-                   dtype=dtype or ("fp32" if format == "diffusers" else "fp16"), overwrite=overwrite)
+    with _locked(destination, "krona merge", "--output-dir" if format == "diffusers" else "--output"):
+        summary = save([(path, s * multiplier) for path, s in specs], destination, pretrained_model,
+                       dtype=dtype or ("fp32" if format == "diffusers" else "fp16"), overwrite=overwrite)
     console.print(
         f"merged {len(specs)} adapter(s) into {summary['layers_changed']} layers of {summary['base_model']} "
         f"({summary['architecture']}, {summary['dtype']}) -> [bold]{escape(summary['output'])}[/]"
@@ -287,13 +313,15 @@ def sample_cmd(
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt for every image.")] = "",
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of each prompt's first image; image i uses SEED + i.")] = 0,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
+    sample_steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
+    steps: Annotated[Optional[int], typer.Option(hidden=True, help="Old name of --sample-steps.")] = None,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.0,
     scheduler: Annotated[str, typer.Option(help="euler, euler-a, dpm++ or ddim.")] = "euler",
     width: Annotated[Optional[int], typer.Option(help="Image width.", show_default="the model's native size")] = None,
     height: Annotated[Optional[int], typer.Option(help="Image height.", show_default="the model's native size")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per pipeline call (the images stay the same, up to float rounding).")] = 1,
     output_dir: Annotated[Path, typer.Option(help="Folder for the images and the grid.")] = Path("samples"),
+    overwrite: Annotated[bool, typer.Option(help="Replace the images of an earlier run in --output-dir.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N.", show_default="cuda when present")] = None,
     dtype: Annotated[
         Optional[str], typer.Option(help="Weights: fp32, fp16 or bf16.", show_default="fp16 on GPUs, fp32 on the CPU")
@@ -304,32 +332,45 @@ def sample_cmd(
     Writes every image and one grid (rows: prompts, columns: seeds) as PNG files whose metadata hold the prompt,
     seed, steps, guidance, scheduler, size, base model and each adapter's file, hash and scale."""
     import torch
-    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from rich.text import Text
 
     from .inference.merge import parse_adapter_spec
-    from .inference.sampling import SampleConfig, ceil_batches, generate, load_prompts, prepare_pipeline
+    from .inference.sampling import SampleConfig, generate, load_prompts, prepare_pipeline, sample_folder
 
     config = SampleConfig(
-        num_images=num_images,
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        scheduler=scheduler,
-        negative_prompt=negative_prompt,
-        width=width,
-        height=height,
+        num_images=num_images, seed=seed, steps=_renamed("--steps", "--sample-steps", steps) or sample_steps,
+        guidance=guidance, scheduler=scheduler, negative_prompt=negative_prompt, width=width, height=height,
         batch_size=batch_size,
     ).validate()
     prompts = load_prompts(prompt, prompts_file)
+    specs = [parse_adapter_spec(a) for a in adapter]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("fp32" if device == "cpu" else "fp16")
-    _quiet_model_loading()
-    with console.status("loading the base model and merging adapters"):
-        pipe, info = prepare_pipeline([parse_adapter_spec(a) for a in adapter], pretrained_model, device, dtype)
+    with _locked(output_dir, "krona sample", "--output-dir"):
+        earlier = sample_folder(output_dir, overwrite)
+        _quiet_model_loading()
+        with console.status("loading the base model and merging adapters"):
+            pipe, info = prepare_pipeline(specs, pretrained_model, device, dtype)
+        for old in earlier:  # --overwrite: no image of an earlier run stays beside the new ones
+            old.unlink()
+        with _sampling_progress(config, len(prompts)) as progress:
+            result = generate(pipe, config, prompts, info, output_dir, progress=progress)
+    adapters = ", ".join(f"{Path(a.file).name}:{a.scale:g} ({a.sha256[:12]})" for a in info.adapters) or "none"
+    console.print(
+        f"{len(result.images)} images ({result.width}x{result.height}, {config.steps} steps, {config.scheduler}, "
+        f"guidance {config.guidance:g}, seeds {result.seeds[0]}..{result.seeds[-1]}) from {info.base_model} "
+        f"with adapters {adapters} -> [bold]{Path(output_dir)}[/]; grid: [bold]{result.grid}[/]"
+    )
 
-    calls = ceil_batches(config, len(prompts))
-    total = len(prompts) * config.num_images
+
+@contextlib.contextmanager
+def _sampling_progress(config, num_prompts: int):
+    """A progress bar over the images of a `krona sample` run; yields the callback `generate` reports to."""
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    from .inference.sampling import ceil_batches
+
+    calls, total = ceil_batches(config, num_prompts), num_prompts * config.num_images
 
     class _Rate(ProgressColumn):  # denoising steps of one pipeline call per second, as diffusers counts "it"
         def render(self, task) -> Text:
@@ -337,31 +378,11 @@ def sample_cmd(
                 return Text("-- it/s")
             return Text(f"{task.speed * config.steps * calls / total:.2f} it/s")
 
-    with Progress(
-        TextColumn("sampling"),
-        BarColumn(),
-        TextColumn("{task.fields[done]}/{task.total:.0f} images"),
-        _Rate(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as bar:
+    columns = (TextColumn("sampling"), BarColumn(), TextColumn("{task.fields[done]}/{task.total:.0f} images"), _Rate(),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
         task = bar.add_task("sampling", total=total, done=0)
-        result = generate(
-            pipe,
-            config,
-            prompts,
-            info,
-            output_dir,
-            progress=lambda done, _total: bar.update(task, completed=done, done=int(done)),
-        )
-    adapters = ", ".join(f"{Path(a.file).name}:{a.scale:g} ({a.sha256[:12]})" for a in info.adapters) or "none"
-    console.print(
-        f"{len(result.images)} images ({result.width}x{result.height}, {config.steps} steps, {config.scheduler}, "
-        f"guidance {config.guidance:g}, seeds {result.seeds[0]}..{result.seeds[-1]}) from {info.base_model} "
-        f"with adapters {adapters} -> [bold]{Path(output_dir)}[/]; grid: [bold]{result.grid}[/]"
-    )
+        yield lambda done, _total: bar.update(task, completed=done, done=int(done))
 
 
 @command("export")

@@ -8,13 +8,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 out=demo-out
-krona make-tiny "$out/tiny-sdxl" --arch sdxl
+krona make-tiny "$out/tiny-sdxl" --arch sdxl --overwrite
 krona train --config tiny --pretrained-model "$out/tiny-sdxl" --instance-dir examples/cat \
     --prompt "a photo of sks cat" --class-prompt "a photo of a cat" --output-dir "$out/train" --overwrite
 krona inspect "$out/train/adapter.safetensors"
-krona sample --adapter "$out/train/adapter.safetensors" --prompt "a photo of sks cat on the moon" -n 2 --steps 4 \
-    --output-dir "$out/samples"
-krona export --adapter "$out/train/adapter.safetensors" --to lycoris --output "$out/adapter-lokr.safetensors"
+krona sample --adapter "$out/train/adapter.safetensors" --prompt "a photo of sks cat on the moon" -n 2 --sample-steps 4 \
+    --output-dir "$out/samples" --overwrite
+krona export --adapter "$out/train/adapter.safetensors" --to lycoris --output "$out/adapter-lokr.safetensors" \
+    --overwrite
 krona merge --adapter "$out/train/adapter.safetensors" --output-dir "$out/merged" --overwrite
 krona plan --arch sdxl --factors 64x4,8x64
 echo

@@ -232,7 +232,7 @@ def test_paths_with_spaces_and_unicode_work_end_to_end(tiny_sd15_dir, tmp_path, 
     adapter = out / "adapter.safetensors"
     assert load_adapter(adapter).base_model == str(pipeline)
     # the base recorded in the adapter (a non-ASCII path) is found again by sample
-    code, _, lines = run(capsys, ["sample", "--adapter", adapter, "--prompt", "sks cat, été", "-n", "1", "--steps", "1",
+    code, _, lines = run(capsys, ["sample", "--adapter", adapter, "--prompt", "sks cat, été", "-n", "1", "--sample-steps", "1",
                                   "--output-dir", tmp_path / "samples ü"])
     assert code == 0, lines
     assert (tmp_path / "samples ü" / "grid.png").is_file()
@@ -280,7 +280,7 @@ def test_plan_strict_factors_that_do_not_divide_is_an_error(capsys):
 def test_sample_with_an_adapter_for_another_base_model(sdxl_adapter, tiny_sd15_dir, tmp_path, capsys):
     out = tmp_path / "samples"
     assert_error(capsys, ["sample", "--adapter", sdxl_adapter, "--pretrained-model", tiny_sd15_dir, "--prompt", "x",
-                          "-n", "1", "--steps", "1", "--output-dir", out],
+                          "-n", "1", "--sample-steps", "1", "--output-dir", out],
                  "does not fit this base model", "made for sdxl", "sd15", "--pretrained-model")
     assert not out.exists()
 
@@ -299,7 +299,7 @@ def adapter_commands(adapter, pipeline_dir, tmp_path):
     return {
         "inspect": (["inspect", adapter], None),
         "sample": (["sample", "--adapter", adapter, "--pretrained-model", pipeline_dir, "--prompt", "x", "-n", "1",
-                    "--steps", "1", "--output-dir", tmp_path / "samples"], tmp_path / "samples"),
+                    "--sample-steps", "1", "--output-dir", tmp_path / "samples"], tmp_path / "samples"),
         "merge": (["merge", "--adapter", adapter, "--pretrained-model", pipeline_dir, "--output-dir",
                    tmp_path / "merged"], tmp_path / "merged"),
         "export": (["export", "--adapter", adapter, "--to", "lycoris", "--output", tmp_path / "out.safetensors"],
@@ -422,7 +422,7 @@ def test_a_model_loading_command_prints_only_krona_lines(sdxl_adapter, tiny_sd15
     is loaded is still the only line on stderr."""
     done = subprocess.run(
         [sys.executable, "-m", "krona_cli", "sample", "--adapter", str(sdxl_adapter), "--pretrained-model",
-         str(tiny_sd15_dir), "--prompt", "x", "-n", "1", "--steps", "1", "--output-dir", str(tmp_path / "s")],
+         str(tiny_sd15_dir), "--prompt", "x", "-n", "1", "--sample-steps", "1", "--output-dir", str(tmp_path / "s")],
         capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1", "COLUMNS": "400"},
     )
     assert done.returncode == 2 and "does not fit this base model" in done.stderr

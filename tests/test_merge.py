@@ -86,21 +86,27 @@ def test_merge_command_writes_a_folder_plain_diffusers_loads(adapter_path, tiny_
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temp folder left behind
 
 
-def test_merge_fp16_and_refusing_a_non_empty_folder(adapter_path, tmp_path, capsys):
+def test_merge_fp16_and_never_replacing_what_krona_did_not_write(adapter_path, tmp_path, capsys):
+    """A folder holding someone's files is refused, --overwrite or not, and they stay; an earlier merge's folder is
+    replaced only with --overwrite."""
     from diffusers import StableDiffusionXLPipeline
 
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("someone's data")
+    for extra in ([], ["--overwrite"]):
+        assert main(["merge", "--adapter", str(adapter_path), "--output-dir", str(theirs), *extra]) == 2
+        assert "keep.txt" in capsys.readouterr().err and (theirs / "keep.txt").read_text() == "someone's data"
     out = tmp_path / "merged16"
-    out.mkdir()
-    (out / "keep.txt").write_text("someone's data")
+    assert main(["merge", "--adapter", str(adapter_path), "--output-dir", str(out), "--dtype", "fp16"]) == 0
     assert main(["merge", "--adapter", str(adapter_path), "--output-dir", str(out), "--dtype", "fp16"]) == 2
-    assert "not empty" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert "--overwrite" in capsys.readouterr().err
     assert main(["merge", "--adapter", str(adapter_path), "--output-dir", str(out), "--dtype", "fp16", "--overwrite"]) == 0
     from safetensors import safe_open
 
     with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     assert StableDiffusionXLPipeline.from_pretrained(out, torch_dtype=torch.float16).unet.dtype == torch.float16
-    assert not (out / "keep.txt").exists()
 
 
 def test_merging_into_another_architecture_names_the_layer(adapter_path, tiny_sd15_dir, tmp_path, capsys):

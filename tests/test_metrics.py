@@ -237,7 +237,7 @@ def test_eval_leaves_out_sample_grids(tmp_path, tiny_sdxl_dir, capsys):
 
     clip, dino = make_tiny_clip(tmp_path / "clip"), make_tiny_dino(tmp_path / "dino")
     assert main(["sample", "--pretrained-model", str(tiny_sdxl_dir), "--prompt", "a photo of sks cat", "-n", "2",
-                 "--steps", "2", "--output-dir", str(tmp_path / "s")]) == 0
+                 "--sample-steps", "2", "--output-dir", str(tmp_path / "s")]) == 0
     models = ["--clip-model", str(clip), "--dino-model", str(dino), "--reference", str(tmp_path / "s")]
     assert main(["eval", "--images", str(tmp_path / "s"), *models, "--output", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["generated"] == 2

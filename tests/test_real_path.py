@@ -96,7 +96,7 @@ def test_sd_hub_ids_train_and_sample_offline(hub_cache, tmp_path, repo):
     done = krona(["train", *base, "--instance-dir", str(EXAMPLES), "--prompt", "a photo of sks cat",
                   "--output-dir", "run", *SMALL_TRAIN], tmp_path, env)
     assert ("v-prediction" in done.stdout) == (repo == SD21)
-    krona(["sample", "--adapter", "run/adapter.safetensors", "--prompt", "sks cat", "-n", "1", "--steps", "2"],
+    krona(["sample", "--adapter", "run/adapter.safetensors", "--prompt", "sks cat", "-n", "1", "--sample-steps", "2"],
           tmp_path, env)
 
 

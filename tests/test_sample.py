@@ -16,7 +16,7 @@ from krona_cli.inference.sampling import SCHEDULERS, SampleConfig, generate, loa
 from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 PROMPT = "a photo of a dog"
-FAST = ["--steps", "2", "--width", "64", "--height", "64", "--guidance", "7.0"]
+FAST = ["--sample-steps", "2", "--width", "64", "--height", "64", "--guidance", "7.0"]
 
 
 def _adapter(arch: str, base_model: str | None, path):
@@ -182,10 +182,10 @@ def test_cli_errors(sdxl_adapter, tmp_path, capsys):
     assert "--pretrained-model" in _error(["--adapter", str(no_base), "--prompt", "x"], capsys)
     assert "--prompt" in _error(["--adapter", str(sdxl_adapter)], capsys)
     assert "--pretrained-model" in _error(["--prompt", "x"], capsys)
-    assert "--steps" in _error(["--adapter", str(sdxl_adapter), "--prompt", "x", "--steps", "0"], capsys)
+    assert "--sample-steps" in _error(["--adapter", str(sdxl_adapter), "--prompt", "x", "--sample-steps", "0"], capsys)
     assert "does not exist" in _error(["--adapter", str(sdxl_adapter), "--prompts-file", str(tmp_path / "p")], capsys)
     assert "multiple of 8" in _error(["--adapter", str(sdxl_adapter), "--prompt", "x", "--width", "60", "-n", "1",
-                                      "--steps", "1", "--output-dir", str(tmp_path / "o")], capsys)
+                                      "--sample-steps", "1", "--output-dir", str(tmp_path / "o")], capsys)
 
 
 def test_load_prompts():

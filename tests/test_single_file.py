@@ -101,7 +101,7 @@ def test_merged_single_file_reads_back_as_the_folder(single_file):
 
 def test_single_file_samples_the_same_images_as_the_folder(single_file, tmp_path):
     arch, root = single_file
-    prompt = ["--prompt", "a photo of sks cat", "-n", "1", "--steps", "3"]
+    prompt = ["--prompt", "a photo of sks cat", "-n", "1", "--sample-steps", "3"]
     assert main(["sample", "--pretrained-model", str(root / "merged"), *prompt, "--output-dir", str(tmp_path / "a")]) == 0
     assert main(["sample", "--pretrained-model", str(root / "merged.safetensors"), *prompt,
                  "--output-dir", str(tmp_path / "b")]) == 0

@@ -75,12 +75,23 @@ def test_sdxl_folder_loads_with_its_own_pipeline_class(tmp_path):
         assert encoder.config.pad_token_id == tokenizer.pad_token_id
 
 
-def test_make_tiny_replaces_an_existing_pipeline_folder(tmp_path):
+def test_make_tiny_replaces_its_own_pipeline_folder_with_overwrite_only(tmp_path):
     target = tmp_path / "tiny"
     make_tiny(target, arch="sd15")
-    make_tiny(target, arch="sdxl")
+    with pytest.raises(KronaError, match="--overwrite"):
+        make_tiny(target, arch="sdxl")
+    make_tiny(target, arch="sdxl", overwrite=True)
     assert DiffusionPipeline.load_config(target)["_class_name"] == "StableDiffusionXLPipeline"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+def test_make_tiny_never_replaces_a_pipeline_it_did_not_write(tmp_path):
+    """A user's own diffusers model folder is not replaced, --overwrite or not."""
+    target = make_tiny(tmp_path / "model", arch="sd15")
+    (target / "krona-tiny.json").unlink()  # as any other diffusers pipeline folder
+    with pytest.raises(KronaError, match="did not write"):
+        make_tiny(target, overwrite=True)
+    assert (target / "unet").is_dir()
 
 
 def test_make_tiny_fills_an_existing_empty_folder(tmp_path):
@@ -92,8 +103,8 @@ def test_make_tiny_refuses_to_overwrite_other_data(tmp_path):
     target = tmp_path / "precious"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
-    with pytest.raises(KronaError, match="model_index.json"):
-        make_tiny(target)
+    with pytest.raises(KronaError, match="notes.txt"):
+        make_tiny(target, overwrite=True)
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
 
 

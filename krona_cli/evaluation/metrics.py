@@ -15,7 +15,6 @@ Library code: raises KronaError, never prints.
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import KronaError
+from ..inference.sampling import png_text
 from ..pipeline.hub import model_error, model_source
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
@@ -210,33 +210,15 @@ class Metrics:
         return asdict(self)
 
 
-def _png_text(path: Path, key: str) -> str | None:
-    """A text chunk of a PNG (None for other files or a missing key), without decoding the pixels."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # nothing is decoded here
-            with Image.open(path) as image:
-                if image.format != "PNG":
-                    return None
-                value = image.info.get(key)  # chunks before the pixels, where krona sample writes them
-                if value is None:
-                    value = image.text.get(key)  # also those after the pixels
-    except Exception as e:  # unreadable or not an image: the same message as data.load_image
-        raise KronaError(f"cannot read image '{path}': {e}; remove or replace it") from None
-    return None if value is None else str(value)
-
-
 def read_prompt(path: Path) -> str | None:
     """The prompt `krona sample` wrote into a PNG's "prompt" text chunk; None for other files or an empty prompt."""
-    prompt = _png_text(path, "prompt")
+    prompt = png_text(path, "prompt")
     return prompt if prompt is not None and prompt.strip() else None
 
 
 def is_sample_grid(path: Path) -> bool:
     """True for the grids `krona sample` and training write (their metadata list the prompts and seeds of a grid)."""
-    return _png_text(path, "prompts") is not None and _png_text(path, "seeds") is not None
+    return png_text(path, "prompts") is not None and png_text(path, "seeds") is not None
 
 
 def evaluate(

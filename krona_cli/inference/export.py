@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..atomic import write_bytes_atomic
 from ..errors import KronaError
+from ..outputs import output_file
 from ..formats import load_adapter, save_adapter, save_lora, save_lycoris
 
 TARGETS = ("native", "lycoris", "lora")
@@ -23,19 +24,24 @@ def export_adapter(
     report_path: str | Path | None = None,
     lora_layout: str | None = None,
     unet_config: Mapping | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Read `source` (any format krona reads) and write it to `output` as `to`; return a summary.
 
     `lora` approximates each layer's update by truncated SVD at `rank` and reports the relative error per layer and
     in total (also written to `report_path` as JSON when given); its keys follow `lora_layout`: `kohya` (the default,
     which ComfyUI, A1111/Forge, kohya and diffusers all load) or `peft` (diffusers' own naming). The other targets are
-    exact. Every output carries the modelspec and kohya `ss_` keys UIs show, titled with the output's file name.
+    exact. An existing output is replaced only with `overwrite`. Every output carries the modelspec and kohya `ss_`
+    keys UIs show, titled with the output's file name.
     `unet_config` numbers the SGM-named UNet layers of a kohya SDXL source (see formats/kohya_names.py).
     """
     if to not in TARGETS:
         raise KronaError(f"unknown export format '{to}'; use one of {', '.join(TARGETS)}")
     if Path(output).resolve() == Path(source).resolve():
         raise KronaError("the output would overwrite the input adapter; choose another --output")
+    output_file(output, "--output", ".safetensors", overwrite)
+    if report_path is not None:
+        output_file(report_path, "--report", ".json", overwrite)
     if to != "lora" and lora_layout is not None:
         raise KronaError("--lora-layout only applies to --to lora")
     adapter = load_adapter(source, unet_config)

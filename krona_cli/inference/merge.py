@@ -16,6 +16,7 @@ from ..dtypes import dtype_from_name
 from ..errors import KronaError
 from ..formats import Adapter, file_sha256, load_adapter, module_name
 from ..formats.native import COMPONENTS
+from ..outputs import check_free_space, output_file, output_folder
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, float]:
@@ -130,6 +131,15 @@ def _bake_for_saving(adapters: Sequence[tuple[str, float]], pretrained: str | No
     return baked, summary
 
 
+MERGE_SUMMARY = "krona_merge.json"
+
+
+def _weight_bytes(pipe) -> int:
+    """What a pipeline's weights take on disk, as they are now (cast to the saved dtype)."""
+    return sum(p.numel() * p.element_size() for m in [*pipeline_components(pipe).values(), pipe.vae]
+               for p in m.parameters())
+
+
 def merge_to_folder(
     adapters: Sequence[tuple[str, float]],
     output_dir: str | Path,
@@ -142,14 +152,15 @@ def merge_to_folder(
     The folder is written beside its final place and renamed into it, so it is complete or absent.
     Returns a summary (base, architecture, adapters with their hashes, layers changed, dtype, output).
     """
-    out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise KronaError(f"output folder '{out}' is not empty; choose another or pass --overwrite")
+    out = Path(output_dir).expanduser()
+    ours = (out / MERGE_SUMMARY).is_file()  # a folder an earlier merge wrote: all of it is krona's
+    output_folder(out, "--output-dir", lambda _file: ours, overwrite)
     baked, summary = _bake_for_saving(adapters, pretrained, dtype)
+    check_free_space(out, _weight_bytes(baked.pipe), "--output-dir")
 
     def fill(folder: Path) -> None:
         baked.pipe.save_pretrained(folder)
-        (folder / "krona_merge.json").write_text(json.dumps(summary, indent=2))
+        (folder / MERGE_SUMMARY).write_text(json.dumps(summary, indent=2))
 
     write_folder_atomic(out, fill)
     summary["output"] = str(out.absolute())
@@ -169,14 +180,9 @@ def merge_to_file(
     from ..formats.original_layout import save_single_file
     from ..pipeline.single_file import METADATA_KEY, pipeline_description
 
-    out = Path(output)
-    if out.suffix != ".safetensors":
-        raise KronaError(f"--output '{out}' must end in .safetensors (a single-file checkpoint)")
-    if out.is_dir():
-        raise KronaError(f"--output '{out}' is a folder; give the checkpoint's file name, e.g. {out / 'model.safetensors'}")
-    if out.exists() and not overwrite:
-        raise KronaError(f"'{out}' exists; choose another name or pass --overwrite")
+    out = output_file(output, "--output", ".safetensors", overwrite)
     baked, summary = _bake_for_saving(adapters, pretrained, dtype)
+    check_free_space(out, _weight_bytes(baked.pipe), "--output")
     metadata = {METADATA_KEY: json.dumps(pipeline_description(baked.pipe)), "krona_merge": json.dumps(summary)}
     save_single_file(baked.pipe, out, dtype_from_name(dtype), metadata)
     summary["output"] = str(out.absolute())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from .. import __version__
 from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
+from ..outputs import output_folder
 
 # name -> diffusers scheduler class name; each is built with from_config(the pipeline's own scheduler config), so
 # it keeps the model's beta schedule, prediction type and timestep spacing.
@@ -61,9 +63,9 @@ class SampleConfig:
     def validate(self) -> SampleConfig:
         """Check the settings that need no model; KronaError naming the first bad one."""
         scheduler_class(self.scheduler)
-        for name in ("num_images", "steps", "batch_size"):
+        for name, flag in (("num_images", "--num-images"), ("steps", "--sample-steps"), ("batch_size", "--batch-size")):
             if getattr(self, name) < 1:
-                raise KronaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise KronaError(f"{flag} must be at least 1, got {getattr(self, name)}")
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and value < 8:
@@ -205,6 +207,36 @@ def image_size(pipe, config: SampleConfig) -> tuple[int, int]:
         if value % factor:
             raise KronaError(f"--{name} {value} is not a multiple of {factor} (the VAE's scale factor); choose one")
     return width, height
+
+
+def png_text(path: Path, key: str) -> str | None:
+    """A text chunk of a PNG (None for other files or a missing key), without decoding the pixels."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # nothing is decoded here
+            with Image.open(path) as image:
+                if image.format != "PNG":
+                    return None
+                value = image.info.get(key)  # chunks before the pixels, where krona sample writes them
+                if value is None:
+                    value = image.text.get(key)  # also those after the pixels
+    except Exception as e:  # unreadable or not an image: the same message as data.load_image
+        raise KronaError(f"cannot read image '{path}': {e}; remove or replace it") from None
+    return None if value is None else str(value)
+
+
+def is_krona_image(path: Path) -> bool:
+    """A PNG krona wrote (an image or grid of `krona sample` or training: it carries krona's version)."""
+    try:
+        return path.suffix == ".png" and png_text(path, "krona_version") is not None
+    except KronaError:
+        return False
+
+
+def sample_folder(output_dir: str | Path, overwrite: bool) -> list[Path]:
+    """Check `krona sample`'s folder before the model loads; return the images of an earlier run there, which
+    `--overwrite` replaces (outputs.output_folder: any other file is never touched)."""
+    return output_folder(output_dir, "--output-dir", is_krona_image, overwrite)
 
 
 def image_metadata(config: SampleConfig, info: ModelInfo, width: int, height: int) -> dict[str, str]:

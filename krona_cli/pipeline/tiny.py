@@ -18,6 +18,7 @@ Kronecker factorisations such as 2x2, 4x4 or 8x4 divide every one of them.
 from __future__ import annotations
 
 import functools
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from krona_cli.atomic import write_folder_atomic
+from krona_cli.outputs import output_folder
 from krona_cli.pipeline.clip_tokenizer import END_OF_WORD, MAX_LENGTH, tokenizer_from_merges
 from krona_cli.errors import KronaError
 
@@ -270,29 +272,32 @@ def build_tiny_pipeline(arch: str = "sdxl", seed: int = 0) -> StableDiffusionXLP
         )
 
 
-def make_tiny(path: str | Path, arch: str = "sdxl", seed: int = 0) -> Path:
+MARKER = "krona-tiny.json"  # in every folder make_tiny writes: what --overwrite may replace
+
+
+def make_tiny(path: str | Path, arch: str = "sdxl", seed: int = 0, overwrite: bool = False) -> Path:
     """Build a tiny pipeline (see :func:`build_tiny_pipeline`) and save it as a diffusers folder at ``path``.
 
     The folder is written into a temporary sibling and renamed into place, so ``path`` never holds a half-written
-    pipeline. An existing empty folder, or an existing pipeline folder (one holding ``model_index.json``), is
-    replaced; anything else at ``path`` is left alone and reported.
+    pipeline. An existing empty folder is filled; a tiny pipeline this function wrote is replaced with ``overwrite``;
+    anything else at ``path`` is left alone and reported (outputs.output_folder).
 
     Returns:
         ``path`` as an absolute :class:`~pathlib.Path`.
 
     Raises:
-        KronaError: ``arch`` is unknown, or ``path`` holds something other than an empty or pipeline folder.
+        KronaError: ``arch`` is unknown, or ``path`` holds something that may not be replaced.
     """
     target = Path(path).expanduser().absolute()
-    if target.exists() and not (
-        target.is_dir() and (not any(target.iterdir()) or (target / "model_index.json").is_file())
-    ):
-        raise KronaError(
-            f"Refusing to overwrite {target}: it exists and is neither an empty folder nor a diffusers pipeline "
-            "folder (no model_index.json). Choose another path or remove it."
-        )
+    ours = (target / MARKER).is_file()
+    output_folder(target, "DIRECTORY", lambda _file: ours, overwrite)
     pipeline = build_tiny_pipeline(arch, seed)
-    write_folder_atomic(target, lambda folder: pipeline.save_pretrained(folder, safe_serialization=True))
+
+    def fill(folder: Path) -> None:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+        (folder / MARKER).write_text(json.dumps({"arch": arch, "seed": seed}))
+
+    write_folder_atomic(target, fill)
     return target
 
 
