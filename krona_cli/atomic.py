@@ -46,7 +46,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in _NO_SPACE:
-            raise _no_space(path, e) from None
+            raise _no_space(path, e) from e
         raise
     fsync_dir(path.parent)
     return path
@@ -97,7 +97,7 @@ def write_folder_atomic(target: str | os.PathLike, fill: Callable[[Path], None])
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in _NO_SPACE:
-            raise _no_space(target, e) from None
+            raise _no_space(target, e) from e
         raise
     fsync_dir(target.parent)
     return target

@@ -54,3 +54,16 @@ def test_interrupt_exits_130(monkeypatch, capsys):
     monkeypatch.setattr(krona_cli.inference.plan, "plan", interrupted)
     assert main(["plan"]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_a_wrapped_library_error_is_one_line_and_its_cause_with_debug(tmp_path, capsys):
+    bad = tmp_path / "adapter.safetensors"
+    bad.write_bytes(b"this is not a safetensors file")
+    assert main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "not a readable .safetensors file" in err
+    assert main(["inspect", str(bad), "--debug"]) == 2  # --debug anywhere on the line, here at its end
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "SafetensorError" in err  # the safetensors error krona's line wraps
+    assert err.strip().splitlines()[-1].startswith("error: ") and "not a readable .safetensors file" in err

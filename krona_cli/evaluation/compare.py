@@ -57,8 +57,8 @@ def parse_sweep(text: str | None) -> tuple[str | None, list]:
         raise KronaError(f"--sweep '{text}' is not KEY=V1,V2,...; KEY is one of {', '.join(SWEEP_KEYS)}")
     try:
         parsed = [SWEEP_KEYS[key](v.strip()) for v in values.split(",") if v.strip()]
-    except ValueError:
-        raise KronaError(f"--sweep {key} values must be {SWEEP_KEYS[key].__name__}s, got '{values}'") from None
+    except ValueError as e:
+        raise KronaError(f"--sweep {key} values must be {SWEEP_KEYS[key].__name__}s, got '{values}'") from e
     return key, parsed
 
 
@@ -137,7 +137,7 @@ def compare(
                 continue  # a setting this method does not have: one run of it is the reference
             name = method + (f"-{key}-{value}" if key and _applies(method, key) else "")
             run_dir = out / "runs" / name
-            changes = {"adapter": method, "output_dir": str(run_dir), "overwrite": True, "resume": None,
+            changes = {"adapter_type": method, "output_dir": str(run_dir), "overwrite": True, "resume": None,
                        "class_dir": train_config.class_dir or str(out / "class-images")}
             if key and _applies(method, key):
                 changes[key] = value

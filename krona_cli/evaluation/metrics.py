@@ -147,7 +147,7 @@ def _loading(name: str, flag: str, what: str):
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not Path(name).expanduser().is_dir():  # tried as a hub id
             detail = f"no such local folder, and from the hub: {detail}"
-        raise model_error(name, flag, what, detail) from None
+        raise model_error(name, flag, what, detail) from e
 
 
 def _model_type(source: str) -> str:
@@ -189,7 +189,7 @@ def _to(model, device, name: str):
     try:
         return model.to(device)
     except (RuntimeError, AssertionError, ValueError) as e:
-        raise KronaError(f"cannot move the model '{name}' to device '{device}' ({e}); pick an available device") from None
+        raise KronaError(f"cannot move the model '{name}' to device '{device}' ({e}); pick an available device") from e
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -233,20 +233,20 @@ class NameReader:
                 )
         try:
             path = decode_path(rest, key, sgm=sgm)
-        except KronaError:
+        except KronaError as e:
             raise KronaError(
                 f"cannot read the module path of {self.kind} key '{key}' in '{self.source}': it is not made of "
                 "diffusers or SGM UNet / CLIP text encoder module names; krona reads files for the SDXL and SD 1.x "
                 "UNet and text encoders"
-            ) from None
+            ) from e
         if sgm:
             config = self._unet_config()
             try:
                 path = unet_path_from_sgm(path, config)
-            except KronaError:
+            except KronaError as e:
                 which = f"the {self._config_name} UNet" if self._given_config is None else "the base model's UNet"
                 raise KronaError(
                     f"'{self.source}' names a UNet layer the SGM way ('{key}') that {which} does not have; "
                     "the file was made for another base model"
-                ) from None
+                ) from e
         return prefix, component, canonical_name(component, path)

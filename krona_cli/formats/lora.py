@@ -176,10 +176,10 @@ def _pattern_value(patterns: dict, names: list[str], default, source: str):
             try:
                 if re.match(rf"(.*\.)?({pattern})$", name):
                     return value
-            except re.error:
+            except re.error as e:
                 raise KronaError(
                     f"'{source}' has an invalid module pattern '{pattern}' in its LoRA metadata; the file is damaged"
-                ) from None
+                ) from e
     return default
 
 

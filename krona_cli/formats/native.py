@@ -160,7 +160,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise KronaError(f"'{path}' is not a readable .safetensors file (truncated or corrupt?): {e}") from None
+        raise KronaError(f"'{path}' is not a readable .safetensors file (truncated or corrupt?): {e}") from e
     return tensors, metadata
 
 
@@ -170,8 +170,8 @@ def json_metadata(metadata: dict[str, str], name: str, source: str) -> dict | No
         return None
     try:
         value = json.loads(metadata[name])
-    except json.JSONDecodeError:
-        raise KronaError(f"'{source}' has unreadable '{name}' metadata; the file is damaged") from None
+    except json.JSONDecodeError as e:
+        raise KronaError(f"'{source}' has unreadable '{name}' metadata; the file is damaged") from e
     return value if isinstance(value, dict) else None
 
 
@@ -181,8 +181,8 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         raise KronaError(f"'{source}' is a .safetensors file but not a krona adapter (no '{METADATA_KEY}' metadata)")
     try:
         meta = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError:
-        raise KronaError(f"'{source}' has unreadable krona metadata; the file is damaged") from None
+    except json.JSONDecodeError as e:
+        raise KronaError(f"'{source}' has unreadable krona metadata; the file is damaged") from e
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise KronaError(

@@ -59,8 +59,8 @@ def parse_factors(value: str | tuple[int, int] | Factors) -> Factors:
         ):
             raise ValueError
         a_out, a_in = whole
-    except (TypeError, ValueError, OverflowError):
-        raise KronaError(f"factors {value!r} must be whole numbers, e.g. 64x4") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise KronaError(f"factors {value!r} must be whole numbers, e.g. 64x4") from e
     if a_out < 1 or a_in < 1:
         raise KronaError(f"factors '{value}' must be positive whole numbers, e.g. 64x4")
     return Factors(a_out, a_in)

@@ -39,7 +39,7 @@ def target_pattern(targets: str | Iterable[str]) -> re.Pattern:
         except (re.error, OverflowError, RecursionError) as e:
             raise KronaError(
                 f"targets '{item}' is neither a preset ({', '.join(TARGET_PRESETS)}) nor a valid regular expression: {e}"
-            ) from None
+            ) from e
         parts.append(f"(?:{expr})")
     return re.compile("|".join(parts))
 

@@ -96,7 +96,7 @@ def model_source(name: str, flag: str, what: str) -> str:
     try:
         kind, where = locate(str(name), flag, "the model's folder or a hub id")
     except KronaError as e:
-        raise model_error(name, flag, what, str(e).partition("; ")[0]) from None
+        raise model_error(name, flag, what, str(e).partition("; ")[0]) from e
     if kind == "file":
         raise model_error(name, flag, what, "it is a file; give the model's folder (config.json and weights)")
     if kind == "folder":

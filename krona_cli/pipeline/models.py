@@ -45,7 +45,7 @@ def _header(path: Path) -> tuple[list[str], dict[str, str]]:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys()), f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise KronaError(f"'{path}' is not a readable .safetensors file (truncated or corrupt?): {e}") from None
+        raise KronaError(f"'{path}' is not a readable .safetensors file (truncated or corrupt?): {e}") from e
 
 
 def _refuse_adapter(path: Path, keys: list[str], metadata: dict[str, str], flag: str) -> None:
@@ -79,24 +79,24 @@ def _hub_json(repo: str, filename: str, revision: str | None, flag: str) -> dict
     why = offline()  # decided once, before any library retries an unreachable hub
     try:
         return json.loads(Path(hf_hub_download(repo, filename, revision=revision)).read_text())
-    except GatedRepoError:
+    except GatedRepoError as e:
         raise KronaError(f"'{repo}' is gated on the Hugging Face hub: accept its licence on huggingface.co/{repo}, "
-                         "then log in with `hf auth login`") from None
-    except RepositoryNotFoundError:
+                         "then log in with `hf auth login`") from e
+    except RepositoryNotFoundError as e:
         raise KronaError(f"{flag} '{repo}' is neither a local path nor a model on the Hugging Face hub (a private "
-                         "one needs `hf auth login`); check the name") from None
-    except RevisionNotFoundError:
-        raise KronaError(f"'{repo}' has no revision '{revision}'; check --revision") from None
-    except RemoteEntryNotFoundError:
-        raise KronaError(f"'{repo}' is not a diffusers pipeline (no {filename}); give an SDXL or SD model") from None
-    except LocalEntryNotFoundError:
+                         "one needs `hf auth login`); check the name") from e
+    except RevisionNotFoundError as e:
+        raise KronaError(f"'{repo}' has no revision '{revision}'; check --revision") from e
+    except RemoteEntryNotFoundError as e:
+        raise KronaError(f"'{repo}' is not a diffusers pipeline (no {filename}); give an SDXL or SD model") from e
+    except LocalEntryNotFoundError as e:
         why = why or "the hub cannot be reached"
         raise KronaError(
             f"'{repo}' is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: download it once "
             f"while online with `hf download {repo}`, or give a local diffusers folder or .safetensors file"
-        ) from None
+        ) from e
     except (HfHubHTTPError, OSError) as e:
-        raise KronaError(f"could not fetch '{repo}' from the Hugging Face hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise KronaError(f"could not fetch '{repo}' from the Hugging Face hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
 def load_pipeline(
@@ -150,7 +150,7 @@ def load_pipeline(
             f"could not load the base model '{pretrained}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             + ("; the cached copy may be incomplete: download it again with `hf download " + pretrained + "`"
                if kind == "hub" else "")
-        ) from None
+        ) from e
     if not hasattr(pipe, "unet"):
         raise KronaError(f"'{pretrained}' is a {type(pipe).__name__}, not an SDXL or SD pipeline with a UNet")
     if vae:
@@ -188,7 +188,7 @@ def load_vae(name: str, dtype: torch.dtype = torch.float32):
     try:
         return AutoencoderKL.from_pretrained(where, torch_dtype=dtype)
     except Exception as e:
-        raise KronaError(f"could not load the VAE '{name}': {type(e).__name__}; give a diffusers VAE folder or hub id") from None
+        raise KronaError(f"could not load the VAE '{name}': {type(e).__name__}; give a diffusers VAE folder or hub id") from e
 
 
 def cast(model: nn.Module, device, dtype: torch.dtype) -> None:

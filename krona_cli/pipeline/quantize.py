@@ -31,9 +31,9 @@ def import_bitsandbytes(flag: str, instead: str = ""):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import bitsandbytes
-    except ImportError:
+    except ImportError as e:
         raise KronaError(f"{flag} needs bitsandbytes: pip install bitsandbytes"
-                         + (f" (or use {instead})" if instead else "")) from None
+                         + (f" (or use {instead})" if instead else "")) from e
     return bitsandbytes
 
 
@@ -91,7 +91,7 @@ def check_device(precision: str, compute_dtype: torch.dtype, device: torch.devic
     except Exception as e:  # whatever bitsandbytes raises for an unsupported device or build
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KronaError(f"bitsandbytes cannot run --base-precision {precision} on {torch_device.type} ({reason}); "
-                         "use --base-precision bf16, fp16 or fp32") from None
+                         "use --base-precision bf16, fp16 or fp32") from e
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -112,8 +112,8 @@ def describe_file(path: Path, keys: list[str], metadata: dict[str, str]) -> dict
     if METADATA_KEY in metadata:
         try:
             return json.loads(metadata[METADATA_KEY])
-        except json.JSONDecodeError:
-            raise KronaError(f"'{path}' has unreadable '{METADATA_KEY}' metadata; the file is damaged") from None
+        except json.JSONDecodeError as e:
+            raise KronaError(f"'{path}' has unreadable '{METADATA_KEY}' metadata; the file is damaged") from e
     arch = original_architecture(keys)
     if arch is None:
         raise KronaError(
