@@ -330,6 +330,18 @@ def to_lora(
     written (after rounding to `dtype`) per layer (0 for a layer whose ΔW is 0) and in total, sqrt(Σ‖ΔW − ΔW_r‖²) /
     sqrt(Σ‖ΔW‖²).
     """
+    scale = _export_scale(adapter, rank, layout)
+    written, report_layers, total_err2, total_norm2 = _low_rank_layers(adapter, scale, rank, dtype_from_name(dtype))
+    tensors, stored_rank = _lora_tensors(written, layout, two_text_encoders(adapter))
+    params = sum(t.numel() for key, t in tensors.items() if not key.endswith(".alpha"))
+    total = math.sqrt(total_err2 / total_norm2) if total_norm2 > 0 else 0.0
+    report = {"rank": rank, "dtype": dtype, "error": total, "layers": report_layers, "parameters": params}
+    metadata = _lora_metadata(adapter, rank, layout, total, stored_rank, title)
+    return tensors, metadata, report
+
+
+def _export_scale(adapter: Adapter, rank: int, layout: str) -> float:
+    """The adapter's scale as a float, once `rank`, `layout` and the adapter are known to be exportable as LoRA."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise KronaError(f"LoRA rank {rank!r} must be a whole number of at least 1, e.g. 16")
     if layout not in LAYOUTS:
@@ -342,8 +354,14 @@ def to_lora(
     scale = float(adapter.scale)
     if not math.isfinite(scale):
         raise KronaError(f"adapter scale {adapter.scale} is not a finite number; export with a finite --scale")
-    torch_dtype = dtype_from_name(dtype)
-    sdxl = two_text_encoders(adapter)
+    return scale
+
+
+def _low_rank_layers(
+    adapter: Adapter, scale: float, rank: int, torch_dtype: torch.dtype
+) -> tuple[list[tuple[str, str, torch.Tensor, torch.Tensor]], dict[str, dict[str, dict]], float, float]:
+    """Every layer's truncated SVD (`KronLayer.low_rank`): [(component, module, up, down)], the report's layers
+    ({component: {module: {"rank", "error"}}}), and Σ‖ΔW − ΔW_r‖² and Σ‖ΔW‖² over all layers."""
     written: list[tuple[str, str, torch.Tensor, torch.Tensor]] = []  # component, module, up, down
     report_layers: dict[str, dict[str, dict]] = {}
     total_err2 = total_norm2 = 0.0
@@ -361,6 +379,13 @@ def to_lora(
             total_norm2 += norm2
     if not written:
         raise KronaError("the adapter holds no layers; there is nothing to export")
+    return written, report_layers, total_err2, total_norm2
+
+
+def _lora_tensors(
+    written: list[tuple[str, str, torch.Tensor, torch.Tensor]], layout: str, sdxl: bool
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The file's tensors under `layout`'s keys, and the rank R of the largest layer (every kohya layer's rank)."""
     # kohya: every layer at the file's largest rank R (zero columns / rows added, which change nothing) with alpha R,
     # so alpha / r is exactly 1 everywhere and is the same number in every layer, which diffusers' loader needs: it
     # turns kohya alphas into peft's, and those of UNet attention layers under names that match no module, so that
@@ -378,9 +403,13 @@ def to_lora(
             name = f"{component}.{canonical_name(component, module)}"
             tensors[f"{name}.lora_A.weight"] = down.contiguous()
             tensors[f"{name}.lora_B.weight"] = up.contiguous()
-    params = sum(t.numel() for key, t in tensors.items() if not key.endswith(".alpha"))
-    total = math.sqrt(total_err2 / total_norm2) if total_norm2 > 0 else 0.0
-    report = {"rank": rank, "dtype": dtype, "error": total, "layers": report_layers, "parameters": params}
+    return tensors, stored_rank
+
+
+def _lora_metadata(
+    adapter: Adapter, rank: int, layout: str, error: float, stored_rank: int, title: str | None
+) -> dict[str, str]:
+    """The file's metadata: {"format": "pt"}, krona's JSON under `krona`, and the modelspec / kohya `ss_` keys."""
     krona_meta = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
@@ -388,16 +417,16 @@ def to_lora(
         "key_format": "kohya" if layout == "kohya" else "diffusers",
         "method": "truncated SVD of the Kronecker update",
         "rank": rank,
-        "relative_error": total,
+        "relative_error": error,
         "base_model": adapter.base_model,
         "architecture": adapter.architecture,
         "source": krona_metadata(adapter),
     }
-    exported_as = f"exported as a rank-{rank} LoRA by truncated SVD (relative error of ΔW {total:.3g})"
+    exported_as = f"exported as a rank-{rank} LoRA by truncated SVD (relative error of ΔW {error:.3g})"
     network = None
     if layout == "kohya":
         network = {"module": NETWORK_MODULE, "dim": str(stored_rank), "alpha": str(stored_rank)}
-    metadata = {
+    return {
         "format": "pt",
         METADATA_KEY: json.dumps(krona_meta, sort_keys=True),
         **ui_metadata(
@@ -405,7 +434,6 @@ def to_lora(
             describe_adapter(adapter.base_model, adapter.training, exported_as), network,
         ),
     }
-    return tensors, metadata, report
 
 
 def save_lora(
