@@ -10,9 +10,17 @@ from PIL import Image
 
 from krona_cli.cli import main
 from krona_cli.errors import KronaError
+from krona_cli.evaluation.metrics import is_sample_grid
 from krona_cli.formats import collect_adapter, file_sha256, save_adapter
+from krona_cli.inference.sampling import (
+    SCHEDULERS,
+    SampleConfig,
+    generate,
+    load_prompts,
+    prepare_pipeline,
+    write_grid,
+)
 from krona_cli.kron import adapted_layers, inject
-from krona_cli.inference.sampling import SCHEDULERS, SampleConfig, generate, load_prompts, prepare_pipeline
 from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 PROMPT = "a photo of a dog"
@@ -44,6 +52,13 @@ def _sample(out, *args):
 
 def _pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255.0
+
+
+def _bands(grid, rows: int, cols: int, size: int = 64) -> tuple[int, int]:
+    """The widths of a grid's label bands (left: prompts, top: seeds): the images fill its bottom-right corner."""
+    left, top = grid.width - cols * size, grid.height - rows * size
+    assert left >= 0 and top >= 0
+    return left, top
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +100,14 @@ def test_png_metadata_and_grid(reference, sdxl_adapter, tiny_sdxl_dir):
     [adapter] = json.loads(text["adapters"])
     assert adapter == {"file": str(sdxl_adapter), "sha256": file_sha256(sdxl_adapter), "scale": 1.0}
     grid = Image.open(reference / "grid.png")
-    assert grid.size == (2 * 64, 1 * 64)
+    left, top = _bands(grid, rows=1, cols=2)
+    assert left > 0 and top > 0  # the prompt's and the seeds' label bands
     assert json.loads(grid.text["seeds"]) == [0, 1] and json.loads(grid.text["prompts"]) == [PROMPT]
     assert "seed" not in grid.text and json.loads(grid.text["adapters"]) == [adapter]
-    assert np.array_equal(np.asarray(grid)[:, 64:], np.asarray(Image.open(reference / "p00-s1.png").convert("RGB")))
+    for i, name in enumerate(["p00-s0.png", "p00-s1.png"]):  # each image unchanged in its cell
+        cell = np.asarray(grid.convert("RGB"))[top:, left + 64 * i : left + 64 * (i + 1)]
+        assert np.array_equal(cell, np.asarray(Image.open(reference / name).convert("RGB")))
+    assert is_sample_grid(reference / "grid.png") and not is_sample_grid(reference / "p00-s0.png")
 
 
 def test_grid_rows_are_prompts_and_prompts_file(sdxl_adapter, tmp_path, capsys):
@@ -99,7 +118,10 @@ def test_grid_rows_are_prompts_and_prompts_file(sdxl_adapter, tmp_path, capsys):
                  "-n", "2", "--batch-size", "3", *FAST, "--output-dir", str(out)])
     assert code == 0
     assert sorted(p.name for p in out.glob("p*.png")) == [f"p{j:02d}-s{s}.png" for j in range(3) for s in (0, 1)]
-    assert Image.open(out / "grid.png").size == (2 * 64, 3 * 64)
+    grid = Image.open(out / "grid.png")
+    left, top = _bands(grid, rows=3, cols=2)
+    cell = np.asarray(grid.convert("RGB"))[top + 2 * 64 :, left + 64 :]  # the last row's second column
+    assert np.array_equal(cell, np.asarray(Image.open(out / "p02-s1.png").convert("RGB")))
     assert Image.open(out / "p02-s1.png").text["prompt"] == "a cat on a mat"
     stdout = capsys.readouterr().out
     assert "6/6 images" in stdout and "grid.png" in stdout
@@ -192,3 +214,43 @@ def test_load_prompts():
     assert load_prompts(["a", "  ", "b "]) == ["a", "b"]
     with pytest.raises(KronaError, match="no prompt"):
         load_prompts([])
+
+
+def test_grid_labels_each_row_with_its_prompt_each_column_with_its_seed_and_the_corner_with_the_step(tmp_path):
+    """Pure write_grid on made-up images: light bands with dark text left of every row and above every column, the
+    step in the corner only when the metadata has one, long prompts kept inside their row, the images exact."""
+    rng = np.random.default_rng(0)
+    long = "a photo of sks dog on the moon, " * 12 + "unbreakablesupercalifragilisticexpialidociousword"
+    prompts, seeds = ["a dog", long, "a dog"], [3, 17]
+    images = {(j, s): Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+              for j in range(3) for s in seeds}
+    grids = {}
+    for name, meta in (("plain", {"krona_version": "x"}), ("step", {"krona_version": "x", "step": "30"})):
+        path = write_grid(tmp_path / f"{name}.png", images, prompts, seeds, meta)
+        assert json.loads(Image.open(path).text["prompts"]) == prompts and is_sample_grid(path)
+        grids[name] = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    grid = grids["step"]
+    left, top = _bands(Image.fromarray(grid.astype(np.uint8)), rows=3, cols=2)
+    for (j, s), image in images.items():
+        i = seeds.index(s)
+        assert np.array_equal(grid[top + 64 * j : top + 64 * (j + 1), left + 64 * i : left + 64 * (i + 1)], image)
+
+    def band(g, box):
+        return g[box[1] : box[3], box[0] : box[2]]
+
+    def ink(box):  # how many dark text pixels a band region holds
+        return int((band(grid, box).max(axis=2) < 128).sum())
+
+    rows = [(0, top + 64 * j, left, top + 64 * (j + 1)) for j in range(3)]
+    cols = [(left + 64 * i, 0, left + 64 * (i + 1), top) for i in range(2)]
+    assert all(ink(box) > 10 for box in rows + cols) and ink((0, 0, left, top)) > 10
+    assert (grid[:top, :].min(axis=2) > 200).mean() > 0.7 and (grid[top:, :left].min(axis=2) > 200).mean() > 0.7
+    assert np.array_equal(band(grid, rows[0]), band(grid, rows[2]))  # the same prompt, the same label
+    assert not np.array_equal(band(grid, rows[0]), band(grid, rows[1]))
+    assert not np.array_equal(band(grid, cols[0]), band(grid, cols[1]))
+    assert ink(rows[1]) > 4 * ink(rows[0])  # the long prompt takes several lines, all inside its row
+    # the step is the only difference: in the corner, which the plain grid leaves empty
+    assert grids["plain"].shape == grid.shape
+    changed = np.argwhere((grids["plain"] != grid).any(axis=2))
+    assert changed.size and changed[:, 0].max() < top and changed[:, 1].max() < left
+    assert (grids["plain"][:top, :left].min(axis=2) > 200).all()

@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -184,13 +183,85 @@ def png_bytes(image: Image.Image, text: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
-def _grid(rows: list[list[Image.Image]], width: int, height: int) -> Image.Image:
+GRID_BAND, GRID_INK = (242, 242, 242), (40, 40, 40)  # the grid's label bands and their text
+
+
+def _grid_font(height: int):
+    """PIL's built-in font (nothing downloaded), sized to the images: a 40th of their height, 10 to 24 px."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=max(10, min(24, height // 40)))
+    except (TypeError, OSError, ImportError):  # Pillow before 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _drawable(text: str, font) -> str:
+    """`text` as `font` can draw it: PIL's bitmap font (no FreeType) takes Latin-1 only."""
+    from PIL import ImageFont
+
+    return text if isinstance(font, ImageFont.FreeTypeFont) else text.encode("latin-1", "replace").decode("latin-1")
+
+
+def _clip(text: str, font, width: float) -> str:
+    """`text`, cut with "..." at the end when it is wider than `width` px."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return text.rstrip() + "..."
+
+
+def _wrap(text: str, font, width: float, max_lines: int) -> list[str]:
+    """`text` in lines of at most `width` px (words kept whole where they fit), at most `max_lines` of them: the
+    last line shown ends in "..." when the text goes on."""
+    lines: list[str] = []
+    for word in text.split():
+        joined = f"{lines[-1]} {word}" if lines else word
+        if lines and font.getlength(joined) <= width:
+            lines[-1] = joined
+            continue
+        while font.getlength(word) > width and len(word) > 1:  # a word wider than the band is cut over lines
+            cut = next(n for n in range(len(word) - 1, 0, -1) if font.getlength(word[:n]) <= width or n == 1)
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    if len(lines) > max(1, max_lines):
+        lines = lines[: max(1, max_lines)]
+        lines[-1] = _clip(lines[-1] + " ...", font, width)  # always marked as cut, even when the line fits
+    return lines
+
+
+def _grid(rows: list[list[Image.Image]], prompts: Sequence[str], seeds: Sequence[int], title: str | None,
+          width: int, height: int) -> Image.Image:
+    """The images in rows (one per prompt) and columns (one per seed), below a band with the seeds and right of a
+    band with the prompts; the top-left corner holds `title`. The images fill the bottom-right corner unchanged."""
+    from PIL import ImageDraw
+
+    font = _grid_font(height)
+    pad = max(2, font.size // 4) if hasattr(font, "size") else 2
+    line = font.getbbox("Ayg|")[3] + max(1, pad // 2)
+    titled = _drawable(title or "", font)
+    longest = max([font.getlength(_drawable(p, font)) for p in prompts] + [font.getlength(titled)])
+    left = int(min(longest, max(width // 2, 10 * line)) + 2 * pad)
+    top = line + 2 * pad
     cols = max(len(r) for r in rows)
-    canvas = np.zeros((len(rows) * height, cols * width, 3), dtype=np.uint8)
-    for r, row in enumerate(rows):
+    canvas = Image.new("RGB", (left + cols * width, top + len(rows) * height), GRID_BAND)
+    draw = ImageDraw.Draw(canvas)
+    if titled:
+        draw.text((pad, pad), _clip(titled, font, left - 2 * pad), fill=GRID_INK, font=font)
+    for c, seed in enumerate(seeds[:cols]):
+        label = f"seed {seed}" if font.getlength(f"seed {seed}") <= width - 2 * pad else str(seed)
+        label = _clip(label, font, width - 2 * pad)
+        draw.text((left + c * width + (width - font.getlength(label)) / 2, pad), label, fill=GRID_INK, font=font)
+    for r, prompt in enumerate(prompts[: len(rows)]):
+        lines = _wrap(_drawable(prompt, font), font, left - 2 * pad, (height - 2 * pad) // line)
+        for k, text in enumerate(lines):
+            draw.text((pad, top + r * height + pad + k * line), text, fill=GRID_INK, font=font)
+    for r, row in enumerate(rows):  # last: text that runs over a band's edge is covered, the images stay exact
         for c, image in enumerate(row):
-            canvas[r * height : (r + 1) * height, c * width : (c + 1) * width] = np.asarray(image.convert("RGB"))
-    return Image.fromarray(canvas)
+            canvas.paste(image.convert("RGB"), (left + c * width, top + r * height))
+    return canvas
 
 
 def image_name(prompt_index: int, seed: int) -> str:
@@ -322,9 +393,14 @@ def write_grid(
     seeds: Sequence[int],
     metadata: dict[str, str],
 ) -> Path:
-    """One PNG grid (a row per prompt, a column per seed), with the prompts and seeds (JSON lists) in its metadata."""
+    """One PNG grid: a row per prompt, a column per seed, labelled in light bands (each row's prompt on the left,
+    wrapped and cut to the row's height; each column's seed above; `step N` in the top-left corner when `metadata`
+    has a "step"). The images are unchanged in the bottom-right corner: image (j, seed i) has its top-left pixel at
+    (grid width - columns × image width + i × image width, grid height - rows × image height + j × image height).
+    The metadata, with the prompts and seeds (JSON lists) added, goes into the PNG's text chunks."""
     width, height = next(iter(images.values())).size
-    grid = _grid([[images[(j, s)] for s in seeds] for j in range(len(prompts))], width, height)
+    title = f"step {metadata['step']}" if "step" in metadata else None
+    grid = _grid([[images[(j, s)] for s in seeds] for j in range(len(prompts))], prompts, seeds, title, width, height)
     meta = {"prompts": json.dumps(list(prompts)), "seeds": json.dumps(list(seeds)), **metadata}
     return write_bytes_atomic(Path(path), png_bytes(grid, meta))
 
@@ -340,11 +416,12 @@ def generate(
     """Sample `config.num_images` images per prompt and write them, and one grid, as PNG files with metadata.
 
     Image i of prompt j uses seed `config.seed + i` and is written to `output_dir/p{j:02d}-s{seed}.png`; the grid
-    (`grid.png`: one row per prompt, one column per seed) goes beside them. Every file carries PNG text chunks:
-    prompt, negative_prompt, seed, steps, guidance, scheduler, width, height, base_model, architecture, dtype,
-    adapters (JSON list of {file, sha256, scale}) and krona_version; the grid has prompts and seeds (JSON lists)
-    instead of prompt and seed. Files are written atomically. `progress(images_done, images_total)` is called
-    during every denoising step (images_done is fractional within a batch) and after every batch.
+    (`grid.png`: one row per prompt, one column per seed, labelled with both: `write_grid`) goes beside them. Every
+    file carries PNG text chunks: prompt, negative_prompt, seed, steps, guidance, scheduler, width, height,
+    base_model, architecture, dtype, adapters (JSON list of {file, sha256, scale}) and krona_version; the grid has
+    prompts and seeds (JSON lists) instead of prompt and seed. Files are written atomically.
+    `progress(images_done, images_total)` is called during every denoising step (images_done is fractional within a
+    batch) and after every batch.
     """
     config.validate()
     width, height = image_size(pipe, config)
