@@ -21,6 +21,7 @@ import tempfile
 import typing
 from pathlib import Path
 
+from _sre import MAXREPEAT  # re's repeat counts are below it
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ from krona_cli.kron import (
     remove,
     set_scale,
 )
+from krona_cli.kron.inject import target_pattern
 from krona_cli.kron.layer import PATHS
 
 
@@ -134,13 +136,18 @@ def test_malformed_factor_text_is_a_krona_error(text):
 
 @_settings(300)
 @given(text=st.one_of(TEXT, st.text("0123456789xX× -+.", max_size=12)))
+@example(text=" 08 × 3\n")
+@example(text="0x3")
 def test_any_text_either_parses_to_positive_factors_that_round_trip_or_is_a_krona_error(text):
-    try:
+    parts = re.split("[xX×]", text)  # readable: two positive whole numbers (maybe padded) around one separator
+    readable = len(parts) == 2 and all(p.strip().isdecimal() and int(p) >= 1 for p in parts)
+    if readable:
         f = parse_factors(text)
-    except KronaError:
-        return
-    assert f.a_out >= 1 and f.a_in >= 1
-    assert parse_factors(str(f)) == f
+        assert (f.a_out, f.a_in) == tuple(int(p) for p in parts)
+        assert parse_factors(str(f)) == f
+    else:
+        with pytest.raises(KronaError, match="OxI|positive"):
+            parse_factors(text)
 
 
 def _not_a_positive_int(text: str) -> bool:
@@ -166,11 +173,19 @@ def test_pairs_that_are_not_two_positive_whole_numbers_are_a_krona_error(pair):
 @_settings(100)
 @given(pair=st.tuples(st.floats(), st.integers(1, 64)))
 @example(pair=(math.inf, 4))
-def test_pairs_of_floats_only_ever_raise_krona_error(pair):
-    try:
-        parse_factors(pair)
-    except KronaError:
-        pass
+@example(pair=(math.nan, 4))
+@example(pair=(-0.0, 4))
+@example(pair=(3.0, 4))
+@example(pair=(1e300, 4))
+def test_pairs_of_floats_parse_when_whole_and_positive_else_are_a_krona_error(pair):
+    a_out, a_in = pair
+    if math.isfinite(a_out) and a_out.is_integer() and a_out >= 1:
+        f = parse_factors(pair)
+        assert f == Factors(int(a_out), a_in) and type(f.a_out) is int
+        assert parse_factors(str(f)) == f
+    else:  # nan, ±inf, a fraction, zero or negative
+        with pytest.raises(KronaError, match="whole numbers|positive"):
+            parse_factors(pair)
 
 
 @_settings(100)
@@ -535,12 +550,30 @@ def test_huge_integer_literals_in_a_file_are_a_krona_error(digits):
 @given(targets=st.one_of(st.integers(0, 2**70).map(lambda n: f"to_q{{{n}}}"),
                          st.integers(1, 2000).map(lambda k: "(" * k + "to_q" + ")" * k)))
 @example(targets="to_q{4294967296}")
+@example(targets="to_q{4294967294}")
+@example(targets="to_q{3}")
 @example(targets="(" * 1000 + "to_q" + ")" * 1000)
-def test_any_targets_text_is_accepted_or_a_krona_error(targets):
+@example(targets="(" * 5 + "to_q" + ")" * 5)
+def test_any_targets_text_is_the_regular_expression_it_reads_or_a_krona_error(targets):
+    repeat = re.fullmatch(r"to_q\{(\d+)\}", targets)
+    n = int(repeat.group(1)) if repeat else 1  # how many q the targets ask for
     try:
-        _load(None, {**REQUIRED, "targets": targets})
+        cfg = _load(None, {**REQUIRED, "targets": targets})
     except KronaError as e:
-        assert "--targets" in str(e)
+        assert "--targets" in str(e) and "nor a valid regular expression" in str(e)
+        causes = []  # the chain down to the error of Python's re module that krona's line stands for
+        while (e := e.__cause__ or e.__context__) is not None:
+            causes.append(e)
+        assert any(isinstance(c, (re.error, OverflowError, RecursionError)) for c in causes), causes
+        assert not repeat or n >= MAXREPEAT  # a repeat count is refused only above what re can count
+    else:
+        assert not repeat or n < MAXREPEAT
+        assert cfg.targets == targets
+        pattern = target_pattern(cfg.targets)
+        if n <= 1000:  # the module it names is selected; a sibling it does not name is not
+            assert pattern.search(f"mid_block.attentions.0.transformer_blocks.0.attn1.to_{'q' * n}")
+        if n >= 1:
+            assert not pattern.search("mid_block.attentions.0.transformer_blocks.0.attn1.to_k")
 
 
 # --- KronLinear over random shapes -----------------------------------------------------------------------------------
