@@ -91,6 +91,29 @@ def test_summary_names_squares_fitted_factors_and_the_resume_point(tmp_path):
     assert rows["class images"].startswith("none (no --class-prompt")
 
 
+def test_summary_shows_the_factors_each_layer_shape_got_where_they_were_fitted(tmp_path):
+    from krona_cli.kron.factors import fit_factors, parse_factors
+
+    def fitted(*shapes):  # what trainable_adapter gives each (d_out, d_in) for --factors 7x3
+        return tuple((o, i, str(fit_factors(parse_factors("7x3"), o, i)), "7x3") for o, i in shapes)
+
+    def row(*shapes):
+        rows = summary(settings(tmp_path, factors="7x3"), plan(tmp_path, fitted=40, layer_factors=fitted(*shapes)))
+        assert [key for key, _ in rows][:3] == ["model", "adapter", "factors used"]
+        return dict(rows)["factors used"]
+
+    # more than 4 shapes: only the fitted ones (700×300 takes 7x3 as asked), in shape order
+    assert row((1280, 2048), (640, 640), (700, 300), (1280, 768), (640, 2048), (1280, 1280)) == (
+        "640×640: 5x2 (asked 7x3), 640×2048: 5x2 (asked 7x3), 1280×768: 5x3 (asked 7x3), "
+        "1280×1280: 5x2 (asked 7x3), 1280×2048: 5x2 (asked 7x3)")
+    assert row((700, 300), (640, 640)) == "640×640: 5x2 (asked 7x3), 700×300: 7x3"  # few shapes: all of them
+    many = row(*[(o, 640) for o in range(641, 661)])  # 20 fitted shapes: the first 6, then how many more
+    assert many.count("asked 7x3") == 6 and many.endswith(" and 14 more shapes")
+    # every layer as asked, or a LoRA adapter (no Kronecker layers): no row
+    for layers in (fitted((700, 300), (70, 30)), ()):
+        assert "factors used" not in dict(summary(settings(tmp_path), plan(tmp_path, layer_factors=layers)))
+
+
 # --- state and restore -------------------------------------------------------------------------------------------------
 
 def toy_run(tmp_path, cfg, seed, world=1, photo_bytes=b"photo"):

@@ -350,6 +350,8 @@ class Plan:
     world: int  # processes
     memory: str  # the memory estimate, in words
     out: Path
+    # each distinct (d_out, d_in, factors used, factors asked) of the Kronecker-adapted layers
+    layer_factors: tuple[tuple[int, int, str, str], ...] = ()
 
 
 def _plan(cfg: TrainConfig, pre: Preflight, base: Base, photos: Photos, adapter, accelerator) -> Plan:
@@ -361,7 +363,34 @@ def _plan(cfg: TrainConfig, pre: Preflight, base: Base, photos: Photos, adapter,
                 str(accelerator.device), len(photos.instance.paths),
                 photos.instance.buckets if photos.buckets else None, photos.class_dir, photos.to_generate,
                 adapter.num_params(), adapter.fitted_layers(), pre.resume_from, accelerator.num_processes, memory,
-                pre.out)
+                pre.out, _layer_factors(adapter))
+
+
+def _layer_factors(adapter) -> tuple[tuple[int, int, str, str], ...]:
+    """Each distinct (d_out, d_in, factors used, factors asked) of a Kronecker adapter's layers (none for LoRA)."""
+    from ..kron import adapted_layers
+    from ..kron.factors import parse_factors
+
+    if adapter.kind != "kron":
+        return ()
+    shapes = set()
+    for component, model in adapter.models.items():
+        asked = str(parse_factors(adapter.factors[component]))
+        shapes |= {(m.out_features, m.in_features, str(m.factors), asked) for m in adapted_layers(model).values()}
+    return tuple(sorted(shapes))
+
+
+def _factors_used(plan: Plan, most: int = 6) -> str | None:
+    """The factors fitted per layer shape, e.g. `32×80: 4x2 (asked 7x3)`: every shape when there are at most 4,
+    else the fitted ones (at most `most`, then how many more); None when every layer has the factors asked."""
+    shapes = sorted(plan.layer_factors)
+    fitted = [f for f in shapes if f[2] != f[3]]
+    if not fitted:
+        return None
+    shown = shapes if len(shapes) <= 4 else fitted
+    text = ", ".join(f"{d_out}×{d_in}: {used}" + (f" (asked {asked})" if used != asked else "")
+                     for d_out, d_in, used, asked in shown[:most])
+    return text + (f" and {len(shown) - most} more shapes" if len(shown) > most else "")
 
 
 def summary(cfg: TrainConfig, plan: Plan) -> list[tuple[str, str]]:
@@ -383,9 +412,11 @@ def summary(cfg: TrainConfig, plan: Plan) -> list[tuple[str, str]]:
     precision = f"compute {plan.compute}, frozen base {plan.base_precision}, adapter weights fp32, on {plan.device}"
     precision += (", gradient checkpointing" if cfg.gradient_checkpointing else "") + (
         ", torch.compile" if cfg.compile else "")
+    factors = _factors_used(plan)
     return [
         ("model", f"{cfg.pretrained_model} ({plan.arch}, {plan.prediction.replace('_', '-')})"),
         ("adapter", adapter),
+        *([("factors used", factors)] if factors else []),
         ("trainable parameters", f"{plan.params:,}"),
         ("instance images", f"{plan.photos} × {cfg.repeats} repeats, '{cfg.prompt}'"),
         ("sizes", sizes),
