@@ -592,8 +592,13 @@ def train_cmd(config: Optional[str] = None, **overrides) -> None:
         return
     if result.processes_agree > 1:
         console.print(f"all {result.processes_agree} processes hold bit-identical adapter weights")
+    done = result.step - result.start_step
+    trained = f"trained {done} step{'s' * (done != 1)}" + (
+        f", from step {result.start_step} (resumed) to {result.step}" if result.start_step else "")
+    if result.start_step and result.step == result.start_step:  # --resume of a run that had finished
+        trained = f"already at step {result.step} of {cfg.steps}: nothing to train (raise --steps to train longer)"
     console.print(
-        f"trained {result.step} steps -> [bold]{result.adapter}[/]\n"
+        f"{trained} -> [bold]{result.adapter}[/]\n"
         f"samples: {result.output_dir / 'samples'}   checkpoints: {result.output_dir / 'checkpoints'}   "
         f"model card: {result.output_dir / 'README.md'}"
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from krona_cli.pipeline import models
 from krona_cli.cli import main
@@ -309,20 +310,41 @@ def test_compile_trains_the_same_adapter(tiny_sd15_dir, tmp_path, monkeypatch):
     assert fast.losses == pytest.approx(eager.losses, rel=1e-5)
 
 
-def test_factors_that_do_not_divide_a_layer_are_fitted_and_counted_or_refused(tiny_sd15_dir, tmp_path, capsys):
+def test_factors_that_do_not_divide_a_layer_are_fitted_counted_and_shown_or_refused(tiny_sd15_dir, tmp_path, capsys):
+    from krona_cli.kron.factors import fit_factors, parse_factors
     from krona_cli.kron.inject import find_targets
 
     unet = models.load_pipeline(str(tiny_sd15_dir))[0].unet
-    shapes = [unet.get_submodule(n).weight.shape for n in find_targets(unet, "attn")]
+    shapes = [tuple(unet.get_submodule(n).weight.shape) for n in find_targets(unet, "attn")]
     misfits = sum(out % 64 != 0 or inp % 4 != 0 for out, inp in shapes)
     assert 0 < misfits
     result = train(config(tiny_sd15_dir, tmp_path / "a", factors="64x4", dry_run=True))
     assert f"factors fitted to the {misfits} layer(s) they do not divide" in dict(result.summary)["adapter"]
     assert "fitted" not in dict(train(config(tiny_sd15_dir, tmp_path / "b", factors="4x4", dry_run=True)).summary)[
         "adapter"]
+    # per distinct layer shape, what 7x3 became (tiny widths 16, 32, 64: every shape is fitted)
+    rows = dict(train(config(tiny_sd15_dir, tmp_path / "d", factors="7x3", dry_run=True)).summary)
+    fitted = {(o, i): fit_factors(parse_factors("7x3"), o, i) for o, i in shapes}
+    assert rows["factors used"] == ", ".join(f"{o}×{i}: {f} (asked 7x3)" for (o, i), f in sorted(fitted.items()))
     capsys.readouterr()  # the loading chatter of the calls above
     code = main(["train", "--config", "tiny", "--pretrained-model", str(tiny_sd15_dir), "--instance-dir", str(EXAMPLES),
                  "--prompt", PROMPT, "--output-dir", str(tmp_path / "c"), "--factors", "64x4", "--strict-factors"])
     err = capsys.readouterr().err
     assert code == 2 and "factors 64x4 do not divide layer" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "c" / "checkpoints").exists()
+
+
+def test_resuming_a_finished_run_says_that_nothing_was_trained(tiny_sd15_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--config", "tiny", "--pretrained-model", str(tiny_sd15_dir), "--instance-dir", str(EXAMPLES),
+            "--prompt", PROMPT, "--output-dir", str(out), "--sample-images", "1", "--sample-steps", "1"]
+    assert main([*args, "--steps", "2"]) == 0
+    assert "trained 2 steps ->" in capsys.readouterr().out
+    grid = Image.open(out / "samples" / "step-000002.png")  # labelled: bands above and left of the one image
+    assert grid.text["step"] == "2" and grid.width > 64 and grid.height > 64
+    assert main([*args, "--steps", "2", "--resume", "latest"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())  # rich may wrap the line
+    assert "already at step 2 of 2: nothing to train (raise --steps to train longer)" in printed
+    assert "trained" not in printed
+    assert main([*args, "--steps", "3", "--resume", "latest"]) == 0
+    assert "trained 1 step, from step 2 (resumed) to 3 ->" in " ".join(capsys.readouterr().out.split())

@@ -51,7 +51,8 @@ class Reporter:
 class TrainResult:
     output_dir: Path
     adapter: Path | None = None
-    step: int = 0
+    step: int = 0  # the step the run stands at when it ends
+    start_step: int = 0  # the step it started from: 0, or the checkpoint's with --resume (== step: nothing trained)
     losses: list[float] = field(default_factory=list)  # one per optimizer step run by this call
     samples: list[Path] = field(default_factory=list)
     checkpoints: list[Path] = field(default_factory=list)
@@ -140,6 +141,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     run = _prepare(cfg, accelerator, base, photos, adapter, pre.out, reporter)
     if pre.resume_from is not None:
         run.restore(load_checkpoint(pre.resume_from), pre.resume_from)
+    result.start_step = run.done
     finished = False
     try:
         result.processes_agree = _loop(run)
