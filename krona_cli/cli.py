@@ -578,11 +578,18 @@ def train_cmd(config: Optional[str] = None, **overrides) -> None:
     from .training.config import load_config
     from .training.train import train
 
-    cfg = load_config(config, overrides)
+    notes: list[str] = []  # renamed settings used under their old names (--adapter is now --adapter-type)
+    cfg = load_config(config, overrides, notes)
+    for note in notes:
+        err_console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
     _quiet_model_loading()
     reporter = _RichReporter()
+    # one run per output folder; under accelerate only the first process holds the lock (RANK is set by the launcher)
+    lock = _locked(Path(cfg.output_dir), "krona train", "--output-dir") if int(os.environ.get("RANK", "0")) == 0 \
+        else contextlib.nullcontext()
     try:
-        result = train(cfg, reporter)
+        with lock:
+            result = train(cfg, reporter)
     finally:
         reporter.close()
     if not result.main_process:
@@ -610,8 +617,13 @@ def _usage_line(e, args: list[str]) -> str:
     message = e.format_message() if hasattr(e, "format_message") else str(e)
     option = getattr(e, "option_name", None)
     if option:
-        flags = [o for p in (e.ctx.command.params if e.ctx else []) for o in (*p.opts, *p.secondary_opts)]
+        flags = [o for p in (e.ctx.command.params if e.ctx else []) for o in (*p.opts, *p.secondary_opts)
+                 if not getattr(p, "hidden", False)]
         close = next(iter(difflib.get_close_matches(option, flags, n=1)), None)
+        if e.ctx and e.ctx.command.name == "train":  # the DreamBooth scripts' names: --learning-rate is --lr
+            from .training.config import suggestion
+
+            close = f"--{suggestion(option)}" if suggestion(option) else close
         message = f"no such option: {option}" + (f"; did you mean {close}?" if close else "")
     command = " ".join(e.ctx.command_path.split()[1:]) if e.ctx else ""
     return f"{message} (krona {command + ' ' if command else ''}-h lists the options)"

@@ -19,7 +19,7 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _check_writable(path: Path, flag: str) -> None:
+def check_writable(path: Path, flag: str) -> None:
     """The folder `path` is in (or would be created in) can be written by this user."""
     place = _nearest_existing(path if path.is_dir() else path.parent)
     if not place.is_dir():
@@ -44,7 +44,7 @@ def output_folder(path: str | os.PathLike, flag: str, owned: Callable[[Path], bo
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise KronaError(f"{flag} '{path}' is a file; give a folder")
-    _check_writable(path, flag)
+    check_writable(path, flag)
     if not path.is_dir():
         return []
     files = sorted(p for p in path.rglob("*") if p.is_file())
@@ -66,7 +66,7 @@ def output_file(path: str | os.PathLike, flag: str, suffix: str, overwrite: bool
                          f"'{path.with_suffix(suffix).name}'")
     if path.is_dir():
         raise KronaError(f"{flag} '{path}' is a folder; give the file's name, e.g. '{path / ('out' + suffix)}'")
-    _check_writable(path, flag)
+    check_writable(path, flag)
     if path.exists() and not overwrite:
         raise KronaError(f"{flag} '{path}' exists; pass --overwrite to replace it, or choose another name")
     return path

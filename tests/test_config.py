@@ -10,7 +10,7 @@ import typer.rich_utils
 import yaml
 from typer.testing import CliRunner
 
-from krona_cli.training.config import CONFIG_PRESETS, TrainConfig, load_config, with_train_options
+from krona_cli.training.config import CONFIG_PRESETS, RENAMED, TrainConfig, load_config, with_train_options
 from krona_cli.errors import KronaError
 from krona_cli.architectures import CONFIGS_DIR
 
@@ -163,7 +163,7 @@ def test_wrong_override_types_name_the_flag():
     "field, value, message",
     [("lr_scheduler", "cosin", "--lr-scheduler must be one of constant, constant_with_warmup, cosine, linear, "
                                "polynomial; got 'cosin'"),
-     ("adapter", "loha", "--adapter must be one of kron, lora"),
+     ("adapter_type", "loha", "--adapter-type must be one of kron, lora"),
      ("optimizer", "sgd", "--optimizer must be one of"),
      ("mixed_precision", "fp8", "--mixed-precision must be one of"),
      ("report_to", "comet", "--report-to must be one of"),
@@ -203,7 +203,7 @@ def test_require_data_false_skips_the_data_check():
 
 def test_effective_learning_rates():
     assert TrainConfig().effective_lr() == 5e-4
-    assert TrainConfig(adapter="lora").effective_lr() == 1e-4
+    assert TrainConfig(adapter_type="lora").effective_lr() == 1e-4
     assert TrainConfig(lr=2e-3).effective_text_encoder_lr() == 2e-3
     assert TrainConfig(lr=2e-3, text_encoder_lr=1e-5).effective_text_encoder_lr() == 1e-5
 
@@ -266,7 +266,18 @@ def test_flags_reach_the_command_typed_and_absent_ones_as_none(cli):
     assert seen["steps"] == 5 and type(seen["steps"]) is int
     assert seen["cache_latents"] is False and seen["sample_prompt"] == ["a", "b"] and seen["lr"] == 1e-3
     assert seen["config"] is None and seen["rank"] is None and seen["ema"] is None
-    assert set(seen) == {*FIELDS, "config", "cfg"}
+    assert set(seen) == {*FIELDS, *(old.replace("-", "_") for old in RENAMED), "config", "cfg"}
+
+
+def test_a_renamed_setting_still_works_with_a_note(tmp_path):
+    """`adapter` (a type in train, a file everywhere else) is `adapter-type` now; the old flag and YAML key work."""
+    notes = []
+    assert load_config(None, {**DATA, "adapter": "lora"}, notes).adapter_type == "lora"
+    assert notes == ["--adapter is now --adapter-type (the old name goes in the next release)"]
+    notes = []
+    assert load_config(write(tmp_path, "adapter: lora\n"), DATA, notes).adapter_type == "lora"
+    assert len(notes) == 1 and "'adapter'" in notes[0] and "'adapter-type'" in notes[0]
+    assert load_config(None, {**DATA, "adapter": "lora", "adapter_type": "kron"}).adapter_type == "kron"
 
 
 def test_config_preset_and_flags_together(cli):

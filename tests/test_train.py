@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from PIL import Image
 
@@ -68,7 +69,9 @@ def test_cli_run_with_prior_preservation_writes_every_output(arch, request, tmp_
     assert PROMPT in card and "samples/step-000030.png" in card and "krona sample" in card
     assert load_config(out / "config.yaml", {}) == load_config("tiny", {
         "pretrained_model": str(pipeline_dir), "instance_dir": str(EXAMPLES), "prompt": PROMPT,
-        "class_prompt": CLASS_PROMPT, "output_dir": str(out)})
+        "class_prompt": CLASS_PROMPT, "output_dir": str(out)}).resolved(arch, out)  # config.yaml: resolved values
+    text = (out / "config.yaml").read_text()
+    assert "null" not in text and not {"resume", "overwrite", "dry-run"} & set(yaml.safe_load(text))
     assert "trainable parameters" in captured.out and "Traceback" not in captured.err
 
 
@@ -156,7 +159,7 @@ def test_cached_and_uncached_latents_give_the_same_losses(tiny_sdxl_dir, tmp_pat
 def test_lora_baseline_saves_a_file_diffusers_loads(tiny_sdxl_dir, tmp_path):
     from diffusers import DiffusionPipeline
 
-    result = train(config(tiny_sdxl_dir, tmp_path / "run", adapter="lora", rank=2, steps=4, lr=1e-2))
+    result = train(config(tiny_sdxl_dir, tmp_path / "run", adapter_type="lora", rank=2, steps=4, lr=1e-2))
     pipe = DiffusionPipeline.from_pretrained(tiny_sdxl_dir)
     base = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight.clone()
     pipe.load_lora_weights(str(result.adapter.parent), weight_name=result.adapter.name)

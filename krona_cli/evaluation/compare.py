@@ -137,7 +137,7 @@ def compare(
                 continue  # a setting this method does not have: one run of it is the reference
             name = method + (f"-{key}-{value}" if key and _applies(method, key) else "")
             run_dir = out / "runs" / name
-            changes = {"adapter": method, "output_dir": str(run_dir), "overwrite": True, "resume": None,
+            changes = {"adapter_type": method, "output_dir": str(run_dir), "overwrite": True, "resume": None,
                        "class_dir": train_config.class_dir or str(out / "class-images")}
             if key and _applies(method, key):
                 changes[key] = value

@@ -57,10 +57,10 @@ ComfyUI reads kohya-named LoRA files best; diffusers-named keys may need convert
 def write_model_card(out: Path, cfg: TrainConfig, arch: str, steps: int, params: int, grid: Path | None) -> Path:
     """Write `out/README.md` atomically; return its path."""
     adapter = out / "adapter.safetensors"
-    shape = f"factors {cfg.factors}" if cfg.adapter == "kron" else f"rank {cfg.rank}"
+    shape = f"factors {cfg.factors}" if cfg.adapter_type == "kron" else f"rank {cfg.rank}"
     rows = [
         ("base model", f"`{cfg.pretrained_model}` ({arch})"),
-        ("adapter", f"{'Kronecker (DiffuseKronA)' if cfg.adapter == 'kron' else 'LoRA'}, {shape}, scale {cfg.scale:g}, "
+        ("adapter", f"{'Kronecker (DiffuseKronA)' if cfg.adapter_type == 'kron' else 'LoRA'}, {shape}, scale {cfg.scale:g}, "
                     f"targets `{cfg.targets}`" + (", text encoders too" if cfg.train_text_encoder else "")),
         ("trainable parameters", f"{params:,}"),
         ("instance prompt", f"`{cfg.prompt}`"),
@@ -74,7 +74,7 @@ def write_model_card(out: Path, cfg: TrainConfig, arch: str, steps: int, params:
         ("seed", str(cfg.seed)),
     ]
     lines = [
-        f"# {out.name}: a {'Kronecker' if cfg.adapter == 'kron' else 'LoRA'} adapter for `{cfg.prompt}`",
+        f"# {out.name}: a {'Kronecker' if cfg.adapter_type == 'kron' else 'LoRA'} adapter for `{cfg.prompt}`",
         "",
         "Trained DreamBooth-style with krona; the full settings are in `config.yaml`.",
         "",
@@ -85,7 +85,7 @@ def write_model_card(out: Path, cfg: TrainConfig, arch: str, steps: int, params:
     ]
     if grid is not None:
         lines += [f"![samples after step {steps}]({grid.relative_to(out).as_posix()})", ""]
-    template = _USE_KRON if cfg.adapter == "kron" else _USE_LORA
+    template = _USE_KRON if cfg.adapter_type == "kron" else _USE_LORA
     lines.append(template.format(adapter=adapter, base=cfg.pretrained_model, prompt=cfg.prompt, name=out.name,
                                  folder=out))
     return write_bytes_atomic(out / "README.md", "\n".join(lines).encode())

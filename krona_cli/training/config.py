@@ -70,7 +70,7 @@ class TrainConfig:
     prior_loss_weight: float = _opt(1.0, "Weight of the class images' loss.", min=0)
     class_batch_size: int = _opt(4, "Images per pipeline call when generating class images.", min=1)
     # adapter
-    adapter: str = _opt("kron", "Adapter type: Kronecker product or the LoRA baseline.", choices=("kron", "lora"))
+    adapter_type: str = _opt("kron", "Adapter type: Kronecker product or the LoRA baseline.", choices=("kron", "lora"))
     factors: str = _opt("64x4", "Kronecker factor A's size OxI (output side x input side), fitted per layer.")
     strict_factors: bool = _opt(False, "Stop where the factors do not divide a layer, instead of fitting them to it.")
     rank: int = _opt(4, "LoRA rank (with --adapter lora).", min=1)
@@ -155,7 +155,7 @@ class TrainConfig:
     def with_absolute_paths(self) -> TrainConfig:
         """The same settings with every local path absolute (the base model and VAE where they exist locally: else
         they are hub ids), so config.yaml, checkpoints and the adapter's metadata work from any folder."""
-        from ..pipeline.models import absolute
+        from ..pipeline.hub import absolute
 
         for name in ("pretrained_model", "vae"):
             setattr(self, name, absolute(getattr(self, name)))
@@ -170,7 +170,7 @@ class TrainConfig:
         """--lr, or the default of the adapter type: 5e-4 for kron (the DiffuseKronA paper's), 1e-4 for LoRA."""
         if self.lr is not None:
             return self.lr
-        return 5e-4 if self.adapter == "kron" else 1e-4
+        return 5e-4 if self.adapter_type == "kron" else 1e-4
 
     def effective_resolution(self, arch: str) -> int:
         """--resolution, or the architecture's native size (1024 for SDXL, 512 otherwise)."""
@@ -185,10 +185,29 @@ class TrainConfig:
         """Every setting under its kebab-case key, in --help order (what `load_config` reads back)."""
         return {_key(f.name): _copy(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
+    def resolved(self, arch: str, out: Path) -> TrainConfig:
+        """The settings with every value that defaults to something else worked out for the base model's architecture
+        and the output folder (learning rates, resolution, buckets, class folder, sample size, text-encoder factors,
+        frozen precision): what a run actually uses, and what config.yaml records."""
+        resolution = self.effective_resolution(arch)
+        return dataclasses.replace(
+            self, lr=self.effective_lr(), text_encoder_lr=self.effective_text_encoder_lr(), resolution=resolution,
+            buckets=arch == "sdxl" if self.buckets is None else self.buckets,
+            class_dir=self.class_dir or str(out / "class-images"),
+            sample_width=self.sample_width or resolution, sample_height=self.sample_height or resolution,
+            text_encoder_factors=self.text_encoder_factors or self.factors,
+            base_precision=self.base_precision or {"no": "fp32"}.get(self.mixed_precision, self.mixed_precision),
+        )
+
     def to_yaml(self) -> str:
-        header = "# krona train settings; `krona train --config THIS-FILE` trains with them again\n"
+        """The settings as a config file that trains the same run again: set values only (no nulls; an unset one,
+        such as --vae, keeps its meaning by being absent) and none of the flags that say how to run the command
+        (resume, overwrite, dry-run), so `--config` with it retrains rather than resumes."""
+        header = ("# krona train settings of this run; `krona train --config THIS-FILE` trains it again "
+                  "(add --resume latest to continue it)\n")
+        settings = {k: v for k, v in self.to_dict().items() if v is not None and k not in RUN_FLAGS}
         # allow_unicode=False: escapes such as \N (U+0085) keep every character of a prompt through a round trip
-        return header + yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=False)
+        return header + yaml.safe_dump(settings, sort_keys=False, allow_unicode=False)
 
     def config_hash(self) -> str:
         """sha256 of the settings that decide the trained weights: model, data, prior preservation, adapter,
@@ -204,6 +223,7 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+RUN_FLAGS = ("resume", "dry-run", "overwrite")  # how the command runs, not what the run is
 _UNHASHED = {
     "steps", "batch-size", "grad-accum", "max-bad-steps", "gradient-checkpointing", "cache-latents", "compile",
     "xformers", "allow-tf32", "class-batch-size",
@@ -211,8 +231,10 @@ _UNHASHED = {
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = get_type_hints(TrainConfig)
+# Settings renamed for one meaning per flag name across commands: the old spelling still works, with a note.
+RENAMED = {"adapter": "adapter-type"}
 # Names the diffusers DreamBooth scripts (and the official DiffuseKronA scripts) use, for "did you mean" only.
-_ALIASES = {
+ALIASES = {
     "pretrained-model-name-or-path": "pretrained-model", "pretrained-vae-model-name-or-path": "vae",
     "instance-data-dir": "instance-dir", "instance-prompt": "prompt", "class-data-dir": "class-dir",
     "learning-rate": "lr", "learning-rate-text": "text-encoder-lr", "max-train-steps": "steps",
@@ -294,10 +316,16 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     raise KronaError(f"{where} must be {wanted}, got {value!r}")
 
 
+def suggestion(key: str) -> str | None:
+    """The setting closest to an unknown key or flag (`learning-rate` -> `lr`), or None."""
+    key = key.lstrip("-")
+    match = difflib.get_close_matches(key, [_key(n) for n in _FIELDS] + list(ALIASES), n=1)
+    return ALIASES.get(match[0], match[0]) if match else None
+
+
 def _unknown(key: str, where: str) -> KronaError:
-    known = [_key(n) for n in _FIELDS]
-    match = difflib.get_close_matches(key, known + list(_ALIASES), n=1)
-    hint = f"did you mean '{_ALIASES.get(match[0], match[0])}'?" if match else "`krona train --help` lists them all"
+    match = suggestion(key)
+    hint = f"did you mean '{match}'?" if match else "`krona train --help` lists them all"
     return KronaError(f"unknown key '{key}' in {where}; {hint}")
 
 
@@ -313,7 +341,7 @@ def resolve_config_path(path: str | Path) -> Path:
     raise KronaError(f"config file '{path}' does not exist; give a YAML file or a preset: {', '.join(CONFIG_PRESETS)}")
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[str, Any]:
     """A config file's settings by field name, typed; KronaError for bad YAML, unknown keys or wrong types."""
     file = resolve_config_path(path)
     try:
@@ -334,6 +362,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     for key, value in data.items():
         name = _key(str(key)).replace("-", "_")
+        if _key(name) in RENAMED:
+            name = RENAMED[_key(name)].replace("-", "_")
+            if notes is not None:
+                notes.append(f"'{key}' in {file.name} is now '{_key(name)}' (the old name goes in the next release)")
         if name == "config":
             raise KronaError(f"'config' in {file.name}: a config file cannot name another one; give one --config")
         if name not in _FIELDS:
@@ -344,11 +376,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return settings
 
 
-def load_config(path: str | Path | None, overrides: Mapping[str, Any]) -> TrainConfig:
+def load_config(path: str | Path | None, overrides: Mapping[str, Any], notes: list[str] | None = None) -> TrainConfig:
     """Defaults, then the config file or preset at `path`, then `overrides` (field names; None values are
-    "not given"), validated."""
-    settings = read_config_file(path) if path is not None else {}
+    "not given"), validated, paths absolute. Renamed keys read from the file add a line to `notes`."""
+    settings = read_config_file(path, notes) if path is not None else {}
     for name, value in overrides.items():
+        if _key(name) in RENAMED:  # a renamed flag: its value counts unless the new flag is given too
+            new = RENAMED[_key(name)]
+            if value is not None and notes is not None:
+                notes.append(f"--{_key(name)} is now --{new} (the old name goes in the next release)")
+            if value is not None and overrides.get(new.replace("-", "_")) is None:
+                settings[new.replace("-", "_")] = _coerce(new.replace("-", "_"), value, f"--{_key(name)}")
+            continue
         if name not in _FIELDS:
             raise _unknown(_key(name), "the overrides")
         if value is not None:
@@ -366,7 +405,7 @@ def _shown_default(f: dataclasses.Field) -> str:
 
 # The first field of each --help section (the comments in TrainConfig).
 _PANELS = {"pretrained_model": "Model", "instance_dir": "Data", "class_prompt": "Prior preservation",
-           "adapter": "Adapter", "steps": "Optimisation", "mixed_precision": "Speed and memory",
+           "adapter_type": "Adapter", "steps": "Optimisation", "mixed_precision": "Speed and memory",
            "output_dir": "Outputs"}
 
 
@@ -398,6 +437,10 @@ def typer_parameters() -> list[inspect.Parameter]:
     for f in _FIELDS.values():
         panel = _PANELS.get(f.name, panel)
         params.append(_parameter(f, panel))
+    for old, new in RENAMED.items():  # the old flag, hidden; the CLI says it is renamed
+        option = typer.Option(None, f"--{old}", hidden=True, help=f"Old name of --{new}.")
+        params.append(inspect.Parameter(old.replace("-", "_"), inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=Optional[_base_type(_TYPES[new.replace("-", "_")])]))
     return params
 
 

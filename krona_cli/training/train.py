@@ -25,6 +25,7 @@ from torch import nn
 from ..atomic import write_bytes_atomic
 from ..dtypes import DTYPES, compute_dtype
 from ..errors import KronaError
+from ..outputs import check_writable
 from . import trainable
 from .buckets import Bucket
 from .config import TrainConfig
@@ -71,6 +72,7 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise KronaError(f"--output-dir '{out}' is a file; give a folder")
+    check_writable(out, "--output-dir")
     found = [m for m in RUN_MARKERS if (out / m).exists()]
     if found and not cfg.resume and not cfg.overwrite:
         raise KronaError(
@@ -126,8 +128,9 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     if not accelerator.is_main_process:
         reporter = Reporter()  # one process speaks
     base = load_base(cfg, accelerator.device)
+    cfg = cfg.resolved(base.arch, pre.out)  # what the run uses, checkpoints and config.yaml record
     photos = load_photos(cfg, pre, base, reporter)
-    adapter = trainable.trainable_adapter(base.pipe, cfg.adapter, cfg.targets, cfg.factors, cfg.rank, cfg.scale,
+    adapter = trainable.trainable_adapter(base.pipe, cfg.adapter_type, cfg.targets, cfg.factors, cfg.rank, cfg.scale,
                                           cfg.train_text_encoder, cfg.text_encoder_factors, cfg.strict_factors)
     rows = summary(cfg, _plan(cfg, pre, base, photos, adapter, accelerator))
     result = TrainResult(output_dir=pre.out, summary=rows, main_process=accelerator.is_main_process)
@@ -399,7 +402,7 @@ def summary(cfg: TrainConfig, plan: Plan) -> list[tuple[str, str]]:
     """The (label, text) rows shown before a run starts (and all a dry run shows); a pure function of its inputs."""
     from .buckets import histogram
 
-    adapter = f"{cfg.adapter} " + (f"{cfg.factors}" if cfg.adapter == "kron" else f"rank {cfg.rank}")
+    adapter = f"{cfg.adapter_type} " + (f"{cfg.factors}" if cfg.adapter_type == "kron" else f"rank {cfg.rank}")
     adapter += f", targets {cfg.targets}" + (", text encoders too" if cfg.train_text_encoder else "")
     if plan.fitted:
         adapter += f"; factors fitted to the {plan.fitted} layer(s) they do not divide (--strict-factors stops instead)"
@@ -570,7 +573,7 @@ def _save_final(cfg: TrainConfig, adapter, ema, out: Path, base: Base, step: int
     from .card import write_model_card
 
     training = {"steps": step, "lr": cfg.effective_lr(), "prompt": cfg.prompt, "class_prompt": cfg.class_prompt,
-                "ema": cfg.ema, "seed": cfg.seed, "resolution": cfg.resolution, "adapter": cfg.adapter,
+                "ema": cfg.ema, "seed": cfg.seed, "resolution": cfg.resolution, "adapter": cfg.adapter_type,
                 "prediction_type": base.prediction}
     weights = ema.applied() if ema is not None else contextlib.nullcontext()
     with weights:
