@@ -7,6 +7,7 @@ import difflib
 import json
 import logging
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -177,7 +178,8 @@ def plan_cmd(
     groups = plan(arch, settings, targets, strict_factors)
     if as_json:
         out = {
-            name: {"layers": g.layers, "kron": g.kron, "lora": {f"r{r}": v for r, v in g.lora.items()}}
+            name: {"layers": g.layers, "kron": g.kron, "lora": {f"r{r}": v for r, v in g.lora.items()},
+                   "factors_used": {k: sorted(v) for k, v in g.used.items()}}
             for name, g in groups.items()
         }
         console.print_json(json.dumps({"arch": arch, "targets": targets, "groups": out}))
@@ -185,11 +187,13 @@ def plan_cmd(
     table = Table(title=f"krona plan: {arch}, targets {targets} (parameters; file sizes in MiB)", box=box.SIMPLE_HEAD)
     table.add_column("block group", no_wrap=True)
     table.add_column("layers", justify="right", no_wrap=True)
-    for s in settings:
-        table.add_column(f"kron\n{s}", justify="right", style="bold green", no_wrap=True)
+    total = groups["total"]
+    for s in settings:  # labelled with what is really used where the request does not divide every layer
+        used = sorted(total.used[s])
+        label = s if used == [s] else f"{s}, fitted:\n" + ", ".join(used[:3]) + (", …" if len(used) > 3 else "")
+        table.add_column(f"kron\n{label}", justify="right", style="bold green", no_wrap=True)
     for r in LORA_RANKS:
         table.add_column(f"LoRA\nr{r}", justify="right", no_wrap=True)
-    total = groups["total"]
     for name, g in groups.items():
         cells = [f"{g.kron[s]:,}" for s in settings] + [f"{g.lora[r]:,}" for r in LORA_RANKS]
         if name == "total":
@@ -201,6 +205,25 @@ def plan_cmd(
         sizes = [total.kron[s] for s in settings] + [total.lora[r] for r in LORA_RANKS]
         table.add_row(label, "", *[f"{file_size(p, nbytes) / 2**20:.2f}M" for p in sizes])
     console.print(table)
+
+
+@command("presets")
+def presets_cmd(
+    name: Annotated[Optional[str], typer.Argument(help="A preset to show in full.")] = None,
+) -> None:
+    """List the presets of `krona train --config NAME`, or show one (its YAML, ready to copy and edit)."""
+    from .architectures import CONFIGS_DIR
+    from .training.config import CONFIG_PRESETS
+
+    if name is not None:
+        if name not in CONFIG_PRESETS:
+            raise KronaError(f"no preset '{name}'; the presets are {', '.join(CONFIG_PRESETS)}")
+        console.print((CONFIGS_DIR / f"{name}.yaml").read_text(), end="", highlight=False, markup=False)
+        return
+    for preset in CONFIG_PRESETS:
+        first = (CONFIGS_DIR / f"{preset}.yaml").read_text().splitlines()[0].lstrip("# ")
+        console.print(f"[bold]{preset:6}[/] {escape(first)}", highlight=False)
+    console.print("krona presets NAME shows one; krona train --config NAME uses it (flags override it)")
 
 
 @command("inspect")
@@ -400,12 +423,14 @@ def export_cmd(
     report: Annotated[
         Optional[Path], typer.Option(help="With --to lora: write the per-layer approximation errors here as JSON.")
     ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --output (and --report).")] = False,
 ) -> None:
     """Write an adapter in another format: LoKr for ComfyUI, A1111/Forge and kohya (lycoris, exact), or a LoRA for every
     client, tools that only load LoRA included (lora)."""
     from .inference.export import export_adapter
 
-    summary = export_adapter(adapter, to, output, rank=rank, dtype=dtype, report_path=report, lora_layout=lora_layout)
+    summary = export_adapter(adapter, to, output, rank=rank, dtype=dtype, report_path=report, lora_layout=lora_layout,
+                             overwrite=overwrite)
     console.print(f"wrote {summary['layers']} layers as {to} -> [bold]{summary['output']}[/]")
     report = summary.get("report")
     if report:
@@ -609,6 +634,19 @@ def train_cmd(config: Optional[str] = None, **overrides) -> None:
         f"samples: {result.output_dir / 'samples'}   checkpoints: {result.output_dir / 'checkpoints'}   "
         f"model card: {result.output_dir / 'README.md'}"
     )
+    console.print(escape(_next_steps(result.adapter, cfg.prompt, result.output_dir.name)), highlight=False,
+                  soft_wrap=True)
+
+
+def _next_steps(adapter: Path, prompt: str, name: str) -> str:
+    """What to do with a trained adapter: the commands, ready to paste."""
+    a = shlex.quote(str(adapter))
+    return ("next:\n"
+            f"  krona sample --adapter {a} --prompt {shlex.quote(prompt)} -n 4\n"
+            f"  krona merge --adapter {a} --output {shlex.quote(name + '.safetensors')}   "
+            "# one checkpoint for A1111, Forge, ComfyUI\n"
+            f"  krona export --adapter {a} --to lycoris --output {shlex.quote(name + '-lokr.safetensors')}   "
+            "# for their LoRA loaders")
 
 
 def _usage_line(e, args: list[str]) -> str:

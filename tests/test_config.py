@@ -164,6 +164,7 @@ def test_wrong_override_types_name_the_flag():
     [("lr_scheduler", "cosin", "--lr-scheduler must be one of constant, constant_with_warmup, cosine, linear, "
                                "polynomial; got 'cosin'"),
      ("adapter_type", "loha", "--adapter-type must be one of kron, lora"),
+     ("targets", "text", "--train-text-encoder"),
      ("optimizer", "sgd", "--optimizer must be one of"),
      ("mixed_precision", "fp8", "--mixed-precision must be one of"),
      ("report_to", "comet", "--report-to must be one of"),

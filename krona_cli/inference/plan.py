@@ -28,16 +28,20 @@ def block_group(component: str, name: str) -> str:
 
 @dataclass
 class GroupCount:
-    """Parameter counts of one block group: layers, Kronecker parameters per factor setting, LoRA per rank."""
+    """Parameter counts of one block group: layers, Kronecker parameters per factor setting, LoRA per rank, and the
+    factors each setting really uses there (fitted per layer where the request does not divide it)."""
 
     layers: int = 0
     kron: dict[str, int] = field(default_factory=dict)
     lora: dict[int, int] = field(default_factory=dict)
+    used: dict[str, set[str]] = field(default_factory=dict)
 
     def add(self, other: "GroupCount") -> None:
         self.layers += other.layers
         for k, v in other.kron.items():
             self.kron[k] = self.kron.get(k, 0) + v
+        for k, v in other.used.items():
+            self.used.setdefault(k, set()).update(v)
         for r, v in other.lora.items():
             self.lora[r] = self.lora.get(r, 0) + v
 
@@ -62,7 +66,9 @@ def count_linears(
         g = groups.setdefault(group_of(name), GroupCount())
         one = GroupCount(layers=1)
         for label, request in requests:
-            one.kron[label] = fit_factors(request, d_out, d_in, strict_factors, name).num_params(d_out, d_in)
+            fitted = fit_factors(request, d_out, d_in, strict_factors, name)
+            one.kron[label] = fitted.num_params(d_out, d_in)
+            one.used[label] = {str(fitted)}
         for r in LORA_RANKS:
             one.lora[r] = r * (d_in + d_out)
         g.add(one)

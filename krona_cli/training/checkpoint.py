@@ -214,8 +214,8 @@ def resolve_resume(output_dir, resume: str) -> Path | None:
 def _reading(file: Path):
     try:
         yield
-    except FileNotFoundError:
-        raise KronaError(f"checkpoint file {file} is missing; resume from another checkpoint or start over") from None
+    except FileNotFoundError as e:
+        raise KronaError(f"checkpoint file {file} is missing; resume from another checkpoint or start over") from e
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
         raise KronaError(
             f"checkpoint file {file} is corrupt ({e}); resume from another checkpoint or start over"

@@ -144,6 +144,10 @@ class TrainConfig:
         for name in ("factors", "text_encoder_factors"):
             _flag_errors(name, parse_factors, getattr(self, name))
         _flag_errors("targets", target_pattern, self.targets)
+        if self.targets == "text":
+            raise KronaError("--targets text names the text encoders' attention, but --targets chooses the UNet's "
+                             "layers (attn, attn-ff or a regular expression); add --train-text-encoder to adapt the "
+                             "text encoders too")
         if require_data:
             if not self.instance_dir:
                 raise KronaError("--instance-dir is required: the folder of photos of your subject")
@@ -276,7 +280,7 @@ def _flag_errors(name: str, check: Callable[[Any], Any], value: Any) -> None:
         try:
             check(value)
         except KronaError as e:
-            raise KronaError(f"--{_key(name)}: {e}") from None
+            raise KronaError(f"--{_key(name)}: {e}") from e
 
 
 def _base_type(tp: Any) -> Any:
@@ -347,13 +351,13 @@ def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[s
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
-        raise KronaError(f"cannot read config file '{path}': {getattr(e, 'strerror', None) or e}") from None
+        raise KronaError(f"cannot read config file '{path}': {getattr(e, 'strerror', None) or e}") from e
     except ValueError as e:  # PyYAML's own limits, such as Python's cap on the digits of an integer
-        raise KronaError(f"config file '{path}' holds a value krona cannot read: {e}") from None
+        raise KronaError(f"config file '{path}' holds a value krona cannot read: {e}") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise KronaError(f"config file '{path}' is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+        raise KronaError(f"config file '{path}' is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):

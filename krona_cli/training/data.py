@@ -49,7 +49,7 @@ def scan_images(folder: str | Path, what: str = "instance", allow_empty: bool = 
     try:
         entries = sorted(folder.iterdir(), key=lambda p: p.name)
     except OSError as e:
-        raise KronaError(f"cannot list {flag}: {e.strerror}; check its permissions") from None
+        raise KronaError(f"cannot list {flag}: {e.strerror}; check its permissions") from e
     images, skipped = [], []
     for path in entries:
         if path.name.startswith(".") or path.is_dir() or path.suffix.lower() == CAPTION_SUFFIX:
@@ -122,9 +122,9 @@ def load_image(path: Path) -> Image.Image:
                         f"{image.width}×{image.height} pixels, over the {MAX_PIXELS:,}-pixel limit")
                 return _to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as e:
-        raise KronaError(f"image '{path}' is too large to load safely ({e}); downscale it or remove it") from None
+        raise KronaError(f"image '{path}' is too large to load safely ({e}); downscale it or remove it") from e
     except Exception as e:  # any failure to decode or convert (OSError, SyntaxError, zlib.error...): unusable file
-        raise KronaError(f"cannot read image '{path}': {e}; remove or replace it") from None
+        raise KronaError(f"cannot read image '{path}': {e}; remove or replace it") from e
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -157,7 +157,7 @@ def read_caption(image_path: Path, default: str) -> str:
     try:
         caption = sidecar.read_text(encoding="utf-8-sig").strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise KronaError(f"cannot read caption file '{sidecar}': {e}; save it as UTF-8 text or delete it") from None
+        raise KronaError(f"cannot read caption file '{sidecar}': {e}; save it as UTF-8 text or delete it") from e
     return caption or default
 
 

@@ -62,7 +62,7 @@ def generate_class_images(
     try:
         class_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise KronaError(f"cannot create the class folder '{class_dir}': {e.strerror or e}; set --class-dir") from None
+        raise KronaError(f"cannot create the class folder '{class_dir}': {e.strerror or e}; set --class-dir") from e
     written: list[Path] = []
     by_size: dict[tuple[int, int], list[int]] = {}
     for i in todo:

@@ -116,8 +116,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     """Run (or, with cfg.dry_run, only check and plan) a training run; see the module docstring."""
     try:
         return _train(cfg, reporter or Reporter())
-    except torch.OutOfMemoryError:
-        raise KronaError(_OOM_HINT) from None
+    except torch.OutOfMemoryError as e:
+        raise KronaError(_OOM_HINT) from e
 
 
 def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
@@ -510,7 +510,7 @@ def _speedups(cfg: TrainConfig, base: Base) -> None:
         try:
             base.pipe.unet.enable_xformers_memory_efficient_attention()
         except Exception as e:
-            raise KronaError(f"--xformers cannot run here ({type(e).__name__}: {e}); leave it off") from None
+            raise KronaError(f"--xformers cannot run here ({type(e).__name__}: {e}); leave it off") from e
 
 
 def _encoder(cfg: TrainConfig, base: Base, data: Data, device: torch.device) -> tuple[Encoder, list[nn.Module]]:

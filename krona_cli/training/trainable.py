@@ -102,8 +102,8 @@ def _unused_text_layer(pipe) -> dict[str, int]:
 def _add_lora(model: nn.Module, component: str, targets: str, rank: int, scale: float, skip: int | None) -> None:
     try:
         from peft import LoraConfig, inject_adapter_in_model
-    except ImportError:
-        raise KronaError("--adapter lora needs peft; install it with: pip install peft") from None
+    except ImportError as e:
+        raise KronaError("--adapter lora needs peft; install it with: pip install peft") from e
     if component in TEXT_COMPONENTS:
         modules = _LORA_TEXT
     else:  # a preset's module names, or the regular expression as peft reads one (a full match of the name)
@@ -116,7 +116,7 @@ def _add_lora(model: nn.Module, component: str, targets: str, rank: int, scale: 
         else:
             model.add_adapter(config)
     except ValueError as e:
-        raise KronaError(f"cannot attach LoRA to the {component}: {e}; check --targets") from None
+        raise KronaError(f"cannot attach LoRA to the {component}: {e}; check --targets") from e
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
