@@ -416,8 +416,8 @@ def export_cmd(
     output: Annotated[Path, typer.Option(help="The file to write (.safetensors).")],
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank (only with --to lora).")] = None,
     lora_layout: Annotated[
-        Optional[str], typer.Option(help="With --to lora: kohya (lora_unet_…lora_down/lora_up/alpha) or peft "
-                                    "(diffusers' unet.….lora_A/lora_B names).", show_default="kohya")
+        Optional[str], typer.Option(help="With --to lora: kohya (lora_unet_* keys with lora_down, lora_up and alpha) or "
+                                    "peft (diffusers' unet.*.lora_A and lora_B names).", show_default="kohya")
     ] = None,
     dtype: Annotated[str, typer.Option(help="Saved tensors: fp32, fp16 or bf16.")] = "fp32",
     report: Annotated[
@@ -460,7 +460,7 @@ def eval_cmd(
     from rich.progress import Progress
 
     from .pipeline.hub import model_source
-    from .training.data import scan_images
+    from .training.images import scan_images
 
     generated, _ = scan_images(images, "images")
     photos, _ = scan_images(reference, "reference")

@@ -54,13 +54,16 @@ class OutputLock:
     def __enter__(self) -> OutputLock:
         record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                   "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:]}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 self._take_over_if_stale()
                 continue
+            except OSError as e:
+                raise KronaError(f"{self.flag} '{self.output}' cannot be written ({e.strerror}: {e.filename}); choose "
+                                 "another place") from e
             with os.fdopen(fd, "w") as f:
                 json.dump(record, f)
             self._held = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,8 +25,12 @@ def check_writable(path: Path, flag: str) -> None:
     place = _nearest_existing(path if path.is_dir() else path.parent)
     if not place.is_dir():
         raise KronaError(f"{flag} '{path}' lies under '{place}', which is a file; choose another place")
-    if not os.access(place, os.W_OK | os.X_OK):
-        raise KronaError(f"{flag} '{path}' cannot be written: '{place}' is not writable by you; choose another place")
+    try:  # tried, not asked: os.access says yes to root on read-only file systems
+        with tempfile.TemporaryFile(dir=place):
+            pass
+    except OSError as e:
+        raise KronaError(f"{flag} '{path}' cannot be written: '{place}' is not writable ({e.strerror}); choose "
+                         "another place") from e
 
 
 def check_free_space(path: Path, needed: int, flag: str) -> None:

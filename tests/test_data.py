@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from krona_cli.training import data
-from krona_cli.training.data import ImageSet, load_image, prepare_image, read_caption, scan_images
+from krona_cli.training import data, images
+from krona_cli.training.data import ImageSet, prepare_image
+from krona_cli.training.images import load_image, read_caption, scan_images
 from krona_cli.errors import KronaError
 
 
@@ -143,7 +144,7 @@ def test_load_image_refuses_decompression_bombs(tmp_path, monkeypatch):
     with pytest.raises(KronaError, match=r"image '.*bomb\.png' is too large"):
         load_image(bomb)
     small = save(tmp_path / "small.png", noise(20, 20))
-    monkeypatch.setattr(data, "MAX_PIXELS", 399)  # krona's own check, whatever Pillow's global limit is
+    monkeypatch.setattr(images, "MAX_PIXELS", 399)  # krona's own check, whatever Pillow's global limit is
     with pytest.raises(KronaError, match=r"20×20 pixels, over the 399-pixel limit"):
         load_image(small)
 

@@ -38,7 +38,7 @@ def models(folders):
 @pytest.fixture(scope="module")
 def direct():
     """The in-memory tiny models, called directly: (image embedding fns, text embedding fn), normalised by hand."""
-    from krona_cli.training.data import load_image
+    from krona_cli.training.images import load_image
     from krona_cli.pipeline.tiny import build_tiny_clip, build_tiny_dino
 
     clip, clip_processor, tokenizer = build_tiny_clip(0)

@@ -114,7 +114,7 @@ def compare(
     """
     import dataclasses
 
-    from ..training.data import scan_images
+    from ..training.images import scan_images
     from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, Embedder, evaluate
     from ..inference.sampling import SampleConfig, generate, prepare_pipeline
     from ..training.train import train

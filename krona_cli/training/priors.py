@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .data import scan_images
+from .images import scan_images
 from ..errors import KronaError
 from ..rng import derive_seed
 from ..atomic import write_bytes_atomic
