@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -90,6 +91,7 @@ console = Console(width=_PIPE_WIDTH)
 err_console = Console(stderr=True, width=_PIPE_WIDTH)
 _state = {"debug": False}
 
+_LIBRARIES = r"(diffusers|transformers|huggingface_hub|accelerate|torch|peft|bitsandbytes|lycoris|safetensors)(\.|$)"
 EXIT_OK, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 130  # bad input exits with KronaError.exit_code, 2
 # The base class of typer's usage errors (typer ships its own copy of click, whose classes it does not export).
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
@@ -681,6 +683,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     _state["debug"] = debug
+    if not debug:  # deprecation notes and other warnings of the libraries are for developers, not for users
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", module=_LIBRARIES)
     stopped_by_krona = False  # an interrupted run that said how to resume: no second line
     try:
         result = app(args=args, prog_name="krona", standalone_mode=False)

@@ -161,7 +161,8 @@ CHATTER = re.compile(r"Warning|warnings\.warn|Retrying|it/s\]|Loading (pipeline 
 def test_no_library_chatter_in_a_clean_environment(tiny_sdxl_dir, tmp_path):
     env = clean_env(hf_home=tmp_path / "hf", HF_HUB_OFFLINE="1")
     run = subprocess.run([str(KRONA), *train_args(tiny_sdxl_dir, tmp_path / "run", "--steps", "2",
-                                                 "--class-prompt", "a photo of a cat", "--num-class-images", "1")],
+                                                 "--class-prompt", "a photo of a cat", "--num-class-images", "1",
+                                                 "--gradient-checkpointing", "--train-text-encoder")],
                          env=env, capture_output=True, text=True, timeout=300)
     merge = subprocess.run([str(KRONA), "merge", "--adapter", str(tmp_path / "run" / "adapter.safetensors"),
                             "--output-dir", str(tmp_path / "merged")], env=env, capture_output=True, text=True,
