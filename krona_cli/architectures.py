@@ -58,8 +58,6 @@ def architecture_of(unet_config) -> str:
     return "sd2" if architecture_from_context_widths({get("cross_attention_dim")}) == "sd2" else "sd15"
 
 
-
-
 def native_resolution(arch: str) -> int:
     """The image size an architecture was trained at and samples at by default: 1024 px for SDXL, 512 otherwise."""
     return 1024 if arch == "sdxl" else 512

@@ -16,9 +16,14 @@ from typing import Annotated, Optional
 
 # The libraries' own chatter (progress bars, info and advisory logs) stays out of krona's output however krona was
 # installed; set before any of them is imported. A user's own setting wins.
-for _name, _value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
-                      ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
-                      ("HF_HUB_DISABLE_TELEMETRY", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+for _name, _value in (
+    ("TRANSFORMERS_VERBOSITY", "error"),
+    ("DIFFUSERS_VERBOSITY", "error"),
+    ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+    ("HF_HUB_DISABLE_TELEMETRY", "1"),
+    ("TOKENIZERS_PARALLELISM", "false"),
+):
     os.environ.setdefault(_name, _value)
 
 import typer  # noqa: E402
@@ -29,13 +34,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .training.config import with_train_options
 from .errors import KronaError
+from .training.config import with_train_options
 
 # bitsandbytes warns on import that an optional CPU 4-bit kernel package is missing; krona does not use it.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # transformers says on every model load that it falls back to PIL image processors without torchvision: krona uses PIL.
 logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+
 
 class _Command(typer.core.TyperCommand):
     """Plain help that reads at 80 columns (long flag names on their own line, never cut), options grouped under
@@ -47,7 +53,8 @@ class _Command(typer.core.TyperCommand):
             record = param.get_help_record(ctx)
             if record is not None:
                 title = getattr(param, "rich_help_panel", None) or (
-                    "Arguments" if param.param_type_name == "argument" else "Options")
+                    "Arguments" if param.param_type_name == "argument" else "Options"
+                )
                 sections.setdefault(title, []).append((record[0], _help_with_default(param)))
         for title, rows in sections.items():
             with formatter.section(title):
@@ -61,8 +68,13 @@ def _help_with_default(param) -> str:
     shown = param.show_default
     if isinstance(shown, str):
         default = shown
-    elif shown is False or param.default in (None, [], "") or getattr(param, "is_flag", False) and \
-            param.default is False and not param.secondary_opts:
+    elif (
+        shown is False
+        or param.default in (None, [], "")
+        or getattr(param, "is_flag", False)
+        and param.default is False
+        and not param.secondary_opts
+    ):
         return text
     elif isinstance(param.default, bool):
         default = "on" if param.default else "off"
@@ -85,6 +97,8 @@ app = typer.Typer(
 def command(name: str):
     """`@app.command(name)` with krona's help format."""
     return app.command(name, cls=_Command)
+
+
 # Piped output (files, CI logs) has no width to respect: give tables room instead of rich's 80-column default.
 _PIPE_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
 console = Console(width=_PIPE_WIDTH)
@@ -125,8 +139,9 @@ def _quiet_model_loading() -> None:
 def _renamed(old: str, new: str, value):
     """A flag renamed for one meaning per name across commands: the old spelling still works, with a line saying so."""
     if value is not None:
-        err_console.print(f"[yellow]warning:[/] {old} is now {new} (the old name goes in the next release)",
-                          highlight=False)
+        err_console.print(
+            f"[yellow]warning:[/] {old} is now {new} (the old name goes in the next release)", highlight=False
+        )
     return value
 
 
@@ -137,9 +152,11 @@ def _locked(output: Path, command: str, flag: str):
 
     with OutputLock(output, command, flag) as lock:
         if lock.took_over:
-            err_console.print(f"[yellow]warning:[/] took over the lock of `{lock.took_over.get('command')}` (pid "
-                              f"{lock.took_over.get('pid')}, since {lock.took_over.get('started')}), which is gone",
-                              highlight=False)
+            err_console.print(
+                f"[yellow]warning:[/] took over the lock of `{lock.took_over.get('command')}` (pid "
+                f"{lock.took_over.get('pid')}, since {lock.took_over.get('started')}), which is gone",
+                highlight=False,
+            )
         yield
 
 
@@ -150,7 +167,9 @@ def _split(values: list[str]) -> list[str]:
 
 @command("make-tiny")
 def make_tiny_cmd(
-    directory: Annotated[Path, typer.Argument(help="Folder to write the pipeline to (created, or replaced with --overwrite).")],
+    directory: Annotated[
+        Path, typer.Argument(help="Folder to write the pipeline to (created, or replaced with --overwrite).")
+    ],
     arch: Annotated[str, typer.Option(help="Architecture: sdxl or sd15.")] = "sdxl",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a tiny pipeline written here before.")] = False,
@@ -167,21 +186,26 @@ def make_tiny_cmd(
 def plan_cmd(
     arch: Annotated[str, typer.Option(help="Architecture: sdxl or sd15.")] = "sdxl",
     factors: Annotated[
-        list[str], typer.Option("--factors", metavar="OxI", help="Factor settings to compare (repeatable or comma-separated).")
+        list[str],
+        typer.Option("--factors", metavar="OxI", help="Factor settings to compare (repeatable or comma-separated)."),
     ] = ["64x4"],  # noqa: B006 (typer reads the default)
     targets: Annotated[str, typer.Option(help="attn, attn-ff, text, or a regular expression.")] = "attn",
     strict_factors: Annotated[bool, typer.Option(help="Error where factors do not divide a layer.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Adapter parameters and file sizes per block group, beside LoRA ranks 4, 8 and 16 (no weights needed)."""
-    from .inference.plan import LORA_RANKS, FP16_BYTES, FP32_BYTES, file_size, plan
+    from .inference.plan import FP16_BYTES, FP32_BYTES, LORA_RANKS, file_size, plan
 
     settings = _split(factors)
     groups = plan(arch, settings, targets, strict_factors)
     if as_json:
         out = {
-            name: {"layers": g.layers, "kron": g.kron, "lora": {f"r{r}": v for r, v in g.lora.items()},
-                   "factors_used": {k: sorted(v) for k, v in g.used.items()}}
+            name: {
+                "layers": g.layers,
+                "kron": g.kron,
+                "lora": {f"r{r}": v for r, v in g.lora.items()},
+                "factors_used": {k: sorted(v) for k, v in g.used.items()},
+            }
             for name, g in groups.items()
         }
         console.print_json(json.dumps({"arch": arch, "targets": targets, "groups": out}))
@@ -267,7 +291,8 @@ def inspect_cmd(
 @command("merge")
 def merge_cmd(
     adapter: Annotated[
-        list[str], typer.Option("--adapter", metavar="FILE[:SCALE]", help="Adapter file, optionally with a scale (repeatable).")
+        list[str],
+        typer.Option("--adapter", metavar="FILE[:SCALE]", help="Adapter file, optionally with a scale (repeatable)."),
     ],
     output_dir: Annotated[
         Optional[Path], typer.Option(help="Folder for the merged diffusers pipeline (--format diffusers).")
@@ -276,19 +301,25 @@ def merge_cmd(
         Optional[Path], typer.Option(help="The merged checkpoint file, NAME.safetensors (--format single-file).")
     ] = None,
     format: Annotated[
-        str, typer.Option("--format", help="diffusers (a pipeline folder) or single-file (one checkpoint in the "
-                          "original layout, for A1111, Forge and ComfyUI).",
-                          show_default="single-file with --output, else diffusers")
+        str,
+        typer.Option(
+            "--format",
+            help="diffusers (a pipeline folder) or single-file (one checkpoint in the "
+            "original layout, for A1111, Forge and ComfyUI).",
+            show_default="single-file with --output, else diffusers",
+        ),
     ] = "",
     pretrained_model: Annotated[
-        Optional[str], typer.Option(help="Base model: folder, .safetensors file or hub id.",
-                                    show_default="the adapter's")
+        Optional[str],
+        typer.Option(help="Base model: folder, .safetensors file or hub id.", show_default="the adapter's"),
     ] = None,
     multiplier: Annotated[float, typer.Option(help="Multiplies every adapter's scale.")] = 1.0,
     scale: Annotated[Optional[float], typer.Option(hidden=True, help="Old name of --multiplier.")] = None,
     dtype: Annotated[
-        Optional[str], typer.Option(help="Saved weights: fp32, fp16 or bf16.",
-                                    show_default="fp32 for a folder, fp16 for a single file")
+        Optional[str],
+        typer.Option(
+            help="Saved weights: fp32, fp16 or bf16.", show_default="fp32 for a folder, fp16 for a single file"
+        ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder or an existing file.")] = False,
 ) -> None:
@@ -301,8 +332,10 @@ def merge_cmd(
         raise KronaError(f"--format must be diffusers or single-file; got '{format}'")
     destination = output_dir if format == "diffusers" else output
     if destination is None or (output_dir is not None and output is not None):
-        raise KronaError("give --output-dir FOLDER for a diffusers pipeline or --output NAME.safetensors for a "
-                         "single-file checkpoint (one of them)")
+        raise KronaError(
+            "give --output-dir FOLDER for a diffusers pipeline or --output NAME.safetensors for a "
+            "single-file checkpoint (one of them)"
+        )
     if format == "diffusers" and output is not None or format == "single-file" and output_dir is not None:
         raise KronaError(f"--format {format} writes to --{'output-dir' if format == 'diffusers' else 'output'}")
     multiplier = _renamed("--scale", "--multiplier", scale) or multiplier
@@ -310,8 +343,13 @@ def merge_cmd(
     _quiet_model_loading()
     save = merge_to_folder if format == "diffusers" else merge_to_file
     with _locked(destination, "krona merge", "--output-dir" if format == "diffusers" else "--output"):
-        summary = save([(path, s * multiplier) for path, s in specs], destination, pretrained_model,
-                       dtype=dtype or ("fp32" if format == "diffusers" else "fp16"), overwrite=overwrite)
+        summary = save(
+            [(path, s * multiplier) for path, s in specs],
+            destination,
+            pretrained_model,
+            dtype=dtype or ("fp32" if format == "diffusers" else "fp16"),
+            overwrite=overwrite,
+        )
     console.print(
         f"merged {len(specs)} adapter(s) into {summary['layers_changed']} layers of {summary['base_model']} "
         f"({summary['architecture']}, {summary['dtype']}) -> [bold]{escape(summary['output'])}[/]"
@@ -332,8 +370,8 @@ def sample_cmd(
     prompt: Annotated[list[str], typer.Option("--prompt", metavar="TEXT", help="A prompt (repeatable).")] = [],  # noqa: B006
     prompts_file: Annotated[Optional[Path], typer.Option(help="A text file with one prompt per line.")] = None,
     pretrained_model: Annotated[
-        Optional[str], typer.Option(help="Base model: folder, .safetensors file or hub id.",
-                                    show_default="the adapter's")
+        Optional[str],
+        typer.Option(help="Base model: folder, .safetensors file or hub id.", show_default="the adapter's"),
     ] = None,
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt for every image.")] = "",
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")] = 4,
@@ -344,7 +382,9 @@ def sample_cmd(
     scheduler: Annotated[str, typer.Option(help="euler, euler-a, dpm++ or ddim.")] = "euler",
     width: Annotated[Optional[int], typer.Option(help="Image width.", show_default="the model's native size")] = None,
     height: Annotated[Optional[int], typer.Option(help="Image height.", show_default="the model's native size")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per pipeline call (the images stay the same, up to float rounding).")] = 1,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per pipeline call (the images stay the same, up to float rounding).")
+    ] = 1,
     output_dir: Annotated[Path, typer.Option(help="Folder for the images and the grid.")] = Path("samples"),
     overwrite: Annotated[bool, typer.Option(help="Replace the images of an earlier run in --output-dir.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N.", show_default="cuda when present")] = None,
@@ -362,8 +402,14 @@ def sample_cmd(
     from .inference.sampling import SampleConfig, generate, load_prompts, prepare_pipeline, sample_folder
 
     config = SampleConfig(
-        num_images=num_images, seed=seed, steps=_renamed("--steps", "--sample-steps", steps) or sample_steps,
-        guidance=guidance, scheduler=scheduler, negative_prompt=negative_prompt, width=width, height=height,
+        num_images=num_images,
+        seed=seed,
+        steps=_renamed("--steps", "--sample-steps", steps) or sample_steps,
+        guidance=guidance,
+        scheduler=scheduler,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
         batch_size=batch_size,
     ).validate()
     prompts = load_prompts(prompt, prompts_file)
@@ -403,8 +449,15 @@ def _sampling_progress(config, num_prompts: int):
                 return Text("-- it/s")
             return Text(f"{task.speed * config.steps * calls / total:.2f} it/s")
 
-    columns = (TextColumn("sampling"), BarColumn(), TextColumn("{task.fields[done]}/{task.total:.0f} images"), _Rate(),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("sampling"),
+        BarColumn(),
+        TextColumn("{task.fields[done]}/{task.total:.0f} images"),
+        _Rate(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("sampling", total=total, done=0)
         yield lambda done, _total: bar.update(task, completed=done, done=int(done))
@@ -413,13 +466,23 @@ def _sampling_progress(config, num_prompts: int):
 @command("export")
 def export_cmd(
     adapter: Annotated[Path, typer.Option(help="The adapter to convert (any format krona reads).")],
-    to: Annotated[str, typer.Option("--to", help="native, lycoris (LyCORIS/kohya LoKr, exact) or lora (truncated SVD, "
-                                    "kohya layout: ComfyUI, A1111/Forge, kohya and diffusers all load it).")],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="native, lycoris (LyCORIS/kohya LoKr, exact) or lora (truncated SVD, "
+            "kohya layout: ComfyUI, A1111/Forge, kohya and diffusers all load it).",
+        ),
+    ],
     output: Annotated[Path, typer.Option(help="The file to write (.safetensors).")],
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank (only with --to lora).")] = None,
     lora_layout: Annotated[
-        Optional[str], typer.Option(help="With --to lora: kohya (lora_unet_* keys with lora_down, lora_up and alpha) or "
-                                    "peft (diffusers' unet.*.lora_A and lora_B names).", show_default="kohya")
+        Optional[str],
+        typer.Option(
+            help="With --to lora: kohya (lora_unet_* keys with lora_down, lora_up and alpha) or "
+            "peft (diffusers' unet.*.lora_A and lora_B names).",
+            show_default="kohya",
+        ),
     ] = None,
     dtype: Annotated[str, typer.Option(help="Saved tensors: fp32, fp16 or bf16.")] = "fp32",
     report: Annotated[
@@ -431,8 +494,9 @@ def export_cmd(
     client, tools that only load LoRA included (lora)."""
     from .inference.export import export_adapter
 
-    summary = export_adapter(adapter, to, output, rank=rank, dtype=dtype, report_path=report, lora_layout=lora_layout,
-                             overwrite=overwrite)
+    summary = export_adapter(
+        adapter, to, output, rank=rank, dtype=dtype, report_path=report, lora_layout=lora_layout, overwrite=overwrite
+    )
     console.print(f"wrote {summary['layers']} layers as {to} -> [bold]{summary['output']}[/]")
     report = summary.get("report")
     if report:
@@ -446,15 +510,23 @@ def export_cmd(
 
 @command("eval")
 def eval_cmd(
-    images: Annotated[Path, typer.Option(help="Folder of generated images (PNG prompts are read from their metadata).")],
+    images: Annotated[
+        Path, typer.Option(help="Folder of generated images (PNG prompts are read from their metadata).")
+    ],
     reference: Annotated[Path, typer.Option(help="Folder of the subject's real photos (the instance images).")],
-    prompt: Annotated[Optional[str], typer.Option(help="The prompt of every generated image (else their metadata).")] = None,
+    prompt: Annotated[
+        Optional[str], typer.Option(help="The prompt of every generated image (else their metadata).")
+    ] = None,
     prompts_file: Annotated[
         Optional[Path], typer.Option(help="One prompt per generated image, in file-name order.")
     ] = None,
     output: Annotated[Path, typer.Option(help="Write the metrics here as JSON.")] = Path("metrics.json"),
-    identifier: Annotated[str, typer.Option(help="The subject's identifier token, removed from prompts for CLIP-T.")] = "sks",
-    clip_model: Annotated[str, typer.Option(help="CLIP model: hub id or local folder.")] = "openai/clip-vit-base-patch32",
+    identifier: Annotated[
+        str, typer.Option(help="The subject's identifier token, removed from prompts for CLIP-T.")
+    ] = "sks",
+    clip_model: Annotated[
+        str, typer.Option(help="CLIP model: hub id or local folder.")
+    ] = "openai/clip-vit-base-patch32",
     dino_model: Annotated[str, typer.Option(help="DINO model: hub id or local folder.")] = "facebook/dino-vits16",
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 16,
 ) -> None:
@@ -487,10 +559,23 @@ def eval_cmd(
         clip, dino = Embedder.clip(clip_model), Embedder.dino(dino_model)
     with Progress(console=console) as bar:
         task = bar.add_task("scoring", total=None)
-        metrics = evaluate(generated, photos, prompts, identifier=identifier, clip=clip, dino=dino,
-                           batch_size=batch_size, progress=lambda done, total: bar.update(task, completed=done, total=total))
-    result = metrics.to_dict() | {"images_dir": str(images), "reference_dir": str(reference), "clip_model": clip_model,
-                                  "dino_model": dino_model, "identifier": identifier}
+        metrics = evaluate(
+            generated,
+            photos,
+            prompts,
+            identifier=identifier,
+            clip=clip,
+            dino=dino,
+            batch_size=batch_size,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    result = metrics.to_dict() | {
+        "images_dir": str(images),
+        "reference_dir": str(reference),
+        "clip_model": clip_model,
+        "dino_model": dino_model,
+        "identifier": identifier,
+    }
     write_bytes_atomic(output, json.dumps(result, indent=2).encode())
     table = Table(title=f"{metrics.generated} images against {metrics.reference} reference photos", box=box.SIMPLE_HEAD)
     for column in ("CLIP-I", "CLIP-T", "DINO"):
@@ -505,18 +590,28 @@ def compare_cmd(
     instance_dir: Annotated[str, typer.Option(help="Folder of photos of the subject.")],
     prompt: Annotated[str, typer.Option(help="Instance prompt, e.g. 'a photo of sks dog'.")],
     output_dir: Annotated[Path, typer.Option(help="Folder for the runs, report.md, grids and the plot.")],
-    class_prompt: Annotated[Optional[str], typer.Option(help="Class prompt (prior preservation for both methods).")] = None,
-    config: Annotated[Optional[str], typer.Option(help="Training settings shared by both methods: YAML file or preset.")] = None,
+    class_prompt: Annotated[
+        Optional[str], typer.Option(help="Class prompt (prior preservation for both methods).")
+    ] = None,
+    config: Annotated[
+        Optional[str], typer.Option(help="Training settings shared by both methods: YAML file or preset.")
+    ] = None,
     pretrained_model: Annotated[Optional[str], typer.Option(help="Base model (overrides the config's).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps of every run (overrides the config's).")] = None,
-    sweep: Annotated[Optional[str], typer.Option(help="Repeat over settings: lr=1e-4,5e-4,1e-3, factors=..., rank=....")] = None,
+    sweep: Annotated[
+        Optional[str], typer.Option(help="Repeat over settings: lr=1e-4,5e-4,1e-3, factors=..., rank=....")
+    ] = None,
     prompt_set: Annotated[str, typer.Option(help="DreamBench prompts: object or live (25 each).")] = "live",
     identifier: Annotated[str, typer.Option(help="The subject's identifier token in the prompt.")] = "sks",
-    class_noun: Annotated[Optional[str], typer.Option(help="The subject's class noun.", show_default="the word after the identifier")] = None,
+    class_noun: Annotated[
+        Optional[str], typer.Option(help="The subject's class noun.", show_default="the word after the identifier")
+    ] = None,
     num_images: Annotated[int, typer.Option(help="Images (seeds) per prompt and run.")] = 2,
     sample_steps: Annotated[int, typer.Option(help="Denoising steps of the scored samples.")] = 30,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance of the scored samples.")] = 7.0,
-    clip_model: Annotated[str, typer.Option(help="CLIP model: hub id or local folder.")] = "openai/clip-vit-base-patch32",
+    clip_model: Annotated[
+        str, typer.Option(help="CLIP model: hub id or local folder.")
+    ] = "openai/clip-vit-base-patch32",
     dino_model: Annotated[str, typer.Option(help="DINO model: hub id or local folder.")] = "facebook/dino-vits16",
 ) -> None:
     """Train krona and the LoRA baseline on the same subject and budget, sample the same prompts and seeds, score
@@ -524,21 +619,44 @@ def compare_cmd(
     from .evaluation.compare import compare
     from .training.config import load_config
 
-    overrides = {"instance_dir": instance_dir, "prompt": prompt, "class_prompt": class_prompt, "steps": steps,
-                 "pretrained_model": pretrained_model, "output_dir": str(output_dir)}
+    overrides = {
+        "instance_dir": instance_dir,
+        "prompt": prompt,
+        "class_prompt": class_prompt,
+        "steps": steps,
+        "pretrained_model": pretrained_model,
+        "output_dir": str(output_dir),
+    }
     cfg = load_config(config, overrides)
     _quiet_model_loading()
     with console.status("comparing") as status:
-        summary = compare(cfg, output_dir, sweep=sweep, prompts=prompt_set, identifier=identifier, noun=class_noun,
-                          num_images=num_images, sample_steps=sample_steps, guidance=guidance, clip_model=clip_model,
-                          dino_model=dino_model, progress=lambda message: status.update(message))
+        summary = compare(
+            cfg,
+            output_dir,
+            sweep=sweep,
+            prompts=prompt_set,
+            identifier=identifier,
+            noun=class_noun,
+            num_images=num_images,
+            sample_steps=sample_steps,
+            guidance=guidance,
+            clip_model=clip_model,
+            dino_model=dino_model,
+            progress=lambda message: status.update(message),
+        )
     table = Table(title="krona compare", box=box.SIMPLE_HEAD)
     for column in ("method", summary["sweep"] or "setting", "parameters", "CLIP-I", "CLIP-T", "DINO"):
         table.add_column(column, justify="right")
     for run in summary["runs"]:
         m = run["metrics"]
-        table.add_row(run["method"], str(run["setting"] if run["setting"] is not None else "default"),
-                      f"{run['parameters']:,}", f"{m['clip_i']:.4f}", f"{m['clip_t']:.4f}", f"{m['dino']:.4f}")
+        table.add_row(
+            run["method"],
+            str(run["setting"] if run["setting"] is not None else "default"),
+            f"{run['parameters']:,}",
+            f"{m['clip_i']:.4f}",
+            f"{m['clip_t']:.4f}",
+            f"{m['dino']:.4f}",
+        )
     console.print(table)
     console.print(f"report -> [bold]{summary['report']}[/]")
 
@@ -547,7 +665,14 @@ class _RichReporter:
     """Draws a training run: the summary table, class-image and step progress bars, saved files, warnings."""
 
     def __init__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
             TextColumn("{task.description}"),
@@ -612,8 +737,11 @@ def train_cmd(config: Optional[str] = None, **overrides) -> None:
     _quiet_model_loading()
     reporter = _RichReporter()
     # one run per output folder; under accelerate only the first process holds the lock (RANK is set by the launcher)
-    lock = _locked(Path(cfg.output_dir), "krona train", "--output-dir") if int(os.environ.get("RANK", "0")) == 0 \
+    lock = (
+        _locked(Path(cfg.output_dir), "krona train", "--output-dir")
+        if int(os.environ.get("RANK", "0")) == 0
         else contextlib.nullcontext()
+    )
     try:
         with lock:
             result = train(cfg, reporter)
@@ -628,7 +756,8 @@ def train_cmd(config: Optional[str] = None, **overrides) -> None:
         console.print(f"all {result.processes_agree} processes hold bit-identical adapter weights")
     done = result.step - result.start_step
     trained = f"trained {done} step{'s' * (done != 1)}" + (
-        f", from step {result.start_step} (resumed) to {result.step}" if result.start_step else "")
+        f", from step {result.start_step} (resumed) to {result.step}" if result.start_step else ""
+    )
     if result.start_step and result.step == result.start_step:  # --resume of a run that had finished
         trained = f"already at step {result.step} of {cfg.steps}: nothing to train (raise --steps to train longer)"
     console.print(
@@ -636,19 +765,22 @@ def train_cmd(config: Optional[str] = None, **overrides) -> None:
         f"samples: {result.output_dir / 'samples'}   checkpoints: {result.output_dir / 'checkpoints'}   "
         f"model card: {result.output_dir / 'README.md'}"
     )
-    console.print(escape(_next_steps(result.adapter, cfg.prompt, result.output_dir.name)), highlight=False,
-                  soft_wrap=True)
+    console.print(
+        escape(_next_steps(result.adapter, cfg.prompt, result.output_dir.name)), highlight=False, soft_wrap=True
+    )
 
 
 def _next_steps(adapter: Path, prompt: str, name: str) -> str:
     """What to do with a trained adapter: the commands, ready to paste."""
     a = shlex.quote(str(adapter))
-    return ("next:\n"
-            f"  krona sample --adapter {a} --prompt {shlex.quote(prompt)} -n 4\n"
-            f"  krona merge --adapter {a} --output {shlex.quote(name + '.safetensors')}   "
-            "# one checkpoint for A1111, Forge, ComfyUI\n"
-            f"  krona export --adapter {a} --to lycoris --output {shlex.quote(name + '-lokr.safetensors')}   "
-            "# for their LoRA loaders")
+    return (
+        "next:\n"
+        f"  krona sample --adapter {a} --prompt {shlex.quote(prompt)} -n 4\n"
+        f"  krona merge --adapter {a} --output {shlex.quote(name + '.safetensors')}   "
+        "# one checkpoint for A1111, Forge, ComfyUI\n"
+        f"  krona export --adapter {a} --to lycoris --output {shlex.quote(name + '-lokr.safetensors')}   "
+        "# for their LoRA loaders"
+    )
 
 
 def _usage_line(e, args: list[str]) -> str:
@@ -657,8 +789,12 @@ def _usage_line(e, args: list[str]) -> str:
     message = e.format_message() if hasattr(e, "format_message") else str(e)
     option = getattr(e, "option_name", None)
     if option:
-        flags = [o for p in (e.ctx.command.params if e.ctx else []) for o in (*p.opts, *p.secondary_opts)
-                 if not getattr(p, "hidden", False)]
+        flags = [
+            o
+            for p in (e.ctx.command.params if e.ctx else [])
+            for o in (*p.opts, *p.secondary_opts)
+            if not getattr(p, "hidden", False)
+        ]
         close = next(iter(difflib.get_close_matches(option, flags, n=1)), None)
         if e.ctx and e.ctx.command.name == "train":  # the DreamBooth scripts' names: --learning-rate is --lr
             from .training.config import suggestion
@@ -705,8 +841,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if debug:
             traceback.print_exc()
         hint = "" if debug else " (rerun with --debug for the traceback)"
-        err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}{hint}",
-                          highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}{hint}", highlight=False, soft_wrap=True
+        )
         code = EXIT_INTERNAL
     if code == EXIT_INTERRUPTED and not stopped_by_krona:  # typer itself turns Ctrl-C into exit code 130
         err_console.print("[yellow]interrupted[/]")

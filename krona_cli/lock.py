@@ -52,8 +52,13 @@ class OutputLock:
         self._held = False
 
     def __enter__(self) -> OutputLock:
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:]}
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": self.command,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "argv": sys.argv[1:],
+        }
         for _ in range(2):
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,8 +67,9 @@ class OutputLock:
                 self._take_over_if_stale()
                 continue
             except OSError as e:
-                raise KronaError(f"{self.flag} '{self.output}' cannot be written ({e.strerror}: {e.filename}); choose "
-                                 "another place") from e
+                raise KronaError(
+                    f"{self.flag} '{self.output}' cannot be written ({e.strerror}: {e.filename}); choose another place"
+                ) from e
             with os.fdopen(fd, "w") as f:
                 json.dump(record, f)
             self._held = True
@@ -86,8 +92,14 @@ class OutputLock:
         self.took_over = other
 
     def _busy(self, other: dict | None) -> KronaError:
-        who = "another krona command" if other is None else (
-            f"`{other.get('command')}` (pid {other.get('pid')} on {other.get('host')}, since {other.get('started')})")
+        who = (
+            "another krona command"
+            if other is None
+            else (
+                f"`{other.get('command')}` (pid {other.get('pid')} on {other.get('host')}, "
+                f"since {other.get('started')})"
+            )
+        )
         return KronaError(
             f"{self.flag} '{self.output}' is in use by {who}; wait for it to finish or choose another {self.flag} "
             f"(if that process is gone for sure, delete {self.path})"

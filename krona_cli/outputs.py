@@ -29,16 +29,19 @@ def check_writable(path: Path, flag: str) -> None:
         with tempfile.TemporaryFile(dir=place):
             pass
     except OSError as e:
-        raise KronaError(f"{flag} '{path}' cannot be written: '{place}' is not writable ({e.strerror}); choose "
-                         "another place") from e
+        raise KronaError(
+            f"{flag} '{path}' cannot be written: '{place}' is not writable ({e.strerror}); choose another place"
+        ) from e
 
 
 def check_free_space(path: Path, needed: int, flag: str) -> None:
     """At least `needed` bytes free where `path` will be written."""
     free = shutil.disk_usage(_nearest_existing(path)).free
     if free < needed:
-        raise KronaError(f"{flag} '{path}' needs about {needed / 2**30:.1f} GiB and only {free / 2**30:.1f} GiB is free "
-                         "there; free some space or choose another place")
+        raise KronaError(
+            f"{flag} '{path}' needs about {needed / 2**30:.1f} GiB and only {free / 2**30:.1f} GiB is free "
+            "there; free some space or choose another place"
+        )
 
 
 def output_folder(path: str | os.PathLike, flag: str, owned: Callable[[Path], bool], overwrite: bool) -> list[Path]:
@@ -55,11 +58,15 @@ def output_folder(path: str | os.PathLike, flag: str, owned: Callable[[Path], bo
     files = sorted(p for p in path.rglob("*") if p.is_file())
     foreign = next((p for p in files if not owned(p)), None)
     if foreign is not None:
-        raise KronaError(f"{flag} '{path}' holds files krona did not write there (e.g. '{foreign.relative_to(path)}'); "
-                         "choose an empty or new folder")
+        raise KronaError(
+            f"{flag} '{path}' holds files krona did not write there (e.g. '{foreign.relative_to(path)}'); "
+            "choose an empty or new folder"
+        )
     if files and not overwrite:
-        raise KronaError(f"{flag} '{path}' holds the output of an earlier run; pass --overwrite to replace it, or "
-                         "choose another folder")
+        raise KronaError(
+            f"{flag} '{path}' holds the output of an earlier run; pass --overwrite to replace it, or "
+            "choose another folder"
+        )
     return files
 
 
@@ -67,8 +74,10 @@ def output_file(path: str | os.PathLike, flag: str, suffix: str, overwrite: bool
     """Check a file a command writes: its suffix, its folder, and no existing file without `overwrite`."""
     path = Path(path).expanduser()
     if path.suffix != suffix:
-        raise KronaError(f"{flag} '{path}' must end in {suffix} (the file is {suffix[1:]}); name it e.g. "
-                         f"'{path.with_suffix(suffix).name}'")
+        raise KronaError(
+            f"{flag} '{path}' must end in {suffix} (the file is {suffix[1:]}); name it e.g. "
+            f"'{path.with_suffix(suffix).name}'"
+        )
     if path.is_dir():
         raise KronaError(f"{flag} '{path}' is a folder; give the file's name, e.g. '{path / ('out' + suffix)}'")
     check_writable(path, flag)

@@ -25,8 +25,8 @@ Rounds are interleaved (every variant once per round, in an order rotated from r
 load hits all variants alike. Reported: the median over the timed rounds, and "extra" = the median of the per-round
 differences from `frozen`. Check (a) compares krona's extra with materialised's by their fastest rounds (on a shared
 machine interference only ever adds time) and prints the ratio of the median paired extras beside it; check (b)
-takes the median over rounds of krona - peer, timed in the same round. Big shapes get fewer timed rounds (at least --min-reps) when --shape-budget-s would be
-exceeded. The defaults take about 2.5 minutes on 2 CPU cores.
+takes the median over rounds of krona - peer, timed in the same round. Big shapes get fewer timed rounds (at least
+--min-reps) when --shape-budget-s would be exceeded. The defaults take about 2.5 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,7 @@ VARIANTS = (
 )
 CHECKED = ("krona", "materialised", "peft_lokr", "lycoris_lokr", "lycoris_lokr_bypass")
 from krona_cli.dtypes import DTYPES  # noqa: E402
+
 SCALE = 1.0  # peft LoKr: alpha/r = 1; LyCORIS full-matrix LoKr forces alpha = lora_dim, i.e. scale 1
 
 
@@ -372,7 +373,9 @@ def verify(shape: Shape, factors, device, names, tol: float = 1e-4, keep_going: 
         print(f"  MISMATCH at {shape.label} N={shape.n_tokens}: " + "; ".join(bad), flush=True)
         report["MISMATCH"] = bad
     elif bad:
-        raise AssertionError(f"{shape.label} N={shape.n_tokens}: variants disagree with materialised: " + "; ".join(bad))
+        raise AssertionError(
+            f"{shape.label} N={shape.n_tokens}: variants disagree with materialised: " + "; ".join(bad)
+        )
     return report
 
 
@@ -520,9 +523,7 @@ def acceptance(results: list[dict]) -> list[dict]:
             continue
         # paired: the median over rounds of (krona - peer), both timed in the same round, so that the machine's
         # drift between rounds cancels; krona is faster when that median is below zero
-        diffs = {
-            p: statistics.median(k - q for k, q in zip(v["krona"]["times_ms"], v[p]["times_ms"])) for p in peers
-        }
+        diffs = {p: statistics.median(k - q for k, q in zip(v["krona"]["times_ms"], v[p]["times_ms"])) for p in peers}
         slower = [p for p in peers if not diffs[p] < 0]
         detail = ", ".join(f"{p} {fmt_ms(diffs[p])}" for p in peers)
         checks.append(

@@ -25,14 +25,14 @@ unet   One training step (forward + backward, batch 1, latents of --resolution/8
        script reports instead the peak allocated during one extra, untimed step above the level before it
        (activations, gradients, temporaries; not the weights), from torch.profiler's allocation records.
 
-train  `krona train` itself (krona_cli.training.train.train): a random-weight SDXL pipeline (UNet, VAE, both text encoders
-       from configs/models/, the tokenizer of krona_cli.pipeline.tiny) is saved once in the compute dtype to a temporary
-       folder, then each run trains --train-steps steps on the photos of --instance-dir (default examples/cat/) at
-       --resolution, batch 1, gradient checkpointing, prompt embeddings cached, square crops, no sample grids or
-       checkpoints until the end, for cached latents on/off × --optimizer (adamw, adamw8bit), and each further
-       --base-precision (int8, nf4) once with the first cache and optimizer setting. Reported: seconds per step
-       (timestamps taken in Reporter.step, once per optimizer step; the first --train-warmup steps, model loading
-       and latent caching excluded) and on CUDA the peak memory over the timed steps and over the whole run.
+train  `krona train` itself (krona_cli.training.train.train): a random-weight SDXL pipeline (UNet, VAE, both text
+       encoders from configs/models/, the tokenizer of krona_cli.pipeline.tiny) is saved once in the compute dtype to a
+       temporary folder, then each run trains --train-steps steps on the photos of --instance-dir (default
+       examples/cat/) at --resolution, batch 1, gradient checkpointing, prompt embeddings cached, square crops, no
+       sample grids or checkpoints until the end, for cached latents on/off × --optimizer (adamw, adamw8bit), and each
+       further --base-precision (int8, nf4) once with the first cache and optimizer setting. Reported: seconds per step
+       (timestamps taken in Reporter.step, once per optimizer step; the first --train-warmup steps, model loading and
+       latent caching excluded) and on CUDA the peak memory over the timed steps and over the whole run.
 
 --width-scale s builds the same architecture (blocks, layers, transformer depth, head counts) at s times the width
 (channels, head width, text width, time embedding, norm groups: s must be a multiple of 1/32), so a CPU can run it.
@@ -65,10 +65,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: everything here is built from local configs
 
@@ -81,9 +81,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_adapter import cpu_model, lycoris_lokr_layer, peft_lokr_layer, peft_lora_layer, pkg_version  # noqa: E402
 
+from krona_cli.architectures import ARCHITECTURES, load_model_config  # noqa: E402
 from krona_cli.dtypes import DTYPES  # noqa: E402
 from krona_cli.kron import Factors, adapted_layers, find_targets, inject, parse_factors, remove  # noqa: E402
-from krona_cli.architectures import ARCHITECTURES, load_model_config  # noqa: E402
 
 UNET_VARIANTS = ("frozen", "krona", "krona-compile", "materialised", "peft-lokr", "lycoris-lokr", "peft-lora-r4")
 # not run unless named in --variants: krona's reshape path forced everywhere, LyCORIS' bypass forward
@@ -126,8 +126,9 @@ def unet_config(arch: str, s: float) -> dict:
     if cfg.get("addition_embed_type") == "text_time":
         pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
         cfg["addition_time_embed_dim"] = _scale(cfg["addition_time_embed_dim"], s, "addition_time_embed_dim")
-        cfg["projection_class_embeddings_input_dim"] = _scale(pooled, s, "pooled text width") + 6 * cfg[
-            "addition_time_embed_dim"]
+        cfg["projection_class_embeddings_input_dim"] = (
+            _scale(pooled, s, "pooled text width") + 6 * cfg["addition_time_embed_dim"]
+        )
     return cfg
 
 
@@ -142,8 +143,11 @@ def text_encoder(component: str, s: float, tokenizer):
         cfg[key] = _scale(cfg[key], s, f"{component} {key}")
     if cfg["hidden_size"] % cfg["num_attention_heads"]:
         raise SystemExit(f"--width-scale {s}: {component} width {cfg['hidden_size']} does not split into heads")
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     return cls(CLIPTextConfig(**cfg, **ids))
 
 
@@ -170,8 +174,9 @@ def pick_factors(unet: nn.Module, targets: str, requested: str | None, s: float)
     outs, ins = {m.out_features for m in layers}, {m.in_features for m in layers}
     if requested:
         f = parse_factors(requested)
-        bad = sorted({(m.out_features, m.in_features) for m in layers
-                      if m.out_features % f.a_out or m.in_features % f.a_in})
+        bad = sorted(
+            {(m.out_features, m.in_features) for m in layers if m.out_features % f.a_out or m.in_features % f.a_in}
+        )
         if bad:
             raise SystemExit(f"--factors {f} do not divide the adapted layers {bad[:4]} (out x in)")
         return f
@@ -252,8 +257,10 @@ def check_plain(unet: nn.Module, targets: str, expected: int) -> None:
     odd = [n for n in names if type(unet.get_submodule(n)) is not nn.Linear]
     trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
     if len(names) != expected or odd or trainable:
-        raise RuntimeError(f"the UNet was not restored after a variant: {len(names)} of {expected} target layers, "
-                           f"not plain: {odd[:3]}, trainable: {trainable[:3]}")
+        raise RuntimeError(
+            f"the UNet was not restored after a variant: {len(names)} of {expected} target layers, "
+            f"not plain: {odd[:3]}, trainable: {trainable[:3]}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -322,8 +329,9 @@ def unet_inputs(unet, resolution: int, device, dtype):
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         kwargs["added_cond_kwargs"] = {
             "text_embeds": torch.randn(1, pooled, generator=gen).to(device, dtype),
-            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device,
-                                     dtype=dtype),
+            "time_ids": torch.tensor(
+                [[resolution, resolution, 0, 0, resolution, resolution]], device=device, dtype=dtype
+            ),
         }
     return sample, torch.tensor([500], device=device), kwargs
 
@@ -386,8 +394,10 @@ def krona_paths(unet, inputs, autocast_dtype) -> dict[str, int]:
 
     handles = [layer.register_forward_pre_hook(hook) for layer in adapted_layers(unet).values()]
     try:
-        with torch.no_grad(), torch.autocast(sample.device.type, dtype=autocast_dtype,
-                                             enabled=autocast_dtype is not None):
+        with (
+            torch.no_grad(),
+            torch.autocast(sample.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+        ):
             unet(sample.detach(), timestep, **kwargs)
     finally:
         for h in handles:
@@ -487,8 +497,10 @@ def train_table(part: dict) -> str:
 
 def _markdown(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("| " + " | ".join(("-" * widths[i]) if c == "---" else c.ljust(widths[i])
-                                       for i, c in enumerate(r)) + " |" for r in rows)
+    return "\n".join(
+        "| " + " | ".join(("-" * widths[i]) if c == "---" else c.ljust(widths[i]) for i, c in enumerate(r)) + " |"
+        for r in rows
+    )
 
 
 def quiet_libraries() -> None:
@@ -518,8 +530,9 @@ class Budget:
 # Part 1: the UNet training step
 
 
-def run_unet_part(args, device, dtype, doc: dict, save: Callable[[], None], budget: Budget, phase: str,
-                  held: dict) -> int:
+def run_unet_part(
+    args, device, dtype, doc: dict, save: Callable[[], None], budget: Budget, phase: str, held: dict
+) -> int:
     """Time the UNet variants of one phase: `eager` (every variant but krona-compile, for every GC setting) or
     `compile` (krona-compile for every GC setting). The UNet is built once: between the phases (while krona train
     runs) it waits in `held`, in CPU memory."""
@@ -569,10 +582,13 @@ def run_unet_part(args, device, dtype, doc: dict, save: Callable[[], None], budg
     part["build_s"][phase] = build_s
     if phase == "compile" and "frozen-again" not in part["variants"]:
         part["variants"].insert(part["variants"].index("krona-compile"), "frozen-again")
-    print(f"{args.arch} UNet ×{args.width_scale:g} width ({part['unet_params'] / 1e6:.1f} M parameters), "
-          f"{args.resolution} px (latents {part['latent'][0]}×{part['latent'][1]}), batch 1, {args.dtype}"
-          f"{', autocast ' + part['autocast'] if autocast_dtype else ''}, factors {factors} on {n_targets} "
-          f"'{args.targets}' layers, {how} in {build_s:.1f}s ({phase} variants)", flush=True)
+    print(
+        f"{args.arch} UNet ×{args.width_scale:g} width ({part['unet_params'] / 1e6:.1f} M parameters), "
+        f"{args.resolution} px (latents {part['latent'][0]}×{part['latent'][1]}), batch 1, {args.dtype}"
+        f"{', autocast ' + part['autocast'] if autocast_dtype else ''}, factors {factors} on {n_targets} "
+        f"'{args.targets}' layers, {how} in {build_s:.1f}s ({phase} variants)",
+        flush=True,
+    )
     failures = 0
     for g, variant in order:
         res = part["results"][g]
@@ -628,19 +644,39 @@ def run_unet_part(args, device, dtype, doc: dict, save: Callable[[], None], budg
                 v["ratio_to_floor"] = v["median_ms"] / floor
             if name in ("krona-compile", "frozen-again") and first_floor and "median_ms" in v:
                 v["ratio_to_first_floor"] = v["median_ms"] / first_floor
-        shown = "skipped" if "skipped" in r else (f"FAILED {r['error']}" if "error" in r else
-                                                  f"{r['median_ms']:.1f} ms/step, "
-                                                  + (f"peak {fmt(r['peak_gib'], 2)} GiB" if device.type == "cuda" else
-                                                     f"step peak {fmt(r.get('cpu_step_peak_gib'), 3)} GiB")
-                                                  + (f", compile {r['compile_s']:.1f}s" if "compile_s" in r else ""))
+        shown = (
+            "skipped"
+            if "skipped" in r
+            else (
+                f"FAILED {r['error']}"
+                if "error" in r
+                else f"{r['median_ms']:.1f} ms/step, "
+                + (
+                    f"peak {fmt(r['peak_gib'], 2)} GiB"
+                    if device.type == "cuda"
+                    else f"step peak {fmt(r.get('cpu_step_peak_gib'), 3)} GiB"
+                )
+                + (f", compile {r['compile_s']:.1f}s" if "compile_s" in r else "")
+            )
+        )
         print(f"  GC {g:<3} {variant:<14} {shown}", flush=True)
         save()
     # the trainable counts must agree: the LoKr peers have exactly krona's factors on exactly its layers
-    same = ("krona", "krona-compile", "materialised", "krona-reshape", "peft-lokr", "lycoris-lokr",
-            "lycoris-lokr-bypass")
+    same = (
+        "krona",
+        "krona-compile",
+        "materialised",
+        "krona-reshape",
+        "peft-lokr",
+        "lycoris-lokr",
+        "lycoris-lokr-bypass",
+    )
     for g in gcs:
-        counts = {v: part["results"][g][v].get("trainable_params") for v in same
-                  if (v == "krona" or (g, v) in order) and "trainable_params" in part["results"][g].get(v, {})}
+        counts = {
+            v: part["results"][g][v].get("trainable_params")
+            for v in same
+            if (v == "krona" or (g, v) in order) and "trainable_params" in part["results"][g].get(v, {})
+        }
         if len(set(counts.values())) > 1:
             print(f"  MISMATCH: adapter parameter counts differ (GC {g}): {counts}")
             part.setdefault("errors", []).append(f"parameter counts differ: {counts}")
@@ -656,8 +692,9 @@ def run_unet_part(args, device, dtype, doc: dict, save: Callable[[], None], budg
 # Part 2: krona train
 
 
-def save_pipeline(folder: Path, s: float, device: torch.device, dtype: torch.dtype, targets: str,
-                  factors: str | None, seed: int = 0) -> tuple[dict, Factors]:
+def save_pipeline(
+    folder: Path, s: float, device: torch.device, dtype: torch.dtype, targets: str, factors: str | None, seed: int = 0
+) -> tuple[dict, Factors]:
     """A random-weight SDXL pipeline at s times the width, saved in `dtype`; returns the parameter counts and the
     factors to train with (`pick_factors` on its UNet, as part 1 picks them)."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -675,8 +712,9 @@ def save_pipeline(folder: Path, s: float, device: torch.device, dtype: torch.dty
         }
     for m in parts.values():
         m.to(dtype)
-    pipe = StableDiffusionXLPipeline(**parts, tokenizer=tokenizer, tokenizer_2=build_tokenizer(),
-                                     scheduler=_scheduler(), add_watermarker=False)
+    pipe = StableDiffusionXLPipeline(
+        **parts, tokenizer=tokenizer, tokenizer_2=build_tokenizer(), scheduler=_scheduler(), add_watermarker=False
+    )
     pipe.save_pretrained(folder, safe_serialization=True)
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
     factors = pick_factors(parts["unet"], targets, factors, s)
@@ -721,8 +759,9 @@ def step_clock_class():
     return StepClock
 
 
-def run_train_part(args, device, dtype, doc: dict, save: Callable[[], None], budget: Budget, phase: str,
-                   held: dict) -> int:
+def run_train_part(
+    args, device, dtype, doc: dict, save: Callable[[], None], budget: Budget, phase: str, held: dict
+) -> int:
     """`krona train` runs of one phase: `grid` (cached latents × optimizers at the first base precision) or
     `extra` (each further base precision, cached latents and the first optimizer). The pipeline is saved once, in
     the grid phase, and removed after the extra phase."""
@@ -743,8 +782,9 @@ def run_train_part(args, device, dtype, doc: dict, save: Callable[[], None], bud
         work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_gpu_"))
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        counts, factors = save_pipeline(work / "sdxl-random", args.width_scale, device, dtype, args.targets,
-                                        args.factors)
+        counts, factors = save_pipeline(
+            work / "sdxl-random", args.width_scale, device, dtype, args.targets, args.factors
+        )
         save_s = time.perf_counter() - t0
         held["train_work"], held["train_factors"] = work, factors
         doc["train"] = {
@@ -760,12 +800,15 @@ def run_train_part(args, device, dtype, doc: dict, save: Callable[[], None], bud
             "warmup_steps": args.train_warmup,
             "mixed_precision": mixed,
             "settings": "batch 1, gradient checkpointing, prompt embeddings cached, square crops, sample grid "
-                        "(1 image, 1 step) and checkpoint at the end only, report-to none",
+            "(1 image, 1 step) and checkpoint at the end only, report-to none",
             "runs": [],
         }
-        print(f"\nkrona train: SDXL ×{args.width_scale:g} width ({sum(counts.values()) / 1e6:.1f} M parameters), "
-              f"saved in {compute} in {save_s:.1f}s; {args.resolution} px, {args.train_steps} steps per run "
-              f"({args.train_warmup} warm-up), mixed precision {mixed}, factors {factors}", flush=True)
+        print(
+            f"\nkrona train: SDXL ×{args.width_scale:g} width ({sum(counts.values()) / 1e6:.1f} M parameters), "
+            f"saved in {compute} in {save_s:.1f}s; {args.resolution} px, {args.train_steps} steps per run "
+            f"({args.train_warmup} warm-up), mixed precision {mixed}, factors {factors}",
+            flush=True,
+        )
     work, factors = held["train_work"], held["train_factors"]
     folder = work / "sdxl-random"
     part = doc["train"]
@@ -782,11 +825,27 @@ def run_train_part(args, device, dtype, doc: dict, save: Callable[[], None], bud
             save()
             continue
         overrides = dict(
-            pretrained_model=str(folder), instance_dir=str(args.instance_dir), prompt=PROMPT,
-            resolution=args.resolution, steps=args.train_steps, batch_size=1, mixed_precision=mixed,
-            gradient_checkpointing=True, cache_latents=cache, optimizer=optimizer, output_dir=str(work / f"run-{i}"),
-            checkpoint_every=0, sample_every=0, sample_images=1, sample_steps=1, sample_guidance=0.0,
-            report_to="none", overwrite=True, seed=0, factors=str(factors), targets=args.targets,
+            pretrained_model=str(folder),
+            instance_dir=str(args.instance_dir),
+            prompt=PROMPT,
+            resolution=args.resolution,
+            steps=args.train_steps,
+            batch_size=1,
+            mixed_precision=mixed,
+            gradient_checkpointing=True,
+            cache_latents=cache,
+            optimizer=optimizer,
+            output_dir=str(work / f"run-{i}"),
+            checkpoint_every=0,
+            sample_every=0,
+            sample_images=1,
+            sample_steps=1,
+            sample_guidance=0.0,
+            report_to="none",
+            overwrite=True,
+            seed=0,
+            factors=str(factors),
+            targets=args.targets,
         )
         if "buckets" in fields:
             overrides["buckets"] = False  # every step the same 1024×1024 size
@@ -807,7 +866,9 @@ def run_train_part(args, device, dtype, doc: dict, save: Callable[[], None], bud
             cfg = load_config(None, overrides)
             result = train(cfg, clock)
             t_end = time.perf_counter()
-            intervals = [b - a for a, b in zip(clock.stamps[args.train_warmup - 1:], clock.stamps[args.train_warmup:])]
+            intervals = [
+                b - a for a, b in zip(clock.stamps[args.train_warmup - 1 :], clock.stamps[args.train_warmup :])
+            ]
             if len(clock.stamps) != args.train_steps or not intervals:
                 raise RuntimeError(f"{len(clock.stamps)} step reports for {args.train_steps} steps")
             r |= {
@@ -820,8 +881,9 @@ def run_train_part(args, device, dtype, doc: dict, save: Callable[[], None], bud
                 "after_last_step_s": t_end - clock.stamps[-1],
                 "run_s": t_end - t_call,
                 "peak_gib_steps": clock.peak_steps,
-                "peak_gib_run": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
-                                 else float("nan")),
+                "peak_gib_run": (
+                    torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+                ),
                 "losses": clock.losses,
                 "bad_steps": result.bad_steps,
                 "warnings": clock.warnings,
@@ -829,9 +891,12 @@ def run_train_part(args, device, dtype, doc: dict, save: Callable[[], None], bud
             }
             if not all(math.isfinite(x) for x in clock.losses):
                 raise RuntimeError(f"non-finite losses: {clock.losses}")
-            print(f"  {precision:<5} {'cached' if cache else 'encoded':<8} {optimizer:<10} "
-                  f"{r['s_per_step_median']:.3f} s/step, peak {fmt(r['peak_gib_steps'], 2)} GiB "
-                  f"(load {r['load_s']:.1f}s, run {r['run_s']:.1f}s)", flush=True)
+            print(
+                f"  {precision:<5} {'cached' if cache else 'encoded':<8} {optimizer:<10} "
+                f"{r['s_per_step_median']:.3f} s/step, peak {fmt(r['peak_gib_steps'], 2)} GiB "
+                f"(load {r['load_s']:.1f}s, run {r['run_s']:.1f}s)",
+                flush=True,
+            )
         except Exception as e:
             traceback.print_exc()
             r["error"] = f"{type(e).__name__}: {e}"
@@ -868,39 +933,72 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 on CUDA, fp32 on the CPU")
     ap.add_argument("--resolution", type=int, default=1024, help="pixels (latents are resolution/8); default 1024")
-    ap.add_argument("--width-scale", type=float, default=1.0, help="build the architecture at this fraction of its "
-                    "width (a multiple of 1/32); default 1 (real size)")
+    ap.add_argument(
+        "--width-scale",
+        type=float,
+        default=1.0,
+        help="build the architecture at this fraction of its width (a multiple of 1/32); default 1 (real size)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    ap.add_argument("--factors", default=None, help="A's shape OxI, both parts; default 64x4 with the output side "
-                    "× the width scale (lowered to divide every adapted layer)")
+    ap.add_argument(
+        "--factors",
+        default=None,
+        help="A's shape OxI, both parts; default 64x4 with the output side "
+        "× the width scale (lowered to divide every adapted layer)",
+    )
     ap.add_argument("--targets", default="attn", help="adapted layers, both parts (krona's presets or a regex)")
-    ap.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=None,
-                    help="flush subnormal floats to zero (default: on on the CPU)")
+    ap.add_argument(
+        "--flush-denormal",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="flush subnormal floats to zero (default: on on the CPU)",
+    )
     ap.add_argument("--json", default="bench_gpu.json")
-    ap.add_argument("--budget-s", type=float, default=0, help="skip what would start after this many seconds "
-                    "(recorded as skipped); 0: no limit")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=0,
+        help="skip what would start after this many seconds (recorded as skipped); 0: no limit",
+    )
     g1 = ap.add_argument_group("part 1: UNet training step")
     g1.add_argument("--arch", choices=("sdxl", "sd15"), default="sdxl")
-    g1.add_argument("--variants", type=_list(UNET_VARIANTS + EXTRA_VARIANTS), default=list(UNET_VARIANTS),
-                    help=f"comma-separated list; default {','.join(UNET_VARIANTS)}; also: {','.join(EXTRA_VARIANTS)}")
-    g1.add_argument("--gradient-checkpointing", type=_list(("off", "on")), default=["off", "on"],
-                    help="off,on (default), off or on")
+    g1.add_argument(
+        "--variants",
+        type=_list(UNET_VARIANTS + EXTRA_VARIANTS),
+        default=list(UNET_VARIANTS),
+        help=f"comma-separated list; default {','.join(UNET_VARIANTS)}; also: {','.join(EXTRA_VARIANTS)}",
+    )
+    g1.add_argument(
+        "--gradient-checkpointing", type=_list(("off", "on")), default=["off", "on"], help="off,on (default), off or on"
+    )
     g1.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (≥ 1: the first is the compile)")
     g1.add_argument("--reps", type=int, default=5, help="timed steps per variant")
-    g1.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=True,
-                    help="run under torch.autocast in the dtype, as krona train does (no effect in fp32)")
+    g1.add_argument(
+        "--autocast",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run under torch.autocast in the dtype, as krona train does (no effect in fp32)",
+    )
     g1.add_argument("--compile-backend", default="inductor", help="torch.compile backend of krona-compile")
-    g1.add_argument("--cpu-memory", action=argparse.BooleanOptionalAction, default=True,
-                    help="on the CPU, one more untimed, profiled step per variant measuring its peak allocation")
+    g1.add_argument(
+        "--cpu-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on the CPU, one more untimed, profiled step per variant measuring its peak allocation",
+    )
     g2 = ap.add_argument_group("part 2: krona train")
     g2.add_argument("--instance-dir", default=str(ROOT / "examples" / "cat"))
     g2.add_argument("--train-steps", type=int, default=30)
     g2.add_argument("--train-warmup", type=int, default=2, help="steps not timed at the start of each run (≥ 1)")
     g2.add_argument("--cache-latents", type=_list(("on", "off")), default=["on", "off"])
     g2.add_argument("--optimizer", type=_list(("adamw", "adamw8bit")), default=["adamw", "adamw8bit"])
-    g2.add_argument("--base-precision", type=_list(("fp32", "fp16", "bf16", "int8", "nf4")), default=None,
-                    help="frozen-UNet precisions, e.g. bf16,int8,nf4: the first crossed with --cache-latents × "
-                    "--optimizer, each further one run once at their first values; default: the compute dtype")
+    g2.add_argument(
+        "--base-precision",
+        type=_list(("fp32", "fp16", "bf16", "int8", "nf4")),
+        default=None,
+        help="frozen-UNet precisions, e.g. bf16,int8,nf4: the first crossed with --cache-latents × "
+        "--optimizer, each further one run once at their first values; default: the compute dtype",
+    )
     g2.add_argument("--work-dir", default=None, help="where the pipeline and runs go (default: a new temp folder)")
     g2.add_argument("--keep-work-dir", action="store_true")
     args = ap.parse_args(argv)
@@ -928,8 +1026,12 @@ def main(argv=None) -> int:
     doc = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device),
-        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
         "versions": versions(),
         "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]) if argv is None else None,
         "args": {k: v for k, v in vars(args).items()},
@@ -958,18 +1060,25 @@ def main(argv=None) -> int:
     if "unet" in doc:
         print()
         print(unet_table(doc["unet"]))
-        compiled = {g: r["krona-compile"]["compile_s"] for g, r in doc["unet"]["results"].items()
-                    if "compile_s" in r.get("krona-compile", {})}
+        compiled = {
+            g: r["krona-compile"]["compile_s"]
+            for g, r in doc["unet"]["results"].items()
+            if "compile_s" in r.get("krona-compile", {})
+        }
         if compiled:
-            print("krona-compile: compile time (first step − median step) "
-                  + ", ".join(f"GC {g}: {s:.1f}s" for g, s in compiled.items()))
+            print(
+                "krona-compile: compile time (first step − median step) "
+                + ", ".join(f"GC {g}: {s:.1f}s" for g, s in compiled.items())
+            )
     if "train" in doc:
         print()
         print(train_table(doc["train"]))
     doc["failures"] = failures
     save()
-    print(f"\n{'FAILED: ' + str(failures) + ' variant(s) or run(s); ' if failures else ''}"
-          f"total {doc['elapsed_s']:.0f}s, wrote {args.json}")
+    print(
+        f"\n{'FAILED: ' + str(failures) + ' variant(s) or run(s); ' if failures else ''}"
+        f"total {doc['elapsed_s']:.0f}s, wrote {args.json}"
+    )
     return 1 if failures else 0
 
 

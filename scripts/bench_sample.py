@@ -37,10 +37,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from krona_cli.formats import collect_adapter, save_adapter  # noqa: E402
-from krona_cli.kron import adapted_layers, inject, remove  # noqa: E402
 from krona_cli.dtypes import DTYPES  # noqa: E402
+from krona_cli.formats import collect_adapter, save_adapter  # noqa: E402
 from krona_cli.inference.sampling import SCHEDULERS, SampleConfig, generate, prepare_pipeline  # noqa: E402
+from krona_cli.kron import adapted_layers, inject, remove  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -57,8 +57,9 @@ def random_adapter(pretrained: str, path: Path, factors: str, device: str, dtype
         for layer in adapted_layers(pipe.unet).values():
             with torch.no_grad():
                 layer.kron_b.normal_(std=0.1)
-    adapter = collect_adapter({"unet": pipe.unet}, base_model=pretrained, architecture=info.architecture,
-                              targets={"unet": "attn"})
+    adapter = collect_adapter(
+        {"unet": pipe.unet}, base_model=pretrained, architecture=info.architecture, targets={"unet": "attn"}
+    )
     remove(pipe.unet)
     del pipe
     adapter.training = {"note": "random adapter made by scripts/bench_sample.py"}
@@ -146,8 +147,16 @@ def main() -> int:
             adapter = (str(path), 1.0)
         width = args.width or (128 if tiny else None)
         height = args.height or (128 if tiny else None)
-        config = SampleConfig(num_images=args.images, seed=0, steps=args.steps, guidance=args.guidance,
-                              scheduler=args.scheduler, width=width, height=height, batch_size=args.batch_size)
+        config = SampleConfig(
+            num_images=args.images,
+            seed=0,
+            steps=args.steps,
+            guidance=args.guidance,
+            scheduler=args.scheduler,
+            width=width,
+            height=height,
+            batch_size=args.batch_size,
+        )
         prompts = ["a photo of a dog on the beach"]
         pipes = {
             "base": prepare_pipeline([], pretrained, args.device, dtype),
@@ -189,19 +198,33 @@ def main() -> int:
         print(f"{name:<10} {med[name]:>10.4f} {min(t):>10.4f} {max(t):>10.4f} {med[name] / args.images:>10.4f}")
     verdict = "PASS" if ratio <= 1.1 else "FAIL"
     print(
-        f"ratio adapter/base: {ratio:.3f} (median of per-round ratios {paired:.3f}, of fastest rounds {fastest:.3f}); criterion <= 1.1: {verdict} | "
+        f"ratio adapter/base: {ratio:.3f} (median of per-round ratios {paired:.3f}, of fastest rounds {fastest:.3f}); "
+        f"criterion <= 1.1: {verdict} | "
         f"adapter layers baked: {layers}, mean |image difference| {image_diff:.4f}"
     )
     doc = {
         "benchmark": "bench_sample",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
-        "pipeline": {"base_model": "tiny-sdxl (make-tiny)" if tiny else pretrained, "architecture": arch,
-                     "adapter": "random" if not args.adapter else args.adapter, "factors": args.factors,
-                     "layers_changed": layers, "dtype": dtype},
-        "settings": {"width": size[0], "height": size[1], "steps": args.steps, "guidance": args.guidance,
-                     "scheduler": args.scheduler, "images": args.images, "batch_size": args.batch_size,
-                     "reps": args.reps, "warmup": args.warmup},
+        "pipeline": {
+            "base_model": "tiny-sdxl (make-tiny)" if tiny else pretrained,
+            "architecture": arch,
+            "adapter": "random" if not args.adapter else args.adapter,
+            "factors": args.factors,
+            "layers_changed": layers,
+            "dtype": dtype,
+        },
+        "settings": {
+            "width": size[0],
+            "height": size[1],
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "scheduler": args.scheduler,
+            "images": args.images,
+            "batch_size": args.batch_size,
+            "reps": args.reps,
+            "warmup": args.warmup,
+        },
         "times_s": times,
         "median_s": med,
         "ratio": ratio,

@@ -5,8 +5,8 @@ import dataclasses
 import torch
 
 from krona_cli.formats import collect_adapter
-from krona_cli.kron import adapted_layers, inject
 from krona_cli.inference.merge import pipeline_components
+from krona_cli.kron import adapted_layers, inject
 from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 
@@ -16,7 +16,12 @@ def random_adapter(arch, scale=1.0, seed=5, unet_targets="attn-ff", training=Non
     components = pipeline_components(pipe)
     torch.manual_seed(seed)
     for name, model in components.items():
-        inject(model, targets=unet_targets if name == "unet" else "text", factors="4x4" if name == "unet" else "2x2", scale=scale)
+        inject(
+            model,
+            targets=unet_targets if name == "unet" else "text",
+            factors="4x4" if name == "unet" else "2x2",
+            scale=scale,
+        )
     for model in components.values():
         for layer in adapted_layers(model).values():
             with torch.no_grad():
@@ -38,8 +43,12 @@ def factors_of(adapter):
 
 def factor_tensors(adapter):
     """{(component, module, "a" | "b"): tensor}: the factors of every layer of a Kronecker adapter."""
-    return {(c, m, name): getattr(layer, name) for c, mods in adapter.layers.items() for m, layer in mods.items()
-            for name in ("a", "b")}
+    return {
+        (c, m, name): getattr(layer, name)
+        for c, mods in adapter.layers.items()
+        for m, layer in mods.items()
+        for name in ("a", "b")
+    }
 
 
 def relayout(adapter, layer_type, **changes):
@@ -51,9 +60,9 @@ def relayout(adapter, layer_type, **changes):
 
 def fixed_pair_loss(pipe, arch, folder, prompt):
     """Denoising loss of a pipeline on the (center-cropped, 64 px) images of `folder` at fixed noise and timesteps."""
+    from krona_cli.pipeline.text import encode_prompts
     from krona_cli.training.data import ImageSet
     from krona_cli.training.diffusion import per_sample_loss
-    from krona_cli.pipeline.text import encode_prompts
     from krona_cli.training.train import _noise_scheduler
 
     images = ImageSet(folder, prompt, 64, center_crop=True)

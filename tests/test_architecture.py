@@ -66,12 +66,16 @@ def test_a_violating_import_is_caught(tmp_path):
     """The check itself: a kron module importing the pipeline is reported (so an empty list above means something)."""
     fake = tmp_path / "krona_cli"
     (fake / "kron").mkdir(parents=True)
-    (fake / "kron" / "layer.py").write_text("from ..pipeline.quantize import quantize\nfrom ..errors import KronaError\n")
+    (fake / "kron" / "layer.py").write_text(
+        "from ..pipeline.quantize import quantize\nfrom ..errors import KronaError\n"
+    )
     (fake / "formats").mkdir()
     (fake / "formats" / "lora.py").write_text("def f():\n    from krona_cli.training.train import train\n")
     found = violations(fake)
-    assert found == ["formats/lora.py:2 (formats) imports krona_cli.training.train (training)",
-                     "kron/layer.py:1 (kron) imports krona_cli.pipeline.quantize (pipeline)"]
+    assert found == [
+        "formats/lora.py:2 (formats) imports krona_cli.training.train (training)",
+        "kron/layer.py:1 (kron) imports krona_cli.pipeline.quantize (pipeline)",
+    ]
 
 
 @pytest.mark.parametrize("leaf", sorted(LEAVES - {"__init__"}))

@@ -23,10 +23,10 @@ import pytest
 import torch
 from PIL import Image
 
-from krona_cli.training.buckets import Bucket
-from krona_cli.training import data
-from krona_cli.pipeline import models
 from krona_cli.cli import main
+from krona_cli.pipeline import models
+from krona_cli.training import data
+from krona_cli.training.buckets import Bucket
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
 PROMPT = "a photo of sks cat"
@@ -35,9 +35,26 @@ NOISE = ("[transformers]",)
 
 
 def train_args(pipeline_dir, instance_dir, out, *extra):
-    return ["train", "--config", "tiny", "--pretrained-model", str(pipeline_dir), "--instance-dir", str(instance_dir),
-            "--prompt", PROMPT, "--output-dir", str(out), "--steps", "2", "--sample-every", "0",
-            "--checkpoint-every", "0", *extra]
+    return [
+        "train",
+        "--config",
+        "tiny",
+        "--pretrained-model",
+        str(pipeline_dir),
+        "--instance-dir",
+        str(instance_dir),
+        "--prompt",
+        PROMPT,
+        "--output-dir",
+        str(out),
+        "--steps",
+        "2",
+        "--sample-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+        *extra,
+    ]
 
 
 def run(capsys, args):
@@ -95,36 +112,62 @@ def sdxl_adapter(tiny_sdxl_dir, tmp_path_factory):
     return out / "adapter.safetensors"
 
 
-# --- 1. instance folder missing or empty -------------------------------------------------------------------------------
+# --- 1. instance folder missing or empty ------------------------------------------------------------------------------
+
 
 def test_missing_instance_folder(tiny_sd15_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert_error(capsys, train_args(tiny_sd15_dir, tmp_path / "nowhere", out),
-                 "--instance-dir", "nowhere", "does not exist", "point it at the folder")
+    assert_error(
+        capsys,
+        train_args(tiny_sd15_dir, tmp_path / "nowhere", out),
+        "--instance-dir",
+        "nowhere",
+        "does not exist",
+        "point it at the folder",
+    )
     assert not out.exists()
 
 
 def test_empty_instance_folder(tiny_sd15_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "run"
-    assert_error(capsys, train_args(tiny_sd15_dir, tmp_path / "empty", out), "--instance-dir", "holds no images",
-                 "add photos there")
+    assert_error(
+        capsys,
+        train_args(tiny_sd15_dir, tmp_path / "empty", out),
+        "--instance-dir",
+        "holds no images",
+        "add photos there",
+    )
     assert not out.exists()
 
 
 def test_eval_names_its_own_folder_flags(tmp_path, capsys):
     """krona eval's folders are --images and --reference (not --images-dir)."""
     (tmp_path / "generated").mkdir()
-    assert_error(capsys, ["eval", "--images", tmp_path / "nowhere", "--reference", EXAMPLES, "--output",
-                          tmp_path / "m.json"], "--images '", "nowhere", "does not exist")
-    assert_error(capsys, ["eval", "--images", tmp_path / "generated", "--reference", EXAMPLES, "--output",
-                          tmp_path / "m.json"], "--images '", "holds no images")
-    assert_error(capsys, ["eval", "--images", EXAMPLES, "--reference", tmp_path / "generated", "--output",
-                          tmp_path / "m.json"], "--reference '", "holds no images")
+    assert_error(
+        capsys,
+        ["eval", "--images", tmp_path / "nowhere", "--reference", EXAMPLES, "--output", tmp_path / "m.json"],
+        "--images '",
+        "nowhere",
+        "does not exist",
+    )
+    assert_error(
+        capsys,
+        ["eval", "--images", tmp_path / "generated", "--reference", EXAMPLES, "--output", tmp_path / "m.json"],
+        "--images '",
+        "holds no images",
+    )
+    assert_error(
+        capsys,
+        ["eval", "--images", EXAMPLES, "--reference", tmp_path / "generated", "--output", tmp_path / "m.json"],
+        "--reference '",
+        "holds no images",
+    )
     assert not (tmp_path / "m.json").exists()
 
 
-# --- 2. non-image and empty files among the photos ---------------------------------------------------------------------
+# --- 2. non-image and empty files among the photos --------------------------------------------------------------------
+
 
 def test_non_image_and_empty_files_are_skipped_with_a_warning(tiny_sd15_dir, tmp_path, capsys):
     folder = photos(tmp_path)
@@ -145,12 +188,20 @@ def test_a_folder_of_only_non_images_is_an_error(tiny_sd15_dir, tmp_path, capsys
     (folder / "notes.pdf").write_bytes(b"%PDF-1.4")
     (folder / "zero.jpg").write_bytes(b"")
     out = tmp_path / "run"
-    assert_error(capsys, train_args(tiny_sd15_dir, folder, out), "--instance-dir", "holds no images",
-                 "notes.pdf", "zero.jpg (empty)", "add photos there")
+    assert_error(
+        capsys,
+        train_args(tiny_sd15_dir, folder, out),
+        "--instance-dir",
+        "holds no images",
+        "notes.pdf",
+        "zero.jpg (empty)",
+        "add photos there",
+    )
     assert not out.exists()
 
 
-# --- 3. and 4. a truncated JPEG, an image too large to decode ----------------------------------------------------------
+# --- 3. and 4. a truncated JPEG, an image too large to decode ---------------------------------------------------------
+
 
 def truncated_photos(tmp_path):
     folder = photos(tmp_path)
@@ -178,8 +229,13 @@ def test_an_image_too_large_to_decode_is_an_error_naming_the_file(tiny_sd15_dir,
     assert struct.unpack(">II", header[16:24]) == (20_000, 20_000)  # 400 MP claimed, a few bytes on disk
     assert zlib.crc32(header[12:29]) == struct.unpack(">I", header[29:33])[0]  # a valid header, not a damaged file
     out = tmp_path / "run"
-    assert_error(capsys, train_args(tiny_sd15_dir, folder, out), f"{name}'", "too large to load safely",
-                 "downscale it or remove it")
+    assert_error(
+        capsys,
+        train_args(tiny_sd15_dir, folder, out),
+        f"{name}'",
+        "too large to load safely",
+        "downscale it or remove it",
+    )
     assert not (out / "adapter.safetensors").exists() and not (out / "checkpoints").exists()
 
 
@@ -187,8 +243,21 @@ def test_an_image_too_large_to_decode_is_an_error_naming_the_file(tiny_sd15_dir,
 def test_an_unusable_photo_fails_before_class_images_are_made_or_training_starts(bad, tiny_sd15_dir, tmp_path, capsys):
     folder, name = bad(tmp_path)
     out = tmp_path / "run"
-    assert_error(capsys, train_args(tiny_sd15_dir, folder, out, "--class-prompt", "a photo of a cat",
-                                    "--num-class-images", "2", "--checkpoint-every", "1"), f"{name}'")
+    assert_error(
+        capsys,
+        train_args(
+            tiny_sd15_dir,
+            folder,
+            out,
+            "--class-prompt",
+            "a photo of a cat",
+            "--num-class-images",
+            "2",
+            "--checkpoint-every",
+            "1",
+        ),
+        f"{name}'",
+    )
     assert nothing_written(out) and not (out / "class-images").exists()
 
 
@@ -201,7 +270,8 @@ def test_an_unusable_photo_fails_before_the_model_loads(tiny_sd15_dir, tmp_path,
     assert not loaded, "the base model was loaded before the photos were checked"
 
 
-# --- 5. photos smaller than the resolution -----------------------------------------------------------------------------
+# --- 5. photos smaller than the resolution ----------------------------------------------------------------------------
+
 
 def test_photos_smaller_than_the_resolution_are_upscaled_with_a_warning(tiny_sd15_dir, tmp_path, capsys):
     folder = tmp_path / "small"
@@ -218,7 +288,8 @@ def test_photos_smaller_than_the_resolution_are_upscaled_with_a_warning(tiny_sd1
     assert (out / "adapter.safetensors").is_file()
 
 
-# --- 6. spaces and non-ASCII characters in every path ------------------------------------------------------------------
+# --- 6. spaces and non-ASCII characters in every path -----------------------------------------------------------------
+
 
 def test_paths_with_spaces_and_unicode_work_end_to_end(tiny_sd15_dir, tmp_path, capsys):
     from krona_cli.formats import load_adapter
@@ -232,20 +303,41 @@ def test_paths_with_spaces_and_unicode_work_end_to_end(tiny_sd15_dir, tmp_path, 
     adapter = out / "adapter.safetensors"
     assert load_adapter(adapter).base_model == str(pipeline)
     # the base recorded in the adapter (a non-ASCII path) is found again by sample
-    code, _, lines = run(capsys, ["sample", "--adapter", adapter, "--prompt", "sks cat, été", "-n", "1", "--sample-steps", "1",
-                                  "--output-dir", tmp_path / "samples ü"])
+    code, _, lines = run(
+        capsys,
+        [
+            "sample",
+            "--adapter",
+            adapter,
+            "--prompt",
+            "sks cat, été",
+            "-n",
+            "1",
+            "--sample-steps",
+            "1",
+            "--output-dir",
+            tmp_path / "samples ü",
+        ],
+    )
     assert code == 0, lines
     assert (tmp_path / "samples ü" / "grid.png").is_file()
 
 
-# --- 7. factors --------------------------------------------------------------------------------------------------------
+# --- 7. factors -------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("factors,needle", [("64by4", "not of the form OxI"), ("0x4", "positive whole numbers")])
 def test_malformed_factors_name_the_flag(factors, needle, tiny_sd15_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
     out = tmp_path / "run"
-    assert_error(capsys, train_args(tiny_sd15_dir, EXAMPLES, out, "--factors", factors), "--factors", f"'{factors}'",
-                 needle, "64x4")
+    assert_error(
+        capsys,
+        train_args(tiny_sd15_dir, EXAMPLES, out, "--factors", factors),
+        "--factors",
+        f"'{factors}'",
+        needle,
+        "64x4",
+    )
     assert not out.exists()
 
 
@@ -269,59 +361,115 @@ def test_factors_that_divide_no_layer_are_fitted_per_layer_on_train(tiny_sd15_di
 
 
 def test_plan_strict_factors_that_do_not_divide_is_an_error(capsys):
-    assert_error(capsys, ["plan", "--arch", "sd15", "--strict-factors", "--factors", "7x3"], "factors 7x3",
-                 "do not divide", "drop --strict-factors")
+    assert_error(
+        capsys,
+        ["plan", "--arch", "sd15", "--strict-factors", "--factors", "7x3"],
+        "factors 7x3",
+        "do not divide",
+        "drop --strict-factors",
+    )
     code, _, lines = run(capsys, ["plan", "--arch", "sd15", "--factors", "7x3"])  # without: fitted, fine
     assert code == 0 and not lines
 
 
-# --- 8. an adapter for another base model ------------------------------------------------------------------------------
+# --- 8. an adapter for another base model -----------------------------------------------------------------------------
+
 
 def test_sample_with_an_adapter_for_another_base_model(sdxl_adapter, tiny_sd15_dir, tmp_path, capsys):
     out = tmp_path / "samples"
-    assert_error(capsys, ["sample", "--adapter", sdxl_adapter, "--pretrained-model", tiny_sd15_dir, "--prompt", "x",
-                          "-n", "1", "--sample-steps", "1", "--output-dir", out],
-                 "does not fit this base model", "made for sdxl", "sd15", "--pretrained-model")
+    assert_error(
+        capsys,
+        [
+            "sample",
+            "--adapter",
+            sdxl_adapter,
+            "--pretrained-model",
+            tiny_sd15_dir,
+            "--prompt",
+            "x",
+            "-n",
+            "1",
+            "--sample-steps",
+            "1",
+            "--output-dir",
+            out,
+        ],
+        "does not fit this base model",
+        "made for sdxl",
+        "sd15",
+        "--pretrained-model",
+    )
     assert not out.exists()
 
 
 def test_merge_with_an_adapter_for_another_base_model(sdxl_adapter, tiny_sd15_dir, tmp_path, capsys):
     out = tmp_path / "merged"
-    assert_error(capsys, ["merge", "--adapter", sdxl_adapter, "--pretrained-model", tiny_sd15_dir, "--output-dir", out],
-                 "does not fit this base model", "made for sdxl", "sd15", "--pretrained-model")
+    assert_error(
+        capsys,
+        ["merge", "--adapter", sdxl_adapter, "--pretrained-model", tiny_sd15_dir, "--output-dir", out],
+        "does not fit this base model",
+        "made for sdxl",
+        "sd15",
+        "--pretrained-model",
+    )
     assert not out.exists() and not list(tmp_path.glob(".merged*"))
 
 
-# --- 9. truncated or corrupt adapter files -----------------------------------------------------------------------------
+# --- 9. truncated or corrupt adapter files ----------------------------------------------------------------------------
+
 
 def adapter_commands(adapter, pipeline_dir, tmp_path):
     """Every command that reads an adapter, with where it would write."""
     return {
         "inspect": (["inspect", adapter], None),
-        "sample": (["sample", "--adapter", adapter, "--pretrained-model", pipeline_dir, "--prompt", "x", "-n", "1",
-                    "--sample-steps", "1", "--output-dir", tmp_path / "samples"], tmp_path / "samples"),
-        "merge": (["merge", "--adapter", adapter, "--pretrained-model", pipeline_dir, "--output-dir",
-                   tmp_path / "merged"], tmp_path / "merged"),
-        "export": (["export", "--adapter", adapter, "--to", "lycoris", "--output", tmp_path / "out.safetensors"],
-                   tmp_path / "out.safetensors"),
+        "sample": (
+            [
+                "sample",
+                "--adapter",
+                adapter,
+                "--pretrained-model",
+                pipeline_dir,
+                "--prompt",
+                "x",
+                "-n",
+                "1",
+                "--sample-steps",
+                "1",
+                "--output-dir",
+                tmp_path / "samples",
+            ],
+            tmp_path / "samples",
+        ),
+        "merge": (
+            ["merge", "--adapter", adapter, "--pretrained-model", pipeline_dir, "--output-dir", tmp_path / "merged"],
+            tmp_path / "merged",
+        ),
+        "export": (
+            ["export", "--adapter", adapter, "--to", "lycoris", "--output", tmp_path / "out.safetensors"],
+            tmp_path / "out.safetensors",
+        ),
     }
 
 
 @pytest.mark.parametrize("damage", ["cut in half", "random bytes", "empty"])
-def test_a_truncated_or_corrupt_adapter_is_refused_by_every_command(damage, sdxl_adapter, tiny_sdxl_dir, tmp_path,
-                                                                     capsys):
+def test_a_truncated_or_corrupt_adapter_is_refused_by_every_command(
+    damage, sdxl_adapter, tiny_sdxl_dir, tmp_path, capsys
+):
     whole = sdxl_adapter.read_bytes()
-    content = {"cut in half": whole[: len(whole) // 2], "random bytes": random.Random(7).randbytes(4096),
-               "empty": b""}[damage]
+    content = {"cut in half": whole[: len(whole) // 2], "random bytes": random.Random(7).randbytes(4096), "empty": b""}[
+        damage
+    ]
     bad = tmp_path / "adapter.safetensors"
     bad.write_bytes(content)
     for command, (args, target) in adapter_commands(bad, tiny_sdxl_dir, tmp_path).items():
-        line = assert_error(capsys, args, "adapter.safetensors'", "not a readable .safetensors file",
-                            "truncated or corrupt")
+        line = assert_error(
+            capsys, args, "adapter.safetensors'", "not a readable .safetensors file", "truncated or corrupt"
+        )
         assert target is None or not target.exists(), (command, line)
 
 
-# --- 10. pickles given as adapters -------------------------------------------------------------------------------------
+# --- 10. pickles given as adapters ------------------------------------------------------------------------------------
+
 
 def pickles(tmp_path):
     tensors = {"unet.down_blocks.0.attn1.to_q.kron_a": torch.ones(2, 2)}
@@ -347,14 +495,22 @@ def test_pickles_are_refused_and_never_unpickled(tiny_sdxl_dir, tmp_path, capsys
             assert target is None or not target.exists(), command
 
 
-# --- 11. an output folder that holds another run -----------------------------------------------------------------------
+# --- 11. an output folder that holds another run ----------------------------------------------------------------------
+
 
 def test_an_output_folder_with_another_run_needs_overwrite_or_resume(tiny_sd15_dir, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "adapter.safetensors").write_bytes(b"an earlier run's adapter")
-    assert_error(capsys, train_args(tiny_sd15_dir, EXAMPLES, out), "--output-dir", "already holds a training run",
-                 "adapter.safetensors", "--resume latest", "--overwrite")
+    assert_error(
+        capsys,
+        train_args(tiny_sd15_dir, EXAMPLES, out),
+        "--output-dir",
+        "already holds a training run",
+        "adapter.safetensors",
+        "--resume latest",
+        "--overwrite",
+    )
     assert (out / "adapter.safetensors").read_bytes() == b"an earlier run's adapter"  # untouched
     assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors"]
     code, _, lines = run(capsys, train_args(tiny_sd15_dir, EXAMPLES, out, "--overwrite"))
@@ -362,7 +518,8 @@ def test_an_output_folder_with_another_run_needs_overwrite_or_resume(tiny_sd15_d
     assert (out / "adapter.safetensors").read_bytes() != b"an earlier run's adapter"
 
 
-# --- 12. no space left on the device while saving ----------------------------------------------------------------------
+# --- 12. no space left on the device while saving ---------------------------------------------------------------------
+
 
 def fail_fsync_of(monkeypatch, marker):
     """os.fsync raises ENOSPC for files whose name contains `marker` (the temp files the atomic writers fsync)."""
@@ -407,29 +564,57 @@ def test_no_space_for_a_checkpoint_keeps_the_previous_one(tiny_sd15_dir, tmp_pat
 
     out = tmp_path / "run"
     hits = fail_fsync_of(monkeypatch, ".step-000002.tmp-")  # the staging folder of the second checkpoint
-    assert_error(capsys, train_args(tiny_sd15_dir, EXAMPLES, out, "--checkpoint-every", "1", "--steps", "3"),
-                 "no space left", "step-000002", "--resume latest")
+    assert_error(
+        capsys,
+        train_args(tiny_sd15_dir, EXAMPLES, out, "--checkpoint-every", "1", "--steps", "3"),
+        "no space left",
+        "step-000002",
+        "--resume latest",
+    )
     assert hits
     assert [p.name for p in list_checkpoints(out)] == ["step-000001"]
     assert load_checkpoint(out / "checkpoints" / "step-000001").step == 1
     assert not incomplete_leftovers(out) and not (out / "adapter.safetensors").exists()
 
 
-# --- exit codes and the one-line rule, from a real process -------------------------------------------------------------
+# --- exit codes and the one-line rule, from a real process ------------------------------------------------------------
 
+
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_model_loading_command_prints_only_krona_lines(sdxl_adapter, tiny_sd15_dir, tmp_path):
     """In a fresh process (third-party warnings are printed once per process), an error found after the base model
     is loaded is still the only line on stderr."""
     done = subprocess.run(
-        [sys.executable, "-m", "krona_cli", "sample", "--adapter", str(sdxl_adapter), "--pretrained-model",
-         str(tiny_sd15_dir), "--prompt", "x", "-n", "1", "--sample-steps", "1", "--output-dir", str(tmp_path / "s")],
-        capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1", "COLUMNS": "400"},
+        [
+            sys.executable,
+            "-m",
+            "krona_cli",
+            "sample",
+            "--adapter",
+            str(sdxl_adapter),
+            "--pretrained-model",
+            str(tiny_sd15_dir),
+            "--prompt",
+            "x",
+            "-n",
+            "1",
+            "--sample-steps",
+            "1",
+            "--output-dir",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"HF_HUB_OFFLINE": "1", "COLUMNS": "400"},
     )
     assert done.returncode == 2 and "does not fit this base model" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
-# --- the data.py helpers train uses to check photos before it starts ---------------------------------------------------
+# --- the data.py helpers train uses to check photos before it starts --------------------------------------------------
+
 
 def test_check_images_decodes_every_photo_and_names_every_bad_one(tmp_path):
     folder, _ = truncated_photos(tmp_path / "a")

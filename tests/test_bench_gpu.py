@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("frozen", "krona", "krona-compile", "materialised", "peft-lokr", "lycoris-lokr", "peft-lora-r4")
 TRAIN_STEPS, TRAIN_WARMUP = 3, 1
@@ -22,14 +24,43 @@ def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_bench_gpu_cpu_smallest(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [
-        sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--device", "cpu", "--threads", "1",
-        "--arch", "sd15", "--width-scale", "0.125", "--resolution", "64", "--warmup", "1", "--reps", "2",
-        "--gradient-checkpointing", "off", "--compile-backend", "eager",
-        "--train-steps", str(TRAIN_STEPS), "--train-warmup", str(TRAIN_WARMUP), "--cache-latents", "on,off",
-        "--optimizer", "adamw8bit", "--work-dir", str(tmp_path / "work"), "--json", str(out),
+        sys.executable,
+        str(ROOT / "scripts" / "bench_gpu.py"),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--arch",
+        "sd15",
+        "--width-scale",
+        "0.125",
+        "--resolution",
+        "64",
+        "--warmup",
+        "1",
+        "--reps",
+        "2",
+        "--gradient-checkpointing",
+        "off",
+        "--compile-backend",
+        "eager",
+        "--train-steps",
+        str(TRAIN_STEPS),
+        "--train-warmup",
+        str(TRAIN_WARMUP),
+        "--cache-latents",
+        "on,off",
+        "--optimizer",
+        "adamw8bit",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
     ]
     # one thread: two OpenMP threads on a 2-core machine that is also running something else slow down 10-50x
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

@@ -8,8 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from krona_cli.training.buckets import Bucket, Schedule, bucket_sizes, crop_fraction, histogram, nearest_bucket, spread
-from krona_cli.training.buckets import stream_item
+from krona_cli.training.buckets import (
+    Bucket,
+    Schedule,
+    bucket_sizes,
+    crop_fraction,
+    histogram,
+    nearest_bucket,
+    spread,
+    stream_item,
+)
 from krona_cli.training.config import load_config
 from krona_cli.training.data import ImageSet, prepare_image
 from krona_cli.training.train import train
@@ -79,10 +87,11 @@ def test_schedule_batches_come_from_one_bucket_in_proportion_and_walk_each_bucke
         n = len(group)
         walked = seen[bucket]
         for start in range(0, len(walked) - n + 1, n):
-            assert sorted(walked[start:start + n]) == list(group)
+            assert sorted(walked[start : start + n]) == list(group)
     again = Schedule(item_buckets, batch=2, seed=3, what="instance")
     assert [again.take(*again.step(s)) for s in range(399, -1, -1)][::-1] == [
-        schedule.take(*schedule.step(s)) for s in range(400)]  # the same whatever order the steps are asked in
+        schedule.take(*schedule.step(s)) for s in range(400)
+    ]  # the same whatever order the steps are asked in
     other = Schedule(item_buckets, batch=2, seed=4, what="instance")
     assert [other.step(s)[0] for s in range(50)] != [schedule.step(s)[0] for s in range(50)]
     assert schedule.take(Bucket(96, 96), 0) is None
@@ -116,8 +125,11 @@ def _spy_unet(monkeypatch):
     def attach_and_spy(pipe, *args, **kwargs):
         adapter = original(pipe, *args, **kwargs)
         pipe.unet.register_forward_pre_hook(
-            lambda module, args, kwargs: seen.append(
-                (tuple(args[0].shape), kwargs["added_cond_kwargs"]["time_ids"].clone())) if module.training else None,
+            lambda module, args, kwargs: (
+                seen.append((tuple(args[0].shape), kwargs["added_cond_kwargs"]["time_ids"].clone()))
+                if module.training
+                else None
+            ),
             with_kwargs=True,
         )
         return adapter
@@ -127,8 +139,17 @@ def _spy_unet(monkeypatch):
 
 
 def _config(pipeline_dir, photos, out, **overrides):
-    settings = dict(pretrained_model=str(pipeline_dir), instance_dir=str(photos), prompt=PROMPT, output_dir=str(out),
-                    sample_every=0, checkpoint_every=0, resolution=192, steps=12, batch_size=2)
+    settings = dict(
+        pretrained_model=str(pipeline_dir),
+        instance_dir=str(photos),
+        prompt=PROMPT,
+        output_dir=str(out),
+        sample_every=0,
+        checkpoint_every=0,
+        resolution=192,
+        steps=12,
+        batch_size=2,
+    )
     return load_config("tiny", settings | overrides)
 
 
@@ -138,8 +159,11 @@ def test_sdxl_trains_mixed_photos_in_buckets(tiny_sdxl_dir, tmp_path, monkeypatc
     the bucket as target; no photo loses more than its bucket rounding; class rows are uncropped class images."""
     photos = _photos(tmp_path / "photos", MIXED)
     seen = _spy_unet(monkeypatch)
-    result = train(_config(tiny_sdxl_dir, photos, tmp_path / "run", class_prompt=CLASS_PROMPT, num_class_images=6,
-                           random_flip=True))
+    result = train(
+        _config(
+            tiny_sdxl_dir, photos, tmp_path / "run", class_prompt=CLASS_PROMPT, num_class_images=6, random_flip=True
+        )
+    )
     assert result.step == 12 and len(seen) == 12
     buckets = bucket_sizes(192)
     sizes = {(h, w) for w, h in MIXED.values()}
@@ -172,8 +196,19 @@ def test_class_images_of_another_shape_are_fitted_to_the_photos_bucket(tiny_sdxl
     photos = _photos(tmp_path / "photos", {"portrait": (100, 180), "tall": (90, 200)})
     classes = _photos(tmp_path / "classes", {"c0": (200, 200), "c1": (180, 170)})  # square bucket only
     seen = _spy_unet(monkeypatch)
-    result = train(_config(tiny_sdxl_dir, photos, tmp_path / "run", class_prompt=CLASS_PROMPT, class_dir=str(classes),
-                           num_class_images=2, steps=3, sample_width=128, sample_height=256))
+    result = train(
+        _config(
+            tiny_sdxl_dir,
+            photos,
+            tmp_path / "run",
+            class_prompt=CLASS_PROMPT,
+            class_dir=str(classes),
+            num_class_images=2,
+            steps=3,
+            sample_width=128,
+            sample_height=256,
+        )
+    )
     grid = Image.open(result.samples[-1])  # one prompt, two seeds, in the photos' aspect, labelled on the top and left
     assert grid.width > 2 * 128 and grid.height > 256
     assert grid.width - 2 * 128 < grid.width / 2 and grid.height - 256 < grid.height / 4
@@ -184,10 +219,10 @@ def test_class_images_of_another_shape_are_fitted_to_the_photos_bucket(tiny_sdxl
         assert {tuple(int(v) for v in row[:2]) for row in time_ids[2:]} <= {(200, 200), (170, 180)}
 
 
+@pytest.mark.slow
 def test_buckets_resume_exactly_and_cached_latents_equal_uncached(tiny_sdxl_dir, tmp_path):
     photos = _photos(tmp_path / "photos", MIXED)
-    common = dict(class_prompt=CLASS_PROMPT, class_dir=str(tmp_path / "classes"), num_class_images=4,
-                  random_flip=True)
+    common = dict(class_prompt=CLASS_PROMPT, class_dir=str(tmp_path / "classes"), num_class_images=4, random_flip=True)
     straight = train(_config(tiny_sdxl_dir, photos, tmp_path / "a", steps=6, **common))
     train(_config(tiny_sdxl_dir, photos, tmp_path / "b", steps=3, **common))
     resumed = train(_config(tiny_sdxl_dir, photos, tmp_path / "b", steps=6, resume="latest", **common))

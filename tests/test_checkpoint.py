@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers.optimization import get_scheduler
 
+from krona_cli.errors import KronaError
 from krona_cli.training import checkpoint as ckpt
 from krona_cli.training.checkpoint import (
     TrainingState,
@@ -24,7 +25,6 @@ from krona_cli.training.checkpoint import (
     save_checkpoint,
     unpack_tree,
 )
-from krona_cli.errors import KronaError
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 

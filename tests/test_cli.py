@@ -3,10 +3,13 @@
 import subprocess
 import sys
 
+import pytest
+
 from krona_cli import __version__
 from krona_cli.cli import main
 
 
+@pytest.mark.subprocess
 def test_python_dash_m_and_version():
     done = subprocess.run([sys.executable, "-m", "krona_cli", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and __version__ in done.stdout

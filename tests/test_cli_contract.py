@@ -27,8 +27,22 @@ def clean_env(**extra) -> dict:
 
 
 def train_args(pipeline, out, *more):
-    return ["train", "--config", "tiny", "--pretrained-model", str(pipeline), "--instance-dir", str(EXAMPLES),
-            "--prompt", PROMPT, "--output-dir", str(out), "--report-to", "none", *map(str, more)]
+    return [
+        "train",
+        "--config",
+        "tiny",
+        "--pretrained-model",
+        str(pipeline),
+        "--instance-dir",
+        str(EXAMPLES),
+        "--prompt",
+        PROMPT,
+        "--output-dir",
+        str(out),
+        "--report-to",
+        "none",
+        *map(str, more),
+    ]
 
 
 def one_line(capsys, argv, *expected) -> None:
@@ -47,6 +61,8 @@ def no_model_loads(monkeypatch):
 # --- one run per folder --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_trains_into_one_folder_then_a_kill_and_a_resume(tiny_sd15_dir, tmp_path):
     out = tmp_path / "run"
     env = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -67,9 +83,27 @@ def test_two_trains_into_one_folder_then_a_kill_and_a_resume(tiny_sd15_dir, tmp_
         first.send_signal(signal.SIGKILL)
         first.wait()
     reached = max(int(p.name.removeprefix("step-")) for p in (out / "checkpoints").glob("step-*"))
-    resumed = subprocess.run([str(KRONA), *train_args(tiny_sd15_dir, out, "--steps", reached + 2, "--checkpoint-every",
-                                                      "2", "--sample-every", "0", "--resume", "latest")],
-                             env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [
+            str(KRONA),
+            *train_args(
+                tiny_sd15_dir,
+                out,
+                "--steps",
+                reached + 2,
+                "--checkpoint-every",
+                "2",
+                "--sample-every",
+                "0",
+                "--resume",
+                "latest",
+            ),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "took over the lock" in resumed.stderr and "resumed" in resumed.stdout
     assert (out / "adapter.safetensors").is_file() and not lock.exists()
@@ -85,12 +119,15 @@ def test_unwritable_and_file_outputs_are_caught_before_loading(tiny_sd15_dir, tm
         one_line(capsys, train_args(tiny_sd15_dir, "/sys/krona-run", *flags), "cannot be written")
         one_line(capsys, train_args(tiny_sd15_dir, a_file, *flags), "is a file")
     one_line(capsys, ["merge", "--adapter", EXAMPLES / "cat-01.jpg", "--output-dir", a_file], "is a file")
-    one_line(capsys, ["merge", "--adapter", EXAMPLES / "cat-01.jpg", "--output-dir", "/sys/merged"], "cannot be written")
+    one_line(
+        capsys, ["merge", "--adapter", EXAMPLES / "cat-01.jpg", "--output-dir", "/sys/merged"], "cannot be written"
+    )
     assert a_file.read_text() == "mine"
 
 
-def test_nothing_is_replaced_without_overwrite_or_that_krona_did_not_write(tiny_sd15_dir, tmp_path, capsys,
-                                                                        no_model_loads):
+def test_nothing_is_replaced_without_overwrite_or_that_krona_did_not_write(
+    tiny_sd15_dir, tmp_path, capsys, no_model_loads
+):
     from helpers import random_adapter
 
     from krona_cli.formats import save_adapter
@@ -100,15 +137,19 @@ def test_nothing_is_replaced_without_overwrite_or_that_krona_did_not_write(tiny_
     theirs.mkdir()
     (theirs / "notes.txt").write_text("keep")
     one_line(capsys, ["merge", "--adapter", adapter, "--output-dir", theirs, "--overwrite"], "notes.txt")
-    one_line(capsys, ["sample", "--adapter", adapter, "--prompt", "x", "--output-dir", theirs, "--overwrite"],
-             "notes.txt")
+    one_line(
+        capsys, ["sample", "--adapter", adapter, "--prompt", "x", "--output-dir", theirs, "--overwrite"], "notes.txt"
+    )
     one_line(capsys, ["make-tiny", theirs, "--overwrite"], "notes.txt")
     assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
     existing = tmp_path / "lokr.safetensors"
     existing.write_bytes(b"old")
     one_line(capsys, ["export", "--adapter", adapter, "--to", "lycoris", "--output", existing], "--overwrite")
-    one_line(capsys, ["export", "--adapter", adapter, "--to", "lycoris", "--output", tmp_path / "x.pt"],
-             "must end in .safetensors")
+    one_line(
+        capsys,
+        ["export", "--adapter", adapter, "--to", "lycoris", "--output", tmp_path / "x.pt"],
+        "must end in .safetensors",
+    )
     assert existing.read_bytes() == b"old" and not (tmp_path / "x.pt").exists()
 
 
@@ -131,9 +172,30 @@ def test_files_are_written_with_the_users_umask(tiny_sd15_dir, tmp_path):
     previous = os.umask(0o022)
     try:
         adapter = save_adapter(tmp_path / "a.safetensors", random_adapter("sd15"))
-        assert main(["export", "--adapter", str(adapter), "--to", "lycoris", "--output", str(tmp_path / "l.safetensors")]) == 0
-        assert main(["sample", "--adapter", str(adapter), "--pretrained-model", str(tiny_sd15_dir), "--prompt", "x",
-                     "-n", "1", "--sample-steps", "1", "--output-dir", str(tmp_path / "s")]) == 0
+        assert (
+            main(["export", "--adapter", str(adapter), "--to", "lycoris", "--output", str(tmp_path / "l.safetensors")])
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "sample",
+                    "--adapter",
+                    str(adapter),
+                    "--pretrained-model",
+                    str(tiny_sd15_dir),
+                    "--prompt",
+                    "x",
+                    "-n",
+                    "1",
+                    "--sample-steps",
+                    "1",
+                    "--output-dir",
+                    str(tmp_path / "s"),
+                ]
+            )
+            == 0
+        )
     finally:
         os.umask(previous)
     for path in [adapter, tmp_path / "l.safetensors", *(tmp_path / "s").iterdir()]:
@@ -154,30 +216,79 @@ def test_config_yaml_retrains_instead_of_resuming(tiny_sd15_dir, tmp_path):
 
 # --- no library chatter ----------------------------------------------------------------------------------------------
 
-CHATTER = re.compile(r"Warning|warnings\.warn|Retrying|it/s\]|Loading (pipeline components|weights)|Writing model "
-                     r"shards|Fetching|deprecated|huggingface\.co", re.IGNORECASE)
+CHATTER = re.compile(
+    r"Warning|warnings\.warn|Retrying|it/s\]|Loading (pipeline components|weights)|Writing model "
+    r"shards|Fetching|deprecated|huggingface\.co",
+    re.IGNORECASE,
+)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_no_library_chatter_in_a_clean_environment(tiny_sdxl_dir, tmp_path):
     env = clean_env(hf_home=tmp_path / "hf", HF_HUB_OFFLINE="1")
-    run = subprocess.run([str(KRONA), *train_args(tiny_sdxl_dir, tmp_path / "run", "--steps", "2",
-                                                 "--class-prompt", "a photo of a cat", "--num-class-images", "1",
-                                                 "--gradient-checkpointing", "--train-text-encoder")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    merge = subprocess.run([str(KRONA), "merge", "--adapter", str(tmp_path / "run" / "adapter.safetensors"),
-                            "--output-dir", str(tmp_path / "merged")], env=env, capture_output=True, text=True,
-                           timeout=300)
+    run = subprocess.run(
+        [
+            str(KRONA),
+            *train_args(
+                tiny_sdxl_dir,
+                tmp_path / "run",
+                "--steps",
+                "2",
+                "--class-prompt",
+                "a photo of a cat",
+                "--num-class-images",
+                "1",
+                "--gradient-checkpointing",
+                "--train-text-encoder",
+            ),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    merge = subprocess.run(
+        [
+            str(KRONA),
+            "merge",
+            "--adapter",
+            str(tmp_path / "run" / "adapter.safetensors"),
+            "--output-dir",
+            str(tmp_path / "merged"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     for done in (run, merge):
         assert done.returncode == 0, done.stderr
         assert not CHATTER.search(done.stdout + done.stderr), done.stdout + done.stderr
 
 
+@pytest.mark.subprocess
 def test_offline_eval_with_a_missing_scorer_fails_fast_and_quietly(tmp_path):
     env = clean_env(hf_home=tmp_path / "hf")  # not even HF_HUB_OFFLINE: the hub is simply not reachable here
     started = time.monotonic()
-    done = subprocess.run([str(KRONA), "eval", "--images", str(EXAMPLES), "--reference", str(EXAMPLES), "--prompt",
-                           "x", "--clip-model", "openai/clip-vit-base-patch32"], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [
+            str(KRONA),
+            "eval",
+            "--images",
+            str(EXAMPLES),
+            "--reference",
+            str(EXAMPLES),
+            "--prompt",
+            "x",
+            "--clip-model",
+            "openai/clip-vit-base-patch32",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     took = time.monotonic() - started
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "hf download openai/clip-vit-base-patch32" in done.stderr and not CHATTER.search(done.stderr)
@@ -216,6 +327,22 @@ def test_unknown_flags_get_the_closest_one(capsys):
 
 def test_debug_anywhere_and_renamed_flags_still_work(tiny_sd15_dir, tmp_path, capsys):
     assert main(["plan", "--arch", "sd15", "--debug"]) == 0
-    assert main(["sample", "--pretrained-model", str(tiny_sd15_dir), "--prompt", "x", "-n", "1", "--steps", "1",
-                 "--output-dir", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--pretrained-model",
+                str(tiny_sd15_dir),
+                "--prompt",
+                "x",
+                "-n",
+                "1",
+                "--steps",
+                "1",
+                "--output-dir",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     assert "--steps is now --sample-steps" in capsys.readouterr().err

@@ -19,13 +19,13 @@ import pytest
 import torch
 from torch import nn
 
+from krona_cli.architectures import load_model_config
 from krona_cli.formats import Adapter, KronLayer
 from krona_cli.formats.lora import to_lora
 from krona_cli.formats.lycoris import to_lycoris
+from krona_cli.formats.original_layout import unet_path_to_sgm
 from krona_cli.kron import fit_factors, parse_factors
 from krona_cli.pipeline.models import build_meta_components
-from krona_cli.architectures import load_model_config
-from krona_cli.formats.original_layout import unet_path_to_sgm
 
 UNET_CONFIGS = {"sdxl": "sdxl_unet.json", "sd15": "sd15_unet.json"}
 CLIP_LINEARS = {  # module path inside a CLIP layer -> its part of the lora name
@@ -56,8 +56,10 @@ def _real_adapter(arch):
                 continue
             if component != "unet" and not (TEXT_LAYER.match(name) or name == "text_projection"):
                 continue
-            module = name if component == "unet" or name.startswith(("text_model.", "text_projection")) else (
-                "text_model." + name
+            module = (
+                name
+                if component == "unet" or name.startswith(("text_model.", "text_projection"))
+                else ("text_model." + name)
             )
             f = fit_factors(requested, d_out, d_in)
             a, b = torch.randn(f.a_out, f.a_in), torch.randn(d_out // f.a_out, d_in // f.a_in) * 0.01
@@ -84,14 +86,14 @@ def _comfyui_key_map(arch):
     components = build_meta_components(arch)
     config = load_model_config(UNET_CONFIGS[arch])
     key_map = {}
-    for name, param in components["unet"].named_parameters():
+    for name, _param in components["unet"].named_parameters():
         if name.endswith(".weight"):
             module = name.removesuffix(".weight")
             key_map["lora_unet_" + module.replace(".", "_")] = ("unet", module)
             key_map["lora_unet_" + unet_path_to_sgm(module, config).replace(".", "_")] = ("unet", module)
-    text_prefixes = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"} if arch == "sdxl" else {
-        "text_encoder": "lora_te_"
-    }
+    text_prefixes = (
+        {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"} if arch == "sdxl" else {"text_encoder": "lora_te_"}
+    )
     for component, prefix in text_prefixes.items():
         for layer in range(components[component].config.num_hidden_layers):
             for path, part in CLIP_LINEARS.items():

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from krona_cli.cli import main
-from krona_cli.evaluation.compare import PROMPT_SETS, class_noun, parse_sweep, prompt_set
 from krona_cli.errors import KronaError
+from krona_cli.evaluation.compare import PROMPT_SETS, class_noun, parse_sweep, prompt_set
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
 PROMPT = "a photo of sks cat"
@@ -36,13 +36,39 @@ def test_prompt_sets_sweeps_and_class_nouns():
         class_noun("a photo of a dog", "sks")
 
 
+@pytest.mark.slow
 def test_compare_with_a_two_value_sweep_writes_the_report(tiny_sdxl_dir, tmp_path, scorers, capsys):
     clip, dino = scorers
     out = tmp_path / "compare"
-    code = main(["compare", "--config", "tiny", "--pretrained-model", str(tiny_sdxl_dir), "--instance-dir",
-                 str(EXAMPLES), "--prompt", PROMPT, "--class-prompt", "a photo of a cat", "--output-dir", str(out),
-                 "--steps", "4", "--sweep", "lr=1e-3,5e-3", "--num-images", "1", "--sample-steps", "2",
-                 "--clip-model", str(clip), "--dino-model", str(dino)])
+    code = main(
+        [
+            "compare",
+            "--config",
+            "tiny",
+            "--pretrained-model",
+            str(tiny_sdxl_dir),
+            "--instance-dir",
+            str(EXAMPLES),
+            "--prompt",
+            PROMPT,
+            "--class-prompt",
+            "a photo of a cat",
+            "--output-dir",
+            str(out),
+            "--steps",
+            "4",
+            "--sweep",
+            "lr=1e-3,5e-3",
+            "--num-images",
+            "1",
+            "--sample-steps",
+            "2",
+            "--clip-model",
+            str(clip),
+            "--dino-model",
+            str(dino),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     results = json.loads((out / "results.json").read_text())
@@ -65,8 +91,23 @@ def test_compare_with_a_two_value_sweep_writes_the_report(tiny_sdxl_dir, tmp_pat
 def test_eval_scores_a_folder_and_writes_json(tiny_sdxl_dir, tmp_path, scorers, capsys):
     clip, dino = scorers
     output = tmp_path / "metrics.json"
-    code = main(["eval", "--images", str(EXAMPLES), "--reference", str(EXAMPLES), "--prompt", PROMPT,
-                 "--output", str(output), "--clip-model", str(clip), "--dino-model", str(dino)])
+    code = main(
+        [
+            "eval",
+            "--images",
+            str(EXAMPLES),
+            "--reference",
+            str(EXAMPLES),
+            "--prompt",
+            PROMPT,
+            "--output",
+            str(output),
+            "--clip-model",
+            str(clip),
+            "--dino-model",
+            str(dino),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     metrics = json.loads(output.read_text())
     assert metrics["generated"] == metrics["reference"] == 5 and 0 < metrics["clip_i"] <= 1.0 + 1e-6
@@ -74,7 +115,18 @@ def test_eval_scores_a_folder_and_writes_json(tiny_sdxl_dir, tmp_path, scorers, 
 
 def test_eval_without_a_model_names_the_flag(tmp_path, scorers, capsys):
     clip, _ = scorers
-    code = main(["eval", "--images", str(EXAMPLES), "--reference", str(EXAMPLES), "--clip-model", str(clip),
-                 "--dino-model", str(tmp_path / "no-such-dino")])
+    code = main(
+        [
+            "eval",
+            "--images",
+            str(EXAMPLES),
+            "--reference",
+            str(EXAMPLES),
+            "--clip-model",
+            str(clip),
+            "--dino-model",
+            str(tmp_path / "no-such-dino"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--dino-model" in err and "Traceback" not in err

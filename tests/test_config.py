@@ -10,9 +10,9 @@ import typer.rich_utils
 import yaml
 from typer.testing import CliRunner
 
-from krona_cli.training.config import CONFIG_PRESETS, RENAMED, TrainConfig, load_config, with_train_options
-from krona_cli.errors import KronaError
 from krona_cli.architectures import CONFIGS_DIR
+from krona_cli.errors import KronaError
+from krona_cli.training.config import CONFIG_PRESETS, RENAMED, TrainConfig, load_config, with_train_options
 
 DATA = {"instance_dir": "photos", "prompt": "a photo of sks dog"}
 DATA_FLAGS = ("--instance-dir", "photos", "--prompt", "a photo of sks dog")
@@ -41,8 +41,19 @@ def test_defaults_need_only_data():
 
 
 def test_yaml_round_trip_gives_an_equal_config(tmp_path):
-    cfg = load_config(None, {**DATA, "lr": 3e-4, "sample_prompt": ["a", "b: c"], "class_prompt": "yes",
-                             "mixed_precision": "no", "snr_gamma": 5.0, "resolution": 96, "ema": True})
+    cfg = load_config(
+        None,
+        {
+            **DATA,
+            "lr": 3e-4,
+            "sample_prompt": ["a", "b: c"],
+            "class_prompt": "yes",
+            "mixed_precision": "no",
+            "snr_gamma": 5.0,
+            "resolution": 96,
+            "ema": True,
+        },
+    )
     assert list(cfg.to_dict()) == [f.replace("_", "-") for f in FIELDS]
     assert load_config(write(tmp_path, cfg.to_yaml()), {}) == cfg
 
@@ -56,8 +67,12 @@ def test_flags_beat_the_file_and_none_means_not_given(tmp_path):
 def test_yaml_values_are_coerced_to_the_field_types(tmp_path):
     path = write(tmp_path, "instance_dir: photos\nprompt: p\nlr: 1e-4\nscale: 2\nsample-prompt: one prompt\n")
     cfg = load_config(path, {})
-    assert (cfg.instance_dir, cfg.lr, cfg.scale, cfg.sample_prompt) == (str(Path("photos").absolute()), 1e-4, 2.0,
-                                                                        ["one prompt"])
+    assert (cfg.instance_dir, cfg.lr, cfg.scale, cfg.sample_prompt) == (
+        str(Path("photos").absolute()),
+        1e-4,
+        2.0,
+        ["one prompt"],
+    )
     assert isinstance(cfg.scale, float)
 
 
@@ -74,7 +89,9 @@ def test_paths_are_saved_absolute_and_hub_ids_as_given(tmp_path, monkeypatch):
     assert cfg.instance_dir == str(tmp_path / "photos") and cfg.output_dir == str(tmp_path / "out")
     assert cfg.class_dir == str(Path("~/classes").expanduser())
     assert cfg.pretrained_model == "stabilityai/stable-diffusion-xl-base-1.0" and cfg.vae == "madebyollin/sdxl-vae"
-    assert load_config(None, {**DATA, "pretrained_model": "org/model-1.0"}).pretrained_model == str(tmp_path / "org" / "model-1.0")
+    assert load_config(None, {**DATA, "pretrained_model": "org/model-1.0"}).pretrained_model == str(
+        tmp_path / "org" / "model-1.0"
+    )
 
 
 @pytest.mark.parametrize("name", CONFIG_PRESETS)
@@ -121,8 +138,14 @@ def test_top_level_must_be_a_mapping(tmp_path):
 
 @pytest.mark.parametrize(
     "key, suggestion",
-    [("lerning-rate", "lr"), ("learning_rate", "lr"), ("stpes", "steps"), ("max-train-steps", "steps"),
-     ("instance-data-dir", "instance-dir"), ("factor", "factors")],
+    [
+        ("lerning-rate", "lr"),
+        ("learning_rate", "lr"),
+        ("stpes", "steps"),
+        ("max-train-steps", "steps"),
+        ("instance-data-dir", "instance-dir"),
+        ("factor", "factors"),
+    ],
 )
 def test_unknown_key_suggests_the_closest(tmp_path, key, suggestion):
     message = error(write(tmp_path, f"{key}: 1\n"))
@@ -143,13 +166,15 @@ def test_the_same_key_twice_is_an_error(tmp_path):
 
 @pytest.mark.parametrize(
     "line, message",
-    [("steps: abc", "'steps' in run.yaml must be an integer, got 'abc'"),
-     ("steps: 2.5", "'steps' in run.yaml must be an integer, got 2.5"),
-     ("lr: fast", "'lr' in run.yaml must be a number, got 'fast'"),
-     ("center-crop: 'yes'", "'center-crop' in run.yaml must be true or false, got 'yes'"),
-     ("mixed-precision: no", "'mixed-precision' in run.yaml must be a string (quote it"),
-     ("sample-prompt: [a, 1]", "'sample-prompt' in run.yaml must be a string or a list of strings"),
-     ("steps:", "'steps' in run.yaml cannot be empty")],
+    [
+        ("steps: abc", "'steps' in run.yaml must be an integer, got 'abc'"),
+        ("steps: 2.5", "'steps' in run.yaml must be an integer, got 2.5"),
+        ("lr: fast", "'lr' in run.yaml must be a number, got 'fast'"),
+        ("center-crop: 'yes'", "'center-crop' in run.yaml must be true or false, got 'yes'"),
+        ("mixed-precision: no", "'mixed-precision' in run.yaml must be a string (quote it"),
+        ("sample-prompt: [a, 1]", "'sample-prompt' in run.yaml must be a string or a list of strings"),
+        ("steps:", "'steps' in run.yaml cannot be empty"),
+    ],
 )
 def test_wrong_types_name_the_key(tmp_path, line, message):
     assert error(write(tmp_path, line + "\n")).startswith(message)
@@ -161,31 +186,36 @@ def test_wrong_override_types_name_the_flag():
 
 @pytest.mark.parametrize(
     "field, value, message",
-    [("lr_scheduler", "cosin", "--lr-scheduler must be one of constant, constant_with_warmup, cosine, linear, "
-                               "polynomial; got 'cosin'"),
-     ("adapter_type", "loha", "--adapter-type must be one of kron, lora"),
-     ("targets", "text", "--train-text-encoder"),
-     ("optimizer", "sgd", "--optimizer must be one of"),
-     ("mixed_precision", "fp8", "--mixed-precision must be one of"),
-     ("report_to", "comet", "--report-to must be one of"),
-     ("steps", 0, "--steps must be at least 1; got 0"),
-     ("batch_size", 0, "--batch-size must be at least 1"),
-     ("grad_accum", 0, "--grad-accum must be at least 1"),
-     ("repeats", 0, "--repeats must be at least 1"),
-     ("num_class_images", -1, "--num-class-images must be at least 0"),
-     ("rank", 0, "--rank must be at least 1"),
-     ("sample_images", 0, "--sample-images must be at least 1"),
-     ("lr", 0.0, "--lr must be greater than 0"),
-     ("text_encoder_lr", -1.0, "--text-encoder-lr must be greater than 0"),
-     ("ema_decay", 1.0, "--ema-decay must be less than 1"),
-     ("ema_decay", 0.0, "--ema-decay must be greater than 0"),
-     ("resolution", 100, "--resolution must be a multiple of 8"),
-     ("resolution", 0, "--resolution must be at least 8"),
-     ("factors", "64by4", "--factors: factors '64by4' are not of the form OxI"),
-     ("text_encoder_factors", "0x4", "--text-encoder-factors: factors '0x4' must be positive"),
-     ("targets", "to_(q", "--targets: targets 'to_(q' is neither a preset"),
-     ("instance_dir", None, "--instance-dir is required"),
-     ("prompt", " ", "--prompt is required")],
+    [
+        (
+            "lr_scheduler",
+            "cosin",
+            "--lr-scheduler must be one of constant, constant_with_warmup, cosine, linear, polynomial; got 'cosin'",
+        ),
+        ("adapter_type", "loha", "--adapter-type must be one of kron, lora"),
+        ("targets", "text", "--train-text-encoder"),
+        ("optimizer", "sgd", "--optimizer must be one of"),
+        ("mixed_precision", "fp8", "--mixed-precision must be one of"),
+        ("report_to", "comet", "--report-to must be one of"),
+        ("steps", 0, "--steps must be at least 1; got 0"),
+        ("batch_size", 0, "--batch-size must be at least 1"),
+        ("grad_accum", 0, "--grad-accum must be at least 1"),
+        ("repeats", 0, "--repeats must be at least 1"),
+        ("num_class_images", -1, "--num-class-images must be at least 0"),
+        ("rank", 0, "--rank must be at least 1"),
+        ("sample_images", 0, "--sample-images must be at least 1"),
+        ("lr", 0.0, "--lr must be greater than 0"),
+        ("text_encoder_lr", -1.0, "--text-encoder-lr must be greater than 0"),
+        ("ema_decay", 1.0, "--ema-decay must be less than 1"),
+        ("ema_decay", 0.0, "--ema-decay must be greater than 0"),
+        ("resolution", 100, "--resolution must be a multiple of 8"),
+        ("resolution", 0, "--resolution must be at least 8"),
+        ("factors", "64by4", "--factors: factors '64by4' are not of the form OxI"),
+        ("text_encoder_factors", "0x4", "--text-encoder-factors: factors '0x4' must be positive"),
+        ("targets", "to_(q", "--targets: targets 'to_(q' is neither a preset"),
+        ("instance_dir", None, "--instance-dir is required"),
+        ("prompt", " ", "--prompt is required"),
+    ],
 )
 def test_validation_errors_name_the_flag(field, value, message):
     cfg = dataclasses.replace(TrainConfig(**DATA), **{field: value})
@@ -213,10 +243,24 @@ def test_config_hash_covers_the_run_not_its_outputs():
     base = TrainConfig(**DATA)
     digest = base.config_hash()
     assert re.fullmatch(r"[0-9a-f]{64}", digest) and TrainConfig(**DATA).config_hash() == digest
-    same = dict(output_dir="elsewhere", resume="latest", dry_run=True, overwrite=True, sample_prompt=["x"],
-                sample_every=1, report_to="none", checkpoint_every=1, keep_checkpoints=0, lr=5e-4,
-                steps=5000, gradient_checkpointing=True, cache_latents=False, class_batch_size=1,
-                batch_size=4, grad_accum=2)
+    same = dict(
+        output_dir="elsewhere",
+        resume="latest",
+        dry_run=True,
+        overwrite=True,
+        sample_prompt=["x"],
+        sample_every=1,
+        report_to="none",
+        checkpoint_every=1,
+        keep_checkpoints=0,
+        lr=5e-4,
+        steps=5000,
+        gradient_checkpointing=True,
+        cache_latents=False,
+        class_batch_size=1,
+        batch_size=4,
+        grad_accum=2,
+    )
     assert dataclasses.replace(base, **same).config_hash() == digest
     for change in ({"mixed_precision": "bf16"}, {"factors": "8x4"}, {"seed": 1}, {"prompt": "other"}, {"lr": 1e-3}):
         assert dataclasses.replace(base, **change).config_hash() != digest, change
@@ -255,14 +299,30 @@ def test_help_lists_every_flag(cli):
     for name in FIELDS:
         flag = "--" + name.replace("_", "-")
         assert re.search(rf"{flag}\b(?!-)", result.output), flag
-    for flag in ("--config", "--no-cache-latents", "--no-train-text-encoder", "[default: (1000)]",
-                 "[default: (1024 for SDXL, 512 otherwise)]", "One of: no, fp16, bf16"):
+    for flag in (
+        "--config",
+        "--no-cache-latents",
+        "--no-train-text-encoder",
+        "[default: (1000)]",
+        "[default: (1024 for SDXL, 512 otherwise)]",
+        "One of: no, fp16, bf16",
+    ):
         assert flag in result.output, flag
 
 
 def test_flags_reach_the_command_typed_and_absent_ones_as_none(cli):
-    result, seen = cli(*DATA_FLAGS, "--steps", "5", "--no-cache-latents", "--sample-prompt", "a",
-                       "--sample-prompt", "b", "--lr", "1e-3")
+    result, seen = cli(
+        *DATA_FLAGS,
+        "--steps",
+        "5",
+        "--no-cache-latents",
+        "--sample-prompt",
+        "a",
+        "--sample-prompt",
+        "b",
+        "--lr",
+        "1e-3",
+    )
     assert result.exit_code == 0, result.output
     assert seen["steps"] == 5 and type(seen["steps"]) is int
     assert seen["cache_latents"] is False and seen["sample_prompt"] == ["a", "b"] and seen["lr"] == 1e-3

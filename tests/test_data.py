@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from krona_cli.errors import KronaError
 from krona_cli.training import images
 from krona_cli.training.data import ImageSet, prepare_image
 from krona_cli.training.images import load_image, read_caption, scan_images
-from krona_cli.errors import KronaError
 
 
 def save(path, image, **kwargs):
@@ -31,6 +31,7 @@ def expected_pixels(image):
 
 
 # --- scanning folders -------------------------------------------------------------------------------------------------
+
 
 def test_scan_images_sorts_images_and_lists_skipped_files(tmp_path):
     save(tmp_path / "b.png", noise(4, 4))
@@ -65,6 +66,7 @@ def test_scan_images_folder_without_images_names_the_flag(tmp_path):
 
 # --- reading images ---------------------------------------------------------------------------------------------------
 
+
 def palette_with_transparency():
     image = Image.new("P", (2, 1))
     image.putpalette([255, 0, 0, 0, 0, 255])  # index 0 red (made transparent on save), index 1 blue
@@ -78,13 +80,25 @@ MODES = [  # (mode as reopened, image, save options, expected RGB of each pixel 
     ("P", palette_with_transparency(), {"transparency": 0}, [(255,) * 3, (0, 0, 255)]),
     ("L", Image.frombytes("L", (2, 1), bytes([77, 200])), {}, [(77,) * 3, (200,) * 3]),
     ("1", Image.frombytes("L", (2, 1), bytes([0, 255])).convert("1"), {}, [(0,) * 3, (255,) * 3]),
-    ("CMYK", Image.frombytes("CMYK", (2, 1), bytes([0, 0, 0, 0, 0, 255, 255, 0])), {"format": "TIFF"},
-     [(255,) * 3, (255, 0, 0)]),
+    (
+        "CMYK",
+        Image.frombytes("CMYK", (2, 1), bytes([0, 0, 0, 0, 0, 255, 255, 0])),
+        {"format": "TIFF"},
+        [(255,) * 3, (255, 0, 0)],
+    ),
     ("I;16", Image.fromarray(np.array([[25700, 65535, 0]], np.uint16)), {}, [(100,) * 3, (255,) * 3, (0,) * 3]),
-    ("I", Image.fromarray(np.array([[-5, 25700, 100000]], np.int32)), {"format": "TIFF"},
-     [(0,) * 3, (100,) * 3, (255,) * 3]),
-    ("F", Image.fromarray(np.array([[0.0, 0.5, 1.0, 2.0]], np.float32)), {"format": "TIFF"},
-     [(0,) * 3, (64,) * 3, (128,) * 3, (255,) * 3]),  # max > 1: scaled by the range 0..2
+    (
+        "I",
+        Image.fromarray(np.array([[-5, 25700, 100000]], np.int32)),
+        {"format": "TIFF"},
+        [(0,) * 3, (100,) * 3, (255,) * 3],
+    ),
+    (
+        "F",
+        Image.fromarray(np.array([[0.0, 0.5, 1.0, 2.0]], np.float32)),
+        {"format": "TIFF"},
+        [(0,) * 3, (64,) * 3, (128,) * 3, (255,) * 3],
+    ),  # max > 1: scaled by the range 0..2
 ]
 
 
@@ -132,10 +146,15 @@ def test_load_image_truncated_or_corrupt_file_is_named(tmp_path):
 
 def png_header_only(width, height):
     """The start of a PNG of the given size: enough for Pillow to read its size, no pixel data to decode."""
+
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
-        chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+    )
 
 
 def test_load_image_refuses_decompression_bombs(tmp_path, monkeypatch):
@@ -150,6 +169,7 @@ def test_load_image_refuses_decompression_bombs(tmp_path, monkeypatch):
 
 
 # --- captions ---------------------------------------------------------------------------------------------------------
+
 
 def test_read_caption_from_sidecar_or_default(tmp_path):
     image = tmp_path / "dog.jpg"
@@ -169,6 +189,7 @@ def test_read_caption_that_is_not_utf8_is_named(tmp_path):
 
 
 # --- transforms -------------------------------------------------------------------------------------------------------
+
 
 def test_prepare_image_center_crop_landscape():
     image = noise(80, 50)  # w × h; at 32 the short side 50 -> 32, the long side int(80 * 32 / 50) = int(51.2) = 51
@@ -211,6 +232,7 @@ def test_random_flip_mirrors_the_pixels():
 
 
 # --- ImageSet ---------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture()
 def folder(tmp_path):

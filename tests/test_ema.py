@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from krona_cli.training.ema import EMA
 from krona_cli.errors import KronaError
+from krona_cli.training.ema import EMA
 
 
 def make_params(seed=0, dtype=torch.float32):

@@ -1,4 +1,5 @@
-"""`krona export`: one adapter written as native, LyCORIS LoKr or LoRA, and read back by `inspect` and `load_adapter`."""
+"""`krona export`: one adapter written as native, LyCORIS LoKr or LoRA, and read back by `inspect` and
+`load_adapter`."""
 
 import json
 
@@ -41,8 +42,24 @@ def test_export_to_lycoris_and_back_to_native_is_exact(adapter_path, tmp_path):
 
 def test_export_to_lora_reports_the_error_it_makes(adapter_path, tmp_path, capsys):
     out, report = tmp_path / "dog-lora.safetensors", tmp_path / "dog-lora.json"
-    assert main(["export", "--adapter", str(adapter_path), "--to", "lora", "--rank", "4", "--output", str(out),
-                 "--report", str(report)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--adapter",
+                str(adapter_path),
+                "--to",
+                "lora",
+                "--rank",
+                "4",
+                "--output",
+                str(out),
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "LoRA rank 4" in printed and "relative error" in printed
     lora = load_adapter(out)
@@ -69,7 +86,9 @@ def test_export_errors(adapter_path, tmp_path, capsys):
     lora = tmp_path / "l.safetensors"
     assert main(["export", "--adapter", str(adapter_path), "--to", "lora", "--output", str(lora)]) == 2
     assert "--rank" in capsys.readouterr().err
-    assert main(["export", "--adapter", str(adapter_path), "--to", "lycoris", "--rank", "4", "--output", str(lora)]) == 2
+    assert (
+        main(["export", "--adapter", str(adapter_path), "--to", "lycoris", "--rank", "4", "--output", str(lora)]) == 2
+    )
     assert "only apply" in capsys.readouterr().err
     assert main(["export", "--adapter", str(adapter_path), "--to", "onnx", "--output", str(lora)]) == 2
     assert "native, lycoris, lora" in capsys.readouterr().err
@@ -83,8 +102,8 @@ def test_export_errors(adapter_path, tmp_path, capsys):
 
 def test_export_to_lora_writes_kohya_keys_unless_asked_for_peft(adapter_path, tmp_path):
     from krona_cli.errors import KronaError
-    from krona_cli.inference.export import export_adapter
     from krona_cli.formats import read_safetensors
+    from krona_cli.inference.export import export_adapter
 
     q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     kohya, peft = tmp_path / "kohya.safetensors", tmp_path / "peft.safetensors"

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from helpers import random_adapter, relayout
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from helpers import random_adapter, relayout
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
@@ -21,10 +21,10 @@ from krona_cli.errors import KronaError
 from krona_cli.formats import canonical_name, read_safetensors
 from krona_cli.formats.adapter import LAYOUT_DIFFUSEKRONA, Adapter, DiffuseKronALayer, KronLayer
 from krona_cli.formats.adapter import LoraLayer as KronaLoraLayer
-from krona_cli.formats.lora import from_lora, is_lora, save_lora, to_lora
 from krona_cli.formats.kohya_names import encode_path
-from krona_cli.kron.functional import diffusekrona_delta
+from krona_cli.formats.lora import from_lora, is_lora, save_lora, to_lora
 from krona_cli.inference.merge import pipeline_components
+from krona_cli.kron.functional import diffusekrona_delta
 from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -124,8 +124,11 @@ def _check_diffusers_load(adapter, pipeline_cls, pipe_dir, path, rank, layout):
     sdxl = "text_encoder_2" in adapter.layers
     for (component, module), delta in changed.items():
         if layout == "kohya":
-            name = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
-                    "text_encoder_2": "lora_te2_"}[component] + encode_path(module)
+            name = {
+                "unet": "lora_unet_",
+                "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+                "text_encoder_2": "lora_te2_",
+            }[component] + encode_path(module)
             down, up = written[f"{name}.lora_down.weight"], written[f"{name}.lora_up.weight"]
             assert written[f"{name}.alpha"].item() == down.shape[0]
         else:
@@ -388,24 +391,34 @@ UQ = f"unet.{Q}"
     "tensors, message",
     [
         (
-            {"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(4, 16, 3, 3),
-             "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(16, 4, 1, 1)},
+            {
+                "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(4, 16, 3, 3),
+                "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(16, 4, 1, 1),
+            },
             "conv LoRA weight",
         ),
         ({f"{UQ}.lora_A.weight": torch.zeros(4, 32, 1, 1), f"{UQ}.lora_B.weight": torch.zeros(32, 4, 1, 1)}, "conv"),
         (
-            {f"{UQ}.lora_A.weight": torch.zeros(4, 32), f"{UQ}.lora_B.weight": torch.zeros(32, 4),
-             f"{UQ}.lora_magnitude_vector": torch.ones(32)},
+            {
+                f"{UQ}.lora_A.weight": torch.zeros(4, 32),
+                f"{UQ}.lora_B.weight": torch.zeros(32, 4),
+                f"{UQ}.lora_magnitude_vector": torch.ones(32),
+            },
             "DoRA",
         ),
         (
-            {f"{KQ}.lora_down.weight": torch.zeros(4, 32), f"{KQ}.lora_up.weight": torch.zeros(32, 4),
-             f"{KQ}.dora_scale": torch.ones(1, 32)},
+            {
+                f"{KQ}.lora_down.weight": torch.zeros(4, 32),
+                f"{KQ}.lora_up.weight": torch.zeros(32, 4),
+                f"{KQ}.dora_scale": torch.ones(1, 32),
+            },
             "DoRA",
         ),
         (  # kohya's SDXL conv LoRA (LoCon), SGM-named: read as the resnet's conv1, refused as conv
-            {"lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight": torch.zeros(4, 320, 3, 3),
-             "lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight": torch.zeros(320, 4, 1, 1)},
+            {
+                "lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight": torch.zeros(4, 320, 3, 3),
+                "lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight": torch.zeros(320, 4, 1, 1),
+            },
             "input_blocks_1_0_in_layers_2.lora_down.weight' of shape \\(4, 320, 3, 3\\), a conv LoRA weight",
         ),
         (  # SDXL's input_blocks.1 is a resnet alone: no attention there
@@ -415,8 +428,11 @@ UQ = f"unet.{Q}"
         ({f"{UQ}.lora_A.weight": torch.zeros(4, 32)}, "no up weight"),
         ({f"{UQ}.lora_A.weight": torch.zeros(4, 32), f"{UQ}.lora_B.weight": torch.zeros(32, 3)}, "do not multiply"),
         (
-            {f"{UQ}.lora_A.weight": torch.zeros(4, 32), f"{UQ}.lora_B.weight": torch.zeros(32, 4),
-             f"{UQ}.lora_B.bias": torch.zeros(32)},
+            {
+                f"{UQ}.lora_A.weight": torch.zeros(4, 32),
+                f"{UQ}.lora_B.weight": torch.zeros(32, 4),
+                f"{UQ}.lora_B.bias": torch.zeros(32),
+            },
             f"'{UQ}.lora_B.bias', which krona does not read",
         ),
         ({f"{KQ}.lokr_w1": torch.zeros(4, 4)}, f"'{KQ}.lokr_w1', which krona does not read"),

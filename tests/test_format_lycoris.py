@@ -14,9 +14,9 @@ from krona_cli.errors import KronaError
 from krona_cli.formats import DiffuseKronALayer, attach, canonical_name, load_adapter, read_safetensors, save_adapter
 from krona_cli.formats.kohya_names import decode_path, encode_path
 from krona_cli.formats.lycoris import from_lycoris, is_lycoris, save_lycoris, to_lycoris
+from krona_cli.inference.merge import pipeline_components
 from krona_cli.kron import adapted_layers, find_targets
 from krona_cli.pipeline.models import build_meta_components
-from krona_cli.inference.merge import pipeline_components
 from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 TE_PREFIXES = {

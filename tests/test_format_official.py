@@ -17,8 +17,8 @@ from torch import nn
 
 from krona_cli.errors import KronaError
 from krona_cli.formats import attach, read_safetensors
-from krona_cli.formats.native import module_name
 from krona_cli.formats.adapter import LAYOUT_DIFFUSEKRONA, DiffuseKronALayer
+from krona_cli.formats.native import module_name
 from krona_cli.formats.official import from_official, is_official
 from krona_cli.kron.functional import diffusekrona_delta
 from krona_cli.pipeline.tiny import build_tiny_pipeline
@@ -86,9 +86,7 @@ def test_diffusekrona_delta_elementwise(d_out, d_in, a1, a2):
     b = torch.randn(b1, b2, dtype=torch.float64, generator=gen)
     delta = diffusekrona_delta(a, b)
     # Every (p, q, i, j) at once, by index arithmetic: ΔW[p·a1 + q, i·b2 + j] = B[p, j] · A[q, i].
-    p, q, i, j = torch.meshgrid(
-        torch.arange(b1), torch.arange(a1), torch.arange(a2), torch.arange(b2), indexing="ij"
-    )
+    p, q, i, j = torch.meshgrid(torch.arange(b1), torch.arange(a1), torch.arange(a2), torch.arange(b2), indexing="ij")
     assert torch.equal(delta[p * a1 + q, i * b2 + j], b[p, j] * a[q, i])
     # Spot checks written out by hand.
     assert delta[0, 0] == b[0, 0] * a[0, 0]

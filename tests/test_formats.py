@@ -54,7 +54,9 @@ def test_native_keys_and_metadata(adapter_file):
     assert meta["base_model"] == "tiny-sdxl" and meta["architecture"] == "sdxl" and meta["scale"] == 0.8
     assert meta["targets"]["unet"] == "attn" and meta["training"] == {"steps": 10, "lr": 5e-4}
     assert meta["factors"]["unet"]["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"] == "4x4"
-    assert len(meta["factors"]["unet"]) * 2 + sum(len(v) * 2 for k, v in meta["factors"].items() if k != "unet") == len(keys)
+    assert len(meta["factors"]["unet"]) * 2 + sum(len(v) * 2 for k, v in meta["factors"].items() if k != "unet") == len(
+        keys
+    )
 
 
 def test_round_trip_gives_the_same_outputs(adapter_file):
@@ -62,7 +64,9 @@ def test_round_trip_gives_the_same_outputs(adapter_file):
     adapter = _trained(source)
     target = build_tiny_pipeline("sdxl")
     loaded = load_adapter(adapter_file)
-    names = attach({"unet": target.unet, "text_encoder": target.text_encoder, "text_encoder_2": target.text_encoder_2}, loaded)
+    names = attach(
+        {"unet": target.unet, "text_encoder": target.text_encoder, "text_encoder_2": target.text_encoder_2}, loaded
+    )
     assert set(names["unet"]) == set(adapter.layers["unet"])
     ids = torch.tensor([[49, 50, 51, 52]]) % target.text_encoder.config.vocab_size
     with torch.no_grad():
@@ -77,7 +81,11 @@ def test_fp16_save_and_scale_override(tmp_path, adapter_file):
     path = save_adapter(tmp_path / "half.safetensors", adapter, dtype="fp16")
     assert describe(path)["dtype"] == ["float16"]
     pipe = build_tiny_pipeline("sdxl")
-    attach({"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}, load_adapter(path), scale=0.0)
+    attach(
+        {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2},
+        load_adapter(path),
+        scale=0.0,
+    )
     assert all(layer.scale == 0.0 for layer in adapted_layers(pipe.unet).values())
     with pytest.raises(KronaError, match="dtype"):
         save_adapter(tmp_path / "x.safetensors", adapter, dtype="int8")

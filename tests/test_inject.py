@@ -87,7 +87,9 @@ def test_freshly_injected_model_output_equals_base(tiny_sdxl_unet):
     kwargs = dict(
         encoder_hidden_states=torch.randn(1, 7, unet.config.cross_attention_dim),
         added_cond_kwargs={
-            "text_embeds": torch.randn(1, unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim),
+            "text_embeds": torch.randn(
+                1, unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            ),
             "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]),
         },
     )

@@ -8,16 +8,16 @@ from helpers import random_adapter
 from safetensors.torch import save_file
 from torch import nn
 
+from krona_cli.architectures import load_model_config
 from krona_cli.errors import KronaError
-from krona_cli.inference.export import export_adapter
 from krona_cli.formats import describe, load_adapter, read_safetensors
 from krona_cli.formats.kohya_names import encode_path
 from krona_cli.formats.lora import from_lora, to_lora
 from krona_cli.formats.lycoris import from_lycoris, to_lycoris
+from krona_cli.formats.original_layout import unet_path_to_sgm
+from krona_cli.inference.export import export_adapter
 from krona_cli.inference.merge import bake, pipeline_components
 from krona_cli.pipeline.models import build_component
-from krona_cli.architectures import load_model_config
-from krona_cli.formats.original_layout import unet_path_to_sgm
 from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 TE = "text_model.encoder.layers.{}.self_attn.q_proj"
@@ -27,8 +27,17 @@ def _chosen_sdxl_modules():
     """Every attention linear of the real SDXL UNet, every resnet time projection (SGM `emb_layers_1`), proj_in and
     proj_out, feed-forward, and the time and label embeddings (SGM `time_embed`, `label_emb`): {module: shape}."""
     unet = build_component("sdxl", "unet")
-    wanted = (".to_q", ".to_k", ".to_v", ".to_out.0", ".time_emb_proj", ".proj_in", ".proj_out", ".ff.net.0.proj",
-              ".ff.net.2")
+    wanted = (
+        ".to_q",
+        ".to_k",
+        ".to_v",
+        ".to_out.0",
+        ".time_emb_proj",
+        ".proj_in",
+        ".proj_out",
+        ".ff.net.0.proj",
+        ".ff.net.2",
+    )
     return {
         name: tuple(m.weight.shape)
         for name, m in unet.named_modules()
@@ -44,8 +53,10 @@ def _sgm_name(module, config):
 def _kohya_sgm_files(modules, config):
     """A LoKr and a LoRA file's tensors, SGM-named as kohya writes them, plus a layer of each SDXL text encoder."""
     lokr, lora = {}, {}
-    names = [_sgm_name(m, config) for m in modules] + ["lora_te1_" + encode_path(TE.format(0)),
-                                                      "lora_te2_" + encode_path(TE.format(31))]
+    names = [_sgm_name(m, config) for m in modules] + [
+        "lora_te1_" + encode_path(TE.format(0)),
+        "lora_te2_" + encode_path(TE.format(31)),
+    ]
     for i, name in enumerate(names):
         lokr[f"{name}.lokr_w1"] = torch.full((1, 1), float(i + 1))
         lokr[f"{name}.lokr_w2"] = torch.ones(1, 2)
@@ -172,8 +183,10 @@ def test_sd1_files_are_numbered_with_the_sd15_unet():
     name = _sgm_name(module, config)
     assert name == "lora_unet_input_blocks_2_1_transformer_blocks_0_attn2_to_k"
     one = {f"{name}.lokr_w1": torch.ones(1, 1), f"{name}.lokr_w2": torch.ones(2, 2)}
-    te = {"lora_te_" + encode_path(TE.format(0)) + ".lokr_w1": torch.ones(1, 1),
-          "lora_te_" + encode_path(TE.format(0)) + ".lokr_w2": torch.ones(2, 2)}
+    te = {
+        "lora_te_" + encode_path(TE.format(0)) + ".lokr_w1": torch.ones(1, 1),
+        "lora_te_" + encode_path(TE.format(0)) + ".lokr_w2": torch.ones(2, 2),
+    }
     # by kohya's base model version, or by the one text encoder's prefix
     assert set(from_lycoris(one, {"ss_base_model_version": "sd_v1"}, "x").layers["unet"]) == {module}
     assert set(from_lycoris(one | te, {}, "x").layers["unet"]) == {module}
@@ -191,10 +204,23 @@ def test_cli_merge_numbers_sgm_layers_by_the_given_base(tiny_sdxl_dir, tmp_path)
     tensors, metadata = to_lycoris(random_adapter("sdxl", scale=0.5, seed=11))
     metadata = {k: v for k, v in metadata.items() if k != "krona"}
     save_file(tensors, str(tmp_path / "plain.safetensors"), metadata=metadata)
-    save_file(_to_sgm(tensors, build_tiny_pipeline("sdxl").unet.config), str(tmp_path / "sgm.safetensors"),
-              metadata=metadata)
+    save_file(
+        _to_sgm(tensors, build_tiny_pipeline("sdxl").unet.config), str(tmp_path / "sgm.safetensors"), metadata=metadata
+    )
     for name in ("plain", "sgm"):
-        assert main(["merge", "--adapter", str(tmp_path / f"{name}.safetensors"), "--pretrained-model",
-                     str(tiny_sdxl_dir), "--output-dir", str(tmp_path / f"merged-{name}")]) == 0
+        assert (
+            main(
+                [
+                    "merge",
+                    "--adapter",
+                    str(tmp_path / f"{name}.safetensors"),
+                    "--pretrained-model",
+                    str(tiny_sdxl_dir),
+                    "--output-dir",
+                    str(tmp_path / f"merged-{name}"),
+                ]
+            )
+            == 0
+        )
     plain, sgm = (load_pipeline(str(tmp_path / f"merged-{name}"))[0].unet.state_dict() for name in ("plain", "sgm"))
     assert all(torch.equal(plain[k], sgm[k]) for k in plain)

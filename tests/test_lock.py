@@ -11,8 +11,12 @@ import pytest
 from krona_cli.errors import KronaError
 from krona_cli.lock import OutputLock, lock_path
 
-HOLD = "import sys, time; from krona_cli.lock import OutputLock\nwith OutputLock(sys.argv[1], 'krona test'):\n" \
-       "    print('held', flush=True); time.sleep(60)\n"
+pytestmark = pytest.mark.subprocess  # every test here starts krona or Python processes
+
+HOLD = (
+    "import sys, time; from krona_cli.lock import OutputLock\nwith OutputLock(sys.argv[1], 'krona test'):\n"
+    "    print('held', flush=True); time.sleep(60)\n"
+)
 
 
 def test_a_live_holder_stops_the_next_command(tmp_path):

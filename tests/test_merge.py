@@ -8,8 +8,8 @@ import torch
 from krona_cli.cli import main
 from krona_cli.errors import KronaError
 from krona_cli.formats import collect_adapter, load_adapter, save_adapter, save_lycoris
-from krona_cli.kron import adapted_layers, inject, remove
 from krona_cli.inference.merge import bake, parse_adapter_spec, pipeline_components
+from krona_cli.kron import adapted_layers, inject, remove
 from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 
@@ -36,8 +36,12 @@ def adapter_path(tiny_sdxl_dir, tmp_path_factory):
 
 @pytest.mark.parametrize(
     "spec,expected",
-    [("dog.safetensors", ("dog.safetensors", 1.0)), ("dog.safetensors:0.8", ("dog.safetensors", 0.8)),
-     ("/a:b/dog.safetensors:0", ("/a:b/dog.safetensors", 0.0)), ("C:/x.safetensors", ("C:/x.safetensors", 1.0))],
+    [
+        ("dog.safetensors", ("dog.safetensors", 1.0)),
+        ("dog.safetensors:0.8", ("dog.safetensors", 0.8)),
+        ("/a:b/dog.safetensors:0", ("/a:b/dog.safetensors", 0.0)),
+        ("C:/x.safetensors", ("C:/x.safetensors", 1.0)),
+    ],
 )
 def test_parse_adapter_spec(spec, expected):
     assert parse_adapter_spec(spec) == expected
@@ -101,7 +105,9 @@ def test_merge_fp16_and_never_replacing_what_krona_did_not_write(adapter_path, t
     assert main(["merge", "--adapter", str(adapter_path), "--output-dir", str(out), "--dtype", "fp16"]) == 0
     assert main(["merge", "--adapter", str(adapter_path), "--output-dir", str(out), "--dtype", "fp16"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["merge", "--adapter", str(adapter_path), "--output-dir", str(out), "--dtype", "fp16", "--overwrite"]) == 0
+    assert (
+        main(["merge", "--adapter", str(adapter_path), "--output-dir", str(out), "--dtype", "fp16", "--overwrite"]) == 0
+    )
     from safetensors import safe_open
 
     with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
@@ -110,8 +116,17 @@ def test_merge_fp16_and_never_replacing_what_krona_did_not_write(adapter_path, t
 
 
 def test_merging_into_another_architecture_names_the_layer(adapter_path, tiny_sd15_dir, tmp_path, capsys):
-    code = main(["merge", "--adapter", str(adapter_path), "--pretrained-model", str(tiny_sd15_dir),
-                 "--output-dir", str(tmp_path / "x")])
+    code = main(
+        [
+            "merge",
+            "--adapter",
+            str(adapter_path),
+            "--pretrained-model",
+            str(tiny_sd15_dir),
+            "--output-dir",
+            str(tmp_path / "x"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "made for sdxl, the base model is sd15" in err and "Traceback" not in err
     assert "the adapter's update is" in err or "is not in the base model" in err
@@ -134,6 +149,18 @@ def test_missing_base_model(tmp_path, capsys):
     path = save_adapter(tmp_path / "a.safetensors", collect_adapter({"unet": pipe.unet}))
     assert main(["merge", "--adapter", str(path), "--output-dir", str(tmp_path / "o")]) == 2
     assert "--pretrained-model" in capsys.readouterr().err
-    assert main(["merge", "--adapter", str(path), "--pretrained-model", str(tmp_path / "nope"),
-                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "merge",
+                "--adapter",
+                str(path),
+                "--pretrained-model",
+                str(tmp_path / "nope"),
+                "--output-dir",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err

@@ -38,8 +38,8 @@ def models(folders):
 @pytest.fixture(scope="module")
 def direct():
     """The in-memory tiny models, called directly: (image embedding fns, text embedding fn), normalised by hand."""
-    from krona_cli.training.images import load_image
     from krona_cli.pipeline.tiny import build_tiny_clip, build_tiny_dino
+    from krona_cli.training.images import load_image
 
     clip, clip_processor, tokenizer = build_tiny_clip(0)
     dino, dino_processor = build_tiny_dino(0)
@@ -115,9 +115,11 @@ def test_the_same_single_image_scores_one(models):
 def test_clip_t_reads_png_prompts_and_drops_the_identifier(models, direct, tmp_path):
     clip, _ = models
     clip_images, _, clip_texts = direct
-    pngs = [_png(tmp_path / "p00-s0.png", EXAMPLES[0], "a photo of sks cat on the moon"),
-            _png(tmp_path / "p01-s0.png", EXAMPLES[1], "a Sks cat, sks, in the snow"),
-            _png(tmp_path / "p02-s0.png", EXAMPLES[2], None)]
+    pngs = [
+        _png(tmp_path / "p00-s0.png", EXAMPLES[0], "a photo of sks cat on the moon"),
+        _png(tmp_path / "p01-s0.png", EXAMPLES[1], "a Sks cat, sks, in the snow"),
+        _png(tmp_path / "p02-s0.png", EXAMPLES[2], None),
+    ]
     assert read_prompt(pngs[0]) == "a photo of sks cat on the moon"
     assert read_prompt(pngs[2]) is None and read_prompt(EXAMPLES[0]) is None  # no chunk; a JPEG
     with pytest.raises(KronaError, match="cannot read image"):
@@ -139,8 +141,15 @@ def test_clip_t_reads_png_prompts_and_drops_the_identifier(models, direct, tmp_p
 def test_batches_and_progress(models):
     clip, dino = models
     calls = []
-    small = evaluate(EXAMPLES[:3], EXAMPLES[3:5], ["a sks cat"], clip=clip, dino=dino, batch_size=2,
-                     progress=lambda done, total: calls.append((done, total)))
+    small = evaluate(
+        EXAMPLES[:3],
+        EXAMPLES[3:5],
+        ["a sks cat"],
+        clip=clip,
+        dino=dino,
+        batch_size=2,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     whole = evaluate(EXAMPLES[:3], EXAMPLES[3:5], ["a sks cat"], clip=clip, dino=dino, batch_size=16)
     assert calls == [(2, 5), (3, 5), (5, 5)]  # generated in batches of two, then the references
     for key in ("clip_i", "clip_t", "dino"):
@@ -189,9 +198,19 @@ def test_unloadable_models_name_their_flags(folders, tmp_path):
     a_file.write_bytes(b"not a model")
     empty = tmp_path / "empty"
     empty.mkdir()
-    for load, flag, wrong in ((Embedder.clip, "--clip-model", dino_folder), (Embedder.dino, "--dino-model", clip_folder)):
-        for name in (str(tmp_path / "nothing"), "no-such-org/no-such-model", str(a_file), str(empty), str(wrong),
-                     "~/no-such-folder", ""):
+    for load, flag, wrong in (
+        (Embedder.clip, "--clip-model", dino_folder),
+        (Embedder.dino, "--dino-model", clip_folder),
+    ):
+        for name in (
+            str(tmp_path / "nothing"),
+            "no-such-org/no-such-model",
+            str(a_file),
+            str(empty),
+            str(wrong),
+            "~/no-such-folder",
+            "",
+        ):
             with pytest.raises(KronaError, match=flag) as error:
                 load(name)
             message = str(error.value)
@@ -236,8 +255,24 @@ def test_eval_leaves_out_sample_grids(tmp_path, tiny_sdxl_dir, capsys):
     from krona_cli.pipeline.tiny import make_tiny_clip, make_tiny_dino
 
     clip, dino = make_tiny_clip(tmp_path / "clip"), make_tiny_dino(tmp_path / "dino")
-    assert main(["sample", "--pretrained-model", str(tiny_sdxl_dir), "--prompt", "a photo of sks cat", "-n", "2",
-                 "--sample-steps", "2", "--output-dir", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--pretrained-model",
+                str(tiny_sdxl_dir),
+                "--prompt",
+                "a photo of sks cat",
+                "-n",
+                "2",
+                "--sample-steps",
+                "2",
+                "--output-dir",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     models = ["--clip-model", str(clip), "--dino-model", str(dino), "--reference", str(tmp_path / "s")]
     assert main(["eval", "--images", str(tmp_path / "s"), *models, "--output", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["generated"] == 2

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from krona_cli.training.config import load_config
 from krona_cli.errors import KronaError
+from krona_cli.training.config import load_config
 from krona_cli.training.train import train
+
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]  # two real processes per run, about a minute
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
 PROMPT, CLASS_PROMPT = "a photo of sks cat", "a photo of a cat"
@@ -19,22 +21,55 @@ ACCELERATE = Path(sys.executable).parent / "accelerate"
 
 
 def settings(pipeline_dir, out, classes, **extra):
-    return dict(pretrained_model=str(pipeline_dir), instance_dir=str(EXAMPLES), prompt=PROMPT, output_dir=str(out),
-                class_prompt=CLASS_PROMPT, class_dir=str(classes), num_class_images=6, random_flip=True,
-                train_text_encoder=True, text_encoder_factors="4x4") | extra
+    return (
+        dict(
+            pretrained_model=str(pipeline_dir),
+            instance_dir=str(EXAMPLES),
+            prompt=PROMPT,
+            output_dir=str(out),
+            class_prompt=CLASS_PROMPT,
+            class_dir=str(classes),
+            num_class_images=6,
+            random_flip=True,
+            train_text_encoder=True,
+            text_encoder_factors="4x4",
+        )
+        | extra
+    )
 
 
 def flags(values: dict) -> list[str]:
     out = []
     for key, value in values.items():
-        out += [f"--{key.replace('_', '-')}", str(value)] if not isinstance(value, bool) else [f"--{key.replace('_', '-')}"]
+        out += (
+            [f"--{key.replace('_', '-')}", str(value)]
+            if not isinstance(value, bool)
+            else [f"--{key.replace('_', '-')}"]
+        )
     return out
 
 
 def launch(pipeline_dir, out, classes, **extra):
-    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-               "-m", "krona_cli", "train", "--config", "tiny"] + flags(settings(pipeline_dir, out, classes, **extra))
+    command = [
+        str(ACCELERATE),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        "-m",
+        "krona_cli",
+        "train",
+        "--config",
+        "tiny",
+    ] + flags(settings(pipeline_dir, out, classes, **extra))
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
@@ -78,8 +113,20 @@ def test_two_processes_write_one_set_of_outputs(two_process_runs):
 
 def test_two_processes_match_one_process_with_the_same_global_batch(two_process_runs, tiny_sdxl_dir):
     runs = two_process_runs
-    one = train(load_config("tiny", settings(tiny_sdxl_dir, runs["root"] / "one", runs["classes"], steps=10,
-                                             batch_size=4, checkpoint_every=3, sample_every=0)))
+    one = train(
+        load_config(
+            "tiny",
+            settings(
+                tiny_sdxl_dir,
+                runs["root"] / "one",
+                runs["classes"],
+                steps=10,
+                batch_size=4,
+                checkpoint_every=3,
+                sample_every=0,
+            ),
+        )
+    )
     two = load_file(runs["out"] / "adapter.safetensors")
     assert relative_difference(two, load_file(one.adapter)) < 1e-5
     assert any(t.abs().sum() > 0 for k, t in two.items() if k.startswith("text_encoder_2."))
@@ -87,12 +134,28 @@ def test_two_processes_match_one_process_with_the_same_global_batch(two_process_
 
 def test_a_two_process_checkpoint_resumes_on_one_process(two_process_runs, tiny_sdxl_dir):
     runs = two_process_runs
-    resumed = train(load_config("tiny", settings(tiny_sdxl_dir, runs["snapshot"], runs["classes"], steps=10,
-                                                 batch_size=4, resume="latest", checkpoint_every=3, sample_every=0)))
+    resumed = train(
+        load_config(
+            "tiny",
+            settings(
+                tiny_sdxl_dir,
+                runs["snapshot"],
+                runs["classes"],
+                steps=10,
+                batch_size=4,
+                resume="latest",
+                checkpoint_every=3,
+                sample_every=0,
+            ),
+        )
+    )
     assert resumed.step == 10 and len(resumed.losses) == 4
     two = load_file(runs["out"] / "adapter.safetensors")
     assert relative_difference(load_file(resumed.adapter), two) < 1e-5
     with pytest.raises(KronaError, match="global batch of 4.*multiply to 4"):
-        train(load_config("tiny", settings(tiny_sdxl_dir, runs["snapshot"], runs["classes"], steps=12, batch_size=2,
-                                           resume="latest")))
-
+        train(
+            load_config(
+                "tiny",
+                settings(tiny_sdxl_dir, runs["snapshot"], runs["classes"], steps=12, batch_size=2, resume="latest"),
+            )
+        )

@@ -13,10 +13,10 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLP
 from diffusers.loaders import single_file_utils as sfu
 from safetensors import safe_open
 
-from krona_cli.errors import KronaError
-from krona_cli.pipeline.models import build_component
 from krona_cli.architectures import load_model_config
+from krona_cli.errors import KronaError
 from krona_cli.formats.original_layout import original_architecture, save_single_file, to_original
+from krona_cli.pipeline.models import build_component
 from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")

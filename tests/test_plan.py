@@ -12,6 +12,7 @@ def kron_params(a_out, a_in, d_out, d_in):
 
 def sdxl_attn_by_hand(per_linear):
     """SDXL: 10 transformer blocks at width 640 and 60 at 1280; attn1 is 4 c×c linears, attn2 has k/v 2048→c."""
+
     def block(c):
         return 6 * per_linear(c, c) + 2 * per_linear(c, 2048)
 

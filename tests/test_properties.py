@@ -19,9 +19,9 @@ import math
 import re
 import tempfile
 import typing
+from _sre import MAXREPEAT  # re's repeat counts are below it
 from pathlib import Path
 
-from _sre import MAXREPEAT  # re's repeat counts are below it
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from krona_cli.training.config import RUN_FLAGS, TrainConfig, load_config
 from krona_cli.errors import KronaError
 from krona_cli.formats import attach, collect_adapter, load_adapter, save_adapter
 from krona_cli.kron import (
@@ -48,6 +47,7 @@ from krona_cli.kron import (
 )
 from krona_cli.kron.inject import target_pattern
 from krona_cli.kron.layer import PATHS
+from krona_cli.training.config import RUN_FLAGS, TrainConfig, load_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -98,8 +98,13 @@ PADDING = st.text(" \t\n", max_size=3)
 
 
 @_settings(200)
-@given(a_out=POSITIVE, a_in=POSITIVE, sep=st.sampled_from("xX×"), pads=st.tuples(PADDING, PADDING, PADDING, PADDING),
-       zeros=st.tuples(st.integers(0, 3), st.integers(0, 3)))
+@given(
+    a_out=POSITIVE,
+    a_in=POSITIVE,
+    sep=st.sampled_from("xX×"),
+    pads=st.tuples(PADDING, PADDING, PADDING, PADDING),
+    zeros=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+)
 def test_factor_text_variants_parse_to_the_canonical_value(a_out, a_in, sep, pads, zeros):
     text = f"{pads[0]}{'0' * zeros[0]}{a_out}{pads[1]}{sep}{pads[2]}{'0' * zeros[1]}{a_in}{pads[3]}"
     f = parse_factors(text)
@@ -111,8 +116,14 @@ def _malformed_factor_text():
     missing, other separators, letters in the numbers."""
     num = st.integers(1, 10**6).map(str)
     bad_num = st.one_of(
-        st.just("0"), st.just("00"), num.map(lambda n: "-" + n), num.map(lambda n: "+" + n), num.map(lambda n: n + ".5"),
-        st.builds(lambda a, b: a + "e" + b, num, num), st.just(""), st.sampled_from(["a", "½", "x", "NaN", "inf"]),
+        st.just("0"),
+        st.just("00"),
+        num.map(lambda n: "-" + n),
+        num.map(lambda n: "+" + n),
+        num.map(lambda n: n + ".5"),
+        st.builds(lambda a, b: a + "e" + b, num, num),
+        st.just(""),
+        st.sampled_from(["a", "½", "x", "NaN", "inf"]),
         st.builds(lambda n, c: n + c, num, st.sampled_from("abc_,/")),
         st.builds(lambda a, b: a + " " + b, num, num),  # a space inside a number
     )
@@ -158,13 +169,17 @@ def _not_a_positive_int(text: str) -> bool:
 
 
 @_settings(200)
-@given(pair=st.one_of(
-    st.tuples(st.integers(-10**6, 0), st.integers(-5, 10**6)),
-    st.tuples(st.integers(-5, 10**6), st.integers(-10**6, 0)),
-    st.tuples(st.one_of(st.none(), TEXT.filter(_not_a_positive_int), st.lists(st.integers(), max_size=2)),
-              st.integers(1, 64)),
-    st.lists(st.integers(1, 64), max_size=5).filter(lambda v: len(v) != 2).map(tuple),
-))
+@given(
+    pair=st.one_of(
+        st.tuples(st.integers(-(10**6), 0), st.integers(-5, 10**6)),
+        st.tuples(st.integers(-5, 10**6), st.integers(-(10**6), 0)),
+        st.tuples(
+            st.one_of(st.none(), TEXT.filter(_not_a_positive_int), st.lists(st.integers(), max_size=2)),
+            st.integers(1, 64),
+        ),
+        st.lists(st.integers(1, 64), max_size=5).filter(lambda v: len(v) != 2).map(tuple),
+    )
+)
 def test_pairs_that_are_not_two_positive_whole_numbers_are_a_krona_error(pair):
     with pytest.raises(KronaError):
         parse_factors(pair)
@@ -252,8 +267,13 @@ def _kind(name: str) -> type:
 
 
 def _factor_text():
-    return st.builds(lambda o, i, sep, pad: f"{pad}{o}{sep}{i}{pad}", st.integers(1, 512), st.integers(1, 512),
-                     st.sampled_from(["x", "X", " x "]), st.sampled_from(["", " "]))
+    return st.builds(
+        lambda o, i, sep, pad: f"{pad}{o}{sep}{i}{pad}",
+        st.integers(1, 512),
+        st.integers(1, 512),
+        st.sampled_from(["x", "X", " x "]),
+        st.sampled_from(["", " "]),
+    )
 
 
 def _valid_value(name: str):
@@ -267,8 +287,9 @@ def _valid_value(name: str):
         strategy = _factor_text()
     elif name == "targets":
         # the UNet's presets (`text` names the text encoders' layers: train refuses it for --targets)
-        strategy = st.one_of(st.sampled_from(sorted(set(TARGET_PRESETS) - {"text"})),
-                             TEXT.map(re.escape).filter(lambda t: t != "text"))
+        strategy = st.one_of(
+            st.sampled_from(sorted(set(TARGET_PRESETS) - {"text"})), TEXT.map(re.escape).filter(lambda t: t != "text")
+        )
     elif name in ("resolution", "sample_width", "sample_height"):
         strategy = st.integers(1, 10**6).map(lambda k: 8 * k)
     elif name == "base_precision":  # fp16 and bf16 also need that --mixed-precision (tests/test_quantize.py)
@@ -281,8 +302,14 @@ def _valid_value(name: str):
         strategy = st.integers(rules.get("min", -(2**63)), 2**63)
     elif kind is float:
         low = rules.get("min", rules.get("above"))
-        strategy = st.floats(min_value=low, max_value=rules.get("below"), exclude_min="above" in rules,
-                             exclude_max="below" in rules, allow_nan=False, allow_infinity=False)
+        strategy = st.floats(
+            min_value=low,
+            max_value=rules.get("below"),
+            exclude_min="above" in rules,
+            exclude_max="below" in rules,
+            allow_nan=False,
+            allow_infinity=False,
+        )
     elif kind is str:
         strategy = TEXT
     elif kind is list:
@@ -329,8 +356,9 @@ def test_valid_settings_survive_a_yaml_round_trip(values):
     cfg = TrainConfig(**values).validate().with_absolute_paths()  # what load_config gives
     text = cfg.to_yaml()
     # set values only, in --help order: no nulls, no flags that say how to run the command
-    assert list(yaml.safe_load(text)) == [_kebab(n) for n in FIELDS
-                                          if getattr(cfg, n) is not None and _kebab(n) not in RUN_FLAGS]
+    assert list(yaml.safe_load(text)) == [
+        _kebab(n) for n in FIELDS if getattr(cfg, n) is not None and _kebab(n) not in RUN_FLAGS
+    ]
     loaded = _load(text, {})
     assert loaded == dataclasses.replace(cfg, resume=None, overwrite=False, dry_run=False)
     assert loaded.config_hash() == cfg.config_hash()
@@ -341,10 +369,19 @@ def test_valid_settings_survive_a_yaml_round_trip(values):
 
 
 @_settings(50)
-@given(values=SETTINGS, name=st.sampled_from([n for n in FIELDS if _kind(n) is str and "choices" not in
-                                               FIELDS[n].metadata and n not in ("factors", "text_encoder_factors",
-                                                                                "targets")]),
-       text=st.builds(lambda a, b: a + "\x85" + b, TEXT, TEXT))
+@given(
+    values=SETTINGS,
+    name=st.sampled_from(
+        [
+            n
+            for n in FIELDS
+            if _kind(n) is str
+            and "choices" not in FIELDS[n].metadata
+            and n not in ("factors", "text_encoder_factors", "targets")
+        ]
+    ),
+    text=st.builds(lambda a, b: a + "\x85" + b, TEXT, TEXT),
+)
 @example(values={**{n: getattr(TrainConfig(), n) for n in FIELDS}, **REQUIRED}, name="prompt", text="a\x85b")
 def test_next_line_characters_survive_a_yaml_round_trip(values, name, text):
     cfg = TrainConfig(**{**values, name: text, "resume": None, "overwrite": False, "dry_run": False})
@@ -386,9 +423,13 @@ def _not_a_field(key: str) -> bool:
 
 
 @_settings(100)
-@given(key=st.one_of(TEXT.filter(bool), st.sampled_from(["learning-rate", "stpes", "factor", "Steps", "steps "])
-                     ).filter(_not_a_field),
-       in_file=st.booleans(), value=st.one_of(st.integers(), TEXT))
+@given(
+    key=st.one_of(TEXT.filter(bool), st.sampled_from(["learning-rate", "stpes", "factor", "Steps", "steps "])).filter(
+        _not_a_field
+    ),
+    in_file=st.booleans(),
+    value=st.one_of(st.integers(), TEXT),
+)
 def test_unknown_keys_are_a_krona_error_naming_the_key(key, in_file, value):
     if in_file:
         message = _error(_dump({key: value}), REQUIRED)
@@ -418,8 +459,13 @@ def _wrong_value(name: str, empty: bool):
     wrong = {
         bool: st.one_of(st.integers(), FINITE, strings, lists),
         int: st.one_of(FINITE, strings, st.booleans(), lists, dicts),
-        float: st.one_of(st.booleans(), strings.filter(_not_a_finite_number), lists, dicts,
-                         st.sampled_from([math.nan, math.inf, -math.inf])),
+        float: st.one_of(
+            st.booleans(),
+            strings.filter(_not_a_finite_number),
+            lists,
+            dicts,
+            st.sampled_from([math.nan, math.inf, -math.inf]),
+        ),
         str: st.one_of(st.integers(), FINITE, st.booleans(), lists, dicts),
         list: st.one_of(st.integers(), FINITE, st.booleans(), lists, dicts),
     }[kind]
@@ -445,7 +491,7 @@ def _out_of_range(name: str):
     """A value of the field's type that its rules refuse, or None where it has no bounds."""
     rules, kind = FIELDS[name].metadata, _kind(name)
     if name == "resolution":
-        return st.one_of(st.integers(-10**6, 7), st.integers(8, 10**6).filter(lambda v: v % 8))
+        return st.one_of(st.integers(-(10**6), 7), st.integers(8, 10**6).filter(lambda v: v % 8))
     if kind not in (int, float) or not {"min", "above", "below"} & set(rules):
         return None
     options = []
@@ -483,8 +529,10 @@ def _bad_value(name: str):
     if name in ("factors", "text_encoder_factors"):
         return _malformed_factor_text()
     if name == "targets":
-        return st.one_of(st.sampled_from(["(", "[a-", "*", "a{2,1}", "(?P<x>a)(?P<x>b)", "\\"]),
-                         st.text("()[]{}*+?\\|^$a", min_size=1, max_size=8).filter(_bad_regex))
+        return st.one_of(
+            st.sampled_from(["(", "[a-", "*", "a{2,1}", "(?P<x>a)(?P<x>b)", "\\"]),
+            st.text("()[]{}*+?\\|^$a", min_size=1, max_size=8).filter(_bad_regex),
+        )
     if name == "instance_dir":
         return st.just("")
     if name == "prompt":
@@ -508,9 +556,24 @@ def test_out_of_range_numbers_and_bad_choices_are_a_krona_error_naming_the_flag(
 
 
 # What config_hash() leaves out, from its docstring (max-bad-steps: how the command runs).
-UNHASHED = {"steps", "batch_size", "grad_accum", "max_bad_steps", "gradient_checkpointing", "cache_latents",
-            "xformers", "allow_tf32", "class_batch_size", "output_dir", "checkpoint_every", "keep_checkpoints",
-            "report_to", "resume", "dry_run", "overwrite"} | {n for n in FIELDS if n.startswith("sample_")}
+UNHASHED = {
+    "steps",
+    "batch_size",
+    "grad_accum",
+    "max_bad_steps",
+    "gradient_checkpointing",
+    "cache_latents",
+    "xformers",
+    "allow_tf32",
+    "class_batch_size",
+    "output_dir",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "report_to",
+    "resume",
+    "dry_run",
+    "overwrite",
+} | {n for n in FIELDS if n.startswith("sample_")}
 HASHED = sorted(set(FIELDS) - UNHASHED)
 
 
@@ -533,8 +596,11 @@ def test_config_hash_covers_exactly_the_settings_that_decide_the_weights(a, b, u
 
 
 @_settings(50)
-@given(name=st.sampled_from([n for n in FIELDS if _kind(n) is float]), value=st.integers(2**1024, 2**1100),
-       in_file=st.booleans())
+@given(
+    name=st.sampled_from([n for n in FIELDS if _kind(n) is float]),
+    value=st.integers(2**1024, 2**1100),
+    in_file=st.booleans(),
+)
 @example(name="lr", value=10**400, in_file=True)
 def test_integers_too_large_for_a_float_are_a_krona_error(name, value, in_file):
     if in_file:
@@ -552,8 +618,12 @@ def test_huge_integer_literals_in_a_file_are_a_krona_error(digits):
 
 
 @_settings(50)
-@given(targets=st.one_of(st.integers(0, 2**70).map(lambda n: f"to_q{{{n}}}"),
-                         st.integers(1, 2000).map(lambda k: "(" * k + "to_q" + ")" * k)))
+@given(
+    targets=st.one_of(
+        st.integers(0, 2**70).map(lambda n: f"to_q{{{n}}}"),
+        st.integers(1, 2000).map(lambda k: "(" * k + "to_q" + ")" * k),
+    )
+)
 @example(targets="to_q{4294967296}")
 @example(targets="to_q{4294967294}")
 @example(targets="to_q{3}")
@@ -606,7 +676,11 @@ class Case:
 
 SIDE = st.integers(1, 6)
 CASES = st.builds(
-    Case, SIDE, SIDE, SIDE, SIDE,
+    Case,
+    SIDE,
+    SIDE,
+    SIDE,
+    SIDE,
     lead=st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple),  # () is a 1-D input
     scale=st.one_of(st.just(0.0), st.floats(-4, 4, allow_nan=False)),
     bias=st.booleans(),
@@ -779,11 +853,15 @@ def _trees(draw):
 
 
 @_settings(40)
-@given(tree=_trees(), data=st.data(), want=FACTORS.map(lambda f: Factors(f.a_out % 8 + 1, f.a_in % 8 + 1)),
-       component=st.sampled_from(["unet", "text_encoder", "text_encoder_2"]),
-       scale=st.floats(-2, 2, allow_nan=False), new_scale=st.one_of(st.none(), st.floats(-2, 2, allow_nan=False)))
-def test_native_file_round_trip_onto_a_fresh_copy_gives_the_same_outputs(tree, data, want, component, scale,
-                                                                         new_scale):
+@given(
+    tree=_trees(),
+    data=st.data(),
+    want=FACTORS.map(lambda f: Factors(f.a_out % 8 + 1, f.a_in % 8 + 1)),
+    component=st.sampled_from(["unet", "text_encoder", "text_encoder_2"]),
+    scale=st.floats(-2, 2, allow_nan=False),
+    new_scale=st.one_of(st.none(), st.floats(-2, 2, allow_nan=False)),
+)
+def test_native_file_round_trip_onto_a_fresh_copy_gives_the_same_outputs(tree, data, want, component, scale, new_scale):
     model, width = tree
     fresh = copy.deepcopy(model)
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -800,8 +878,9 @@ def test_native_file_round_trip_onto_a_fresh_copy_gives_the_same_outputs(tree, d
         assert f == fit_factors(want, layer.out_features, layer.in_features)
         with torch.no_grad():
             layer.kron_b.copy_(torch.randn(layer.kron_b.shape, generator=g))
-    adapter = collect_adapter({component: model}, scale=scale, base_model="random", architecture="tree",
-                              targets={component: targets})
+    adapter = collect_adapter(
+        {component: model}, scale=scale, base_model="random", architecture="tree", targets={component: targets}
+    )
 
     with tempfile.TemporaryDirectory() as folder:
         path = save_adapter(Path(folder) / "adapter.safetensors", adapter)

@@ -7,17 +7,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import fixed_pair_loss
 from torch import nn
 
-from krona_cli.pipeline import models
 from krona_cli.cli import main
 from krona_cli.errors import KronaError
 from krona_cli.kron import KronLinear, inject
 from krona_cli.kron.inject import load_factors, set_scale
 from krona_cli.kron.layer import is_quantized
+from krona_cli.pipeline import models
 from krona_cli.pipeline.quantize import check_device, quantize, weight_bytes
-
-from helpers import fixed_pair_loss
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
 PROMPT = "a photo of sks cat"
@@ -83,8 +82,11 @@ def test_quantize_replaces_linear_layers_and_shrinks_the_weights(tiny_sdxl_unet)
 
 def test_nf4_leaves_layers_that_are_not_whole_4bit_blocks_in_full_precision(tiny_sdxl_unet):
     runs_here("nf4")
-    blocks = {n for n, m in tiny_sdxl_unet.named_modules()
-              if type(m) is nn.Linear and m.in_features % 64 == 0 and m.out_features % 64 == 0}
+    blocks = {
+        n
+        for n, m in tiny_sdxl_unet.named_modules()
+        if type(m) is nn.Linear and m.in_features % 64 == 0 and m.out_features % 64 == 0
+    }
     assert 0 < quantize(tiny_sdxl_unet, "nf4", torch.float32, "cpu") == len(blocks)
     quantized = {n for n, m in tiny_sdxl_unet.named_modules() if isinstance(m, nn.Linear) and is_quantized(m)}
     assert quantized == blocks
@@ -97,12 +99,30 @@ def test_a_mode_bitsandbytes_cannot_run_is_one_clear_line(monkeypatch, tiny_sd15
         raise RuntimeError("no kernel for this device\nlong trace")
 
     monkeypatch.setattr(bnb.nn.Linear4bit, "forward", broken)
-    with pytest.raises(KronaError, match=r"bitsandbytes cannot run --base-precision nf4 on cpu \(no kernel for this "
-                                         r"device\); use --base-precision bf16"):
+    with pytest.raises(
+        KronaError,
+        match=r"bitsandbytes cannot run --base-precision nf4 on cpu \(no kernel for this "
+        r"device\); use --base-precision bf16",
+    ):
         check_device("nf4", torch.float32, "cpu")
     out = tmp_path / "run"
-    code = main(["train", "--config", "tiny", "--pretrained-model", str(tiny_sd15_dir), "--instance-dir",
-                 str(EXAMPLES), "--prompt", PROMPT, "--output-dir", str(out), "--base-precision", "nf4"])
+    code = main(
+        [
+            "train",
+            "--config",
+            "tiny",
+            "--pretrained-model",
+            str(tiny_sd15_dir),
+            "--instance-dir",
+            str(EXAMPLES),
+            "--prompt",
+            PROMPT,
+            "--output-dir",
+            str(out),
+            "--base-precision",
+            "nf4",
+        ]
+    )
     err = capsys.readouterr().err
     assert code != 0 and "bitsandbytes cannot run --base-precision nf4" in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.strip()]) == 1, err
@@ -123,9 +143,9 @@ def test_float_base_precision_must_match_the_compute_precision():
     assert load_config(None, {"instance_dir": "x", "prompt": "p", "base_precision": "int8"}).base_precision == "int8"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_quantized_training_learns_and_merges_into_the_full_precision_base(precision, tiny_sd15_dir, tmp_path,
-                                                                            capsys):
+def test_quantized_training_learns_and_merges_into_the_full_precision_base(precision, tiny_sd15_dir, tmp_path, capsys):
     """From the CLI: training on an int8 / nf4 base lowers the loss on the instance images (by at least 15%, measured
     on the full-precision base with the adapter merged), and `krona merge` into the full-precision base gives what
     the adapter gives when it runs unmerged on that base: UNet predictions within 1e-4 (relative), sampled 8-bit
@@ -135,15 +155,53 @@ def test_quantized_training_learns_and_merges_into_the_full_precision_base(preci
 
     runs_here(precision)
     out = tmp_path / "run"
-    code = main(["train", "--config", "tiny", "--pretrained-model", str(tiny_sd15_dir), "--instance-dir",
-                 str(EXAMPLES), "--prompt", PROMPT, "--output-dir", str(out), "--base-precision", precision,
-                 "--steps", "120", "--lr", "3e-2", "--factors", "4x4", "--center-crop", "--batch-size", "2",
-                 "--checkpoint-every", "0", "--sample-every", "0"])
+    code = main(
+        [
+            "train",
+            "--config",
+            "tiny",
+            "--pretrained-model",
+            str(tiny_sd15_dir),
+            "--instance-dir",
+            str(EXAMPLES),
+            "--prompt",
+            PROMPT,
+            "--output-dir",
+            str(out),
+            "--base-precision",
+            precision,
+            "--steps",
+            "120",
+            "--lr",
+            "3e-2",
+            "--factors",
+            "4x4",
+            "--center-crop",
+            "--batch-size",
+            "2",
+            "--checkpoint-every",
+            "0",
+            "--sample-every",
+            "0",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert f"frozen base {precision}" in captured.out and "frozen weights" in captured.out
-    assert main(["merge", "--adapter", str(out / "adapter.safetensors"), "--pretrained-model", str(tiny_sd15_dir),
-                 "--output-dir", str(tmp_path / "merged")]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--adapter",
+                str(out / "adapter.safetensors"),
+                "--pretrained-model",
+                str(tiny_sd15_dir),
+                "--output-dir",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 0
+    )
 
     base, _ = models.load_pipeline(str(tiny_sd15_dir))
     merged, _ = models.load_pipeline(str(tmp_path / "merged"))
@@ -165,8 +223,10 @@ def test_quantized_training_learns_and_merges_into_the_full_precision_base(preci
         want = unmerged.unet(sample, torch.tensor([10, 700]), text).sample
         got = merged.unet(sample, torch.tensor([10, 700]), text).sample
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
-        assert (merged.unet(sample, torch.tensor([10, 700]), text).sample
-                - base.unet(sample, torch.tensor([10, 700]), text).sample).abs().max() > 1e-3  # it did change
+        assert (
+            merged.unet(sample, torch.tensor([10, 700]), text).sample
+            - base.unet(sample, torch.tensor([10, 700]), text).sample
+        ).abs().max() > 1e-3  # it did change
     config = SampleConfig(num_images=2, steps=4, width=64, height=64, batch_size=2)
     images = [render(p, config, [PROMPT]) for p in (merged, unmerged)]
     for key in images[0]:

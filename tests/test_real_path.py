@@ -17,12 +17,34 @@ from helpers import put_in_hub_cache
 from krona_cli.cli import main
 from krona_cli.pipeline.tiny import make_tiny, make_tiny_clip, make_tiny_dino
 
+pytestmark = pytest.mark.subprocess  # every test here starts krona or Python processes
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
 KRONA = Path(sys.executable).parent / "krona"
-SDXL, SD15, SD21 = "stabilityai/stable-diffusion-xl-base-1.0", "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-2-1"
+SDXL, SD15, SD21 = (
+    "stabilityai/stable-diffusion-xl-base-1.0",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "stabilityai/stable-diffusion-2-1",
+)
 # What a README command needs to finish in seconds on the tiny models; nothing else is changed.
-SMALL_TRAIN = ["--steps", "2", "--resolution", "64", "--num-class-images", "2", "--sample-steps", "2",
-               "--sample-images", "1", "--checkpoint-every", "0", "--report-to", "none", "--mixed-precision", "no"]
+SMALL_TRAIN = [
+    "--steps",
+    "2",
+    "--resolution",
+    "64",
+    "--num-class-images",
+    "2",
+    "--sample-steps",
+    "2",
+    "--sample-images",
+    "1",
+    "--checkpoint-every",
+    "0",
+    "--report-to",
+    "none",
+    "--mixed-precision",
+    "no",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +66,7 @@ def hub_cache(tmp_path_factory):
 
 def fresh_shell(cache) -> dict:
     """The environment of a new terminal: none of setup.sh's variables, the hub offline, the cache standing in."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "TRANSFORMERS_", "DIFFUSERS_", "KRONA_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "DIFFUSERS_", "KRONA_"))}
     return env | {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -55,16 +76,36 @@ def krona(args, cwd, env):
     return done
 
 
+@pytest.mark.slow
 def test_readme_commands_with_the_default_sdxl_model(hub_cache, tmp_path):
     """The README's train, sample and merge lines as written (train scaled down by flags), then, from another folder,
     the sample and merge commands the model card prints, and eval with its default scorer models."""
     env = fresh_shell(hub_cache)
     work = tmp_path / "work"
     shutil.copytree(EXAMPLES, work / "dog")
-    krona(["train", "--config", "sdxl", "--instance-dir", "dog/", "--prompt", "a photo of sks dog",
-           "--class-prompt", "a photo of a dog", "--output-dir", "dog-run/", *SMALL_TRAIN], work, env)
-    krona(["sample", "--adapter", "dog-run/adapter.safetensors", "--prompt", "a photo of sks dog on the moon", "-n", "4"],
-          work, env)
+    krona(
+        [
+            "train",
+            "--config",
+            "sdxl",
+            "--instance-dir",
+            "dog/",
+            "--prompt",
+            "a photo of sks dog",
+            "--class-prompt",
+            "a photo of a dog",
+            "--output-dir",
+            "dog-run/",
+            *SMALL_TRAIN,
+        ],
+        work,
+        env,
+    )
+    krona(
+        ["sample", "--adapter", "dog-run/adapter.safetensors", "--prompt", "a photo of sks dog on the moon", "-n", "4"],
+        work,
+        env,
+    )
     assert len(list((work / "samples").glob("*.png"))) == 5  # four images and the grid
     krona(["merge", "--adapter", "dog-run/adapter.safetensors", "--output-dir", "dog-merged/"], work, env)
     assert (work / "dog-merged" / "model_index.json").is_file()
@@ -81,29 +122,68 @@ def test_readme_commands_with_the_default_sdxl_model(hub_cache, tmp_path):
     for command in commands:
         assert str(run / "adapter.safetensors") in command and SDXL in command
         krona(command[1:], elsewhere, env)
-    assert (elsewhere / "merged" / "model_index.json").is_file() and len(list((elsewhere / "samples").glob("*.png"))) == 5
-    krona(["eval", "--images", "samples", "--reference", str(work / "dog"), "--prompt", "a photo of sks dog",
-           "--output", "metrics.json"], elsewhere, env)
+    assert (elsewhere / "merged" / "model_index.json").is_file() and len(
+        list((elsewhere / "samples").glob("*.png"))
+    ) == 5
+    krona(
+        [
+            "eval",
+            "--images",
+            "samples",
+            "--reference",
+            str(work / "dog"),
+            "--prompt",
+            "a photo of sks dog",
+            "--output",
+            "metrics.json",
+        ],
+        elsewhere,
+        env,
+    )
     metrics = json.loads((elsewhere / "metrics.json").read_text())
     assert metrics["generated"] == 4 and all(metrics[k] is not None for k in ("clip_i", "clip_t", "dino"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("repo", [SD15, SD21])
 def test_sd_hub_ids_train_and_sample_offline(hub_cache, tmp_path, repo):
     """SD 1.5 (the sd15 preset's default) and SD 2.1 (v-prediction) by their hub ids, offline from the cache."""
     env = fresh_shell(hub_cache)
     base = ["--config", "sd15"] if repo == SD15 else ["--config", "sd15", "--pretrained-model", repo]
-    done = krona(["train", *base, "--instance-dir", str(EXAMPLES), "--prompt", "a photo of sks cat",
-                  "--output-dir", "run", *SMALL_TRAIN], tmp_path, env)
+    done = krona(
+        [
+            "train",
+            *base,
+            "--instance-dir",
+            str(EXAMPLES),
+            "--prompt",
+            "a photo of sks cat",
+            "--output-dir",
+            "run",
+            *SMALL_TRAIN,
+        ],
+        tmp_path,
+        env,
+    )
     assert ("v-prediction" in done.stdout) == (repo == SD21)
-    krona(["sample", "--adapter", "run/adapter.safetensors", "--prompt", "sks cat", "-n", "1", "--sample-steps", "2"],
-          tmp_path, env)
+    krona(
+        ["sample", "--adapter", "run/adapter.safetensors", "--prompt", "sks cat", "-n", "1", "--sample-steps", "2"],
+        tmp_path,
+        env,
+    )
 
 
+@pytest.mark.slow
 def test_hub_id_not_in_the_cache_offline_is_one_line(hub_cache, tmp_path):
     env = fresh_shell(hub_cache)
-    done = subprocess.run([str(KRONA), "sample", "--pretrained-model", "stabilityai/sdxl-turbo-2.0", "--prompt", "x"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(KRONA), "sample", "--pretrained-model", "stabilityai/sdxl-turbo-2.0", "--prompt", "x"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "hf download stabilityai/sdxl-turbo-2.0" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
@@ -115,12 +195,17 @@ def test_adapter_given_as_the_base_model_is_named(tmp_path, tiny_sd15_dir, capsy
     from krona_cli.formats import save_adapter, save_lora, save_lycoris
 
     adapter = random_adapter("sd15")
-    files = {"krona": save_adapter(tmp_path / "native.safetensors", adapter),
-             "LyCORIS/kohya LoKr": tmp_path / "lokr.safetensors", "LoRA": tmp_path / "lora.safetensors"}
+    files = {
+        "krona": save_adapter(tmp_path / "native.safetensors", adapter),
+        "LyCORIS/kohya LoKr": tmp_path / "lokr.safetensors",
+        "LoRA": tmp_path / "lora.safetensors",
+    }
     save_lycoris(files["LyCORIS/kohya LoKr"], adapter)
     save_lora(files["LoRA"], adapter, rank=4)
     for kind, path in files.items():
-        assert main(["sample", "--pretrained-model", str(path), "--prompt", "x", "--output-dir", str(tmp_path / "s")]) == 2
+        assert (
+            main(["sample", "--pretrained-model", str(path), "--prompt", "x", "--output-dir", str(tmp_path / "s")]) == 2
+        )
         err = capsys.readouterr().err
         assert f"is a {kind} adapter, not a base model" in err and "--adapter" in err
         assert len(err.strip().splitlines()) == 1

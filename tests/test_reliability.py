@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from krona_cli.cli import main
+from krona_cli.errors import KronaError
 from krona_cli.training import diffusion
 from krona_cli.training.checkpoint import incomplete_leftovers
-from krona_cli.cli import main
 from krona_cli.training.config import load_config
-from krona_cli.errors import KronaError
 from krona_cli.training.train import Reporter, train
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
@@ -31,6 +31,8 @@ import json, os, signal, sys
 from krona_cli.training import checkpoint
 from krona_cli.training.config import load_config
 from krona_cli.training.train import Reporter, train
+
+pytestmark = pytest.mark.subprocess  # every test here starts krona or Python processes
 
 settings, kill_at_file = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 written = 0
@@ -56,15 +58,34 @@ print("done", flush=True)
 
 
 def settings(pipeline_dir, out, classes, **extra):
-    return dict(pretrained_model=str(pipeline_dir), instance_dir=str(EXAMPLES), prompt=PROMPT, output_dir=str(out),
-                class_prompt="a photo of a cat", class_dir=str(classes), num_class_images=4, steps=40,
-                checkpoint_every=2, keep_checkpoints=2, sample_every=0, random_flip=True, ema=True) | extra
+    return (
+        dict(
+            pretrained_model=str(pipeline_dir),
+            instance_dir=str(EXAMPLES),
+            prompt=PROMPT,
+            output_dir=str(out),
+            class_prompt="a photo of a cat",
+            class_dir=str(classes),
+            num_class_images=4,
+            steps=40,
+            checkpoint_every=2,
+            keep_checkpoints=2,
+            sample_every=0,
+            random_flip=True,
+            ema=True,
+        )
+        | extra
+    )
 
 
 def run_child(values: dict, kill_at_file: int | None, kill_after_step: int | None, delay: float) -> str:
     """Run CHILD; SIGKILL it `delay` s after its `kill_after_step`-th step. Returns how it ended."""
-    process = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(values), json.dumps(kill_at_file)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(values), json.dumps(kill_at_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     steps = 0
     for line in process.stdout:
         steps += line.startswith("step ")
@@ -78,6 +99,7 @@ def run_child(values: dict, kill_at_file: int | None, kill_after_step: int | Non
     return "completed" if process.returncode == 0 else "killed"
 
 
+@pytest.mark.slow
 def test_killed_ten_times_and_resumed_gives_the_same_adapter_bit_for_bit(tiny_sd15_dir, tmp_path):
     classes = tmp_path / "classes"
     straight = train(load_config("tiny", settings(tiny_sd15_dir, tmp_path / "straight", classes)))
@@ -113,8 +135,17 @@ def test_non_finite_steps_are_skipped_and_counted(tiny_sd15_dir, tmp_path, monke
         def warn(self, message):
             warnings.append(message)
 
-    cfg = load_config("tiny", dict(pretrained_model=str(tiny_sd15_dir), instance_dir=str(EXAMPLES), prompt=PROMPT,
-                                   output_dir=str(tmp_path / "run"), steps=6, sample_every=0))
+    cfg = load_config(
+        "tiny",
+        dict(
+            pretrained_model=str(tiny_sd15_dir),
+            instance_dir=str(EXAMPLES),
+            prompt=PROMPT,
+            output_dir=str(tmp_path / "run"),
+            steps=6,
+            sample_every=0,
+        ),
+    )
     result = train(cfg, Warnings())
     assert result.bad_steps == 2 and result.step == 6
     assert sum("not finite; step skipped" in w for w in warnings) == 2
@@ -128,9 +159,27 @@ def test_too_many_non_finite_steps_stop_the_run_without_saving_nan(tiny_sd15_dir
 
     monkeypatch.setattr(diffusion, "per_sample_loss", nan_loss)
     out = tmp_path / "run"
-    code = main(["train", "--config", "tiny", "--pretrained-model", str(tiny_sd15_dir), "--instance-dir", str(EXAMPLES),
-                 "--prompt", PROMPT, "--output-dir", str(out), "--steps", "20", "--max-bad-steps", "3",
-                 "--sample-every", "0"])
+    code = main(
+        [
+            "train",
+            "--config",
+            "tiny",
+            "--pretrained-model",
+            str(tiny_sd15_dir),
+            "--instance-dir",
+            str(EXAMPLES),
+            "--prompt",
+            PROMPT,
+            "--output-dir",
+            str(out),
+            "--steps",
+            "20",
+            "--max-bad-steps",
+            "3",
+            "--sample-every",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "not finite for 3 steps in a row" in err and "--mixed-precision" in err and "--lr" in err
     assert "Traceback" not in err and not (out / "adapter.safetensors").exists()
@@ -141,8 +190,23 @@ def test_out_of_memory_is_one_message_with_the_flags_that_help(tiny_sd15_dir, tm
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
     monkeypatch.setattr(diffusion, "per_sample_loss", out_of_memory)
-    code = main(["train", "--config", "tiny", "--pretrained-model", str(tiny_sd15_dir), "--instance-dir", str(EXAMPLES),
-                 "--prompt", PROMPT, "--output-dir", str(tmp_path / "run"), "--steps", "2"])
+    code = main(
+        [
+            "train",
+            "--config",
+            "tiny",
+            "--pretrained-model",
+            str(tiny_sd15_dir),
+            "--instance-dir",
+            str(EXAMPLES),
+            "--prompt",
+            PROMPT,
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--steps",
+            "2",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     for flag in ("--gradient-checkpointing", "--optimizer adamw8bit", "--resolution", "--batch-size"):
@@ -152,8 +216,14 @@ def test_out_of_memory_is_one_message_with_the_flags_that_help(tiny_sd15_dir, tm
 def test_resume_refuses_changed_photos_and_warns_about_incomplete_checkpoints(tiny_sd15_dir, tmp_path):
     photos = tmp_path / "photos"
     shutil.copytree(EXAMPLES, photos)
-    values = dict(pretrained_model=str(tiny_sd15_dir), instance_dir=str(photos), prompt=PROMPT,
-                  output_dir=str(tmp_path / "run"), sample_every=0, checkpoint_every=2)
+    values = dict(
+        pretrained_model=str(tiny_sd15_dir),
+        instance_dir=str(photos),
+        prompt=PROMPT,
+        output_dir=str(tmp_path / "run"),
+        sample_every=0,
+        checkpoint_every=2,
+    )
     train(load_config("tiny", values | {"steps": 2}))
     leftover = tmp_path / "run" / "checkpoints" / ".step-000004.tmp-0123abcd"
     leftover.mkdir()

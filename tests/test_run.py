@@ -15,12 +15,16 @@ from krona_cli.training.config import load_config
 from krona_cli.training.run import Data, Run, batch_indices
 from krona_cli.training.train import Plan, Reporter, summary
 
-# --- batch_indices: the sample index rule ------------------------------------------------------------------------------
+# --- batch_indices: the sample index rule -----------------------------------------------------------------------------
+
 
 def taken(at_step, world, grad_accum, batch_size):
     """{(process, micro): (positions, sample indices)} of one step."""
-    return {(p, m): tuple(map(list, batch_indices(at_step, m, p, world, batch_size, grad_accum)))
-            for p in range(world) for m in range(grad_accum)}
+    return {
+        (p, m): tuple(map(list, batch_indices(at_step, m, p, world, batch_size, grad_accum)))
+        for p in range(world)
+        for m in range(grad_accum)
+    }
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -49,19 +53,40 @@ def test_micro_batches_are_cut_micro_batch_major():
     assert batch_indices(2, 1, 0, 2, 3, 2) == (range(6, 9), range(30, 33))
 
 
-# --- summary: pure rows ------------------------------------------------------------------------------------------------
+# --- summary: pure rows -----------------------------------------------------------------------------------------------
+
 
 def settings(tmp_path, **overrides):
-    return load_config(None, {"instance_dir": str(tmp_path / "photos"), "prompt": "a photo of sks dog",
-                              "output_dir": str(tmp_path / "out"), **overrides})
+    return load_config(
+        None,
+        {
+            "instance_dir": str(tmp_path / "photos"),
+            "prompt": "a photo of sks dog",
+            "output_dir": str(tmp_path / "out"),
+            **overrides,
+        },
+    )
 
 
 def plan(tmp_path, **changes):
-    values = {"arch": "sdxl", "prediction": "v_prediction", "resolution": 1024, "compute": "bf16",
-              "base_precision": "nf4", "device": "cuda:0", "photos": 3,
-              "buckets": [Bucket(1216, 832), Bucket(1216, 832), Bucket(1024, 1024)], "class_dir": tmp_path / "classes",
-              "to_generate": 7, "params": 12345, "fitted": 0, "resume_from": None, "world": 2, "memory": "1 GiB",
-              "out": tmp_path / "out"}
+    values = {
+        "arch": "sdxl",
+        "prediction": "v_prediction",
+        "resolution": 1024,
+        "compute": "bf16",
+        "base_precision": "nf4",
+        "device": "cuda:0",
+        "photos": 3,
+        "buckets": [Bucket(1216, 832), Bucket(1216, 832), Bucket(1024, 1024)],
+        "class_dir": tmp_path / "classes",
+        "to_generate": 7,
+        "params": 12345,
+        "fitted": 0,
+        "resume_from": None,
+        "world": 2,
+        "memory": "1 GiB",
+        "out": tmp_path / "out",
+    }
     return Plan(**(values | changes))
 
 
@@ -78,13 +103,36 @@ def test_summary_is_a_pure_function_of_settings_and_plan(tmp_path):
     assert rows["batch"] == "2 per process × 3 accumulation × 2 process(es) = 12 per step"
     assert rows["precision"].startswith("compute bf16, frozen base nf4, adapter weights fp32, on cuda:0")
     assert rows["memory (estimate)"] == "1 GiB" and rows["output"] == str(tmp_path / "out")
-    assert list(rows) == ["model", "adapter", "trainable parameters", "instance images", "sizes", "class images",
-                          "steps", "batch", "optimizer", "precision", "memory (estimate)", "output"]
+    assert list(rows) == [
+        "model",
+        "adapter",
+        "trainable parameters",
+        "instance images",
+        "sizes",
+        "class images",
+        "steps",
+        "batch",
+        "optimizer",
+        "precision",
+        "memory (estimate)",
+        "output",
+    ]
 
 
 def test_summary_names_squares_fitted_factors_and_the_resume_point(tmp_path):
-    rows = dict(summary(settings(tmp_path), plan(tmp_path, buckets=None, resolution=512, fitted=4, world=1,
-                                                 resume_from=tmp_path / "checkpoints" / "step-000040")))
+    rows = dict(
+        summary(
+            settings(tmp_path),
+            plan(
+                tmp_path,
+                buckets=None,
+                resolution=512,
+                fitted=4,
+                world=1,
+                resume_from=tmp_path / "checkpoints" / "step-000040",
+            ),
+        )
+    )
     assert rows["sizes"] == "512×512 squares"
     assert "factors fitted to the 4 layer(s)" in rows["adapter"]
     assert rows["steps"].endswith(", resuming from step-000040")
@@ -105,7 +153,8 @@ def test_summary_shows_the_factors_each_layer_shape_got_where_they_were_fitted(t
     # more than 4 shapes: only the fitted ones (700×300 takes 7x3 as asked), in shape order
     assert row((1280, 2048), (640, 640), (700, 300), (1280, 768), (640, 2048), (1280, 1280)) == (
         "640×640: 5x2 (asked 7x3), 640×2048: 5x2 (asked 7x3), 1280×768: 5x3 (asked 7x3), "
-        "1280×1280: 5x2 (asked 7x3), 1280×2048: 5x2 (asked 7x3)")
+        "1280×1280: 5x2 (asked 7x3), 1280×2048: 5x2 (asked 7x3)"
+    )
     assert row((700, 300), (640, 640)) == "640×640: 5x2 (asked 7x3), 700×300: 7x3"  # few shapes: all of them
     many = row(*[(o, 640) for o in range(641, 661)])  # 20 fitted shapes: the first 6, then how many more
     assert many.count("asked 7x3") == 6 and many.endswith(" and 14 more shapes")
@@ -114,7 +163,8 @@ def test_summary_shows_the_factors_each_layer_shape_got_where_they_were_fitted(t
         assert "factors used" not in dict(summary(settings(tmp_path), plan(tmp_path, layer_factors=layers)))
 
 
-# --- state and restore -------------------------------------------------------------------------------------------------
+# --- state and restore ------------------------------------------------------------------------------------------------
+
 
 def toy_run(tmp_path, cfg, seed, world=1, photo_bytes=b"photo"):
     """A Run around one linear layer, with a fake accelerator: enough for state() and restore()."""
@@ -127,13 +177,30 @@ def toy_run(tmp_path, cfg, seed, world=1, photo_bytes=b"photo"):
     model = nn.Linear(3, 2)
     params = {f"unet.{name}": p for name, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(params.values(), lr=0.1)
-    accelerator = SimpleNamespace(num_processes=world, process_index=0, scaler=None, device=torch.device("cpu"),
-                                  is_main_process=True, wait_for_everyone=lambda: None)
-    return Run(cfg, accelerator, {"unet": model}, model, params, optimizer,
-               torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5), EMA(params, 0.9), None,
-               SimpleNamespace(weight_dtype=torch.float32),
-               Data(SimpleNamespace(what="instance", paths=[photo]), None, None, None), None, tmp_path / "out",
-               Reporter())
+    accelerator = SimpleNamespace(
+        num_processes=world,
+        process_index=0,
+        scaler=None,
+        device=torch.device("cpu"),
+        is_main_process=True,
+        wait_for_everyone=lambda: None,
+    )
+    return Run(
+        cfg,
+        accelerator,
+        {"unet": model},
+        model,
+        params,
+        optimizer,
+        torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5),
+        EMA(params, 0.9),
+        None,
+        SimpleNamespace(weight_dtype=torch.float32),
+        Data(SimpleNamespace(what="instance", paths=[photo]), None, None, None),
+        None,
+        tmp_path / "out",
+        Reporter(),
+    )
 
 
 def train_a_little(run: Run, steps: int) -> None:

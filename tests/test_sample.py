@@ -114,8 +114,24 @@ def test_grid_rows_are_prompts_and_prompts_file(sdxl_adapter, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a dog\n\n  a cat on a mat  \n")
     out = tmp_path / "out"
-    code = main(["sample", "--adapter", str(sdxl_adapter), "--prompts-file", str(prompts), "--prompt", "a house",
-                 "-n", "2", "--batch-size", "3", *FAST, "--output-dir", str(out)])
+    code = main(
+        [
+            "sample",
+            "--adapter",
+            str(sdxl_adapter),
+            "--prompts-file",
+            str(prompts),
+            "--prompt",
+            "a house",
+            "-n",
+            "2",
+            "--batch-size",
+            "3",
+            *FAST,
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert code == 0
     assert sorted(p.name for p in out.glob("p*.png")) == [f"p{j:02d}-s{s}.png" for j in range(3) for s in (0, 1)]
     grid = Image.open(out / "grid.png")
@@ -133,8 +149,14 @@ def test_merged_folder_in_plain_diffusers_gives_the_same_image(reference, sdxl_a
     merged = tmp_path / "merged"
     assert main(["merge", "--adapter", str(sdxl_adapter), "--output-dir", str(merged)]) == 0
     pipe = StableDiffusionXLPipeline.from_pretrained(merged)
-    image = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=2, guidance_scale=7.0,
-                 width=64, height=64).images[0]
+    image = pipe(
+        PROMPT,
+        generator=torch.Generator("cpu").manual_seed(0),
+        num_inference_steps=2,
+        guidance_scale=7.0,
+        width=64,
+        height=64,
+    ).images[0]
     diff = np.abs(np.asarray(image, dtype=np.float64) / 255.0 - _pixels(reference / "p00-s0.png")).mean()
     assert diff <= 1e-4
 
@@ -148,8 +170,14 @@ def test_merged_sd15_folder_in_plain_diffusers_gives_the_same_image(tiny_sd15_di
     assert main(["merge", "--adapter", f"{adapter}:0.7", "--output-dir", str(merged)]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(merged, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    image = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=2, guidance_scale=7.0,
-                 width=64, height=64).images[0]
+    image = pipe(
+        PROMPT,
+        generator=torch.Generator("cpu").manual_seed(0),
+        num_inference_steps=2,
+        guidance_scale=7.0,
+        width=64,
+        height=64,
+    ).images[0]
     assert np.abs(np.asarray(image, dtype=np.float64) / 255.0 - _pixels(out / "p00-s0.png")).mean() <= 1e-4
 
 
@@ -180,8 +208,22 @@ def test_library_defaults_and_native_size(prepared, tmp_path):
 
 
 def test_unknown_scheduler_is_one_line_exit_2(sdxl_adapter, tmp_path, capsys):
-    assert main(["sample", "--adapter", str(sdxl_adapter), "--prompt", "x", "--scheduler", "heun",
-                 "--output-dir", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "--adapter",
+                str(sdxl_adapter),
+                "--prompt",
+                "x",
+                "--scheduler",
+                "heun",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error:")
     assert all(name in err for name in SCHEDULERS)
@@ -206,8 +248,23 @@ def test_cli_errors(sdxl_adapter, tmp_path, capsys):
     assert "--pretrained-model" in _error(["--prompt", "x"], capsys)
     assert "--sample-steps" in _error(["--adapter", str(sdxl_adapter), "--prompt", "x", "--sample-steps", "0"], capsys)
     assert "does not exist" in _error(["--adapter", str(sdxl_adapter), "--prompts-file", str(tmp_path / "p")], capsys)
-    assert "multiple of 8" in _error(["--adapter", str(sdxl_adapter), "--prompt", "x", "--width", "60", "-n", "1",
-                                      "--sample-steps", "1", "--output-dir", str(tmp_path / "o")], capsys)
+    assert "multiple of 8" in _error(
+        [
+            "--adapter",
+            str(sdxl_adapter),
+            "--prompt",
+            "x",
+            "--width",
+            "60",
+            "-n",
+            "1",
+            "--sample-steps",
+            "1",
+            "--output-dir",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
 
 
 def test_load_prompts():
@@ -222,8 +279,9 @@ def test_grid_labels_each_row_with_its_prompt_each_column_with_its_seed_and_the_
     rng = np.random.default_rng(0)
     long = "a photo of sks dog on the moon, " * 12 + "unbreakablesupercalifragilisticexpialidociousword"
     prompts, seeds = ["a dog", long, "a dog"], [3, 17]
-    images = {(j, s): Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-              for j in range(3) for s in seeds}
+    images = {
+        (j, s): Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for j in range(3) for s in seeds
+    }
     grids = {}
     for name, meta in (("plain", {"krona_version": "x"}), ("step", {"krona_version": "x", "step": "30"})):
         path = write_grid(tmp_path / f"{name}.png", images, prompts, seeds, meta)

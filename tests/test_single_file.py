@@ -10,11 +10,18 @@ from helpers import random_adapter
 from PIL import Image
 
 from krona_cli.cli import main
-from krona_cli.pipeline.clip_tokenizer import clip_tokenizer
 from krona_cli.formats import save_adapter
-from krona_cli.pipeline.models import load_pipeline
 from krona_cli.formats.original_layout import to_original
-from krona_cli.pipeline.single_file import METADATA_KEY, PIPELINES, _shipped, _tokenizers, _write_config_folder, describe_file
+from krona_cli.pipeline.clip_tokenizer import clip_tokenizer
+from krona_cli.pipeline.models import load_pipeline
+from krona_cli.pipeline.single_file import (
+    METADATA_KEY,
+    PIPELINES,
+    _shipped,
+    _tokenizers,
+    _write_config_folder,
+    describe_file,
+)
 
 EXAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "examples" / "cat"
 
@@ -25,7 +32,19 @@ def test_clip_tokenizer_is_openais():
     assert len(tokenizer) == 49408
     assert tokenizer("a photo of a dog").input_ids == [49406, 320, 1125, 539, 320, 1929, 49407]
     assert tokenizer("a photo of an astronaut riding a horse on mars").input_ids == [
-        49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 7496, 49407]
+        49406,
+        320,
+        1125,
+        539,
+        550,
+        18376,
+        6765,
+        320,
+        4558,
+        525,
+        7496,
+        49407,
+    ]
     assert clip_tokenizer().pad_token_id == 49407 and clip_tokenizer("!").pad_token_id == 0
 
 
@@ -53,8 +72,10 @@ def test_shipped_configs_make_a_folder_diffusers_reads(arch, tmp_path):
 
 
 def test_other_tools_files_are_told_apart_by_their_keys(tmp_path):
-    assert describe_file(tmp_path / "x", ["conditioner.embedders.1.model.ln_final.weight"], {})["class"] == \
-        "StableDiffusionXLPipeline"
+    assert (
+        describe_file(tmp_path / "x", ["conditioner.embedders.1.model.ln_final.weight"], {})["class"]
+        == "StableDiffusionXLPipeline"
+    )
     sd2 = describe_file(tmp_path / "x", ["cond_stage_model.model.ln_final.weight"], {})
     assert sd2["components"]["scheduler"]["prediction_type"] == "v_prediction"
     from krona_cli.errors import KronaError
@@ -102,9 +123,22 @@ def test_merged_single_file_reads_back_as_the_folder(single_file):
 def test_single_file_samples_the_same_images_as_the_folder(single_file, tmp_path):
     arch, root = single_file
     prompt = ["--prompt", "a photo of sks cat", "-n", "1", "--sample-steps", "3"]
-    assert main(["sample", "--pretrained-model", str(root / "merged"), *prompt, "--output-dir", str(tmp_path / "a")]) == 0
-    assert main(["sample", "--pretrained-model", str(root / "merged.safetensors"), *prompt,
-                 "--output-dir", str(tmp_path / "b")]) == 0
+    assert (
+        main(["sample", "--pretrained-model", str(root / "merged"), *prompt, "--output-dir", str(tmp_path / "a")]) == 0
+    )
+    assert (
+        main(
+            [
+                "sample",
+                "--pretrained-model",
+                str(root / "merged.safetensors"),
+                *prompt,
+                "--output-dir",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
     a, b = (np.asarray(Image.open(tmp_path / d / "grid.png")) for d in ("a", "b"))
     assert a.shape == b.shape and np.array_equal(a, b)
 
@@ -113,10 +147,30 @@ def test_single_file_base_trains_and_merges(single_file, tmp_path):
     """A single-file base trains (its path is saved absolute), and the adapter merges into it again."""
     arch, root = single_file
     out = tmp_path / "run"
-    assert main(["train", "--config", "tiny", "--pretrained-model", str(root / "merged.safetensors"),
-                 "--instance-dir", str(EXAMPLES), "--prompt", "a photo of sks cat", "--steps", "2",
-                 "--output-dir", str(out)]) == 0
-    assert main(["merge", "--adapter", str(out / "adapter.safetensors"), "--output", str(tmp_path / "again.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tiny",
+                "--pretrained-model",
+                str(root / "merged.safetensors"),
+                "--instance-dir",
+                str(EXAMPLES),
+                "--prompt",
+                "a photo of sks cat",
+                "--steps",
+                "2",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["merge", "--adapter", str(out / "adapter.safetensors"), "--output", str(tmp_path / "again.safetensors")])
+        == 0
+    )
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "again.safetensors"), "pt") as f:  # a single file defaults to fp16, as shared

@@ -6,17 +6,16 @@ import signal
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
+from helpers import fixed_pair_loss
 from PIL import Image
 
-from krona_cli.pipeline import models
 from krona_cli.cli import main
-from krona_cli.training.config import load_config
 from krona_cli.errors import KronaError
+from krona_cli.pipeline import models
+from krona_cli.training.config import load_config
 from krona_cli.training.train import Reporter, TrainingInterrupted, train
-
-from helpers import fixed_pair_loss
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
 PROMPT, CLASS_PROMPT = "a photo of sks cat", "a photo of a cat"
@@ -24,13 +23,22 @@ PROMPT, CLASS_PROMPT = "a photo of sks cat", "a photo of a cat"
 
 def tensors(adapter, component):
     """A Kronecker adapter's factors in one component by parameter name (`<module>.kron_a`, `<module>.kron_b`)."""
-    return {f"{module}.kron_{part}": getattr(layer, part)
-            for module, layer in adapter.layers[component].items() for part in ("a", "b")}
+    return {
+        f"{module}.kron_{part}": getattr(layer, part)
+        for module, layer in adapter.layers[component].items()
+        for part in ("a", "b")
+    }
 
 
 def config(pipeline_dir, out, **overrides):
-    settings = dict(pretrained_model=str(pipeline_dir), instance_dir=str(EXAMPLES), prompt=PROMPT,
-                    output_dir=str(out), sample_every=0, checkpoint_every=0)
+    settings = dict(
+        pretrained_model=str(pipeline_dir),
+        instance_dir=str(EXAMPLES),
+        prompt=PROMPT,
+        output_dir=str(out),
+        sample_every=0,
+        checkpoint_every=0,
+    )
     return load_config("tiny", settings | overrides)
 
 
@@ -55,8 +63,23 @@ def test_cli_run_with_prior_preservation_writes_every_output(arch, request, tmp_
 
     pipeline_dir = request.getfixturevalue(f"tiny_{arch}_dir")
     out = tmp_path / "run"
-    code = main(["train", "--config", "tiny", "--pretrained-model", str(pipeline_dir), "--instance-dir", str(EXAMPLES),
-                 "--prompt", PROMPT, "--class-prompt", CLASS_PROMPT, "--output-dir", str(out)])
+    code = main(
+        [
+            "train",
+            "--config",
+            "tiny",
+            "--pretrained-model",
+            str(pipeline_dir),
+            "--instance-dir",
+            str(EXAMPLES),
+            "--prompt",
+            PROMPT,
+            "--class-prompt",
+            CLASS_PROMPT,
+            "--output-dir",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert len(list((out / "class-images").glob("class-*.png"))) == 8  # tiny.yaml: num-class-images 8, generated
@@ -67,14 +90,22 @@ def test_cli_run_with_prior_preservation_writes_every_output(arch, request, tmp_
     assert adapter.num_params() > 0 and any(t.abs().sum() > 0 for t in tensors(adapter, "unet").values())
     card = (out / "README.md").read_text()
     assert PROMPT in card and "samples/step-000030.png" in card and "krona sample" in card
-    assert load_config(out / "config.yaml", {}) == load_config("tiny", {
-        "pretrained_model": str(pipeline_dir), "instance_dir": str(EXAMPLES), "prompt": PROMPT,
-        "class_prompt": CLASS_PROMPT, "output_dir": str(out)}).resolved(arch, out)  # config.yaml: resolved values
+    assert load_config(out / "config.yaml", {}) == load_config(
+        "tiny",
+        {
+            "pretrained_model": str(pipeline_dir),
+            "instance_dir": str(EXAMPLES),
+            "prompt": PROMPT,
+            "class_prompt": CLASS_PROMPT,
+            "output_dir": str(out),
+        },
+    ).resolved(arch, out)  # config.yaml: resolved values
     text = (out / "config.yaml").read_text()
     assert "null" not in text and not {"resume", "overwrite", "dry-run"} & set(yaml.safe_load(text))
     assert "trainable parameters" in captured.out and "Traceback" not in captured.err
 
 
+@pytest.mark.slow
 def test_training_learns_and_leaves_the_base_weights_untouched(tiny_sd15_dir, tmp_path, captured_pipes):
     """The loss at fixed (noise, timestep) pairs on the instance images falls by at least 20%.
 
@@ -101,11 +132,18 @@ def test_training_learns_and_leaves_the_base_weights_untouched(tiny_sd15_dir, tm
         assert all(torch.equal(v, fresh_state[k]) for k, v in getattr(trained, component).state_dict().items())
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(tiny_sdxl_dir, tmp_path):
     from safetensors.torch import load_file
 
-    common = dict(class_prompt=CLASS_PROMPT, class_dir=str(tmp_path / "classes"), ema=True, random_flip=True,
-                  batch_size=2, grad_accum=2)
+    common = dict(
+        class_prompt=CLASS_PROMPT,
+        class_dir=str(tmp_path / "classes"),
+        ema=True,
+        random_flip=True,
+        batch_size=2,
+        grad_accum=2,
+    )
     straight = train(config(tiny_sdxl_dir, tmp_path / "straight", steps=20, **common))
     first = train(config(tiny_sdxl_dir, tmp_path / "resumed", steps=10, **common))
     assert first.step == 10
@@ -129,14 +167,24 @@ def test_class_images_get_their_own_micro_conditioning(tiny_sdxl_dir, tmp_path, 
     def attach_and_spy(pipe, *args, **kwargs):
         adapter = original_attach(pipe, *args, **kwargs)
         pipe.unet.register_forward_pre_hook(
-            lambda module, args, kwargs: seen.append((module.training, kwargs["added_cond_kwargs"]["time_ids"].clone())),
+            lambda module, args, kwargs: seen.append(
+                (module.training, kwargs["added_cond_kwargs"]["time_ids"].clone())
+            ),
             with_kwargs=True,
         )
         return adapter
 
     monkeypatch.setattr("krona_cli.training.trainable.trainable_adapter", attach_and_spy)
-    cfg = config(tiny_sdxl_dir, tmp_path / "run", steps=2, center_crop=True, class_prompt=CLASS_PROMPT,
-                 class_dir=str(classes), num_class_images=2, batch_size=2)
+    cfg = config(
+        tiny_sdxl_dir,
+        tmp_path / "run",
+        steps=2,
+        center_crop=True,
+        class_prompt=CLASS_PROMPT,
+        class_dir=str(classes),
+        num_class_images=2,
+        batch_size=2,
+    )
     train(cfg)
     training_calls = [t for training, t in seen if training]  # sampling runs the UNet in eval mode
     assert len(training_calls) == 2 and all(t.shape[0] == 4 for t in training_calls)  # 2 instance + 2 class rows
@@ -186,9 +234,24 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_sdxl_dir, tmp_pa
 
 def test_dry_run_checks_and_plans_without_training(tiny_sdxl_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "--config", "tiny", "--pretrained-model", str(tiny_sdxl_dir), "--instance-dir",
-                 str(EXAMPLES), "--prompt", PROMPT, "--class-prompt", CLASS_PROMPT, "--output-dir", str(out),
-                 "--dry-run"])
+    code = main(
+        [
+            "train",
+            "--config",
+            "tiny",
+            "--pretrained-model",
+            str(tiny_sdxl_dir),
+            "--instance-dir",
+            str(EXAMPLES),
+            "--prompt",
+            PROMPT,
+            "--class-prompt",
+            CLASS_PROMPT,
+            "--output-dir",
+            str(out),
+            "--dry-run",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "8 to generate" in printed and "dry run" in printed
     assert not (out / "class-images").exists() and not (out / "adapter.safetensors").exists()
@@ -198,8 +261,21 @@ def test_an_output_dir_with_another_run_is_refused(tiny_sdxl_dir, tmp_path, caps
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("steps: 1\n")
-    code = main(["train", "--config", "tiny", "--pretrained-model", str(tiny_sdxl_dir), "--instance-dir",
-                 str(EXAMPLES), "--prompt", PROMPT, "--output-dir", str(out)])
+    code = main(
+        [
+            "train",
+            "--config",
+            "tiny",
+            "--pretrained-model",
+            str(tiny_sdxl_dir),
+            "--instance-dir",
+            str(EXAMPLES),
+            "--prompt",
+            PROMPT,
+            "--output-dir",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--resume latest" in err and "--overwrite" in err and "Traceback" not in err
 
@@ -222,12 +298,27 @@ def test_text_encoders_8bit_adam_bf16_checkpointing_and_tensorboard(tiny_sdxl_di
     from krona_cli.formats import load_adapter
 
     out = tmp_path / "run"
-    result = train(config(
-        tiny_sdxl_dir, out, steps=3, train_text_encoder=True, text_encoder_factors="4x4", text_encoder_lr=1e-3,
-        optimizer="adamw8bit", mixed_precision="bf16", gradient_checkpointing=True, snr_gamma=5.0, noise_offset=0.05,
-        lr_scheduler="cosine", lr_warmup_steps=1, report_to="tensorboard", vae=str(tiny_sdxl_dir),
-        class_prompt=CLASS_PROMPT, num_class_images=2,
-    ))
+    result = train(
+        config(
+            tiny_sdxl_dir,
+            out,
+            steps=3,
+            train_text_encoder=True,
+            text_encoder_factors="4x4",
+            text_encoder_lr=1e-3,
+            optimizer="adamw8bit",
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            snr_gamma=5.0,
+            noise_offset=0.05,
+            lr_scheduler="cosine",
+            lr_warmup_steps=1,
+            report_to="tensorboard",
+            vae=str(tiny_sdxl_dir),
+            class_prompt=CLASS_PROMPT,
+            num_class_images=2,
+        )
+    )
     adapter = load_adapter(result.adapter)
     assert set(adapter.layers) == {"unet", "text_encoder", "text_encoder_2"}
     assert {layer.factors for layer in adapter.layers["text_encoder"].values()} == {"4x4"}
@@ -274,15 +365,36 @@ def test_with_ema_the_saved_adapter_holds_the_ema_weights(tiny_sd15_dir, tmp_pat
     assert any(not torch.equal(t, params[f"params.unet.{name}"]) for name, t in saved.items())
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_ctrl_c_from_the_command_line_checkpoints_and_exits_130(tiny_sd15_dir, tmp_path):
     import subprocess
     import sys
     import time
 
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "krona_cli", "train", "--config", "tiny", "--pretrained-model", str(tiny_sd15_dir),
-               "--instance-dir", str(EXAMPLES), "--prompt", PROMPT, "--output-dir", str(out), "--steps", "100000",
-               "--checkpoint-every", "0", "--sample-every", "0"]  # the only checkpoint is the one Ctrl-C makes
+    command = [
+        sys.executable,
+        "-m",
+        "krona_cli",
+        "train",
+        "--config",
+        "tiny",
+        "--pretrained-model",
+        str(tiny_sd15_dir),
+        "--instance-dir",
+        str(EXAMPLES),
+        "--prompt",
+        PROMPT,
+        "--output-dir",
+        str(out),
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "0",
+        "--sample-every",
+        "0",
+    ]  # the only checkpoint is the one Ctrl-C makes
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "config.yaml").exists() and process.poll() is None and time.time() < deadline:
@@ -296,6 +408,7 @@ def test_ctrl_c_from_the_command_line_checkpoints_and_exits_130(tiny_sd15_dir, t
     assert len(checkpoints) == 1 and not (out / "adapter.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_compile_trains_the_same_adapter(tiny_sd15_dir, tmp_path, monkeypatch):
     """--compile runs the UNet through torch.compile (here with the aot_eager backend: inductor's C++ build takes
     minutes on a CPU) and trains what eager mode trains."""
@@ -323,15 +436,33 @@ def test_factors_that_do_not_divide_a_layer_are_fitted_counted_and_shown_or_refu
     assert 0 < misfits
     result = train(config(tiny_sd15_dir, tmp_path / "a", factors="64x4", dry_run=True))
     assert f"factors fitted to the {misfits} layer(s) they do not divide" in dict(result.summary)["adapter"]
-    assert "fitted" not in dict(train(config(tiny_sd15_dir, tmp_path / "b", factors="4x4", dry_run=True)).summary)[
-        "adapter"]
+    assert (
+        "fitted"
+        not in dict(train(config(tiny_sd15_dir, tmp_path / "b", factors="4x4", dry_run=True)).summary)["adapter"]
+    )
     # per distinct layer shape, what 7x3 became (tiny widths 16, 32, 64: every shape is fitted)
     rows = dict(train(config(tiny_sd15_dir, tmp_path / "d", factors="7x3", dry_run=True)).summary)
     fitted = {(o, i): fit_factors(parse_factors("7x3"), o, i) for o, i in shapes}
     assert rows["factors used"] == ", ".join(f"{o}×{i}: {f} (asked 7x3)" for (o, i), f in sorted(fitted.items()))
     capsys.readouterr()  # the loading chatter of the calls above
-    code = main(["train", "--config", "tiny", "--pretrained-model", str(tiny_sd15_dir), "--instance-dir", str(EXAMPLES),
-                 "--prompt", PROMPT, "--output-dir", str(tmp_path / "c"), "--factors", "64x4", "--strict-factors"])
+    code = main(
+        [
+            "train",
+            "--config",
+            "tiny",
+            "--pretrained-model",
+            str(tiny_sd15_dir),
+            "--instance-dir",
+            str(EXAMPLES),
+            "--prompt",
+            PROMPT,
+            "--output-dir",
+            str(tmp_path / "c"),
+            "--factors",
+            "64x4",
+            "--strict-factors",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "factors 64x4 do not divide layer" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "c" / "checkpoints").exists()
@@ -339,8 +470,23 @@ def test_factors_that_do_not_divide_a_layer_are_fitted_counted_and_shown_or_refu
 
 def test_resuming_a_finished_run_says_that_nothing_was_trained(tiny_sd15_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--config", "tiny", "--pretrained-model", str(tiny_sd15_dir), "--instance-dir", str(EXAMPLES),
-            "--prompt", PROMPT, "--output-dir", str(out), "--sample-images", "1", "--sample-steps", "1"]
+    args = [
+        "train",
+        "--config",
+        "tiny",
+        "--pretrained-model",
+        str(tiny_sd15_dir),
+        "--instance-dir",
+        str(EXAMPLES),
+        "--prompt",
+        PROMPT,
+        "--output-dir",
+        str(out),
+        "--sample-images",
+        "1",
+        "--sample-steps",
+        "1",
+    ]
     assert main([*args, "--steps", "2"]) == 0
     assert "trained 2 steps ->" in capsys.readouterr().out
     grid = Image.open(out / "samples" / "step-000002.png")  # labelled: bands above and left of the one image

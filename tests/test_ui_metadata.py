@@ -12,8 +12,16 @@ from helpers import factor_tensors, random_adapter
 
 from krona_cli.formats import load_adapter, read_safetensors, save_adapter, save_lora, save_lycoris
 
-TRAINING = {"steps": 500, "lr": 5e-4, "prompt": "a photo of sks dog", "class_prompt": "a photo of a dog", "ema": False,
-            "seed": 3, "resolution": 1024, "adapter": "kron"}
+TRAINING = {
+    "steps": 500,
+    "lr": 5e-4,
+    "prompt": "a photo of sks dog",
+    "class_prompt": "a photo of a dog",
+    "ema": False,
+    "seed": 3,
+    "resolution": 1024,
+    "adapter": "kron",
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +67,12 @@ def test_modelspec_and_kohya_keys_from_the_training_settings(sdxl, kind, tmp_pat
         assert network == {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "4"}
         assert "rank-4 LoRA" in meta["ss_training_comment"]
     elif kind == "lycoris":
-        assert network == {"ss_network_module": "lycoris.kohya", "ss_network_dim": "1", "ss_network_alpha": "1",
-                           "ss_network_args": json.dumps({"algo": "lokr", "full_matrix": "True"})}
+        assert network == {
+            "ss_network_module": "lycoris.kohya",
+            "ss_network_dim": "1",
+            "ss_network_alpha": "1",
+            "ss_network_args": json.dumps({"algo": "lokr", "full_matrix": "True"}),
+        }
     else:
         assert network == {}
     # krona reads its own file back whatever else the header holds
@@ -75,8 +87,9 @@ def test_modelspec_and_kohya_keys_from_the_training_settings(sdxl, kind, tmp_pat
 
 
 def test_prediction_type_and_sd_versions(tmp_path):
-    sd15 = random_adapter("sd15", training={"steps": 30, "lr": 1e-4, "prompt": "sks cat", "resolution": 512,
-                                            "prediction_type": "epsilon"})
+    sd15 = random_adapter(
+        "sd15", training={"steps": 30, "lr": 1e-4, "prompt": "sks cat", "resolution": 512, "prediction_type": "epsilon"}
+    )
     _, meta = _write("lora", sd15, tmp_path, "cat")
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["modelspec.prediction_type"] == "epsilon" and meta["modelspec.resolution"] == "512x512"
@@ -94,15 +107,31 @@ def test_unknown_settings_are_left_out(tmp_path):
     _, meta = _write("native", bare, tmp_path, "bare")
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/krona"
     assert meta["modelspec.resolution"] == "512x512"  # SD 1.x's own, as kohya writes it without a training size
-    for key in ("modelspec.trigger_phrase", "modelspec.prediction_type", "ss_resolution", "ss_sd_model_name",
-                "ss_learning_rate", "ss_max_train_steps", "ss_seed"):
+    for key in (
+        "modelspec.trigger_phrase",
+        "modelspec.prediction_type",
+        "ss_resolution",
+        "ss_sd_model_name",
+        "ss_learning_rate",
+        "ss_max_train_steps",
+        "ss_seed",
+    ):
         assert key not in meta, key
     # an adapter for an unknown base, with settings of the wrong types: nothing is made up
-    unknown = dataclasses.replace(bare, architecture=None,
-                                  training={"prompt": "  ", "resolution": "big", "lr": "fast", "steps": -1})
+    unknown = dataclasses.replace(
+        bare, architecture=None, training={"prompt": "  ", "resolution": "big", "lr": "fast", "steps": -1}
+    )
     _, meta = _write("lora", unknown, tmp_path, "unknown")
-    for key in ("modelspec.architecture", "modelspec.resolution", "modelspec.trigger_phrase", "ss_base_model_version",
-                "ss_v2", "ss_resolution", "ss_learning_rate", "ss_max_train_steps"):
+    for key in (
+        "modelspec.architecture",
+        "modelspec.resolution",
+        "modelspec.trigger_phrase",
+        "ss_base_model_version",
+        "ss_v2",
+        "ss_resolution",
+        "ss_learning_rate",
+        "ss_max_train_steps",
+    ):
         assert key not in meta, key
     assert meta["modelspec.sai_model_spec"] == "1.0.0" and meta["modelspec.title"] == "unknown"
     assert load_adapter(tmp_path / "unknown.safetensors").architecture is None

@@ -24,26 +24,47 @@ SWEEP_KEYS = {"lr": float, "factors": str, "rank": int}  # factors applies to kr
 
 # The 25 DreamBench prompts (Ruiz et al., DreamBooth, 2023): {0} is the identifier, {1} the class noun.
 _COMMON = [
-    "a {0} {1} in the jungle", "a {0} {1} in the snow", "a {0} {1} on the beach", "a {0} {1} on a cobblestone street",
-    "a {0} {1} on top of pink fabric", "a {0} {1} on top of a wooden floor", "a {0} {1} with a city in the background",
-    "a {0} {1} with a mountain in the background", "a {0} {1} with a blue house in the background",
+    "a {0} {1} in the jungle",
+    "a {0} {1} in the snow",
+    "a {0} {1} on the beach",
+    "a {0} {1} on a cobblestone street",
+    "a {0} {1} on top of pink fabric",
+    "a {0} {1} on top of a wooden floor",
+    "a {0} {1} with a city in the background",
+    "a {0} {1} with a mountain in the background",
+    "a {0} {1} with a blue house in the background",
     "a {0} {1} on top of a purple rug in a forest",
 ]
 _ATTRIBUTES = ["a red {0} {1}", "a purple {0} {1}", "a shiny {0} {1}", "a wet {0} {1}", "a cube shaped {0} {1}"]
 PROMPT_SETS = {
-    "object": _COMMON + [
-        "a {0} {1} with a wheat field in the background", "a {0} {1} with a tree and autumn leaves in the background",
-        "a {0} {1} with the Eiffel Tower in the background", "a {0} {1} floating on top of water",
-        "a {0} {1} floating in an ocean of milk", "a {0} {1} on top of green grass with sunflowers around it",
-        "a {0} {1} on top of a mirror", "a {0} {1} on top of the sidewalk in a crowded street",
-        "a {0} {1} on top of a dirt road", "a {0} {1} on top of a white rug",
-    ] + _ATTRIBUTES,
-    "live": _COMMON + [
-        "a {0} {1} wearing a red hat", "a {0} {1} wearing a santa hat", "a {0} {1} wearing a rainbow scarf",
-        "a {0} {1} wearing a black top hat and a monocle", "a {0} {1} in a chef outfit",
-        "a {0} {1} in a firefighter outfit", "a {0} {1} in a police outfit", "a {0} {1} wearing pink glasses",
-        "a {0} {1} wearing a yellow shirt", "a {0} {1} in a purple wizard outfit",
-    ] + _ATTRIBUTES,
+    "object": _COMMON
+    + [
+        "a {0} {1} with a wheat field in the background",
+        "a {0} {1} with a tree and autumn leaves in the background",
+        "a {0} {1} with the Eiffel Tower in the background",
+        "a {0} {1} floating on top of water",
+        "a {0} {1} floating in an ocean of milk",
+        "a {0} {1} on top of green grass with sunflowers around it",
+        "a {0} {1} on top of a mirror",
+        "a {0} {1} on top of the sidewalk in a crowded street",
+        "a {0} {1} on top of a dirt road",
+        "a {0} {1} on top of a white rug",
+    ]
+    + _ATTRIBUTES,
+    "live": _COMMON
+    + [
+        "a {0} {1} wearing a red hat",
+        "a {0} {1} wearing a santa hat",
+        "a {0} {1} wearing a rainbow scarf",
+        "a {0} {1} wearing a black top hat and a monocle",
+        "a {0} {1} in a chef outfit",
+        "a {0} {1} in a firefighter outfit",
+        "a {0} {1} in a police outfit",
+        "a {0} {1} wearing pink glasses",
+        "a {0} {1} wearing a yellow shirt",
+        "a {0} {1} in a purple wizard outfit",
+    ]
+    + _ATTRIBUTES,
 }
 
 
@@ -66,8 +87,10 @@ def class_noun(prompt: str, identifier: str) -> str:
     """The word after the identifier in the instance prompt ('a photo of sks dog' -> 'dog')."""
     match = re.search(rf"\b{re.escape(identifier)}\s+([\w-]+)", prompt, flags=re.IGNORECASE)
     if not match:
-        raise KronaError(f"the prompt '{prompt}' has no word after the identifier '{identifier}'; pass --class-noun "
-                         "(e.g. dog) or --identifier")
+        raise KronaError(
+            f"the prompt '{prompt}' has no word after the identifier '{identifier}'; pass --class-noun "
+            "(e.g. dog) or --identifier"
+        )
     return match.group(1)
 
 
@@ -114,10 +137,10 @@ def compare(
     """
     import dataclasses
 
-    from ..training.images import scan_images
-    from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, Embedder, evaluate
     from ..inference.sampling import SampleConfig, generate, prepare_pipeline
+    from ..training.images import scan_images
     from ..training.train import train
+    from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, Embedder, evaluate
 
     say = progress or (lambda message: None)
     key, values = parse_sweep(sweep)
@@ -128,8 +151,9 @@ def compare(
     # load the scorers first: a missing model fails before any training
     clip = Embedder.clip(clip_model or DEFAULT_CLIP_MODEL)
     dino = Embedder.dino(dino_model or DEFAULT_DINO_MODEL)
-    sample_config = SampleConfig(num_images=num_images, seed=train_config.seed, steps=sample_steps,
-                                 guidance=guidance, batch_size=num_images).validate()
+    sample_config = SampleConfig(
+        num_images=num_images, seed=train_config.seed, steps=sample_steps, guidance=guidance, batch_size=num_images
+    ).validate()
     runs: list[Run] = []
     for value in values:
         for method in METHODS:
@@ -137,8 +161,13 @@ def compare(
                 continue  # a setting this method does not have: one run of it is the reference
             name = method + (f"-{key}-{value}" if key and _applies(method, key) else "")
             run_dir = out / "runs" / name
-            changes = {"adapter_type": method, "output_dir": str(run_dir), "overwrite": True, "resume": None,
-                       "class_dir": train_config.class_dir or str(out / "class-images")}
+            changes = {
+                "adapter_type": method,
+                "output_dir": str(run_dir),
+                "overwrite": True,
+                "resume": None,
+                "class_dir": train_config.class_dir or str(out / "class-images"),
+            }
             if key and _applies(method, key):
                 changes[key] = value
             if method == "lora" and key != "lr":
@@ -154,9 +183,18 @@ def compare(
             say(f"scoring {name}")
             metrics = evaluate(sampled.images, reference, identifier=identifier, clip=clip, dino=dino)
             parameters = _parameters(result.adapter)
-            runs.append(Run(method, value if _applies(method, key) else None, str(result.adapter), parameters,
-                            round(seconds, 2), str(run_dir / "eval-samples"), str(sampled.grid),
-                            {k: v for k, v in metrics.to_dict().items() if k in ("clip_i", "clip_t", "dino")}))
+            runs.append(
+                Run(
+                    method,
+                    value if _applies(method, key) else None,
+                    str(result.adapter),
+                    parameters,
+                    round(seconds, 2),
+                    str(run_dir / "eval-samples"),
+                    str(sampled.grid),
+                    {k: v for k, v in metrics.to_dict().items() if k in ("clip_i", "clip_t", "dino")},
+                )
+            )
     report = _write_report(out, runs, key, values, train_config, sample_prompts, num_images)
     return {"report": str(report), "runs": [asdict(r) for r in runs], "sweep": key, "values": values}
 
@@ -222,24 +260,33 @@ def _write_report(out: Path, runs: list[Run], key, values, cfg, prompts: list[st
 
     plot = _plot(out, runs, key, values)
     lines = [
-        f"# krona compare: `{cfg.prompt}`", "",
+        f"# krona compare: `{cfg.prompt}`",
+        "",
         f"Both methods trained {cfg.steps} steps on `{cfg.instance_dir}` from `{cfg.pretrained_model}`"
         + (f" with prior preservation (`{cfg.class_prompt}`)" if cfg.class_prompt else "")
-        + f", seed {cfg.seed}; each sampled {len(prompts)} prompts × {num_images} seeds.", "",
+        + f", seed {cfg.seed}; each sampled {len(prompts)} prompts × {num_images} seeds.",
+        "",
         "| method | " + (f"{key} | " if key else "") + "parameters | CLIP-I | CLIP-T | DINO | train s |",
         "|---|" + ("---|" if key else "") + "---|---|---|---|---|",
     ]
     for r in runs:
         m = r.metrics
         setting = f"{r.setting if r.setting is not None else 'default'} | " if key else ""
-        lines.append(f"| {r.method} | {setting}{r.parameters:,} | {m['clip_i']:.4f} | {m['clip_t']:.4f} | "
-                     f"{m['dino']:.4f} | {r.train_seconds:.1f} |")
+        lines.append(
+            f"| {r.method} | {setting}{r.parameters:,} | {m['clip_i']:.4f} | {m['clip_t']:.4f} | "
+            f"{m['dino']:.4f} | {r.train_seconds:.1f} |"
+        )
     lines += ["", f"![metrics against {key or 'method'}]({plot.name})", ""]
     for value in values:
         kron, lora = (next(r for r in runs if r.method == m and r.setting in (value, None)) for m in METHODS)
         label = f"{key}-{value}" if key else "default"
         grid = _side_by_side(Path(kron.grid), Path(lora.grid), out / "grids" / f"{label}.png")
-        lines += [f"## {label}: kron (left) and LoRA (right)", "", f"![{label}]({grid.relative_to(out).as_posix()})", ""]
+        lines += [
+            f"## {label}: kron (left) and LoRA (right)",
+            "",
+            f"![{label}]({grid.relative_to(out).as_posix()})",
+            "",
+        ]
     results = {"runs": [asdict(r) for r in runs], "sweep": key, "values": values, "prompts": prompts}
     write_bytes_atomic(out / "results.json", json.dumps(results, indent=2).encode())
     return write_bytes_atomic(out / "report.md", "\n".join(lines).encode())

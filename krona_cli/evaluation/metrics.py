@@ -102,7 +102,9 @@ class Embedder:
         _check_batch_size(batch_size)
         rows = [torch.zeros(0, self.dim)]
         for start in range(0, len(images), batch_size):
-            batch = [image if image.mode == "RGB" else image.convert("RGB") for image in images[start:start + batch_size]]
+            batch = [
+                image if image.mode == "RGB" else image.convert("RGB") for image in images[start : start + batch_size]
+            ]
             pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"]
             pixels = pixels.to(self.device, self.model.dtype)
             if self.kind == "clip":
@@ -123,9 +125,13 @@ class Embedder:
         _check_batch_size(batch_size)
         rows = [torch.zeros(0, self.dim)]
         for start in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                                    max_length=self.model.config.text_config.max_position_embeddings,
-                                    return_tensors="pt").to(self.device)
+            tokens = self.tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.model.config.text_config.max_position_embeddings,
+                return_tensors="pt",
+            ).to(self.device)
             out = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
             out = getattr(out, "pooler_output", out)
             rows.append(torch.nn.functional.normalize(out.float(), dim=-1).cpu())
@@ -260,7 +266,7 @@ def evaluate(
         nonlocal done
         out = {name: [] for name in embedders}
         for start in range(0, len(paths), batch_size):
-            batch = [load_image(p) for p in paths[start:start + batch_size]]
+            batch = [load_image(p) for p in paths[start : start + batch_size]]
             for name, embedder in embedders.items():
                 out[name].append(embedder.images(batch, batch_size))
             for image in batch:
@@ -270,8 +276,10 @@ def evaluate(
                 progress(done, total)
         return {name: torch.cat(rows) for name, rows in out.items()}
 
-    per_image = [{"file": str(p), "prompt": prompt, "clip_i": None, "clip_t": None, "dino": None}
-                 for p, prompt in zip(generated, prompts)]
+    per_image = [
+        {"file": str(p), "prompt": prompt, "clip_i": None, "clip_t": None, "dino": None}
+        for p, prompt in zip(generated, prompts)
+    ]
     scores: dict[str, float | None] = {"clip_i": None, "clip_t": None, "dino": None}
     if embedders:
         gen, ref = embed(generated), embed(reference)

@@ -43,9 +43,7 @@ def detect_format(keys: Iterable[str], metadata: dict[str, str], source: str) ->
     )
 
 
-def read_adapter(
-    path: str | Path, unet_config: Mapping | None = None
-) -> tuple[Adapter, str, dict[str, torch.Tensor]]:
+def read_adapter(path: str | Path, unet_config: Mapping | None = None) -> tuple[Adapter, str, dict[str, torch.Tensor]]:
     """The adapter in a file of any supported format, the format's name, and the file's raw tensors.
 
     `unet_config` is the config of the base model's UNet, with which kohya's SGM-named UNet layers are numbered

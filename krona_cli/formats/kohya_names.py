@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
+from functools import cache, lru_cache
 
-from ..errors import KronaError
 from ..architectures import load_model_config
-from .original_layout import unet_path_from_sgm
+from ..errors import KronaError
 from .adapter import Adapter
 from .native import COMPONENTS, canonical_name
+from .original_layout import unet_path_from_sgm
 
 UNET_PREFIX = "lora_unet_"
 # The file prefix of each text encoder, by architecture family: SDXL has two, SD 1.x/2.x one.
@@ -103,7 +103,7 @@ def decode_path(name: str, key: str | None = None, sgm: bool = False) -> str:
     parts = name.split("_")
     words = _words_by_length(sgm)
 
-    @lru_cache(maxsize=None)
+    @cache
     def read(i: int) -> tuple[str, ...] | None:
         if i == len(parts):
             return ()

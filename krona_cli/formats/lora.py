@@ -47,8 +47,8 @@ from .. import __version__
 from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
-from .kohya_names import NameReader, check_text_prefixes, kohya_prefix, lora_name, two_text_encoders
 from .adapter import LAYOUT_DIFFUSEKRONA, LAYOUT_STANDARD, Adapter, LoraLayer
+from .kohya_names import NameReader, check_text_prefixes, kohya_prefix, lora_name, two_text_encoders
 from .native import COMPONENTS, METADATA_KEY, canonical_name, json_metadata, krona_metadata
 from .ui_metadata import describe_adapter, guess_architecture, ui_metadata
 
@@ -96,7 +96,6 @@ _SUPPORTED = (
     "LoRA on linear layers: diffusers/peft `lora_A`/`lora_B` keys, older diffusers `lora.down`/`lora.up` keys, "
     "or kohya `lora_down`/`lora_up`/`alpha` keys"
 )
-
 
 
 # --- reading -------------------------------------------------------------------------------------------------------
@@ -283,13 +282,8 @@ def from_lora(
     if meta is not None and meta.get("format") == EXPORT_FORMAT:
         base_model, architecture = meta.get("base_model"), meta.get("architecture")
     else:
-        widths = {  # input width of cross-attention k/v
-            layer.shape[1]
-            for module, layer in layers.get("unet", {}).items()
-            if module.endswith((".attn2.to_k", ".attn2.to_v"))
-        }
         sdxl_text_encoders = "text_encoder_2" in layers or "lora_te2_" in kohya_prefixes
-        base_model, architecture = None, guess_architecture(metadata, sdxl_text_encoders, False, widths)
+        base_model, architecture = None, guess_architecture(metadata, sdxl_text_encoders, False, layers)
     if "kohya" in formats:
         key_format = names.key_format
     else:
@@ -430,8 +424,13 @@ def _lora_metadata(
         "format": "pt",
         METADATA_KEY: json.dumps(krona_meta, sort_keys=True),
         **ui_metadata(
-            "lora", title or "krona LoRA", adapter.architecture, adapter.base_model, adapter.training,
-            describe_adapter(adapter.base_model, adapter.training, exported_as), network,
+            "lora",
+            title or "krona LoRA",
+            adapter.architecture,
+            adapter.base_model,
+            adapter.training,
+            describe_adapter(adapter.base_model, adapter.training, exported_as),
+            network,
         ),
     }
 

@@ -30,8 +30,8 @@ from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
 from ..kron import TARGET_PRESETS
-from .kohya_names import NameReader, check_text_prefixes, lora_name, two_text_encoders
 from .adapter import LAYOUT_STANDARD, Adapter, KronLayer
+from .kohya_names import NameReader, check_text_prefixes, lora_name, two_text_encoders
 from .native import METADATA_KEY, json_metadata, krona_metadata
 from .ui_metadata import describe_adapter, guess_architecture, ui_metadata
 
@@ -57,8 +57,7 @@ _FULL = ("lokr_w1", "lokr_w2")
 _DECOMPOSED = ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")
 SUFFIXES = (*_FULL, *_DECOMPOSED, "alpha")
 _SUPPORTED = (
-    "LoKr on linear layers with `lokr_w1` or `lokr_w1_a`/`lokr_w1_b`, `lokr_w2` or `lokr_w2_a`/`lokr_w2_b`, "
-    "and `alpha`"
+    "LoKr on linear layers with `lokr_w1` or `lokr_w1_a`/`lokr_w1_b`, `lokr_w2` or `lokr_w2_a`/`lokr_w2_b`, and `alpha`"
 )
 _LOKR_KEY = re.compile(r"^lora_(unet|te|te1|te2)_[A-Za-z0-9_]+\.lokr_(w1|w2|w1_a|w1_b|w2_a|w2_b|t1|t2)$")
 
@@ -111,8 +110,13 @@ def to_lycoris(adapter: Adapter, title: str | None = None) -> tuple[dict[str, to
     metadata = {
         METADATA_KEY: json.dumps(krona_metadata(adapter), sort_keys=True),
         **ui_metadata(
-            "lycoris", title or "krona LoKr", adapter.architecture, adapter.base_model, adapter.training,
-            description, network,
+            "lycoris",
+            title or "krona LoKr",
+            adapter.architecture,
+            adapter.base_model,
+            adapter.training,
+            description,
+            network,
         ),
     }
     return tensors, metadata
@@ -243,13 +247,8 @@ def from_lycoris(
         targets = meta.get("targets") or {}
         base_model, training = meta.get("base_model"), meta.get("training")
     else:
-        widths = {  # input width of cross-attention k/v
-            layer.shape[1]
-            for module, layer in layers.get("unet", {}).items()
-            if module.endswith((".attn2.to_k", ".attn2.to_v"))
-        }
         architecture = guess_architecture(
-            metadata, bool(prefixes & {"lora_te1_", "lora_te2_"}), "lora_te_" in prefixes, widths
+            metadata, bool(prefixes & {"lora_te1_", "lora_te2_"}), "lora_te_" in prefixes, layers
         )
         targets = {component: _infer_targets(component, mods) for component, mods in layers.items()}
         base_model, training = None, None

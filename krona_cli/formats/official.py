@@ -25,8 +25,8 @@ from collections.abc import Iterable
 
 import torch
 
-from ..errors import KronaError
 from ..architectures import architecture_from_context_widths
+from ..errors import KronaError
 from .adapter import Adapter, DiffuseKronALayer
 from .native import canonical_name
 

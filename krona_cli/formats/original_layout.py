@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
+from ..architectures import architecture_of
 from ..atomic import write_atomic
 from ..errors import KronaError
-from ..architectures import architecture_of
 
 # diffusers resnet child -> original ResBlock child
 _RESNET = {

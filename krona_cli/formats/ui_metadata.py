@@ -117,11 +117,12 @@ def describe_adapter(base_model: str | None, training: dict | None, how: str) ->
 
 
 def guess_architecture(
-    metadata: dict[str, str], sdxl_text_encoders: bool, single_text_encoder: bool, context_widths: set[int]
+    metadata: dict[str, str], sdxl_text_encoders: bool, single_text_encoder: bool, layers: dict
 ) -> str | None:
     """The architecture of a file without krona's metadata: kohya's `ss_base_model_version` when present (None for a
     base model other than SDXL or SD 1.x), else SDXL's two text encoders, else one text encoder (SD 1.x) when the
-    caller counts that, else the UNet's cross-attention width."""
+    caller counts that, else the width of the text the UNet's cross-attention reads (`layers`: the adapter's layer
+    records by component and module)."""
     version = metadata.get("ss_base_model_version")
     if version:
         if version.startswith("sdxl_"):
@@ -131,4 +132,9 @@ def guess_architecture(
         return "sdxl"
     if single_text_encoder:
         return "sd15"
-    return architecture_from_context_widths(context_widths)
+    widths = {  # input width of cross-attention k/v
+        layer.shape[1]
+        for module, layer in layers.get("unet", {}).items()
+        if module.endswith((".attn2.to_k", ".attn2.to_v"))
+    }
+    return architecture_from_context_widths(widths)

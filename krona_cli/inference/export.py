@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ..atomic import write_bytes_atomic
 from ..errors import KronaError
-from ..outputs import output_file
 from ..formats import load_adapter, save_adapter, save_lora, save_lycoris
+from ..outputs import output_file
 
 TARGETS = ("native", "lycoris", "lora")
 

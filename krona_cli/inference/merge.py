@@ -49,7 +49,9 @@ def _check_fits(components: Mapping[str, nn.Module], adapter: Adapter, architect
     if mismatch or other_arch:
         what = f"made for {made_for}, the base model is {architecture}" if other_arch else "made for another model"
         detail = f"; {mismatch}" if mismatch else ""
-        raise KronaError(f"the adapter does not fit this base model ({what}){detail}; pass the matching --pretrained-model")
+        raise KronaError(
+            f"the adapter does not fit this base model ({what}){detail}; pass the matching --pretrained-model"
+        )
 
 
 @torch.no_grad()
@@ -114,7 +116,9 @@ def load_and_bake(
     return BakedPipeline(pipe, str(base), arch, loaded, changed)
 
 
-def _bake_for_saving(adapters: Sequence[tuple[str, float]], pretrained: str | None, dtype: str) -> tuple[BakedPipeline, dict]:
+def _bake_for_saving(
+    adapters: Sequence[tuple[str, float]], pretrained: str | None, dtype: str
+) -> tuple[BakedPipeline, dict]:
     """Bake adapters (path, multiplier) into the base model cast to `dtype`; the pipeline and the summary of it."""
     if not adapters:
         raise KronaError("no adapter given; pass --adapter FILE[:SCALE]")
@@ -136,8 +140,9 @@ MERGE_SUMMARY = "krona_merge.json"
 
 def _weight_bytes(pipe) -> int:
     """What a pipeline's weights take on disk, as they are now (cast to the saved dtype)."""
-    return sum(p.numel() * p.element_size() for m in [*pipeline_components(pipe).values(), pipe.vae]
-               for p in m.parameters())
+    return sum(
+        p.numel() * p.element_size() for m in [*pipeline_components(pipe).values(), pipe.vae] for p in m.parameters()
+    )
 
 
 def merge_to_folder(

@@ -36,7 +36,7 @@ class GroupCount:
     lora: dict[int, int] = field(default_factory=dict)
     used: dict[str, set[str]] = field(default_factory=dict)
 
-    def add(self, other: "GroupCount") -> None:
+    def add(self, other: GroupCount) -> None:
         self.layers += other.layers
         for k, v in other.kron.items():
             self.kron[k] = self.kron.get(k, 0) + v
@@ -86,9 +86,7 @@ def plan(
         for name in find_targets(model, targets):
             layer = model.get_submodule(name)
             linears.append((f"{component}:{name}", layer.out_features, layer.in_features))
-    groups = count_linears(
-        linears, factor_settings, strict_factors, group_of=lambda n: block_group(*n.split(":", 1))
-    )
+    groups = count_linears(linears, factor_settings, strict_factors, group_of=lambda n: block_group(*n.split(":", 1)))
     total = GroupCount()
     for g in groups.values():
         total.add(g)

@@ -232,8 +232,14 @@ def _wrap(text: str, font, width: float, max_lines: int) -> list[str]:
     return lines
 
 
-def _grid(rows: list[list[Image.Image]], prompts: Sequence[str], seeds: Sequence[int], title: str | None,
-          width: int, height: int) -> Image.Image:
+def _grid(
+    rows: list[list[Image.Image]],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    title: str | None,
+    width: int,
+    height: int,
+) -> Image.Image:
     """The images in rows (one per prompt) and columns (one per seed), below a band with the seeds and right of a
     band with the prompts; the top-left corner holds `title`. The images fill the bottom-right corner unchanged."""
     from PIL import ImageDraw
@@ -356,8 +362,9 @@ def render(
     try:
         for start in range(0, total, config.batch_size):
             batch = jobs[start : start + config.batch_size]
+            size = len(batch)
 
-            def on_step(p, step, timestep, kwargs, _done=done, _n=len(batch)):
+            def on_step(p, step, timestep, kwargs, _done=done, _n=size):
                 if progress is not None:
                     steps = getattr(p, "num_timesteps", None) or config.steps
                     progress(_done + _n * min(1.0, (step + 1) / steps), total)

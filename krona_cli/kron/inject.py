@@ -38,7 +38,8 @@ def target_pattern(targets: str | Iterable[str]) -> re.Pattern:
             re.compile(expr)
         except (re.error, OverflowError, RecursionError) as e:
             raise KronaError(
-                f"targets '{item}' is neither a preset ({', '.join(TARGET_PRESETS)}) nor a valid regular expression: {e}"
+                f"targets '{item}' is neither a preset ({', '.join(TARGET_PRESETS)}) nor a valid regular expression: "
+                f"{e}"
             ) from e
         parts.append(f"(?:{expr})")
     return re.compile("|".join(parts))

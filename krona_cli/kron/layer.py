@@ -172,11 +172,11 @@ def _merge_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-
 def is_quantized(layer: nn.Module) -> bool:
     """Whether a linear layer's weight is held quantized (bitsandbytes int8 or packed 4-bit), on its device."""
     weight = getattr(layer, "weight", None)
     return weight is not None and not weight.dtype.is_floating_point
+
 
 class KronLinear(nn.Module):
     """A frozen `nn.Linear` with a trainable Kronecker-product update: y = base(x) + scale · (A ⊗ B) x.
@@ -206,9 +206,7 @@ class KronLinear(nn.Module):
         f = parse_factors(factors)
         d_out, d_in = base.out_features, base.in_features
         if d_out % f.a_out or d_in % f.a_in:
-            raise KronaError(
-                f"factors {f} do not divide a {d_out}x{d_in} (out x in) layer; use factors that divide it"
-            )
+            raise KronaError(f"factors {f} do not divide a {d_out}x{d_in} (out x in) layer; use factors that divide it")
         if path not in PATHS:
             raise KronaError(f"unknown adapter path '{path}'; use one of {', '.join(PATHS)}")
         self.base = base
@@ -236,7 +234,8 @@ class KronLinear(nn.Module):
         return self.base.out_features
 
     def reset_parameters(self, init: str = "normal") -> None:
-        """B = 0 and A drawn by `init`: `normal` N(0, std 1/a_out) as in DiffuseKronA, `kaiming` (uniform) or `xavier`."""
+        """B = 0 and A drawn by `init`: `normal` N(0, std 1/a_out) as in DiffuseKronA, `kaiming` (uniform) or
+        `xavier`."""
         if init not in INITS:
             raise KronaError(f"unknown adapter init '{init}'; use one of {', '.join(INITS)}")
         if self.kron_a.is_meta:
@@ -258,8 +257,10 @@ class KronLinear(nn.Module):
     def merge(self) -> None:
         """Add the update into the base weight; forward then runs the base alone."""
         if is_quantized(self.base):
-            raise KronaError("cannot merge an adapter into a quantized layer; merge it into the full-precision base "
-                             "model (krona merge)")
+            raise KronaError(
+                "cannot merge an adapter into a quantized layer; merge it into the full-precision base "
+                "model (krona merge)"
+            )
         if not self.merged:
             w = self.base.weight
             w.copy_((w.to(_merge_dtype(w)) + self.delta_weight().to(_merge_dtype(w))).to(w.dtype))

@@ -17,8 +17,10 @@ from ..errors import KronaError
 
 PROBE_TIMEOUT_S = 3.0
 _FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-BASE_MODELS = "a diffusers folder, a single-file .safetensors checkpoint or a hub id such as " \
-              "stabilityai/stable-diffusion-xl-base-1.0"
+BASE_MODELS = (
+    "a diffusers folder, a single-file .safetensors checkpoint or a hub id such as "
+    "stabilityai/stable-diffusion-xl-base-1.0"
+)
 
 
 def locate(name: str, flag: str = "--pretrained-model", expected: str = BASE_MODELS) -> tuple[str, Path | str]:
@@ -103,8 +105,12 @@ def model_source(name: str, flag: str, what: str) -> str:
         return str(where)
     why = offline()  # asked once: an unreachable hub then fails at once from the cache instead of retrying
     if why and not _cached(where):
-        raise model_error(name, flag, what, f"not in the local Hugging Face cache, and {why}; download it once with "
-                          f"`hf download {where}`")
+        raise model_error(
+            name,
+            flag,
+            what,
+            f"not in the local Hugging Face cache, and {why}; download it once with `hf download {where}`",
+        )
     return where
 
 
@@ -117,5 +123,6 @@ def _cached(repo: str) -> bool:
 def model_error(name: str, flag: str, what: str, detail: str) -> KronaError:
     if len(detail) > 240:
         detail = detail[:237] + "..."
-    return KronaError(f"cannot load the {what} model '{name}' ({detail}); pass {flag} with a local folder or a hub id "
-                      "while online")
+    return KronaError(
+        f"cannot load the {what} model '{name}' ({detail}); pass {flag} with a local folder or a hub id while online"
+    )

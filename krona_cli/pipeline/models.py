@@ -15,6 +15,7 @@ from ..architectures import ARCHITECTURES, architecture_of, check_arch, load_mod
 from ..errors import KronaError
 from .hub import absolute, locate, offline  # noqa: F401  absolute: callers move to hub after the refactor
 
+
 def build_component(arch: str, component: str, device: str | torch.device = "meta") -> nn.Module:
     """One component (unet, text_encoder, text_encoder_2) of a real architecture, random or meta weights."""
     files = ARCHITECTURES[check_arch(arch)]
@@ -28,7 +29,11 @@ def build_component(arch: str, component: str, device: str | torch.device = "met
             return UNet2DConditionModel.from_config(config)
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        cls = CLIPTextModelWithProjection if config.pop("architectures") == ["CLIPTextModelWithProjection"] else CLIPTextModel
+        cls = (
+            CLIPTextModelWithProjection
+            if config.pop("architectures") == ["CLIPTextModelWithProjection"]
+            else CLIPTextModel
+        )
         return cls(CLIPTextConfig(**config))
 
 
@@ -80,11 +85,15 @@ def _hub_json(repo: str, filename: str, revision: str | None, flag: str) -> dict
     try:
         return json.loads(Path(hf_hub_download(repo, filename, revision=revision)).read_text())
     except GatedRepoError as e:
-        raise KronaError(f"'{repo}' is gated on the Hugging Face hub: accept its licence on huggingface.co/{repo}, "
-                         "then log in with `hf auth login`") from e
+        raise KronaError(
+            f"'{repo}' is gated on the Hugging Face hub: accept its licence on huggingface.co/{repo}, "
+            "then log in with `hf auth login`"
+        ) from e
     except RepositoryNotFoundError as e:
-        raise KronaError(f"{flag} '{repo}' is neither a local path nor a model on the Hugging Face hub (a private "
-                         "one needs `hf auth login`); check the name") from e
+        raise KronaError(
+            f"{flag} '{repo}' is neither a local path nor a model on the Hugging Face hub (a private "
+            "one needs `hf auth login`); check the name"
+        ) from e
     except RevisionNotFoundError as e:
         raise KronaError(f"'{repo}' has no revision '{revision}'; check --revision") from e
     except RemoteEntryNotFoundError as e:
@@ -96,7 +105,10 @@ def _hub_json(repo: str, filename: str, revision: str | None, flag: str) -> dict
             f"while online with `hf download {repo}`, or give a local diffusers folder or .safetensors file"
         ) from e
     except (HfHubHTTPError, OSError) as e:
-        raise KronaError(f"could not fetch '{repo}' from the Hugging Face hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise KronaError(
+            f"could not fetch '{repo}' from the Hugging Face hub: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
 
 
 def load_pipeline(
@@ -124,8 +136,10 @@ def load_pipeline(
     warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated", category=FutureWarning)
     if kind == "file":
         if where.suffix != ".safetensors":
-            raise KronaError(f"'{pretrained}' is not a .safetensors checkpoint; krona never loads pickles "
-                             "(convert it to .safetensors with a tool you trust)")
+            raise KronaError(
+                f"'{pretrained}' is not a .safetensors checkpoint; krona never loads pickles "
+                "(convert it to .safetensors with a tool you trust)"
+            )
         keys, metadata = _header(where)
         _refuse_adapter(where, keys, metadata, "--pretrained-model")
     elif kind == "folder":
@@ -147,9 +161,13 @@ def load_pipeline(
         raise
     except Exception as e:
         raise KronaError(
-            f"could not load the base model '{pretrained}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            + ("; the cached copy may be incomplete: download it again with `hf download " + pretrained + "`"
-               if kind == "hub" else "")
+            f"could not load the base model '{pretrained}': {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+            + (
+                "; the cached copy may be incomplete: download it again with `hf download " + pretrained + "`"
+                if kind == "hub"
+                else ""
+            )
         ) from e
     if not hasattr(pipe, "unet"):
         raise KronaError(f"'{pretrained}' is a {type(pipe).__name__}, not an SDXL or SD pipeline with a UNet")
@@ -169,7 +187,9 @@ def base_unet_config(pretrained: str, revision: str | None = None) -> dict:
     if kind == "folder":
         path = where / "unet" / "config.json"
         if not path.is_file():
-            raise KronaError(f"'{pretrained}' is a folder but not a diffusers pipeline with a UNet (no unet/config.json)")
+            raise KronaError(
+                f"'{pretrained}' is a folder but not a diffusers pipeline with a UNet (no unet/config.json)"
+            )
         return json.loads(path.read_text())
     keys, metadata = _header(where)
     _refuse_adapter(where, keys, metadata, "--pretrained-model")
@@ -188,7 +208,9 @@ def load_vae(name: str, dtype: torch.dtype = torch.float32):
     try:
         return AutoencoderKL.from_pretrained(where, torch_dtype=dtype)
     except Exception as e:
-        raise KronaError(f"could not load the VAE '{name}': {type(e).__name__}; give a diffusers VAE folder or hub id") from e
+        raise KronaError(
+            f"could not load the VAE '{name}': {type(e).__name__}; give a diffusers VAE folder or hub id"
+        ) from e
 
 
 def cast(model: nn.Module, device, dtype: torch.dtype) -> None:

@@ -32,8 +32,9 @@ def import_bitsandbytes(flag: str, instead: str = ""):
     try:
         import bitsandbytes
     except ImportError as e:
-        raise KronaError(f"{flag} needs bitsandbytes: pip install bitsandbytes"
-                         + (f" (or use {instead})" if instead else "")) from e
+        raise KronaError(
+            f"{flag} needs bitsandbytes: pip install bitsandbytes" + (f" (or use {instead})" if instead else "")
+        ) from e
     return bitsandbytes
 
 
@@ -42,12 +43,24 @@ def _quantized_linear(linear: nn.Linear, precision: str, compute_dtype: torch.dt
     bnb = import_bitsandbytes(f"--base-precision {precision}", instead="--base-precision bf16")
     weight = linear.weight.data.to("cpu", compute_dtype)
     if precision == "int8":
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                    has_fp16_weights=False, threshold=6.0, device="meta")
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            has_fp16_weights=False,
+            threshold=6.0,
+            device="meta",
+        )
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=compute_dtype,
+            quant_type="nf4",
+            device="meta",
+        )
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
         # on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights in place at the first no-grad call (sample
         # grids) into a layout that its training path then fails on; keep the one layout that does both
@@ -67,8 +80,12 @@ def quantize(model: nn.Module, precision: str, compute_dtype: torch.dtype, devic
     cast(model, "cpu", compute_dtype)
     # bitsandbytes' 4-bit CPU kernels fail on layers whose sides are not multiples of 64 (only tiny test models have
     # such layers: every linear layer of SDXL, SD and their text encoders is a multiple of 64 on both sides)
-    names = [name for name, module in model.named_modules() if type(module) is nn.Linear
-             and (precision == "int8" or module.in_features % 64 == module.out_features % 64 == 0)]
+    names = [
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear
+        and (precision == "int8" or module.in_features % 64 == module.out_features % 64 == 0)
+    ]
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
@@ -90,8 +107,10 @@ def check_device(precision: str, compute_dtype: torch.dtype, device: torch.devic
         raise
     except Exception as e:  # whatever bitsandbytes raises for an unsupported device or build
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KronaError(f"bitsandbytes cannot run --base-precision {precision} on {torch_device.type} ({reason}); "
-                         "use --base-precision bf16, fp16 or fp32") from e
+        raise KronaError(
+            f"bitsandbytes cannot run --base-precision {precision} on {torch_device.type} ({reason}); "
+            "use --base-precision bf16, fp16 or fp32"
+        ) from e
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -116,8 +135,10 @@ def memory_estimate(models: list[nn.Module], trainable: int, optimizer: str, ema
     trainable parameter its fp32 weight and gradient, AdamW's two states (fp32, or 8-bit) and the EMA copy."""
     weights = sum(weight_bytes(m) for m in models)
     per_param = 4 + 4 + (2 if optimizer == "adamw8bit" else 8) + (4 if ema else 0)
-    return (f"{_size(weights)} frozen weights + {_size(trainable * per_param)} adapter, gradients and optimizer; "
-            "activations come on top")
+    return (
+        f"{_size(weights)} frozen weights + {_size(trainable * per_param)} adapter, gradients and optimizer; "
+        "activations come on top"
+    )
 
 
 def _size(n: int) -> str:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .clip_tokenizer import EOS, clip_tokenizer, is_clip_tokenizer, tokenizer_from_merges
-from ..errors import KronaError
 from ..architectures import load_model_config
+from ..errors import KronaError
 from ..formats.original_layout import original_architecture
+from .clip_tokenizer import EOS, clip_tokenizer, is_clip_tokenizer, tokenizer_from_merges
 
 METADATA_KEY = "krona_pipeline"
 # component -> config file in configs/models/, per architecture of an original-layout checkpoint
@@ -57,7 +57,8 @@ def _shipped(arch: str) -> dict:
     return {
         "class": "StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline",
         "index": {
-            name: ["transformers", config.pop("architectures")[0]] if name.startswith("text_encoder")
+            name: ["transformers", config.pop("architectures")[0]]
+            if name.startswith("text_encoder")
             else ["diffusers", config["_class_name"]]
             for name, config in components.items()
         },
@@ -72,8 +73,11 @@ def pipeline_description(pipe) -> dict:
     parts = {name: getattr(pipe, name, None) for name in ("unet", "vae", "scheduler", *_TOKENIZERS)}
     parts = {name: part for name, part in parts.items() if part is not None}
     components = {
-        name: {k: v for k, v in (part.config.to_dict() if name in _TOKENIZERS else part.config).items()
-               if not k.startswith("_") or k == "_class_name"}  # no `_name_or_path`: it would point at this machine
+        name: {
+            k: v
+            for k, v in (part.config.to_dict() if name in _TOKENIZERS else part.config).items()
+            if not k.startswith("_") or k == "_class_name"
+        }  # no `_name_or_path`: it would point at this machine
         for name, part in parts.items()
     }
     index = {name: [type(part).__module__.split(".")[0], type(part).__name__] for name, part in parts.items()}
@@ -102,7 +106,9 @@ def _write_config_folder(folder: Path, description: dict) -> None:
 
 def _tokenizers(description: dict) -> dict:
     return {
-        name: tokenizer_from_merges([tuple(m) for m in t["merges"]], t["pad"]) if "merges" in t else clip_tokenizer(t["pad"])
+        name: tokenizer_from_merges([tuple(m) for m in t["merges"]], t["pad"])
+        if "merges" in t
+        else clip_tokenizer(t["pad"])
         for name, t in description["tokenizers"].items()
     }
 

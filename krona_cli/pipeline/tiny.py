@@ -33,12 +33,17 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from krona_cli.atomic import write_folder_atomic
+from krona_cli.errors import KronaError
 from krona_cli.outputs import output_folder
 from krona_cli.pipeline.clip_tokenizer import END_OF_WORD, MAX_LENGTH, tokenizer_from_merges
-from krona_cli.errors import KronaError
 
 __all__ = [
-    "build_tokenizer", "build_tiny_pipeline", "make_tiny", "build_tiny_clip", "build_tiny_dino", "make_tiny_clip",
+    "build_tokenizer",
+    "build_tiny_pipeline",
+    "make_tiny",
+    "build_tiny_clip",
+    "build_tiny_dino",
+    "make_tiny_clip",
     "make_tiny_dino",
 ]
 
@@ -302,8 +307,8 @@ def make_tiny(path: str | Path, arch: str = "sdxl", seed: int = 0, overwrite: bo
 
 
 def _pil_image_processor(name: str):
-    """transformers' PIL image processor class ``name`` (``CLIPImageProcessorPil`` in transformers 5, where the plain class
-    needs torchvision; the plain class, which is the PIL one, before)."""
+    """transformers' PIL image processor class ``name`` (``CLIPImageProcessorPil`` in transformers 5, where the plain
+    class needs torchvision; the plain class, which is the PIL one, before)."""
     import transformers
 
     return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
@@ -315,19 +320,29 @@ def build_tiny_clip(seed: int = 0):
     Text tower: :func:`build_tokenizer`'s vocabulary, width 32, 2 layers, 4 heads, quick-GELU, 77 positions. Vision
     tower: 32-px images in 8-px patches (16 patches and a class token), width 32, 2 layers, 2 heads. Both project to
     16. The processor is CLIP's (shorter side to 32, bicubic, centre crop 32, CLIP's mean and std). Weights are drawn
-    under ``torch.manual_seed(seed)`` in a forked RNG: the same seed gives the same model, the caller's RNG is untouched.
+    under ``torch.manual_seed(seed)`` in a forked RNG: the same seed gives the same model, the caller's RNG is
+    untouched.
     """
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
 
     tokenizer = build_tokenizer()
     text = _text_config(tokenizer, hidden_size=32, hidden_act="quick_gelu").to_dict() | {"projection_dim": 16}
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=16, hidden_act="quick_gelu").to_dict()
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+        hidden_act="quick_gelu",
+    ).to_dict()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
-    processor = _pil_image_processor("CLIPImageProcessor")(size={"shortest_edge": 32},
-                                                           crop_size={"height": 32, "width": 32})
+    processor = _pil_image_processor("CLIPImageProcessor")(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
     return model, processor, tokenizer
 
 
@@ -340,14 +355,15 @@ def build_tiny_dino(seed: int = 0):
     """
     from transformers import ViTConfig, ViTModel
 
-    config = ViTConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                       image_size=32, patch_size=8)
+    config = ViTConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ViTModel(config, add_pooling_layer=False).eval()
-    processor = _pil_image_processor("ViTImageProcessor")(size={"height": 32, "width": 32}, resample=2,
-                                                          image_mean=[0.485, 0.456, 0.406],
-                                                          image_std=[0.229, 0.224, 0.225])
+    processor = _pil_image_processor("ViTImageProcessor")(
+        size={"height": 32, "width": 32}, resample=2, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
+    )
     return model, processor
 
 
@@ -356,8 +372,10 @@ def _save_parts(path: str | Path, parts) -> Path:
     folder or a model folder (one holding ``config.json``) is replaced."""
     target = Path(path).expanduser().absolute()
     if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / "config.json").is_file())):
-        raise KronaError(f"Refusing to overwrite {target}: it exists and is neither an empty folder nor a model folder "
-                         "(no config.json). Choose another path or remove it.")
+        raise KronaError(
+            f"Refusing to overwrite {target}: it exists and is neither an empty folder nor a model folder "
+            "(no config.json). Choose another path or remove it."
+        )
     write_folder_atomic(target, lambda folder: [part.save_pretrained(folder) for part in parts])
     return target
 

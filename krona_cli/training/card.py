@@ -60,12 +60,19 @@ def write_model_card(out: Path, cfg: TrainConfig, arch: str, steps: int, params:
     shape = f"factors {cfg.factors}" if cfg.adapter_type == "kron" else f"rank {cfg.rank}"
     rows = [
         ("base model", f"`{cfg.pretrained_model}` ({arch})"),
-        ("adapter", f"{'Kronecker (DiffuseKronA)' if cfg.adapter_type == 'kron' else 'LoRA'}, {shape}, scale {cfg.scale:g}, "
-                    f"targets `{cfg.targets}`" + (", text encoders too" if cfg.train_text_encoder else "")),
+        (
+            "adapter",
+            f"{'Kronecker (DiffuseKronA)' if cfg.adapter_type == 'kron' else 'LoRA'}, {shape}, scale {cfg.scale:g}, "
+            f"targets `{cfg.targets}`" + (", text encoders too" if cfg.train_text_encoder else ""),
+        ),
         ("trainable parameters", f"{params:,}"),
         ("instance prompt", f"`{cfg.prompt}`"),
-        ("prior preservation", f"`{cfg.class_prompt}`, {cfg.num_class_images} class images, weight "
-                               f"{cfg.prior_loss_weight:g}" if cfg.class_prompt else "off"),
+        (
+            "prior preservation",
+            f"`{cfg.class_prompt}`, {cfg.num_class_images} class images, weight {cfg.prior_loss_weight:g}"
+            if cfg.class_prompt
+            else "off",
+        ),
         ("steps", f"{steps} (batch {cfg.batch_size} × {cfg.grad_accum} accumulation per process)"),
         ("learning rate", f"{cfg.effective_lr():g}, {cfg.lr_scheduler}, {cfg.optimizer}"),
         ("resolution", f"{cfg.effective_resolution(arch)} px"),
@@ -86,6 +93,7 @@ def write_model_card(out: Path, cfg: TrainConfig, arch: str, steps: int, params:
     if grid is not None:
         lines += [f"![samples after step {steps}]({grid.relative_to(out).as_posix()})", ""]
     template = _USE_KRON if cfg.adapter_type == "kron" else _USE_LORA
-    lines.append(template.format(adapter=adapter, base=cfg.pretrained_model, prompt=cfg.prompt, name=out.name,
-                                 folder=out))
+    lines.append(
+        template.format(adapter=adapter, base=cfg.pretrained_model, prompt=cfg.prompt, name=out.name, folder=out)
+    )
     return write_bytes_atomic(out / "README.md", "\n".join(lines).encode())

@@ -12,10 +12,10 @@ import hashlib
 import inspect
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import typer
 import yaml
@@ -44,28 +44,37 @@ class TrainConfig:
         "stabilityai/stable-diffusion-xl-base-1.0",
         "Base model: hub id, local diffusers folder or single .safetensors file.",
     )
-    vae: Optional[str] = _opt(None, "Another VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix.",
-                              unset="the base model's")
+    vae: Optional[str] = _opt(
+        None, "Another VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix.", unset="the base model's"
+    )
     revision: Optional[str] = _opt(None, "Hub revision (branch, tag or commit) of the base model.", unset="main")
     variant: Optional[str] = _opt(None, "Weight file variant of the base model, e.g. fp16.", unset="the full files")
     # data
-    instance_dir: Optional[str] = _opt(None, "Folder of photos of the subject (captions: same-named .txt files).",
-                                       unset="required")
-    prompt: Optional[str] = _opt(None, "Instance prompt naming the subject, e.g. 'a photo of sks dog'.",
-                                 unset="required")
+    instance_dir: Optional[str] = _opt(
+        None, "Folder of photos of the subject (captions: same-named .txt files).", unset="required"
+    )
+    prompt: Optional[str] = _opt(
+        None, "Instance prompt naming the subject, e.g. 'a photo of sks dog'.", unset="required"
+    )
     repeats: int = _opt(1, "Times each photo appears per epoch.", min=1)
-    resolution: Optional[int] = _opt(None, "Training image size in pixels (a multiple of 8).",
-                                     unset="1024 for SDXL, 512 otherwise", min=8)
+    resolution: Optional[int] = _opt(
+        None, "Training image size in pixels (a multiple of 8).", unset="1024 for SDXL, 512 otherwise", min=8
+    )
     center_crop: bool = _opt(False, "Crop the centre of each photo instead of a random window.")
     random_flip: bool = _opt(False, "Mirror photos horizontally at random.")
-    buckets: Optional[bool] = _opt(None, "Train each photo at the aspect-ratio bucket nearest its own (about "
-                                   "resolution² pixels, sides multiples of 64) instead of a square crop.",
-                                   unset="on for SDXL, off otherwise")
+    buckets: Optional[bool] = _opt(
+        None,
+        "Train each photo at the aspect-ratio bucket nearest its own (about "
+        "resolution² pixels, sides multiples of 64) instead of a square crop.",
+        unset="on for SDXL, off otherwise",
+    )
     # prior preservation
-    class_prompt: Optional[str] = _opt(None, "Class prompt, e.g. 'a photo of a dog'; turns prior preservation on.",
-                                       unset="none, no prior preservation")
-    class_dir: Optional[str] = _opt(None, "Folder of class images (missing ones are generated).",
-                                    unset="<output-dir>/class-images")
+    class_prompt: Optional[str] = _opt(
+        None, "Class prompt, e.g. 'a photo of a dog'; turns prior preservation on.", unset="none, no prior preservation"
+    )
+    class_dir: Optional[str] = _opt(
+        None, "Folder of class images (missing ones are generated).", unset="<output-dir>/class-images"
+    )
     num_class_images: int = _opt(100, "Class images to use (and generate where the folder has fewer).", min=0)
     prior_loss_weight: float = _opt(1.0, "Weight of the class images' loss.", min=0)
     class_batch_size: int = _opt(4, "Images per pipeline call when generating class images.", min=1)
@@ -75,16 +84,22 @@ class TrainConfig:
     strict_factors: bool = _opt(False, "Stop where the factors do not divide a layer, instead of fitting them to it.")
     rank: int = _opt(4, "LoRA rank (with --adapter lora).", min=1)
     scale: float = _opt(1.0, "Adapter scale s in W + s·ΔW.")
-    targets: str = _opt("attn", "Layers to adapt: attn (UNet attention q/k/v/out), attn-ff (plus feed-forward) or a "
-                        "regular expression over module names.")
+    targets: str = _opt(
+        "attn",
+        "Layers to adapt: attn (UNet attention q/k/v/out), attn-ff (plus feed-forward) or a "
+        "regular expression over module names.",
+    )
     train_text_encoder: bool = _opt(False, "Adapt the text encoders' attention too.")
     text_encoder_lr: Optional[float] = _opt(None, "Learning rate of the text-encoder adapters.", unset="--lr", above=0)
     text_encoder_factors: Optional[str] = _opt(None, "Factors of the text-encoder adapters.", unset="--factors")
     # optimisation
     steps: int = _opt(1000, "Optimisation steps.", min=1)
     lr: Optional[float] = _opt(None, "Learning rate.", unset="5e-4 for kron, 1e-4 for lora", above=0)
-    lr_scheduler: str = _opt("constant", "Learning-rate schedule.",
-                             choices=("constant", "constant_with_warmup", "cosine", "linear", "polynomial"))
+    lr_scheduler: str = _opt(
+        "constant",
+        "Learning-rate schedule.",
+        choices=("constant", "constant_with_warmup", "cosine", "linear", "polynomial"),
+    )
     lr_warmup_steps: int = _opt(0, "Warm-up steps of the schedule.", min=0)
     batch_size: int = _opt(1, "Images per step on each process.", min=1)
     grad_accum: int = _opt(1, "Batches accumulated per optimisation step.", min=1)
@@ -96,18 +111,27 @@ class TrainConfig:
     seed: int = _opt(0, "Seed of every random draw of the run.", min=0)
     ema: bool = _opt(False, "Keep an exponential moving average of the adapter weights and save it.")
     ema_decay: float = _opt(0.999, "EMA decay per step.", above=0, below=1)
-    max_bad_steps: int = _opt(5, "Steps in a row with a non-finite loss or gradient (each skipped) before the run "
-                                 "stops.", min=1)
+    max_bad_steps: int = _opt(
+        5, "Steps in a row with a non-finite loss or gradient (each skipped) before the run stops.", min=1
+    )
     # speed and memory
-    mixed_precision: str = _opt("no", "Mixed precision of the frozen model and autocast.",
-                                choices=("no", "fp16", "bf16"))
+    mixed_precision: str = _opt(
+        "no", "Mixed precision of the frozen model and autocast.", choices=("no", "fp16", "bf16")
+    )
     base_precision: Optional[str] = _opt(
-        None, "Precision of the frozen UNet (and of the text encoders when adapted): int8 and nf4 quantize its linear "
-        "layers with bitsandbytes.", unset="that of --mixed-precision", choices=("fp32", "fp16", "bf16", "int8", "nf4"))
+        None,
+        "Precision of the frozen UNet (and of the text encoders when adapted): int8 and nf4 quantize its linear "
+        "layers with bitsandbytes.",
+        unset="that of --mixed-precision",
+        choices=("fp32", "fp16", "bf16", "int8", "nf4"),
+    )
     gradient_checkpointing: bool = _opt(False, "Recompute UNet activations in the backward pass (less memory).")
     cache_latents: bool = _opt(True, "Encode the photos with the VAE once, before training.")
-    compile: bool = _opt(False, "Compile the UNet with torch.compile: faster steps on a GPU once the first step "
-                                "(the compilation, minutes) is done.")
+    compile: bool = _opt(
+        False,
+        "Compile the UNet with torch.compile: faster steps on a GPU once the first step "
+        "(the compilation, minutes) is done.",
+    )
     xformers: bool = _opt(False, "Use xformers attention (GPU only; needs the xformers extra).")
     allow_tf32: bool = _opt(False, "Allow TF32 matmuls on Ampere and newer GPUs.")
     # outputs
@@ -122,8 +146,9 @@ class TrainConfig:
     sample_images: int = _opt(2, "Images (seeds) per sample prompt in each grid.", min=1)
     sample_steps: int = _opt(25, "Denoising steps of sample images.", min=1)
     sample_guidance: float = _opt(7.0, "Classifier-free guidance of sample images.", min=0)
-    report_to: str = _opt("tensorboard", "Where to log losses and learning rates.",
-                          choices=("tensorboard", "wandb", "none"))
+    report_to: str = _opt(
+        "tensorboard", "Where to log losses and learning rates.", choices=("tensorboard", "wandb", "none")
+    )
     overwrite: bool = _opt(False, "Allow an output folder that holds another run.")
     dry_run: bool = _opt(False, "Check data, model, adapter and output folder, then stop before training.")
 
@@ -139,21 +164,26 @@ class TrainConfig:
             if value is not None and value % 8:
                 raise KronaError(f"--{_key(name)} must be a multiple of 8 (the VAE's downscale); got {value}")
         if self.base_precision in ("fp16", "bf16") and self.base_precision != self.mixed_precision:
-            raise KronaError(f"--base-precision {self.base_precision} needs --mixed-precision {self.base_precision} "
-                             "(the model computes in its own precision); or use --base-precision fp32, int8 or nf4")
+            raise KronaError(
+                f"--base-precision {self.base_precision} needs --mixed-precision {self.base_precision} "
+                "(the model computes in its own precision); or use --base-precision fp32, int8 or nf4"
+            )
         for name in ("factors", "text_encoder_factors"):
             _flag_errors(name, parse_factors, getattr(self, name))
         _flag_errors("targets", target_pattern, self.targets)
         if self.targets == "text":
-            raise KronaError("--targets text names the text encoders' attention, but --targets chooses the UNet's "
-                             "layers (attn, attn-ff or a regular expression); add --train-text-encoder to adapt the "
-                             "text encoders too")
+            raise KronaError(
+                "--targets text names the text encoders' attention, but --targets chooses the UNet's "
+                "layers (attn, attn-ff or a regular expression); add --train-text-encoder to adapt the "
+                "text encoders too"
+            )
         if require_data:
             if not self.instance_dir:
                 raise KronaError("--instance-dir is required: the folder of photos of your subject")
             if not (self.prompt or "").strip():
-                raise KronaError("--prompt is required: the instance prompt naming your subject, "
-                                 "e.g. 'a photo of sks dog'")
+                raise KronaError(
+                    "--prompt is required: the instance prompt naming your subject, e.g. 'a photo of sks dog'"
+                )
         return self
 
     def with_absolute_paths(self) -> TrainConfig:
@@ -195,10 +225,14 @@ class TrainConfig:
         frozen precision): what a run actually uses, and what config.yaml records."""
         resolution = self.effective_resolution(arch)
         return dataclasses.replace(
-            self, lr=self.effective_lr(), text_encoder_lr=self.effective_text_encoder_lr(), resolution=resolution,
+            self,
+            lr=self.effective_lr(),
+            text_encoder_lr=self.effective_text_encoder_lr(),
+            resolution=resolution,
             buckets=arch == "sdxl" if self.buckets is None else self.buckets,
             class_dir=self.class_dir or str(out / "class-images"),
-            sample_width=self.sample_width or resolution, sample_height=self.sample_height or resolution,
+            sample_width=self.sample_width or resolution,
+            sample_height=self.sample_height or resolution,
             text_encoder_factors=self.text_encoder_factors or self.factors,
             base_precision=self.base_precision or {"no": "fp32"}.get(self.mixed_precision, self.mixed_precision),
         )
@@ -207,8 +241,10 @@ class TrainConfig:
         """The settings as a config file that trains the same run again: set values only (no nulls; an unset one,
         such as --vae, keeps its meaning by being absent) and none of the flags that say how to run the command
         (resume, overwrite, dry-run), so `--config` with it retrains rather than resumes."""
-        header = ("# krona train settings of this run; `krona train --config THIS-FILE` trains it again "
-                  "(add --resume latest to continue it)\n")
+        header = (
+            "# krona train settings of this run; `krona train --config THIS-FILE` trains it again "
+            "(add --resume latest to continue it)\n"
+        )
         settings = {k: v for k, v in self.to_dict().items() if v is not None and k not in RUN_FLAGS}
         # allow_unicode=False: escapes such as \N (U+0085) keep every character of a prompt through a round trip
         return header + yaml.safe_dump(settings, sort_keys=False, allow_unicode=False)
@@ -229,9 +265,23 @@ class TrainConfig:
 
 RUN_FLAGS = ("resume", "dry-run", "overwrite")  # how the command runs, not what the run is
 _UNHASHED = {
-    "steps", "batch-size", "grad-accum", "max-bad-steps", "gradient-checkpointing", "cache-latents", "compile",
-    "xformers", "allow-tf32", "class-batch-size",
-    "output-dir", "checkpoint-every", "keep-checkpoints", "report-to", "resume", "dry-run", "overwrite",
+    "steps",
+    "batch-size",
+    "grad-accum",
+    "max-bad-steps",
+    "gradient-checkpointing",
+    "cache-latents",
+    "compile",
+    "xformers",
+    "allow-tf32",
+    "class-batch-size",
+    "output-dir",
+    "checkpoint-every",
+    "keep-checkpoints",
+    "report-to",
+    "resume",
+    "dry-run",
+    "overwrite",
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = get_type_hints(TrainConfig)
@@ -239,14 +289,26 @@ _TYPES = get_type_hints(TrainConfig)
 RENAMED = {"adapter": "adapter-type"}
 # Names the diffusers DreamBooth scripts (and the official DiffuseKronA scripts) use, for "did you mean" only.
 ALIASES = {
-    "pretrained-model-name-or-path": "pretrained-model", "pretrained-vae-model-name-or-path": "vae",
-    "instance-data-dir": "instance-dir", "instance-prompt": "prompt", "class-data-dir": "class-dir",
-    "learning-rate": "lr", "learning-rate-text": "text-encoder-lr", "max-train-steps": "steps",
-    "train-batch-size": "batch-size", "gradient-accumulation-steps": "grad-accum", "use-8bit-adam": "optimizer",
-    "adam-weight-decay": "weight-decay", "checkpointing-steps": "checkpoint-every",
-    "checkpoints-total-limit": "keep-checkpoints", "resume-from-checkpoint": "resume",
-    "validation-prompt": "sample-prompt", "validation-steps": "sample-every", "num-validation-images": "sample-images",
-    "enable-xformers-memory-efficient-attention": "xformers", "use-ema": "ema",
+    "pretrained-model-name-or-path": "pretrained-model",
+    "pretrained-vae-model-name-or-path": "vae",
+    "instance-data-dir": "instance-dir",
+    "instance-prompt": "prompt",
+    "class-data-dir": "class-dir",
+    "learning-rate": "lr",
+    "learning-rate-text": "text-encoder-lr",
+    "max-train-steps": "steps",
+    "train-batch-size": "batch-size",
+    "gradient-accumulation-steps": "grad-accum",
+    "use-8bit-adam": "optimizer",
+    "adam-weight-decay": "weight-decay",
+    "checkpointing-steps": "checkpoint-every",
+    "checkpoints-total-limit": "keep-checkpoints",
+    "resume-from-checkpoint": "resume",
+    "validation-prompt": "sample-prompt",
+    "validation-steps": "sample-every",
+    "num-validation-images": "sample-images",
+    "enable-xformers-memory-efficient-attention": "xformers",
+    "use-ema": "ema",
     "with-prior-preservation": "class-prompt",
 }
 
@@ -313,8 +375,13 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         return [value]
     if kind is list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
-    wanted = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-              list: "a string or a list of strings"}[kind]
+    wanted = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a string or a list of strings",
+    }[kind]
     if kind is str and isinstance(value, bool):
         wanted += " (quote it: YAML reads yes, no, on and off as true and false)"
     raise KronaError(f"{where} must be {wanted}, got {value!r}")
@@ -361,8 +428,9 @@ def read_config_file(path: str | Path, notes: list[str] | None = None) -> dict[s
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise KronaError(f"config file '{path}' must be a mapping of settings (key: value), "
-                         f"not a {type(data).__name__}")
+        raise KronaError(
+            f"config file '{path}' must be a mapping of settings (key: value), not a {type(data).__name__}"
+        )
     settings: dict[str, Any] = {}
     for key, value in data.items():
         name = _key(str(key)).replace("-", "_")
@@ -408,9 +476,15 @@ def _shown_default(f: dataclasses.Field) -> str:
 
 
 # The first field of each --help section (the comments in TrainConfig).
-_PANELS = {"pretrained_model": "Model", "instance_dir": "Data", "class_prompt": "Prior preservation",
-           "adapter_type": "Adapter", "steps": "Optimisation", "mixed_precision": "Speed and memory",
-           "output_dir": "Outputs"}
+_PANELS = {
+    "pretrained_model": "Model",
+    "instance_dir": "Data",
+    "class_prompt": "Prior preservation",
+    "adapter_type": "Adapter",
+    "steps": "Optimisation",
+    "mixed_precision": "Speed and memory",
+    "output_dir": "Outputs",
+}
 
 
 def _parameter(f: dataclasses.Field, panel: str) -> inspect.Parameter:
@@ -434,8 +508,9 @@ def _parameter(f: dataclasses.Field, panel: str) -> inspect.Parameter:
 
 def typer_parameters() -> list[inspect.Parameter]:
     """`--config`, then one option per TrainConfig field, in field order."""
-    config = typer.Option(None, "--config", help="YAML config file or a preset (sdxl, sd15, tiny); flags override it.",
-                          show_default=False)
+    config = typer.Option(
+        None, "--config", help="YAML config file or a preset (sdxl, sd15, tiny); flags override it.", show_default=False
+    )
     first = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config, annotation=Optional[str])
     params, panel = [first], ""
     for f in _FIELDS.values():
@@ -443,8 +518,14 @@ def typer_parameters() -> list[inspect.Parameter]:
         params.append(_parameter(f, panel))
     for old, new in RENAMED.items():  # the old flag, hidden; the CLI says it is renamed
         option = typer.Option(None, f"--{old}", hidden=True, help=f"Old name of --{new}.")
-        params.append(inspect.Parameter(old.replace("-", "_"), inspect.Parameter.KEYWORD_ONLY, default=option,
-                                        annotation=Optional[_base_type(_TYPES[new.replace("-", "_")])]))
+        params.append(
+            inspect.Parameter(
+                old.replace("-", "_"),
+                inspect.Parameter.KEYWORD_ONLY,
+                default=option,
+                annotation=Optional[_base_type(_TYPES[new.replace("-", "_")])],
+            )
+        )
     return params
 
 

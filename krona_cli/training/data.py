@@ -18,15 +18,20 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .. import rng
-from .buckets import Bucket, bucket_sizes, nearest_bucket
 from ..errors import KronaError
+from .buckets import Bucket, bucket_sizes, nearest_bucket
 from .images import check_images, load_image, read_caption, scan_images
 
 TimeIds = tuple[int, int, int, int, int, int]
 
 
-def small_images_warning(paths: Sequence[Path], sizes: Sequence[tuple[int, int]], targets: Sequence[Bucket],
-                         what: str = "instance", limit: int = 3) -> str | None:
+def small_images_warning(
+    paths: Sequence[Path],
+    sizes: Sequence[tuple[int, int]],
+    targets: Sequence[Bucket],
+    what: str = "instance",
+    limit: int = 3,
+) -> str | None:
     """A warning about the images smaller than their training size in either side (they are upscaled), or None.
 
     `sizes` are (height, width) in `paths` order, as `check_images` returns them; `targets` each image's training
@@ -35,10 +40,13 @@ def small_images_warning(paths: Sequence[Path], sizes: Sequence[tuple[int, int]]
     small = [(Path(p), h, w, t) for p, (h, w), t in zip(paths, sizes, targets) if h < t.height or w < t.width]
     if not small:
         return None
-    listed = ", ".join(f"{p.name} {w}×{h} → {t}" for p, h, w, t in small[:limit]) + (", ..." if len(small) > limit
-                                                                                     else "")
-    return (f"{len(small)} of {len(sizes)} {what} images are smaller than their training size and will be upscaled "
-            f"({listed}); use larger photos or a lower --resolution")
+    listed = ", ".join(f"{p.name} {w}×{h} → {t}" for p, h, w, t in small[:limit]) + (
+        ", ..." if len(small) > limit else ""
+    )
+    return (
+        f"{len(small)} of {len(sizes)} {what} images are smaller than their training size and will be upscaled "
+        f"({listed}); use larger photos or a lower --resolution"
+    )
 
 
 @dataclass(frozen=True)
@@ -51,8 +59,9 @@ class Example:
     source: Path
 
 
-def prepare_image(image: Image.Image, size: int | tuple[int, int], center_crop: bool, random_flip: bool,
-                  generator: torch.Generator) -> tuple[torch.Tensor, TimeIds]:
+def prepare_image(
+    image: Image.Image, size: int | tuple[int, int], center_crop: bool, random_flip: bool, generator: torch.Generator
+) -> tuple[torch.Tensor, TimeIds]:
     """Resize to cover `size` ((height, width), or one side of a square), maybe flip, crop the overhang; pixels
     (3, H, W) in [-1, 1] and time ids (original height, width, crop top, left, target height, width).
 
@@ -87,9 +96,20 @@ class ImageSet(Dataset):
     (`check_images`); otherwise every image is decoded once here.
     """
 
-    def __init__(self, folder: str | Path, prompt: str, resolution: int, *, repeats: int = 1, center_crop: bool = False,
-                 random_flip: bool = False, seed: int = 0, what: str = "instance", buckets: bool = False,
-                 sizes: Sequence[tuple[int, int]] | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        prompt: str,
+        resolution: int,
+        *,
+        repeats: int = 1,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        seed: int = 0,
+        what: str = "instance",
+        buckets: bool = False,
+        sizes: Sequence[tuple[int, int]] | None = None,
+    ):
         if repeats < 1:
             raise KronaError(f"--repeats must be at least 1 (got {repeats})")
         self.paths, self.skipped = scan_images(folder, what)
@@ -118,6 +138,7 @@ class ImageSet(Dataset):
         image = index % len(self.paths)
         bucket = bucket or self.buckets[image]
         generator = rng.generator("augment", self.what, self.seed, index)
-        pixels, time_ids = prepare_image(load_image(self.paths[image]), (bucket.height, bucket.width),
-                                         self.center_crop, self.random_flip, generator)
+        pixels, time_ids = prepare_image(
+            load_image(self.paths[image]), (bucket.height, bucket.width), self.center_crop, self.random_flip, generator
+        )
         return Example(pixels, time_ids, self.captions[image], self.paths[image])

@@ -48,8 +48,10 @@ def scan_images(folder: str | Path, what: str = "instance", allow_empty: bool = 
         (images if usable else skipped).append(path)
     if not images and not allow_empty:
         found = f"; it has only {skipped_note(skipped)}" if skipped else ""
-        raise KronaError(f"{flag} holds no images ({', '.join(IMAGE_SUFFIXES)}){found}; add photos there or point "
-                         "the flag at the folder that has them")
+        raise KronaError(
+            f"{flag} holds no images ({', '.join(IMAGE_SUFFIXES)}){found}; add photos there or point "
+            "the flag at the folder that has them"
+        )
     return images, skipped
 
 
@@ -80,8 +82,9 @@ def check_images(paths: Sequence[Path]) -> list[tuple[int, int]]:
         raise bad[0][1]
     if bad:
         names = ", ".join(p.name for p, _ in bad[:5]) + (", ..." if len(bad) > 5 else "")
-        raise KronaError(f"{len(bad)} images cannot be used ({names}) in '{Path(bad[0][0]).parent}'; the first: "
-                         f"{bad[0][1]}")
+        raise KronaError(
+            f"{len(bad)} images cannot be used ({names}) in '{Path(bad[0][0]).parent}'; the first: {bad[0][1]}"
+        )
     return sizes
 
 
@@ -93,7 +96,8 @@ def load_image(path: Path) -> Image.Image:
             with Image.open(path) as image:
                 if image.width * image.height > MAX_PIXELS:
                     raise Image.DecompressionBombError(
-                        f"{image.width}×{image.height} pixels, over the {MAX_PIXELS:,}-pixel limit")
+                        f"{image.width}×{image.height} pixels, over the {MAX_PIXELS:,}-pixel limit"
+                    )
                 return _to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as e:
         raise KronaError(f"image '{path}' is too large to load safely ({e}); downscale it or remove it") from e
@@ -133,5 +137,3 @@ def read_caption(image_path: Path, default: str) -> str:
     except (OSError, UnicodeDecodeError) as e:
         raise KronaError(f"cannot read caption file '{sidecar}': {e}; save it as UTF-8 text or delete it") from e
     return caption or default
-
-

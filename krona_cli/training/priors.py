@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .images import scan_images
-from ..errors import KronaError
-from ..rng import derive_seed
 from ..atomic import write_bytes_atomic
+from ..errors import KronaError
 from ..inference.sampling import SampleConfig, image_metadata, png_bytes, render
+from ..rng import derive_seed
+from .images import scan_images
 
 
 def existing_class_images(class_dir: Path) -> list[Path]:

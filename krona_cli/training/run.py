@@ -32,8 +32,9 @@ from .data import ImageSet
 from .ema import EMA
 
 
-def batch_indices(at_step: int, micro: int, process: int, world: int, batch_size: int,
-                  grad_accum: int) -> tuple[range, range]:
+def batch_indices(
+    at_step: int, micro: int, process: int, world: int, batch_size: int, grad_accum: int
+) -> tuple[range, range]:
     """(positions in step `at_step`'s global batch, the run's sample indices) of what process `process` of `world`
     trains on in micro-batch `micro`. The global batch (batch_size × grad_accum × world samples) is cut into
     micro-batch-major, process-minor slices, so every sample index of a step is taken exactly once, and sample g is
@@ -54,8 +55,11 @@ class Data:
 
     def files(self) -> dict[str, list[list]]:
         """Each image set's file names and sizes (recorded in checkpoints)."""
-        return {d.what: [[p.name, p.stat().st_size] for p in d.paths] for d in (self.instance, self.classes)
-                if d is not None}
+        return {
+            d.what: [[p.name, p.stat().st_size] for p in d.paths]
+            for d in (self.instance, self.classes)
+            if d is not None
+        }
 
 
 @dataclass
@@ -96,7 +100,7 @@ class Encoder:
             by_bucket.setdefault(dataset.bucket_of(i), []).append(i)
         for bucket, indices in by_bucket.items():
             for start in range(0, len(indices), chunk):
-                self.items(name, dataset, indices[start:start + chunk], bucket)
+                self.items(name, dataset, indices[start : start + chunk], bucket)
 
     def items(self, name: str, dataset, indices: list[int], bucket: Bucket):
         """(posterior means, stds, time ids, captions) of dataset items at `bucket`, from the cache or encoded now."""
@@ -192,8 +196,9 @@ class Run:
         """(latents, noise, timesteps, time ids, captions) of this process's micro-batch `micro` of the next step:
         the instance items, then the class items, each sample with the draws of its index in the run."""
         cfg, at_step = self.cfg, self.done
-        positions, samples = batch_indices(at_step, micro, self.accelerator.process_index, self.world,
-                                           cfg.batch_size, cfg.grad_accum)
+        positions, samples = batch_indices(
+            at_step, micro, self.accelerator.process_index, self.world, cfg.batch_size, cfg.grad_accum
+        )
         bucket, earlier = self.data.schedule.step(at_step)
         batches = [("instance", self.data.instance, self.data.schedule.take(bucket, earlier))]
         if self.data.class_schedule is not None:
@@ -203,13 +208,15 @@ class Run:
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         means, stds, noises, posterior_draws, steps, times, captions = [], [], [], [], [], [], []
         for name, dataset, items in batches:
-            mean, std, time_ids, caps = self.encoder.items(name, dataset, items[positions.start:positions.stop],
-                                                           bucket)
+            mean, std, time_ids, caps = self.encoder.items(
+                name, dataset, items[positions.start : positions.stop], bucket
+            )
             means.append(mean)
             stds.append(std)
             for g in samples:
-                noise, t, eps = diffusion.draw_noise(tuple(mean.shape[1:]), num_timesteps, cfg.noise_offset, "noise",
-                                                     name, cfg.seed, g)
+                noise, t, eps = diffusion.draw_noise(
+                    tuple(mean.shape[1:]), num_timesteps, cfg.noise_offset, "noise", name, cfg.seed, g
+                )
                 noises.append(noise)
                 posterior_draws.append(eps)
                 steps.append(t)
@@ -218,8 +225,13 @@ class Run:
         # the draws are made on the CPU (the same numbers on any device) and go over in one copy
         noise, eps = to_device(torch.stack([torch.stack(noises), torch.stack(posterior_draws)]), self.device)
         latents = self.encoder.scale(torch.cat(means) + torch.cat(stds) * eps)
-        return (latents, noise, torch.tensor(steps, device=self.device),
-                torch.tensor(times, device=self.device, dtype=self.weight_dtype), captions)
+        return (
+            latents,
+            noise,
+            torch.tensor(steps, device=self.device),
+            torch.tensor(times, device=self.device, dtype=self.weight_dtype),
+            captions,
+        )
 
     def loss(self, micro: int) -> torch.Tensor:
         """The denoising loss of micro-batch `micro` (plus the weighted prior loss on the class items)."""
@@ -231,9 +243,9 @@ class Run:
         extra = {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": time_ids}} if sdxl else {}
         with self.accelerator.autocast():
             prediction = self.unet(noisy.to(dtype), timesteps, embeds.to(dtype), **extra).sample
-        losses = diffusion.per_sample_loss(scheduler, prediction,
-                                           diffusion.target_for(scheduler, latents, noise, timesteps),
-                                           timesteps, cfg.snr_gamma)
+        losses = diffusion.per_sample_loss(
+            scheduler, prediction, diffusion.target_for(scheduler, latents, noise, timesteps), timesteps, cfg.snr_gamma
+        )
         n = cfg.batch_size
         loss = losses[:n].mean()
         if self.data.classes is not None:
@@ -301,8 +313,7 @@ class Run:
             images = render(s.pipe, s.config, s.prompts)
         self.unet.train()
         meta = image_metadata(s.config, s.info, *s.size) | {"step": str(self.done)}
-        path = write_grid(self.out / "samples" / f"step-{self.done:06d}.png", images, s.prompts, s.config.seeds(),
-                          meta)
+        path = write_grid(self.out / "samples" / f"step-{self.done:06d}.png", images, s.prompts, s.config.seeds(), meta)
         self.sample_grids.append(path)
         self.reporter.saved("samples", path)
 
@@ -319,8 +330,14 @@ class Run:
     def state(self) -> TrainingState:
         """What a checkpoint holds: everything `restore` needs to continue this run exactly."""
         cfg, scaler = self.cfg, self.accelerator.scaler
-        meta = {"config": cfg.to_dict(), "config_hash": cfg.config_hash(), "krona_version": __version__,
-                "global_batch": self.global_batch, "processes": self.world, "data": self.data.files()}
+        meta = {
+            "config": cfg.to_dict(),
+            "config_hash": cfg.config_hash(),
+            "krona_version": __version__,
+            "global_batch": self.global_batch,
+            "processes": self.world,
+            "data": self.data.files(),
+        }
         if scaler is not None:
             meta["grad_scaler"] = scaler.state_dict()
         return TrainingState(
@@ -342,8 +359,10 @@ class Run:
         _check_same_data(state.meta.get("data"), self.data.files(), path)
         if set(state.params) != set(self.params):
             odd = min(set(state.params) ^ set(self.params))
-            raise KronaError(f"checkpoint '{path}' does not hold the weights this run trains (e.g. '{odd}'); "
-                             "resume with the settings it was made with")
+            raise KronaError(
+                f"checkpoint '{path}' does not hold the weights this run trains (e.g. '{odd}'); "
+                "resume with the settings it was made with"
+            )
         with torch.no_grad():
             for name, value in state.params.items():
                 self.params[name].copy_(value)
@@ -374,8 +393,10 @@ class Run:
 def check_finite(tensors, what: str) -> None:
     """KronaError instead of saving non-finite weights."""
     if not all(bool(torch.isfinite(t).all()) for t in tensors):
-        raise KronaError(f"the {what} holds non-finite values and was not saved; lower --lr or use --mixed-precision "
-                         "bf16, and resume from the last checkpoint")
+        raise KronaError(
+            f"the {what} holds non-finite values and was not saved; lower --lr or use --mixed-precision "
+            "bf16, and resume from the last checkpoint"
+        )
 
 
 def skipped_step(step: int, in_row: int, limit: int) -> str:
@@ -383,15 +404,19 @@ def skipped_step(step: int, in_row: int, limit: int) -> str:
 
 
 def too_many_bad_steps(step: int, in_row: int) -> str:
-    return (f"the loss or gradients were not finite for {in_row} steps in a row (up to step {step}); likely causes: "
-            "fp16 overflow (use --mixed-precision bf16 or no, or an fp16-safe --vae) or a learning rate too high "
-            "(lower --lr); the adapter was not saved, the last checkpoint is intact")
+    return (
+        f"the loss or gradients were not finite for {in_row} steps in a row (up to step {step}); likely causes: "
+        "fp16 overflow (use --mixed-precision bf16 or no, or an fp16-safe --vae) or a learning rate too high "
+        "(lower --lr); the adapter was not saved, the last checkpoint is intact"
+    )
 
 
 def other_global_batch(path: Path, saved: int, now: int, cfg: TrainConfig, world: int) -> str:
-    return (f"checkpoint '{path}' was trained with a global batch of {saved} samples per step; this run has {now} "
-            f"(--batch-size {cfg.batch_size} × --grad-accum {cfg.grad_accum} × {world} process(es)); choose "
-            f"--batch-size and --grad-accum so that they multiply to {saved}")
+    return (
+        f"checkpoint '{path}' was trained with a global batch of {saved} samples per step; this run has {now} "
+        f"(--batch-size {cfg.batch_size} × --grad-accum {cfg.grad_accum} × {world} process(es)); choose "
+        f"--batch-size and --grad-accum so that they multiply to {saved}"
+    )
 
 
 def _check_same_data(saved: dict | None, now: dict, path: Path) -> None:

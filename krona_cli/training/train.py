@@ -130,8 +130,17 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     base = load_base(cfg, accelerator.device)
     cfg = cfg.resolved(base.arch, pre.out)  # what the run uses, checkpoints and config.yaml record
     photos = load_photos(cfg, pre, base, reporter)
-    adapter = trainable.trainable_adapter(base.pipe, cfg.adapter_type, cfg.targets, cfg.factors, cfg.rank, cfg.scale,
-                                          cfg.train_text_encoder, cfg.text_encoder_factors, cfg.strict_factors)
+    adapter = trainable.trainable_adapter(
+        base.pipe,
+        cfg.adapter_type,
+        cfg.targets,
+        cfg.factors,
+        cfg.rank,
+        cfg.scale,
+        cfg.train_text_encoder,
+        cfg.text_encoder_factors,
+        cfg.strict_factors,
+    )
     rows = summary(cfg, _plan(cfg, pre, base, photos, adapter, accelerator))
     result = TrainResult(output_dir=pre.out, summary=rows, main_process=accelerator.is_main_process)
     reporter.start(rows)
@@ -191,8 +200,10 @@ def _due(every: int, step: int, steps: int) -> bool:
 
 
 def _stopped(step: int, steps: int, out: Path) -> str:
-    return (f"stopped at step {step} of {steps}; checkpoint saved. Resume with: "
-            f"krona train --config {out / 'config.yaml'} --resume latest")
+    return (
+        f"stopped at step {step} of {steps}; checkpoint saved. Resume with: "
+        f"krona train --config {out / 'config.yaml'} --resume latest"
+    )
 
 
 def _tracker_config(cfg: TrainConfig) -> dict:
@@ -200,6 +211,7 @@ def _tracker_config(cfg: TrainConfig) -> dict:
 
 
 # --- the phases before the loop, in the order they run ------------------------------------------------------------
+
 
 @dataclass
 class Preflight:
@@ -227,10 +239,14 @@ def preflight(cfg: TrainConfig, reporter: Reporter) -> Preflight:
     if cfg.resume and resume_from is None:
         reporter.warn(f"--resume {cfg.resume}: no checkpoint in '{out / 'checkpoints'}' yet; starting from step 0")
     if cfg.xformers and not torch.cuda.is_available():
-        raise KronaError("--xformers needs a CUDA GPU; leave it off (PyTorch's SDPA attention is the default and as fast)")
+        raise KronaError(
+            "--xformers needs a CUDA GPU; leave it off (PyTorch's SDPA attention is the default and as fast)"
+        )
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
-        raise KronaError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to} "
-                         "(or pass --report-to none)")
+        raise KronaError(
+            f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to} "
+            "(or pass --report-to none)"
+        )
     return Preflight(out, photos, sizes, resume_from)
 
 
@@ -303,8 +319,18 @@ def load_base(cfg: TrainConfig, device: torch.device) -> Base:
             models.cast(model, device, DTYPES[base_precision])
     models.cast(pipe.vae, device, torch.float32)  # the SDXL VAE overflows in fp16; latents are cached anyway
     info = ModelInfo(base_model=cfg.pretrained_model, architecture=arch, dtype=cfg.mixed_precision)
-    return Base(pipe, arch, prediction, cfg.effective_resolution(arch), text_models, adapted, compute, base_precision,
-                weight_dtype, info)
+    return Base(
+        pipe,
+        arch,
+        prediction,
+        cfg.effective_resolution(arch),
+        text_models,
+        adapted,
+        compute,
+        base_precision,
+        weight_dtype,
+        info,
+    )
 
 
 @dataclass
@@ -323,9 +349,18 @@ def load_photos(cfg: TrainConfig, pre: Preflight, base: Base, reporter: Reporter
     from .priors import missing_indices
 
     buckets = base.sdxl if cfg.buckets is None else cfg.buckets
-    instance = ImageSet(cfg.instance_dir, cfg.prompt, base.resolution, repeats=cfg.repeats, center_crop=cfg.center_crop,
-                        random_flip=cfg.random_flip, seed=cfg.seed, what="instance", buckets=buckets,
-                        sizes=pre.sizes)
+    instance = ImageSet(
+        cfg.instance_dir,
+        cfg.prompt,
+        base.resolution,
+        repeats=cfg.repeats,
+        center_crop=cfg.center_crop,
+        random_flip=cfg.random_flip,
+        seed=cfg.seed,
+        what="instance",
+        buckets=buckets,
+        sizes=pre.sizes,
+    )
     if instance.skipped:
         reporter.warn("skipped " + skipped_note(instance.skipped))
     small = small_images_warning(pre.photos, pre.sizes, instance.buckets)
@@ -363,13 +398,28 @@ class Plan:
 def _plan(cfg: TrainConfig, pre: Preflight, base: Base, photos: Photos, adapter, accelerator) -> Plan:
     from ..pipeline.quantize import memory_estimate
 
-    memory = memory_estimate(base.adapted + ([] if cfg.cache_latents else [base.pipe.vae]), adapter.num_params(),
-                             cfg.optimizer, cfg.ema)
-    return Plan(base.arch, base.prediction, base.resolution, base.compute, base.base_precision,
-                str(accelerator.device), len(photos.instance.paths),
-                photos.instance.buckets if photos.buckets else None, photos.class_dir, photos.to_generate,
-                adapter.num_params(), adapter.fitted_layers(), pre.resume_from, accelerator.num_processes, memory,
-                pre.out, _layer_factors(adapter))
+    memory = memory_estimate(
+        base.adapted + ([] if cfg.cache_latents else [base.pipe.vae]), adapter.num_params(), cfg.optimizer, cfg.ema
+    )
+    return Plan(
+        base.arch,
+        base.prediction,
+        base.resolution,
+        base.compute,
+        base.base_precision,
+        str(accelerator.device),
+        len(photos.instance.paths),
+        photos.instance.buckets if photos.buckets else None,
+        photos.class_dir,
+        photos.to_generate,
+        adapter.num_params(),
+        adapter.fitted_layers(),
+        pre.resume_from,
+        accelerator.num_processes,
+        memory,
+        pre.out,
+        _layer_factors(adapter),
+    )
 
 
 def _layer_factors(adapter) -> tuple[tuple[int, int, str, str], ...]:
@@ -394,8 +444,10 @@ def _factors_used(plan: Plan, most: int = 6) -> str | None:
     if not fitted:
         return None
     shown = shapes if len(shapes) <= 4 else fitted
-    text = ", ".join(f"{d_out}×{d_in}: {used}" + (f" (asked {asked})" if used != asked else "")
-                     for d_out, d_in, used, asked in shown[:most])
+    text = ", ".join(
+        f"{d_out}×{d_in}: {used}" + (f" (asked {asked})" if used != asked else "")
+        for d_out, d_in, used, asked in shown[:most]
+    )
     return text + (f" and {len(shown) - most} more shapes" if len(shown) > most else "")
 
 
@@ -407,17 +459,26 @@ def summary(cfg: TrainConfig, plan: Plan) -> list[tuple[str, str]]:
     adapter += f", targets {cfg.targets}" + (", text encoders too" if cfg.train_text_encoder else "")
     if plan.fitted:
         adapter += f"; factors fitted to the {plan.fitted} layer(s) they do not divide (--strict-factors stops instead)"
-    sizes = (f"aspect-ratio buckets of about {plan.resolution}² px: {histogram(plan.buckets)}"
-             if plan.buckets is not None else f"{plan.resolution}×{plan.resolution} squares")
-    classes = (f"{cfg.num_class_images} of '{cfg.class_prompt}' in {plan.class_dir} ({plan.to_generate} to generate)"
-               if cfg.class_prompt is not None else "none (no --class-prompt: prior preservation off)")
+    sizes = (
+        f"aspect-ratio buckets of about {plan.resolution}² px: {histogram(plan.buckets)}"
+        if plan.buckets is not None
+        else f"{plan.resolution}×{plan.resolution} squares"
+    )
+    classes = (
+        f"{cfg.num_class_images} of '{cfg.class_prompt}' in {plan.class_dir} ({plan.to_generate} to generate)"
+        if cfg.class_prompt is not None
+        else "none (no --class-prompt: prior preservation off)"
+    )
     global_batch = cfg.batch_size * cfg.grad_accum * plan.world
-    batch = (f"{cfg.batch_size} per process × {cfg.grad_accum} accumulation × {plan.world} process(es) "
-             f"= {global_batch} per step")
+    batch = (
+        f"{cfg.batch_size} per process × {cfg.grad_accum} accumulation × {plan.world} process(es) "
+        f"= {global_batch} per step"
+    )
     optimizer = f"{cfg.optimizer}, lr {cfg.effective_lr():g} ({cfg.lr_scheduler}), weight decay {cfg.weight_decay:g}"
     precision = f"compute {plan.compute}, frozen base {plan.base_precision}, adapter weights fp32, on {plan.device}"
     precision += (", gradient checkpointing" if cfg.gradient_checkpointing else "") + (
-        ", torch.compile" if cfg.compile else "")
+        ", torch.compile" if cfg.compile else ""
+    )
     factors = _factors_used(plan)
     return [
         ("model", f"{cfg.pretrained_model} ({plan.arch}, {plan.prediction.replace('_', '-')})"),
@@ -449,16 +510,25 @@ def _class_images(cfg: TrainConfig, base: Base, photos: Photos, accelerator, rep
         buckets = photos.instance.buckets
         sizes = [(b.height, b.width) for b in spread(buckets, len(buckets))]
         made = generate_class_images(
-            base.pipe, base.info, photos.class_dir, cfg.class_prompt, cfg.num_class_images,
-            lambda i: sizes[i % len(sizes)], seed=cfg.seed, batch_size=cfg.class_batch_size, steps=cfg.sample_steps,
-            guidance=cfg.sample_guidance, progress=reporter.class_images, rank=accelerator.process_index,
-            world=accelerator.num_processes)
+            base.pipe,
+            base.info,
+            photos.class_dir,
+            cfg.class_prompt,
+            cfg.num_class_images,
+            lambda i: sizes[i % len(sizes)],
+            seed=cfg.seed,
+            batch_size=cfg.class_batch_size,
+            steps=cfg.sample_steps,
+            guidance=cfg.sample_guidance,
+            progress=reporter.class_images,
+            rank=accelerator.process_index,
+            world=accelerator.num_processes,
+        )
     accelerator.wait_for_everyone()
     return len(made)
 
 
-def _prepare(cfg: TrainConfig, accelerator, base: Base, photos: Photos, adapter, out: Path,
-             reporter: Reporter) -> Run:
+def _prepare(cfg: TrainConfig, accelerator, base: Base, photos: Photos, adapter, out: Path, reporter: Reporter) -> Run:
     """The run at step 0: its data, the encoder with its caches, the optimizer, and the models prepared by
     accelerate (and compiled with --compile)."""
     from diffusers.optimization import get_scheduler
@@ -470,8 +540,9 @@ def _prepare(cfg: TrainConfig, accelerator, base: Base, photos: Photos, adapter,
     _speedups(cfg, base)
     encoder, idle = _encoder(cfg, base, data, accelerator.device)
     optimizer = _optimizer(cfg, adapter)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.steps)
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps
+    )
     ema = EMA(params, cfg.ema_decay) if cfg.ema else None
     trained = list(adapter.models)
     prepared = accelerator.prepare(*[adapter.models[c] for c in trained], optimizer)
@@ -481,8 +552,22 @@ def _prepare(cfg: TrainConfig, accelerator, base: Base, photos: Photos, adapter,
         encoder.text_models = [wrapped[c] for c in trainable.TEXT_COMPONENTS if c in wrapped]
     for model in adapter.models.values():
         model.train()
-    return Run(cfg, accelerator, wrapped, unet, params, optimizer, lr_scheduler, ema, _noise_scheduler(base.pipe),
-               encoder, data, _sampling(cfg, base, idle), out, reporter)
+    return Run(
+        cfg,
+        accelerator,
+        wrapped,
+        unet,
+        params,
+        optimizer,
+        lr_scheduler,
+        ema,
+        _noise_scheduler(base.pipe),
+        encoder,
+        data,
+        _sampling(cfg, base, idle),
+        out,
+        reporter,
+    )
 
 
 def _data(cfg: TrainConfig, base: Base, photos: Photos, global_batch: int) -> Data:
@@ -491,9 +576,20 @@ def _data(cfg: TrainConfig, base: Base, photos: Photos, global_batch: int) -> Da
     from .data import ImageSet
 
     # every class image is decoded here: a broken file in a user's class folder fails now, not mid-training
-    classes = ImageSet(photos.class_dir, cfg.class_prompt, base.resolution, center_crop=cfg.center_crop,
-                       random_flip=cfg.random_flip, seed=cfg.seed, what="class",
-                       buckets=photos.buckets) if cfg.class_prompt is not None else None
+    classes = (
+        ImageSet(
+            photos.class_dir,
+            cfg.class_prompt,
+            base.resolution,
+            center_crop=cfg.center_crop,
+            random_flip=cfg.random_flip,
+            seed=cfg.seed,
+            what="class",
+            buckets=photos.buckets,
+        )
+        if cfg.class_prompt is not None
+        else None
+    )
     instance = photos.instance
     schedule = Schedule([instance.bucket_of(i) for i in range(len(instance))], global_batch, cfg.seed, "instance")
     class_schedule = None if classes is None else Schedule(classes.buckets, global_batch, cfg.seed, "class")
@@ -535,8 +631,15 @@ def _sampling(cfg: TrainConfig, base: Base, idle: list[nn.Module]) -> Sampling:
     from ..inference.sampling import SampleConfig
 
     size = (cfg.sample_width or base.resolution, cfg.sample_height or base.resolution)
-    config = SampleConfig(num_images=cfg.sample_images, seed=cfg.seed, steps=cfg.sample_steps,
-                          guidance=cfg.sample_guidance, width=size[0], height=size[1], batch_size=cfg.sample_images)
+    config = SampleConfig(
+        num_images=cfg.sample_images,
+        seed=cfg.seed,
+        steps=cfg.sample_steps,
+        guidance=cfg.sample_guidance,
+        width=size[0],
+        height=size[1],
+        batch_size=cfg.sample_images,
+    )
     return Sampling(base.pipe, config, list(cfg.sample_prompt) or [cfg.prompt], base.info, size, idle)
 
 
@@ -568,14 +671,23 @@ def _noise_scheduler(pipe):
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
-def _save_final(cfg: TrainConfig, adapter, ema, out: Path, base: Base, step: int, samples: list[Path],
-                reporter: Reporter) -> Path:
+def _save_final(
+    cfg: TrainConfig, adapter, ema, out: Path, base: Base, step: int, samples: list[Path], reporter: Reporter
+) -> Path:
     """Write the adapter (the EMA weights when the run keeps an EMA) and its model card."""
     from .card import write_model_card
 
-    training = {"steps": step, "lr": cfg.effective_lr(), "prompt": cfg.prompt, "class_prompt": cfg.class_prompt,
-                "ema": cfg.ema, "seed": cfg.seed, "resolution": cfg.resolution, "adapter": cfg.adapter_type,
-                "prediction_type": base.prediction}
+    training = {
+        "steps": step,
+        "lr": cfg.effective_lr(),
+        "prompt": cfg.prompt,
+        "class_prompt": cfg.class_prompt,
+        "ema": cfg.ema,
+        "seed": cfg.seed,
+        "resolution": cfg.resolution,
+        "adapter": cfg.adapter_type,
+        "prediction_type": base.prediction,
+    }
     weights = ema.applied() if ema is not None else contextlib.nullcontext()
     with weights:
         check_finite(adapter.params().values(), "adapter")

@@ -15,15 +15,18 @@ import torch
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from ..architectures import architecture_of
 from ..atomic import write_bytes_atomic
 from ..errors import KronaError
 from ..kron import inject, layer_factors
 from ..kron.factors import parse_factors
 from ..kron.inject import TARGET_PRESETS
-from ..architectures import architecture_of
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
-_LORA_UNET = {"attn": ["to_q", "to_k", "to_v", "to_out.0"], "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]}
+_LORA_UNET = {
+    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+}
 _LORA_TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -52,10 +55,15 @@ class TrainableAdapter:
 
     def fitted_layers(self) -> int:
         """How many Kronecker-adapted layers use other factors than requested (sizes the request does not divide)."""
-        return sum(used != str(parse_factors(self.factors[component]))
-                   for component, model in self.models.items() for used in layer_factors(model).values())
+        return sum(
+            used != str(parse_factors(self.factors[component]))
+            for component, model in self.models.items()
+            for used in layer_factors(model).values()
+        )
 
-    def save(self, path: str | Path, base_model: str, architecture: str, training: dict, title: str | None = None) -> Path:
+    def save(
+        self, path: str | Path, base_model: str, architecture: str, training: dict, title: str | None = None
+    ) -> Path:
         """Write the adapter file atomically: native Kronecker format (titled `title` for UIs), or diffusers LoRA
         format."""
         if self.kind == "kron":
@@ -66,9 +74,17 @@ class TrainableAdapter:
         return _save_lora(self, Path(path))
 
 
-def trainable_adapter(pipe, kind: str, targets: str, factors: str, rank: int, scale: float,
-                      train_text_encoder: bool, text_encoder_factors: str | None,
-                      strict_factors: bool = False) -> TrainableAdapter:
+def trainable_adapter(
+    pipe,
+    kind: str,
+    targets: str,
+    factors: str,
+    rank: int,
+    scale: float,
+    train_text_encoder: bool,
+    text_encoder_factors: str | None,
+    strict_factors: bool = False,
+) -> TrainableAdapter:
     """Freeze the pipeline's models and attach trainable adapters to the UNet (and the text encoders if asked)."""
     models = {"unet": pipe.unet}
     if train_text_encoder:
@@ -77,8 +93,11 @@ def trainable_adapter(pipe, kind: str, targets: str, factors: str, rank: int, sc
         model.requires_grad_(False)
     skip = _unused_text_layer(pipe)
     chosen = {c: targets for c in models if c not in TEXT_COMPONENTS}
-    chosen |= {c: rf"^(?!.*\blayers\.{skip[c]}\.).*(?:{TARGET_PRESETS['text']})" if c in skip else "text"
-               for c in models if c in TEXT_COMPONENTS}
+    chosen |= {
+        c: rf"^(?!.*\blayers\.{skip[c]}\.).*(?:{TARGET_PRESETS['text']})" if c in skip else "text"
+        for c in models
+        if c in TEXT_COMPONENTS
+    }
     if kind == "kron":
         requested = {c: (text_encoder_factors or factors) if c in TEXT_COMPONENTS else factors for c in models}
         for component, model in models.items():
@@ -132,7 +151,10 @@ def _save_lora(adapter: TrainableAdapter, path: Path) -> Path:
         state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
         # bake alpha / r into the up weights: diffusers-format files carry no alpha
         layers[f"{component}_lora_layers"] = {
-            k: (v * adapter.scale if "lora.up" in k or "lora_B" in k else v).detach().to("cpu", torch.float32).contiguous()
+            k: (v * adapter.scale if "lora.up" in k or "lora_B" in k else v)
+            .detach()
+            .to("cpu", torch.float32)
+            .contiguous()
             for k, v in state.items()
         }
     sdxl = architecture_of(adapter.models["unet"].config) == "sdxl"
@@ -143,4 +165,3 @@ def _save_lora(adapter: TrainableAdapter, path: Path) -> Path:
 
     pipeline_class.save_lora_weights(path.parent, weight_name=path.name, save_function=save_function, **layers)
     return path
-
