@@ -101,7 +101,8 @@ def load_and_bake(
 ) -> BakedPipeline:
     """Read every adapter file (all of them before the base model), load the base (`pretrained`, else the base the
     first adapter records) and bake the adapters into it. With no adapter the base alone is loaded."""
-    from ..pipeline.models import absolute, base_unet_config, load_pipeline
+    from ..pipeline.hub import absolute
+    from ..pipeline.models import base_unet_config, load_pipeline
 
     # kohya's SGM-named layers are numbered by the UNet's blocks: a given base's own numbering reads them
     unet_config = base_unet_config(pretrained) if pretrained else None

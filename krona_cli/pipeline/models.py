@@ -13,7 +13,7 @@ from torch import nn
 
 from ..architectures import ARCHITECTURES, architecture_of, check_arch, load_model_config
 from ..errors import KronaError
-from .hub import absolute, locate, offline  # noqa: F401  absolute: callers move to hub after the refactor
+from .hub import locate, offline
 
 
 def build_component(arch: str, component: str, device: str | torch.device = "meta") -> nn.Module:
