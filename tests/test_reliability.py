@@ -21,6 +21,8 @@ from krona_cli.training.checkpoint import incomplete_leftovers
 from krona_cli.training.config import load_config
 from krona_cli.training.train import Reporter, train
 
+pytestmark = pytest.mark.subprocess  # every test here starts krona or Python processes
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
 PROMPT = "a photo of sks cat"
 
@@ -31,8 +33,6 @@ import json, os, signal, sys
 from krona_cli.training import checkpoint
 from krona_cli.training.config import load_config
 from krona_cli.training.train import Reporter, train
-
-pytestmark = pytest.mark.subprocess  # every test here starts krona or Python processes
 
 settings, kill_at_file = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 written = 0

@@ -139,8 +139,10 @@ def test_single_file_samples_the_same_images_as_the_folder(single_file, tmp_path
         )
         == 0
     )
-    a, b = (np.asarray(Image.open(tmp_path / d / "grid.png")) for d in ("a", "b"))
-    assert a.shape == b.shape and np.array_equal(a, b)
+    # the same images up to float rounding: the weights are bit-identical, but a matmul's last bit depends on where its
+    # operands lie in memory (F.linear(h, W) and F.linear(h, W.clone()) differ by 2e-7 here), so a pixel may move by 1
+    a, b = (np.asarray(Image.open(tmp_path / d / "p00-s0.png")).astype(int) for d in ("a", "b"))
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
 
 
 def test_single_file_base_trains_and_merges(single_file, tmp_path):
