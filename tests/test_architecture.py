@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "krona_cli"
-LAYERS = ["leaves", "kron", "formats", "pipeline", "inference", "training", "evaluation", "cli"]
+LAYERS = ["leaves", "world", "kron", "formats", "pipeline", "inference", "training", "evaluation", "cli"]
 LEAVES = {"errors", "atomic", "rng", "dtypes", "architectures", "lock", "outputs", "__init__"}
 
 
