@@ -182,6 +182,23 @@ def make_tiny_cmd(
     console.print(f"tiny {arch} pipeline written to [bold]{path}[/]")
 
 
+@command("make-toy")
+def make_toy_cmd(
+    directory: Annotated[
+        Path, typer.Argument(help="Folder to write the pipeline to (created, or replaced with --overwrite).")
+    ],
+    arch: Annotated[str, typer.Option(help="Architecture: sdxl or sd15.")] = "sdxl",
+    overwrite: Annotated[bool, typer.Option(help="Replace a toy pipeline written here before.")] = False,
+) -> None:
+    """Write a small SDXL or SD 1.5 pipeline pretrained on the toy world (coloured shapes on plain backgrounds; a few
+    MB, no download): a base that draws what it is asked, to see personalisation work on a CPU."""
+    from .pipeline.toy import make_toy
+
+    with _locked(directory, "krona make-toy", "DIRECTORY"):
+        path = make_toy(directory, arch=arch, overwrite=overwrite)
+    console.print(f"toy {arch} pipeline written to [bold]{path}[/]")
+
+
 @command("plan")
 def plan_cmd(
     arch: Annotated[str, typer.Option(help="Architecture: sdxl or sd15.")] = "sdxl",
@@ -513,7 +530,17 @@ def eval_cmd(
     images: Annotated[
         Path, typer.Option(help="Folder of generated images (PNG prompts are read from their metadata).")
     ],
-    reference: Annotated[Path, typer.Option(help="Folder of the subject's real photos (the instance images).")],
+    reference: Annotated[
+        Optional[Path],
+        typer.Option(help="Folder of the subject's real photos (the instance images); --scorer clip needs it."),
+    ] = None,
+    scorer: Annotated[
+        str,
+        typer.Option(
+            help="clip: CLIP-I, CLIP-T and DINO (downloaded scorer models); toy: the toy world's subject fidelity, "
+            "prompt fidelity and class scores (no model; for pictures of krona make-toy pipelines)."
+        ),
+    ] = "clip",
     prompt: Annotated[
         Optional[str], typer.Option(help="The prompt of every generated image (else their metadata).")
     ] = None,
@@ -530,19 +557,23 @@ def eval_cmd(
     dino_model: Annotated[str, typer.Option(help="DINO model: hub id or local folder.")] = "facebook/dino-vits16",
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 16,
 ) -> None:
-    """Score generated images: CLIP-I and DINO (similarity to the subject's photos) and CLIP-T (to the prompt)."""
-    from rich.progress import Progress
-
-    from .pipeline.hub import model_source
+    """Score generated images: CLIP-I and DINO (similarity to the subject's photos) and CLIP-T (to the prompt), or
+    with --scorer toy the toy world's scores, read from the pictures themselves."""
     from .training.images import scan_images
 
+    if scorer not in ("clip", "toy"):
+        raise KronaError(f"--scorer must be clip or toy, not {scorer!r}")
+    if scorer == "clip" and reference is None:
+        raise KronaError("--scorer clip needs --reference, the folder of the subject's real photos")
     generated, _ = scan_images(images, "images")
-    photos, _ = scan_images(reference, "reference")
-    # the scorer models are found (a folder, or a hub id cached or reachable) before any of them loads
-    model_source(clip_model, "--clip-model", "CLIP")
-    model_source(dino_model, "--dino-model", "DINO")
+    photos = scan_images(reference, "reference")[0] if reference is not None else []
+    if scorer == "clip":  # the scorer models are found (a folder, or a hub id cached or reachable) before any loads
+        from .pipeline.hub import model_source
+
+        model_source(clip_model, "--clip-model", "CLIP")
+        model_source(dino_model, "--dino-model", "DINO")
     from .atomic import write_bytes_atomic
-    from .evaluation.metrics import Embedder, evaluate, is_sample_grid
+    from .evaluation.metrics import is_sample_grid, read_prompt
     from .inference.sampling import load_prompts
 
     generated = [p for p in generated if not is_sample_grid(p)]  # krona sample's grid.png repeats its images
@@ -554,12 +585,43 @@ def eval_cmd(
         prompts = load_prompts([prompt] if prompt else [], prompts_file)
         if len(prompts) not in (1, len(generated)):
             raise KronaError(f"{len(prompts)} prompts for {len(generated)} images; give one prompt, or one per image")
+    settings = {"images_dir": str(images), "reference_dir": None if reference is None else str(reference)}
+    if scorer == "toy":
+        from .evaluation.toy import TOY_COLUMNS, score_files
+
+        if prompts is not None and len(prompts) == 1:
+            prompts = prompts * len(generated)
+        scores = score_files(generated, prompts or [read_prompt(p) for p in generated], identifier)
+        result = scores.to_dict() | settings | {"scorer": "toy", "identifier": identifier}
+        title = f"{scores.subject_images} pictures of the subject, {scores.class_images} of its class"
+        columns = {name: getattr(scores, key) for name, key in TOY_COLUMNS}
+    else:
+        metrics = _clip_scores(generated, photos, prompts, identifier, clip_model, dino_model, batch_size)
+        result = metrics.to_dict() | settings | {"clip_model": clip_model, "dino_model": dino_model}
+        result["identifier"] = identifier
+        title = f"{metrics.generated} images against {metrics.reference} reference photos"
+        columns = {"CLIP-I": metrics.clip_i, "CLIP-T": metrics.clip_t, "DINO": metrics.dino}
+    write_bytes_atomic(output, json.dumps(result, indent=2).encode())
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    for column in columns:
+        table.add_column(column, justify="right")
+    table.add_row(*("-" if v is None else f"{v:.4f}" for v in columns.values()))
+    console.print(table)
+    console.print(f"metrics -> [bold]{output}[/]")
+
+
+def _clip_scores(generated, photos, prompts, identifier, clip_model, dino_model, batch_size):
+    """CLIP-I, CLIP-T and DINO of the generated images, with a progress bar."""
+    from rich.progress import Progress
+
+    from .evaluation.metrics import Embedder, evaluate
+
     _quiet_model_loading()
     with console.status("loading the CLIP and DINO models"):
         clip, dino = Embedder.clip(clip_model), Embedder.dino(dino_model)
     with Progress(console=console) as bar:
         task = bar.add_task("scoring", total=None)
-        metrics = evaluate(
+        return evaluate(
             generated,
             photos,
             prompts,
@@ -569,20 +631,6 @@ def eval_cmd(
             batch_size=batch_size,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
-    result = metrics.to_dict() | {
-        "images_dir": str(images),
-        "reference_dir": str(reference),
-        "clip_model": clip_model,
-        "dino_model": dino_model,
-        "identifier": identifier,
-    }
-    write_bytes_atomic(output, json.dumps(result, indent=2).encode())
-    table = Table(title=f"{metrics.generated} images against {metrics.reference} reference photos", box=box.SIMPLE_HEAD)
-    for column in ("CLIP-I", "CLIP-T", "DINO"):
-        table.add_column(column, justify="right")
-    table.add_row(*("-" if v is None else f"{v:.4f}" for v in (metrics.clip_i, metrics.clip_t, metrics.dino)))
-    console.print(table)
-    console.print(f"metrics -> [bold]{output}[/]")
 
 
 @command("compare")
@@ -613,9 +661,13 @@ def compare_cmd(
         str, typer.Option(help="CLIP model: hub id or local folder.")
     ] = "openai/clip-vit-base-patch32",
     dino_model: Annotated[str, typer.Option(help="DINO model: hub id or local folder.")] = "facebook/dino-vits16",
+    scorer: Annotated[
+        str, typer.Option(help="clip (CLIP-I, CLIP-T, DINO) or toy (the toy world's scores, for make-toy pipelines).")
+    ] = "clip",
 ) -> None:
     """Train krona and the LoRA baseline on the same subject and budget, sample the same prompts and seeds, score
-    both (CLIP-I, CLIP-T, DINO) and write report.md with the table, side-by-side grids and a plot."""
+    both (CLIP-I, CLIP-T, DINO, or the toy world's scores) and write report.md with the table, side-by-side grids
+    and a plot."""
     from .evaluation.compare import compare
     from .training.config import load_config
 
@@ -643,19 +695,18 @@ def compare_cmd(
             clip_model=clip_model,
             dino_model=dino_model,
             progress=lambda message: status.update(message),
+            scorer=scorer,
         )
     table = Table(title="krona compare", box=box.SIMPLE_HEAD)
-    for column in ("method", summary["sweep"] or "setting", "parameters", "CLIP-I", "CLIP-T", "DINO"):
+    metrics = summary["metrics"]
+    for column in ("method", summary["sweep"] or "setting", "parameters", *(title for _, title in metrics)):
         table.add_column(column, justify="right")
     for run in summary["runs"]:
-        m = run["metrics"]
         table.add_row(
             run["method"],
             str(run["setting"] if run["setting"] is not None else "default"),
             f"{run['parameters']:,}",
-            f"{m['clip_i']:.4f}",
-            f"{m['clip_t']:.4f}",
-            f"{m['dino']:.4f}",
+            *(f"{run['metrics'][name]:.4f}" for name, _ in metrics),
         )
     console.print(table)
     console.print(f"report -> [bold]{summary['report']}[/]")

@@ -82,14 +82,14 @@ background foreground top bottom left right front back side center middle
 """
 
 
-def _corpus_words() -> list[str]:
+def _corpus_words(corpus: str) -> list[str]:
     """The corpus split into byte-level pre-tokens by CLIPTokenizer's own normaliser and word splitter.
 
     Borrowing them from a (vocabulary-less) ``CLIPTokenizer`` backend guarantees training sees words exactly the way
     the finished tokenizer will.
     """
     backend = CLIPTokenizer(model_max_length=MAX_LENGTH).backend_tokenizer
-    text = backend.normalizer.normalize_str(_CORPUS)
+    text = backend.normalizer.normalize_str(corpus)
     return [word for word, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
 
 
@@ -108,15 +108,15 @@ def _merge_word(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, .
 
 
 @functools.cache
-def _learn_bpe() -> tuple[tuple[str, str], ...]:
-    """Learn BPE merges on the built-in corpus, in rank order.
+def _learn_bpe(corpus: str) -> tuple[tuple[str, str], ...]:
+    """Learn BPE merges on ``corpus``, in rank order.
 
     A plain, fully deterministic BPE learner: each step fuses the most frequent adjacent pair, ties going to the
     lexicographically smallest pair, until every corpus word is a single symbol. (``tokenizers``' own
     ``BpeTrainer`` is not used because its tie-breaking depends on hash-map order, so it learns different merges
     from one process to the next.) The vocabulary follows from the merges as CLIP's does (clip_tokenizer.py).
     """
-    word_counts = Counter(_corpus_words())
+    word_counts = Counter(_corpus_words(corpus))
     # Each distinct word as a symbol sequence whose last symbol carries the end-of-word mark: "dog" -> d, o, g</w>.
     words = {word: (*word[:-1], word[-1] + END_OF_WORD) for word in sorted(word_counts)}
 
@@ -134,14 +134,15 @@ def _learn_bpe() -> tuple[tuple[str, str], ...]:
     return tuple(merges)
 
 
-def build_tokenizer() -> CLIPTokenizer:
-    """A small CLIP-style BPE tokenizer, identical on every call and in every process.
+def build_tokenizer(extra_words: str = "") -> CLIPTokenizer:
+    """A small CLIP-style BPE tokenizer, identical on every call and in every process; ``extra_words`` join the
+    built-in corpus (each then one token).
 
     Uses CLIP's normaliser, word splitter, byte-level alphabet and ``</w>`` end-of-word suffix, so no input
     (unicode, emoji, punctuation) ever maps to the unknown token. ``<|endoftext|>`` is eos, unk and pad, and the
     context length is 77, as in CLIP. Each call returns a fresh tokenizer object.
     """
-    return tokenizer_from_merges(list(_learn_bpe()))
+    return tokenizer_from_merges(list(_learn_bpe(_CORPUS + extra_words)))
 
 
 def _text_config(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str) -> CLIPTextConfig:

@@ -24,7 +24,7 @@ from ..errors import KronaError
 
 # torch-importing modules (kron, models) are imported where needed: the cli imports this module for every command.
 
-CONFIG_PRESETS = ("sdxl", "sd15", "tiny")
+CONFIG_PRESETS = ("sdxl", "sd15", "tiny", "toy")
 
 
 def _opt(default: Any, help: str, **rules: Any) -> Any:

@@ -1,0 +1,202 @@
+"""Toy pipelines: small SDXL- and SD1.5-shaped diffusers pipelines *pretrained* on the toy world (world/scenes.py).
+
+They are made of the real models' classes (``StableDiffusionXLPipeline`` with two CLIP text encoders and
+"text_time" micro-conditioning; ``StableDiffusionPipeline``), so every krona command works on them unchanged, and
+they draw what they are asked for: a red ring on a blue background. The architectures are defined here; the weights
+(fp16, a few MB) are trained from scratch by ``scripts/pretrain_toy.py`` and shipped in ``krona_cli/weights/``, so
+:func:`make_toy` takes seconds and needs no download.
+
+Sizes: 64x64 images through a VAE with a 4x downscale (16x16x4 latents); UNets (32, 64, 64) wide with
+cross-attention at two levels; text encoders 64 wide (3 layers for SDXL, whose UNet reads the penultimate layer;
+2 for SD 1.5); a tokenizer whose corpus includes every word of the world.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from krona_cli.atomic import write_folder_atomic
+from krona_cli.errors import KronaError
+from krona_cli.outputs import output_folder
+from krona_cli.pipeline.clip_tokenizer import MAX_LENGTH
+from krona_cli.pipeline.tiny import build_tokenizer
+from krona_cli.world.scenes import COLOURS, SHAPES
+
+ARCHS = ("sdxl", "sd15")
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+MARKER = "krona-toy.json"  # in every folder make_toy writes: what --overwrite may replace
+TEXT_WIDTH = 64
+TIME_EMBED_DIM = 8
+
+
+def weights_file(arch: str) -> Path:
+    return WEIGHTS_DIR / f"toy-{arch}.safetensors"
+
+
+def toy_tokenizer() -> CLIPTokenizer:
+    """The tiny tokenizer's corpus plus every word of the toy world (each one token)."""
+    return build_tokenizer(" ".join([*COLOURS, *SHAPES, "background", "front"]))
+
+
+def _text_config(tokenizer: CLIPTokenizer, layers: int, hidden_act: str) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=2 * TEXT_WIDTH,
+        projection_dim=TEXT_WIDTH,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        hidden_act=hidden_act,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def toy_vae(scaling_factor: float = 1.0) -> AutoencoderKL:
+    """Three resolution levels: 64x64 pictures to 16x16x4 latents."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+_UNET_COMMON = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    attention_head_dim=(2, 4, 4),  # heads per block (diffusers' legacy name): 16 channels each
+    norm_num_groups=16,
+)
+
+
+def toy_unet(arch: str) -> UNet2DConditionModel:
+    if arch == "sdxl":  # attention at the two lower levels, linear projections, "text_time" conditioning
+        return UNet2DConditionModel(
+            **_UNET_COMMON,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            use_linear_projection=True,
+            cross_attention_dim=2 * TEXT_WIDTH,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_WIDTH,
+        )
+    return UNet2DConditionModel(  # SD 1.5: attention at the two higher levels, conv projections
+        **_UNET_COMMON,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH,
+    )
+
+
+def toy_scheduler() -> EulerDiscreteScheduler:
+    """Euler, as SD 1.5 and SDXL ship with, on DDPM's linear noise schedule (1e-4 to 0.02), v-prediction, trailing
+    timesteps.
+
+    Not SD's "scaled_linear" schedule: at 16x16 latents it leaves so much of a picture at its last step (signal 0.07
+    against noise whose mean over 256 pixels varies by 0.06) that a model learns to read the background's colour
+    from the noise instead of the prompt. DDPM's leaves 0.006, and trailing timesteps start sampling there; so close
+    to pure noise an epsilon model's picture is its noise estimate's error times 157, so the model predicts the
+    velocity (as SD 2 does), which there is the picture itself.
+    """
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        steps_offset=1,  # unused with trailing timesteps; what diffusers' SD pipeline asks of every scheduler
+    )
+
+
+def build_toy_pipeline(arch: str, weights: bool = True) -> StableDiffusionXLPipeline | StableDiffusionPipeline:
+    """The toy pipeline of ``arch`` in memory, in fp32: with the shipped pretrained weights, or freshly initialised
+    (``weights=False``, for pretraining).
+
+    Raises:
+        KronaError: ``arch`` is unknown, or its weights file is missing.
+    """
+    if arch not in ARCHS:
+        raise KronaError(f"Unknown toy architecture {arch!r}: expected one of {', '.join(repr(a) for a in ARCHS)}.")
+    state, scaling = {}, 1.0
+    if weights:
+        from safetensors import safe_open
+
+        path = weights_file(arch)
+        if not path.is_file():
+            raise KronaError(
+                f"The toy {arch} weights are missing ({path}): re-install krona, or run scripts/pretrain_toy.py."
+            )
+        with safe_open(path, "pt") as f:
+            scaling = float(json.loads(f.metadata()["krona_toy"])["scaling_factor"])
+            state = {key: f.get_tensor(key).float() for key in f.keys()}
+    tokenizer = toy_tokenizer()
+    parts = {"vae": toy_vae(scaling), "unet": toy_unet(arch)}
+    if arch == "sdxl":
+        parts["text_encoder"] = CLIPTextModel(_text_config(tokenizer, 3, "quick_gelu"))
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(_text_config(tokenizer, 3, "gelu"))
+    else:
+        parts["text_encoder"] = CLIPTextModel(_text_config(tokenizer, 2, "quick_gelu"))
+    for name, module in parts.items():
+        if state:
+            own = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+            missing, unexpected = module.load_state_dict(own, strict=False)
+            if missing or unexpected:
+                raise KronaError(f"The toy {arch} weights do not fit its {name}: re-install krona.")
+        module.eval()
+    if arch == "sdxl":
+        return StableDiffusionXLPipeline(
+            **parts, tokenizer=tokenizer, tokenizer_2=toy_tokenizer(), scheduler=toy_scheduler(), add_watermarker=False
+        )
+    return StableDiffusionPipeline(
+        **parts,
+        tokenizer=tokenizer,
+        scheduler=toy_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def make_toy(path: str | Path, arch: str = "sdxl", overwrite: bool = False) -> Path:
+    """Save the pretrained toy pipeline of ``arch`` as a diffusers folder at ``path`` (written atomically; like
+    make_tiny, only an empty folder or a toy pipeline this function wrote, with ``overwrite``, is replaced).
+
+    Returns:
+        ``path`` as an absolute :class:`~pathlib.Path`.
+    """
+    target = Path(path).expanduser().absolute()
+    ours = (target / MARKER).is_file()
+    output_folder(target, "DIRECTORY", lambda _file: ours, overwrite)
+    pipeline = build_toy_pipeline(arch)
+
+    def fill(folder: Path) -> None:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+        (folder / MARKER).write_text(json.dumps({"arch": arch}))
+
+    write_folder_atomic(target, fill)
+    return target
