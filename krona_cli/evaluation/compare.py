@@ -20,6 +20,16 @@ from pathlib import Path
 from ..errors import KronaError
 
 METHODS = ("kron", "lora")
+#: (key, title) of each scorer's metrics: clip (CLIP-I, CLIP-T, DINO) or toy (the toy world's scores, no model).
+METRICS = {
+    "clip": (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO")),
+    "toy": (
+        ("subject_fidelity", "subject fidelity"),
+        ("prompt_fidelity", "prompt fidelity"),
+        ("class_accuracy", "class accuracy"),
+        ("class_look_rate", "class look rate"),
+    ),
+}
 SWEEP_KEYS = {"lr": float, "factors": str, "rank": int}  # factors applies to kron only, rank to LoRA only
 
 # The 25 DreamBench prompts (Ruiz et al., DreamBooth, 2023): {0} is the identifier, {1} the class noun.
@@ -129,8 +139,12 @@ def compare(
     clip_model: str | None = None,
     dino_model: str | None = None,
     progress: Callable[[str], None] | None = None,
+    scorer: str = "clip",
 ) -> dict:
     """Train, sample and score both methods for each sweep setting; write report.md, results.json, grids and a plot.
+
+    `scorer` "toy" scores with the toy world's scorers (world/scorers.py) on its evaluation prompts instead of CLIP
+    and DINO on a DreamBench prompt set: for toy pipelines (pipeline/toy.py) and the toy subject.
 
     `train_config` is a validated config.TrainConfig (data, model and budget shared by every run); each run trains
     in `output_dir/runs/<method>[-<key>-<value>]` with the class images shared in `output_dir/class-images`.
@@ -140,17 +154,25 @@ def compare(
     from ..inference.sampling import SampleConfig, generate, prepare_pipeline
     from ..training.images import scan_images
     from ..training.train import train
-    from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, Embedder, evaluate
+    from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, Embedder, evaluate, read_prompt
 
     say = progress or (lambda message: None)
+    if scorer not in METRICS:
+        raise KronaError(f"--scorer must be one of {', '.join(METRICS)}; got '{scorer}'")
     key, values = parse_sweep(sweep)
     out = Path(output_dir).expanduser()
-    noun = noun or class_noun(train_config.prompt, identifier)
-    sample_prompts = prompt_set(prompts, identifier, noun)
     reference, _ = scan_images(train_config.instance_dir, "instance")
-    # load the scorers first: a missing model fails before any training
-    clip = Embedder.clip(clip_model or DEFAULT_CLIP_MODEL)
-    dino = Embedder.dino(dino_model or DEFAULT_DINO_MODEL)
+    if scorer == "toy":
+        from ..world.scenes import eval_prompts
+        from .toy import score_files
+
+        sample_prompts = eval_prompts(identifier)
+    else:
+        noun = noun or class_noun(train_config.prompt, identifier)
+        sample_prompts = prompt_set(prompts, identifier, noun)
+        # load the scorers first: a missing model fails before any training
+        clip = Embedder.clip(clip_model or DEFAULT_CLIP_MODEL)
+        dino = Embedder.dino(dino_model or DEFAULT_DINO_MODEL)
     sample_config = SampleConfig(
         num_images=num_images, seed=train_config.seed, steps=sample_steps, guidance=guidance, batch_size=num_images
     ).validate()
@@ -181,7 +203,10 @@ def compare(
             pipe, info = prepare_pipeline([(result.adapter, 1.0)], cfg.pretrained_model)
             sampled = generate(pipe, sample_config, sample_prompts, info, run_dir / "eval-samples")
             say(f"scoring {name}")
-            metrics = evaluate(sampled.images, reference, identifier=identifier, clip=clip, dino=dino)
+            if scorer == "toy":
+                metrics = score_files(sampled.images, [read_prompt(p) for p in sampled.images], identifier)
+            else:
+                metrics = evaluate(sampled.images, reference, identifier=identifier, clip=clip, dino=dino)
             parameters = _parameters(result.adapter)
             runs.append(
                 Run(
@@ -192,11 +217,17 @@ def compare(
                     round(seconds, 2),
                     str(run_dir / "eval-samples"),
                     str(sampled.grid),
-                    {k: v for k, v in metrics.to_dict().items() if k in ("clip_i", "clip_t", "dino")},
+                    {k: getattr(metrics, k) for k, _ in METRICS[scorer]},
                 )
             )
-    report = _write_report(out, runs, key, values, train_config, sample_prompts, num_images)
-    return {"report": str(report), "runs": [asdict(r) for r in runs], "sweep": key, "values": values}
+    report = _write_report(out, runs, key, values, train_config, sample_prompts, num_images, METRICS[scorer])
+    return {
+        "report": str(report),
+        "runs": [asdict(r) for r in runs],
+        "sweep": key,
+        "values": values,
+        "metrics": [list(m) for m in METRICS[scorer]],
+    }
 
 
 def _parameters(adapter: str) -> int:
@@ -224,7 +255,7 @@ def _side_by_side(left: Path, right: Path, target: Path) -> Path:
     return write_bytes_atomic(target, png_bytes(canvas, {"left": str(left), "right": str(right)}))
 
 
-def _plot(out: Path, runs: list[Run], key: str | None, values: list) -> Path:
+def _plot(out: Path, runs: list[Run], key: str | None, values: list, metrics) -> Path:
     import io
 
     import matplotlib
@@ -234,9 +265,8 @@ def _plot(out: Path, runs: list[Run], key: str | None, values: list) -> Path:
 
     from ..atomic import write_bytes_atomic
 
-    names = ("clip_i", "clip_t", "dino")
-    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for axis, metric in zip(axes, names):
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
+    for axis, (metric, title) in zip(axes, metrics):
         for method in METHODS:
             mine = [r for r in runs if r.method == method]
             if key and len(mine) > 1:
@@ -245,7 +275,7 @@ def _plot(out: Path, runs: list[Run], key: str | None, values: list) -> Path:
             else:
                 spread = [str(v) for v in values] if key else [""]
                 axis.plot(spread, [mine[0].metrics[metric]] * len(spread), linestyle="--", marker="o", label=method)
-        axis.set_title(metric.replace("_", "-").upper())
+        axis.set_title(title)
         axis.set_xlabel(key or "")
         axis.legend()
     figure.tight_layout()
@@ -255,10 +285,11 @@ def _plot(out: Path, runs: list[Run], key: str | None, values: list) -> Path:
     return write_bytes_atomic(out / "plot.png", buffer.getvalue())
 
 
-def _write_report(out: Path, runs: list[Run], key, values, cfg, prompts: list[str], num_images: int) -> Path:
+def _write_report(out: Path, runs: list[Run], key, values, cfg, prompts: list[str], num_images: int, metrics) -> Path:
     from ..atomic import write_bytes_atomic
 
-    plot = _plot(out, runs, key, values)
+    plot = _plot(out, runs, key, values, metrics)
+    titles = " | ".join(title for _, title in metrics)
     lines = [
         f"# krona compare: `{cfg.prompt}`",
         "",
@@ -266,16 +297,13 @@ def _write_report(out: Path, runs: list[Run], key, values, cfg, prompts: list[st
         + (f" with prior preservation (`{cfg.class_prompt}`)" if cfg.class_prompt else "")
         + f", seed {cfg.seed}; each sampled {len(prompts)} prompts × {num_images} seeds.",
         "",
-        "| method | " + (f"{key} | " if key else "") + "parameters | CLIP-I | CLIP-T | DINO | train s |",
-        "|---|" + ("---|" if key else "") + "---|---|---|---|---|",
+        "| method | " + (f"{key} | " if key else "") + f"parameters | {titles} | train s |",
+        "|---|" + ("---|" if key else "") + "---|" * (len(metrics) + 2),
     ]
     for r in runs:
-        m = r.metrics
         setting = f"{r.setting if r.setting is not None else 'default'} | " if key else ""
-        lines.append(
-            f"| {r.method} | {setting}{r.parameters:,} | {m['clip_i']:.4f} | {m['clip_t']:.4f} | "
-            f"{m['dino']:.4f} | {r.train_seconds:.1f} |"
-        )
+        scores = " | ".join(f"{r.metrics[name]:.4f}" for name, _ in metrics)
+        lines.append(f"| {r.method} | {setting}{r.parameters:,} | {scores} | {r.train_seconds:.1f} |")
     lines += ["", f"![metrics against {key or 'method'}]({plot.name})", ""]
     for value in values:
         kron, lora = (next(r for r in runs if r.method == m and r.setting in (value, None)) for m in METHODS)

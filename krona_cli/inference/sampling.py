@@ -239,9 +239,11 @@ def _grid(
     title: str | None,
     width: int,
     height: int,
+    column_labels: Sequence[str] | None = None,
 ) -> Image.Image:
-    """The images in rows (one per prompt) and columns (one per seed), below a band with the seeds and right of a
-    band with the prompts; the top-left corner holds `title`. The images fill the bottom-right corner unchanged."""
+    """The images in rows (one per prompt) and columns (one per seed), below a band with the seeds (or
+    `column_labels`) and right of a band with the prompts; the top-left corner holds `title`. The images fill the
+    bottom-right corner unchanged."""
     from PIL import ImageDraw
 
     font = _grid_font(height)
@@ -258,7 +260,7 @@ def _grid(
         draw.text((pad, pad), _clip(titled, font, left - 2 * pad), fill=GRID_INK, font=font)
     for c, seed in enumerate(seeds[:cols]):
         label = f"seed {seed}" if font.getlength(f"seed {seed}") <= width - 2 * pad else str(seed)
-        label = _clip(label, font, width - 2 * pad)
+        label = _clip(column_labels[c] if column_labels else label, font, width - 2 * pad)
         draw.text((left + c * width + (width - font.getlength(label)) / 2, pad), label, fill=GRID_INK, font=font)
     for r, prompt in enumerate(prompts[: len(rows)]):
         lines = _wrap(_drawable(prompt, font), font, left - 2 * pad, (height - 2 * pad) // line)
@@ -448,6 +450,25 @@ def generate(
     images = render(pipe, config, prompts, progress, on_image=write)
     grid_path = write_grid(out / "grid.png", images, prompts, config.seeds(), common)
     return SampleResult(images=paths, grid=grid_path, seeds=config.seeds(), width=width, height=height)
+
+
+def before_after(before: str | Path, after: str | Path, path: str | Path, labels: Sequence[str] = ("base", "adapted")):
+    """One labelled grid of two `krona sample` folders drawn with the same prompts and seeds (say, the base model's and
+    the adapted model's): a row per prompt, each seed's image from `before` then the same seed's from `after`."""
+    before, after = Path(before), Path(after)
+    pairs = sorted(p.name for p in before.glob("p*-s*.png") if (after / p.name).is_file() and is_krona_image(p))
+    if not pairs:
+        raise KronaError(f"'{before}' and '{after}' share no krona sample image; sample both with the same prompts")
+    prompts, seeds = {}, set()
+    for name in pairs:
+        prompts[int(name[1:3])] = png_text(before / name, "prompt") or ""
+        seeds.add(int(name.split("-s")[1][:-4]))
+    order, seeds = sorted(prompts), sorted(seeds)
+    rows = [[Image.open(folder / image_name(j, s)) for s in seeds for folder in (before, after)] for j in order]
+    width, height = rows[0][0].size
+    columns = [f"{label} {s}" for s in seeds for label in labels]
+    grid = _grid(rows, [prompts[j] for j in order], seeds * 2, None, width, height, column_labels=columns)
+    return write_bytes_atomic(Path(path), png_bytes(grid, {"prompts": json.dumps([prompts[j] for j in order])}))
 
 
 def ceil_batches(config: SampleConfig, num_prompts: int) -> int:

@@ -1,0 +1,58 @@
+"""The toy world's scores (world/scorers.py) of image files: what `krona eval --scorer toy` reports."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..world.scorers import ToyScores, score
+
+#: (column title, ToyScores field) of the table `krona eval --scorer toy` prints.
+TOY_COLUMNS = (
+    ("subject fidelity", "subject_fidelity"),
+    ("prompt fidelity", "prompt_fidelity"),
+    ("class accuracy", "class_accuracy"),
+    ("class look rate", "class_look_rate"),
+)
+
+
+def score_files(paths: Sequence[Path], prompts: Sequence[str | None], identifier: str = "sks") -> ToyScores:
+    """Score each image file against the prompt that made it; per-image rows name their file."""
+    from ..training.images import load_image
+
+    images = [load_image(Path(p)) for p in paths]
+    scores = score(images, prompts, identifier)
+    for row, path in zip(scores.per_image, paths):
+        row["file"] = str(path)
+    return scores
+
+
+def following_prompts(pairs, count: int, seed: int = 0) -> list[str]:
+    """``count`` prompts "a photo of a <colour> <shape> on a <background> background" over (colour, shape)
+    ``pairs`` in turn, each with a background of another colour drawn from ``seed``."""
+    import numpy as np
+
+    from ..world.scenes import COLOURS, prompt
+
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for i in range(count):
+        colour, shape = pairs[i % len(pairs)]
+        others = [c for c in COLOURS if c != colour]
+        prompts.append(prompt(shape, colour, others[rng.integers(len(others))]))
+    return prompts
+
+
+def draw(pipe, prompts: Sequence[str], seed: int = 0, steps: int = 30, guidance: float = 7.0, batch_size: int = 16):
+    """The pipeline's pictures of ``prompts`` (PIL images), picture i from a generator seeded ``seed + i``, at the
+    pipeline's own scheduler, as `krona sample` draws them."""
+    import torch
+
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start : start + batch_size])
+        generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(batch))]
+        with torch.no_grad():
+            out = pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=generators)
+        images += out.images
+    return images
