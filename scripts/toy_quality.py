@@ -2,7 +2,7 @@
 seen in pretraining and on the held-out ones, at krona sample's defaults (Euler, 30 steps, guidance 7). Prints a
 table and writes docs/toy_quality.json.
 
-    python scripts/toy_quality.py [--count 120]
+    python scripts/toy_quality.py [--count 64]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from krona_cli.world.scorers import score
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=120, help="pictures per arch and set (seen, held out)")
+    parser.add_argument("--count", type=int, default=64, help="pictures per arch and set (seen, held out)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "toy_quality.json"))
     args = parser.parse_args()
     results = {}

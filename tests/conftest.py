@@ -26,3 +26,17 @@ def tiny_sdxl_unet():
     from krona_cli.pipeline.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline("sdxl", seed=0).unet
+
+
+@pytest.fixture(scope="session")
+def toy_sdxl_dir(tmp_path_factory):
+    from krona_cli.pipeline.toy import make_toy
+
+    return make_toy(tmp_path_factory.mktemp("toy") / "sdxl", arch="sdxl")
+
+
+@pytest.fixture(scope="session")
+def toy_sd15_dir(tmp_path_factory):
+    from krona_cli.pipeline.toy import make_toy
+
+    return make_toy(tmp_path_factory.mktemp("toy") / "sd15", arch="sd15")

@@ -130,3 +130,23 @@ def test_eval_without_a_model_names_the_flag(tmp_path, scorers, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "--dino-model" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_compare_scores_toy_runs_with_the_toy_scorers(toy_sdxl_dir, tmp_path, capsys):
+    """On a toy pipeline and the toy subject, `--scorer toy` needs no scorer model: the table, JSON and report carry
+    the toy world's four scores."""
+    out = tmp_path / "compare"
+    subject = Path(__file__).resolve().parent.parent / "examples" / "toy-subject"
+    args = ["compare", "--config", "toy", "--pretrained-model", str(toy_sdxl_dir), "--instance-dir", str(subject)]
+    args += ["--prompt", "a photo of sks square", "--output-dir", str(out), "--steps", "3", "--num-images", "1"]
+    code = main(args + ["--sample-steps", "3", "--scorer", "toy"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    results = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in results["runs"]} == {"kron", "lora"}
+    for run in results["runs"]:
+        assert set(run["metrics"]) == {"subject_fidelity", "prompt_fidelity", "class_accuracy", "class_look_rate"}
+        assert all(0.0 <= v <= 1.0 for v in run["metrics"].values()), run
+    report = (out / "report.md").read_text()
+    assert "subject fidelity" in report and "class look rate" in report
