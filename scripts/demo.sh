@@ -15,9 +15,10 @@ python -c "from krona_cli.world.scenes import eval_prompts; print('\n'.join(eval
 krona make-toy "$out/toy-sdxl" --arch sdxl --overwrite
 krona train --config toy --pretrained-model "$out/toy-sdxl" --instance-dir examples/toy-subject \
     --prompt "a photo of sks square" --class-prompt "a photo of a square" --output-dir "$out/train" --overwrite
-krona sample --pretrained-model "$out/toy-sdxl" --prompts-file "$prompts" -n 3 --output-dir "$out/before" --overwrite
-krona sample --adapter "$out/train/adapter.safetensors" --prompts-file "$prompts" -n 3 --output-dir "$out/after" \
+krona sample --pretrained-model "$out/toy-sdxl" --prompts-file "$prompts" -n 3 --batch-size 8 --output-dir "$out/before" \
     --overwrite
+krona sample --adapter "$out/train/adapter.safetensors" --prompts-file "$prompts" -n 3 --batch-size 8 \
+    --output-dir "$out/after" --overwrite
 python -c "from krona_cli.inference.sampling import before_after; before_after('$out/before', '$out/after', \
 '$out/before-after.png')"
 echo "base model:"
