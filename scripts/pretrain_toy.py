@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from krona_cli.pipeline.text import encode_prompts
@@ -108,10 +109,8 @@ def train_diffusion(args) -> None:
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
     pipe = build_toy_pipeline(arch, weights=False)
-    vae_state = load_file(VAE_FILE)
-    from safetensors import safe_open
-
-    with safe_open(VAE_FILE, "pt") as f:
+    with safe_open(VAE_FILE, "pt") as f:  # the weights and the settings they were made with, in one read
+        vae_state = {key: f.get_tensor(key) for key in f.keys()}
         vae_meta = json.loads(f.metadata()["krona_toy"])
     pipe.vae.load_state_dict(vae_state)
     pipe.vae.register_to_config(scaling_factor=vae_meta["scaling_factor"])

@@ -145,8 +145,9 @@ def build_tokenizer(extra_words: str = "") -> CLIPTokenizer:
     return tokenizer_from_merges(list(_learn_bpe(_CORPUS + extra_words)))
 
 
-def _text_config(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str) -> CLIPTextConfig:
-    """A two-layer CLIP text config of width ``hidden_size`` whose vocabulary and special ids match ``tokenizer``.
+def clip_text_config(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str, layers: int = 2) -> CLIPTextConfig:
+    """A CLIP text config of width ``hidden_size`` and ``layers`` layers whose vocabulary and special ids match
+    ``tokenizer``.
 
     The eos id matters beyond the embedding size: CLIP pools the sequence at the first eos token.
     """
@@ -155,7 +156,7 @@ def _text_config(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str) ->
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         projection_dim=hidden_size,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=MAX_LENGTH,
         hidden_act=hidden_act,
@@ -253,8 +254,8 @@ def build_tiny_pipeline(arch: str = "sdxl", seed: int = 0) -> StableDiffusionXLP
         if arch == "sdxl":
             # Two encoders like SDXL's CLIP ViT-L (32 wide here) and OpenCLIP bigG with projection (48 wide here):
             # the UNet attends to their concatenated penultimate states and is conditioned on the pooled projection.
-            text_encoder = CLIPTextModel(_text_config(tokenizer, 32, "quick_gelu"))
-            text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, 48, "gelu"))
+            text_encoder = CLIPTextModel(clip_text_config(tokenizer, 32, "quick_gelu"))
+            text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer, 48, "gelu"))
             return StableDiffusionXLPipeline(
                 vae=_vae(scaling_factor=0.13025),
                 text_encoder=text_encoder,
@@ -267,7 +268,7 @@ def build_tiny_pipeline(arch: str = "sdxl", seed: int = 0) -> StableDiffusionXLP
             )
         return StableDiffusionPipeline(
             vae=_vae(scaling_factor=0.18215),
-            text_encoder=CLIPTextModel(_text_config(tokenizer, 32, "quick_gelu")),
+            text_encoder=CLIPTextModel(clip_text_config(tokenizer, 32, "quick_gelu")),
             tokenizer=tokenizer,
             unet=_sd15_unet(text_width=32),
             scheduler=_scheduler(),
@@ -294,14 +295,24 @@ def make_tiny(path: str | Path, arch: str = "sdxl", seed: int = 0, overwrite: bo
     Raises:
         KronaError: ``arch`` is unknown, or ``path`` holds something that may not be replaced.
     """
+    return save_marked_pipeline(
+        path, MARKER, {"arch": arch, "seed": seed}, overwrite, lambda: build_tiny_pipeline(arch, seed)
+    )
+
+
+def save_marked_pipeline(path: str | Path, marker: str, info: dict, overwrite: bool, build) -> Path:
+    """``build()``'s pipeline saved with ``save_pretrained`` at ``path``, with ``info`` as JSON in the ``marker``
+    file, written into a temporary sibling and renamed into place. An empty folder is filled; a folder holding
+    ``marker`` is replaced with ``overwrite``; anything else is left alone and reported (outputs.output_folder),
+    before anything is built. Returns ``path`` as an absolute Path."""
     target = Path(path).expanduser().absolute()
-    ours = (target / MARKER).is_file()
+    ours = (target / marker).is_file()
     output_folder(target, "DIRECTORY", lambda _file: ours, overwrite)
-    pipeline = build_tiny_pipeline(arch, seed)
+    pipeline = build()
 
     def fill(folder: Path) -> None:
         pipeline.save_pretrained(folder, safe_serialization=True)
-        (folder / MARKER).write_text(json.dumps({"arch": arch, "seed": seed}))
+        (folder / marker).write_text(json.dumps(info))
 
     write_folder_atomic(target, fill)
     return target
@@ -327,7 +338,7 @@ def build_tiny_clip(seed: int = 0):
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
 
     tokenizer = build_tokenizer()
-    text = _text_config(tokenizer, hidden_size=32, hidden_act="quick_gelu").to_dict() | {"projection_dim": 16}
+    text = clip_text_config(tokenizer, hidden_size=32, hidden_act="quick_gelu").to_dict() | {"projection_dim": 16}
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=37,

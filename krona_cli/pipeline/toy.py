@@ -23,13 +23,10 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from krona_cli.atomic import write_folder_atomic
 from krona_cli.errors import KronaError
-from krona_cli.outputs import output_folder
-from krona_cli.pipeline.clip_tokenizer import MAX_LENGTH
-from krona_cli.pipeline.tiny import build_tokenizer
+from krona_cli.pipeline.tiny import build_tokenizer, clip_text_config, save_marked_pipeline
 from krona_cli.world.scenes import COLOURS, SHAPES
 
 ARCHS = ("sdxl", "sd15")
@@ -46,22 +43,6 @@ def weights_file(arch: str) -> Path:
 def toy_tokenizer() -> CLIPTokenizer:
     """The tiny tokenizer's corpus plus every word of the toy world (each one token)."""
     return build_tokenizer(" ".join([*COLOURS, *SHAPES, "background", "front"]))
-
-
-def _text_config(tokenizer: CLIPTokenizer, layers: int, hidden_act: str) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=2 * TEXT_WIDTH,
-        projection_dim=TEXT_WIDTH,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_LENGTH,
-        hidden_act=hidden_act,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
 
 
 def toy_vae(scaling_factor: float = 1.0) -> AutoencoderKL:
@@ -156,10 +137,10 @@ def build_toy_pipeline(arch: str, weights: bool = True) -> StableDiffusionXLPipe
     tokenizer = toy_tokenizer()
     parts = {"vae": toy_vae(scaling), "unet": toy_unet(arch)}
     if arch == "sdxl":
-        parts["text_encoder"] = CLIPTextModel(_text_config(tokenizer, 3, "quick_gelu"))
-        parts["text_encoder_2"] = CLIPTextModelWithProjection(_text_config(tokenizer, 3, "gelu"))
+        parts["text_encoder"] = CLIPTextModel(clip_text_config(tokenizer, TEXT_WIDTH, "quick_gelu", layers=3))
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(clip_text_config(tokenizer, TEXT_WIDTH, "gelu", layers=3))
     else:
-        parts["text_encoder"] = CLIPTextModel(_text_config(tokenizer, 2, "quick_gelu"))
+        parts["text_encoder"] = CLIPTextModel(clip_text_config(tokenizer, TEXT_WIDTH, "quick_gelu"))
     for name, module in parts.items():
         if state:
             own = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
@@ -189,14 +170,4 @@ def make_toy(path: str | Path, arch: str = "sdxl", overwrite: bool = False) -> P
     Returns:
         ``path`` as an absolute :class:`~pathlib.Path`.
     """
-    target = Path(path).expanduser().absolute()
-    ours = (target / MARKER).is_file()
-    output_folder(target, "DIRECTORY", lambda _file: ours, overwrite)
-    pipeline = build_toy_pipeline(arch)
-
-    def fill(folder: Path) -> None:
-        pipeline.save_pretrained(folder, safe_serialization=True)
-        (folder / MARKER).write_text(json.dumps({"arch": arch}))
-
-    write_folder_atomic(target, fill)
-    return target
+    return save_marked_pipeline(path, MARKER, {"arch": arch}, overwrite, lambda: build_toy_pipeline(arch))
