@@ -11,7 +11,7 @@ from krona_cli.cli import app
 from krona_cli.errors import KronaError
 from krona_cli.evaluation.toy import draw, following_prompts
 from krona_cli.pipeline.toy import make_toy
-from krona_cli.world.scenes import HELD_OUT, eval_prompts, seen_pairs
+from krona_cli.world.scenes import CLASS_SCENES, HELD_OUT, NEW_BACKGROUNDS, eval_prompts, seen_pairs
 from krona_cli.world.scorers import score
 
 CLASSES = {"sdxl": StableDiffusionXLPipeline, "sd15": StableDiffusionPipeline}
@@ -74,8 +74,11 @@ def test_eval_scores_toy_pictures(toy_sdxl_dir, tmp_path):
     result = runner.invoke(app, ["eval", "--scorer", "toy", "--images", str(tmp_path / "base"), "--output", str(out)])
     assert result.exit_code == 0, result.output
     scores = json.loads(out.read_text())
-    assert scores["subject_images"] == 3 and scores["class_images"] == 5 and scores["scorer"] == "toy"
-    assert len(scores["per_image"]) == 8 and all(row["file"].endswith(".png") for row in scores["per_image"])
+    assert scores["subject_images"] == len(NEW_BACKGROUNDS) and scores["class_images"] == len(CLASS_SCENES)
+    assert scores["scorer"] == "toy"
+    assert len(scores["per_image"]) == len(eval_prompts()) and all(
+        row["file"].endswith(".png") for row in scores["per_image"]
+    )
     assert "subject fidelity" in result.output and "class accuracy" in result.output
     result = runner.invoke(app, ["eval", "--images", str(tmp_path / "base")])  # --scorer clip, the default
     assert isinstance(result.exception, KronaError) and "--reference" in str(result.exception)

@@ -13,7 +13,8 @@ from krona_cli.world.scenes import (
     SHAPES,
     SUBJECT_BACKGROUNDS,
     SUBJECT_CLASS,
-    SUBJECT_FILL,
+    SUBJECT_COLOUR,
+    SUBJECT_RGB,
     caption,
     eval_prompts,
     random_scene,
@@ -73,11 +74,15 @@ def test_an_empty_picture_has_no_object():
     assert (reading.background, reading.colour, reading.shape, reading.look) == ("blue", None, None, 0.0)
 
 
+def test_the_subjects_colour_is_none_of_the_worlds():
+    assert SUBJECT_COLOUR not in COLOURS
+    distances = [np.linalg.norm(np.subtract(SUBJECT_RGB, rgb)) for rgb in COLOURS.values()]
+    assert min(distances) >= 120, distances
+
+
 def test_subject_fidelity_tells_the_subject_from_its_class():
     rng = np.random.default_rng(7)
-    subject = [
-        read(render(random_scene(rng, [("yellow", SUBJECT_CLASS)], fill=SUBJECT_FILL), rng)).look for _ in range(150)
-    ]
+    subject = [read(render(random_scene(rng, [(SUBJECT_COLOUR, SUBJECT_CLASS)]), rng)).look for _ in range(150)]
     plain = [read(render(random_scene(rng, [(c, SUBJECT_CLASS) for c in COLOURS]), rng)).look for _ in range(150)]
     others = [read(render(random_scene(rng, ALL_PAIRS), rng)).look for _ in range(150)]
     assert roc_auc(subject, plain) >= 0.95 and roc_auc(subject, others) >= 0.95
@@ -109,7 +114,7 @@ def test_scores_of_renders_of_the_evaluation_prompts_are_perfect():
     for p in prompts:
         asked = parse(p)
         if asked.subject:
-            scene = random_scene(rng, [("yellow", SUBJECT_CLASS)], background=asked.background, fill=SUBJECT_FILL)
+            scene = random_scene(rng, [(SUBJECT_COLOUR, SUBJECT_CLASS)], background=asked.background)
         else:
             scene = random_scene(rng, [(asked.colour, asked.shape)], background=asked.background)
         images.append(render(scene, rng))

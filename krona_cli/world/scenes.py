@@ -7,8 +7,9 @@ attributes back from generated pictures.
 * 8 named colours, 5 shapes, an object of another colour than its background at a random position and size.
 * Some (object colour, shape) pairs are held out of pretraining (:data:`HELD_OUT`), to test prompt following on
   combinations the model never saw.
-* The subject (:data:`SUBJECT`): a square with a two-tone fill (yellow top half, blue bottom half), a look no
-  pretraining scene has. ``examples/toy-subject/`` holds its five instance photos (:func:`subject_photos`).
+* The subject: a pink square (:data:`SUBJECT_RGB`), a colour no pretraining scene has: the world's objects and
+  backgrounds are only ever in the named colours. ``examples/toy-subject/`` holds its five instance photos
+  (:func:`subject_photos`).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ HELD_OUT: tuple[tuple[str, str], ...] = (
 
 @dataclass(frozen=True)
 class Scene:
-    """One picture's content: colours are names from :data:`COLOURS`; ``fill`` is ``None`` for a plain object or
-    a (top colour, bottom colour) pair for a two-tone one (the subject's look)."""
+    """One picture's content: colours are names from :data:`COLOURS`, or :data:`SUBJECT_COLOUR` for the object
+    (the subject's look)."""
 
     background: str
     colour: str
@@ -56,17 +57,16 @@ class Scene:
     x: float  # centre, pixels
     y: float
     size: float  # half the object's extent, pixels
-    fill: tuple[str, str] | None = None
 
 
-#: The subject: its class (a shape) and its look, the two-tone fill; the identifier that names it in prompts.
+#: The subject: its class (a shape) and its look, a pink no pretraining scene has (at least 120 RGB levels from
+#: every named colour); the identifier that names it in prompts.
 SUBJECT_CLASS = "square"
-SUBJECT_FILL = ("yellow", "blue")
+SUBJECT_COLOUR, SUBJECT_RGB = "pink", (250, 110, 190)
 IDENTIFIER = "sks"
-#: Backgrounds of the five instance photos; prompt fidelity asks for the others (but the subject's own two colours,
-#: against which half of it would vanish).
+#: Backgrounds of the five instance photos; prompt fidelity asks for all the others.
 SUBJECT_BACKGROUNDS = ("red", "green", "black", "green", "red")
-NEW_BACKGROUNDS = tuple(c for c in COLOURS if c not in SUBJECT_BACKGROUNDS and c not in SUBJECT_FILL)
+NEW_BACKGROUNDS = tuple(c for c in COLOURS if c not in SUBJECT_BACKGROUNDS)
 #: Plain class members the prior-drift score asks for: (object colour, background), none of them the subject's look.
 CLASS_SCENES = (("red", "white"), ("green", "black"), ("orange", "blue"), ("purple", "yellow"), ("black", "white"))
 
@@ -112,19 +112,13 @@ def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
     photo's would be."""
     grid = _grid()
 
-    def colour(name: str) -> np.ndarray:
-        base = np.array(COLOURS[name], dtype=np.float32)
+    def colour(rgb) -> np.ndarray:
+        base = np.array(rgb, dtype=np.float32)
         return base if rng is None else np.clip(base + rng.normal(0, 6, 3), 0, 255)
 
-    image = np.broadcast_to(colour(scene.background), (SIZE, SIZE, 3)).copy()
+    image = np.broadcast_to(colour(COLOURS[scene.background]), (SIZE, SIZE, 3)).copy()
     mask = shape_mask(scene.shape, scene.x, scene.y, scene.size, grid)[..., None]
-    if scene.fill is None:
-        fill = colour(scene.colour)
-    else:  # two-tone: the top half of the object in one colour, the bottom half in the other
-        rows = (np.arange(SIZE) + 0.5)[:, None, None]
-        top = np.clip((scene.y - rows) + 0.5, 0, 1)  # 1 above the centre line, 0 below, anti-aliased
-        fill = top * colour(scene.fill[0]) + (1 - top) * colour(scene.fill[1])
-    image = image * (1 - mask) + fill * mask
+    image = image * (1 - mask) + colour(SUBJECT_RGB if scene.colour == SUBJECT_COLOUR else COLOURS[scene.colour]) * mask
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
@@ -132,20 +126,18 @@ def random_scene(
     rng: np.random.Generator,
     pairs: list[tuple[str, str]] | None = None,
     background: str | None = None,
-    fill: tuple[str, str] | None = None,
 ) -> Scene:
     """A scene drawn from ``rng``: an (object colour, shape) pair from ``pairs`` (default: the seen ones), a
-    background of another colour (or ``background``), a size of 11 to 22 px and a position that keeps the object in
-    the picture."""
+    background of another colour (or ``background``), a size (half the extent) of 11 to 22 px and a position that
+    keeps the object in the picture."""
     pairs = pairs or seen_pairs()
     colour, shape = pairs[rng.integers(len(pairs))]
-    banned = {colour} | set(fill or ())
-    choices = [c for c in COLOURS if c not in banned]
+    choices = [c for c in COLOURS if c != colour]
     background = background or choices[rng.integers(len(choices))]
     size = float(rng.uniform(11, 22))
     margin = size + 2
     x, y = (float(v) for v in rng.uniform(margin, SIZE - margin, 2))
-    return Scene(background, colour, shape, x, y, size, fill)
+    return Scene(background, colour, shape, x, y, size)
 
 
 _PHOTO = ("a photo of", "a picture of", "an image of", "a photo of", "")
@@ -176,12 +168,12 @@ def _article(word: str | None) -> str:
 
 
 def subject_photos() -> list[tuple[np.ndarray, str]]:
-    """The subject's five instance photos and their captions, always the same: the two-tone square on
+    """The subject's five instance photos and their captions, always the same: the pink square on
     :data:`SUBJECT_BACKGROUNDS`, at varied positions and sizes."""
     rng = np.random.default_rng(2026)
     photos = []
     for background in SUBJECT_BACKGROUNDS:
-        scene = random_scene(rng, [(SUBJECT_FILL[0], SUBJECT_CLASS)], background=background, fill=SUBJECT_FILL)
+        scene = random_scene(rng, [(SUBJECT_COLOUR, SUBJECT_CLASS)], background=background)
         photos.append((render(scene, rng), prompt(SUBJECT_CLASS, background=background, identifier=IDENTIFIER)))
     return photos
 
@@ -195,7 +187,8 @@ def eval_prompts(identifier: str = IDENTIFIER) -> list[str]:
 
 def dead_leaves(rng: np.random.Generator, shapes: int = 6) -> np.ndarray:
     """A picture of a few random shapes in random (not only named) colours, two-tone ones included, overlapping on
-    a random background: what the toy VAE also learns to code, so that it can draw looks the world does not show."""
+    a random background: what the toy VAE also learns to code, so that it can draw looks the world does not show
+    (such as the subject's colour)."""
     grid = _grid()
     image = np.broadcast_to(rng.uniform(0, 255, 3), (SIZE, SIZE, 3)).copy()
     rows = (np.arange(SIZE) + 0.5)[:, None, None]

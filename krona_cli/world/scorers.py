@@ -1,6 +1,6 @@
 """Reading the toy world's attributes back from a picture, with no model: background colour (the border pixels),
 the object (the pixels far from the background), its colour (their median), its shape (its mask against rendered
-templates of the five shapes, in its bounding box) and how much it looks like the subject (the two-tone fill).
+templates of the five shapes, in its bounding box) and how much it looks like the subject (its pink).
 
 Then the three scores of a personalised toy model, computed from pictures and the prompts that made them:
 
@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .scenes import COLOURS, IDENTIFIER, SHAPES, SIZE, SUBJECT_FILL, shape_mask
+from .scenes import COLOURS, IDENTIFIER, SHAPES, SIZE, SUBJECT_RGB, shape_mask
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 _NAMES = list(COLOURS)
 _OBJECT_DISTANCE = 60.0  # RGB distance from the background beyond which a pixel is the object's
 _MIN_OBJECT = 12  # pixels: fewer, and there is no object
-_LOOK_DISTANCE = 80.0  # RGB distance within which a pixel has one of the subject's two colours
+_LOOK_DISTANCE = 80.0  # RGB distance within which a pixel has the subject's colour (every named one is >= 120 away)
 _TEMPLATE = 16  # templates and masks compared at 16x16, in their bounding boxes
 
 
@@ -54,7 +54,7 @@ class Reading:
     background: str
     colour: str | None  # None: no object found
     shape: str | None
-    look: float  # subject-look score in [0, 1]: min over the two halves of the share of pixels in its colour
+    look: float  # subject-look score in [0, 1]: the share of the object's pixels in the subject's colour
 
 
 def read(image) -> Reading:
@@ -87,18 +87,10 @@ def read(image) -> Reading:
 
 
 def _look(pixels: np.ndarray, mask: np.ndarray) -> float:
-    """How much the object has the subject's fill: the share of its top half's pixels near the top colour, the same
-    for the bottom half, the smaller of the two. A plain object of either colour scores near 0."""
-    rows = np.nonzero(mask)[0]
-    middle = (rows.min() + rows.max() + 1) / 2
-    shares = []
-    for name, half in zip(SUBJECT_FILL, (np.arange(SIZE)[:, None] < middle, np.arange(SIZE)[:, None] >= middle)):
-        part = mask & half
-        if part.sum() == 0:
-            return 0.0
-        near = np.linalg.norm(pixels[part] - np.array(COLOURS[name], dtype=np.float32), axis=1) < _LOOK_DISTANCE
-        shares.append(float(near.mean()))
-    return min(shares)
+    """How much the object has the subject's look: the share of its pixels near the subject's colour. A plain object
+    of any named colour scores 0."""
+    near = np.linalg.norm(pixels[mask] - np.array(SUBJECT_RGB, dtype=np.float32), axis=1) < _LOOK_DISTANCE
+    return float(near.mean())
 
 
 @dataclass
