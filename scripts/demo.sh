@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv if needed, then personalise a real (small) model end to end on 2 CPU cores in a few minutes: write
 # the toy SDXL pipeline (pretrained on the toy world of coloured shapes, shipped with krona; no download), train a
-# Kronecker adapter on the toy subject (examples/toy-subject: a yellow-and-blue two-tone square no pretraining
-# picture shows) with prior preservation, draw the base and the adapted model with the same prompts and seeds
+# Kronecker adapter on the toy subject (examples/toy-subject: a pink square, a colour no pretraining picture
+# shows) with prior preservation, draw the base and the adapted model with the same prompts and seeds
 # (demo-out/before-after.png), score both with the toy world's scorers, export the adapter for ComfyUI/A1111, bake
 # it into a pipeline folder, and plan the adapter for the real SDXL.
 set -euo pipefail
@@ -15,9 +15,9 @@ python -c "from krona_cli.world.scenes import eval_prompts; print('\n'.join(eval
 krona make-toy "$out/toy-sdxl" --arch sdxl --overwrite
 krona train --config toy --pretrained-model "$out/toy-sdxl" --instance-dir examples/toy-subject \
     --prompt "a photo of sks square" --class-prompt "a photo of a square" --output-dir "$out/train" --overwrite
-krona sample --pretrained-model "$out/toy-sdxl" --prompts-file "$prompts" -n 3 --batch-size 8 --output-dir "$out/before" \
+krona sample --pretrained-model "$out/toy-sdxl" --prompts-file "$prompts" -n 2 --batch-size 10 --output-dir "$out/before" \
     --overwrite
-krona sample --adapter "$out/train/adapter.safetensors" --prompts-file "$prompts" -n 3 --batch-size 8 \
+krona sample --adapter "$out/train/adapter.safetensors" --prompts-file "$prompts" -n 2 --batch-size 10 \
     --output-dir "$out/after" --overwrite
 python -c "from krona_cli.inference.sampling import before_after; before_after('$out/before', '$out/after', \
 '$out/before-after.png')"
