@@ -559,10 +559,11 @@ def eval_cmd(
 ) -> None:
     """Score generated images: CLIP-I and DINO (similarity to the subject's photos) and CLIP-T (to the prompt), or
     with --scorer toy the toy world's scores, read from the pictures themselves."""
+    from .evaluation.compare import METRICS
     from .training.images import scan_images
 
-    if scorer not in ("clip", "toy"):
-        raise KronaError(f"--scorer must be clip or toy, not {scorer!r}")
+    if scorer not in METRICS:
+        raise KronaError(f"--scorer must be one of {', '.join(METRICS)}, not {scorer!r}")
     if scorer == "clip" and reference is None:
         raise KronaError("--scorer clip needs --reference, the folder of the subject's real photos")
     generated, _ = scan_images(images, "images")
@@ -587,20 +588,19 @@ def eval_cmd(
             raise KronaError(f"{len(prompts)} prompts for {len(generated)} images; give one prompt, or one per image")
     settings = {"images_dir": str(images), "reference_dir": None if reference is None else str(reference)}
     if scorer == "toy":
-        from .evaluation.toy import TOY_COLUMNS, score_files
+        from .evaluation.toy import score_files
 
         if prompts is not None and len(prompts) == 1:
             prompts = prompts * len(generated)
-        scores = score_files(generated, prompts or [read_prompt(p) for p in generated], identifier)
-        result = scores.to_dict() | settings | {"scorer": "toy", "identifier": identifier}
-        title = f"{scores.subject_images} pictures of the subject, {scores.class_images} of its class"
-        columns = {name: getattr(scores, key) for name, key in TOY_COLUMNS}
+        metrics = score_files(generated, prompts or [read_prompt(p) for p in generated], identifier)
+        result = metrics.to_dict() | settings | {"scorer": "toy", "identifier": identifier}
+        title = f"{metrics.subject_images} pictures of the subject, {metrics.class_images} of its class"
     else:
         metrics = _clip_scores(generated, photos, prompts, identifier, clip_model, dino_model, batch_size)
         result = metrics.to_dict() | settings | {"clip_model": clip_model, "dino_model": dino_model}
         result["identifier"] = identifier
         title = f"{metrics.generated} images against {metrics.reference} reference photos"
-        columns = {"CLIP-I": metrics.clip_i, "CLIP-T": metrics.clip_t, "DINO": metrics.dino}
+    columns = {name: getattr(metrics, key) for key, name in METRICS[scorer]}
     write_bytes_atomic(output, json.dumps(result, indent=2).encode())
     table = Table(title=title, box=box.SIMPLE_HEAD)
     for column in columns:

@@ -20,7 +20,8 @@ from pathlib import Path
 from ..errors import KronaError
 
 METHODS = ("kron", "lora")
-#: (key, title) of each scorer's metrics: clip (CLIP-I, CLIP-T, DINO) or toy (the toy world's scores, no model).
+#: (key, title) of each scorer's metrics, the columns of `krona compare` and `krona eval`: clip (CLIP-I, CLIP-T,
+#: DINO) or toy (the toy world's scores, no model).
 METRICS = {
     "clip": (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO")),
     "toy": (

@@ -7,14 +7,6 @@ from pathlib import Path
 
 from ..world.scorers import ToyScores, score
 
-#: (column title, ToyScores field) of the table `krona eval --scorer toy` prints.
-TOY_COLUMNS = (
-    ("subject fidelity", "subject_fidelity"),
-    ("prompt fidelity", "prompt_fidelity"),
-    ("class accuracy", "class_accuracy"),
-    ("class look rate", "class_look_rate"),
-)
-
 
 def score_files(paths: Sequence[Path], prompts: Sequence[str | None], identifier: str = "sks") -> ToyScores:
     """Score each image file against the prompt that made it; per-image rows name their file."""
