@@ -15,7 +15,9 @@ from krona_cli.formats import collect_adapter, file_sha256, save_adapter
 from krona_cli.inference.sampling import (
     SCHEDULERS,
     SampleConfig,
+    before_after,
     generate,
+    image_ids,
     load_prompts,
     prepare_pipeline,
     write_grid,
@@ -312,3 +314,19 @@ def test_grid_labels_each_row_with_its_prompt_each_column_with_its_seed_and_the_
     changed = np.argwhere((grids["plain"] != grid).any(axis=2))
     assert changed.size and changed[:, 0].max() < top and changed[:, 1].max() < left
     assert (grids["plain"][:top, :left].min(axis=2) > 200).all()
+
+
+def test_before_after_puts_each_seed_of_the_two_folders_side_by_side(reference, tiny_sdxl_dir, tmp_path):
+    """sampling.before_after: a row per prompt, each seed's base image then the same seed's adapted one, labelled."""
+    # the tiny base alone, seeds 0 and 1; `reference` is the adapted model with the same seeds
+    base = _sample(tmp_path / "base", "--pretrained-model", str(tiny_sdxl_dir), "-n", "2")
+    grid = Image.open(before_after(base, reference, tmp_path / "before-after.png"))
+    left, top = _bands(grid, rows=1, cols=4)
+    cells = np.asarray(grid.convert("RGB"))[top:, left:]
+    for column, image in enumerate([base / "p00-s0.png", reference / "p00-s0.png", base / "p00-s1.png"]):
+        cell = cells[:, column * 64 : (column + 1) * 64]
+        assert np.array_equal(cell, np.asarray(Image.open(image).convert("RGB"))), image
+    assert json.loads(grid.text["prompts"]) == [PROMPT]
+    assert image_ids("p102-s7.png") == (102, 7) and image_ids("grid.png") is None
+    with pytest.raises(KronaError, match="share no krona sample image"):
+        before_after(base, tmp_path, tmp_path / "none.png")

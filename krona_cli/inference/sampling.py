@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -276,6 +277,12 @@ def image_name(prompt_index: int, seed: int) -> str:
     return f"p{prompt_index:02d}-s{seed}.png"
 
 
+def image_ids(name: str) -> tuple[int, int] | None:
+    """(prompt index, seed) of a file name :func:`image_name` wrote; None for any other name."""
+    found = re.fullmatch(r"p(\d+)-s(\d+)\.png", name)
+    return (int(found[1]), int(found[2])) if found else None
+
+
 def image_size(pipe, config: SampleConfig) -> tuple[int, int]:
     """(width, height) of the images a config asks for: its own, else the model's native size; multiples of the
     VAE's scale factor."""
@@ -456,13 +463,14 @@ def before_after(before: str | Path, after: str | Path, path: str | Path, labels
     """One labelled grid of two `krona sample` folders drawn with the same prompts and seeds (say, the base model's and
     the adapted model's): a row per prompt, each seed's image from `before` then the same seed's from `after`."""
     before, after = Path(before), Path(after)
-    pairs = sorted(p.name for p in before.glob("p*-s*.png") if (after / p.name).is_file() and is_krona_image(p))
+    pairs = [image_ids(p.name) for p in before.glob("p*-s*.png") if (after / p.name).is_file() and is_krona_image(p)]
+    pairs = sorted(ids for ids in pairs if ids)
     if not pairs:
         raise KronaError(f"'{before}' and '{after}' share no krona sample image; sample both with the same prompts")
     prompts, seeds = {}, set()
-    for name in pairs:
-        prompts[int(name[1:3])] = png_text(before / name, "prompt") or ""
-        seeds.add(int(name.split("-s")[1][:-4]))
+    for j, seed in pairs:
+        prompts[j] = png_text(before / image_name(j, seed), "prompt") or ""
+        seeds.add(seed)
     order, seeds = sorted(prompts), sorted(seeds)
     rows = [[Image.open(folder / image_name(j, s)) for s in seeds for folder in (before, after)] for j in order]
     width, height = rows[0][0].size
