@@ -1,12 +1,10 @@
 """Nothing lost under kills and faults: SIGKILL at random moments and during checkpoint writes, non-finite losses,
 running out of memory, changed photos, incomplete checkpoints left by a killed run."""
 
-import json
+import multiprocessing
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,35 +24,41 @@ pytestmark = pytest.mark.subprocess  # every test here starts krona or Python pr
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
 PROMPT = "a photo of sks cat"
 
-# A training run in a child process that prints each step, and, if asked, kills itself with SIGKILL in the middle of
-# writing a checkpoint (after its k-th file, while the checkpoint is still a staging folder).
-CHILD = r"""
-import json, os, signal, sys
-from krona_cli.training import checkpoint
-from krona_cli.training.config import load_config
-from krona_cli.training.train import Reporter, train
 
-settings, kill_at_file = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-written = 0
-original = checkpoint.write_bytes_atomic
+def _child(settings: dict, kill_at_file: int | None, steps) -> None:
+    """A training run in a child process that reports each step on ``steps`` (a pipe) and, if asked, kills itself
+    with SIGKILL in the middle of writing a checkpoint (after its k-th file, while the checkpoint is still a staging
+    folder)."""
+    import os
 
-def write(path, data):
-    global written
-    result = original(path, data)
-    written += 1
-    if written == kill_at_file:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return result
+    from krona_cli.training import checkpoint
 
-checkpoint.write_bytes_atomic = write
+    written, original = 0, checkpoint.write_bytes_atomic
 
-class Steps(Reporter):
-    def step(self, step, total, loss, lr):
-        print("step", step, flush=True)
+    def write(path, data):
+        nonlocal written
+        result = original(path, data)
+        written += 1
+        if written == kill_at_file:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
 
-train(load_config("tiny", settings), Steps())
-print("done", flush=True)
-"""
+    checkpoint.write_bytes_atomic = write
+
+    class Steps(Reporter):
+        def step(self, step, total, loss, lr):
+            steps.send(step)
+
+    train(load_config("tiny", settings), Steps())
+
+
+# Children are forked from a server process that has imported krona, torch and diffusers once (multiprocessing's
+# forkserver), so each of the ten starts takes a fraction of a second instead of a fresh interpreter's imports; each
+# is still a process of its own, killed with SIGKILL.
+_FORKS = multiprocessing.get_context("forkserver")
+_FORKS.set_forkserver_preload(
+    ["krona_cli.training.train", "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion", "accelerate"]
+)
 
 
 def settings(pipeline_dir, out, classes, **extra):
@@ -79,24 +83,26 @@ def settings(pipeline_dir, out, classes, **extra):
 
 
 def run_child(values: dict, kill_at_file: int | None, kill_after_step: int | None, delay: float) -> str:
-    """Run CHILD; SIGKILL it `delay` s after its `kill_after_step`-th step. Returns how it ended."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", CHILD, json.dumps(values), json.dumps(kill_at_file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """Run _child; SIGKILL it `delay` s after its `kill_after_step`-th step. Returns how it ended."""
+    receive, send = _FORKS.Pipe(duplex=False)
+    process = _FORKS.Process(target=_child, args=(values, kill_at_file, send))
+    process.start()
+    send.close()
     steps = 0
-    for line in process.stdout:
-        steps += line.startswith("step ")
-        if steps == kill_after_step:
-            time.sleep(delay)
-            process.send_signal(signal.SIGKILL)
+    while steps != kill_after_step:
+        try:
+            receive.recv()
+        except EOFError:  # the child ended (finished, or killed itself inside a checkpoint write)
             break
-    process.wait(timeout=300)
-    if process.returncode not in (0, -signal.SIGKILL):
-        raise AssertionError(process.stderr.read()[-3000:])
-    return "completed" if process.returncode == 0 else "killed"
+        steps += 1
+    if steps == kill_after_step:
+        time.sleep(delay)
+        process.kill()
+    process.join(timeout=300)
+    receive.close()
+    if process.exitcode not in (0, -signal.SIGKILL):
+        raise AssertionError(f"the training child ended with {process.exitcode} (its traceback is above)")
+    return "completed" if process.exitcode == 0 else "killed"
 
 
 @pytest.mark.slow
