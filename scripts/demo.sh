@@ -8,15 +8,31 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
+# Two krona commands run side by side below, one core each: two torch processes with default threads on 2 cores
+# slow each other down many times.
+export OMP_NUM_THREADS=1
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a failed step stops the one beside it too
 out=demo-out
 prompts="$out/prompts.txt"
 mkdir -p "$out"
 python -c "from krona_cli.world.scenes import eval_prompts; print('\n'.join(eval_prompts()))" > "$prompts"
 krona make-toy "$out/toy-sdxl" --arch sdxl --overwrite
+# The base model's pictures are drawn on the second core while the adapter trains on the first.
+krona sample --pretrained-model "$out/toy-sdxl" --prompts-file "$prompts" -n 2 --batch-size 10 --output-dir "$out/before" \
+    --overwrite > "$out/before.log" 2>&1 &
+before=$!
 krona train --config toy --pretrained-model "$out/toy-sdxl" --instance-dir examples/toy-subject \
     --prompt "a photo of sks square" --class-prompt "a photo of a square" --output-dir "$out/train" --overwrite
-krona sample --pretrained-model "$out/toy-sdxl" --prompts-file "$prompts" -n 2 --batch-size 10 --output-dir "$out/before" \
-    --overwrite
+wait "$before" || { cat "$out/before.log"; exit 1; }
+cat "$out/before.log"
+# The adapter is exported, baked in and planned for the real SDXL on the second core while the adapted model draws.
+{
+    krona export --adapter "$out/train/adapter.safetensors" --to lycoris --output "$out/adapter-lokr.safetensors" \
+        --overwrite
+    krona merge --adapter "$out/train/adapter.safetensors" --output-dir "$out/merged" --overwrite
+    krona plan --arch sdxl --factors 64x4,8x64
+} > "$out/ship.log" 2>&1 &
+ship=$!
 krona sample --adapter "$out/train/adapter.safetensors" --prompts-file "$prompts" -n 2 --batch-size 10 \
     --output-dir "$out/after" --overwrite
 python -c "from krona_cli.inference.sampling import before_after; before_after('$out/before', '$out/after', \
@@ -25,10 +41,8 @@ echo "base model:"
 krona eval --scorer toy --images "$out/before" --output "$out/scores-before.json"
 echo "adapted model:"
 krona eval --scorer toy --images "$out/after" --output "$out/scores-after.json"
-krona export --adapter "$out/train/adapter.safetensors" --to lycoris --output "$out/adapter-lokr.safetensors" \
-    --overwrite
-krona merge --adapter "$out/train/adapter.safetensors" --output-dir "$out/merged" --overwrite
-krona plan --arch sdxl --factors 64x4,8x64
+wait "$ship" || { cat "$out/ship.log"; exit 1; }
+cat "$out/ship.log"
 echo
 echo "outputs in $out/:"
 echo "  before-after.png             the base model and the adapted model, same prompts and seeds, side by side"
