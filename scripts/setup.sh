@@ -12,9 +12,12 @@ stamp=.venv/.krona-installed
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c "import krona_cli" 2>/dev/null; then
     echo "installing torch==2.13.0, then krona with its dev extra (a minute or two the first time)"
-    # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on these machines
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+    # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on these machines. --no-compile: Python
+    # compiles the modules krona imports on first use, not every file of torch, transformers and diffusers up front
+    # (a fresh install here: 104 s instead of 208 s, and 44 s instead of 19 s for the first import).
+    pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile)
+    "${pip[@]}" "torch==2.13.0"
+    "${pip[@]}" -e ".[dev]"
     echo "$want" > "$stamp"
 fi
 export HF_HUB_OFFLINE=1
