@@ -3,13 +3,13 @@
 # the toy SDXL pipeline (pretrained on the toy world of coloured shapes, shipped with krona; no download), train a
 # Kronecker adapter on the toy subject (examples/toy-subject: a pink square, a colour no pretraining picture
 # shows) with prior preservation, draw the base and the adapted model with the same prompts and seeds
-# (demo-out/before-after.png), score both with the toy world's scorers, export the adapter for ComfyUI/A1111, bake
-# it into a pipeline folder, and plan the adapter for the real SDXL.
+# (demo-out/before-after.png), score both with the toy world's scorers, export the adapter for ComfyUI/A1111 and bake
+# it into a pipeline folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-# Two krona commands run side by side below, one core each: two torch processes with default threads on 2 cores
-# slow each other down many times.
+# Some krona commands run two side by side below, one core each (training has both): two torch processes with
+# default threads on 2 cores slow each other down many times.
 export OMP_NUM_THREADS=1
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a failed step stops the one beside it too
 out=demo-out
@@ -17,24 +17,23 @@ prompts="$out/prompts.txt"
 mkdir -p "$out"
 python -c "from krona_cli.world.scenes import eval_prompts; print('\n'.join(eval_prompts()))" > "$prompts"
 krona make-toy "$out/toy-sdxl" --arch sdxl --overwrite
-# The base model's pictures are drawn on the second core while the adapter trains on the first.
+OMP_NUM_THREADS=2 krona train --config toy --pretrained-model "$out/toy-sdxl" --instance-dir examples/toy-subject \
+    --prompt "a photo of sks square" --class-prompt "a photo of a square" --output-dir "$out/train" --overwrite
+# The base model and the adapted model draw the same prompts and seeds side by side.
 krona sample --pretrained-model "$out/toy-sdxl" --prompts-file "$prompts" -n 2 --batch-size 10 --output-dir "$out/before" \
     --overwrite > "$out/before.log" 2>&1 &
 before=$!
-krona train --config toy --pretrained-model "$out/toy-sdxl" --instance-dir examples/toy-subject \
-    --prompt "a photo of sks square" --class-prompt "a photo of a square" --output-dir "$out/train" --overwrite
+krona sample --adapter "$out/train/adapter.safetensors" --prompts-file "$prompts" -n 2 --batch-size 10 \
+    --output-dir "$out/after" --overwrite
 wait "$before" || { cat "$out/before.log"; exit 1; }
 cat "$out/before.log"
-# The adapter is exported, baked in and planned for the real SDXL on the second core while the adapted model draws.
+# The adapter is exported and baked in beside the comparison and the scores.
 {
     krona export --adapter "$out/train/adapter.safetensors" --to lycoris --output "$out/adapter-lokr.safetensors" \
         --overwrite
     krona merge --adapter "$out/train/adapter.safetensors" --output-dir "$out/merged" --overwrite
-    krona plan --arch sdxl --factors 64x4,8x64
 } > "$out/ship.log" 2>&1 &
 ship=$!
-krona sample --adapter "$out/train/adapter.safetensors" --prompts-file "$prompts" -n 2 --batch-size 10 \
-    --output-dir "$out/after" --overwrite
 python -c "from krona_cli.inference.sampling import before_after; before_after('$out/before', '$out/after', \
 '$out/before-after.png')"
 echo "base model:"
@@ -55,3 +54,5 @@ echo "  train/samples/step-*.png     sample grids written while training"
 echo "  train/class-images/          generated class images (prior preservation)"
 echo "  adapter-lokr.safetensors     the adapter as a LyCORIS LoKr file (ComfyUI, A1111/Forge)"
 echo "  merged/                      a diffusers pipeline with the adapter baked in"
+echo
+echo "the same adapter for the real SDXL, layer by layer: krona plan --arch sdxl --factors 64x4,8x64"
