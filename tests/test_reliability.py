@@ -2,6 +2,7 @@
 running out of memory, changed photos, incomplete checkpoints left by a killed run."""
 
 import multiprocessing
+import os
 import random
 import shutil
 import signal
@@ -29,8 +30,6 @@ def _child(settings: dict, kill_at_file: int | None, steps) -> None:
     """A training run in a child process that reports each step on ``steps`` (a pipe) and, if asked, kills itself
     with SIGKILL in the middle of writing a checkpoint (after its k-th file, while the checkpoint is still a staging
     folder)."""
-    import os
-
     from krona_cli.training import checkpoint
 
     written, original = 0, checkpoint.write_bytes_atomic
