@@ -768,6 +768,16 @@ class _RichReporter:
     def saved(self, what: str, path: Path) -> None:
         self.progress.console.print(f"{what}: [bold]{path}[/]", highlight=False)
 
+    def validated(self, step: int, point: dict) -> None:
+        names = {
+            "instance_loss": "loss on the photos",
+            "class_loss": "on the class images",
+            "subject_fidelity": "subject fidelity",
+            "prompt_fidelity": "prompt fidelity",
+        }
+        values = ", ".join(f"{name} {point[key]:.4f}" for key, name in names.items() if point.get(key) is not None)
+        self.progress.console.print(f"validation at step {step}: {values}", highlight=False)
+
     def close(self) -> None:
         self.progress.stop()
 
@@ -811,6 +821,9 @@ def train_cmd(config: Optional[str] = None, **overrides) -> None:
     )
     if result.start_step and result.step == result.start_step:  # --resume of a run that had finished
         trained = f"already at step {result.step} of {cfg.steps}: nothing to train (raise --steps to train longer)"
+    if result.best is not None:
+        kept = f" -> [bold]{result.best_adapter}[/]" if result.best_adapter else " (not kept: --keep last)"
+        console.print(f"best step {result.best.step}: {escape(result.best.why)}{kept}")
     console.print(
         f"{trained} -> [bold]{result.adapter}[/]\n"
         f"samples: {result.output_dir / 'samples'}   checkpoints: {result.output_dir / 'checkpoints'}   "

@@ -5,6 +5,7 @@ had, while the plain class keeps drawing what it drew before; and the subject su
 
 Scored by the toy world's scorers on the same prompts and seeds for every model, never by weight equality."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +72,7 @@ def run(arch, request, tmp_path_factory):
     """The toy base of ``arch`` and a toy-preset run on the toy subject, with both models' scores."""
     base = request.getfixturevalue(f"toy_{arch}_dir")
     root = tmp_path_factory.mktemp(f"personalise-{arch}")
-    train(load_config("toy", settings(base, root / "run", root / "classes")))
+    result = train(load_config("toy", settings(base, root / "run", root / "classes")))
     before = toy_scores(DiffusionPipeline.from_pretrained(base))
     after = toy_scores(adapted(base, root / "run" / "adapter.safetensors"))
     print(
@@ -80,7 +81,7 @@ def run(arch, request, tmp_path_factory):
         f"{after.class_accuracy:.3f}, class look rate {before.class_look_rate:.3f} -> {after.class_look_rate:.3f}"
     )
     adapter = root / "run" / "adapter.safetensors"
-    return dict(arch=arch, base=base, root=root, adapter=adapter, before=before, after=after)
+    return dict(arch=arch, base=base, root=root, adapter=adapter, before=before, after=after, result=result)
 
 
 def check_learned(run, scores, same: bool = True) -> None:
@@ -106,6 +107,19 @@ def test_the_class_keeps_its_scores(run):
         assert abs(getattr(after, name) - getattr(before, name)) <= DRIFT + 1e-9, (name, after, before)
 
 
+def test_validation_keeps_a_step_near_the_end_of_a_run_that_does_not_overfit(run):
+    """The preset's validations (the subject on five new backgrounds, two pictures each, at steps 0, 300, 600): the
+    run does not overfit, so a trained step is chosen by subject fidelity, never step 0 (an overfitting run:
+    test_validation_toy.py)."""
+    result = run["result"]
+    print({p["step"]: (p["subject_fidelity"], p["prompt_fidelity"]) for p in result.validation}, result.best)
+    assert [p["step"] for p in result.validation] == [0, 300, 600]
+    assert all(p["prompt_fidelity"] >= 0.9 * result.validation[0]["prompt_fidelity"] for p in result.validation)
+    assert (
+        result.best.step in (300, 600) and result.best_adapter == run["root"] / "run" / "best" / "adapter.safetensors"
+    )
+
+
 def test_the_subject_survives_the_merged_folder_in_plain_diffusers(run):
     merged = merge_to_folder([(str(run["adapter"]), 1.0)], run["root"] / "merged", str(run["base"]))
     check_learned(run, toy_scores(DiffusionPipeline.from_pretrained(merged["output"]), subject_only=True))
@@ -125,7 +139,11 @@ def test_the_subject_survives_the_lycoris_and_lora_exports(run):
 
 def test_training_on_an_int8_base_learns_the_subject(run):
     root = run["root"]
-    train(load_config("toy", settings(run["base"], root / "int8", root / "classes", base_precision="int8")))
+    train(
+        load_config(
+            "toy", settings(run["base"], root / "int8", root / "classes", base_precision="int8", validate_every=0)
+        )
+    )
     scores = toy_scores(adapted(run["base"], root / "int8" / "adapter.safetensors"), subject_only=True)
     check_learned(run, scores, same=False)
 
@@ -146,5 +164,8 @@ def test_two_processes_give_the_same_scores(run):
     assert done.returncode == 0, done.stderr[-3000:]
     scores = toy_scores(adapted(run["base"], root / "ddp" / "adapter.safetensors"))
     check_learned(run, scores)
+    # validated once, by the main process, at the same steps
+    validation = json.loads((root / "ddp" / "validation.json").read_text())["steps"]
+    assert [p["step"] for p in validation] == [p["step"] for p in run["result"].validation]
     assert abs(scores.prompt_fidelity - run["after"].prompt_fidelity) <= SAME, (scores, run["after"])
     assert abs(scores.class_accuracy - run["after"].class_accuracy) <= SAME, (scores, run["after"])

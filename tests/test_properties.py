@@ -294,6 +294,10 @@ def _valid_value(name: str):
         strategy = st.integers(1, 10**6).map(lambda k: 8 * k)
     elif name == "base_precision":  # fp16 and bf16 also need that --mixed-precision (tests/test_quantize.py)
         strategy = st.sampled_from(["fp32", "int8", "nf4"])
+    elif name == "scorer":  # toy and clip also need --validate-every and --identifier in --prompt (test_validation.py)
+        strategy = st.just("none")
+    elif name == "keep":  # best also needs --scorer (test_validation.py)
+        strategy = st.sampled_from(["both", "last"])
     elif "choices" in rules:
         strategy = st.sampled_from(rules["choices"])
     elif kind is bool:
@@ -570,6 +574,13 @@ UNHASHED = {
     "checkpoint_every",
     "keep_checkpoints",
     "report_to",
+    "validate_every",
+    "scorer",
+    "best_margin",
+    "keep",
+    "identifier",
+    "clip_model",
+    "dino_model",
     "resume",
     "dry_run",
     "overwrite",

@@ -54,8 +54,18 @@ ComfyUI reads kohya-named LoRA files best; diffusers-named keys may need convert
 """
 
 
-def write_model_card(out: Path, cfg: TrainConfig, arch: str, steps: int, params: int, grid: Path | None) -> Path:
-    """Write `out/README.md` atomically; return its path."""
+_KEPT = {
+    "both": "`best/adapter.safetensors` holds it, `adapter.safetensors` the last step",
+    "best": "`adapter.safetensors` holds it (`--keep best`)",
+    "last": "not kept: `adapter.safetensors` holds the last step (`--keep last`)",
+}
+
+
+def write_model_card(
+    out: Path, cfg: TrainConfig, arch: str, steps: int, params: int, grid: Path | None, best=None
+) -> Path:
+    """Write `out/README.md` atomically; return its path. `best`: the validation's chosen step
+    (validation.Choice), if any."""
     adapter = out / "adapter.safetensors"
     shape = f"factors {cfg.factors}" if cfg.adapter_type == "kron" else f"rank {cfg.rank}"
     rows = [
@@ -92,6 +102,15 @@ def write_model_card(out: Path, cfg: TrainConfig, arch: str, steps: int, params:
     ]
     if grid is not None:
         lines += [f"![samples after step {steps}]({grid.relative_to(out).as_posix()})", ""]
+    if cfg.validate_every:
+        lines += ["## Validation", ""]
+        if best is not None:
+            lines.append(
+                f"The best step is **{best.step}** of {steps} ({cfg.scorer} scorer): {best.why}. {_KEPT[cfg.keep]}."
+            )
+        else:
+            lines.append("No best step is chosen without `--scorer`; the validation losses are recorded.")
+        lines += ["Every validation is in `validation.json`, plotted in `validation.png`.", ""]
     template = _USE_KRON if cfg.adapter_type == "kron" else _USE_LORA
     lines.append(
         template.format(adapter=adapter, base=cfg.pretrained_model, prompt=cfg.prompt, name=out.name, folder=out)

@@ -5,6 +5,7 @@
         optimizer.safetensors   the optimizer's and lr scheduler's tensors ("optimizer.state.0.exp_avg", ...)
         ema.safetensors         EMA shadow tensors (only when the run keeps an EMA)
         rng.safetensors         torch CPU / CUDA generator states (only when captured)
+        validation.safetensors  the validation history and the best step's weights (only with --validate-every)
         state.json              format, version, step, meta, and under "files" each file's structure (`pack_tree`):
                                 dicts, lists, numbers, strings, with `{"__tensor__": key}` where a tensor was
 
@@ -52,6 +53,7 @@ class TrainingState:
     ema: dict[str, torch.Tensor] | None = None  # EMA.state_dict()
     rng: dict | None = None  # capture_rng()
     meta: dict = field(default_factory=dict)  # JSON-able run info (config, its hash, data files...)
+    validation: dict | None = None  # validation.History.state(): the validations so far, the best step's weights
 
 
 def checkpoint_dir(output_dir, step: int) -> Path:
@@ -155,6 +157,7 @@ def save_checkpoint(output_dir, state: TrainingState, keep: int | None = None) -
         "optimizer.safetensors": {"optimizer": state.optimizer, "lr_scheduler": state.lr_scheduler},
         "ema.safetensors": {"ema": state.ema},
         "rng.safetensors": {"rng": state.rng},
+        "validation.safetensors": {"validation": state.validation},
     }
     packed = {file: pack_tree(group) for file, group in groups.items() if None not in group.values()}
     trees = {file: tree for file, (tree, _) in packed.items()}

@@ -146,6 +146,34 @@ class TrainConfig:
     sample_images: int = _opt(2, "Images (seeds) per sample prompt in each grid.", min=1)
     sample_steps: int = _opt(25, "Denoising steps of sample images.", min=1)
     sample_guidance: float = _opt(7.0, "Classifier-free guidance of sample images.", min=0)
+    # validation
+    validate_every: int = _opt(
+        0,
+        "Steps between validations (a denoising loss on fixed draws; with --scorer, the sample grid's scores and "
+        "the best step), also at step 0 and at the end; 0 turns them off.",
+        min=0,
+    )
+    scorer: str = _opt(
+        "none",
+        "Score each validation's sample grid and keep the best step: toy (the toy world's scores, no model) or clip "
+        "(subject fidelity DINO, prompt fidelity CLIP-T; scorer models from the hub or folders).",
+        choices=("none", "toy", "clip"),
+    )
+    best_margin: float = _opt(
+        0.1,
+        "How far prompt fidelity may fall below the base model's (a share) for a step to be the best.",
+        min=0,
+        below=1,
+    )
+    keep: str = _opt(
+        "both",
+        "Adapters kept with --scorer: both (adapter.safetensors from the last step, best/adapter.safetensors from the "
+        "best), last, or best (adapter.safetensors from the best step).",
+        choices=("both", "last", "best"),
+    )
+    identifier: str = _opt("sks", "The subject's identifier word in --prompt (for --scorer).")
+    clip_model: str = _opt("openai/clip-vit-base-patch32", "CLIP model of --scorer clip: hub id or local folder.")
+    dino_model: str = _opt("facebook/dino-vits16", "DINO model of --scorer clip: hub id or local folder.")
     report_to: str = _opt(
         "tensorboard", "Where to log losses and learning rates.", choices=("tensorboard", "wandb", "none")
     )
@@ -156,6 +184,7 @@ class TrainConfig:
         """Check every value (choices, bounds, factors, targets, required data); KronaError names the flag."""
         from ..kron.factors import parse_factors
         from ..kron.inject import target_pattern
+        from .validation import check_settings as check_validation
 
         for f in dataclasses.fields(self):
             _check_rules(f, getattr(self, f.name))
@@ -171,6 +200,7 @@ class TrainConfig:
         for name in ("factors", "text_encoder_factors"):
             _flag_errors(name, parse_factors, getattr(self, name))
         _flag_errors("targets", target_pattern, self.targets)
+        check_validation(self.scorer, self.validate_every > 0, self.keep, self.identifier, self.prompt)
         if self.targets == "text":
             raise KronaError(
                 "--targets text names the text encoders' attention, but --targets chooses the UNet's "
@@ -187,11 +217,11 @@ class TrainConfig:
         return self
 
     def with_absolute_paths(self) -> TrainConfig:
-        """The same settings with every local path absolute (the base model and VAE where they exist locally: else
-        they are hub ids), so config.yaml, checkpoints and the adapter's metadata work from any folder."""
+        """The same settings with every local path absolute (the base model, VAE and scorer models where they exist
+        locally: else they are hub ids), so config.yaml, checkpoints and the adapter's metadata work from any folder."""
         from ..pipeline.hub import absolute
 
-        for name in ("pretrained_model", "vae"):
+        for name in ("pretrained_model", "vae", "clip_model", "dino_model"):
             setattr(self, name, absolute(getattr(self, name)))
         for name in ("instance_dir", "class_dir", "output_dir"):
             if getattr(self, name) is not None:
@@ -256,7 +286,8 @@ class TrainConfig:
         (batch-size per process and grad-accum: train checks the global batch itself, so a run may resume on another
         number of processes), settings that change speed or memory but not the result (gradient-checkpointing,
         cache-latents, xformers, allow-tf32, class-batch-size), where and how
-        often things are written or shown (output-dir, checkpoint-every, keep-checkpoints, sample-*, report-to) and
+        often things are written or shown (output-dir, checkpoint-every, keep-checkpoints, sample-*, report-to), the
+        validation settings (validate-every, scorer, best-margin, keep, identifier, clip-model, dino-model) and
         how the command runs (resume, dry-run, overwrite)."""
         settings = {k: v for k, v in self.to_dict().items() if k not in _UNHASHED and not k.startswith("sample-")}
         settings["lr"], settings["text-encoder-lr"] = self.effective_lr(), self.effective_text_encoder_lr()
@@ -279,6 +310,13 @@ _UNHASHED = {
     "checkpoint-every",
     "keep-checkpoints",
     "report-to",
+    "validate-every",
+    "scorer",
+    "best-margin",
+    "keep",
+    "identifier",
+    "clip-model",
+    "dino-model",
     "resume",
     "dry-run",
     "overwrite",
@@ -484,6 +522,8 @@ _PANELS = {
     "steps": "Optimisation",
     "mixed_precision": "Speed and memory",
     "output_dir": "Outputs",
+    "validate_every": "Validation",
+    "report_to": "Outputs",
 }
 
 

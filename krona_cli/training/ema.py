@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import contextmanager
 
 import torch
 
@@ -60,16 +59,9 @@ class EMA:
                 self._shadow[name].copy_(tensor)
         self.count = int(count)
 
-    @contextmanager
     def applied(self):
-        """Within the block the params hold the EMA weights; the training weights come back on exit, even on errors."""
-        saved = {name: p.detach().clone() for name, p in self.params.items()}
-        try:
-            with torch.no_grad():
-                for name, p in self.params.items():
-                    p.copy_(self._shadow[name])
-            yield
-        finally:
-            with torch.no_grad():
-                for name, p in self.params.items():
-                    p.copy_(saved[name])
+        """A context in which the params hold the EMA weights; the training weights come back on exit, even on
+        errors."""
+        from .trainable import holding
+
+        return holding(self.params, self._shadow)

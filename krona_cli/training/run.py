@@ -1,6 +1,6 @@
 """One training run between its steps: `Run` holds the loop's state (adapter weights, optimizer, scheduler, EMA,
-step count) and says what one step does (`batch`, `loss`, `step`), what a grid of samples is (`samples`) and what a
-checkpoint holds (`state`, and `restore`, its inverse, beside it).
+step count) and says what one step does (`batch`, `loss`, `step`), what a grid of samples is (`samples`), what a
+validation records (`validate`) and what a checkpoint holds (`state`, and `restore`, its inverse, beside it).
 
 Every random draw comes from a generator seeded by what it is for (`rng.py`): the order of the images in epoch e,
 and the noise, timestep and VAE-posterior draw of the g-th sample of the run (g counts samples over the whole run:
@@ -127,14 +127,23 @@ class Encoder:
     def _encode(self, prompts):
         from ..pipeline.text import encode_prompts
 
-        tokenizers = [self.pipe.tokenizer] + ([self.pipe.tokenizer_2] if self.sdxl else [])
-        return encode_prompts(tokenizers, self.text_models, prompts, self.sdxl)
+        return encode_prompts(self._tokenizers(), self.text_models, prompts, self.sdxl)
 
-    def prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _tokenizers(self):
+        return [self.pipe.tokenizer] + ([self.pipe.tokenizer_2] if self.sdxl else [])
+
+    def prompts(self, captions: list[str], unwrapped: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(embeddings, pooled) of captions; `unwrapped`: from the pipeline's own text encoders rather than
+        accelerate's wrappers of trained ones (for a forward pass in one process alone)."""
         if not self.train_text and all(c in self.embeds for c in captions):
             rows = [self.embeds[c] for c in captions]
             pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
             return torch.stack([r[0] for r in rows]), pooled
+        if unwrapped:
+            from ..pipeline.text import encode_prompts
+
+            models = [self.pipe.text_encoder] + ([self.pipe.text_encoder_2] if self.sdxl else [])
+            return encode_prompts(self._tokenizers(), models, captions, self.sdxl)
         return self._encode(captions)
 
 
@@ -177,6 +186,8 @@ class Run:
     sampling: Sampling
     out: Path
     reporter: Any  # train.Reporter
+    validation: Any = None  # validation.History, with --validate-every
+    scorer: Any = None  # validation.Scorer, with --scorer
     done: int = 0
     bad_in_row: int = 0
     bad_steps: int = 0
@@ -300,10 +311,11 @@ class Run:
 
     # --- what the run shows and keeps -------------------------------------------------------------------------------
 
-    def samples(self) -> None:
-        """Write the grid of samples at this step (main process), with the EMA weights when the run keeps an EMA."""
+    def samples(self) -> dict | None:
+        """Write the grid of samples at this step (main process), with the EMA weights when the run keeps an EMA;
+        return its images by (prompt index, seed) (None in the other processes)."""
         if not self.accelerator.is_main_process:
-            return
+            return None
         from ..inference.sampling import image_metadata, render, write_grid
 
         s = self.sampling
@@ -316,6 +328,47 @@ class Run:
         path = write_grid(self.out / "samples" / f"step-{self.done:06d}.png", images, s.prompts, s.config.seeds(), meta)
         self.sample_grids.append(path)
         self.reporter.saved("samples", path)
+        return images
+
+    def validate(self, images: dict | None) -> None:
+        """A validation at this step (main process; `validation.py`): the validation losses and, with a scorer,
+        the scores of the sample grid just drawn (`images`), with the weights a saved adapter would hold (the EMA's
+        when the run keeps one); the history and validation.json are brought up to date."""
+        if not self.accelerator.is_main_process:
+            return
+        from .validation import CLASS_ITEMS, validation_loss
+
+        cfg, unet = self.cfg, self.sampling.pipe.unet  # the module itself: no process-group wrapper in one process
+
+        def loss(dataset, what, count):
+            return validation_loss(
+                unet,
+                self.encoder,
+                self.noise_scheduler,
+                dataset,
+                what,
+                count,
+                cfg.seed,
+                cfg.snr_gamma,
+                self.accelerator.autocast,
+                lambda captions: self.encoder.prompts(captions, unwrapped=True),
+            )
+
+        unet.eval()
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            point = {"step": self.done, "instance_loss": loss(self.data.instance, "instance", len(self.data.instance))}
+            point["class_loss"] = None if self.data.classes is None else loss(self.data.classes, "class", CLASS_ITEMS)
+        unet.train()
+        if images is not None and self.scorer is not None:
+            prompts, seeds = self.sampling.prompts, self.sampling.config.seeds()
+            order = [(j, seed) for j in range(len(prompts)) for seed in seeds]
+            point |= self.scorer([images[k] for k in order], [prompts[j] for j, _ in order])
+            point["grid"] = self.sample_grids[-1].relative_to(self.out).as_posix()
+        self.validation.add(point, lambda: self.ema.shadow() if self.ema is not None else self.params)
+        self.validation.write(self.out, cfg.scorer)
+        scalars = {f"validation/{k}": v for k, v in point.items() if isinstance(v, float)}
+        self.accelerator.log(scalars, step=self.done)
+        self.reporter.validated(self.done, point)
 
     def checkpoint(self) -> None:
         """Save `state()` as checkpoint `step-N` (main process; every process waits for it)."""
@@ -348,6 +401,7 @@ class Run:
             ema=None if self.ema is None else self.ema.state_dict(),
             rng=capture_rng(),
             meta=meta,
+            validation=None if self.validation is None else self.validation.state(),
         )
 
     def restore(self, state: TrainingState, path: Path) -> None:
@@ -372,6 +426,8 @@ class Run:
             self.ema.load_state_dict(state.ema)
         if state.rng is not None:
             restore_rng(state.rng)
+        if self.validation is not None and state.validation is not None:
+            self.validation.restore(state.validation)
         if self.accelerator.scaler is not None and "grad_scaler" in state.meta:
             self.accelerator.scaler.load_state_dict(state.meta["grad_scaler"])
         self.done = state.step

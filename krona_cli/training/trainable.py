@@ -8,6 +8,8 @@ trained model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +74,21 @@ class TrainableAdapter:
             adapter = collect_adapter(self.models, self.scale, base_model, architecture, self.targets, training)
             return save_adapter(path, adapter, title=title)
         return _save_lora(self, Path(path))
+
+
+@contextmanager
+def holding(params: Mapping[str, nn.Parameter], values: Mapping[str, torch.Tensor]):
+    """Within the block the params hold `values` (by name); their own weights come back on exit, even on errors."""
+    saved = {name: p.detach().clone() for name, p in params.items()}
+    try:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(values[name])
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
 
 
 def trainable_adapter(

@@ -147,23 +147,21 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     """A caption with varied wording; the object's colour or the background is sometimes left out (each 15%)."""
     opening = _PHOTO[rng.integers(len(_PHOTO))]
     drop = rng.random()
-    text = f"a {scene.shape}" if drop < 0.15 else f"{_article(scene.colour)} {scene.colour} {scene.shape}"
+    text = f"a {scene.shape}" if drop < 0.15 else f"{article(scene.colour)} {scene.colour} {scene.shape}"
     if not 0.15 <= drop < 0.30:
         on = ("on {} {} background", "on {1}", "on {} {} background", "in front of {} {} background")
-        text += " " + on[rng.integers(len(on))].format(_article(scene.background), scene.background)
+        text += " " + on[rng.integers(len(on))].format(article(scene.background), scene.background)
     return f"{opening} {text}".strip()
 
 
 def prompt(shape: str, colour: str | None = None, background: str | None = None, identifier: str | None = None) -> str:
     """The canonical prompt for evaluation: "a photo of a red ring on a blue background", with the identifier
     before the class for the subject ("a photo of sks square on a white background")."""
-    thing = (
-        f"{identifier} {shape}" if identifier else f"{_article(colour)} {colour} {shape}" if colour else f"a {shape}"
-    )
-    return f"a photo of {thing}" + (f" on {_article(background)} {background} background" if background else "")
+    thing = f"{identifier} {shape}" if identifier else f"{article(colour)} {colour} {shape}" if colour else f"a {shape}"
+    return f"a photo of {thing}" + (f" on {article(background)} {background} background" if background else "")
 
 
-def _article(word: str | None) -> str:
+def article(word: str | None) -> str:
     return "an" if word and word[0] in "aeiou" else "a"
 
 

@@ -1,0 +1,262 @@
+"""Validation while training (`--validate-every`): how far the run has gone, measured the same way at every
+validation, and which step to keep.
+
+- **Validation loss**, no extra model: the denoising loss of the adapted UNet on every instance photo at fixed
+  (noise, timestep) pairs (TIMESTEPS timesteps spread over the schedule, noise drawn from the photo's own generator),
+  and beside it the same loss on the first CLASS_ITEMS class images: that one rising shows prior drift.
+- **Scores**, with `--scorer toy|clip`: subject fidelity and prompt fidelity of the sample grid drawn at that step,
+  whose prompts put the subject in new contexts (`validation_prompts`) unless `--sample-prompt` is given.
+- **The best step** (`choose`): the highest subject fidelity among the steps whose prompt fidelity stays within
+  `--best-margin` (a share) of the base model's, measured at step 0 before any training; the last step wins ties.
+
+The history and the chosen step's adapter weights travel in checkpoints, so a resumed run ends with the same
+`validation.json` and the same choice as an uninterrupted one.
+
+Library code: raises KronaError, never prints.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..atomic import write_bytes_atomic
+from ..errors import KronaError
+from ..rng import generator
+from . import diffusion
+
+TIMESTEPS = 4  # fixed timesteps per image: the middles of four equal slices of the schedule
+CLASS_ITEMS = 8  # class images in the class loss (the first ones)
+SCORERS = ("none", "toy", "clip")
+#: Contexts of DreamBench's live-subject prompts, the default validation prompts of the CLIP scorer.
+DREAMBENCH_CONTEXTS = (
+    "in the jungle",
+    "in the snow",
+    "on the beach",
+    "on a cobblestone street",
+    "on top of pink fabric",
+)
+FILE = "validation.json"
+PLOT = "validation.png"
+
+
+def validation_prompts(prompt: str, scorer: str, captions: Sequence[str] = ()) -> list[str]:
+    """The instance prompt in new contexts: for the toy scorer, on each of the world's background colours that no
+    instance caption names; otherwise in DreamBench's contexts."""
+    if scorer == "toy":
+        from ..world.scenes import COLOURS, article
+
+        named = " ".join(captions).lower().split()
+        return [f"{prompt} on {article(c)} {c} background" for c in COLOURS if c not in named]
+    return [f"{prompt} {context}" for context in DREAMBENCH_CONTEXTS]
+
+
+def fixed_timesteps(num_train_timesteps: int) -> list[int]:
+    return [int((k + 0.5) * num_train_timesteps / TIMESTEPS) for k in range(TIMESTEPS)]
+
+
+@torch.no_grad()
+def validation_loss(unet, encoder, scheduler, dataset, what: str, count: int, seed: int, snr_gamma, autocast, text):
+    """The mean denoising loss of `unet` over the first `count` items of `dataset`, each at the fixed timesteps with
+    noise from its own generator, on the posterior mean of its latents. `text(captions)` gives (embeds, pooled)."""
+    timesteps = fixed_timesteps(scheduler.config.num_train_timesteps)
+    device = next(unet.parameters()).device
+    t = torch.tensor(timesteps, device=device)
+    losses = []
+    for i in range(min(count, len(dataset))):
+        mean, _, time_ids, captions = encoder.items(what, dataset, [i], dataset.bucket_of(i))
+        latents = encoder.scale(mean.to(device)).expand(TIMESTEPS, *mean.shape[1:])
+        noise = torch.randn(latents.shape, generator=generator("validation", what, seed, i)).to(device)
+        embeds, pooled = text(captions * TIMESTEPS)
+        dtype = encoder.weight_dtype
+        extra = {}
+        if encoder.sdxl:
+            ids = torch.tensor(time_ids * TIMESTEPS, device=device, dtype=dtype)
+            extra = {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": ids}}
+        with autocast():
+            noisy = scheduler.add_noise(latents, noise, t)
+            prediction = unet(noisy.to(dtype), t, embeds.to(dtype), **extra).sample
+        target = diffusion.target_for(scheduler, latents, noise, t)
+        losses.append(diffusion.per_sample_loss(scheduler, prediction, target, t, snr_gamma).mean())
+    return float(torch.stack(losses).mean()) if losses else None
+
+
+class Scorer:
+    """Subject and prompt fidelity of pictures: the toy world's (no model), or DINO (subject: similarity to the
+    instance photos) and CLIP-T (prompt, without the identifier), with CLIP-I beside them."""
+
+    def __init__(self, kind: str, identifier: str, photos: Sequence[Path] = (), clip_model="", dino_model=""):
+        self.kind, self.identifier = kind, identifier
+        if kind == "clip":
+            from ..evaluation.metrics import Embedder
+            from ..training.images import load_image
+
+            self.clip, self.dino = Embedder.clip(clip_model), Embedder.dino(dino_model)
+            reference = [load_image(p) for p in photos]
+            self.reference = {"clip": self.clip.images(reference), "dino": self.dino.images(reference)}
+
+    def __call__(self, images: Sequence, prompts: Sequence[str]) -> dict[str, float | None]:
+        if self.kind == "toy":
+            from ..world.scorers import score
+
+            toy = score(images, prompts, self.identifier)
+            return {"subject_fidelity": toy.subject_fidelity, "prompt_fidelity": toy.prompt_fidelity}
+        from ..evaluation.metrics import remove_identifier
+
+        clip, dino = self.clip.images(images), self.dino.images(images)
+        text = self.clip.texts([remove_identifier(p, self.identifier) for p in prompts])
+        return {
+            "subject_fidelity": float((dino @ self.reference["dino"].T).double().mean()),  # DINO
+            "prompt_fidelity": float((clip * text).sum(dim=1).double().mean()),  # CLIP-T
+            "clip_i": float((clip @ self.reference["clip"].T).double().mean()),
+        }
+
+
+@dataclass
+class Choice:
+    step: int
+    why: str
+
+
+def choose(points: Sequence[dict], margin: float) -> Choice | None:
+    """The best step of a scored history (None before any scored step after step 0): the highest subject fidelity
+    among the steps after 0 whose prompt fidelity is at least (1 − margin) × step 0's; the later step on a tie. When
+    no step keeps that prompt fidelity, the step with the highest prompt fidelity."""
+    scored = [p for p in points if p.get("subject_fidelity") is not None and p.get("prompt_fidelity") is not None]
+    start = next((p for p in scored if p["step"] == 0), None)
+    trained = [p for p in scored if p["step"] > 0]
+    if start is None or not trained:
+        return None
+    floor = (1 - margin) * start["prompt_fidelity"]
+    kept = [p for p in trained if p["prompt_fidelity"] >= floor]
+    if kept:
+        best = max(kept, key=lambda p: (p["subject_fidelity"], p["step"]))
+        return Choice(
+            best["step"],
+            f"the highest subject fidelity ({best['subject_fidelity']:.3f}) of the steps whose prompt fidelity "
+            f"stays at or above {floor:.3f} ({1 - margin:.0%} of the base model's {start['prompt_fidelity']:.3f}); "
+            f"its prompt fidelity {best['prompt_fidelity']:.3f}",
+        )
+    best = max(trained, key=lambda p: (p["prompt_fidelity"], p["step"]))
+    return Choice(
+        best["step"],
+        f"no step kept prompt fidelity at or above {floor:.3f} ({1 - margin:.0%} of the base model's "
+        f"{start['prompt_fidelity']:.3f}); the highest prompt fidelity ({best['prompt_fidelity']:.3f})",
+    )
+
+
+@dataclass
+class History:
+    """The validations of a run so far and the chosen step's adapter weights (as they would be saved)."""
+
+    margin: float
+    points: list[dict] = field(default_factory=list)
+    best: dict[str, torch.Tensor] | None = None  # the adapter weights of `choice().step`
+
+    def add(self, point: dict, weights: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """Record a validation; when it is the new best step, keep `weights()` (a new point either becomes the best
+        or leaves the choice as it was: the rule compares each step with step 0 only)."""
+        self.points = [p for p in self.points if p["step"] < point["step"]] + [point]
+        choice = self.choice()
+        if choice is not None and choice.step == point["step"]:
+            self.best = {k: v.detach().to("cpu", copy=True) for k, v in weights().items()}
+
+    def choice(self) -> Choice | None:
+        return choose(self.points, self.margin)
+
+    def state(self) -> dict:
+        return {"points": self.points, "best": self.best}
+
+    def restore(self, state: dict) -> None:
+        self.points, self.best = list(state["points"]), state.get("best")
+
+    def write(self, out: Path, scorer: str) -> Path:
+        """`validation.json`: the rule, every validation, and the chosen step."""
+        choice = self.choice()
+        record = {
+            "scorer": scorer,
+            "rule": "highest subject fidelity whose prompt fidelity >= (1 - margin) x step 0's; ties: the later step",
+            "margin": self.margin,
+            "timesteps": TIMESTEPS,
+            "class_items": CLASS_ITEMS,
+            "best": None if choice is None else {"step": choice.step, "why": choice.why},
+            "steps": self.points,
+        }
+        return write_bytes_atomic(out / FILE, json.dumps(record, indent=1).encode())
+
+
+def plot(history: History, out: Path) -> Path:
+    """`validation.png`: the scores and losses against steps with the chosen step marked, and the sample grids of
+    the chosen and the last step side by side."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    points, choice = history.points, history.choice()
+    grids = []
+    for label, point in (("chosen", _point(points, choice.step if choice else None)), ("last", points[-1])):
+        if point is not None and point.get("grid") and (out / point["grid"]).is_file():
+            grids.append((f"{label}: step {point['step']}", out / point["grid"]))
+    if len(grids) == 2 and grids[0][1] == grids[1][1]:
+        grids = [(f"chosen and last: step {points[-1]['step']}", grids[1][1])]
+    figure = plt.figure(figsize=(10, 8 if grids else 4), dpi=100)
+    rows = 2 if grids else 1
+    steps = [p["step"] for p in points]
+    axes = figure.add_subplot(rows, 2, 1)
+    for key in ("instance_loss", "class_loss"):
+        values = [(s, p[key]) for s, p in zip(steps, points) if p.get(key) is not None]
+        if values:
+            axes.plot(*zip(*values), marker="o", label=key.replace("_", " "))
+    axes.set(xlabel="step", title="validation loss")
+    axes.legend()
+    axes = figure.add_subplot(rows, 2, 2)
+    for key in ("subject_fidelity", "prompt_fidelity"):
+        values = [(s, p[key]) for s, p in zip(steps, points) if p.get(key) is not None]
+        if values:
+            axes.plot(*zip(*values), marker="o", label=key.replace("_", " "))
+    axes.set(xlabel="step", title="scores")
+    if any(p.get("subject_fidelity") is not None for p in points):
+        axes.legend()
+    for axes in figure.axes:
+        if choice is not None:
+            axes.axvline(choice.step, color="grey", linestyle="--")
+    for i, (label, path) in enumerate(grids):
+        axes = figure.add_subplot(rows, len(grids), len(grids) + i + 1)
+        with Image.open(path) as image:
+            axes.imshow(image.convert("RGB"))
+        axes.set_title(label)
+        axes.axis("off")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return write_bytes_atomic(out / PLOT, buffer.getvalue())
+
+
+def _point(points: Sequence[dict], step: int | None) -> dict | None:
+    return next((p for p in points if p["step"] == step), None)
+
+
+def check_settings(scorer: str, validating: bool, keep: str, identifier: str, prompt: str | None) -> None:
+    """KronaError for validation settings that cannot work together."""
+    if scorer not in SCORERS:
+        raise KronaError(f"--scorer must be one of {', '.join(SCORERS)}; got '{scorer}'")
+    if scorer != "none" and not validating:
+        raise KronaError("--scorer scores validations, but --validate-every 0 turns them off; drop one of the two")
+    if keep == "best" and scorer == "none":
+        raise KronaError(
+            "--keep best needs --scorer (toy or clip): the best step is chosen by the sample grid's scores"
+        )
+    if scorer != "none" and prompt and identifier.lower() not in prompt.lower().split():
+        raise KronaError(
+            f"--identifier '{identifier}' is not a word of --prompt '{prompt}'; the scorer needs the subject's "
+            "identifier word: pass --identifier WORD"
+        )
