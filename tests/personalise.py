@@ -141,7 +141,10 @@ def test_training_on_an_int8_base_learns_the_subject(run):
     root = run["root"]
     train(
         load_config(
-            "toy", settings(run["base"], root / "int8", root / "classes", base_precision="int8", validate_every=0)
+            "toy",
+            settings(
+                run["base"], root / "int8", root / "classes", base_precision="int8", validate_every=0, scorer="none"
+            ),
         )
     )
     scores = toy_scores(adapted(run["base"], root / "int8" / "adapter.safetensors"), subject_only=True)

@@ -6,7 +6,6 @@ import pytest
 from personalise import (  # noqa: F401  the shared fixture and tests, collected here for this architecture
     run,
     test_a_short_run_learns_the_subject,
-    test_validation_keeps_a_step_near_the_end_of_a_run_that_does_not_overfit,
 )
 
 pytestmark = pytest.mark.slow

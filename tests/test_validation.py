@@ -41,6 +41,10 @@ def test_ties_go_to_the_later_step_and_step_0_is_never_chosen():
     assert choose([{"step": 0, "instance_loss": 0.1}, {"step": 10, "instance_loss": 0.05}], 0.1) is None  # no scores
 
 
+def test_validation_begun_at_a_resume_starts_the_rule_at_its_first_step():
+    assert choose([point(40, 0.1, 0.8), point(60, 0.3, 0.75), point(80, 0.5, 0.6)], 0.1).step == 60
+
+
 def test_when_every_step_loses_the_prompt_the_most_faithful_to_it_is_chosen():
     choice = choose([point(0, 0.0, 1.0), point(100, 0.9, 0.5), point(200, 0.2, 0.7)], 0.1)
     assert choice.step == 200 and "no step kept" in choice.why
@@ -164,3 +168,17 @@ def test_a_resumed_run_ends_with_the_same_validation_and_choice(tiny_sdxl_dir, t
     assert resumed.best == whole.best
     a, b = load_file(whole.best_adapter), load_file(resumed.best_adapter)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_clip_scorer_scores_with_dino_and_clip_t(tiny_sdxl_dir, tmp_path):
+    from krona_cli.pipeline.tiny import make_tiny_clip, make_tiny_dino
+
+    clip, dino = make_tiny_clip(tmp_path / "clip"), make_tiny_dino(tmp_path / "dino")
+    scorers = dict(scorer="clip", clip_model=str(clip), dino_model=str(dino))
+    result = train(config(tiny_sdxl_dir, tmp_path / "run", steps=2, class_prompt=None, **scorers))
+    assert [p["step"] for p in result.validation] == [0, 2] and result.best.step == 2
+    for p in result.validation:
+        assert all(-1 <= p[k] <= 1 for k in ("subject_fidelity", "prompt_fidelity", "clip_i"))
+    with pytest.raises(KronaError, match="--dino-model"):  # a missing scorer model stops the run before it trains
+        train(config(tiny_sdxl_dir, tmp_path / "missing", **scorers | {"dino_model": str(tmp_path / "no-dino")}))
+    assert not (tmp_path / "missing" / "config.yaml").exists()

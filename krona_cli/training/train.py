@@ -240,7 +240,8 @@ class Preflight:
 
 def preflight(cfg: TrainConfig, reporter: Reporter) -> Preflight:
     """Check the settings, the output folder, the photos (each decoded once: a broken one fails before the model
-    loads), the resume point and what the environment must offer (CUDA for xformers, the tracker's package)."""
+    loads), the resume point and what the environment must offer (CUDA for xformers, the tracker's package, the
+    scorer models of --scorer clip)."""
     from .checkpoint import incomplete_leftovers, resolve_resume
     from .images import check_images, scan_images
 
@@ -257,6 +258,11 @@ def preflight(cfg: TrainConfig, reporter: Reporter) -> Preflight:
         raise KronaError(
             "--xformers needs a CUDA GPU; leave it off (PyTorch's SDPA attention is the default and as fast)"
         )
+    if cfg.scorer == "clip":  # the scorer models are found (a folder, or a hub id cached or reachable) before any loads
+        from ..pipeline.hub import model_source
+
+        model_source(cfg.clip_model, "--clip-model", "CLIP")
+        model_source(cfg.dino_model, "--dino-model", "DINO")
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         raise KronaError(
             f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to} "

@@ -7,7 +7,7 @@ validation, and which step to keep.
 - **Scores**, with `--scorer toy|clip`: subject fidelity and prompt fidelity of the sample grid drawn at that step,
   whose prompts put the subject in new contexts (`validation_prompts`) unless `--sample-prompt` is given.
 - **The best step** (`choose`): the highest subject fidelity among the steps whose prompt fidelity stays within
-  `--best-margin` (a share) of the base model's, measured at step 0 before any training; the last step wins ties.
+  `--best-margin` (a share) of the base model's, measured at step 0 before any training; the later step wins ties.
 
 The history and the chosen step's adapter weights travel in checkpoints, so a resumed run ends with the same
 `validation.json` and the same choice as an uninterrupted one.
@@ -123,14 +123,14 @@ class Choice:
 
 
 def choose(points: Sequence[dict], margin: float) -> Choice | None:
-    """The best step of a scored history (None before any scored step after step 0): the highest subject fidelity
-    among the steps after 0 whose prompt fidelity is at least (1 − margin) × step 0's; the later step on a tie. When
-    no step keeps that prompt fidelity, the step with the highest prompt fidelity."""
+    """The best step of a scored history (None before a second scored step): the highest subject fidelity among the
+    steps after the first (step 0, the base model, unless validation began at a resume) whose prompt fidelity is at
+    least (1 − margin) × the first's; the later step on a tie. When no step keeps that prompt fidelity, the step with
+    the highest prompt fidelity."""
     scored = [p for p in points if p.get("subject_fidelity") is not None and p.get("prompt_fidelity") is not None]
-    start = next((p for p in scored if p["step"] == 0), None)
-    trained = [p for p in scored if p["step"] > 0]
-    if start is None or not trained:
+    if len(scored) < 2:
         return None
+    start, trained = scored[0], scored[1:]
     floor = (1 - margin) * start["prompt_fidelity"]
     kept = [p for p in trained if p["prompt_fidelity"] >= floor]
     if kept:
@@ -179,7 +179,8 @@ class History:
         choice = self.choice()
         record = {
             "scorer": scorer,
-            "rule": "highest subject fidelity whose prompt fidelity >= (1 - margin) x step 0's; ties: the later step",
+            "rule": "highest subject fidelity whose prompt fidelity >= (1 - margin) x the first validation's (step 0); "
+            "ties: the later step",
             "margin": self.margin,
             "timesteps": TIMESTEPS,
             "class_items": CLASS_ITEMS,
