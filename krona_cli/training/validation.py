@@ -211,22 +211,16 @@ def plot(history: History, out: Path) -> Path:
     figure = plt.figure(figsize=(10, 8 if grids else 4), dpi=100)
     rows = 2 if grids else 1
     steps = [p["step"] for p in points]
-    axes = figure.add_subplot(rows, 2, 1)
-    for key in ("instance_loss", "class_loss"):
-        values = [(s, p[key]) for s, p in zip(steps, points) if p.get(key) is not None]
-        if values:
-            axes.plot(*zip(*values), marker="o", label=key.replace("_", " "))
-    axes.set(xlabel="step", title="validation loss")
-    axes.legend()
-    axes = figure.add_subplot(rows, 2, 2)
-    for key in ("subject_fidelity", "prompt_fidelity"):
-        values = [(s, p[key]) for s, p in zip(steps, points) if p.get(key) is not None]
-        if values:
-            axes.plot(*zip(*values), marker="o", label=key.replace("_", " "))
-    axes.set(xlabel="step", title="scores")
-    if any(p.get("subject_fidelity") is not None for p in points):
-        axes.legend()
-    for axes in figure.axes:
+    panels = (("validation loss", ("instance_loss", "class_loss")), ("scores", ("subject_fidelity", "prompt_fidelity")))
+    for i, (title, keys) in enumerate(panels):
+        axes = figure.add_subplot(rows, 2, i + 1)
+        for key in keys:
+            values = [(s, p[key]) for s, p in zip(steps, points) if p.get(key) is not None]
+            if values:
+                axes.plot(*zip(*values), marker="o", label=key.replace("_", " "))
+        axes.set(xlabel="step", title=title)
+        if axes.lines:
+            axes.legend()
         if choice is not None:
             axes.axvline(choice.step, color="grey", linestyle="--")
     for i, (label, path) in enumerate(grids):
