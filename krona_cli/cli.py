@@ -560,7 +560,7 @@ def eval_cmd(
     """Score generated images: CLIP-I and DINO (similarity to the subject's photos) and CLIP-T (to the prompt), or
     with --scorer toy the toy world's scores, read from the pictures themselves."""
     from .evaluation.compare import METRICS
-    from .training.images import scan_images
+    from .images import scan_images
 
     if scorer not in METRICS:
         raise KronaError(f"--scorer must be one of {', '.join(METRICS)}, not {scorer!r}")
@@ -574,8 +574,8 @@ def eval_cmd(
         model_source(clip_model, "--clip-model", "CLIP")
         model_source(dino_model, "--dino-model", "DINO")
     from .atomic import write_bytes_atomic
-    from .evaluation.metrics import is_sample_grid, read_prompt
     from .inference.sampling import load_prompts
+    from .scoring.metrics import is_sample_grid, read_prompt
 
     generated = [p for p in generated if not is_sample_grid(p)]  # krona sample's grid.png repeats its images
     if not generated:
@@ -614,7 +614,7 @@ def _clip_scores(generated, photos, prompts, identifier, clip_model, dino_model,
     """CLIP-I, CLIP-T and DINO of the generated images, with a progress bar."""
     from rich.progress import Progress
 
-    from .evaluation.metrics import Embedder, evaluate
+    from .scoring.metrics import Embedder, evaluate
 
     _quiet_model_loading()
     with console.status("loading the CLIP and DINO models"):

@@ -107,17 +107,15 @@ def test_the_class_keeps_its_scores(run):
         assert abs(getattr(after, name) - getattr(before, name)) <= DRIFT + 1e-9, (name, after, before)
 
 
-def test_validation_keeps_a_step_near_the_end_of_a_run_that_does_not_overfit(run):
+def test_validation_keeps_the_last_step_of_a_run_that_does_not_overfit(run):
     """The preset's validations (the subject on five new backgrounds, two pictures each, at steps 0, 300, 600): the
-    run does not overfit, so a trained step is chosen by subject fidelity, never step 0 (an overfitting run:
-    test_validation_toy.py)."""
+    run keeps to the prompt, and its last step, about as faithful to the subject as any, is chosen (an overfitting
+    run: test_validation_toy.py)."""
     result = run["result"]
     print({p["step"]: (p["subject_fidelity"], p["prompt_fidelity"]) for p in result.validation}, result.best)
     assert [p["step"] for p in result.validation] == [0, 300, 600]
     assert all(p["prompt_fidelity"] >= 0.9 * result.validation[0]["prompt_fidelity"] for p in result.validation)
-    assert (
-        result.best.step in (300, 600) and result.best_adapter == run["root"] / "run" / "best" / "adapter.safetensors"
-    )
+    assert result.best.step == 600 and result.best_adapter == run["root"] / "run" / "best" / "adapter.safetensors"
 
 
 def test_the_subject_survives_the_merged_folder_in_plain_diffusers(run):

@@ -1,5 +1,5 @@
-"""The tree's one direction of imports (ARCHITECTURE.md): leaves ← kron ← formats ← pipeline ← inference ← training
-← evaluation ← cli. A module may import its own layer and the layers below it, never one above."""
+"""The tree's one direction of imports (ARCHITECTURE.md): leaves ← world ← kron ← formats ← pipeline ← inference ←
+scoring ← training ← evaluation ← cli. A module may import its own layer and the layers below it, never one above."""
 
 import ast
 from pathlib import Path
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "krona_cli"
-LAYERS = ["leaves", "world", "kron", "formats", "pipeline", "inference", "training", "evaluation", "cli"]
-LEAVES = {"errors", "atomic", "rng", "dtypes", "architectures", "lock", "outputs", "__init__"}
+LAYERS = ["leaves", "world", "kron", "formats", "pipeline", "inference", "scoring", "training", "evaluation", "cli"]
+LEAVES = {"errors", "atomic", "rng", "dtypes", "architectures", "lock", "outputs", "images", "__init__"}
 
 
 def layer_of(module: str) -> str:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from krona_cli import images
 from krona_cli.errors import KronaError
-from krona_cli.training import images
+from krona_cli.images import load_image, read_caption, scan_images
 from krona_cli.training.data import ImageSet, prepare_image
-from krona_cli.training.images import load_image, read_caption, scan_images
 
 
 def save(path, image, **kwargs):

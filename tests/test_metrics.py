@@ -16,7 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from krona_cli.errors import KronaError
-from krona_cli.evaluation.metrics import Embedder, Metrics, evaluate, read_prompt, remove_identifier
+from krona_cli.scoring.metrics import Embedder, Metrics, evaluate, read_prompt, remove_identifier
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples" / "cat").glob("*.jpg"))
 TOL = 1e-5
@@ -38,8 +38,8 @@ def models(folders):
 @pytest.fixture(scope="module")
 def direct():
     """The in-memory tiny models, called directly: (image embedding fns, text embedding fn), normalised by hand."""
+    from krona_cli.images import load_image
     from krona_cli.pipeline.tiny import build_tiny_clip, build_tiny_dino
-    from krona_cli.training.images import load_image
 
     clip, clip_processor, tokenizer = build_tiny_clip(0)
     dino, dino_processor = build_tiny_dino(0)

@@ -10,7 +10,7 @@ from personalise import (  # noqa: F401  the shared fixture and tests, collected
     test_the_subject_survives_the_merged_folder_in_plain_diffusers,
     test_training_on_an_int8_base_learns_the_subject,
     test_two_processes_give_the_same_scores,
-    test_validation_keeps_a_step_near_the_end_of_a_run_that_does_not_overfit,
+    test_validation_keeps_the_last_step_of_a_run_that_does_not_overfit,
 )
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,6 @@ from PIL import Image
 
 from krona_cli.cli import main
 from krona_cli.errors import KronaError
-from krona_cli.evaluation.metrics import is_sample_grid
 from krona_cli.formats import collect_adapter, file_sha256, save_adapter
 from krona_cli.inference.sampling import (
     SCHEDULERS,
@@ -24,6 +23,7 @@ from krona_cli.inference.sampling import (
 )
 from krona_cli.kron import adapted_layers, inject
 from krona_cli.pipeline.tiny import build_tiny_pipeline
+from krona_cli.scoring.metrics import is_sample_grid
 
 PROMPT = "a photo of a dog"
 FAST = ["--sample-steps", "2", "--width", "64", "--height", "64", "--guidance", "7.0"]

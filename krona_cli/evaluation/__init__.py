@@ -1,1 +1,2 @@
-"""Measuring adapters: the paper's scorers (CLIP-I, CLIP-T, DINO) and `krona compare` against LoRA."""
+"""Measuring adapters: the toy world's scores of image files and `krona compare` against LoRA (the scorer models are
+in scoring/)."""

@@ -152,10 +152,10 @@ def compare(
     """
     import dataclasses
 
+    from ..images import scan_images
     from ..inference.sampling import SampleConfig, generate, prepare_pipeline
-    from ..training.images import scan_images
+    from ..scoring.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, Embedder, evaluate, read_prompt
     from ..training.train import train
-    from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, Embedder, evaluate, read_prompt
 
     say = progress or (lambda message: None)
     if scorer not in METRICS:

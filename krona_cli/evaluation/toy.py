@@ -10,7 +10,7 @@ from ..world.scorers import ToyScores, score
 
 def score_files(paths: Sequence[Path], prompts: Sequence[str | None], identifier: str = "sks") -> ToyScores:
     """Score each image file against the prompt that made it; per-image rows name their file."""
-    from ..training.images import load_image
+    from ..images import load_image
 
     images = [load_image(Path(p)) for p in paths]
     scores = score(images, prompts, identifier)

@@ -19,8 +19,8 @@ from torch.utils.data import Dataset
 
 from .. import rng
 from ..errors import KronaError
+from ..images import check_images, load_image, read_caption, scan_images
 from .buckets import Bucket, bucket_sizes, nearest_bucket
-from .images import check_images, load_image, read_caption, scan_images
 
 TimeIds = tuple[int, int, int, int, int, int]
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from ..atomic import write_bytes_atomic
 from ..errors import KronaError
+from ..images import scan_images
 from ..inference.sampling import SampleConfig, image_metadata, png_bytes, render
 from ..rng import derive_seed
-from .images import scan_images
 
 
 def existing_class_images(class_dir: Path) -> list[Path]:

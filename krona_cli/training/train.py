@@ -242,8 +242,8 @@ def preflight(cfg: TrainConfig, reporter: Reporter) -> Preflight:
     """Check the settings, the output folder, the photos (each decoded once: a broken one fails before the model
     loads), the resume point and what the environment must offer (CUDA for xformers, the tracker's package, the
     scorer models of --scorer clip)."""
+    from ..images import check_images, scan_images
     from .checkpoint import incomplete_leftovers, resolve_resume
-    from .images import check_images, scan_images
 
     cfg.validate()
     out = check_output_dir(cfg)
@@ -365,8 +365,8 @@ class Photos:
 
 
 def load_photos(cfg: TrainConfig, pre: Preflight, base: Base, reporter: Reporter) -> Photos:
+    from ..images import skipped_note
     from .data import ImageSet, small_images_warning
-    from .images import skipped_note
     from .priors import missing_indices
 
     buckets = base.sdxl if cfg.buckets is None else cfg.buckets

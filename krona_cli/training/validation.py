@@ -6,8 +6,9 @@ validation, and which step to keep.
   and beside it the same loss on the first CLASS_ITEMS class images: that one rising shows prior drift.
 - **Scores**, with `--scorer toy|clip`: subject fidelity and prompt fidelity of the sample grid drawn at that step,
   whose prompts put the subject in new contexts (`validation_prompts`) unless `--sample-prompt` is given.
-- **The best step** (`choose`): the highest subject fidelity among the steps whose prompt fidelity stays within
-  `--best-margin` (a share) of the base model's, measured at step 0 before any training; the later step wins ties.
+- **The best step** (`choose`): among the steps whose prompt fidelity stays within `--best-margin` (a share) of the
+  base model's, measured at step 0 before any training, the latest whose subject fidelity is within one standard
+  error of their highest.
 
 The history and the chosen step's adapter weights travel in checkpoints, so a resumed run ends with the same
 `validation.json` and the same choice as an uninterrupted one.
@@ -92,28 +93,42 @@ class Scorer:
     def __init__(self, kind: str, identifier: str, photos: Sequence[Path] = (), clip_model="", dino_model=""):
         self.kind, self.identifier = kind, identifier
         if kind == "clip":
-            from ..evaluation.metrics import Embedder
-            from ..training.images import load_image
+            from ..images import load_image
+            from ..scoring.metrics import Embedder
 
             self.clip, self.dino = Embedder.clip(clip_model), Embedder.dino(dino_model)
             reference = [load_image(p) for p in photos]
             self.reference = {"clip": self.clip.images(reference), "dino": self.dino.images(reference)}
 
     def __call__(self, images: Sequence, prompts: Sequence[str]) -> dict[str, float | None]:
+        """subject_fidelity with its standard error over the pictures (subject_fidelity_se), prompt_fidelity, and
+        for clip also clip_i."""
         if self.kind == "toy":
-            from ..world.scorers import score
+            from ..world.scorers import parse, score
 
             toy = score(images, prompts, self.identifier)
-            return {"subject_fidelity": toy.subject_fidelity, "prompt_fidelity": toy.prompt_fidelity}
-        from ..evaluation.metrics import remove_identifier
+            looks = [r["read_look"] for r in toy.per_image if parse(r["prompt"] or "", self.identifier).subject]
+            return {
+                "subject_fidelity": toy.subject_fidelity,
+                "subject_fidelity_se": _standard_error(torch.tensor(looks, dtype=torch.float64)),
+                "prompt_fidelity": toy.prompt_fidelity,
+            }
+        from ..scoring.metrics import remove_identifier
 
         clip, dino = self.clip.images(images), self.dino.images(images)
         text = self.clip.texts([remove_identifier(p, self.identifier) for p in prompts])
+        subject = (dino @ self.reference["dino"].T).double().mean(dim=1)  # DINO, per picture
         return {
-            "subject_fidelity": float((dino @ self.reference["dino"].T).double().mean()),  # DINO
+            "subject_fidelity": float(subject.mean()),
+            "subject_fidelity_se": _standard_error(subject),
             "prompt_fidelity": float((clip * text).sum(dim=1).double().mean()),  # CLIP-T
             "clip_i": float((clip @ self.reference["clip"].T).double().mean()),
         }
+
+
+def _standard_error(values: torch.Tensor) -> float | None:
+    """The standard error of the mean of `values` (None for fewer than two)."""
+    return float(values.std() / len(values) ** 0.5) if len(values) > 1 else None
 
 
 @dataclass
@@ -123,10 +138,12 @@ class Choice:
 
 
 def choose(points: Sequence[dict], margin: float) -> Choice | None:
-    """The best step of a scored history (None before a second scored step): the highest subject fidelity among the
-    steps after the first (step 0, the base model, unless validation began at a resume) whose prompt fidelity is at
-    least (1 − margin) × the first's; the later step on a tie. When no step keeps that prompt fidelity, the step with
-    the highest prompt fidelity."""
+    """The best step of a scored history (None before a second scored step). Of the steps after the first validation
+    (step 0, the base model, unless validation began at a resume), those whose prompt fidelity is at least
+    (1 − margin) × the first's are kept; of them, the latest whose subject fidelity is within one standard error (over
+    its grid's pictures) of the highest: as good as a grid of pictures can tell, and trained longer (the
+    one-standard-error rule). When no step keeps that prompt fidelity, the step with the highest prompt fidelity
+    (the later on a tie)."""
     scored = [p for p in points if p.get("subject_fidelity") is not None and p.get("prompt_fidelity") is not None]
     if len(scored) < 2:
         return None
@@ -134,12 +151,15 @@ def choose(points: Sequence[dict], margin: float) -> Choice | None:
     floor = (1 - margin) * start["prompt_fidelity"]
     kept = [p for p in trained if p["prompt_fidelity"] >= floor]
     if kept:
-        best = max(kept, key=lambda p: (p["subject_fidelity"], p["step"]))
+        top = max(kept, key=lambda p: p["subject_fidelity"])
+        bar = top["subject_fidelity"] - (top.get("subject_fidelity_se") or 0.0)
+        best = [p for p in kept if p["subject_fidelity"] >= bar][-1]
         return Choice(
             best["step"],
-            f"the highest subject fidelity ({best['subject_fidelity']:.3f}) of the steps whose prompt fidelity "
-            f"stays at or above {floor:.3f} ({1 - margin:.0%} of the base model's {start['prompt_fidelity']:.3f}); "
-            f"its prompt fidelity {best['prompt_fidelity']:.3f}",
+            f"subject fidelity {best['subject_fidelity']:.3f}, within one standard error of the highest "
+            f"({top['subject_fidelity']:.3f} at step {top['step']}, down to {bar:.3f}) of the steps whose prompt "
+            f"fidelity stays at or above {floor:.3f} ({1 - margin:.0%} of the base model's "
+            f"{start['prompt_fidelity']:.3f}), the latest such step; its prompt fidelity {best['prompt_fidelity']:.3f}",
         )
     best = max(trained, key=lambda p: (p["prompt_fidelity"], p["step"]))
     return Choice(
@@ -158,9 +178,10 @@ class History:
     best: dict[str, torch.Tensor] | None = None  # the adapter weights of `choice().step`
 
     def add(self, point: dict, weights: Callable[[], dict[str, torch.Tensor]]) -> None:
-        """Record a validation; when it is the new best step, keep `weights()` (a new point either becomes the best
-        or leaves the choice as it was: the rule compares each step with step 0 only)."""
-        self.points = [p for p in self.points if p["step"] < point["step"]] + [point]
+        """Record a validation of a step after every recorded one; when it is the new best step, keep `weights()`
+        (the newest point either becomes the best or leaves the choice as it was: the rule prefers the latest step
+        and compares prompt fidelity with the first validation's only)."""
+        self.points.append(point)
         choice = self.choice()
         if choice is not None and choice.step == point["step"]:
             self.best = {k: v.detach().to("cpu", copy=True) for k, v in weights().items()}
@@ -179,8 +200,8 @@ class History:
         choice = self.choice()
         record = {
             "scorer": scorer,
-            "rule": "highest subject fidelity whose prompt fidelity >= (1 - margin) x the first validation's (step 0); "
-            "ties: the later step",
+            "rule": "of the steps whose prompt fidelity >= (1 - margin) x the first validation's (step 0), the latest "
+            "whose subject fidelity >= their highest minus its standard error",
             "margin": self.margin,
             "timesteps": TIMESTEPS,
             "class_items": CLASS_ITEMS,

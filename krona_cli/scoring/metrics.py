@@ -243,7 +243,7 @@ def evaluate(
     one get no CLIP-T). A metric whose model is not given is None. Images are decoded once, `batch_size` at a time,
     and go through both models; `progress(done, total)` after each batch, counting generated and reference images.
     """
-    from ..training.images import load_image
+    from ..images import load_image
 
     generated, reference = [Path(p) for p in generated], [Path(p) for p in reference]
     if not generated or not reference:
