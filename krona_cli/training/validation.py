@@ -32,7 +32,6 @@ from . import diffusion
 
 TIMESTEPS = 4  # fixed timesteps per image: the middles of four equal slices of the schedule
 CLASS_ITEMS = 8  # class images in the class loss (the first ones)
-SCORERS = ("none", "toy", "clip")
 #: Contexts of DreamBench's live-subject prompts, the default validation prompts of the CLIP scorer.
 DREAMBENCH_CONTEXTS = (
     "in the jungle",
@@ -262,9 +261,7 @@ def _point(points: Sequence[dict], step: int | None) -> dict | None:
 
 
 def check_settings(scorer: str, validating: bool, keep: str, identifier: str, prompt: str | None) -> None:
-    """KronaError for validation settings that cannot work together."""
-    if scorer not in SCORERS:
-        raise KronaError(f"--scorer must be one of {', '.join(SCORERS)}; got '{scorer}'")
+    """KronaError for validation settings that cannot work together (each value is checked by the config)."""
     if scorer != "none" and not validating:
         raise KronaError("--scorer scores validations, but --validate-every 0 turns them off; drop one of the two")
     if keep == "best" and scorer == "none":
