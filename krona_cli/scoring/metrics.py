@@ -276,24 +276,35 @@ def evaluate(
                 progress(done, total)
         return {name: torch.cat(rows) for name, rows in out.items()}
 
-    per_image = [
-        {"file": str(p), "prompt": prompt, "clip_i": None, "clip_t": None, "dino": None}
-        for p, prompt in zip(generated, prompts)
-    ]
-    scores: dict[str, float | None] = {"clip_i": None, "clip_t": None, "dino": None}
-    if embedders:
-        gen, ref = embed(generated), embed(reference)
-        for name, key in (("clip", "clip_i"), ("dino", "dino")):
-            if name in embedders:
-                similarity = gen[name] @ ref[name].T  # (generated, reference) cosines: unit vectors
-                scores[key] = float(similarity.double().mean())
-                for row, value in zip(per_image, similarity.double().mean(dim=1).tolist()):
-                    row[key] = value
-        scored = [i for i, p in enumerate(prompts) if p is not None]
-        if clip is not None and scored:
-            text = clip.texts([remove_identifier(prompts[i], identifier) for i in scored])
-            values = (gen["clip"][scored] * text).sum(dim=1).double().tolist()
-            for i, value in zip(scored, values):
-                per_image[i]["clip_t"] = value
-            scores["clip_t"] = sum(values) / len(values)
+    gen, ref = (embed(generated), embed(reference)) if embedders else ({}, {})
+    scores, rows = score_embeddings(gen, ref, prompts, identifier, clip)
+    per_image = [{"file": str(p)} | row for p, row in zip(generated, rows)]
     return Metrics(scores["clip_i"], scores["clip_t"], scores["dino"], len(generated), len(reference), per_image)
+
+
+def score_embeddings(
+    gen: dict[str, torch.Tensor],
+    ref: dict[str, torch.Tensor],
+    prompts: Sequence[str | None],
+    identifier: str,
+    clip: Embedder | None,
+) -> tuple[dict[str, float | None], list[dict]]:
+    """({clip_i, clip_t, dino}, a row per generated image with its prompt and the three) from unit embeddings by
+    model ("clip", "dino": generated `gen`, reference `ref`); CLIP-T of the images with a prompt, text embedded by
+    `clip`. A metric whose model is missing is None."""
+    per_image = [{"prompt": prompt, "clip_i": None, "clip_t": None, "dino": None} for prompt in prompts]
+    scores: dict[str, float | None] = {"clip_i": None, "clip_t": None, "dino": None}
+    for name, key in (("clip", "clip_i"), ("dino", "dino")):
+        if name in gen:
+            similarity = gen[name] @ ref[name].T  # (generated, reference) cosines: unit vectors
+            scores[key] = float(similarity.double().mean())
+            for row, value in zip(per_image, similarity.double().mean(dim=1).tolist()):
+                row[key] = value
+    scored = [i for i, p in enumerate(prompts) if p is not None]
+    if clip is not None and "clip" in gen and scored:
+        text = clip.texts([remove_identifier(prompts[i], identifier) for i in scored])
+        values = (gen["clip"][scored] * text).sum(dim=1).double().tolist()
+        for i, value in zip(scored, values):
+            per_image[i]["clip_t"] = value
+        scores["clip_t"] = sum(values) / len(values)
+    return scores, per_image

@@ -112,16 +112,15 @@ class Scorer:
                 "subject_fidelity_se": _standard_error(torch.tensor(looks, dtype=torch.float64)),
                 "prompt_fidelity": toy.prompt_fidelity,
             }
-        from ..scoring.metrics import remove_identifier
+        from ..scoring.metrics import score_embeddings
 
-        clip, dino = self.clip.images(images), self.dino.images(images)
-        text = self.clip.texts([remove_identifier(p, self.identifier) for p in prompts])
-        subject = (dino @ self.reference["dino"].T).double().mean(dim=1)  # DINO, per picture
+        gen = {"clip": self.clip.images(images), "dino": self.dino.images(images)}
+        scores, rows = score_embeddings(gen, self.reference, prompts, self.identifier, self.clip)
         return {
-            "subject_fidelity": float(subject.mean()),
-            "subject_fidelity_se": _standard_error(subject),
-            "prompt_fidelity": float((clip * text).sum(dim=1).double().mean()),  # CLIP-T
-            "clip_i": float((clip @ self.reference["clip"].T).double().mean()),
+            "subject_fidelity": scores["dino"],
+            "subject_fidelity_se": _standard_error(torch.tensor([r["dino"] for r in rows], dtype=torch.float64)),
+            "prompt_fidelity": scores["clip_t"],
+            "clip_i": scores["clip_i"],
         }
 
 
