@@ -80,6 +80,7 @@ class Encoder:
     def __init__(self, pipe, sdxl: bool, device, weight_dtype, train_text: bool, text_models):
         self.pipe, self.sdxl, self.device, self.weight_dtype = pipe, sdxl, device, weight_dtype
         self.train_text, self.text_models = train_text, text_models
+        self.own_text_models = list(text_models)  # the modules themselves, whatever accelerate wraps them in later
         self.latents: dict[tuple[str, int, Bucket], tuple[torch.Tensor, torch.Tensor, tuple]] = {}
         self.caching = False  # with cached latents, items encoded for another bucket are kept too
         self.embeds: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -124,13 +125,11 @@ class Encoder:
                 embeds, pooled = self._encode([prompt])
                 self.embeds[prompt] = (embeds[0], None if pooled is None else pooled[0])
 
-    def _encode(self, prompts):
+    def _encode(self, prompts, text_models=None):
         from ..pipeline.text import encode_prompts
 
-        return encode_prompts(self._tokenizers(), self.text_models, prompts, self.sdxl)
-
-    def _tokenizers(self):
-        return [self.pipe.tokenizer] + ([self.pipe.tokenizer_2] if self.sdxl else [])
+        tokenizers = [self.pipe.tokenizer] + ([self.pipe.tokenizer_2] if self.sdxl else [])
+        return encode_prompts(tokenizers, text_models or self.text_models, prompts, self.sdxl)
 
     def prompts(self, captions: list[str], unwrapped: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(embeddings, pooled) of captions; `unwrapped`: from the pipeline's own text encoders rather than
@@ -139,12 +138,7 @@ class Encoder:
             rows = [self.embeds[c] for c in captions]
             pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
             return torch.stack([r[0] for r in rows]), pooled
-        if unwrapped:
-            from ..pipeline.text import encode_prompts
-
-            models = [self.pipe.text_encoder] + ([self.pipe.text_encoder_2] if self.sdxl else [])
-            return encode_prompts(self._tokenizers(), models, captions, self.sdxl)
-        return self._encode(captions)
+        return self._encode(captions, self.own_text_models if unwrapped else None)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

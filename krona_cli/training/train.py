@@ -745,13 +745,14 @@ def _save_final(cfg: TrainConfig, adapter, run: Run, base: Base, reporter: Repor
     if choice is not None and cfg.keep != "last":
         where = out / "adapter.safetensors" if cfg.keep == "best" else out / "best" / "adapter.safetensors"
         best = save(where, holding(adapter.params(), run.validation.best), choice.step)
-    path = best if cfg.keep == "best" and best is not None else None
-    if path is None:
+    if cfg.keep == "best" and best is not None:
+        path = best
+    else:
         path = save(out / "adapter.safetensors", run.ema.applied() if run.ema else contextlib.nullcontext(), run.done)
-    if run.validation is not None:
-        from .validation import plot
+    if run.validation is not None:  # validation.json is up to date: the run's last validation wrote it
+        from .validation import FILE, plot
 
-        reporter.saved("validation", run.validation.write(out, cfg.scorer))
+        reporter.saved("validation", out / FILE)
         reporter.saved("validation plot", plot(run.validation, out))
     card = write_model_card(
         out, cfg, base.arch, run.done, adapter.num_params(), run.sample_grids[-1] if run.sample_grids else None, choice
