@@ -5,7 +5,6 @@ had, while the plain class keeps drawing what it drew before; and the subject su
 
 Scored by the toy world's scorers on the same prompts and seeds for every model, never by weight equality."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -159,14 +158,13 @@ def test_two_processes_give_the_same_scores(run):
         *("launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"),
         *("--dynamo_backend", "no", "--main_process_port", "0", "-m", "krona_cli", "train", "--config", "toy"),
     ]
-    for key, value in settings(run["base"], root / "ddp", root / "classes", batch_size=1).items():
+    # validation in a multi-process run is checked on the tiny model (test_multiprocess.py)
+    ddp = settings(run["base"], root / "ddp", root / "classes", batch_size=1, validate_every=0, scorer="none")
+    for key, value in ddp.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     scores = toy_scores(adapted(run["base"], root / "ddp" / "adapter.safetensors"))
     check_learned(run, scores)
-    # validated once, by the main process, at the same steps
-    validation = json.loads((root / "ddp" / "validation.json").read_text())["steps"]
-    assert [p["step"] for p in validation] == [p["step"] for p in run["result"].validation]
     assert abs(scores.prompt_fidelity - run["after"].prompt_fidelity) <= SAME, (scores, run["after"])
     assert abs(scores.class_accuracy - run["after"].class_accuracy) <= SAME, (scores, run["after"])

@@ -1,6 +1,8 @@
 """`accelerate launch` with two real CPU processes (gloo): one set of outputs, identical adapters on both ranks, a
 checkpoint and a resume, and the same adapter as one process with the same global batch."""
 
+import json
+import math
 import shutil
 import subprocess
 import sys
@@ -73,6 +75,10 @@ def launch(pipeline_dir, out, classes, **extra):
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
+def validation_steps(run: Path) -> list[dict]:
+    return json.loads((run / "validation.json").read_text())["steps"]
+
+
 def relative_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     num = sum(float(((a[k] - b[k]) ** 2).sum()) for k in a) ** 0.5
@@ -85,7 +91,9 @@ def two_process_runs(tiny_sdxl_dir, tmp_path_factory):
     processes to 10 steps. Text encoders are trained too (DDP must not wait for gradients that never come)."""
     root = tmp_path_factory.mktemp("ddp")
     out, classes = root / "run", root / "classes"
-    common = dict(batch_size=1, grad_accum=2, checkpoint_every=3, sample_every=3, report_to="tensorboard")
+    common = dict(
+        batch_size=1, grad_accum=2, checkpoint_every=3, sample_every=3, validate_every=3, report_to="tensorboard"
+    )
     first = launch(tiny_sdxl_dir, out, classes, steps=6, **common)
     assert first.returncode == 0, first.stderr[-3000:]
     snapshot = root / "after-6-steps"
@@ -97,9 +105,10 @@ def two_process_runs(tiny_sdxl_dir, tmp_path_factory):
 
 def test_two_processes_write_one_set_of_outputs(two_process_runs):
     runs = two_process_runs
-    for result in (runs["first"], runs["second"]):
+    for result, validations in ((runs["first"], 3), (runs["second"], 2)):  # steps 0, 3, 6; then 9, 10
         assert "all 2 processes hold bit-identical adapter weights" in result.stdout
         assert result.stdout.count("krona train") == 1  # one summary table: only the main process reports
+        assert result.stdout.count("validation at step") == validations
     assert sorted(p.name for p in runs["classes"].iterdir()) == [f"class-{i:05d}.png" for i in range(6)]
     snapshot = runs["snapshot"]
     assert sorted(p.name for p in (snapshot / "samples").iterdir()) == ["step-000003.png", "step-000006.png"]
@@ -108,6 +117,10 @@ def test_two_processes_write_one_set_of_outputs(two_process_runs):
     assert events and len({p.name.split(".")[-2] for p in events}) == 1  # written by one process only
     out = runs["out"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000009", "step-000010"]
+    # validated by the main process alone, once per validation step, and carried across the resume
+    assert [p["step"] for p in validation_steps(snapshot)] == [0, 3, 6]
+    assert [p["step"] for p in validation_steps(out)] == [0, 3, 6, 9, 10]
+    assert all(math.isfinite(p["instance_loss"]) for p in validation_steps(out))
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temp files left behind
 
 
