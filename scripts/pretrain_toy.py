@@ -104,14 +104,30 @@ def encode_text(pipe, arch: str, captions: list[str], drop: torch.Tensor):
     return embeds * keep[:, None, None], pooled * keep[:, None]
 
 
+def shared_vae() -> tuple[dict, dict]:
+    """The VAE both pipelines share and the settings it was made with: the VAE stage's file, or where that is absent
+    (it is not shipped), the VAE in the shipped toy SDXL weights (the same weights in fp16), so that one pipeline can
+    be pretrained again without the VAE stage."""
+    if VAE_FILE.is_file():
+        with safe_open(VAE_FILE, "pt") as f:  # the weights and the settings they were made with, in one read
+            return {key: f.get_tensor(key) for key in f.keys()}, json.loads(f.metadata()["krona_toy"])
+    with safe_open(weights_file("sdxl"), "pt") as f:
+        meta = json.loads(f.metadata()["krona_toy"])
+        state = {key[4:]: f.get_tensor(key).float() for key in f.keys() if key.startswith("vae.")}
+    print(f"{VAE_FILE.name} is absent: the VAE of {weights_file('sdxl').name} (fp16) is used", flush=True)
+    return state, {
+        "scaling_factor": meta["scaling_factor"],
+        "seconds": meta["vae_seconds"],
+        "world_mse": meta["vae_world_mse"],
+    }
+
+
 def train_diffusion(args) -> None:
     arch = args.stage
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
     pipe = build_toy_pipeline(arch, weights=False)
-    with safe_open(VAE_FILE, "pt") as f:  # the weights and the settings they were made with, in one read
-        vae_state = {key: f.get_tensor(key) for key in f.keys()}
-        vae_meta = json.loads(f.metadata()["krona_toy"])
+    vae_state, vae_meta = shared_vae()
     pipe.vae.load_state_dict(vae_state)
     pipe.vae.register_to_config(scaling_factor=vae_meta["scaling_factor"])
     scaling = vae_meta["scaling_factor"]
