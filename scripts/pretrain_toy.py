@@ -5,7 +5,9 @@
     python scripts/pretrain_toy.py sd15 --threads 1 &  # one core each, about 50 minutes
 
 Deterministic for a given thread count (--threads; set the same OMP_NUM_THREADS): the same command gives the same
-weights. The VAE learns world scenes and "dead leaves" pictures of random shapes in random colours, two-tone fills
+weights. The diffusion stages read the VAE stage's file, or where it is absent (it is not shipped) the VAE in the
+shipped toy SDXL weights (fp16): the shipped toy SD 1.5 was made that way (`sd15 --threads 1` alone, docs/toy.md).
+The VAE learns world scenes and "dead leaves" pictures of random shapes in random colours, two-tone fills
 included, so that it can code looks the world never shows; the text encoders and the UNet see only world scenes with
 the held-out (colour, shape) pairs left out, captioned with varied wording, 10% of captions dropped (empty prompt for
 SD 1.5, zero embeddings for SDXL, as its pipeline's classifier-free guidance uses), min-SNR-5 weighted v-prediction
@@ -243,7 +245,10 @@ def main() -> None:
         args.steps, args.batch = args.steps or 800, args.batch or 16
         train_vae(args)
     else:
-        args.steps, args.batch = args.steps or {"sdxl": 1800, "sd15": 1500}[args.stage], args.batch or 48
+        # (batch, steps): the toy SD 1.5 of 2026-12-01 was pretrained again at batch 16 (the same pictures in three
+        # times the updates: better colours and class, docs/toy.md); the toy SDXL keeps its batch-48 weights
+        batch, steps = {"sdxl": (48, 1800), "sd15": (16, 4500)}[args.stage]
+        args.steps, args.batch = args.steps or steps, args.batch or batch
         train_diffusion(args)
 
 

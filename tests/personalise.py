@@ -25,11 +25,10 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "toy-subject"
 PROMPT, CLASS_PROMPT = "a photo of sks square", "a photo of a square"
 SEEDS = 4  # pictures per evaluation prompt: 20 of the subject on new backgrounds, 20 of its class
 #: How far above the base model's subject fidelity (near 0: no pretraining picture has the subject's colour) a run
-#: must draw the subject, and how often on the background asked for, per architecture: below what the toy preset
-#: reached (docs/toy.md: SDXL 0.004 -> 0.250, 0.141 on an int8 base, prompt fidelity 1.00; SD 1.5 0.006 -> 0.168,
-#: prompt fidelity 0.80).
-MARGIN = {"sdxl": 0.1, "sd15": 0.1}
-PROMPT_FLOOR = {"sdxl": 0.8, "sd15": 0.75}
+#: must draw the subject, and how often on the background asked for: below what the toy preset reached (docs/toy.md:
+#: SDXL 0.004 -> 0.250, 0.141 on an int8 base; SD 1.5 0.070 -> 0.396; prompt fidelity 1.00 for both).
+MARGIN = 0.1
+PROMPT_FLOOR = 0.8
 DRIFT = 0.10  # the most the class prompt's scores may move
 SAME = 0.1  # subject fidelity of a way out of training against the adapter's own
 
@@ -86,9 +85,9 @@ def run(arch, request, tmp_path_factory):
 def check_learned(run, scores, same: bool = True) -> None:
     """The subject drawn far above the base, on the backgrounds asked for; with ``same``, as well as by the run's own
     adapter."""
-    before, arch = run["before"], run["arch"]
-    assert scores.subject_fidelity >= before.subject_fidelity + MARGIN[arch], (scores, before)
-    assert scores.prompt_fidelity >= PROMPT_FLOOR[arch], scores
+    before = run["before"]
+    assert scores.subject_fidelity >= before.subject_fidelity + MARGIN, (scores, before)
+    assert scores.prompt_fidelity >= PROMPT_FLOOR, scores
     if same:
         reference = run["after"]
         assert abs(scores.subject_fidelity - reference.subject_fidelity) <= SAME, (scores, reference)
@@ -100,7 +99,7 @@ def test_a_short_run_learns_the_subject(run):
 
 def test_the_class_keeps_its_scores(run):
     """Prior preservation: the plain class's two scores, its attribute accuracy and its look rate, move by at most
-    DRIFT (the toy SDXL; the toy SD 1.5's look rate moves more, docs/toy.md)."""
+    DRIFT."""
     before, after = run["before"], run["after"]
     for name in ("class_accuracy", "class_look_rate"):
         assert abs(getattr(after, name) - getattr(before, name)) <= DRIFT + 1e-9, (name, after, before)
