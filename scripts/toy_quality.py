@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from krona_cli.evaluation.toy import draw, following_prompts
-from krona_cli.pipeline.toy import ARCHS, build_toy_pipeline, weights_file
+from krona_cli.pipeline.toy import ARCHS, build_toy_pipeline, read_weights, weights_file
 from krona_cli.world.scenes import HELD_OUT, seen_pairs
 from krona_cli.world.scorers import score
 
@@ -30,10 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     for arch in ARCHS:
-        from safetensors import safe_open
-
-        with safe_open(weights_file(arch), "pt") as f:
-            pretraining = json.loads(f.metadata()["krona_toy"])
+        pretraining = read_weights(weights_file(arch))[1]
         pipe = build_toy_pipeline(arch)
         pipe.set_progress_bar_config(disable=True)
         results[arch] = {"pretraining": pretraining}

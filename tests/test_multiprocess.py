@@ -119,8 +119,9 @@ def test_two_processes_write_one_set_of_outputs(two_process_runs):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000009", "step-000010"]
     # validated by the main process alone, once per validation step, and carried across the resume
     assert [p["step"] for p in validation_steps(snapshot)] == [0, 3, 6]
-    assert [p["step"] for p in validation_steps(out)] == [0, 3, 6, 9, 10]
-    assert all(math.isfinite(p["instance_loss"]) for p in validation_steps(out))
+    validations = validation_steps(out)
+    assert [p["step"] for p in validations] == [0, 3, 6, 9, 10]
+    assert all(math.isfinite(p["instance_loss"]) for p in validations)
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temp files left behind
 
 

@@ -40,6 +40,15 @@ def weights_file(arch: str) -> Path:
     return WEIGHTS_DIR / f"toy-{arch}.safetensors"
 
 
+def read_weights(path: Path) -> tuple[dict, dict]:
+    """(tensors in fp32, the settings they were pretrained with) of a file scripts/pretrain_toy.py wrote: a shipped
+    pipeline's weights or the VAE stage's."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return {key: f.get_tensor(key).float() for key in f.keys()}, json.loads(f.metadata()["krona_toy"])
+
+
 def toy_tokenizer() -> CLIPTokenizer:
     """The tiny tokenizer's corpus plus every word of the toy world (each one token)."""
     return build_tokenizer(" ".join([*COLOURS, *SHAPES, "background", "front"]))
@@ -124,16 +133,13 @@ def build_toy_pipeline(arch: str, weights: bool = True) -> StableDiffusionXLPipe
         raise KronaError(f"Unknown toy architecture {arch!r}: expected one of {', '.join(repr(a) for a in ARCHS)}.")
     state, scaling = {}, 1.0
     if weights:
-        from safetensors import safe_open
-
         path = weights_file(arch)
         if not path.is_file():
             raise KronaError(
                 f"The toy {arch} weights are missing ({path}): re-install krona, or run scripts/pretrain_toy.py."
             )
-        with safe_open(path, "pt") as f:
-            scaling = float(json.loads(f.metadata()["krona_toy"])["scaling_factor"])
-            state = {key: f.get_tensor(key).float() for key in f.keys()}
+        state, settings = read_weights(path)
+        scaling = float(settings["scaling_factor"])
     tokenizer = toy_tokenizer()
     parts = {"vae": toy_vae(scaling), "unet": toy_unet(arch)}
     if arch == "sdxl":
