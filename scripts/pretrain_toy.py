@@ -1,12 +1,13 @@
 """Pretrain the toy pipelines (krona_cli/pipeline/toy.py) from scratch on the toy world (krona_cli/world/scenes.py).
 
-    python scripts/pretrain_toy.py sd15 --threads 1  # text encoders + UNet, jointly, on the shipped VAE: 46 minutes
+    python scripts/pretrain_toy.py sd15 --threads 1  # text encoders + UNet, jointly, on the shipped VAE: 37 minutes
+    python scripts/pretrain_toy.py sdxl --threads 1  # the same for the toy SDXL (side by side, one core each)
     python scripts/pretrain_toy.py vae --threads 2   # the VAE both pipelines share (10 minutes on 2 cores)
-    python scripts/pretrain_toy.py sdxl --threads 1  # text encoders + UNet, jointly, on that VAE: 47 minutes
 
 Deterministic for a given thread count (--threads; set the same OMP_NUM_THREADS): the same command gives the same
 weights. The diffusion stages read the VAE stage's file, or where it is absent (it is not shipped) the VAE in the
-shipped toy SDXL weights (fp16): the shipped toy SD 1.5 was made that way (`sd15 --threads 1` alone, docs/toy.md).
+shipped toy SDXL weights (fp16): the shipped toy SDXL and SD 1.5 were made that way (the first two commands, in a
+fresh clone; docs/toy.md), so they re-create them; after the VAE stage, the diffusion stages train on its VAE instead.
 The VAE learns world scenes and "dead leaves" pictures of random shapes in random colours, two-tone fills
 included, so that it can code looks the world never shows; the text encoders and the UNet see only world scenes with
 the held-out (colour, shape) pairs left out, captioned with varied wording, 10% of captions dropped (empty prompt for
@@ -242,10 +243,9 @@ def main() -> None:
         args.steps, args.batch = args.steps or 800, args.batch or 16
         train_vae(args)
     else:
-        # (batch, steps): the toy SD 1.5 of 2026-12-01 was pretrained again at batch 16 (the same pictures in three
-        # times the updates: better colours and class, docs/toy.md); the toy SDXL keeps its batch-48 weights
-        batch, steps = {"sdxl": (48, 1800), "sd15": (16, 4500)}[args.stage]
-        args.steps, args.batch = args.steps or steps, args.batch or batch
+        # batch 16 for 10,800 steps: shapes come late, after about 6,000 steps (docs/toy.md); at batch 48 for 1,800
+        # steps, or 16 for 4,500, the toy pipelines drew blobs
+        args.steps, args.batch = args.steps or 10_800, args.batch or 16
         train_diffusion(args)
 
 

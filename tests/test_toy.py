@@ -35,19 +35,18 @@ def test_make_toy_writes_a_pipeline_plain_diffusers_loads(toy, tmp_path):
 
 @pytest.mark.slow
 def test_the_toy_pipelines_follow_prompts(toy):
-    """At krona sample's defaults, on (colour, shape) pairs seen in pretraining and on held-out ones: the background
-    as asked nearly always and the object's colour most of the time (chance: 1 in 7; these prompts: SDXL 94% and 100%,
-    SD 1.5 84% and 96%). Shapes are not yet drawn reliably (near chance; docs/toy.md), so they are not held to a floor
-    here."""
+    """At krona sample's defaults, on (colour, shape) pairs seen in pretraining: the issue's bar (background >= 90%,
+    colour >= 80%, shape >= 70%; docs/toy.md: 100%, 99% and 96% for the toy SDXL, 100%, 96% and 96% for the toy
+    SD 1.5 over 128 pictures); on held-out pairs, lower floors (there: shapes 98% and 81%)."""
     arch, folder = toy
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     prompts = following_prompts(seen_pairs(), 32, seed=1)
     seen = score(draw(pipe, prompts, seed=1), prompts)
-    assert seen.class_background >= 0.9 and seen.class_colour >= 0.7, seen
+    assert seen.class_background >= 0.9 and seen.class_colour >= 0.8 and seen.class_shape >= 0.7, seen
     prompts = following_prompts(list(HELD_OUT), 24, seed=2)
     held = score(draw(pipe, prompts, seed=2), prompts)
-    assert held.class_background >= 0.8 and held.class_colour >= 0.7, held
+    assert held.class_background >= 0.8 and held.class_colour >= 0.7 and held.class_shape >= 0.5, held
 
 
 def test_eval_scores_toy_pictures(toy_sdxl_dir, tmp_path):
