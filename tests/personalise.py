@@ -137,12 +137,9 @@ def test_the_subject_survives_the_lycoris_and_lora_exports(run):
     check_learned(run, toy_scores(pipe, subject_only=True))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="on the toy weights of 2026-12-01 an adapter trained on an int8 base draws the subject far less on the "
-    "full-precision base (SDXL 0.003 -> 0.040 against 0.363 on fp32), and less on every seed tried (docs/toy.md): open",
-)
 def test_training_on_an_int8_base_learns_the_subject(run):
+    """The same run on the base quantized to int8 (the same seed: the same adapter init and noise): the subject as
+    well as the full-precision run draws it (docs/toy.md: SDXL 0.365 against 0.363, SD 1.5 0.194 against 0.186)."""
     root = run["root"]
     train(
         load_config(
@@ -153,7 +150,7 @@ def test_training_on_an_int8_base_learns_the_subject(run):
         )
     )
     scores = toy_scores(adapted(run["base"], root / "int8" / "adapter.safetensors"), subject_only=True)
-    check_learned(run, scores, same=False)
+    check_learned(run, scores)
 
 
 @pytest.mark.subprocess

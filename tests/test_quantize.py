@@ -92,6 +92,19 @@ def test_nf4_leaves_layers_that_are_not_whole_4bit_blocks_in_full_precision(tiny
     assert quantized == blocks
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_quantizing_draws_nothing_from_the_seeded_generator(precision, tiny_sdxl_unet):
+    """A run seeds torch's generator, quantizes the base, then draws its adapter init and noise: quantizing (and
+    probing the device) must leave the generator as it was, so that a seed means the same run on any base precision
+    (an int8 run once started from other factors than the fp32 run of its seed, docs/toy.md)."""
+    runs_here(precision)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    check_device(precision, torch.float32, "cpu")
+    quantize(tiny_sdxl_unet, precision, torch.float32, "cpu")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_a_mode_bitsandbytes_cannot_run_is_one_clear_line(monkeypatch, tiny_sd15_dir, tmp_path, capsys):
     import bitsandbytes as bnb
 
