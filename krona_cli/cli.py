@@ -635,12 +635,35 @@ def _clip_scores(generated, photos, prompts, identifier, clip_model, dino_model,
 
 @command("compare")
 def compare_cmd(
-    instance_dir: Annotated[str, typer.Option(help="Folder of photos of the subject.")],
-    prompt: Annotated[str, typer.Option(help="Instance prompt, e.g. 'a photo of sks dog'.")],
     output_dir: Annotated[Path, typer.Option(help="Folder for the runs, report.md, grids and the plot.")],
+    instance_dir: Annotated[
+        Optional[str],
+        typer.Option(help="Folder of photos of the subject.", show_default="with --study: the toy subject's"),
+    ] = None,
+    prompt: Annotated[
+        Optional[str],
+        typer.Option(help="Instance prompt, e.g. 'a photo of sks dog'.", show_default="with --study: the toy one"),
+    ] = None,
     class_prompt: Annotated[
         Optional[str], typer.Option(help="Class prompt (prior preservation for both methods).")
     ] = None,
+    study: Annotated[
+        bool,
+        typer.Option(
+            "--study",
+            help="Run the whole krona-vs-LoRA study on the toy world instead (docs/fidelity.md): an lr sweep over "
+            "seeds, then both at equal budgets and peft's LoKr at krona's factors. Resumable: run the same command "
+            "again to continue.",
+        ),
+    ] = False,
+    lrs: Annotated[
+        Optional[str], typer.Option(help="--study: learning rates, comma-separated.", show_default="1e-5 to 1e-2")
+    ] = None,
+    factors: Annotated[
+        Optional[str], typer.Option(help="--study: krona's factor settings.", show_default="2x4,4x4,...,64x4")
+    ] = None,
+    ranks: Annotated[Optional[str], typer.Option(help="--study: LoRA's ranks.", show_default="1,2,4,8,16")] = None,
+    seeds: Annotated[int, typer.Option(help="--study: seeds per setting.", min=1)] = 3,
     config: Annotated[
         Optional[str], typer.Option(help="Training settings shared by both methods: YAML file or preset.")
     ] = None,
@@ -667,10 +690,19 @@ def compare_cmd(
 ) -> None:
     """Train krona and the LoRA baseline on the same subject and budget, sample the same prompts and seeds, score
     both (CLIP-I, CLIP-T, DINO, or the toy world's scores) and write report.md with the table, side-by-side grids
-    and a plot."""
+    and a plot. With --study: the whole study on the toy world (report.md, results.json, lr/pareto/steps plots)."""
     from .evaluation.compare import compare
     from .training.config import load_config
 
+    if study:
+        _study(
+            output_dir, instance_dir, prompt, class_prompt, config, pretrained_model, steps, lrs, factors, ranks, seeds
+        )
+        return
+    if lrs or factors or ranks:
+        raise KronaError("--lrs, --factors and --ranks size the --study; one comparison sweeps with --sweep")
+    if instance_dir is None or prompt is None:
+        raise KronaError("krona compare needs --instance-dir and --prompt (or --study, which brings its own)")
     overrides = {
         "instance_dir": instance_dir,
         "prompt": prompt,
@@ -710,6 +742,58 @@ def compare_cmd(
         )
     console.print(table)
     console.print(f"report -> [bold]{summary['report']}[/]")
+
+
+def _study(
+    out: Path, instance_dir, prompt, class_prompt, config, pretrained, steps, lrs, factors, ranks, seeds
+) -> None:
+    """`krona compare --study`: the toy world's base and photos unless given, the plan from the options, a progress
+    bar over the runs, and the headline numbers."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .evaluation import study as toy_study
+    from .training.config import load_config
+
+    def listed(text: str | None, kind, default: tuple) -> tuple:
+        try:
+            return tuple(kind(v.strip()) for v in text.split(",") if v.strip()) if text else default
+        except ValueError as e:
+            raise KronaError(f"cannot read '{text}' as a comma-separated list of {kind.__name__}s") from e
+
+    _quiet_model_loading()
+    with console.status("preparing the toy world"):
+        base, photos = toy_study.study_inputs(out.expanduser(), pretrained, instance_dir)
+    overrides = {
+        "pretrained_model": base,
+        "instance_dir": photos,
+        "prompt": prompt or "a photo of sks square",
+        "class_prompt": class_prompt or "a photo of a square",
+        "steps": steps,
+        "output_dir": str(out),
+    }
+    cfg = load_config(config or "toy", overrides)
+    plan = toy_study.StudyPlan(
+        lrs=listed(lrs, float, toy_study.LRS),
+        factors=listed(factors, str, toy_study.FACTORS),
+        ranks=listed(ranks, int, toy_study.RANKS),
+        seeds=seeds,
+        steps=cfg.steps,
+        validate_every=max(cfg.steps // 4, 1),
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("study", total=None)
+        results = toy_study.study(
+            cfg, out, plan, lambda done, total, name: bar.update(task, completed=done, total=total, description=name)
+        )
+    summary = results["summary"]
+    for method, r in summary["robustness"].items():
+        if r["best_lr"] is not None:
+            console.print(
+                f"{method}: best lr {r['best_lr']:g}, subject fidelity {r['best']:.3f}, "
+                f"robust over {r['decades']:.2f} decades of lr"
+            )
+    console.print(f"{summary['runs']} runs, {summary['hours']:.2f} h; report -> [bold]{out / 'report.md'}[/]")
 
 
 class _RichReporter:

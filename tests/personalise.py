@@ -12,14 +12,12 @@ from pathlib import Path
 import pytest
 from diffusers import DiffusionPipeline
 
-from krona_cli.evaluation.toy import draw
+from krona_cli.evaluation.toy import pipeline_scores
 from krona_cli.inference.export import export_adapter
 from krona_cli.inference.merge import merge_to_folder, parse_adapter_spec
 from krona_cli.inference.sampling import prepare_pipeline
 from krona_cli.training.config import load_config
 from krona_cli.training.train import train
-from krona_cli.world.scenes import NEW_BACKGROUNDS, eval_prompts
-from krona_cli.world.scorers import score
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "toy-subject"
 PROMPT, CLASS_PROMPT = "a photo of sks square", "a photo of a square"
@@ -54,14 +52,8 @@ def settings(base, out, classes, **extra) -> dict:
 
 
 def toy_scores(pipe, subject_only: bool = False):
-    """The toy scores of a pipeline over the evaluation prompts, SEEDS pictures each, the same seeds always; with
-    ``subject_only``, only the subject's prompts (the same pictures of them: they come first), for the checks that
-    read subject and prompt fidelity alone."""
-    pipe.set_progress_bar_config(disable=True)
-    prompts = [p for p in eval_prompts() for _ in range(SEEDS)]
-    if subject_only:
-        prompts = prompts[: len(NEW_BACKGROUNDS) * SEEDS]
-    return score(draw(pipe, prompts, seed=100), prompts)
+    """The toy scores of a pipeline, SEEDS pictures per evaluation prompt (`pipeline_scores`)."""
+    return pipeline_scores(pipe, SEEDS, subject_only)
 
 
 def adapted(base, adapter):

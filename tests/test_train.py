@@ -216,6 +216,35 @@ def test_lora_baseline_saves_a_file_diffusers_loads(tiny_sdxl_dir, tmp_path):
     assert any(layer.lora_B[name].weight.abs().sum() > 0 for name in layer.lora_B)
 
 
+def test_peft_lokr_trains_and_its_file_is_the_same_function_as_peft_computes(tiny_sdxl_dir, tmp_path, captured_pipes):
+    """--adapter lokr trains peft's LoKr layers; the native file it writes (A = w1, B = scale · w2), attached by krona
+    to a fresh UNet, gives the outputs of peft's own layers, and the factors are the ones asked for."""
+    from krona_cli.formats import attach, load_adapter
+    from krona_cli.pipeline.tiny import build_tiny_pipeline
+
+    result = train(config(tiny_sdxl_dir, tmp_path / "run", adapter_type="lokr", factors="2x2", scale=0.5, steps=3, lr=1e-2))
+    adapter = load_adapter(result.adapter)
+    assert adapter.layers["unet"] and all(layer.factors == "2x2" for layer in adapter.layers["unet"].values())
+    assert all(layer.a.abs().sum() > 0 for layer in adapter.layers["unet"].values())  # w1 starts at 0: it learned
+    trained = captured_pipes[0].unet.eval()
+    fresh = build_tiny_pipeline("sdxl", seed=0).unet.eval()
+    attach({"unet": fresh}, adapter)
+    torch.manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8)
+    hidden = torch.randn(1, 5, trained.config.cross_attention_dim)
+    pooled = trained.config.projection_class_embeddings_input_dim - 6 * trained.config.addition_time_embed_dim
+    extra = {"text_embeds": torch.randn(1, pooled), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        want = trained(sample, 10, hidden, added_cond_kwargs=extra).sample
+        got = fresh(sample, 10, hidden, added_cond_kwargs=extra).sample
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_peft_lokr_takes_square_factors_only(tiny_sdxl_dir, tmp_path):
+    with pytest.raises(KronaError, match="one factor for both sides"):
+        train(config(tiny_sdxl_dir, tmp_path / "run", adapter_type="lokr", factors="4x2", steps=1))
+
+
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_sdxl_dir, tmp_path):
     class KillAtStep2(Reporter):
         def step(self, step, total, loss, lr):

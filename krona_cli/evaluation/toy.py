@@ -1,4 +1,5 @@
-"""The toy world's scores (world/scorers.py) of image files: what `krona eval --scorer toy` reports."""
+"""The toy world's scores (world/scorers.py) of image files (what `krona eval --scorer toy` reports) and of a
+pipeline over the evaluation prompts (the personalisation tests and `krona compare --study`)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,16 @@ def draw(pipe, prompts: Sequence[str], seed: int = 0, steps: int = 30, guidance:
             out = pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=generators)
         images += out.images
     return images
+
+
+def pipeline_scores(pipe, per_prompt: int, subject_only: bool = False, identifier: str = "sks") -> ToyScores:
+    """The toy scores of a pipeline over the evaluation prompts (world/scenes.py), ``per_prompt`` pictures each, the
+    same seeds always; with ``subject_only``, only the subject's prompts (the same pictures of them: they come
+    first), for what reads subject and prompt fidelity alone."""
+    from ..world.scenes import NEW_BACKGROUNDS, eval_prompts
+
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [p for p in eval_prompts(identifier) for _ in range(per_prompt)]
+    if subject_only:
+        prompts = prompts[: len(NEW_BACKGROUNDS) * per_prompt]
+    return score(draw(pipe, prompts, seed=100), prompts, identifier)

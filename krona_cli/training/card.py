@@ -61,18 +61,21 @@ _KEPT = {
 }
 
 
+_KINDS = {"kron": "Kronecker (DiffuseKronA)", "lora": "LoRA", "lokr": "Kronecker (peft's LoKr layers)"}
+
+
 def write_model_card(
     out: Path, cfg: TrainConfig, arch: str, steps: int, params: int, grid: Path | None, best=None
 ) -> Path:
     """Write `out/README.md` atomically; return its path. `best`: the validation's chosen step
     (validation.Choice), if any."""
     adapter = out / "adapter.safetensors"
-    shape = f"factors {cfg.factors}" if cfg.adapter_type == "kron" else f"rank {cfg.rank}"
+    shape = f"rank {cfg.rank}" if cfg.adapter_type == "lora" else f"factors {cfg.factors}"
     rows = [
         ("base model", f"`{cfg.pretrained_model}` ({arch})"),
         (
             "adapter",
-            f"{'Kronecker (DiffuseKronA)' if cfg.adapter_type == 'kron' else 'LoRA'}, {shape}, scale {cfg.scale:g}, "
+            f"{_KINDS[cfg.adapter_type]}, {shape}, scale {cfg.scale:g}, "
             f"targets `{cfg.targets}`" + (", text encoders too" if cfg.train_text_encoder else ""),
         ),
         ("trainable parameters", f"{params:,}"),
@@ -91,7 +94,7 @@ def write_model_card(
         ("seed", str(cfg.seed)),
     ]
     lines = [
-        f"# {out.name}: a {'Kronecker' if cfg.adapter_type == 'kron' else 'LoRA'} adapter for `{cfg.prompt}`",
+        f"# {out.name}: a {'LoRA' if cfg.adapter_type == 'lora' else 'Kronecker'} adapter for `{cfg.prompt}`",
         "",
         "Trained DreamBooth-style with krona; the full settings are in `config.yaml`.",
         "",
@@ -111,7 +114,7 @@ def write_model_card(
         else:
             lines.append("No best step is chosen without `--scorer`; the validation losses are recorded.")
         lines += ["Every validation is in `validation.json`, plotted in `validation.png`.", ""]
-    template = _USE_KRON if cfg.adapter_type == "kron" else _USE_LORA
+    template = _USE_LORA if cfg.adapter_type == "lora" else _USE_KRON
     lines.append(
         template.format(adapter=adapter, base=cfg.pretrained_model, prompt=cfg.prompt, name=out.name, folder=out)
     )

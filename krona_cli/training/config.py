@@ -79,7 +79,12 @@ class TrainConfig:
     prior_loss_weight: float = _opt(1.0, "Weight of the class images' loss.", min=0)
     class_batch_size: int = _opt(4, "Images per pipeline call when generating class images.", min=1)
     # adapter
-    adapter_type: str = _opt("kron", "Adapter type: Kronecker product or the LoRA baseline.", choices=("kron", "lora"))
+    adapter_type: str = _opt(
+        "kron",
+        "Adapter type: Kronecker product, the LoRA baseline, or peft's LoKr layers (a Kronecker cross-check, square "
+        "factors).",
+        choices=("kron", "lora", "lokr"),
+    )
     factors: str = _opt("64x4", "Kronecker factor A's size OxI (output side x input side), fitted per layer.")
     strict_factors: bool = _opt(False, "Stop where the factors do not divide a layer, instead of fitting them to it.")
     rank: int = _opt(4, "LoRA rank (with --adapter lora).", min=1)
@@ -231,10 +236,11 @@ class TrainConfig:
         return self
 
     def effective_lr(self) -> float:
-        """--lr, or the default of the adapter type: 5e-4 for kron (the DiffuseKronA paper's), 1e-4 for LoRA."""
+        """--lr, or the default of the adapter type: 5e-4 for Kronecker adapters (the DiffuseKronA paper's), 1e-4 for
+        LoRA."""
         if self.lr is not None:
             return self.lr
-        return 5e-4 if self.adapter_type == "kron" else 1e-4
+        return 1e-4 if self.adapter_type == "lora" else 5e-4
 
     def effective_resolution(self, arch: str) -> int:
         """--resolution, or the architecture's native size (1024 for SDXL, 512 otherwise)."""

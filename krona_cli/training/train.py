@@ -476,7 +476,7 @@ def summary(cfg: TrainConfig, plan: Plan) -> list[tuple[str, str]]:
     """The (label, text) rows shown before a run starts (and all a dry run shows); a pure function of its inputs."""
     from .buckets import histogram
 
-    adapter = f"{cfg.adapter_type} " + (f"{cfg.factors}" if cfg.adapter_type == "kron" else f"rank {cfg.rank}")
+    adapter = f"{cfg.adapter_type} " + (f"rank {cfg.rank}" if cfg.adapter_type == "lora" else f"{cfg.factors}")
     adapter += f", targets {cfg.targets}" + (", text encoders too" if cfg.train_text_encoder else "")
     if plan.fitted:
         adapter += f"; factors fitted to the {plan.fitted} layer(s) they do not divide (--strict-factors stops instead)"

@@ -1,9 +1,10 @@
-"""The adapter being trained: Kronecker adapters (krona's own) or LoRA through peft (the baseline), attached to the
-UNet and optionally to the text encoders, with their trainable parameters by name and how each kind is saved.
+"""The adapter being trained: Kronecker adapters (krona's own), LoRA through peft (the baseline) or peft's LoKr layers
+(the LyCORIS Kronecker adapter, a check of krona's maths), attached to the UNet and optionally to the text encoders,
+with their trainable parameters by name and how each kind is saved.
 
-Kronecker adapters are saved in krona's native format; LoRA adapters in diffusers' LoRA format (what
-`pipeline.load_lora_weights` loads), with the LoRA scale baked into the up weights so that any loader gives the
-trained model.
+Kronecker adapters, krona's and peft's LoKr alike, are saved in krona's native format (LoKr's w1 as A, its w2 times
+its scale as B); LoRA adapters in diffusers' LoRA format (what `pipeline.load_lora_weights` loads), with the LoRA
+scale baked into the up weights so that any loader gives the trained model.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ _LORA_TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
 class TrainableAdapter:
     """Adapters attached to a pipeline's models; `models` maps component names to the adapted modules."""
 
-    kind: str  # kron | lora
+    kind: str  # kron | lora | lokr
     models: dict[str, nn.Module]
     targets: dict[str, str]
     factors: dict[str, str] = field(default_factory=dict)  # component -> requested factors (kron)
@@ -68,12 +69,15 @@ class TrainableAdapter:
     ) -> Path:
         """Write the adapter file atomically: native Kronecker format (titled `title` for UIs), or diffusers LoRA
         format."""
-        if self.kind == "kron":
-            from ..formats import collect_adapter, save_adapter
+        if self.kind == "lora":
+            return _save_lora(self, Path(path))
+        from ..formats import collect_adapter, save_adapter
 
+        if self.kind == "lokr":
+            adapter = _lokr_adapter(self, base_model, architecture, training)
+        else:
             adapter = collect_adapter(self.models, self.scale, base_model, architecture, self.targets, training)
-            return save_adapter(path, adapter, title=title)
-        return _save_lora(self, Path(path))
+        return save_adapter(path, adapter, title=title)
 
 
 @contextmanager
@@ -124,7 +128,12 @@ def trainable_adapter(
         for component, model in models.items():
             _add_lora(model, component, targets, rank, scale, skip.get(component))
         return TrainableAdapter(kind, models, chosen, rank=rank, scale=scale)
-    raise KronaError(f"unknown adapter '{kind}'; use kron or lora")
+    if kind == "lokr":
+        requested = {c: (text_encoder_factors or factors) if c in TEXT_COMPONENTS else factors for c in models}
+        for component, model in models.items():
+            _add_lokr(model, component, targets, requested[component], scale, skip.get(component))
+        return TrainableAdapter(kind, models, chosen, requested, scale=scale)
+    raise KronaError(f"unknown adapter '{kind}'; use kron, lora or lokr")
 
 
 def _unused_text_layer(pipe) -> dict[str, int]:
@@ -135,17 +144,22 @@ def _unused_text_layer(pipe) -> dict[str, int]:
     return {"text_encoder": pipe.text_encoder.config.num_hidden_layers - 1}
 
 
+def _peft_targets(component: str, targets: str, skip: int | None) -> dict:
+    """peft's target_modules (and the layers it leaves out) for a component: a preset's module names, or the regular
+    expression as peft reads one (a full match of the name)."""
+    modules = _LORA_TEXT if component in TEXT_COMPONENTS else _LORA_UNET.get(targets) or rf".*(?:{targets}).*"
+    layers = {} if skip is None else {"layers_to_transform": list(range(skip)), "layers_pattern": "layers"}
+    return {"target_modules": modules, **layers}
+
+
 def _add_lora(model: nn.Module, component: str, targets: str, rank: int, scale: float, skip: int | None) -> None:
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:
         raise KronaError("--adapter lora needs peft; install it with: pip install peft") from e
-    if component in TEXT_COMPONENTS:
-        modules = _LORA_TEXT
-    else:  # a preset's module names, or the regular expression as peft reads one (a full match of the name)
-        modules = _LORA_UNET.get(targets) or rf".*(?:{targets}).*"
-    layers = {} if skip is None else {"layers_to_transform": list(range(skip)), "layers_pattern": "layers"}
-    config = LoraConfig(r=rank, lora_alpha=rank * scale, init_lora_weights="gaussian", target_modules=modules, **layers)
+    config = LoraConfig(
+        r=rank, lora_alpha=rank * scale, init_lora_weights="gaussian", **_peft_targets(component, targets, skip)
+    )
     try:
         if component in TEXT_COMPONENTS:  # transformers' own add_adapter wants a newer peft than diffusers does
             inject_adapter_in_model(config, model)
@@ -156,6 +170,54 @@ def _add_lora(model: nn.Module, component: str, targets: str, rank: int, scale: 
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
+
+
+def _add_lokr(model: nn.Module, component: str, targets: str, factors: str, scale: float, skip: int | None) -> None:
+    """peft's LoKr layers with A (its w1) of the requested square factors and B (its w2) whole, scaled by `scale`."""
+    try:
+        from peft import LoKrConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise KronaError("--adapter lokr needs peft; install it with: pip install peft") from e
+    chosen = parse_factors(factors)
+    if chosen.a_out != chosen.a_in:
+        raise KronaError(
+            f"--adapter lokr (peft's LoKr) takes one factor for both sides of A: use factors such as "
+            f"{chosen.a_in}x{chosen.a_in}, not {factors}"
+        )
+    # w2 is kept whole (not split into two low-rank matrices) when r is at least half its larger side: any r above
+    # every layer's width does, and alpha = r * scale makes LoKr's scale alpha / r the adapter scale
+    r = 1 + max(max(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear))
+    config = LoKrConfig(r=r, alpha=r * scale, decompose_factor=chosen.a_out, **_peft_targets(component, targets, skip))
+    try:
+        inject_adapter_in_model(config, model)
+    except ValueError as e:
+        raise KronaError(f"cannot attach LoKr to the {component}: {e}; check --targets") from e
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
+
+
+def _lokr_adapter(adapter: TrainableAdapter, base_model: str, architecture: str, training: dict):
+    """peft's LoKr layers as a Kronecker adapter of krona's: ΔW = scale · (w1 ⊗ w2) = A ⊗ B with A = w1 and
+    B = scale · w2, at adapter scale 1."""
+    from peft.tuners.lokr.layer import LoKrLayer
+
+    from ..formats.adapter import Adapter, KronLayer
+    from ..formats.native import canonical_name
+
+    layers = {}
+    for component, model in adapter.models.items():
+        found = {
+            canonical_name(component, name): KronLayer(
+                module.lokr_w1["default"].detach().to("cpu", torch.float32, copy=True),
+                (module.lokr_w2["default"].detach() * module.scaling["default"]).to("cpu", torch.float32),
+            )
+            for name, module in model.named_modules()
+            if isinstance(module, LoKrLayer) and "default" in module.lokr_w1
+        }
+        if found:
+            layers[component] = found
+    return Adapter(layers, 1.0, base_model, architecture, dict(adapter.targets), training=training)
 
 
 def _save_lora(adapter: TrainableAdapter, path: Path) -> Path:
