@@ -567,6 +567,7 @@ UNHASHED = {
     "max_bad_steps",
     "gradient_checkpointing",
     "cache_latents",
+    "compile",
     "xformers",
     "allow_tf32",
     "class_batch_size",

@@ -291,7 +291,7 @@ class TrainConfig:
         Not covered: the step count (a run may be resumed to train longer), how the global batch is split
         (batch-size per process and grad-accum: train checks the global batch itself, so a run may resume on another
         number of processes), settings that change speed or memory but not the result (gradient-checkpointing,
-        cache-latents, xformers, allow-tf32, class-batch-size), where and how
+        cache-latents, compile, xformers, allow-tf32, class-batch-size), where and how
         often things are written or shown (output-dir, checkpoint-every, keep-checkpoints, sample-*, report-to), the
         validation settings (validate-every, scorer, best-margin, keep, identifier, clip-model, dino-model) and
         how the command runs (resume, dry-run, overwrite)."""
