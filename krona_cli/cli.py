@@ -677,7 +677,9 @@ def compare_cmd(
     class_noun: Annotated[
         Optional[str], typer.Option(help="The subject's class noun.", show_default="the word after the identifier")
     ] = None,
-    num_images: Annotated[int, typer.Option(help="Images (seeds) per prompt and run.")] = 2,
+    num_images: Annotated[
+        Optional[int], typer.Option(help="Images (seeds) per prompt and run.", show_default="2; 4 with --study", min=1)
+    ] = None,
     sample_steps: Annotated[int, typer.Option(help="Denoising steps of the scored samples.")] = 30,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance of the scored samples.")] = 7.0,
     clip_model: Annotated[
@@ -695,9 +697,8 @@ def compare_cmd(
     from .training.config import load_config
 
     if study:
-        _study(
-            output_dir, instance_dir, prompt, class_prompt, config, pretrained_model, steps, lrs, factors, ranks, seeds
-        )
+        plan = dict(lrs=lrs, factors=factors, ranks=ranks, seeds=seeds, per_prompt=num_images or 4)
+        _study(output_dir, instance_dir, prompt, class_prompt, config, pretrained_model, steps, plan)
         return
     if lrs or factors or ranks:
         raise KronaError("--lrs, --factors and --ranks size the --study; one comparison sweeps with --sweep")
@@ -721,7 +722,7 @@ def compare_cmd(
             prompts=prompt_set,
             identifier=identifier,
             noun=class_noun,
-            num_images=num_images,
+            num_images=num_images or 2,
             sample_steps=sample_steps,
             guidance=guidance,
             clip_model=clip_model,
@@ -744,9 +745,7 @@ def compare_cmd(
     console.print(f"report -> [bold]{summary['report']}[/]")
 
 
-def _study(
-    out: Path, instance_dir, prompt, class_prompt, config, pretrained, steps, lrs, factors, ranks, seeds
-) -> None:
+def _study(out: Path, instance_dir, prompt, class_prompt, config, pretrained, steps, options: dict) -> None:
     """`krona compare --study`: the toy world's base and photos unless given, the plan from the options, a progress
     bar over the runs, and the headline numbers."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -773,12 +772,13 @@ def _study(
     }
     cfg = load_config(config or "toy", overrides)
     plan = toy_study.StudyPlan(
-        lrs=listed(lrs, float, toy_study.LRS),
-        factors=listed(factors, str, toy_study.FACTORS),
-        ranks=listed(ranks, int, toy_study.RANKS),
-        seeds=seeds,
+        lrs=listed(options["lrs"], float, toy_study.LRS),
+        factors=listed(options["factors"], str, toy_study.FACTORS),
+        ranks=listed(options["ranks"], int, toy_study.RANKS),
+        seeds=options["seeds"],
         steps=cfg.steps,
         validate_every=max(cfg.steps // 4, 1),
+        per_prompt=options["per_prompt"],
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as bar:

@@ -222,7 +222,9 @@ def test_peft_lokr_trains_and_its_file_is_the_same_function_as_peft_computes(tin
     from krona_cli.formats import attach, load_adapter
     from krona_cli.pipeline.tiny import build_tiny_pipeline
 
-    result = train(config(tiny_sdxl_dir, tmp_path / "run", adapter_type="lokr", factors="2x2", scale=0.5, steps=3, lr=1e-2))
+    result = train(
+        config(tiny_sdxl_dir, tmp_path / "run", adapter_type="lokr", factors="2x2", scale=0.5, steps=3, lr=1e-2)
+    )
     adapter = load_adapter(result.adapter)
     assert adapter.layers["unet"] and all(layer.factors == "2x2" for layer in adapter.layers["unet"].values())
     assert all(layer.a.abs().sum() > 0 for layer in adapter.layers["unet"].values())  # w1 starts at 0: it learned

@@ -1,0 +1,111 @@
+"""`krona compare --study` in small (2 learning rates × 2 settings per method × 1 seed, a few steps) on the toy SDXL:
+killed part-way, it continues where it stopped; the report's numbers are results.json's; another plan in the same
+folder is refused. The study's logic (best learning rate, robust range) on hand-made records."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from krona_cli.architectures import CONFIGS_DIR
+from krona_cli.cli import main
+from krona_cli.errors import KronaError
+from krona_cli.evaluation import study
+from krona_cli.training.config import load_config
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "toy-subject"
+PLAN = study.StudyPlan(
+    lrs=(1e-3, 1e-2), factors=("4x4", "8x4"), ranks=(2, 4), seeds=1, steps=4, validate_every=1, per_prompt=1
+)
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_killed_study_continues_where_it_stopped(toy_sdxl_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "study"
+    preset = (CONFIGS_DIR / "toy.yaml").read_text().replace("num-class-images: 24", "num-class-images: 2")
+    assert "num-class-images: 2\n" in preset
+    (tmp_path / "small.yaml").write_text(preset)
+    settings = dict(
+        pretrained_model=str(toy_sdxl_dir),
+        instance_dir=str(EXAMPLES),
+        prompt="a photo of sks square",
+        class_prompt="a photo of a square",
+        output_dir=str(out),
+        steps=4,
+    )
+    cfg = load_config(str(tmp_path / "small.yaml"), settings)
+    trained = []
+    run = study._run
+    monkeypatch.setattr(study, "_run", lambda *a: trained.append(a[-1].name) or run(*a))
+
+    def stop_after_three(done, total, name):
+        assert total == 7  # 2 methods x 2 lrs, then krona 8x4, LoRA rank 2 and LoKr 4x4 at the best lrs
+        if done == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        study.study(cfg, out, PLAN, stop_after_three)
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 3 and len(trained) == 3
+
+    # the same plan from the command line: the 4 runs left, then the report
+    command = ["compare", "--study", "--output-dir", str(out), "--config", str(tmp_path / "small.yaml")]
+    command += ["--pretrained-model", str(toy_sdxl_dir), "--instance-dir", str(EXAMPLES), "--steps", "4"]
+    command += ["--lrs", "1e-3,1e-2", "--factors", "4x4,8x4", "--ranks", "2,4", "--seeds", "1", "--num-images", "1"]
+    assert main(command) == 0
+    assert "best lr" in capsys.readouterr().out
+    assert len(trained) == 7 and len(set(trained)) == 7
+    results = json.loads((out / "results.json").read_text())
+    runs, summary = results["runs"], results["summary"]
+    assert {r["method"] for r in runs.values()} == {"kron", "lora", "lokr"} and len(runs) == 7
+    best = summary["best_lr"]
+    assert {(r["method"], r["setting"]) for r in runs.values() if r["part"] == "budget"} == {
+        ("kron", "8x4"),
+        ("lora", "2"),
+    }
+    assert all(r["lr"] == best[r["method"]] for r in runs.values() if r["part"] == "budget")
+    assert (
+        runs[f"lokr-4x4-lr{best['kron']:g}-seed0"]["parameters"]
+        == runs[f"kron-4x4-lr{best['kron']:g}-seed0"]["parameters"]
+    )
+    assert all(len(r["validation"]) == 5 for r in runs.values() if r["part"] == "lr")  # steps 0..4
+    for name in ("report.md", "lr.png", "pareto.png", "steps.png"):
+        assert (out / name).stat().st_size > 0
+    report = (out / "report.md").read_text()
+    for method, rows in summary["lr"].items():
+        for row in rows:
+            cells = " | ".join(f"{row[k]['mean']:.3f} ± {row[k]['sd']:.3f}" for k in study.SCORES)
+            assert f"| {method} | {row['lr']:g} | {cells} |" in report
+    for method, rows in summary["budget"].items():
+        assert [r["setting"] for r in rows] == sorted(
+            [r["setting"] for r in rows], key=lambda s: next(r["parameters"] for r in rows if r["setting"] == s)
+        )
+        for row in rows:
+            assert f"| {method} | {row['setting']} | {row['parameters']:,} | " in report
+
+    # run again: nothing to train; another plan in the folder is refused
+    assert main(command) == 0 and len(trained) == 7
+    with pytest.raises(KronaError, match="other settings"):
+        study.study(cfg, out, study.StudyPlan(lrs=(1e-3,), factors=("4x4",), ranks=(4,), seeds=1, steps=4))
+
+
+def _rows(means: list[float], prompts: list[float] | None = None) -> list[dict]:
+    prompts = prompts or [1.0] * len(means)
+    return [
+        {"lr": lr, "subject_fidelity": {"mean": m}, "prompt_fidelity": {"mean": p}}
+        for lr, m, p in zip(study.LRS, means, prompts)
+    ]
+
+
+def test_the_robust_range_is_the_unbroken_run_of_near_best_learning_rates():
+    # lrs 1e-5 ... 1e-2; best at 3e-4 (0.5); 1e-4 and 1e-3 within 90%; 1e-2 is too but not next to them
+    wide = study.robustness(_rows([0.0, 0.1, 0.46, 0.5, 0.47, 0.2, 0.49]))
+    assert wide["best_lr"] == 3e-4 and wide["lrs"] == [1e-4, 3e-4, 1e-3]
+    assert wide["decades"] == pytest.approx(1.0)
+    # the best subject fidelity off the asked background does not count, nor does it join the range
+    strict = study.robustness(_rows([0.0, 0.1, 0.46, 0.9, 0.47, 0.2, 0.1], [1, 1, 1, 0.6, 1, 1, 1]))
+    assert strict["best_lr"] == 1e-3 and strict["lrs"] == [1e-3] and strict["decades"] == 0
+    assert study.robustness(_rows([0.5] * 7, [0.5] * 7))["best_lr"] is None
