@@ -748,6 +748,8 @@ def compare_cmd(
 def _study(out: Path, instance_dir, prompt, class_prompt, config, pretrained, steps, options: dict) -> None:
     """`krona compare --study`: the toy world's base and photos unless given, the plan from the options, a progress
     bar over the runs, and the headline numbers."""
+    import dataclasses
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .evaluation import study as toy_study
@@ -759,6 +761,13 @@ def _study(out: Path, instance_dir, prompt, class_prompt, config, pretrained, st
         except ValueError as e:
             raise KronaError(f"cannot read '{text}' as a comma-separated list of {kind.__name__}s") from e
 
+    plan = toy_study.StudyPlan(
+        lrs=listed(options["lrs"], float, toy_study.LRS),
+        factors=listed(options["factors"], str, toy_study.FACTORS),
+        ranks=listed(options["ranks"], int, toy_study.RANKS),
+        seeds=options["seeds"],
+        per_prompt=options["per_prompt"],
+    ).check()  # before anything is written
     _quiet_model_loading()
     with console.status("preparing the toy world"):
         base, photos = toy_study.study_inputs(out.expanduser(), pretrained, instance_dir)
@@ -771,15 +780,7 @@ def _study(out: Path, instance_dir, prompt, class_prompt, config, pretrained, st
         "output_dir": str(out),
     }
     cfg = load_config(config or "toy", overrides)
-    plan = toy_study.StudyPlan(
-        lrs=listed(options["lrs"], float, toy_study.LRS),
-        factors=listed(options["factors"], str, toy_study.FACTORS),
-        ranks=listed(options["ranks"], int, toy_study.RANKS),
-        seeds=options["seeds"],
-        steps=cfg.steps,
-        validate_every=max(cfg.steps // 4, 1),
-        per_prompt=options["per_prompt"],
-    )
+    plan = dataclasses.replace(plan, steps=cfg.steps, validate_every=max(cfg.steps // 4, 1))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("study", total=None)

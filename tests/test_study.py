@@ -109,3 +109,19 @@ def test_the_robust_range_is_the_unbroken_run_of_near_best_learning_rates():
     strict = study.robustness(_rows([0.0, 0.1, 0.46, 0.9, 0.47, 0.2, 0.1], [1, 1, 1, 0.6, 1, 1, 1]))
     assert strict["best_lr"] == 1e-3 and strict["lrs"] == [1e-3] and strict["decades"] == 0
     assert study.robustness(_rows([0.5] * 7, [0.5] * 7))["best_lr"] is None
+
+
+def test_bad_study_options_are_one_line_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "study"
+    for bad, says in (
+        (["--lrs", "1e-3,fast"], "comma-separated list of floats"),
+        (["--factors", "4x4x"], "not of the form OxI"),
+        (["--lrs", "0,1e-3"], "must be positive"),
+    ):
+        assert main(["compare", "--study", "--output-dir", str(out), *bad]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1 and not out.exists()
+    assert main(["compare", "--output-dir", str(out)]) == 2
+    assert "--instance-dir and --prompt (or --study" in capsys.readouterr().err
+    assert main(["compare", "--output-dir", str(out), "--instance-dir", "x", "--prompt", "p", "--ranks", "4"]) == 2
+    assert "size the --study" in capsys.readouterr().err and not out.exists()
