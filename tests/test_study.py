@@ -60,6 +60,7 @@ def test_a_killed_study_continues_where_it_stopped(toy_sdxl_dir, tmp_path, monke
     assert len(trained) == 7 and len(set(trained)) == 7
     results = json.loads((out / "results.json").read_text())
     runs, summary = results["runs"], results["summary"]
+    assert set(results["base"]) == set(study.SCORES) and set(summary["keeping_the_class"]) == {"kron", "lora"}
     assert {r["method"] for r in runs.values()} == {"kron", "lora", "lokr"} and len(runs) == 7
     best = summary["best_lr"]
     assert {(r["method"], r["setting"]) for r in runs.values() if r["part"] == "budget"} == {
@@ -92,12 +93,27 @@ def test_a_killed_study_continues_where_it_stopped(toy_sdxl_dir, tmp_path, monke
         study.study(cfg, out, study.StudyPlan(lrs=(1e-3,), factors=("4x4",), ranks=(4,), seeds=1, steps=4))
 
 
-def _rows(means: list[float], prompts: list[float] | None = None) -> list[dict]:
+def _rows(means: list[float], prompts: list[float] | None = None, classes: list[float] | None = None) -> list[dict]:
     prompts = prompts or [1.0] * len(means)
+    classes = classes or [1.0] * len(means)
     return [
-        {"lr": lr, "subject_fidelity": {"mean": m}, "prompt_fidelity": {"mean": p}}
-        for lr, m, p in zip(study.LRS, means, prompts)
+        {
+            "lr": lr,
+            "subject_fidelity": {"mean": m},
+            "prompt_fidelity": {"mean": p},
+            "class_accuracy": {"mean": c},
+            "class_look_rate": {"mean": 0.0},
+        }
+        for lr, m, p, c in zip(study.LRS, means, prompts, classes)
     ]
+
+
+def test_a_presets_lr_is_the_best_that_keeps_the_class():
+    base = {"class_accuracy": 0.95, "class_look_rate": 0.0}
+    rows = _rows([0.0, 0.1, 0.2, 0.3, 0.5, 0.4, 0.1], classes=[1, 1, 1, 0.9, 0.8, 0.5, 0.5])
+    assert study.keeping_the_class(rows, base) == 3e-4  # 1e-3 draws the subject best, but the class drops 15 points
+    assert study.keeping_the_class(rows, base | {"class_accuracy": 0.85}) == 1e-3
+    assert study.keeping_the_class(rows, base | {"class_look_rate": -0.5}) is None
 
 
 def test_the_robust_range_is_the_unbroken_run_of_near_best_learning_rates():
@@ -125,3 +141,29 @@ def test_bad_study_options_are_one_line_and_write_nothing(tmp_path, capsys):
     assert "--instance-dir and --prompt (or --study" in capsys.readouterr().err
     assert main(["compare", "--output-dir", str(out), "--instance-dir", "x", "--prompt", "p", "--ranks", "4"]) == 2
     assert "size the --study" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_tables_of_docs_fidelity_are_the_report_of_its_results(tmp_path):
+    """docs/fidelity.md shows the study's tables as `krona compare --study` wrote them from the shipped
+    docs/fidelity/results.json, and that file's summary is what its runs give."""
+    from types import SimpleNamespace
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    results = json.loads((docs / "fidelity" / "results.json").read_text())
+    plan = study.StudyPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["plan"].items()})
+    assert json.loads(json.dumps(study.summarise(results, plan))) == results["summary"]
+    cfg = SimpleNamespace(pretrained_model="", instance_dir="", prompt="", class_prompt="", batch_size=2)
+    rows = [
+        line for line in study.write_report(tmp_path, results, cfg).read_text().splitlines() if line.startswith("|")
+    ]
+    text = (docs / "fidelity.md").read_text()
+    assert len(rows) > 20 and [row for row in rows if row not in text] == []
+
+
+def test_the_steps_a_method_needs_are_the_first_within_reach_of_its_best():
+    def curve(means):
+        return [{"step": 150 * i, "subject_fidelity": {"mean": m, "n": 3}} for i, m in enumerate(means)]
+
+    assert study.near_best_step(curve([0.0, 0.2, 0.458, 0.519, 0.436])) == 450  # 0.458 is 88% of 0.519
+    assert study.near_best_step(curve([0.0, 0.47, 0.519])) == 150
+    assert study.near_best_step([{"step": 0, "subject_fidelity": {"n": 0}}]) is None

@@ -36,6 +36,7 @@ LRS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 FACTORS = ("2x4", "4x4", "8x4", "16x4", "32x4", "64x4")
 RANKS = (1, 2, 4, 8, 16)
 PROMPT_FLOOR = 0.8  # a run that draws the subject off the background asked for does not count as learning it
+DRIFT = 0.1  # how far a run may move the plain class's scores from the base model's and still keep the class
 NEAR_BEST = 0.9  # the robust range: learning rates within this fraction of a method's best subject fidelity
 SCORES = ("subject_fidelity", "prompt_fidelity", "class_accuracy", "class_look_rate")
 
@@ -168,6 +169,14 @@ def study(
                 results["seconds"] = round(results["seconds"] + time.perf_counter() - started, 1)
                 _save(out, results)
 
+    if "base" not in results:  # the base model's own scores: what the class drifts from
+        from ..inference.sampling import prepare_pipeline
+        from .toy import pipeline_scores
+
+        say(len(results["runs"]), total, "base model")
+        base = pipeline_scores(prepare_pipeline([], train_config.pretrained_model)[0], plan.per_prompt)
+        results["base"] = {k: getattr(base, k) for k in SCORES}
+        _save(out, results)
     run_all(lr_specs(plan))
     best = best_lrs(results, plan)
     run_all(later_specs(plan, best))
@@ -293,6 +302,19 @@ def best_lrs(results: dict, plan: StudyPlan) -> dict[str, float]:
     return best
 
 
+def keeping_the_class(rows: list[dict], base: dict) -> float | None:
+    """The learning rate of the highest mean subject fidelity among those whose prompt fidelity holds and whose
+    plain class stays within DRIFT of the base model's (class accuracy and look rate): a preset's choice."""
+    kept = [
+        r
+        for r in rows
+        if r["prompt_fidelity"]["mean"] >= PROMPT_FLOOR
+        and r["class_accuracy"]["mean"] >= base["class_accuracy"] - DRIFT
+        and r["class_look_rate"]["mean"] <= base["class_look_rate"] + DRIFT
+    ]
+    return max(kept, key=lambda r: r["subject_fidelity"]["mean"])["lr"] if kept else None
+
+
 def robustness(rows: list[dict]) -> dict:
     """The learning rates around the best one (in grid order, without a gap) whose mean subject fidelity is within
     NEAR_BEST of the best and whose prompt fidelity holds: how many, and how many decades they span."""
@@ -333,6 +355,16 @@ def steps_curve(results: dict, best: dict[str, float]) -> dict[str, list[dict]]:
     return curves
 
 
+def near_best_step(curve: list[dict]) -> int | None:
+    """The first validation step whose mean subject fidelity is within NEAR_BEST of the curve's best: how many steps
+    the method needs."""
+    points = [p for p in curve if p["subject_fidelity"]["n"]]
+    if not points:
+        return None
+    best = max(p["subject_fidelity"]["mean"] for p in points)
+    return next(p["step"] for p in points if p["subject_fidelity"]["mean"] >= NEAR_BEST * best)
+
+
 def lokr_check(results: dict, plan: StudyPlan, best: dict[str, float]) -> dict | None:
     """krona against peft's LoKr at the same factors and learning rate: the difference of mean subject fidelity and
     the noise it is measured against (twice the standard error of the difference over seeds)."""
@@ -362,11 +394,16 @@ def summarise(results: dict, plan: StudyPlan) -> dict:
     """Every number the report shows, derived from the runs alone."""
     best = best_lrs(results, plan)
     table = lr_table(results, plan)
+    curves = steps_curve(results, best)
     at_best = _groups([r for r in results["runs"].values() if r["method"] != "lokr" and r["lr"] == best[r["method"]]])
     return {
         "best_lr": best,
         "lr": table,
         "robustness": {m: robustness(rows) for m, rows in table.items()},
+        "base": results.get("base"),
+        "keeping_the_class": {m: keeping_the_class(rows, results["base"]) for m, rows in table.items()}
+        if results.get("base")
+        else None,
         "budget": {
             m: sorted(
                 (g for g in at_best if g["method"] == m and (g["setting"] in budget_settings(plan, m))),
@@ -374,7 +411,8 @@ def summarise(results: dict, plan: StudyPlan) -> dict:
             )
             for m in ("kron", "lora")
         },
-        "steps": steps_curve(results, best),
+        "steps": curves,
+        "near_best_step": {m: near_best_step(curve) for m, curve in curves.items()},
         "lokr": lokr_check(results, plan, best),
         "runs": len(results["runs"]),
         "hours": results["seconds"] / 3600,
@@ -425,6 +463,17 @@ def write_report(out: Path, results: dict, cfg) -> Path:
             continue
         span = f"{r['lrs'][0]:g} – {r['lrs'][-1]:g}" if len(r["lrs"]) > 1 else f"{r['lrs'][0]:g} alone"
         lines.append(f"| {method} | {r['best_lr']:g} | {r['best']:.3f} | {span} | {r['decades']:.2f} |")
+    if s.get("keeping_the_class"):
+        base = s["base"]
+        lines += [
+            "",
+            f"The base model: subject fidelity {base['subject_fidelity']:.3f}, prompt fidelity "
+            f"{base['prompt_fidelity']:.3f}, class accuracy {base['class_accuracy']:.3f}, class look rate "
+            f"{base['class_look_rate']:.3f}. The best lr that keeps the plain class within {DRIFT:g} of it "
+            "(accuracy and look rate): "
+            + ", ".join(f"{m} {'none' if lr is None else f'{lr:g}'}" for m, lr in s["keeping_the_class"].items())
+            + ".",
+        ]
     lines += ["", f"![scores against lr]({plots['lr']})", "", "## Equal budgets", ""]
     lines += [
         f"Each method at its best learning rate (krona {s['best_lr']['kron']:g}, LoRA {s['best_lr']['lora']:g}).",
@@ -450,7 +499,15 @@ def write_report(out: Path, results: dict, cfg) -> Path:
             for r in rows
             if r["subject_fidelity"]["n"]
         ]
-    lines += ["", f"![subject fidelity against steps]({plots['steps']})", ""]
+    lines += [
+        "",
+        f"The first step within {NEAR_BEST:.0%} of the curve's best: "
+        + ", ".join(f"{m} {step}" for m, step in s["near_best_step"].items())
+        + ".",
+        "",
+        f"![subject fidelity against steps]({plots['steps']})",
+        "",
+    ]
     check = s["lokr"]
     if check:
         if check["noise"] is None:
