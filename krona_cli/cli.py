@@ -776,7 +776,8 @@ def _study(out: Path, instance_dir, prompt, class_prompt, config, pretrained, st
         "instance_dir": photos,
         "prompt": prompt or "a photo of sks square",
         "class_prompt": class_prompt or "a photo of a square",
-        "steps": steps,
+        # the study's own budget, not the toy preset's (which the study set): the same command, the same study
+        "steps": steps or toy_study.StudyPlan.steps,
         "output_dir": str(out),
     }
     cfg = load_config(config or "toy", overrides)
