@@ -51,7 +51,7 @@ echo "                               (its background as asked), class accuracy a
 echo "  toy-sdxl/                    the toy base pipeline"
 echo "  train/adapter.safetensors    the trained adapter (train/README.md: its model card; train/config.yaml: its settings)"
 echo "  train/samples/step-*.png     sample grids written while training (the subject on new backgrounds)"
-echo "  train/validation.png         the validations at steps 0, 300, 600 and the best step (train/validation.json;"
+echo "  train/validation.png         the validations at steps 0, 150, 300, 450 and the best step (train/validation.json;"
 echo "                               train/best/adapter.safetensors holds that step)"
 echo "  train/class-images/          generated class images (prior preservation)"
 echo "  adapter-lokr.safetensors     the adapter as a LyCORIS LoKr file (ComfyUI, A1111/Forge)"

@@ -22,8 +22,8 @@ from krona_cli.training.train import train
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "toy-subject"
 PROMPT, CLASS_PROMPT = "a photo of sks square", "a photo of a square"
 SEEDS = 4  # pictures per evaluation prompt: 20 of the subject on new backgrounds, 20 of its class
-#: The tests' run: the toy preset at twice its learning rate for half its steps, 2.5 times faster (docs/toy.md: it
-#: learns the subject a little less than the preset's 600 steps, which the demo and users run).
+#: The tests' run: the toy preset (lr 1e-3) for 300 of its 450 steps, with validations at 0, 150 and 300 (docs/toy.md:
+#: seed 0 learns the subject a little less than the preset's 450 steps, which the demo and users run).
 SHORT = dict(lr=1e-3, steps=300, validate_every=150)
 #: How far above the base model's subject fidelity (near 0: no pretraining picture has the subject's colour) a run
 #: must draw the subject, and how often on the background asked for: below what the short run reached (docs/toy.md:
