@@ -208,7 +208,7 @@ def compare(
                 metrics = score_files(sampled.images, [read_prompt(p) for p in sampled.images], identifier)
             else:
                 metrics = evaluate(sampled.images, reference, identifier=identifier, clip=clip, dino=dino)
-            parameters = _parameters(result.adapter)
+            parameters = adapter_parameters(result.adapter)
             runs.append(
                 Run(
                     method,
@@ -231,7 +231,8 @@ def compare(
     }
 
 
-def _parameters(adapter: str) -> int:
+def adapter_parameters(adapter: str) -> int:
+    """The trainable parameters an adapter file holds."""
     from ..formats import load_adapter
 
     return load_adapter(adapter).num_params()  # Kronecker and LoRA adapters both count their own

@@ -214,7 +214,7 @@ def _run(train_config, out: Path, plan: StudyPlan, spec: Spec) -> dict:
     """Train one run, score its last step's adapter on the evaluation prompts; its record for results.json."""
     from ..inference.sampling import prepare_pipeline
     from ..training.train import train
-    from .compare import _parameters
+    from .compare import adapter_parameters
     from .toy import pipeline_scores
 
     validating = spec.part == "lr" and plan.validate_every > 0
@@ -241,7 +241,7 @@ def _run(train_config, out: Path, plan: StudyPlan, spec: Spec) -> dict:
     pipe = prepare_pipeline([(result.adapter, 1.0)], cfg.pretrained_model)[0]
     scores = pipeline_scores(pipe, plan.per_prompt, identifier=cfg.identifier)
     return asdict(spec) | {
-        "parameters": _parameters(str(result.adapter)),
+        "parameters": adapter_parameters(str(result.adapter)),
         "train_seconds": round(trained, 1),
         "seconds": round(time.perf_counter() - started, 1),
         "scores": {k: getattr(scores, k) for k in SCORES},
