@@ -757,7 +757,7 @@ def _study(out: Path, instance_dir, prompt, class_prompt, config, pretrained, st
 
     def listed(text: str | None, kind, default: tuple) -> tuple:
         try:
-            return tuple(kind(v.strip()) for v in text.split(",") if v.strip()) if text else default
+            return tuple(kind(v) for v in _split([text])) if text else default
         except ValueError as e:
             raise KronaError(f"cannot read '{text}' as a comma-separated list of {kind.__name__}s") from e
 

@@ -109,10 +109,11 @@ def budget_settings(plan: StudyPlan, method: str) -> list[str]:
 
 
 def later_count(plan: StudyPlan) -> int:
-    """How many runs `later_specs` makes, whatever the best learning rates turn out to be."""
-    worst = later_specs(plan, {"kron": math.nan, "lora": math.nan})  # nan matches no lr of the sweep: nothing shared
-    shared = plan.seeds * ((plan.kron_setting in plan.factors) + (plan.lora_rank in plan.ranks))
-    return len(worst) - shared
+    """How many runs `later_specs` makes, whatever the best learning rates turn out to be: every budget setting and
+    the LoKr check, but the two lr-sweep settings, which the sweep ran at every lr."""
+    settings = len(plan.factors) + len(plan.ranks) + (plan.lokr and _square(plan.kron_setting))
+    shared = (plan.kron_setting in plan.factors) + (plan.lora_rank in plan.ranks)
+    return plan.seeds * (settings - shared)
 
 
 def _square(factors: str) -> bool:
@@ -178,7 +179,7 @@ def study(
         results["base"] = {k: getattr(base, k) for k in SCORES}
         _save(out, results)
     run_all(lr_specs(plan))
-    best = best_lrs(results, plan)
+    best = best_lrs(results)
     run_all(later_specs(plan, best))
     say(len(results["runs"]), total, "report")
     results["summary"] = summarise(results, plan)
@@ -283,17 +284,17 @@ def _groups(runs: list[dict]) -> list[dict]:
     ]
 
 
-def lr_table(results: dict, plan: StudyPlan) -> dict[str, list[dict]]:
+def lr_table(results: dict) -> dict[str, list[dict]]:
     """Per method, the lr sweep's rows in lr order: the lr and each score's spread over seeds."""
     rows = _groups([r for r in results["runs"].values() if r["part"] == "lr"])
     return {m: sorted((r for r in rows if r["method"] == m), key=lambda r: r["lr"]) for m in ("kron", "lora")}
 
 
-def best_lrs(results: dict, plan: StudyPlan) -> dict[str, float]:
+def best_lrs(results: dict) -> dict[str, float]:
     """Each method's best learning rate: the highest mean subject fidelity among those whose mean prompt fidelity
     is at least PROMPT_FLOOR (among all, where none is)."""
     best = {}
-    for method, rows in lr_table(results, plan).items():
+    for method, rows in lr_table(results).items():
         if not rows:
             raise KronaError(f"the study holds no lr-sweep run of {method}")
         best[method] = max(
@@ -398,8 +399,8 @@ def _fewer_parameters(results: dict, plan: StudyPlan) -> float:
 
 def summarise(results: dict, plan: StudyPlan) -> dict:
     """Every number the report shows, derived from the runs alone."""
-    best = best_lrs(results, plan)
-    table = lr_table(results, plan)
+    best = best_lrs(results)
+    table = lr_table(results)
     curves = steps_curve(results, best)
     at_best = _groups([r for r in results["runs"].values() if r["method"] != "lokr" and r["lr"] == best[r["method"]]])
     return {
@@ -525,10 +526,8 @@ def write_report(out: Path, results: dict, cfg) -> Path:
         if check["noise"] is None:
             verdict = "not measured against noise (one seed)"
         else:
-            verdict = (
-                f"{'within' if check['within_noise'] else '**outside**'} the noise (± {check['noise']:.3f}, twice "
-            )
-            verdict += "its standard error)"
+            side = "within" if check["within_noise"] else "**outside**"
+            verdict = f"{side} the noise (± {check['noise']:.3f}, twice its standard error)"
         lines += [
             "## peft's LoKr at krona's factors",
             "",
