@@ -119,8 +119,8 @@ def trainable_adapter(
         for c in models
         if c in TEXT_COMPONENTS
     }
+    requested = {c: (text_encoder_factors or factors) if c in TEXT_COMPONENTS else factors for c in models}
     if kind == "kron":
-        requested = {c: (text_encoder_factors or factors) if c in TEXT_COMPONENTS else factors for c in models}
         for component, model in models.items():
             inject(model, chosen[component], requested[component], scale=scale, strict_factors=strict_factors)
         return TrainableAdapter(kind, models, chosen, requested, scale=scale)
@@ -129,7 +129,6 @@ def trainable_adapter(
             _add_lora(model, component, targets, rank, scale, skip.get(component))
         return TrainableAdapter(kind, models, chosen, rank=rank, scale=scale)
     if kind == "lokr":
-        requested = {c: (text_encoder_factors or factors) if c in TEXT_COMPONENTS else factors for c in models}
         for component, model in models.items():
             _add_lokr(model, component, targets, requested[component], scale, skip.get(component))
         return TrainableAdapter(kind, models, chosen, requested, scale=scale)
@@ -167,9 +166,7 @@ def _add_lora(model: nn.Module, component: str, targets: str, rank: int, scale: 
             model.add_adapter(config)
     except ValueError as e:
         raise KronaError(f"cannot attach LoRA to the {component}: {e}; check --targets") from e
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
+    _trainables_in_fp32(model)
 
 
 def _add_lokr(model: nn.Module, component: str, targets: str, factors: str, scale: float, skip: int | None) -> None:
@@ -192,9 +189,14 @@ def _add_lokr(model: nn.Module, component: str, targets: str, factors: str, scal
         inject_adapter_in_model(config, model)
     except ValueError as e:
         raise KronaError(f"cannot attach LoKr to the {component}: {e}; check --targets") from e
+    _trainables_in_fp32(model)
+
+
+def _trainables_in_fp32(model: nn.Module) -> None:
+    """peft makes its layers in the base weights' dtype; the trainable weights stay fp32 under mixed precision."""
     for p in model.parameters():
         if p.requires_grad:
-            p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
+            p.data = p.data.float()
 
 
 def _lokr_adapter(adapter: TrainableAdapter, base_model: str, architecture: str, training: dict):
