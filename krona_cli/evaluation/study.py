@@ -147,6 +147,46 @@ def study_inputs(out: Path, pretrained: str | None, instance_dir: str | None) ->
     return pretrained, instance_dir
 
 
+def listed(text: str | None, kind: type, default: tuple) -> tuple:
+    """A comma-separated option (`--lrs 1e-4,1e-3`) as a tuple of `kind`, or `default` when not given."""
+    if not text:
+        return default
+    try:
+        return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise KronaError(f"cannot read '{text}' as a comma-separated list of {kind.__name__}s") from e
+
+
+def study_setup(
+    out: Path,
+    plan: StudyPlan,
+    config: str | None = None,
+    pretrained: str | None = None,
+    instance_dir: str | None = None,
+    prompt: str | None = None,
+    class_prompt: str | None = None,
+    steps: int | None = None,
+):
+    """The training settings and the plan of a study in `out`: the plan checked before anything is written, then
+    the toy world's base model and photos unless given, the toy preset unless another config is, and the study's
+    own step budget (not the preset's, which the study set: the same command, the same study). Returns
+    (TrainConfig, StudyPlan)."""
+    from ..training.config import load_config
+
+    plan.check()
+    base, photos = study_inputs(out.expanduser(), pretrained, instance_dir)
+    overrides = {
+        "pretrained_model": base,
+        "instance_dir": photos,
+        "prompt": prompt or "a photo of sks square",
+        "class_prompt": class_prompt or "a photo of a square",
+        "steps": steps or StudyPlan.steps,
+        "output_dir": str(out),
+    }
+    cfg = load_config(config or "toy", overrides)
+    return cfg, dataclasses.replace(plan, steps=cfg.steps, validate_every=max(cfg.steps // 4, 1))
+
+
 def study(
     train_config,
     output_dir: str | Path,

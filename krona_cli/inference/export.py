@@ -8,11 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..atomic import write_bytes_atomic
+from ..choices import EXPORT_FORMATS
 from ..errors import KronaError
 from ..formats import load_adapter, save_adapter, save_lora, save_lycoris
 from ..outputs import output_file
 
-TARGETS = ("native", "lycoris", "lora")
+TARGETS = tuple(EXPORT_FORMATS)
 
 
 def export_adapter(

@@ -193,3 +193,46 @@ def merge_to_file(
     save_single_file(baked.pipe, out, dtype_from_name(dtype), metadata)
     summary["output"] = str(out.absolute())
     return summary
+
+
+MERGE_FORMATS = ("diffusers", "single-file")
+
+
+@dataclass(frozen=True)
+class MergeDestination:
+    """Where `krona merge` writes: the format, the path and the flag that named it."""
+
+    format: str
+    path: Path
+    flag: str
+
+
+def merge_destination(output_dir: str | Path | None, output: str | Path | None, format: str | None) -> MergeDestination:
+    """A diffusers folder (`--output-dir`) or a single file (`--output`): exactly one of them, the format following
+    from which is given unless named."""
+    format = format or ("single-file" if output is not None else "diffusers")
+    if format not in MERGE_FORMATS:
+        raise KronaError(f"--format must be {' or '.join(MERGE_FORMATS)}; got '{format}'")
+    if (output_dir is None) == (output is None):
+        raise KronaError(
+            "give --output-dir FOLDER for a diffusers pipeline or --output NAME.safetensors for a "
+            "single-file checkpoint (one of them)"
+        )
+    if format == "diffusers" and output is not None or format == "single-file" and output_dir is not None:
+        raise KronaError(f"--format {format} writes to --{'output-dir' if format == 'diffusers' else 'output'}")
+    if format == "diffusers":
+        return MergeDestination(format, Path(output_dir), "--output-dir")
+    return MergeDestination(format, Path(output), "--output")
+
+
+def merge(
+    adapters: Sequence[tuple[str, float]],
+    destination: MergeDestination,
+    pretrained: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """`krona merge`: dtype fp32 for a folder, fp16 for a single file unless named."""
+    if destination.format == "diffusers":
+        return merge_to_folder(adapters, destination.path, pretrained, dtype or "fp32", overwrite)
+    return merge_to_file(adapters, destination.path, pretrained, dtype or "fp16", overwrite)

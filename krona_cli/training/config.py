@@ -87,7 +87,7 @@ class TrainConfig:
     )
     factors: str = _opt("64x4", "Kronecker factor A's size OxI (output side x input side), fitted per layer.")
     strict_factors: bool = _opt(False, "Stop where the factors do not divide a layer, instead of fitting them to it.")
-    rank: int = _opt(4, "LoRA rank (with --adapter lora).", min=1)
+    rank: int = _opt(4, "LoRA rank (with --adapter-type lora).", min=1)
     scale: float = _opt(1.0, "Adapter scale s in W + s·ΔW.")
     targets: str = _opt(
         "attn",
@@ -555,7 +555,10 @@ def _parameter(f: dataclasses.Field, panel: str) -> inspect.Parameter:
 def typer_parameters() -> list[inspect.Parameter]:
     """`--config`, then one option per TrainConfig field, in field order."""
     config = typer.Option(
-        None, "--config", help="YAML config file or a preset (sdxl, sd15, tiny); flags override it.", show_default=False
+        None,
+        "--config",
+        help=f"YAML config file or a preset ({', '.join(CONFIG_PRESETS)}); flags override it.",
+        show_default=False,
     )
     first = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config, annotation=Optional[str])
     params, panel = [first], ""
