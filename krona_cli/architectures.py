@@ -61,3 +61,14 @@ def architecture_of(unet_config) -> str:
 def native_resolution(arch: str) -> int:
     """The image size an architecture was trained at and samples at by default: 1024 px for SDXL, 512 otherwise."""
     return 1024 if arch == "sdxl" else 512
+
+
+LAYERS_DIR = MODEL_CONFIGS_DIR / "layers"
+
+
+def linear_layers(arch: str) -> dict[str, list[tuple[str, int, int]]]:
+    """Every nn.Linear of each adaptable component of a real architecture, as (name, d_out, d_in) in module order:
+    data in configs/models/layers/ARCH.json, written by scripts/layer_lists.py from the diffusers and transformers
+    models built on the meta device (tests/test_plan.py holds them equal), so `krona plan` needs no model library."""
+    data = json.loads((LAYERS_DIR / f"{check_arch(arch)}.json").read_text())
+    return {component: [tuple(layer) for layer in layers] for component, layers in data["components"].items()}

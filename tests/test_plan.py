@@ -1,6 +1,10 @@
 """`krona plan`: parameter counts on the real architectures (meta device), checked against the paper and by hand."""
 
 import json
+import subprocess
+import sys
+
+import pytest
 
 from krona_cli.cli import main
 from krona_cli.inference.plan import plan
@@ -73,3 +77,22 @@ def test_cli_plan_bad_input(capsys):
     assert main(["plan", "--factors", "64by4"]) == 2
     assert main(["plan", "--factors", "48x4", "--strict-factors"]) == 2
     assert "do not divide" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_the_layer_lists_are_the_meta_models(arch):
+    """`krona plan` reads the layer lists as data (no model library): they must be exactly the linears of the
+    diffusers and transformers models built from the shipped configs (scripts/layer_lists.py writes them)."""
+    from krona_cli.architectures import linear_layers
+    from krona_cli.pipeline.models import build_meta_components, linear_layers_of
+
+    models = {name: linear_layers_of(model) for name, model in build_meta_components(arch).items()}
+    assert linear_layers(arch) == models
+
+
+def test_plan_imports_no_model_library():
+    code = "import sys; from krona_cli.cli import main; main(['plan', '--arch', 'sdxl']); "
+    code += "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'bitsandbytes') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

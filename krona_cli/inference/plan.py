@@ -1,7 +1,8 @@
 """`krona plan`: adapter parameter counts and file sizes per block group, Kronecker factors beside LoRA ranks.
 
-Counts come from the real architectures built on the meta device (no weights, no download), with the same
-target selection and per-layer factor fitting that training uses.
+Counts come from the real architectures' layer lists (`architectures.linear_layers`: data taken from the models
+built on the meta device; no weights, no download, no model library), with the same target patterns and per-layer
+factor fitting that training uses.
 """
 
 from __future__ import annotations
@@ -9,10 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from torch import nn
-
-from ..kron import find_targets, fit_factors, parse_factors
-from ..pipeline.models import build_meta_components
+from ..architectures import linear_layers
+from ..kron.factors import fit_factors, parse_factors
+from ..kron.targets import target_pattern
 
 LORA_RANKS = (4, 8, 16)
 FP32_BYTES, FP16_BYTES = 4, 2
@@ -79,13 +79,13 @@ def plan(
     arch: str, factor_settings: list[str], targets: str = "attn", strict_factors: bool = False
 ) -> dict[str, GroupCount]:
     """Counts per block group, plus a `total` entry, for `arch` with these targets and factor settings."""
-    components = build_meta_components(arch)
-    linears = []
-    for component in components_for_targets(targets, list(components)):
-        model: nn.Module = components[component]
-        for name in find_targets(model, targets):
-            layer = model.get_submodule(name)
-            linears.append((f"{component}:{name}", layer.out_features, layer.in_features))
+    components, pattern = linear_layers(arch), target_pattern(targets)
+    linears = [
+        (f"{component}:{name}", d_out, d_in)
+        for component in components_for_targets(targets, list(components))
+        for name, d_out, d_in in components[component]
+        if pattern.search(name)
+    ]
     groups = count_linears(linears, factor_settings, strict_factors, group_of=lambda n: block_group(*n.split(":", 1)))
     total = GroupCount()
     for g in groups.values():

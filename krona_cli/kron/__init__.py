@@ -1,43 +1,33 @@
 """The Kronecker adapter, in pure torch: factors, the KronLinear layer, injection into any nn.Module, and every
-Kronecker delta (`functional.py`)."""
+Kronecker delta (`functional.py`). Names are imported on first use, so the torch-free parts (`factors`, `targets`)
+load without torch (`krona plan` needs no model library)."""
 
-from .factors import DEFAULT_FACTORS, Factors, fit_factors, parse_factors
-from .functional import diffusekrona_delta, diffusekrona_rows, kron_delta, kron_svd, kron_svd_error
-from .inject import (
-    TARGET_PRESETS,
-    adapted_layers,
-    adapter_state_dict,
-    find_targets,
-    inject,
-    layer_factors,
-    load_adapter_state_dict,
-    load_factors,
-    remove,
-    set_scale,
-)
-from .layer import KronLinear, choose_path, contraction_cost
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_FACTORS",
-    "Factors",
-    "KronLinear",
-    "TARGET_PRESETS",
-    "adapted_layers",
-    "adapter_state_dict",
-    "choose_path",
-    "contraction_cost",
-    "diffusekrona_delta",
-    "diffusekrona_rows",
-    "find_targets",
-    "fit_factors",
-    "inject",
-    "kron_delta",
-    "kron_svd",
-    "kron_svd_error",
-    "layer_factors",
-    "load_adapter_state_dict",
-    "load_factors",
-    "parse_factors",
-    "remove",
-    "set_scale",
-]
+import importlib
+
+_WHERE = {
+    "factors": ("DEFAULT_FACTORS", "Factors", "fit_factors", "parse_factors"),
+    "functional": ("diffusekrona_delta", "diffusekrona_rows", "kron_delta", "kron_svd", "kron_svd_error"),
+    "targets": ("TARGET_PRESETS", "target_pattern"),
+    "inject": (
+        "adapted_layers",
+        "adapter_state_dict",
+        "find_targets",
+        "inject",
+        "layer_factors",
+        "load_adapter_state_dict",
+        "load_factors",
+        "remove",
+        "set_scale",
+    ),
+    "layer": ("KronLinear", "choose_path", "contraction_cost"),
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -11,38 +10,9 @@ from torch import nn
 from ..errors import KronaError
 from .factors import DEFAULT_FACTORS, Factors, fit_factors, parse_factors
 from .layer import KronLinear
-
-# Regular expressions searched in full module names (diffusers / transformers naming).
-_UNET_ATTN = r"\.(to_q|to_k|to_v|to_out\.0)$"
-_UNET_FF = r"\.ff\.net\.(0\.proj|2)$"
-_TEXT_ATTN = r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$"
-
-TARGET_PRESETS: dict[str, str] = {
-    "attn": _UNET_ATTN,
-    "attn-ff": f"(?:{_UNET_ATTN})|(?:{_UNET_FF})",
-    "text": _TEXT_ATTN,
-}
+from .targets import target_pattern
 
 PARAM_SUFFIXES = ("kron_a", "kron_b")
-
-
-def target_pattern(targets: str | Iterable[str]) -> re.Pattern:
-    """Compile a preset name, a regular expression, or a list of either into one pattern over module names."""
-    items = [targets] if isinstance(targets, str) else list(targets)
-    if not items:
-        raise KronaError("no adapter targets given; use a preset (attn, attn-ff, text) or a regular expression")
-    parts = []
-    for item in items:
-        expr = TARGET_PRESETS.get(item, item)
-        try:
-            re.compile(expr)
-        except (re.error, OverflowError, RecursionError) as e:
-            raise KronaError(
-                f"targets '{item}' is neither a preset ({', '.join(TARGET_PRESETS)}) nor a valid regular expression: "
-                f"{e}"
-            ) from e
-        parts.append(f"(?:{expr})")
-    return re.compile("|".join(parts))
 
 
 def find_targets(model: nn.Module, targets: str | Iterable[str] = "attn") -> list[str]:

@@ -42,6 +42,11 @@ def build_meta_components(arch: str) -> dict[str, nn.Module]:
     return {component: build_component(arch, component) for component in ARCHITECTURES[check_arch(arch)]}
 
 
+def linear_layers_of(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(name, d_out, d_in) of every nn.Linear of a model, in module order: what architectures.linear_layers holds."""
+    return [(n, m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
 def _header(path: Path) -> tuple[list[str], dict[str, str]]:
     """A .safetensors file's tensor names and metadata, without reading its tensors."""
     from safetensors import SafetensorError, safe_open

@@ -188,7 +188,7 @@ class TrainConfig:
     def validate(self, require_data: bool = True) -> TrainConfig:
         """Check every value (choices, bounds, factors, targets, required data); KronaError names the flag."""
         from ..kron.factors import parse_factors
-        from ..kron.inject import target_pattern
+        from ..kron.targets import target_pattern
         from .validation import check_settings as check_validation
 
         for f in dataclasses.fields(self):

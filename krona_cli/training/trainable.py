@@ -23,7 +23,7 @@ from ..atomic import write_bytes_atomic
 from ..errors import KronaError
 from ..kron import inject, layer_factors
 from ..kron.factors import parse_factors
-from ..kron.inject import TARGET_PRESETS
+from ..kron.targets import TARGET_PRESETS
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 _LORA_UNET = {
