@@ -123,3 +123,27 @@ def test_export_to_lora_writes_kohya_keys_unless_asked_for_peft(adapter_path, tm
     with pytest.raises(KronaError, match="--lora-layout only applies to --to lora"):
         export_adapter(adapter_path, "lycoris", tmp_path / "x.safetensors", lora_layout="peft")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_lora_export_says_the_rank_it_wrote_and_keeps_the_training_settings(tmp_path, capsys):
+    """--rank above the update's own rank writes (and says) the rank that is exact; the exported file keeps the
+    source's targets and training settings, as inspect shows them."""
+    pipe = build_tiny_pipeline("sdxl")
+    inject(pipe.unet, factors="4x4")
+    for layer in adapted_layers(pipe.unet).values():
+        with torch.no_grad():
+            layer.kron_b.normal_(std=0.05)
+    training = {"lr": 0.001, "steps": 7}
+    source = save_adapter(
+        tmp_path / "dog.safetensors",
+        collect_adapter({"unet": pipe.unet}, targets={"unet": "attn"}, training=training, architecture="sdxl"),
+    )
+    out = tmp_path / "dog-lora.safetensors"
+    capsys.readouterr()
+    assert main(["export", "--adapter", str(source), "--to", "lora", "--rank", "1000", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    written = describe(out)
+    ranks = {label for counts in written["factors"].values() for label in counts}
+    assert len(ranks) == 1 and "1000" not in ranks.pop()
+    assert "--rank 1000 asked" in printed and "LoRA rank 1000" not in printed
+    assert written["targets"] == {"unet": "attn"} and written["training"] == training

@@ -45,8 +45,8 @@ from krona_cli.kron import (
     remove,
     set_scale,
 )
-from krona_cli.kron.targets import target_pattern
 from krona_cli.kron.layer import PATHS
+from krona_cli.kron.targets import target_pattern
 from krona_cli.training.config import RUN_FLAGS, TrainConfig, load_config
 
 

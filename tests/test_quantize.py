@@ -13,7 +13,7 @@ from torch import nn
 from krona_cli.cli import main
 from krona_cli.errors import KronaError
 from krona_cli.kron import KronLinear, inject
-from krona_cli.kron.inject import load_factors, set_scale
+from krona_cli.kron.injection import load_factors, set_scale
 from krona_cli.kron.layer import is_quantized
 from krona_cli.pipeline import models
 from krona_cli.pipeline.quantize import check_device, quantize, weight_bytes

@@ -459,7 +459,7 @@ def test_compile_trains_the_same_adapter(tiny_sd15_dir, tmp_path, monkeypatch):
 
 def test_factors_that_do_not_divide_a_layer_are_fitted_counted_and_shown_or_refused(tiny_sd15_dir, tmp_path, capsys):
     from krona_cli.kron.factors import fit_factors, parse_factors
-    from krona_cli.kron.inject import find_targets
+    from krona_cli.kron.injection import find_targets
 
     unet = models.load_pipeline(str(tiny_sd15_dir))[0].unet
     shapes = [tuple(unet.get_submodule(n).weight.shape) for n in find_targets(unet, "attn")]

@@ -100,8 +100,11 @@ def export_cmd(
     if report:
         errors = [(f"{c}.{m}", v["error"]) for c, layers in report["layers"].items() for m, v in layers.items()]
         worst = max(errors, key=lambda e: e[1])
+        capped = report["requested_rank"] > report["rank"]
         console.print(
-            f"LoRA rank {report['rank']}: relative error of ΔW {report['error']:.4f} in total, "
+            f"LoRA rank {report['rank']}"
+            + (f" (--rank {report['requested_rank']} asked; ΔW has no higher rank, so this is exact)" if capped else "")
+            + f": relative error of ΔW {report['error']:.4f} in total, "
             f"worst layer {worst[1]:.4f} ({worst[0]}); {report['parameters']:,} parameters"
         )
 

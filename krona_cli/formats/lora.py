@@ -279,8 +279,11 @@ def from_lora(
         layers.setdefault(component, {})[module] = LoraLayer(down, up, multiplier)
 
     meta = json_metadata(metadata, METADATA_KEY, source)
-    if meta is not None and meta.get("format") == EXPORT_FORMAT:
+    targets, training = {}, None
+    if meta is not None and meta.get("format") == EXPORT_FORMAT:  # krona's export: the source adapter's settings
         base_model, architecture = meta.get("base_model"), meta.get("architecture")
+        origin = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+        targets, training = origin.get("targets") or {}, origin.get("training")
     else:
         sdxl_text_encoders = "text_encoder_2" in layers or "lora_te2_" in kohya_prefixes
         base_model, architecture = None, guess_architecture(metadata, sdxl_text_encoders, False, layers)
@@ -288,7 +291,7 @@ def from_lora(
         key_format = names.key_format
     else:
         key_format = "diffusers" if "diffusers" in formats else "diffusers-old"
-    return Adapter(layers, 1.0, base_model, architecture, key_format=key_format, format_version=None)
+    return Adapter(layers, 1.0, base_model, architecture, targets, training, key_format, format_version=None)
 
 
 # --- export by truncated SVD ---------------------------------------------------------------------------------------
@@ -319,7 +322,8 @@ def to_lora(
     and the modelspec and kohya `ss_` keys UIs show (ui_metadata.py; `title` is the modelspec title and kohya output
     name, by default "krona LoRA"); diffusers' loader reads only `lora_adapter_metadata`, so none of them confuses it.
 
-    The report: {"rank", "dtype", "error", "layers": {component: {module: {"rank", "error"}}}, "parameters"}, with each
+    The report: {"rank" (the largest rank written: at most the update's own), "requested_rank", "dtype", "error",
+    "layers": {component: {module: {"rank", "error"}}}, "parameters"}, with each
     layer's SVD rank r, the numbers stored in the file, and the relative error ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F of the factors as
     written (after rounding to `dtype`) per layer (0 for a layer whose ΔW is 0) and in total, sqrt(Σ‖ΔW − ΔW_r‖²) /
     sqrt(Σ‖ΔW‖²).
@@ -329,8 +333,15 @@ def to_lora(
     tensors, stored_rank = _lora_tensors(written, layout, two_text_encoders(adapter))
     params = sum(t.numel() for key, t in tensors.items() if not key.endswith(".alpha"))
     total = math.sqrt(total_err2 / total_norm2) if total_norm2 > 0 else 0.0
-    report = {"rank": rank, "dtype": dtype, "error": total, "layers": report_layers, "parameters": params}
-    metadata = _lora_metadata(adapter, rank, layout, total, stored_rank, title)
+    report = {
+        "rank": stored_rank,  # what the file holds: a rank above the update's own adds only zeros, so none is written
+        "requested_rank": rank,
+        "dtype": dtype,
+        "error": total,
+        "layers": report_layers,
+        "parameters": params,
+    }
+    metadata = _lora_metadata(adapter, stored_rank, layout, total, stored_rank, title)
     return tensors, metadata, report
 
 

@@ -10,7 +10,7 @@ _WHERE = {
     "factors": ("DEFAULT_FACTORS", "Factors", "fit_factors", "parse_factors"),
     "functional": ("diffusekrona_delta", "diffusekrona_rows", "kron_delta", "kron_svd", "kron_svd_error"),
     "targets": ("TARGET_PRESETS", "target_pattern"),
-    "inject": (
+    "injection": (
         "adapted_layers",
         "adapter_state_dict",
         "find_targets",
