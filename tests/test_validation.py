@@ -184,3 +184,18 @@ def test_the_clip_scorer_scores_with_dino_and_clip_t(tiny_sdxl_dir, tmp_path):
     with pytest.raises(KronaError, match="--dino-model"):  # a missing scorer model stops the run before it trains
         train(config(tiny_sdxl_dir, tmp_path / "missing", **scorers | {"dino_model": str(tmp_path / "no-dino")}))
     assert not (tmp_path / "missing" / "config.yaml").exists()
+
+
+def test_turning_validation_off_drops_a_presets_scorer_but_not_a_typed_one(tmp_path):
+    """The toy preset sets --scorer toy: --validate-every 0 alone turns validation off; typing both names the way."""
+    data = {"instance_dir": str(EXAMPLES), "prompt": PROMPT}
+    assert load_config("toy", data | {"validate_every": 0}).scorer == "none"
+    with pytest.raises(KronaError, match="pass --scorer none to train without validation"):
+        load_config("toy", data | {"validate_every": 0, "scorer": "toy"})
+
+
+def test_validating_without_a_scorer_says_that_no_best_step_is_kept(tiny_sdxl_dir, tmp_path, capsys):
+    args = ["train", "--config", "tiny", "--pretrained-model", str(tiny_sdxl_dir), "--instance-dir", str(EXAMPLES)]
+    args += ["--prompt", PROMPT, "--output-dir", str(tmp_path / "run"), "--steps", "2", "--validate-every", "1"]
+    assert main([*args, "--scorer", "none", "--sample-every", "0", "--checkpoint-every", "0"]) == 0
+    assert "no best step is chosen (--scorer toy or clip" in capsys.readouterr().out

@@ -58,6 +58,11 @@ def train_cmd(config: Optional[str] = None, **overrides) -> None:
     )
     if result.start_step and result.step == result.start_step:  # --resume of a run that had finished
         trained = f"already at step {result.step} of {cfg.steps}: nothing to train (raise --steps to train longer)"
+    if result.validation and cfg.scorer == "none":
+        console.print(
+            "validated without a scorer: the losses are in validation.json and no best step is chosen "
+            "(--scorer toy or clip scores the grids and keeps the best step in best/)"
+        )
     if result.best is not None:
         kept = f" -> [bold]{escape(str(result.best_adapter))}[/]" if result.best_adapter else " (not kept: --keep last)"
         console.print(f"best step {result.best.step}: {escape(result.best.why)}{kept}")

@@ -508,6 +508,8 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any], notes: li
             raise _unknown(_key(name), "the overrides")
         if value is not None:
             settings[name] = _coerce(name, value, f"--{_key(name)}")
+    if overrides.get("validate_every") == 0 and overrides.get("scorer") is None:
+        settings.pop("scorer", None)  # validation turned off by a flag: a file's scorer has nothing left to score
     return TrainConfig(**settings).validate().with_absolute_paths()
 
 

@@ -230,9 +230,11 @@ def plot(history: History, out: Path) -> Path:
     figure = plt.figure(figsize=(10, 8 if grids else 4), dpi=100)
     rows = 2 if grids else 1
     steps = [p["step"] for p in points]
-    panels = (("validation loss", ("instance_loss", "class_loss")), ("scores", ("subject_fidelity", "prompt_fidelity")))
+    panels = [("validation loss", ("instance_loss", "class_loss")), ("scores", ("subject_fidelity", "prompt_fidelity"))]
+    if not any(p.get("subject_fidelity") is not None for p in points):  # no scorer: no scores and no best step
+        panels = [("validation loss (no --scorer: no scores, no best step)", panels[0][1])]
     for i, (title, keys) in enumerate(panels):
-        axes = figure.add_subplot(rows, 2, i + 1)
+        axes = figure.add_subplot(rows, len(panels), i + 1)
         for key in keys:
             values = [(s, p[key]) for s, p in zip(steps, points) if p.get(key) is not None]
             if values:
@@ -262,7 +264,10 @@ def _point(points: Sequence[dict], step: int | None) -> dict | None:
 def check_settings(scorer: str, validating: bool, keep: str, identifier: str, prompt: str | None) -> None:
     """KronaError for validation settings that cannot work together (each value is checked by the config)."""
     if scorer != "none" and not validating:
-        raise KronaError("--scorer scores validations, but --validate-every 0 turns them off; drop one of the two")
+        raise KronaError(
+            f"--scorer {scorer} scores validations, but --validate-every 0 turns them off; pass --scorer none to "
+            "train without validation, or a --validate-every above 0"
+        )
     if keep == "best" and scorer == "none":
         raise KronaError(
             "--keep best needs --scorer (toy or clip): the best step is chosen by the sample grid's scores"
