@@ -15,7 +15,12 @@ from safetensors import safe_open
 
 from krona_cli.architectures import load_model_config
 from krona_cli.errors import KronaError
-from krona_cli.formats.original_layout import original_architecture, save_single_file, to_original
+from krona_cli.formats.original_layout import (
+    original_architecture,
+    read_openclip_tensors,
+    save_single_file,
+    to_original,
+)
 from krona_cli.pipeline.models import build_component
 from krona_cli.pipeline.tiny import build_tiny_pipeline
 
@@ -50,6 +55,11 @@ def test_diffusers_reads_the_file_back_exactly(arch, tmp_path, request):
     assert compared == (4 if arch == "sdxl" else 3)
     seed0 = build_tiny_pipeline(arch, seed=0).unet.conv_in.weight
     assert not torch.equal(seed0, loaded.unet.conv_in.weight)  # the weights did come from the file
+    openclip = read_openclip_tensors(path)  # SDXL's second text encoder alone, as krona reads it back
+    prefix = "conditioner.embedders.1.model."
+    expected = {k: t for k, t in to_original(pipe).items() if k.startswith(prefix)}
+    assert openclip.keys() == expected.keys() and all(torch.equal(openclip[k], expected[k]) for k in expected)
+    assert bool(openclip) == (arch == "sdxl")
 
 
 def test_file_is_cast_to_the_dtype_and_readable_by_safetensors(tmp_path):

@@ -6,12 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import random_adapter
 from PIL import Image
 
 from krona_cli.cli import main
-from krona_cli.formats import save_adapter
-from krona_cli.formats.original_layout import to_original
+from krona_cli.formats import collect_adapter, save_adapter
+from krona_cli.formats.original_layout import save_single_file, to_original
+from krona_cli.inference.merge import pipeline_components
+from krona_cli.kron import adapted_layers, inject
 from krona_cli.pipeline.clip_tokenizer import clip_tokenizer
 from krona_cli.pipeline.models import load_pipeline
 from krona_cli.pipeline.single_file import (
@@ -21,7 +22,10 @@ from krona_cli.pipeline.single_file import (
     _tokenizers,
     _write_config_folder,
     describe_file,
+    pipeline_description,
 )
+from krona_cli.pipeline.tiny import build_tiny_pipeline, clip_text_config, make_tiny
+from krona_cli.pipeline.toy import build_toy_pipeline, make_toy
 
 EXAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "examples" / "cat"
 
@@ -84,24 +88,63 @@ def test_other_tools_files_are_told_apart_by_their_keys(tmp_path):
         describe_file(tmp_path / "x", ["model.diffusion_model.foo", "some.other.key"], {})
 
 
+# every pipeline krona makes: (maker, architecture); the toy SDXL's two text encoders are equally wide, the tiny one's
+# are not
+MADE = [("tiny", "sdxl"), ("tiny", "sd15"), ("toy", "sdxl"), ("toy", "sd15")]
+
+
+def _random_adapter(pipe, arch, seed=3):
+    """Kronecker adapters on every UNet attention and feed-forward layer (4x4) and text encoder layer (2x2) of `pipe`,
+    random B, collected."""
+    components = pipeline_components(pipe)
+    torch.manual_seed(seed)
+    for name, model in components.items():
+        inject(model, targets="attn-ff" if name == "unet" else "text", factors="4x4" if name == "unet" else "2x2")
+    for model in components.values():
+        for layer in adapted_layers(model).values():
+            with torch.no_grad():
+                layer.kron_b.normal_(std=0.05)
+    targets = {c: ("attn-ff" if c == "unet" else "text") for c in components}
+    return collect_adapter(components, base_model=arch, architecture=arch, targets=targets)
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    """(maker, arch) -> (arch, root): that pipeline, merged with a random adapter into a diffusers folder
+    (root/merged) and a single file (root/merged.safetensors), both fp32; each made once per module."""
+    made = {}
+
+    def get(maker, arch):
+        if (maker, arch) not in made:
+            root = tmp_path_factory.mktemp(f"single-{maker}-{arch}")
+            base = (make_toy if maker == "toy" else make_tiny)(root / maker, arch=arch)
+            build = build_toy_pipeline if maker == "toy" else build_tiny_pipeline
+            adapter = save_adapter(root / "adapter.safetensors", _random_adapter(build(arch), arch))
+            common = ["merge", "--adapter", str(adapter), "--pretrained-model", str(base), "--dtype", "fp32"]
+            assert main([*common, "--output-dir", str(root / "merged")]) == 0
+            assert main([*common, "--output", str(root / "merged.safetensors")]) == 0
+            made[maker, arch] = arch, root
+        return made[maker, arch]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=["sdxl", "sd15"])
-def single_file(request, tmp_path_factory):
+def single_file(request, merged):
     """A tiny pipeline merged with a random adapter, as a diffusers folder and as a single file."""
-    arch = request.param
-    root = tmp_path_factory.mktemp(f"single-{arch}")
-    tiny = root / "tiny"
-    assert main(["make-tiny", str(tiny), "--arch", arch]) == 0
-    adapter = save_adapter(root / "adapter.safetensors", random_adapter(arch, seed=3))
-    common = ["merge", "--adapter", str(adapter), "--pretrained-model", str(tiny), "--dtype", "fp32"]
-    assert main([*common, "--output-dir", str(root / "merged")]) == 0
-    assert main([*common, "--output", str(root / "merged.safetensors")]) == 0
-    return arch, root
+    return merged("tiny", request.param)
 
 
-def test_merged_single_file_reads_back_as_the_folder(single_file):
+@pytest.fixture(scope="module", params=MADE, ids=[f"{m}-{a}" for m, a in MADE])
+def any_single_file(request, merged):
+    """Every pipeline krona makes merged with a random adapter, as a diffusers folder and as a single file."""
+    return merged(*request.param)
+
+
+def test_merged_single_file_reads_back_as_the_folder(any_single_file):
     """Every weight of the single file, read offline by krona through diffusers' own converter, equals the merged
-    diffusers folder's, and the file names the adapter it carries."""
-    arch, root = single_file
+    diffusers folder's (none left unloaded), and the file names the adapter it carries."""
+    arch, root = any_single_file
     folder, _ = load_pipeline(str(root / "merged"))
     file, file_arch = load_pipeline(str(root / "merged.safetensors"))
     assert file_arch == arch and type(file) is type(folder)
@@ -120,9 +163,10 @@ def test_merged_single_file_reads_back_as_the_folder(single_file):
     assert METADATA_KEY in meta and not any(k.startswith("unet.") for k in keys)
 
 
-def test_single_file_samples_the_same_images_as_the_folder(single_file, tmp_path):
-    arch, root = single_file
-    prompt = ["--prompt", "a photo of sks cat", "-n", "1", "--sample-steps", "3"]
+def test_single_file_samples_the_same_images_as_the_folder(any_single_file, tmp_path):
+    """`krona sample` from the merged single file of every pipeline krona makes gives the merged folder's image."""
+    arch, root = any_single_file
+    prompt = ["--prompt", "a photo of sks square", "-n", "1", "--sample-steps", "2", "--width", "64", "--height", "64"]
     assert (
         main(["sample", "--pretrained-model", str(root / "merged"), *prompt, "--output-dir", str(tmp_path / "a")]) == 0
     )
@@ -196,9 +240,29 @@ def test_merge_output_mistakes_are_one_line(single_file, tmp_path, capsys):
         assert expected in err and len(err.strip().splitlines()) == 1
 
 
+def test_sdxl_text_encoders_read_back_apart_whatever_their_widths(tmp_path):
+    """diffusers gives a CLIP text model as wide as SDXL's first encoder that encoder's weights: an SDXL whose second
+    encoder is as wide as its first (here also with a narrower projection) still reads back its own second encoder."""
+    from transformers import CLIPTextModelWithProjection
+
+    pipe = build_tiny_pipeline("sdxl")
+    width = pipe.text_encoder.config.hidden_size
+    config = clip_text_config(pipe.tokenizer_2, width, "gelu").to_dict() | {"projection_dim": width // 2}
+    torch.manual_seed(7)
+    pipe.text_encoder_2 = CLIPTextModelWithProjection(type(pipe.text_encoder.config)(**config)).eval()
+    path = save_single_file(
+        pipe, tmp_path / "m.safetensors", torch.float32, {METADATA_KEY: json.dumps(pipeline_description(pipe))}
+    )
+    loaded, arch = load_pipeline(str(path))
+    assert arch == "sdxl"
+    for name in ("text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert loaded.text_encoder_2.text_projection.weight.shape == (width // 2, width)
+
+
 def test_original_layout_of_a_pipeline_has_no_diffusers_keys():
     """A sanity check of what A1111/ComfyUI look for first: the original prefixes only."""
-    from krona_cli.pipeline.tiny import build_tiny_pipeline
-
     keys = to_original(build_tiny_pipeline("sdxl")).keys()
     assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "conditioner"}

@@ -18,7 +18,8 @@ so in the reverse of diffusers' `up_blocks`); CLIP ViT-L in transformers' names,
 under `cond_stage_model.transformer.` (SD 1.x) or `conditioner.embedders.0.transformer.` (SDXL); SDXL's OpenCLIP bigG
 in OpenCLIP's own layout under `conditioner.embedders.1.model.` (q, k, v concatenated into `attn.in_proj_*`,
 `text_projection` transposed). SD 2.x is refused: diffusers keeps only 23 of its OpenCLIP-H's 24 layers, so its
-original checkpoint cannot be written back whole. `original_architecture` tells the three apart from a file's keys.
+original checkpoint cannot be written back whole. `original_architecture` tells the three apart from a file's keys;
+`read_openclip_tensors` reads SDXL's second text encoder alone from a file.
 """
 
 from __future__ import annotations
@@ -283,6 +284,16 @@ def to_original(pipe) -> dict[str, torch.Tensor]:
         openclip = _openclip_tensors(_clip_tensors(_state(pipe, "text_encoder_2")))
         _put(out, {openclip_prefix + k: t for k, t in openclip.items()})
     return out
+
+
+def read_openclip_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of an SDXL single file's second text encoder (OpenCLIP bigG, `conditioner.embedders.1.model.`), and
+    no other, under their names in the file: what that encoder is read back from alone (see pipeline/single_file.py)."""
+    from safetensors import safe_open
+
+    prefix = _TEXT_PREFIXES["sdxl"][1]
+    with safe_open(str(path), "pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}
 
 
 def original_architecture(keys: Iterable[str]) -> str | None:

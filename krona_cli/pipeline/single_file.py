@@ -7,6 +7,10 @@ single-file`) carries its pipeline's configs under the metadata key `krona_pipel
 are not CLIP's), so it reads back exactly whatever its architecture; any other file is told SDXL, SD 1.x or SD 2.x by
 its keys and gets the public configs shipped in configs/models/ with CLIP's tokenizer built from the shipped merges.
 SD 2.x files are read as the 768 px v-prediction models (2.0-768, 2.1), the configs their single files are used with.
+
+SDXL's second text encoder is read by krona, from its own keys alone: diffusers' converter tells SDXL's two CLIP text
+encoders apart by width (whichever is as wide as the first gets the first's weights), so where both are equally wide it
+would give the second the first's weights and leave its `text_projection` unloaded, on the meta device.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 
 from ..architectures import load_model_config
 from ..errors import KronaError
-from ..formats.original_layout import original_architecture
+from ..formats.original_layout import original_architecture, read_openclip_tensors
 from .clip_tokenizer import EOS, clip_tokenizer, is_clip_tokenizer, tokenizer_from_merges
 
 METADATA_KEY = "krona_pipeline"
@@ -129,6 +133,33 @@ def describe_file(path: Path, keys: list[str], metadata: dict[str, str]) -> dict
     return _shipped(arch)
 
 
+def _second_text_encoder(path: Path, folder: str, description: dict, dtype: torch.dtype):
+    """SDXL's second text encoder, converted by diffusers from a checkpoint of its own keys only (OpenCLIP's), so that
+    diffusers cannot take the first encoder's weights for it (see the module docstring)."""
+    import transformers
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+
+    tensors = read_openclip_tensors(path)
+    model_class = getattr(transformers, description["index"]["text_encoder_2"][1])
+    try:
+        return create_diffusers_clip_model_from_ldm(
+            model_class, tensors, subfolder="text_encoder_2", config=folder, torch_dtype=dtype, local_files_only=True
+        )
+    except ValueError as e:  # no OpenCLIP keys, or not as wide as its config
+        raise KronaError(f"'{path}' has no second text encoder that fits its SDXL config; the file is damaged") from e
+
+
+def _unloaded(pipe) -> list[str]:
+    """The weights of a pipeline left on the meta device (never loaded), as `component.name`."""
+    return [
+        f"{name}.{key}"
+        for name, part in pipe.components.items()
+        if isinstance(part, torch.nn.Module)
+        for key, tensor in [*part.named_parameters(), *part.named_buffers()]
+        if tensor.is_meta
+    ]
+
+
 def load_single_file(path: Path, keys: list[str], metadata: dict[str, str], dtype: torch.dtype):
     """A diffusers pipeline from a single-file checkpoint, offline (see the module docstring)."""
     import diffusers
@@ -138,6 +169,14 @@ def load_single_file(path: Path, keys: list[str], metadata: dict[str, str], dtyp
     extras = SD_EXTRAS if description["class"] == "StableDiffusionPipeline" else {}
     with tempfile.TemporaryDirectory(prefix="krona-config-") as folder:
         _write_config_folder(Path(folder), description)
-        return pipeline_class.from_single_file(
+        if "text_encoder_2" in description["index"]:
+            extras = {**extras, "text_encoder_2": _second_text_encoder(path, folder, description, dtype)}
+        pipe = pipeline_class.from_single_file(
             str(path), config=folder, torch_dtype=dtype, local_files_only=True, **_tokenizers(description), **extras
         )
+    if unloaded := _unloaded(pipe):
+        raise KronaError(
+            f"'{path}' lacks weights its pipeline needs (e.g. '{unloaded[0]}', {len(unloaded)} in all); the file is "
+            "damaged or not a whole pipeline"
+        )
+    return pipe
