@@ -150,3 +150,27 @@ def test_compare_scores_toy_runs_with_the_toy_scorers(toy_sdxl_dir, tmp_path, ca
         assert all(0.0 <= v <= 1.0 for v in run["metrics"].values()), run
     report = (out / "report.md").read_text()
     assert "subject fidelity" in report and "class look rate" in report
+
+
+def test_eval_follows_the_output_rules(tmp_path, capsys, monkeypatch):
+    """--output is checked before anything is scored; an existing file is replaced only with --overwrite, and only if
+    krona eval wrote it; a place that cannot be written is one line, exit 2."""
+    import krona_cli.evaluation.toy as toy
+
+    scored = []
+    score_files = toy.score_files
+    monkeypatch.setattr(toy, "score_files", lambda *a: scored.append(1) or score_files(*a))
+    toy_photos = EXAMPLES.parent / "toy-subject"
+    args = ["eval", "--scorer", "toy", "--images", str(toy_photos), "--prompt", "a photo of sks square"]
+    theirs = tmp_path / "theirs.json"
+    theirs.write_text('{"mine": 1}')
+    for output, extra in ((theirs, []), (theirs, ["--overwrite"]), ("/proc/krona-x.json", []), ("m.txt", [])):
+        assert main([*args, "--output", str(output), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "exists; pass --overwrite" in err and "was not written by krona eval" in err and "cannot be written" in err
+    assert theirs.read_text() == '{"mine": 1}' and not scored
+    ours = tmp_path / "m.json"
+    assert main([*args, "--output", str(ours)]) == 0 and len(scored) == 1
+    assert main([*args, "--output", str(ours)]) == 2 and len(scored) == 1
+    assert main([*args, "--output", str(ours), "--overwrite"]) == 0 and len(scored) == 2
+    assert json.loads(ours.read_text())["written_by"] == "krona eval"
