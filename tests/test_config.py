@@ -119,6 +119,13 @@ def test_a_file_beats_a_preset_of_the_same_name(tmp_path, monkeypatch):
     assert load_config("tiny", DATA).steps == 3
 
 
+def test_a_folder_of_a_presets_name_does_not_hide_the_preset(tmp_path, monkeypatch):
+    """`krona make-tiny tiny && krona train --config tiny ...`: the folder is the model, the preset is the config."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    assert load_config("tiny", DATA).steps == load_config(CONFIGS_DIR / "tiny.yaml", DATA).steps
+
+
 # --- errors ---------------------------------------------------------------------------------------------------------
 
 

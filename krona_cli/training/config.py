@@ -449,9 +449,9 @@ def resolve_config_path(path: str | Path) -> Path:
     from ..architectures import CONFIGS_DIR
 
     given = Path(path).expanduser()
-    if given.exists():
+    if given.is_file() or given.exists() and str(path) not in CONFIG_PRESETS:
         return given
-    if str(path) in CONFIG_PRESETS:
+    if str(path) in CONFIG_PRESETS:  # also where a folder of that name is in the way (`--config tiny` beside `tiny/`)
         return CONFIGS_DIR / f"{path}.yaml"
     raise KronaError(f"config file '{path}' does not exist; give a YAML file or a preset: {', '.join(CONFIG_PRESETS)}")
 
