@@ -1,5 +1,6 @@
 """The CLI's entry points and its handling of failures: one line, an exit code, no traceback."""
 
+import os
 import subprocess
 import sys
 
@@ -70,3 +71,37 @@ def test_a_wrapped_library_error_is_one_line_and_its_cause_with_debug(tmp_path, 
     err = capsys.readouterr().err
     assert "Traceback" in err and "SafetensorError" in err  # the safetensors error krona's line wraps
     assert err.strip().splitlines()[-1].startswith("error: ") and "not a readable .safetensors file" in err
+
+
+@pytest.mark.subprocess
+def test_piped_output_is_never_wrapped(tmp_path):
+    """Redirected to a file, a long path stays on one line (it was cut at ~160 columns), and `krona presets` shows
+    each preset's whole summary line."""
+    from krona_cli.architectures import CONFIGS_DIR
+    from krona_cli.training.config import CONFIG_PRESETS
+
+    deep = tmp_path.joinpath(*[f"a-rather-long-folder-name-{i}" for i in range(8)], "tiny")
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    code = "import sys; from krona_cli.cli import main; sys.exit(main(sys.argv[1:]))"
+    krona = [sys.executable, "-c", code]
+    done = subprocess.run([*krona, "make-tiny", str(deep), "--arch", "sd15"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and len(str(deep)) > 200 and f"written to {deep}" in done.stdout, done.stderr
+    done = subprocess.run([*krona, "presets"], capture_output=True, text=True, env=env)
+    for preset in CONFIG_PRESETS:
+        summary = (CONFIGS_DIR / f"{preset}.yaml").read_text().splitlines()[0].lstrip("# ")
+        assert summary.endswith(".") and f"{preset:6} {summary}" in done.stdout.splitlines()
+
+
+def test_help_lists_what_the_library_offers(capsys):
+    """Help texts come from the lists they describe: every preset in train's help, every format in inspect's and
+    export's, the right flag in --rank's."""
+    from krona_cli.choices import EXPORT_FORMATS, READ_FORMATS
+    from krona_cli.training.config import CONFIG_PRESETS
+
+    helps = {}
+    for command in ("train", "inspect", "export"):
+        assert main([command, "--help"]) == 0
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    assert all(p in helps["train"] for p in CONFIG_PRESETS) and "(with --adapter-type lora)" in helps["train"]
+    assert all(" ".join(text.split()) in helps["inspect"] for text in READ_FORMATS.values())
+    assert all(name in helps["export"] for name in EXPORT_FORMATS)
