@@ -92,7 +92,7 @@ def test_the_layer_lists_are_the_meta_models(arch):
 
 def test_plan_imports_no_model_library():
     code = "import sys; from krona_cli.cli import main; main(['plan', '--arch', 'sdxl']); "
-    code += "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'bitsandbytes') if m in sys.modules))"
+    code += "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'bitsandbytes') if sys.modules.get(m)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"

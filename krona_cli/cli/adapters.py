@@ -118,7 +118,7 @@ def inspect_cmd(
     file: Annotated[Path, typer.Argument(help="An adapter .safetensors file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    from ..formats import describe
+    from ..formats.description import describe  # the header alone: no torch
 
     info = describe(file)
     if as_json:

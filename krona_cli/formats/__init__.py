@@ -1,58 +1,40 @@
-"""Adapter files in and out. `adapter.py` holds the one in-memory adapter every format is read into and written
-from (per-layer records by component and module, each with its own update); then one module per format: `native.py`
-(krona's own: one .safetensors, settings in its metadata), `lycoris.py` (LyCORIS / kohya LoKr, read and written),
-`lora.py` (diffusers and kohya LoRA read; LoRA written from a Kronecker adapter by truncated SVD, in kohya's key
-layout by default), `official.py` (official DiffuseKronA checkpoints, read); `detect.py` tells them apart and reads
-any of them. Shared by the formats: `kohya_names.py` (kohya's lora names, diffusers- or SGM-named) and
-`ui_metadata.py` (the modelspec and kohya `ss_` keys other tools show). Only the format modules spell file keys."""
+"""Adapter files in and out. `outline.py` holds the one in-memory `Adapter` (per-layer records by component and
+module, and its settings) and what layers' shapes tell, without torch; `adapter.py` the layers with their tensors, each
+with its own update. Each format is read in two steps: `<format>_outline.py` reads a file's keys, shapes and metadata
+into an Adapter of outlines, without torch, and `<format>.py` fills it with the tensors and writes the format:
+`native` (krona's own: one .safetensors, settings in its metadata), `lycoris` (LyCORIS / kohya LoKr, read and
+written), `lora` (diffusers and kohya LoRA read; LoRA written from a Kronecker adapter by truncated SVD, in kohya's key
+layout by default), `official` (official DiffuseKronA checkpoints, read). `detect.py` tells them apart, `read.py`
+reads any of them, `description.py` describes one from its header alone (`krona inspect`, no torch), and
+`safetensors_file.py` reads a header and single numbers without torch. Shared by the formats: `kohya_names.py` (kohya's
+lora names, diffusers- or SGM-named, with `unet_paths.py`) and `ui_metadata.py` (the modelspec and kohya `ss_` keys
+other tools show). Only the format modules spell file keys.
 
-from .adapter import (
-    LAYOUT_DIFFUSEKRONA,
-    LAYOUT_LORA,
-    LAYOUT_STANDARD,
-    Adapter,
-    DiffuseKronALayer,
-    KronLayer,
-    LoraLayer,
-)
-from .detect import describe, detect_format, load_adapter, read_adapter
-from .lora import from_lora, save_lora, to_lora
-from .lycoris import from_lycoris, save_lycoris, to_lycoris
-from .native import (
-    attach,
-    canonical_name,
-    collect_adapter,
-    file_sha256,
-    module_name,
-    read_safetensors,
-    save_adapter,
-)
-from .official import from_official
+Names are imported on first use, so the torch-free parts load without torch (`krona inspect` needs no model library).
+No exported name is also a submodule's name: importing a submodule sets the package attribute of its name."""
 
-__all__ = [
-    "LAYOUT_DIFFUSEKRONA",
-    "LAYOUT_LORA",
-    "LAYOUT_STANDARD",
-    "Adapter",
-    "DiffuseKronALayer",
-    "KronLayer",
-    "LoraLayer",
-    "attach",
-    "canonical_name",
-    "collect_adapter",
-    "describe",
-    "detect_format",
-    "file_sha256",
-    "from_lora",
-    "from_lycoris",
-    "from_official",
-    "load_adapter",
-    "module_name",
-    "read_adapter",
-    "read_safetensors",
-    "save_adapter",
-    "save_lora",
-    "save_lycoris",
-    "to_lora",
-    "to_lycoris",
-]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "outline": ("LAYOUT_DIFFUSEKRONA", "LAYOUT_LORA", "LAYOUT_STANDARD", "Adapter"),
+    "adapter": ("DiffuseKronALayer", "KronLayer", "LoraLayer"),
+    "description": ("describe",),
+    "detect": ("detect_format",),
+    "read": ("load_adapter", "read_adapter"),
+    "lora": ("from_lora", "save_lora", "to_lora"),
+    "lycoris": ("from_lycoris", "save_lycoris", "to_lycoris"),
+    "native": ("attach", "collect_adapter", "module_name", "read_safetensors", "save_adapter"),
+    "native_outline": ("canonical_name",),
+    "safetensors_file": ("file_sha256",),
+    "official": ("from_official",),
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)

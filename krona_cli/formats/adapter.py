@@ -1,56 +1,53 @@
-"""The adapter in memory, whatever file it came from: per-layer records by component and module, each computing its
-own update ΔW (peft-style), and the settings the adapter was made with. Every format is read into an `Adapter` and
-written from one; merging bakes `Adapter.deltas()`.
+"""The adapter's layers in memory, whatever file they came from, each computing its own update ΔW (peft-style): every
+format is read into an `Adapter` (outline.py, re-exported here) of these layers and written from one; merging bakes
+`Adapter.deltas()`.
 
 Layers: `KronLayer(a, b)` (ΔW = s·(A ⊗ B), the `standard` layout), `DiffuseKronALayer(a, b)` (the official
 DiffuseKronA layer's row permutation of it, layout `diffusekrona`) and `LoraLayer(down, up, multiplier)`
 (ΔW = s·multiplier·up @ down, layout `lora`). One adapter holds layers of one layout. Module names are spelled as
-krona's files spell them (text-encoder modules with `text_model.`, see native.canonical_name).
+krona's files spell them (text-encoder modules with `text_model.`, see native_outline.canonical_name). What their
+shapes tell (factors, rank, parameters) is outline.py's `KronShape` and `LoraShape`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from ..errors import KronaError
 from ..kron import diffusekrona_delta, diffusekrona_rows, kron_delta, kron_svd, kron_svd_error
+from .outline import (
+    FORMAT_VERSION,
+    LAYOUT_DIFFUSEKRONA,
+    LAYOUT_LORA,
+    LAYOUT_STANDARD,
+    Adapter,
+    KronShape,
+    LoraShape,
+)
 
-LAYOUT_STANDARD = "standard"
-LAYOUT_DIFFUSEKRONA = "diffusekrona"
-LAYOUT_LORA = "lora"
-# The version of krona's settings (the native format's metadata) an adapter made or read by this krona follows.
-FORMAT_VERSION = 1
+__all__ = [
+    "FORMAT_VERSION",
+    "KRON_LAYOUTS",
+    "LAYOUT_DIFFUSEKRONA",
+    "LAYOUT_LORA",
+    "LAYOUT_STANDARD",
+    "Adapter",
+    "DiffuseKronALayer",
+    "KronLayer",
+    "Layer",
+    "LoraLayer",
+]
 
 
 @dataclass(eq=False)
-class KronLayer:
+class KronLayer(KronShape):
     """A Kronecker layer: A (a_out × a_in) and B (b_out × b_in), ΔW = s · (A ⊗ B) of shape (a_out·b_out, a_in·b_in)."""
 
     a: torch.Tensor
     b: torch.Tensor
     layout: ClassVar[str] = LAYOUT_STANDARD
-
-    @property
-    def factors(self) -> str:
-        """A's shape as `OxI` text (a_out x a_in), as the native metadata records it."""
-        return f"{self.a.shape[0]}x{self.a.shape[1]}"
-
-    @property
-    def label(self) -> str:
-        """What `krona inspect` counts layers by: their factors."""
-        return self.factors
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(d_out, d_in) of the layer it changes."""
-        return self.a.shape[0] * self.b.shape[0], self.a.shape[1] * self.b.shape[1]
-
-    def num_params(self) -> int:
-        return self.a.numel() + self.b.numel()
 
     def delta(self, scale: float = 1.0) -> torch.Tensor:
         """ΔW in float32, `scale` included."""
@@ -82,7 +79,7 @@ class DiffuseKronALayer(KronLayer):
 
 
 @dataclass(eq=False)
-class LoraLayer:
+class LoraLayer(LoraShape):
     """A LoRA layer: down (r × d_in), up (d_out × r) and its multiplier alpha / r already resolved (1.0 without
     alpha), ΔW = s · multiplier · up @ down."""
 
@@ -90,22 +87,6 @@ class LoraLayer:
     up: torch.Tensor
     multiplier: float = 1.0
     layout: ClassVar[str] = LAYOUT_LORA
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def label(self) -> str:
-        """What `krona inspect` counts layers by: their rank."""
-        return f"rank {self.rank}"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.up.shape[0], self.down.shape[1]
-
-    def num_params(self) -> int:
-        return self.down.numel() + self.up.numel()
 
     def delta(self, scale: float = 1.0) -> torch.Tensor:
         """ΔW in float32, `scale` and the multiplier included."""
@@ -115,48 +96,3 @@ class LoraLayer:
 Layer = KronLayer | DiffuseKronALayer | LoraLayer
 # The Kronecker layer of each layout a native file may record.
 KRON_LAYOUTS: dict[str, type[KronLayer]] = {LAYOUT_STANDARD: KronLayer, LAYOUT_DIFFUSEKRONA: DiffuseKronALayer}
-
-
-@dataclass
-class Adapter:
-    """An adapter in memory: its layers by component (unet, text_encoder, text_encoder_2) and module, and the settings
-    it was made with. `scale` multiplies every layer's update."""
-
-    layers: dict[str, dict[str, Layer]]
-    scale: float = 1.0
-    base_model: str | None = None
-    architecture: str | None = None
-    targets: dict[str, str] = field(default_factory=dict)  # component -> target preset or regex
-    training: dict | None = None
-    key_format: str | None = None  # how the file it was read from names its tensors (krona, kohya, kohya-sgm, ...)
-    format_version: int | None = FORMAT_VERSION  # of krona's settings; None for a LoRA, which has none
-
-    def __post_init__(self) -> None:
-        layouts = {layer.layout for mods in self.layers.values() for layer in mods.values()}
-        if len(layouts) > 1:
-            raise KronaError(f"an adapter holds layers of one layout, not of {', '.join(sorted(layouts))}")
-
-    @property
-    def layout(self) -> str:
-        """The layout of its layers: standard, diffusekrona or lora (standard when it holds none)."""
-        for mods in self.layers.values():
-            for layer in mods.values():
-                return layer.layout
-        return LAYOUT_STANDARD
-
-    @property
-    def kronecker(self) -> bool:
-        """Whether its layers are Kronecker factors (standard or DiffuseKronA), which can be exported."""
-        return self.layout in KRON_LAYOUTS
-
-    def num_params(self) -> int:
-        return sum(layer.num_params() for mods in self.layers.values() for layer in mods.values())
-
-    def num_layers(self) -> dict[str, int]:
-        return {component: len(mods) for component, mods in self.layers.items()}
-
-    def deltas(self) -> Iterator[tuple[str, str, torch.Tensor]]:
-        """(component, module, ΔW in float32, the adapter's scale included) for every layer."""
-        for component, mods in self.layers.items():
-            for module, layer in mods.items():
-                yield component, module, layer.delta(self.scale)

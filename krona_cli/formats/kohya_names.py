@@ -10,7 +10,7 @@ krona reads those, and the SGM (original Stability) UNet names that kohya's sd-s
 (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `lora_unet_middle_block_1_...`,
 `lora_unet_output_blocks_...`, resnet linears `..._emb_layers_1`, `lora_unet_time_embed_0`,
 `lora_unet_label_emb_0_0`); their text-encoder names are the same as above. The SGM numbering depends on the UNet's
-block structure, so such names are mapped to diffusers paths with a UNet config (original_layout.py): the caller's,
+block structure, so such names are mapped to diffusers paths with a UNet config (unet_paths.py): the caller's,
 else SD 1.x's for a file that says it is for SD 1.x/2.x (kohya's `ss_base_model_version`, or the one-text-encoder
 prefix `lora_te_`), else the real SDXL UNet's. A file names its UNet layers one way or the other, never both.
 
@@ -25,9 +25,9 @@ from functools import cache, lru_cache
 
 from ..architectures import load_model_config
 from ..errors import KronaError
-from .adapter import Adapter
-from .native import COMPONENTS, canonical_name
-from .original_layout import unet_path_from_sgm
+from .native_outline import COMPONENTS, canonical_name
+from .outline import Adapter
+from .unet_paths import unet_path_from_sgm
 
 UNET_PREFIX = "lora_unet_"
 # The file prefix of each text encoder, by architecture family: SDXL has two, SD 1.x/2.x one.

@@ -21,7 +21,8 @@ A LoRA layer holds down (r × d_in) and up (d_out × r) with ΔW = multiplier ·
   (`lora_unet_input_blocks_4_1_...`, key_format `kohya-sgm`).
 
 Conv LoRA (4-D weights), DoRA (`dora_scale`, `lora_magnitude_vector`), biases, LoCon/LoHa/LoKr keys and anything else
-are refused with a KronaError naming the key. Everything is read into float32.
+are refused with a KronaError naming the key. Everything is read into float32. The keys, shapes, multipliers and
+settings are read without torch by lora_outline.py; here its outline is filled with the tensors.
 
 Export (`to_lora`, `save_lora`) writes, by default, kohya's layout, which ComfyUI, A1111/Forge, kohya's scripts and
 diffusers' `load_lora_weights` all load: `<lora name>.lora_down.weight`, `.lora_up.weight` and `.alpha` = their rank,
@@ -36,8 +37,7 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -48,250 +48,38 @@ from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
 from .adapter import LAYOUT_DIFFUSEKRONA, LAYOUT_STANDARD, Adapter, LoraLayer
-from .kohya_names import NameReader, check_text_prefixes, kohya_prefix, lora_name, two_text_encoders
-from .native import COMPONENTS, METADATA_KEY, canonical_name, json_metadata, krona_metadata
-from .ui_metadata import describe_adapter, guess_architecture, ui_metadata
+from .kohya_names import lora_name, two_text_encoders
+from .lora_outline import EXPORT_FORMAT, is_lora, lora_outline
+from .native import krona_metadata, tensor_value
+from .native_outline import COMPONENTS, METADATA_KEY, canonical_name
+from .outline import LoraOutline, tensor_infos
+from .ui_metadata import describe_adapter, ui_metadata
 
 __all__ = ["from_lora", "is_lora", "save_lora", "to_lora"]
 
-EXPORT_FORMAT = "lora"
 EXPORT_FORMAT_VERSION = 1
 # The key layouts `to_lora` writes: kohya's (every UI and diffusers load it) and diffusers' own peft naming.
 LAYOUTS = ("kohya", "peft")
 # kohya's `ss_network_module` for a LoRA (sd-scripts' `networks.lora`).
 NETWORK_MODULE = "networks.lora"
-# diffusers' key for the peft LoraConfig of each component (`loaders.lora_base.LORA_ADAPTER_METADATA_KEY`).
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
-
-_KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
-
-# diffusers formats: <component>.<module>.<suffix>; the component prefix may be missing for the UNet.
-_DIFFUSERS_SUFFIXES = {
-    "lora_A.weight": ("down", "diffusers"),
-    "lora_B.weight": ("up", "diffusers"),
-    "lora.down.weight": ("down", "diffusers-old"),
-    "lora.up.weight": ("up", "diffusers-old"),
-    "lora_linear_layer.down.weight": ("down", "diffusers-old"),
-    "lora_linear_layer.up.weight": ("up", "diffusers-old"),
-}
-_DIFFUSERS_KEY = re.compile(
-    r"^(?:(?P<component>unet|text_encoder|text_encoder_2)\.)?(?P<module>.+?)\."
-    r"(?P<suffix>lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|"
-    r"lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight)$"
-)
-# Top-level modules of UNet2DConditionModel: where a key without a component prefix must start.
-_UNET_ROOTS = (
-    "down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.", "add_embedding.",
-    "encoder_hid_proj", "class_embedding",
-)  # fmt: skip
-
-# What `is_lora` takes as LoRA: only names no other format krona reads uses.
-_LORA_KEY = re.compile(
-    r"(?:^lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+\.lora_(?:down|up)\.weight$)"
-    r"|(?:\.lora_[AB]\.weight$)"
-    r"|(?:\.lora\.(?:down|up)\.weight$)"
-)
-_DORA = ("dora_scale", "lora_magnitude_vector")
-_SUPPORTED = (
-    "LoRA on linear layers: diffusers/peft `lora_A`/`lora_B` keys, older diffusers `lora.down`/`lora.up` keys, "
-    "or kohya `lora_down`/`lora_up`/`alpha` keys"
-)
-
-
-# --- reading -------------------------------------------------------------------------------------------------------
-
-
-def is_lora(keys: Iterable[str]) -> bool:
-    """True when any key is a LoRA key in a naming only LoRA files use (diffusers `lora_A`/`lora_B`, older diffusers
-    `lora.down`/`lora.up`, kohya `lora_down`/`lora_up`). Files in the processor / `lora_linear_layer` naming alone
-    are left to the official DiffuseKronA reader, which shares it."""
-    return any(_LORA_KEY.search(k) for k in keys)
-
-
-def _refuse_other_kinds(key: str, source: str) -> None:
-    """KronaError for DoRA keys, with the reason; other unknown keys are refused where they are parsed."""
-    if any(part in key for part in _DORA):
-        raise KronaError(
-            f"'{source}' holds '{key}', a DoRA magnitude: DoRA adapters are not plain LoRA (ΔW is renormalised per "
-            f"column) and krona does not read them; krona reads {_SUPPORTED}"
-        )
-
-
-def _unknown(key: str, source: str) -> KronaError:
-    return KronaError(
-        f"'{source}' holds '{key}', which krona does not read as LoRA: it supports {_SUPPORTED} "
-        "(no DoRA, biases, conv LoRA, LoCon/LoHa/LoKr or other algorithms)"
-    )
-
-
-def _parse_kohya(key: str, names: NameReader, source: str) -> tuple[str, str, str] | None:
-    """(component, module, down|up|alpha) of a kohya key, None when the key is not kohya-named."""
-    if kohya_prefix(key) is None:
-        return None
-    name, dot, suffix = key.partition(".")
-    if not dot or suffix not in _KOHYA_SUFFIXES:
-        raise _unknown(key, source)
-    _prefix, component, module = names.module(name, key)
-    return component, module, _KOHYA_SUFFIXES[suffix]
-
-
-def _parse_diffusers(key: str, source: str) -> tuple[str, str, str, str]:
-    """(component, module, down|up, key format) of a diffusers-format key; KronaError for anything else."""
-    match = _DIFFUSERS_KEY.match(key)
-    if not match:
-        raise _unknown(key, source)
-    component, module, suffix = match["component"], match["module"], match["suffix"]
-    part, key_format = _DIFFUSERS_SUFFIXES[suffix]
-    if component is None:
-        if not module.startswith(_UNET_ROOTS):
-            raise KronaError(
-                f"'{source}' holds '{key}' without a component prefix (unet., text_encoder., text_encoder_2.) and "
-                "it is not a UNet module; krona cannot tell which model it adapts"
-            )
-        component = "unet"
-    if suffix.startswith("lora_linear_layer") and component == "unet":
-        raise _unknown(key, source)
-    return component, canonical_name(component, module), part, key_format
-
-
-def _matrix(t: torch.Tensor, key: str, source: str) -> torch.Tensor:
-    if t.dim() == 4:
-        raise KronaError(
-            f"'{source}' holds '{key}' of shape {tuple(t.shape)}, a conv LoRA weight: krona reads LoRA on linear "
-            "layers only (2-D down/up matrices)"
-        )
-    if t.dim() != 2 or 0 in t.shape or not t.is_floating_point():
-        raise KronaError(
-            f"'{source}' holds '{key}' of shape {tuple(t.shape)} and dtype {t.dtype}; a LoRA factor is a non-empty "
-            "floating-point matrix. The file is damaged or of another kind"
-        )
-    return t.to(torch.float32, copy=True).contiguous()
-
-
-def _pattern_value(patterns: dict, names: list[str], default, source: str):
-    """peft's `get_pattern_key`: the first pattern p with `(.*\\.)?(p)$` matching the module name, else default."""
-    for pattern, value in patterns.items():
-        for name in names:
-            try:
-                if re.match(rf"(.*\.)?({pattern})$", name):
-                    return value
-            except re.error as e:
-                raise KronaError(
-                    f"'{source}' has an invalid module pattern '{pattern}' in its LoRA metadata; the file is damaged"
-                ) from e
-    return default
-
-
-def _peft_multiplier(config: dict, component: str, module: str, rank: int, source: str) -> float:
-    """alpha / r for one module from a component's peft LoraConfig (as diffusers stores it), like peft computes it."""
-    if config.get("use_dora"):
-        raise KronaError(
-            f"'{source}' is a DoRA adapter (its {component} LoRA config says use_dora); DoRA is not plain LoRA and "
-            f"krona does not read it; krona reads {_SUPPORTED}"
-        )
-    names = [module]
-    if component.startswith("text_encoder") and module.startswith("text_model."):
-        names.append(module[len("text_model.") :])
-    r = _pattern_value(config.get("rank_pattern") or {}, names, config.get("r", 8), source)
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, names, config.get("lora_alpha", 8), source)
-    if not isinstance(r, (int, float)) or not isinstance(alpha, (int, float)):
-        raise KronaError(f"'{source}' has a non-numeric rank or alpha for '{component}.{module}'; the file is damaged")
-    if r != rank:
-        raise KronaError(
-            f"'{source}': the LoRA metadata gives '{component}.{module}' rank {r}, its tensors have rank {rank}; "
-            "the file is damaged"
-        )
-    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
 def from_lora(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str, unet_config: Mapping | None = None
 ) -> Adapter:
-    """The Adapter of LoraLayers held by a LoRA file's tensors and metadata (formats: see the module docstring).
+    """The Adapter of LoraLayers held by a LoRA file's tensors and metadata (formats: see the module docstring; the
+    keys, multipliers and settings are read by lora_outline.py), down and up in float32."""
+    outline = lora_outline(tensor_infos(tensors), metadata, source, unet_config, tensor_value(tensors))
 
-    Multipliers: kohya alpha / r (1 without alpha); diffusers formats 1, or alpha / r from diffusers'
-    `lora_adapter_metadata` where present. A file krona exported carries its base model and architecture in the
-    `krona` metadata; otherwise the architecture comes from `ss_base_model_version`, a second text encoder, or the
-    UNet's cross-attention width. SGM-named UNet layers (kohya's SDXL files) are mapped to diffusers paths with
-    `unet_config` (kohya_names.py).
-    """
-    if not tensors:
-        raise KronaError(f"'{source}' holds no tensors; it is not a LoRA adapter")
-    names = NameReader(tensors, metadata, source, unet_config, "LoRA")
-    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    keys_of: dict[tuple[str, str], dict[str, str]] = {}
-    formats: set[str] = set()
-    for key, t in tensors.items():
-        _refuse_other_kinds(key, source)
-        parsed = _parse_kohya(key, names, source)
-        if parsed is not None:
-            component, module, part = parsed
-            formats.add("kohya")
-        else:
-            component, module, part, key_format = _parse_diffusers(key, source)
-            formats.add(key_format)
-        found = parts.setdefault((component, module), {})
-        if part in found:
-            raise KronaError(
-                f"'{source}' holds two tensors for the {part} of '{component}.{module}' "
-                f"('{keys_of[(component, module)][part]}' and '{key}'); the file is damaged"
-            )
-        found[part] = t
-        keys_of.setdefault((component, module), {})[part] = key
-    if "kohya" in formats and len(formats) > 1:
-        raise KronaError(
-            f"'{source}' mixes kohya (lora_unet_...) and diffusers (unet....) LoRA keys; the file is damaged"
-        )
-    kohya_prefixes = names.prefixes
-    check_text_prefixes(kohya_prefixes, source)
+    def layer(found: LoraOutline) -> LoraLayer:
+        down, up = tensors[found.keys["down"]], tensors[found.keys["up"]]
+        return LoraLayer(_float32(down), _float32(up), found.multiplier)
 
-    peft_configs = json_metadata(metadata, DIFFUSERS_METADATA_KEY, source) if "kohya" not in formats else None
-    layers: dict[str, dict[str, LoraLayer]] = {}
-    for (component, module), found in sorted(parts.items()):
-        where = f"{component}.{module}"
-        have = keys_of[(component, module)]
-        for needed in ("down", "up"):
-            if needed not in found:
-                raise KronaError(
-                    f"'{source}': layer '{where}' has {', '.join(repr(k) for k in have.values())} but no {needed} "
-                    "weight; each LoRA layer needs both. The file is incomplete"
-                )
-        down, up = _matrix(found["down"], have["down"], source), _matrix(found["up"], have["up"], source)
-        if down.shape[0] != up.shape[1]:
-            raise KronaError(
-                f"'{source}': layer '{where}' has down {tuple(down.shape)} and up {tuple(up.shape)}, which do not "
-                "multiply (down must be r × d_in, up d_out × r); the file is damaged"
-            )
-        rank = down.shape[0]
-        multiplier = 1.0
-        if "alpha" in found:
-            alpha = found["alpha"]
-            if alpha.numel() != 1 or alpha.dtype.is_complex:
-                raise KronaError(f"'{source}': '{have['alpha']}' of shape {tuple(alpha.shape)} is not one number")
-            value = float(alpha.float().reshape(-1)[0])
-            if not math.isfinite(value):
-                raise KronaError(f"'{source}': '{have['alpha']}' is {value}; the file is damaged")
-            multiplier = value / rank
-        elif peft_configs is not None:
-            config = {k[len(component) + 1 :]: v for k, v in peft_configs.items() if k.startswith(f"{component}.")}
-            if config:
-                multiplier = _peft_multiplier(config, component, module, rank, source)
-        layers.setdefault(component, {})[module] = LoraLayer(down, up, multiplier)
+    return outline.with_layers(layer)
 
-    meta = json_metadata(metadata, METADATA_KEY, source)
-    targets, training = {}, None
-    if meta is not None and meta.get("format") == EXPORT_FORMAT:  # krona's export: the source adapter's settings
-        base_model, architecture = meta.get("base_model"), meta.get("architecture")
-        origin = meta.get("source") if isinstance(meta.get("source"), dict) else {}
-        targets, training = origin.get("targets") or {}, origin.get("training")
-    else:
-        sdxl_text_encoders = "text_encoder_2" in layers or "lora_te2_" in kohya_prefixes
-        base_model, architecture = None, guess_architecture(metadata, sdxl_text_encoders, False, layers)
-    if "kohya" in formats:
-        key_format = names.key_format
-    else:
-        key_format = "diffusers" if "diffusers" in formats else "diffusers-old"
-    return Adapter(layers, 1.0, base_model, architecture, targets, training, key_format, format_version=None)
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32, copy=True).contiguous()
 
 
 # --- export by truncated SVD ---------------------------------------------------------------------------------------

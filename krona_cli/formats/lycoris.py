@@ -11,7 +11,8 @@ Either factor may instead be stored decomposed (`lokr_w1_a` @ `lokr_w1_b`, `lokr
 A1111 then scale ΔW by alpha / r (r the inner rank of the decomposed factor) and by 1.0 when neither is decomposed,
 whatever alpha says. krona always writes both factors full, so its scale s is baked into w1 (w1 = s·A, w2 = B).
 
-Lora names, including the SGM-named UNet layers of kohya's SDXL files, are read by kohya_names.py. Written files carry
+Lora names, including the SGM-named UNet layers of kohya's SDXL files, are read by kohya_names.py, and a file's keys,
+shapes and settings by lycoris_outline.py (no torch); here the outline is filled with the tensors. Written files carry
 the modelspec and kohya `ss_` keys UIs show (ui_metadata.py) beside krona's own settings.
 """
 
@@ -19,8 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -29,11 +29,13 @@ from safetensors.torch import save as safetensors_save
 from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
-from ..kron import TARGET_PRESETS
 from .adapter import LAYOUT_STANDARD, Adapter, KronLayer
-from .kohya_names import NameReader, check_text_prefixes, lora_name, two_text_encoders
-from .native import METADATA_KEY, json_metadata, krona_metadata
-from .ui_metadata import describe_adapter, guess_architecture, ui_metadata
+from .kohya_names import lora_name, two_text_encoders
+from .lycoris_outline import is_lycoris, lycoris_outline
+from .native import krona_metadata, tensor_value
+from .native_outline import METADATA_KEY
+from .outline import KronOutline, tensor_infos
+from .ui_metadata import describe_adapter, ui_metadata
 
 __all__ = ["from_lycoris", "is_lycoris", "save_lycoris", "to_lycoris"]
 
@@ -51,24 +53,6 @@ NETWORK_ARGS = {"algo": "lokr", "full_matrix": "True"}
 ALPHA = 1.0
 # kohya's `ss_network_dim` / `ss_network_alpha` for such a file: the lora_dim LyCORIS infers for it, and its alpha.
 NETWORK_DIM = 1
-
-# Tensor suffixes krona reads. Anything else (Tucker `lokr_t1`/`lokr_t2`, DoRA `dora_scale`, LoRA keys) is refused.
-_FULL = ("lokr_w1", "lokr_w2")
-_DECOMPOSED = ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")
-SUFFIXES = (*_FULL, *_DECOMPOSED, "alpha")
-_SUPPORTED = (
-    "LoKr on linear layers with `lokr_w1` or `lokr_w1_a`/`lokr_w1_b`, `lokr_w2` or `lokr_w2_a`/`lokr_w2_b`, and `alpha`"
-)
-_LOKR_KEY = re.compile(r"^lora_(unet|te|te1|te2)_[A-Za-z0-9_]+\.lokr_(w1|w2|w1_a|w1_b|w2_a|w2_b|t1|t2)$")
-
-
-# --- detection ----------------------------------------------------------------------------------------------------
-
-
-def is_lycoris(keys: Iterable[str]) -> bool:
-    """True when the keys look like a kohya/LyCORIS LoKr file (`lora_unet_...lokr_w1` etc.)."""
-    return any(_LOKR_KEY.match(k) for k in keys)
-
 
 # --- writing ------------------------------------------------------------------------------------------------------
 
@@ -134,63 +118,12 @@ def save_lycoris(path: str | Path, adapter: Adapter, dtype: str = "fp32", title:
 # --- reading ------------------------------------------------------------------------------------------------------
 
 
-def _split_key(key: str, names: NameReader, source: str) -> tuple[str, str, str]:
-    """(component, module path, suffix) of a LoKr key; KronaError for anything krona does not read."""
-    name, dot, suffix = key.partition(".")
-    found = names.module(name, key) if dot else None
-    if found is None:
-        raise KronaError(
-            f"'{source}' holds a tensor '{key}' that is not a kohya/LyCORIS key (lora_unet_..., lora_te_..., "
-            f"lora_te1_..., lora_te2_...); krona reads {_SUPPORTED}"
-        )
-    if suffix not in SUFFIXES:
-        raise KronaError(
-            f"'{source}' holds '{key}', which krona does not read: it supports {_SUPPORTED} "
-            "(no Tucker `lokr_t2`, DoRA `dora_scale`, conv layers or other algorithms)"
-        )
-    _prefix, component, module = found
-    return component, module, suffix
-
-
-def _matrix(t: torch.Tensor, key: str, source: str) -> torch.Tensor:
-    if t.dim() != 2:
-        raise KronaError(
-            f"'{source}' holds '{key}' of shape {tuple(t.shape)}: krona reads LoKr factors of linear layers "
-            "(2-D matrices), not conv-shaped or Tucker factors"
-        )
-    return t.to(torch.float32, copy=True)
-
-
-def _product(parts: dict[str, torch.Tensor], side: str, where: str, source: str) -> tuple[torch.Tensor, int | None]:
-    """The full factor `side` (w1 or w2) and the inner rank when it is stored decomposed."""
-    full, a, b = parts.get(f"lokr_{side}"), parts.get(f"lokr_{side}_a"), parts.get(f"lokr_{side}_b")
-    if full is not None and (a is not None or b is not None):
-        raise KronaError(f"'{source}' stores both lokr_{side} and lokr_{side}_a/_b for '{where}'; the file is damaged")
-    if full is not None:
-        return _matrix(full, f"{where}.lokr_{side}", source), None
-    if a is None or b is None:
-        raise KronaError(
-            f"'{source}' lacks lokr_{side} (or the pair lokr_{side}_a/lokr_{side}_b) for '{where}'; "
-            "the file is damaged or incomplete"
-        )
-    a, b = _matrix(a, f"{where}.lokr_{side}_a", source), _matrix(b, f"{where}.lokr_{side}_b", source)
-    if a.shape[1] != b.shape[0]:
-        raise KronaError(
-            f"'{source}' has lokr_{side}_a {tuple(a.shape)} and lokr_{side}_b {tuple(b.shape)} at '{where}', "
-            "which do not multiply; the file is damaged"
-        )
-    return a @ b, b.shape[0]
-
-
-def _infer_targets(component: str, modules: Iterable[str]) -> str:
-    """A preset when it covers every adapted module, else a regular expression for exactly these modules."""
-    modules = list(modules)
-    presets = ("attn", "attn-ff") if component == "unet" else ("text",)
-    for preset in presets:
-        pattern = re.compile(TARGET_PRESETS[preset])
-        if all(pattern.search(m) for m in modules):
-            return preset
-    return "^(?:" + "|".join(re.escape(m) for m in modules) + ")$"
+def _factor(tensors: Mapping[str, torch.Tensor], keys: dict[str, str], side: str) -> torch.Tensor:
+    """The full factor `side` (w1 or w2) in float32: as stored, or its two halves multiplied out."""
+    if side in keys:
+        return tensors[keys[side]].to(torch.float32, copy=True)
+    first, second = tensors[keys[f"{side}_a"]], tensors[keys[f"{side}_b"]]
+    return first.to(torch.float32, copy=True) @ second.to(torch.float32, copy=True)
 
 
 def from_lycoris(
@@ -207,57 +140,14 @@ def from_lycoris(
     SGM-named UNet layers (kohya's SDXL files) are mapped to diffusers paths with `unet_config` (kohya_names.py).
     Tensors are returned in float32 whatever the file's dtype.
     """
-    names = NameReader(tensors, metadata, source, unet_config, "LoKr")
-    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        component, module, suffix = _split_key(key, names, source)
-        parts = grouped.setdefault((component, module), {})
-        if suffix in parts:
-            check_text_prefixes(names.prefixes, source)  # the likelier cause, named first
-            raise KronaError(f"'{source}' holds two '{suffix}' tensors for '{component}.{module}'; the file is damaged")
-        parts[suffix] = t
-    if not grouped:
-        raise KronaError(f"'{source}' holds no tensors; it is not a LoKr adapter")
-    prefixes = names.prefixes
-    check_text_prefixes(prefixes, source)
+    outline = lycoris_outline(tensor_infos(tensors), metadata, source, unet_config, tensor_value(tensors))
+    scale = outline.scale
 
-    meta = json_metadata(metadata, METADATA_KEY, source)
-    scale = 1.0
-    if meta is not None:
-        s = meta.get("scale", 1.0)
-        if isinstance(s, (int, float)) and math.isfinite(s) and s != 0:
-            scale = float(s)
-
-    layers: dict[str, dict[str, KronLayer]] = {}
-    for (component, module), parts in grouped.items():
-        where = f"{component}.{module}"
-        w1, r1 = _product(parts, "w1", where, source)
-        w2, r2 = _product(parts, "w2", where, source)
-        # ComfyUI's and A1111's rule: alpha / r when a factor is decomposed (w2's rank when both are), else 1.
-        rank = r2 if r2 is not None else r1
-        alpha = parts.get("alpha")
-        ui_scale = 1.0 if rank is None or alpha is None else float(alpha.float().reshape(-1)[0]) / rank
-        a = w1 if ui_scale == 1.0 else w1 * ui_scale
+    def layer(found: KronOutline) -> KronLayer:
+        w1, w2 = _factor(tensors, found.keys, "w1"), _factor(tensors, found.keys, "w2")
+        a = w1 if found.multiplier == 1.0 else w1 * found.multiplier
         if scale != 1.0:
             a = a / scale
-        layers.setdefault(component, {})[module] = KronLayer(a.contiguous(), w2.contiguous())
+        return KronLayer(a.contiguous(), w2.contiguous())
 
-    if meta is not None:
-        architecture = meta.get("architecture")
-        targets = meta.get("targets") or {}
-        base_model, training = meta.get("base_model"), meta.get("training")
-    else:
-        architecture = guess_architecture(
-            metadata, bool(prefixes & {"lora_te1_", "lora_te2_"}), "lora_te_" in prefixes, layers
-        )
-        targets = {component: _infer_targets(component, mods) for component, mods in layers.items()}
-        base_model, training = None, None
-    return Adapter(
-        layers,
-        scale=scale,
-        base_model=base_model,
-        architecture=architecture,
-        targets=targets,
-        training=training,
-        key_format=names.key_format,
-    )
+    return outline.with_layers(layer)
