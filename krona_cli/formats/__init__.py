@@ -15,7 +15,7 @@ No exported name is also a submodule's name: importing a submodule sets the pack
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_exports
 
 _WHERE = {
     "outline": ("LAYOUT_DIFFUSEKRONA", "LAYOUT_LORA", "LAYOUT_STANDARD", "Adapter"),
@@ -30,11 +30,4 @@ _WHERE = {
     "safetensors_file": ("file_sha256",),
     "official": ("from_official",),
 }
-_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+__getattr__, __all__ = lazy_exports(__name__, _WHERE)

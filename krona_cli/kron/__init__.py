@@ -4,7 +4,7 @@ load without torch (`krona plan` needs no model library)."""
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_exports
 
 _WHERE = {
     "factors": ("DEFAULT_FACTORS", "Factors", "fit_factors", "parse_factors"),
@@ -23,11 +23,4 @@ _WHERE = {
     ),
     "layer": ("KronLinear", "choose_path", "contraction_cost"),
 }
-_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+__getattr__, __all__ = lazy_exports(__name__, _WHERE)
