@@ -1,5 +1,6 @@
 """--base-precision int8 / nf4: the frozen base quantized by bitsandbytes, the Kronecker update beside it."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -245,3 +246,23 @@ def test_quantized_training_learns_and_merges_into_the_full_precision_base(preci
     for key in images[0]:
         a, b = (np.asarray(i[key], dtype=np.int16) for i in images)
         assert np.abs(a - b).max() <= 1, key
+
+
+@pytest.mark.subprocess
+def test_a_fresh_krona_process_imports_bitsandbytes_only_to_quantize(tiny_sd15_dir, tmp_path):
+    """diffusers would import bitsandbytes at its own import (1.2 s): krona defers it in a fresh process, sampling
+    never loads it, and a run on an int8 base still quantizes with it."""
+    runs_here("int8")
+    report = "import sys; m = sys.modules.get('bitsandbytes'); print('bitsandbytes:', m is not None)"
+
+    def krona(*args: str) -> str:
+        code = f"import sys; from krona_cli.cli import main; code = main({list(args)!r}); {report}; sys.exit(code)"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1]
+
+    sample = ["sample", "--pretrained-model", str(tiny_sd15_dir), "--prompt", PROMPT, "-n", "1", "--sample-steps", "1"]
+    assert krona(*sample, "--output-dir", str(tmp_path / "s")) == "bitsandbytes: False"
+    train = ["train", "--config", "tiny", "--pretrained-model", str(tiny_sd15_dir), "--instance-dir", str(EXAMPLES)]
+    train += ["--prompt", PROMPT, "--steps", "1", "--base-precision", "int8", "--output-dir", str(tmp_path / "t")]
+    assert krona(*train, "--sample-every", "0", "--checkpoint-every", "0") == "bitsandbytes: True"

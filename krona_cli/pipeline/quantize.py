@@ -14,6 +14,7 @@ import logging
 import torch
 from torch import nn
 
+from .. import deferred
 from ..errors import KronaError
 from .models import cast
 
@@ -29,6 +30,7 @@ def import_bitsandbytes(flag: str, instead: str = ""):
     # LLM.int8 works: neither says anything a user should act on
     for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    deferred.lift("bitsandbytes")  # the CLI defers it until now
     try:
         import bitsandbytes
     except ImportError as e:
