@@ -61,13 +61,14 @@ def test_interrupt_exits_130(monkeypatch, capsys):
 
 
 def test_a_wrapped_library_error_is_one_line_and_its_cause_with_debug(tmp_path, capsys):
-    bad = tmp_path / "adapter.safetensors"
+    bad = tmp_path / "model.safetensors"  # a base model: read by the safetensors library (inspect reads its header)
     bad.write_bytes(b"this is not a safetensors file")
-    assert main(["inspect", str(bad)]) == 2
+    sample = ["sample", "--pretrained-model", str(bad), "--prompt", "x", "--output-dir", str(tmp_path / "s")]
+    assert main(sample) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "not a readable .safetensors file" in err
-    assert main(["inspect", str(bad), "--debug"]) == 2  # --debug anywhere on the line, here at its end
+    assert main([*sample, "--debug"]) == 2  # --debug anywhere on the line, here at its end
     err = capsys.readouterr().err
     assert "Traceback" in err and "SafetensorError" in err  # the safetensors error krona's line wraps
     assert err.strip().splitlines()[-1].startswith("error: ") and "not a readable .safetensors file" in err

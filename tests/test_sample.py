@@ -330,3 +330,32 @@ def test_before_after_puts_each_seed_of_the_two_folders_side_by_side(reference, 
     assert image_ids("p102-s7.png") == (102, 7) and image_ids("grid.png") is None
     with pytest.raises(KronaError, match="share no krona sample image"):
         before_after(base, tmp_path, tmp_path / "none.png")
+
+
+def test_grid_labels_keep_every_space(tmp_path):
+    """The prompt label of a 64 px grid, read back: every wrapped line's words are where the font lays them out,
+    with blank columns at every space (10 px text drawn directly lost them: "a photoofsks square", "ste p")."""
+    from krona_cli.inference.sampling import _grid_font, _wrap
+
+    prompt = "a photo of sks square on an orange background step yellow"
+    image = Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8))
+    path = write_grid(tmp_path / "g.png", {(0, 0): image}, [prompt], [0], {"krona_version": "x"})
+    grid = np.asarray(Image.open(path).convert("L")).astype(int)
+    left, top = _bands(Image.fromarray(grid.astype(np.uint8)), rows=1, cols=1)
+    font = _grid_font(64)
+    pad = max(2, font.size // 4)
+    lines = _wrap(prompt, font, left - 2 * pad, 10)
+    assert " ".join(lines) == prompt and len(lines) > 1
+    drawn = font.font_variant(size=4 * font.size)
+    band = grid[top:, :left] < 200  # the prompt's ink
+    rows = np.flatnonzero(band.any(axis=1))
+    # the lines of text: runs of rows with ink
+    starts = [rows[0]] + [b for a, b in zip(rows, rows[1:]) if b > a + 1]
+    ends = [a for a, b in zip(rows, rows[1:]) if b > a + 1] + [rows[-1]]
+    assert len(starts) == len(lines)
+    for text, y0, y1 in zip(lines, starts, ends):
+        ink = band[y0 : y1 + 1].any(axis=0)
+        for i, char in enumerate(text):
+            if char == " ":  # where the text is laid out: at 4x the size, scaled down
+                x = pad + (drawn.getlength(text[:i]) + drawn.getlength(text[: i + 1])) / 8
+                assert not ink[int(x)], f"no space after '{text[:i]}'"

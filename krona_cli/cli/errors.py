@@ -1,5 +1,6 @@
 """The entry point: runs the app and turns every failure into one line and an exit code (2 bad input, 1 a bug, 130
-stopped by Ctrl-C or SIGTERM). `--debug` may stand anywhere on the command line."""
+stopped by Ctrl-C or SIGTERM: `stopping.handling` around every command). `--debug` may stand anywhere on the command
+line."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from .. import deferred
 from ..errors import KronaError
+from ..stopping import Stopped, StopRequest, handling
 from .app import app, err_console
 from .quiet import quiet_libraries
 
@@ -46,15 +49,27 @@ def _print(label: str, message: str) -> None:
     err_console.print(f"{label} {escape(message)}", highlight=False, soft_wrap=True)
 
 
+def _run(args: list[str]):
+    """The command, with SIGINT and SIGTERM answered within a step (`stopping`); a request that stopped it at once
+    becomes one line saying so and how to run it again."""
+    with handling(args):
+        try:
+            return app(args=args, prog_name="krona", standalone_mode=False)
+        except StopRequest as e:
+            raise Stopped(e.unanswered()) from None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: runs the app and turns failures into one line and an exit code."""
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     quiet_libraries(debug)  # before any command imports a library
+    # until something quantizes (pipeline.quantize.import_bitsandbytes lifts it)
+    deferred.defer("bitsandbytes", unless_imported=("diffusers", "transformers", "peft"))
     stopped_by_krona = False  # a stopped command that said what it kept: no second line
     try:
-        result = app(args=args, prog_name="krona", standalone_mode=False)
+        result = _run(args)
         code = result if isinstance(result, int) else EXIT_OK
     except KronaError as e:
         if debug and e.__cause__ is not None:  # the library error krona turned into this line

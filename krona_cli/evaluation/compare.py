@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import stopping
 from ..errors import KronaError
 
 METHODS = ("kron", "lora")
@@ -150,8 +151,6 @@ def compare(
     `train_config` is a validated config.TrainConfig (data, model and budget shared by every run); each run trains
     in `output_dir/runs/<method>[-<key>-<value>]` with the class images shared in `output_dir/class-images`.
     """
-    import dataclasses
-
     from ..images import scan_images
     from ..inference.sampling import SampleConfig, generate, prepare_pipeline
     from ..scoring.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, Embedder, evaluate, read_prompt
@@ -178,49 +177,43 @@ def compare(
         num_images=num_images, seed=train_config.seed, steps=sample_steps, guidance=guidance, batch_size=num_images
     ).validate()
     runs: list[Run] = []
-    for value in values:
-        for method in METHODS:
-            if not _applies(method, key) and value != values[0]:
-                continue  # a setting this method does not have: one run of it is the reference
-            name = method + (f"-{key}-{value}" if key and _applies(method, key) else "")
-            run_dir = out / "runs" / name
-            changes = {
-                "adapter_type": method,
-                "output_dir": str(run_dir),
-                "overwrite": True,
-                "resume": None,
-                "class_dir": train_config.class_dir or str(out / "class-images"),
-            }
-            if key and _applies(method, key):
-                changes[key] = value
-            if method == "lora" and key != "lr":
-                changes["lr"] = train_config.lr  # None -> each method's own default
-            cfg = dataclasses.replace(train_config, **changes).validate()
-            say(f"training {name}")
-            started = time.perf_counter()
-            result = train(cfg)
-            seconds = time.perf_counter() - started
-            say(f"sampling {name}")
-            pipe, info = prepare_pipeline([(result.adapter, 1.0)], cfg.pretrained_model)
-            sampled = generate(pipe, sample_config, sample_prompts, info, run_dir / "eval-samples")
-            say(f"scoring {name}")
-            if scorer == "toy":
-                metrics = score_files(sampled.images, [read_prompt(p) for p in sampled.images], identifier)
-            else:
-                metrics = evaluate(sampled.images, reference, identifier=identifier, clip=clip, dino=dino)
-            parameters = adapter_parameters(result.adapter)
-            runs.append(
-                Run(
-                    method,
-                    value if _applies(method, key) else None,
-                    str(result.adapter),
-                    parameters,
-                    round(seconds, 2),
-                    str(run_dir / "eval-samples"),
-                    str(sampled.grid),
-                    {k: getattr(metrics, k) for k, _ in METRICS[scorer]},
-                )
-            )
+    with stopping.deferred():  # a stop request is answered within a sampler or training step; no run is kept
+        try:
+            for value in values:
+                for method in METHODS:
+                    if not _applies(method, key) and value != values[0]:
+                        continue  # a setting this method does not have: one run of it is the reference
+                    name = method + (f"-{key}-{value}" if key and _applies(method, key) else "")
+                    run_dir = out / "runs" / name
+                    say(f"training {name}")
+                    started = time.perf_counter()
+                    result = train(_run_config(train_config, out, run_dir, method, key, value))
+                    seconds = time.perf_counter() - started
+                    say(f"sampling {name}")
+                    pipe, info = prepare_pipeline([(result.adapter, 1.0)], train_config.pretrained_model)
+                    sampled = generate(pipe, sample_config, sample_prompts, info, run_dir / "eval-samples")
+                    say(f"scoring {name}")
+                    if scorer == "toy":
+                        metrics = score_files(sampled.images, [read_prompt(p) for p in sampled.images], identifier)
+                    else:
+                        metrics = evaluate(sampled.images, reference, identifier=identifier, clip=clip, dino=dino)
+                    runs.append(
+                        Run(
+                            method,
+                            value if _applies(method, key) else None,
+                            str(result.adapter),
+                            adapter_parameters(result.adapter),
+                            round(seconds, 2),
+                            str(run_dir / "eval-samples"),
+                            str(sampled.grid),
+                            {k: getattr(metrics, k) for k, _ in METRICS[scorer]},
+                        )
+                    )
+        except (stopping.StopRequest, stopping.Stopped):
+            raise stopping.Stopped(
+                f"stopped by {stopping.signal_name()} after {len(runs)} run(s); krona compare keeps none (its report "
+                f"needs them all): run the same command again: {stopping.rerun()}"
+            ) from None
     report = _write_report(out, runs, key, values, train_config, sample_prompts, num_images, METRICS[scorer])
     return {
         "report": str(report),
@@ -229,6 +222,24 @@ def compare(
         "values": values,
         "metrics": [list(m) for m in METRICS[scorer]],
     }
+
+
+def _run_config(train_config, out: Path, run_dir: Path, method: str, key: str | None, value):
+    """The training settings of one method at one sweep value, trained in `run_dir`."""
+    import dataclasses
+
+    changes = {
+        "adapter_type": method,
+        "output_dir": str(run_dir),
+        "overwrite": True,
+        "resume": None,
+        "class_dir": train_config.class_dir or str(out / "class-images"),
+    }
+    if key and _applies(method, key):
+        changes[key] = value
+    if method == "lora" and key != "lr":
+        changes["lr"] = train_config.lr  # None -> each method's own default
+    return dataclasses.replace(train_config, **changes).validate()
 
 
 def adapter_parameters(adapter: str) -> int:

@@ -12,7 +12,8 @@ subject on five new backgrounds and of five plain class members, `per_prompt` pi
   for both sides), krona's learning rate: the same parameters, so the scores must agree within noise.
 
 Each finished run is written to `results.json` at once, so a killed study continues where it stopped when run again
-with the same settings. `report.md` and the plots come from `results.json` alone.
+with the same settings. A stop request (Ctrl-C, SIGTERM) is answered within a sampler or training step, with the
+runs kept and the command that continues (`stopping`). `report.md` and the plots come from `results.json` alone.
 
 Library code: raises KronaError, never prints; progress goes to a callback.
 """
@@ -28,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .. import stopping
+from ..atomic import write_bytes_atomic
 from ..errors import KronaError
 
 #: The learning-rate grid (log-spaced, 1e-5 to 1e-2), krona's factor choices (A's output side swept with its input
@@ -128,7 +131,6 @@ def study_inputs(out: Path, pretrained: str | None, instance_dir: str | None) ->
     into the study folder (kept there, so that a continued study uses the same)."""
     from PIL import Image
 
-    from ..atomic import write_bytes_atomic
     from ..inference.sampling import png_bytes
     from ..pipeline.toy import make_toy
     from ..world.scenes import subject_photos
@@ -200,27 +202,42 @@ def study(
     out = Path(output_dir).expanduser()
     results = _load(out, plan)
     total = len(lr_specs(plan)) + later_count(plan)
+    doing = "the study"  # what a stop request cuts short
 
     def run_all(specs: list[Spec]) -> None:
+        nonlocal doing
         for spec in specs:
             if spec.name not in results["runs"]:
+                stopping.check()  # between runs
                 say(len(results["runs"]), total, spec.name)
+                doing = f"run {spec.name}, which starts over"
                 started = time.perf_counter()
                 results["runs"][spec.name] = _run(train_config, out, plan, spec)
                 results["seconds"] = round(results["seconds"] + time.perf_counter() - started, 1)
                 _save(out, results)
+                doing = "the study"
 
-    if "base" not in results:  # the base model's own scores: what the class drifts from
-        from ..inference.sampling import prepare_pipeline
-        from .toy import pipeline_scores
+    with stopping.deferred():
+        try:
+            if "base" not in results:  # the base model's own scores: what the class drifts from
+                from ..inference.sampling import prepare_pipeline, stop_checks
+                from .toy import pipeline_scores
 
-        say(len(results["runs"]), total, "base model")
-        base = pipeline_scores(prepare_pipeline([], train_config.pretrained_model)[0], plan.per_prompt)
-        results["base"] = {k: getattr(base, k) for k in SCORES}
-        _save(out, results)
-    run_all(lr_specs(plan))
-    best = best_lrs(results)
-    run_all(later_specs(plan, best))
+                say(len(results["runs"]), total, "base model")
+                doing = "the base model's scores"
+                with stop_checks(prepare_pipeline([], train_config.pretrained_model)[0]) as pipe:
+                    base = pipeline_scores(pipe, plan.per_prompt)
+                results["base"] = {k: getattr(base, k) for k in SCORES}
+                _save(out, results)
+                doing = "the study"
+            run_all(lr_specs(plan))
+            best = best_lrs(results)
+            run_all(later_specs(plan, best))
+        except (stopping.StopRequest, stopping.Stopped):
+            raise stopping.Stopped(
+                f"stopped by {stopping.signal_name()} during {doing}: {len(results['runs'])} of {total} runs are "
+                f"kept in {out / 'results.json'}; continue with: {stopping.rerun()}"
+            ) from None
     say(len(results["runs"]), total, "report")
     results["summary"] = summarise(results, plan)
     _save(out, results)
@@ -246,14 +263,12 @@ def _load(out: Path, plan: StudyPlan) -> dict:
 
 
 def _save(out: Path, results: dict) -> None:
-    from ..atomic import write_bytes_atomic
-
     write_bytes_atomic(out / "results.json", json.dumps(results, indent=1).encode())
 
 
 def _run(train_config, out: Path, plan: StudyPlan, spec: Spec) -> dict:
     """Train one run, score its last step's adapter on the evaluation prompts; its record for results.json."""
-    from ..inference.sampling import prepare_pipeline
+    from ..inference.sampling import prepare_pipeline, stop_checks
     from ..training.train import train
     from .compare import adapter_parameters
     from .toy import pipeline_scores
@@ -279,8 +294,8 @@ def _run(train_config, out: Path, plan: StudyPlan, spec: Spec) -> dict:
     started = time.perf_counter()
     result = train(cfg)
     trained = time.perf_counter() - started
-    pipe = prepare_pipeline([(result.adapter, 1.0)], cfg.pretrained_model)[0]
-    scores = pipeline_scores(pipe, plan.per_prompt, identifier=cfg.identifier)
+    with stop_checks(prepare_pipeline([(result.adapter, 1.0)], cfg.pretrained_model)[0]) as pipe:
+        scores = pipeline_scores(pipe, plan.per_prompt, identifier=cfg.identifier)
     return asdict(spec) | {
         "parameters": adapter_parameters(str(result.adapter)),
         "train_seconds": round(trained, 1),
@@ -478,8 +493,6 @@ def _cell(spread: dict) -> str:
 
 def write_report(out: Path, results: dict, cfg) -> Path:
     """report.md and its three plots (lr.png, pareto.png, steps.png) from results.json's summary."""
-    from ..atomic import write_bytes_atomic
-
     s, plan = results["summary"], results["plan"]
     plots = _plots(out, s)
     lines = [
@@ -586,8 +599,6 @@ def _plots(out: Path, s: dict) -> dict[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..atomic import write_bytes_atomic
 
     def save(figure, name: str) -> str:
         buffer = io.BytesIO()

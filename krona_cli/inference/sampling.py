@@ -15,6 +15,7 @@ Library code: raises KronaError, never prints; progress is reported through a ca
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -28,7 +29,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .. import __version__
+from .. import __version__, stopping
 from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
@@ -158,7 +159,8 @@ def prepare_pipeline(
     from ..formats import file_sha256
     from .merge import load_and_bake
 
-    baked = load_and_bake(adapters, pretrained, dtype_from_name(dtype), device)
+    with stopping.immediate("while loading the base model"):  # nothing written yet: a stop request stops it at once
+        baked = load_and_bake(adapters, pretrained, dtype_from_name(dtype), device)
     baked.pipe.set_progress_bar_config(disable=True)
     info = ModelInfo(
         base_model=baked.base_model,
@@ -204,6 +206,28 @@ def _drawable(text: str, font) -> str:
     return text if isinstance(font, ImageFont.FreeTypeFont) else text.encode("latin-1", "replace").decode("latin-1")
 
 
+_SUPERSAMPLE = 4
+
+
+def _draw_text(canvas: Image.Image, xy: tuple[float, float], text: str, font) -> None:
+    """Draw `text` on `canvas` at `xy` as laid out by `font`'s advances: rendered at 4x the size and scaled down, since
+    at small sizes FreeType's hinting moves glyphs off their advances (a 2 px space vanished: "a photoofsks")."""
+    from PIL import ImageDraw
+
+    if not hasattr(font, "font_variant"):  # PIL's bitmap font: no sizes to render at
+        ImageDraw.Draw(canvas).text(xy, text, fill=GRID_INK, font=font)
+        return
+    big = font.font_variant(size=font.size * _SUPERSAMPLE)
+    box = big.getbbox(text)
+    if box[2] <= 0 or box[3] <= 0:
+        return
+    layer = Image.new("L", (box[2], box[3]), 0)
+    ImageDraw.Draw(layer).text((0, 0), text, fill=255, font=big)
+    size = (max(1, round(box[2] / _SUPERSAMPLE)), max(1, round(box[3] / _SUPERSAMPLE)))
+    mask = layer.resize(size, Image.LANCZOS)
+    canvas.paste(Image.new("RGB", size, GRID_INK), (round(xy[0]), round(xy[1])), mask)
+
+
 def _clip(text: str, font, width: float) -> str:
     """`text`, cut with "..." at the end when it is wider than `width` px."""
     if font.getlength(text) <= width:
@@ -245,8 +269,6 @@ def _grid(
     """The images in rows (one per prompt) and columns (one per seed), below a band with the seeds (or
     `column_labels`) and right of a band with the prompts; the top-left corner holds `title`. The images fill the
     bottom-right corner unchanged."""
-    from PIL import ImageDraw
-
     font = _grid_font(height)
     pad = max(2, font.size // 4) if hasattr(font, "size") else 2
     line = font.getbbox("Ayg|")[3] + max(1, pad // 2)
@@ -256,17 +278,16 @@ def _grid(
     top = line + 2 * pad
     cols = max(len(r) for r in rows)
     canvas = Image.new("RGB", (left + cols * width, top + len(rows) * height), GRID_BAND)
-    draw = ImageDraw.Draw(canvas)
     if titled:
-        draw.text((pad, pad), _clip(titled, font, left - 2 * pad), fill=GRID_INK, font=font)
+        _draw_text(canvas, (pad, pad), _clip(titled, font, left - 2 * pad), font)
     for c, seed in enumerate(seeds[:cols]):
         label = f"seed {seed}" if font.getlength(f"seed {seed}") <= width - 2 * pad else str(seed)
         label = _clip(column_labels[c] if column_labels else label, font, width - 2 * pad)
-        draw.text((left + c * width + (width - font.getlength(label)) / 2, pad), label, fill=GRID_INK, font=font)
+        _draw_text(canvas, (left + c * width + (width - font.getlength(label)) / 2, pad), label, font)
     for r, prompt in enumerate(prompts[: len(rows)]):
         lines = _wrap(_drawable(prompt, font), font, left - 2 * pad, (height - 2 * pad) // line)
         for k, text in enumerate(lines):
-            draw.text((pad, top + r * height + pad + k * line), text, fill=GRID_INK, font=font)
+            _draw_text(canvas, (pad, top + r * height + pad + k * line), text, font)
     for r, row in enumerate(rows):  # last: text that runs over a band's edge is covered, the images stay exact
         for c, image in enumerate(row):
             canvas.paste(image.convert("RGB"), (left + c * width, top + r * height))
@@ -355,7 +376,7 @@ def render(
 
     The seeds are `seeds` if given, else `config.seeds()` (image i uses `config.seed + i`). `on_image(prompt_index,
     seed, image)` is called as each image is made; `progress(images_done, images_total)` during every denoising
-    step and after every batch.
+    step and after every batch. A stop request (`stopping`) is answered after the denoising step it comes in.
     """
     config.validate()
     if not prompts:
@@ -374,6 +395,7 @@ def render(
             size = len(batch)
 
             def on_step(p, step, timestep, kwargs, _done=done, _n=size):
+                stopping.check()
                 if progress is not None:
                     steps = getattr(p, "num_timesteps", None) or config.steps
                     progress(_done + _n * min(1.0, (step + 1) / steps), total)
@@ -400,6 +422,18 @@ def render(
     finally:
         pipe.scheduler = original_scheduler
     return images
+
+
+@contextlib.contextmanager
+def stop_checks(pipe):
+    """Answer stop requests (`stopping.check`) before every denoiser call of `pipe`, one per sampler step, where the
+    pipeline is called by code that passes no step callback."""
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    hook = denoiser.register_forward_pre_hook(lambda module, args: stopping.check())
+    try:
+        yield pipe
+    finally:
+        hook.remove()
 
 
 def write_grid(
@@ -454,7 +488,14 @@ def generate(
         write_bytes_atomic(path, png_bytes(image, {"prompt": prompts[j], "seed": str(seed), **common}))
         paths.append(path)
 
-    images = render(pipe, config, prompts, progress, on_image=write)
+    with stopping.deferred():
+        try:
+            images = render(pipe, config, prompts, progress, on_image=write)
+        except stopping.StopRequest:
+            raise stopping.Stopped(
+                f"stopped by {stopping.signal_name()} after {len(paths)} of {len(prompts) * config.num_images} "
+                f"images, which are kept in '{out}' (no grid.png); draw them all with: {stopping.rerun('--overwrite')}"
+            ) from None
     grid_path = write_grid(out / "grid.png", images, prompts, config.seeds(), common)
     return SampleResult(images=paths, grid=grid_path, seeds=config.seeds(), width=width, height=height)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import stopping
 from ..atomic import write_bytes_atomic
 from ..errors import KronaError
 from ..images import scan_images
@@ -54,6 +55,8 @@ def generate_class_images(
     With several processes, process `rank` of `world` makes every world-th missing image (all of them must have
     listed the folder before any starts); the images are the same whatever the process count. `info` is the
     sampling.ModelInfo written into each PNG's metadata. `progress(done, total)` is called after every image.
+    A stop request (`stopping`) is answered after the sampler step it comes in: `Stopped`, saying how many images
+    the folder keeps (the same command makes the rest).
     """
     class_dir = Path(class_dir)
     todo = missing_indices(class_dir, wanted)[rank::world]
@@ -67,18 +70,26 @@ def generate_class_images(
     by_size: dict[tuple[int, int], list[int]] = {}
     for i in todo:
         by_size.setdefault(size_of(i), []).append(i)
-    for (height, width), indices in by_size.items():
-        seeds = [derive_seed("class-image", seed, i) for i in indices]
-        index_of = dict(zip(seeds, indices))
-        config = SampleConfig(steps=steps, guidance=guidance, width=width, height=height, batch_size=batch_size)
-        meta = image_metadata(config, info, width, height)
+    with stopping.deferred():
+        try:
+            for (height, width), indices in by_size.items():
+                seeds = [derive_seed("class-image", seed, i) for i in indices]
+                index_of = dict(zip(seeds, indices))
+                config = SampleConfig(steps=steps, guidance=guidance, width=width, height=height, batch_size=batch_size)
+                meta = image_metadata(config, info, width, height)
 
-        def write(_prompt_index: int, image_seed: int, image, index_of=index_of, meta=meta) -> None:
-            path = class_dir / f"class-{index_of[image_seed]:05d}.png"
-            write_bytes_atomic(path, png_bytes(image, {"prompt": prompt, "seed": str(image_seed), **meta}))
-            written.append(path)
-            if progress is not None:
-                progress(len(written), len(todo))
+                def write(_prompt_index: int, image_seed: int, image, index_of=index_of, meta=meta) -> None:
+                    path = class_dir / f"class-{index_of[image_seed]:05d}.png"
+                    write_bytes_atomic(path, png_bytes(image, {"prompt": prompt, "seed": str(image_seed), **meta}))
+                    written.append(path)
+                    if progress is not None:
+                        progress(len(written), len(todo))
 
-        render(pipe, config, [prompt], on_image=write, seeds=seeds)
+                render(pipe, config, [prompt], on_image=write, seeds=seeds)
+        except stopping.StopRequest:
+            raise stopping.Stopped(
+                f"stopped by {stopping.signal_name()} while drawing class images: "
+                f"{len(existing_class_images(class_dir))} of {wanted} are in '{class_dir}' and are kept; continue "
+                f"with: {stopping.rerun()}"
+            ) from None
     return written

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
+from .. import __version__, stopping
 from ..errors import KronaError
 from . import diffusion
 from .buckets import Bucket, Schedule
@@ -101,6 +101,7 @@ class Encoder:
             by_bucket.setdefault(dataset.bucket_of(i), []).append(i)
         for bucket, indices in by_bucket.items():
             for start in range(0, len(indices), chunk):
+                stopping.check()  # a stop request is answered between chunks
                 self.items(name, dataset, indices[start : start + chunk], bucket)
 
     def items(self, name: str, dataset, indices: list[int], bucket: Bucket):
@@ -188,6 +189,8 @@ class Run:
     losses: list[float] = field(default_factory=list)
     sample_grids: list[Path] = field(default_factory=list)
     checkpoints: list[Path] = field(default_factory=list)
+    last_checkpoint: int | None = None  # the step of the newest checkpoint this run saved or resumed from
+    stop_agreed: bool = False  # whether any process had a stop request at the last step (`step`, `check_stop`)
 
     def __post_init__(self):
         self.world = self.accelerator.num_processes
@@ -278,7 +281,10 @@ class Run:
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         if accelerator.scaler is None and grads:
             finite &= torch.isfinite(torch.nn.utils.get_total_norm(grads))
-        loss_sum, bad = accelerator.reduce(torch.stack([total, (~finite).float()]), "sum").tolist()
+        # ... and whether any process was asked to stop, so that all stop after the same step
+        stop = torch.full((), float(stopping.requested()), device=self.device)
+        loss_sum, bad, stops = accelerator.reduce(torch.stack([total, (~finite).float(), stop]), "sum").tolist()
+        self.stop_agreed = stops > 0
         if bad > 0:
             self._skip()
         else:
@@ -294,6 +300,14 @@ class Run:
         self.done += 1
         self.losses.append(loss_sum / self.world)
         return self.losses[-1], self.lr_scheduler.get_last_lr()[0]
+
+    def check_stop(self) -> None:
+        """Raise `stopping.StopRequest` when a stop was requested: in one process when this one has a request, in
+        several when any had one at the last step's reduction (then all stop after the same step)."""
+        if self.world == 1:
+            stopping.check()
+        elif self.stop_agreed:
+            raise stopping.StopRequest()
 
     def _skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -315,14 +329,22 @@ class Run:
         s = self.sampling
         self.unet.eval()
         weights = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
-        with weights, _models_on(self.device, s.idle), self.accelerator.autocast(), torch.no_grad():
-            images = render(s.pipe, s.config, s.prompts)
-        self.unet.train()
+        # a stop request is answered at a sampler step (in one process: in several, after the next training step)
+        checks = stopping.deferred(checks=self.world == 1)
+        try:
+            with checks, weights, _models_on(self.device, s.idle), self.accelerator.autocast(), torch.no_grad():
+                images = render(s.pipe, s.config, s.prompts)
+        finally:
+            self.unet.train()
         meta = image_metadata(s.config, s.info, *s.size) | {"step": str(self.done)}
-        path = write_grid(self.out / "samples" / f"step-{self.done:06d}.png", images, s.prompts, s.config.seeds(), meta)
+        path = write_grid(self.grid_path(), images, s.prompts, s.config.seeds(), meta)
         self.sample_grids.append(path)
         self.reporter.saved("samples", path)
         return images
+
+    def grid_path(self) -> Path:
+        """The sample grid of the step the run stands at."""
+        return self.out / "samples" / f"step-{self.done:06d}.png"
 
     def validate(self, images: dict | None) -> None:
         """A validation at this step (main process; `validation.py`): the validation losses and, with a scorer,
@@ -349,10 +371,20 @@ class Run:
             )
 
         unet.eval()
-        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
-            point = {"step": self.done, "instance_loss": loss(self.data.instance, "instance", len(self.data.instance))}
-            point["class_loss"] = None if self.data.classes is None else loss(self.data.classes, "class", CLASS_ITEMS)
-        unet.train()
+        check = stopping.check if self.world == 1 else (lambda: None)  # between its parts, in one process
+        try:
+            with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+                point = {
+                    "step": self.done,
+                    "instance_loss": loss(self.data.instance, "instance", len(self.data.instance)),
+                }
+                check()
+                point["class_loss"] = (
+                    None if self.data.classes is None else loss(self.data.classes, "class", CLASS_ITEMS)
+                )
+        finally:
+            unet.train()
+        check()
         if images is not None and self.scorer is not None:
             prompts, seeds = self.sampling.prompts, self.sampling.config.seeds()
             order = [(j, seed) for j in range(len(prompts)) for seed in seeds]
@@ -372,6 +404,7 @@ class Run:
             path = save_checkpoint(self.out, self.state(), keep=self.cfg.keep_checkpoints or None)
             self.checkpoints.append(path)
             self.reporter.saved("checkpoint", path)
+        self.last_checkpoint = self.done
         self.accelerator.wait_for_everyone()
 
     def state(self) -> TrainingState:
@@ -424,7 +457,7 @@ class Run:
             self.validation.restore(state.validation)
         if self.accelerator.scaler is not None and "grad_scaler" in state.meta:
             self.accelerator.scaler.load_state_dict(state.meta["grad_scaler"])
-        self.done = state.step
+        self.done = self.last_checkpoint = state.step
 
     def processes_agree(self) -> int:
         """Compare a SHA-256 of every process's adapter weights; return the process count, raise if any differs."""

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import signal
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import stopping
 from ..atomic import write_bytes_atomic
 from ..dtypes import DTYPES, compute_dtype
 from ..errors import KronaError
@@ -32,10 +31,8 @@ from .config import TrainConfig
 from .run import Data, Encoder, Run, Sampling, check_finite
 
 
-class TrainingInterrupted(KronaError):
-    """Ctrl-C or SIGTERM: a checkpoint was saved and the message says how to resume."""
-
-    exit_code = 130
+class TrainingInterrupted(stopping.Stopped):
+    """Ctrl-C or SIGTERM in the loop: a checkpoint was saved and the message says how to resume (exit code 130)."""
 
 
 class Reporter:
@@ -86,30 +83,6 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-class _Stop:
-    """Turns the first SIGINT/SIGTERM into a flag the loop checks after each step; a second SIGINT stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
 _OOM_HINT = (
     "out of GPU memory; lower it with --gradient-checkpointing, --optimizer adamw8bit, --mixed-precision bf16, "
     "--cache-latents (the default), a smaller --resolution or --batch-size (with --grad-accum to keep the batch)"
@@ -127,50 +100,63 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
 def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
     from .checkpoint import load_checkpoint
 
-    pre = preflight(cfg, reporter)
-    accelerator = _accelerator(cfg, pre.out)
-    if not accelerator.is_main_process:
-        reporter = Reporter()  # one process speaks
-    base = load_base(cfg, accelerator.device)
-    cfg = cfg.resolved(base.arch, pre.out)  # what the run uses, checkpoints and config.yaml record
-    photos = load_photos(cfg, pre, base, reporter)
-    adapter = trainable.trainable_adapter(
-        base.pipe,
-        cfg.adapter_type,
-        cfg.targets,
-        cfg.factors,
-        cfg.rank,
-        cfg.scale,
-        cfg.train_text_encoder,
-        cfg.text_encoder_factors,
-        cfg.strict_factors,
-    )
-    rows = summary(cfg, _plan(cfg, pre, base, photos, adapter, accelerator))
+    # nothing is written until the class images: a stop request stops at once (the CLI says so)
+    with stopping.immediate("while loading the base model and the photos"):
+        pre = preflight(cfg, reporter)
+        accelerator = _accelerator(cfg, pre.out)
+        if not accelerator.is_main_process:
+            reporter = Reporter()  # one process speaks
+        base = load_base(cfg, accelerator.device)
+        cfg = cfg.resolved(base.arch, pre.out)  # what the run uses, checkpoints and config.yaml record
+        photos = load_photos(cfg, pre, base, reporter)
+        adapter = trainable.trainable_adapter(
+            base.pipe,
+            cfg.adapter_type,
+            cfg.targets,
+            cfg.factors,
+            cfg.rank,
+            cfg.scale,
+            cfg.train_text_encoder,
+            cfg.text_encoder_factors,
+            cfg.strict_factors,
+        )
+        rows = summary(cfg, _plan(cfg, pre, base, photos, adapter, accelerator))
     result = TrainResult(output_dir=pre.out, summary=rows, main_process=accelerator.is_main_process)
     reporter.start(rows)
     if cfg.dry_run:
         return result
-    if cfg.overwrite and not cfg.resume and accelerator.is_main_process:
-        _clear_run(pre.out)
-    accelerator.wait_for_everyone()  # every process has counted the class images before any are made
-    result.class_images_generated = _class_images(cfg, base, photos, accelerator, reporter)
-    run = _prepare(cfg, accelerator, base, photos, adapter, pre.out, reporter)
-    if pre.resume_from is not None:
-        run.restore(load_checkpoint(pre.resume_from), pre.resume_from)
-    result.start_step = run.done
-    finished = False
-    try:
-        result.processes_agree = _loop(run)
-        finished = True
-    finally:
-        for tracker in accelerator.trackers:  # not end_training(): it also ends the process group
-            tracker.finish()
-    result.step, result.losses, result.bad_steps = run.done, run.losses, run.bad_steps
-    result.samples, result.checkpoints = run.sample_grids, run.checkpoints
-    if run.validation is not None:
-        result.validation, result.best = run.validation.points, run.validation.choice()
-    if finished and accelerator.is_main_process:
-        result.adapter, result.best_adapter = _save_final(cfg, adapter, run, base, reporter)
+    # from here on a stop request is answered at the next sampler or training step, with what was kept
+    with stopping.deferred():
+        if cfg.overwrite and not cfg.resume and accelerator.is_main_process:
+            _clear_run(pre.out)
+        accelerator.wait_for_everyone()  # every process has counted the class images before any are made
+        result.class_images_generated = _class_images(cfg, base, photos, accelerator, reporter)
+        try:
+            with stopping.deferred(checks=accelerator.num_processes == 1):
+                run = _prepare(cfg, accelerator, base, photos, adapter, pre.out, reporter)
+                if pre.resume_from is not None:
+                    run.restore(load_checkpoint(pre.resume_from), pre.resume_from)
+                stopping.check()
+        except stopping.StopRequest:
+            kept = " (the class images are kept)" if cfg.class_prompt is not None else ""
+            raise stopping.Stopped(
+                f"stopped by {stopping.signal_name()} before the first step: nothing new was trained{kept}; "
+                f"continue with: {stopping.rerun()}"
+            ) from None
+        result.start_step = run.done
+        finished = False
+        try:
+            result.processes_agree = _loop(run)
+            finished = True
+        finally:
+            for tracker in accelerator.trackers:  # not end_training(): it also ends the process group
+                tracker.finish()
+        result.step, result.losses, result.bad_steps = run.done, run.losses, run.bad_steps
+        result.samples, result.checkpoints = run.sample_grids, run.checkpoints
+        if run.validation is not None:
+            result.validation, result.best = run.validation.points, run.validation.choice()
+        if finished and accelerator.is_main_process:
+            result.adapter, result.best_adapter = _save_final(cfg, adapter, run, base, reporter)
     accelerator.wait_for_everyone()
     return result
 
@@ -178,19 +164,20 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
 def _loop(run: Run) -> int:
     """The steps from where the run stands to cfg.steps, samples, validations and a checkpoint (in that order, so
     that a checkpoint holds the validation of its step) whenever due and at the end, and a validation of the base
-    model before the first step; Ctrl-C or SIGTERM ends it after the current step with a checkpoint. Returns how
-    many processes hold the same weights."""
+    model before the first step. A stop request is answered after the training step or sampler step it comes in,
+    with a checkpoint at the step the run stands at (`TrainingInterrupted`): a sample grid or validation that it cut
+    short is made when the run resumes (`_catch_up`). Returns how many processes hold the same weights."""
     cfg, accelerator, reporter = run.cfg, run.accelerator, run.reporter
-    with _Stop() as stop:  # from here on, Ctrl-C or SIGTERM ends the run with a checkpoint
-        if accelerator.is_main_process:
-            write_bytes_atomic(run.out / "config.yaml", cfg.to_yaml().encode())
-            accelerator.init_trackers("krona", config=_tracker_config(cfg))
-        if run.validation is not None and not run.validation.points:  # the base model: where the best-step rule starts
-            run.validate(run.samples() if run.scorer is not None else None)
+    if accelerator.is_main_process:
+        write_bytes_atomic(run.out / "config.yaml", cfg.to_yaml().encode())
+        accelerator.init_trackers("krona", config=_tracker_config(cfg))
+    try:
+        _catch_up(run)
         while run.done < cfg.steps:
             loss, lr = run.step()
             accelerator.log({"loss": loss, "lr": lr}, step=run.done)
             reporter.step(run.done, cfg.steps, loss, lr)
+            run.check_stop()
             validate = run.validation is not None and _due(cfg.validate_every, run.done, cfg.steps)
             sample = _due(cfg.sample_every, run.done, cfg.steps) or validate and run.scorer is not None
             images = run.samples() if sample else None
@@ -198,15 +185,40 @@ def _loop(run: Run) -> int:
                 run.validate(images)
             if _due(cfg.checkpoint_every, run.done, cfg.steps):
                 run.checkpoint()
-            if stop.requested:
-                if not run.checkpoints or run.checkpoints[-1].name != f"step-{run.done:06d}":
-                    run.checkpoint()
-                raise TrainingInterrupted(_stopped(run.done, cfg.steps, run.out))
-    images = run.samples()
-    if run.validation is not None:
-        run.validate(images)
+            run.check_stop()
+        images = run.samples()
+        if run.validation is not None and _missing(run)[1]:  # (a resumed run that had finished has it)
+            run.validate(images)
+    except stopping.StopRequest:
+        cut = [what for what, missing in zip(("sample grid", "validation"), _missing(run)) if missing]
+        if run.last_checkpoint != run.done:
+            run.checkpoint()
+        raise TrainingInterrupted(_stopped(run, " and ".join(cut))) from None
     run.checkpoint()
     return run.processes_agree()
+
+
+def _missing(run: Run) -> tuple[bool, bool]:
+    """(the sample grid, the validation) due at the step the run stands at and not made yet: the base model's
+    validation at step 0, after the last step both, in between what --sample-every and --validate-every ask for."""
+    cfg, done, history = run.cfg, run.done, run.validation
+    last = done >= cfg.steps
+    validate = history is not None and (done == 0 or last or _due(cfg.validate_every, done, cfg.steps))
+    validate = validate and all(p["step"] != done for p in history.points)
+    grid = done > 0 and (last or _due(cfg.sample_every, done, cfg.steps)) and not run.grid_path().exists()
+    return grid, validate
+
+
+def _catch_up(run: Run) -> None:
+    """Before the first step: the base model's validation at step 0, or when resuming, the sample grid and the
+    validation of the checkpoint's step that a stop request cut short (validation.json stays complete, and the run
+    the same as one never stopped: the checkpoint's random state is the one they start from)."""
+    if run.done >= run.cfg.steps:  # the end makes them
+        return
+    grid, validate = _missing(run)
+    images = run.samples() if grid or validate and run.scorer is not None else None
+    if validate:
+        run.validate(images)
 
 
 def _due(every: int, step: int, steps: int) -> bool:
@@ -214,10 +226,13 @@ def _due(every: int, step: int, steps: int) -> bool:
     return bool(every) and step % every == 0 and step < steps
 
 
-def _stopped(step: int, steps: int, out: Path) -> str:
+def _stopped(run: Run, cut: str) -> str:
+    """What a stopped run kept and the command that continues it."""
+    redone = f" (the {cut} of that step is made when it resumes)" if cut else ""
     return (
-        f"stopped at step {step} of {steps}; checkpoint saved. Resume with: "
-        f"krona train --config {out / 'config.yaml'} --resume latest"
+        f"stopped by {stopping.signal_name()} at step {run.done} of {run.cfg.steps}; checkpoint "
+        f"{run.out / 'checkpoints' / f'step-{run.done:06d}'} kept{redone}. Resume with: "
+        f"krona train --config {run.out / 'config.yaml'} --resume latest"
     )
 
 
