@@ -77,7 +77,7 @@ def test_merge_command_writes_a_folder_plain_diffusers_loads(adapter_path, tiny_
 
     out = tmp_path / "merged"
     assert main(["merge", "--adapter", f"{adapter_path}:0.5", "--output-dir", str(out)]) == 0
-    assert "merged 1 adapter(s)" in capsys.readouterr().out
+    assert "merged 1 adapter into" in capsys.readouterr().out
     merged = StableDiffusionXLPipeline.from_pretrained(out)
     expected = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     bake(pipeline_components(expected), [(load_adapter(adapter_path), 0.5)])
