@@ -27,12 +27,13 @@ HEAVY = ("torch", "diffusers", "transformers", "bitsandbytes", "peft")
 # Runs a krona command in this process as `krona` does, then says which heavy libraries it imported (on stderr).
 CHILD = (
     "import sys; from krona_cli.cli import main; code = main(sys.argv[1:]); "
-    f"print('imported:', ','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr); sys.exit(code)"
+    f"print('imported:', ','.join(m for m in {HEAVY!r} if sys.modules.get(m)), file=sys.stderr); sys.exit(code)"
 )
 
 
 def write_adapter(folder: Path) -> Path:
     """A krona adapter on the tiny SDXL UNet's attention (the command's input, made once, not timed)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the tiny pipeline's own notices
     from krona_cli.formats import collect_adapter, save_adapter
     from krona_cli.kron import inject
     from krona_cli.pipeline.tiny import build_tiny_pipeline
