@@ -3,6 +3,7 @@ with --study the whole study on the toy world)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -60,7 +61,9 @@ def eval_cmd(
         from ..inference.sampling import load_prompts
 
         prompts = load_prompts([prompt] if prompt else [], prompts_file)
-    with counting_bar("scoring") as bar:
+    # the clip scorers' models take a while: a bar; the toy world's scores are read from the pixels at once
+    progress = counting_bar("scoring") if scorer == "clip" else contextlib.nullcontext(lambda done, total: None)
+    with progress as bar:
         scores = score_images(
             images,
             reference,
