@@ -1,6 +1,7 @@
-"""Shared test helpers: adapters with random (non-zero) updates on the tiny pipelines."""
+"""Shared test helpers: adapters with random (non-zero) updates on the tiny pipelines, and a tiny training command."""
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -107,3 +108,12 @@ def put_in_hub_cache(folder, repo_id, cache):
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+CAT_PHOTOS = Path(__file__).resolve().parent.parent / "examples" / "cat"
+
+
+def tiny_train_args(pipeline, out, *more) -> list[str]:
+    """`krona train` on a tiny pipeline with the tiny preset and the cat photos, into `out`, then `more` flags."""
+    args = ["train", "--config", "tiny", "--pretrained-model", pipeline, "--instance-dir", CAT_PHOTOS]
+    return [str(a) for a in (*args, "--prompt", "a photo of sks cat", "--output-dir", out, *more)]

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import tiny_train_args as train_args
 
 from krona_cli.cli import app, main
 from krona_cli.pipeline import models
@@ -24,25 +25,6 @@ def clean_env(**extra) -> dict:
     """A new terminal: none of scripts/setup.sh's variables (the CLI must quiet the libraries itself)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "DIFFUSERS_"))}
     return env | {"OMP_NUM_THREADS": "1", "HF_HOME": str(extra.pop("hf_home")), **extra}
-
-
-def train_args(pipeline, out, *more):
-    return [
-        "train",
-        "--config",
-        "tiny",
-        "--pretrained-model",
-        str(pipeline),
-        "--instance-dir",
-        str(EXAMPLES),
-        "--prompt",
-        PROMPT,
-        "--output-dir",
-        str(out),
-        "--report-to",
-        "none",
-        *map(str, more),
-    ]
 
 
 def one_line(capsys, argv, *expected) -> None:

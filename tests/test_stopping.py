@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
+from helpers import tiny_train_args as train_args
 from safetensors.torch import load_file
 
 from krona_cli.cli import main
@@ -60,23 +61,6 @@ class Signal:
     def after(self) -> int:
         """Calls begun after the one the signal came in."""
         return self.calls - self.at
-
-
-def train_args(pipeline: Path, out: Path, *more) -> list[str]:
-    return [
-        "train",
-        "--config",
-        "tiny",
-        "--pretrained-model",
-        str(pipeline),
-        "--instance-dir",
-        str(EXAMPLES / "cat"),
-        "--prompt",
-        "a photo of sks cat",
-        "--output-dir",
-        str(out),
-        *map(str, more),
-    ]
 
 
 def stopped(capsys, argv: list[str]) -> str:
