@@ -106,3 +106,27 @@ def test_help_lists_what_the_library_offers(capsys):
     assert all(p in helps["train"] for p in CONFIG_PRESETS) and "(with --adapter-type lora)" in helps["train"]
     assert all(" ".join(text.split()) in helps["inspect"] for text in READ_FORMATS.values())
     assert all(name in helps["export"] for name in EXPORT_FORMATS)
+
+
+@pytest.mark.subprocess
+def test_library_loggers_are_quiet_by_hierarchy_unless_debug():
+    """A warning from any logger under a library's name (kernels' publisher-trust notice, bitsandbytes' CPU kernel)
+    stays out of krona's output; --debug shows it."""
+    code = (
+        "import logging, sys; from krona_cli.cli.quiet import quiet_libraries; "
+        "quiet_libraries(sys.argv[1] == 'debug'); "
+        "[logging.getLogger(n).warning('chatter from %s', n) for n in "
+        "('kernels._internals.hf_hub', 'bitsandbytes.backends.cpu.ops', 'huggingface_hub.utils', 'krona_test')]"
+    )
+    for mode in ("quiet", "debug"):
+        done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=60)
+        said = [line.removeprefix("chatter from ") for line in done.stderr.splitlines()]
+        if mode == "quiet":
+            assert said == ["krona_test"], done.stderr  # a logger outside the libraries still speaks
+        else:
+            assert said == [
+                "kernels._internals.hf_hub",
+                "bitsandbytes.backends.cpu.ops",
+                "huggingface_hub.utils",
+                "krona_test",
+            ]
