@@ -19,10 +19,11 @@ from torch import nn
 
 from krona_cli.errors import KronaError
 from krona_cli.formats import canonical_name, read_safetensors
-from krona_cli.formats.adapter import LAYOUT_DIFFUSEKRONA, Adapter, DiffuseKronALayer, KronLayer
+from krona_cli.formats.adapter import DiffuseKronALayer, KronLayer
 from krona_cli.formats.adapter import LoraLayer as KronaLoraLayer
 from krona_cli.formats.kohya_names import encode_path
 from krona_cli.formats.lora import from_lora, is_lora, save_lora, to_lora
+from krona_cli.formats.outline import LAYOUT_DIFFUSEKRONA, Adapter
 from krona_cli.inference.merge import pipeline_components
 from krona_cli.kron.functional import diffusekrona_delta
 from krona_cli.pipeline.tiny import build_tiny_pipeline

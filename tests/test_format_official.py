@@ -17,9 +17,10 @@ from torch import nn
 
 from krona_cli.errors import KronaError
 from krona_cli.formats import attach, read_safetensors
-from krona_cli.formats.adapter import LAYOUT_DIFFUSEKRONA, DiffuseKronALayer
+from krona_cli.formats.adapter import DiffuseKronALayer
 from krona_cli.formats.native import module_name
 from krona_cli.formats.official import from_official, is_official
+from krona_cli.formats.outline import LAYOUT_DIFFUSEKRONA
 from krona_cli.kron.functional import diffusekrona_delta
 from krona_cli.pipeline.tiny import build_tiny_pipeline
 

@@ -1,5 +1,5 @@
 """The adapter's layers in memory, whatever file they came from, each computing its own update ΔW (peft-style): every
-format is read into an `Adapter` (outline.py, re-exported here) of these layers and written from one; merging bakes
+format is read into an `Adapter` (outline.py) of these layers and written from one; merging bakes
 `Adapter.deltas()`.
 
 Layers: `KronLayer(a, b)` (ΔW = s·(A ⊗ B), the `standard` layout), `DiffuseKronALayer(a, b)` (the official
@@ -17,28 +17,7 @@ from typing import ClassVar
 import torch
 
 from ..kron import diffusekrona_delta, diffusekrona_rows, kron_delta, kron_svd, kron_svd_error
-from .outline import (
-    FORMAT_VERSION,
-    LAYOUT_DIFFUSEKRONA,
-    LAYOUT_LORA,
-    LAYOUT_STANDARD,
-    Adapter,
-    KronShape,
-    LoraShape,
-)
-
-__all__ = [
-    "FORMAT_VERSION",
-    "KRON_LAYOUTS",
-    "LAYOUT_DIFFUSEKRONA",
-    "LAYOUT_LORA",
-    "LAYOUT_STANDARD",
-    "Adapter",
-    "DiffuseKronALayer",
-    "KronLayer",
-    "Layer",
-    "LoraLayer",
-]
+from .outline import LAYOUT_DIFFUSEKRONA, LAYOUT_LORA, LAYOUT_STANDARD, KronShape, LoraShape
 
 
 @dataclass(eq=False)

@@ -47,12 +47,12 @@ from .. import __version__
 from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
-from .adapter import LAYOUT_DIFFUSEKRONA, LAYOUT_STANDARD, Adapter, LoraLayer
+from .adapter import LoraLayer
 from .kohya_names import lora_name, two_text_encoders
 from .lora_outline import EXPORT_FORMAT, is_lora, lora_outline
 from .native import krona_metadata, tensor_value
 from .native_outline import COMPONENTS, METADATA_KEY, canonical_name
-from .outline import LoraOutline, tensor_infos
+from .outline import LAYOUT_DIFFUSEKRONA, LAYOUT_STANDARD, Adapter, LoraOutline, tensor_infos
 from .ui_metadata import describe_adapter, ui_metadata
 
 __all__ = ["from_lora", "is_lora", "save_lora", "to_lora"]

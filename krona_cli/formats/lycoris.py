@@ -29,12 +29,12 @@ from safetensors.torch import save as safetensors_save
 from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
-from .adapter import LAYOUT_STANDARD, Adapter, KronLayer
+from .adapter import KronLayer
 from .kohya_names import lora_name, two_text_encoders
 from .lycoris_outline import is_lycoris, lycoris_outline
 from .native import krona_metadata, tensor_value
 from .native_outline import METADATA_KEY
-from .outline import KronOutline, tensor_infos
+from .outline import LAYOUT_STANDARD, Adapter, KronOutline, tensor_infos
 from .ui_metadata import describe_adapter, ui_metadata
 
 __all__ = ["from_lycoris", "is_lycoris", "save_lycoris", "to_lycoris"]

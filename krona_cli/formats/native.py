@@ -23,9 +23,9 @@ from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
 from ..kron import adapted_layers, inject, load_factors
-from .adapter import KRON_LAYOUTS, LAYOUT_STANDARD, Adapter, KronLayer
+from .adapter import KRON_LAYOUTS, KronLayer
 from .native_outline import COMPONENTS, FORMAT, METADATA_KEY, TEXT_PREFIX, canonical_name, native_outline
-from .outline import tensor_infos
+from .outline import LAYOUT_STANDARD, Adapter, tensor_infos
 from .safetensors_file import refuse_unsafe, unreadable
 from .ui_metadata import describe_adapter, ui_metadata
 

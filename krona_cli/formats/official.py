@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from .adapter import Adapter, DiffuseKronALayer
+from .adapter import DiffuseKronALayer
 from .official_outline import is_official, official_outline
-from .outline import tensor_infos
+from .outline import Adapter, tensor_infos
 
 __all__ = ["from_official", "is_official"]
 

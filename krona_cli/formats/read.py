@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter
 from .detect import detect_format
 from .lora import from_lora
 from .lycoris import from_lycoris
 from .native import adapter_from_tensors, read_safetensors
 from .official import from_official
+from .outline import Adapter
 
 # format name -> reader(tensors, metadata, source) -> Adapter
 READERS = {

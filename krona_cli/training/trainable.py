@@ -204,8 +204,9 @@ def _lokr_adapter(adapter: TrainableAdapter, base_model: str, architecture: str,
     B = scale · w2, at adapter scale 1."""
     from peft.tuners.lokr.layer import LoKrLayer
 
-    from ..formats.adapter import Adapter, KronLayer
+    from ..formats.adapter import KronLayer
     from ..formats.native import canonical_name
+    from ..formats.outline import Adapter
 
     layers = {}
     for component, model in adapter.models.items():
