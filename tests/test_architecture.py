@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "krona_cli"
 LAYERS = ["leaves", "world", "kron", "formats", "pipeline", "inference", "scoring", "training", "evaluation", "cli"]
 LEAVES = {
     "choices",
-    "deferred",
+    "late_imports",
     "errors",
     "atomic",
     "rng",

@@ -250,7 +250,7 @@ def test_quantized_training_learns_and_merges_into_the_full_precision_base(preci
 
 @pytest.mark.subprocess
 def test_a_fresh_krona_process_imports_bitsandbytes_only_to_quantize(tiny_sd15_dir, tmp_path):
-    """diffusers would import bitsandbytes at its own import (1.2 s): krona defers it in a fresh process, sampling
+    """diffusers would import bitsandbytes at its own import (1.2 s): krona holds it back in a fresh process, sampling
     never loads it, and a run on an int8 base still quantizes with it."""
     runs_here("int8")
     report = "import sys; m = sys.modules.get('bitsandbytes'); print('bitsandbytes:', m is not None)"

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .. import deferred
+from .. import late_imports
 from ..errors import KronaError
 from ..stopping import Stopped, StopRequest, handling
 from .app import app, err_console
@@ -65,8 +65,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     quiet_libraries(debug)  # before any command imports a library
-    # until something quantizes (pipeline.quantize.import_bitsandbytes lifts it)
-    deferred.defer("bitsandbytes", unless_imported=("diffusers", "transformers", "peft"))
+    # until something quantizes (pipeline.quantize.import_bitsandbytes releases it)
+    late_imports.hold_back("bitsandbytes", unless_imported=("diffusers", "transformers", "peft"))
     stopped_by_krona = False  # a stopped command that said what it kept: no second line
     try:
         result = _run(args)

@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from .. import deferred
+from .. import late_imports
 from ..errors import KronaError
 from .models import cast
 
@@ -30,7 +30,7 @@ def import_bitsandbytes(flag: str, instead: str = ""):
     # LLM.int8 works: neither says anything a user should act on
     for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    deferred.lift("bitsandbytes")  # the CLI defers it until now
+    late_imports.release("bitsandbytes")  # the CLI holds it back until now
     try:
         import bitsandbytes
     except ImportError as e:
