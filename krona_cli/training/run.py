@@ -371,20 +371,21 @@ class Run:
             )
 
         unet.eval()
-        check = stopping.check if self.world == 1 else (lambda: None)  # between its parts, in one process
-        try:
-            with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
-                point = {
-                    "step": self.done,
-                    "instance_loss": loss(self.data.instance, "instance", len(self.data.instance)),
-                }
-                check()
-                point["class_loss"] = (
-                    None if self.data.classes is None else loss(self.data.classes, "class", CLASS_ITEMS)
-                )
-        finally:
-            unet.train()
-        check()
+        # a stop request is answered between its parts (in one process: in several, after the next training step)
+        with stopping.deferred(checks=self.world == 1):
+            try:
+                with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+                    point = {
+                        "step": self.done,
+                        "instance_loss": loss(self.data.instance, "instance", len(self.data.instance)),
+                    }
+                    stopping.check()
+                    point["class_loss"] = (
+                        None if self.data.classes is None else loss(self.data.classes, "class", CLASS_ITEMS)
+                    )
+            finally:
+                unet.train()
+            stopping.check()
         if images is not None and self.scorer is not None:
             prompts, seeds = self.sampling.prompts, self.sampling.config.seeds()
             order = [(j, seed) for j in range(len(prompts)) for seed in seeds]
