@@ -76,7 +76,7 @@ def eval_cmd(
             batch_size,
             overwrite,
             loading=no_loading_bars,
-            progress=lambda done, total: bar(done, total),
+            progress=bar,
         )
     console.print(scores_table(scores.title, scores.columns))
     console.print(f"metrics -> [bold]{escape(str(scores.output))}[/]")
@@ -159,7 +159,8 @@ def compare_cmd(
     if instance_dir is None or prompt is None:
         raise KronaError("krona compare needs --instance-dir and --prompt (or --study, which brings its own)")
     overrides = dict(instance_dir=instance_dir, prompt=prompt, class_prompt=class_prompt, steps=steps)
-    cfg = load_config(config, overrides | dict(pretrained_model=pretrained_model, output_dir=str(output_dir)))
+    overrides |= dict(pretrained_model=pretrained_model, output_dir=str(output_dir))
+    cfg = load_config(config, overrides)
     no_loading_bars()
     with console.status("comparing") as status:
         summary = compare(
