@@ -4,8 +4,9 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from krona_cli.formats import collect_adapter
+from krona_cli.formats import collect_adapter, to_lycoris
 from krona_cli.inference.merge import pipeline_components
 from krona_cli.kron import adapted_layers, inject
 from krona_cli.pipeline.tiny import build_tiny_pipeline
@@ -117,3 +118,15 @@ def tiny_train_args(pipeline, out, *more) -> list[str]:
     """`krona train` on a tiny pipeline with the tiny preset and the cat photos, into `out`, then `more` flags."""
     args = ["train", "--config", "tiny", "--pretrained-model", pipeline, "--instance-dir", CAT_PHOTOS]
     return [str(a) for a in (*args, "--prompt", "a photo of sks cat", "--output-dir", out, *more)]
+
+
+def read_torch(path):
+    """A .safetensors file's tensors and metadata as torch's own reader gives them."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
+def lycoris_torch(adapter, title=None):
+    """`to_lycoris`'s tensors (numpy) as torch tensors, and its metadata."""
+    tensors, metadata = to_lycoris(adapter, title)
+    return {k: torch.from_numpy(v) for k, v in tensors.items()}, metadata

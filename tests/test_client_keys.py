@@ -17,12 +17,12 @@ import re
 
 import pytest
 import torch
+from helpers import lycoris_torch
 from torch import nn
 
 from krona_cli.architectures import load_model_config
 from krona_cli.formats import Adapter, KronLayer
-from krona_cli.formats.lora import to_lora
-from krona_cli.formats.lycoris import to_lycoris
+from krona_cli.formats.lora_export import to_lora
 from krona_cli.formats.original_layout import unet_path_to_sgm
 from krona_cli.kron import fit_factors, parse_factors
 from krona_cli.pipeline.models import build_meta_components
@@ -74,7 +74,7 @@ def real(request):
     arch = request.param
     adapter, shapes = _real_adapter(arch)
     lora, _, report = to_lora(adapter, rank=2)
-    lokr, _ = to_lycoris(adapter)
+    lokr, _ = lycoris_torch(adapter)
     return arch, adapter, shapes, {"lora": lora, "lycoris": lokr}
 
 

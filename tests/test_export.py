@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers import read_torch
 
 from krona_cli.cli import main
 from krona_cli.formats import LAYOUT_LORA, collect_adapter, describe, load_adapter, save_adapter
@@ -102,16 +103,15 @@ def test_export_errors(adapter_path, tmp_path, capsys):
 
 def test_export_to_lora_writes_kohya_keys_unless_asked_for_peft(adapter_path, tmp_path):
     from krona_cli.errors import KronaError
-    from krona_cli.formats import read_safetensors
     from krona_cli.inference.export import export_adapter
 
     q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     kohya, peft = tmp_path / "kohya.safetensors", tmp_path / "peft.safetensors"
     export_adapter(adapter_path, "lora", kohya, rank=2)
     export_adapter(adapter_path, "lora", peft, rank=2, lora_layout="peft")
-    keys = set(read_safetensors(kohya)[0])
+    keys = set(read_torch(kohya)[0])
     assert {f"lora_unet_{q.replace('.', '_')}.{s}" for s in ("lora_down.weight", "lora_up.weight", "alpha")} <= keys
-    assert {f"unet.{q}.lora_A.weight", f"unet.{q}.lora_B.weight"} <= set(read_safetensors(peft)[0])
+    assert {f"unet.{q}.lora_A.weight", f"unet.{q}.lora_B.weight"} <= set(read_torch(peft)[0])
     assert describe(kohya)["key_format"] == "kohya" and describe(peft)["key_format"] == "diffusers"
     exact = _deltas(load_adapter(adapter_path))
     from_kohya, from_peft = _deltas(load_adapter(kohya)), _deltas(load_adapter(peft))

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from helpers import random_adapter, relayout
+from helpers import random_adapter, read_torch, relayout
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
@@ -18,11 +18,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from krona_cli.errors import KronaError
-from krona_cli.formats import canonical_name, read_safetensors
+from krona_cli.formats import canonical_name
 from krona_cli.formats.adapter import DiffuseKronALayer, KronLayer
 from krona_cli.formats.adapter import LoraLayer as KronaLoraLayer
 from krona_cli.formats.kohya_names import encode_path
-from krona_cli.formats.lora import from_lora, is_lora, save_lora, to_lora
+from krona_cli.formats.lora import from_lora, is_lora
+from krona_cli.formats.lora_export import save_lora, to_lora
 from krona_cli.formats.outline import LAYOUT_DIFFUSEKRONA, Adapter
 from krona_cli.inference.merge import pipeline_components
 from krona_cli.kron.functional import diffusekrona_delta
@@ -121,7 +122,7 @@ def _check_diffusers_load(adapter, pipeline_cls, pipe_dir, path, rank, layout):
     # every adapted layer was changed by the load, and nothing else
     assert set(changed) == set(expected)
     # by exactly the file's up @ down (· alpha / rank: 1), read here from the raw tensors
-    written = read_safetensors(path)[0]
+    written = read_torch(path)[0]
     sdxl = "text_encoder_2" in adapter.layers
     for (component, module), delta in changed.items():
         if layout == "kohya":
@@ -151,7 +152,7 @@ def test_sdxl_export_loads_in_diffusers_with_the_reported_error(sdxl_adapter, ti
     report = _check_diffusers_load(
         sdxl_adapter, StableDiffusionXLPipeline, tiny_sdxl_dir, tmp_path / "lora.safetensors", rank=6, layout=layout
     )
-    keys = set(read_safetensors(tmp_path / "lora.safetensors")[0])
+    keys = set(read_torch(tmp_path / "lora.safetensors")[0])
     if layout == "kohya":
         assert f"lora_unet_{encode_path(Q)}.lora_down.weight" in keys and f"lora_unet_{encode_path(Q)}.alpha" in keys
         assert f"lora_te1_{encode_path(TE_Q)}.lora_up.weight" in keys and f"lora_te2_{encode_path(TE_Q)}.alpha" in keys
@@ -163,7 +164,7 @@ def test_sdxl_export_loads_in_diffusers_with_the_reported_error(sdxl_adapter, ti
     assert all(v["error"] > 1e-3 for mods in report["layers"].values() for v in mods.values())
     assert 0.05 < report["error"] < 1
     assert set(report["layers"]) == set(COMPONENTS)
-    meta = json.loads(read_safetensors(tmp_path / "lora.safetensors")[1]["krona"])
+    meta = json.loads(read_torch(tmp_path / "lora.safetensors")[1]["krona"])
     assert meta["format"] == "lora" and meta["rank"] == 6 and meta["relative_error"] == report["error"]
     assert meta["architecture"] == "sdxl" and meta["source"]["scale"] == 0.8
     assert meta["key_format"] == {"kohya": "kohya", "peft": "diffusers"}[layout]
@@ -178,7 +179,7 @@ def test_sd15_export_with_mixed_ranks_loads_in_diffusers(sd15_adapter, tiny_sd15
         sd15_adapter, StableDiffusionPipeline, tiny_sd15_dir, tmp_path / "lora.safetensors", rank=20, layout=layout
     )
     if layout == "kohya":
-        written = read_safetensors(tmp_path / "lora.safetensors")[0]
+        written = read_torch(tmp_path / "lora.safetensors")[0]
         assert f"lora_te_{encode_path(TE_Q)}.lora_down.weight" in written
         assert {t.shape[0] for k, t in written.items() if k.endswith(".lora_down.weight")} == {20}
         assert {t.item() for k, t in written.items() if k.endswith(".alpha")} == {20.0}
@@ -224,7 +225,7 @@ def test_diffusekrona_layout_and_negative_scale_and_fp16(sdxl_adapter, tmp_path)
     assert abs(truncated["error"] - standard["error"]) < 1e-9  # a row permutation keeps the singular values
     # fp16 factors: the report measures what was written, rounding included
     report = save_lora(tmp_path / "half.safetensors", official, rank=64, dtype="fp16")
-    written, metadata = read_safetensors(tmp_path / "half.safetensors")
+    written, metadata = read_torch(tmp_path / "half.safetensors")
     assert {t.dtype for k, t in written.items() if not k.endswith(".alpha")} == {torch.float16}
     assert {t.dtype for k, t in written.items() if k.endswith(".alpha")} == {torch.float32}  # alpha = rank, exactly
     assert 1e-6 < report["error"] < 1e-2 and report["dtype"] == "fp16"
@@ -280,7 +281,7 @@ def test_reads_diffusers_peft_lora_with_its_alphas(tmp_path):
         text_encoder_lora_adapter_metadata=configs["text_encoder"].to_dict(),
         text_encoder_2_lora_adapter_metadata=configs["text_encoder_2"].to_dict(),
     )
-    tensors, metadata = read_safetensors(tmp_path / "pytorch_lora_weights.safetensors")
+    tensors, metadata = read_torch(tmp_path / "pytorch_lora_weights.safetensors")
     assert f"unet.{Q}.lora_A.weight" in tensors and is_lora(tensors)
     lora = from_lora(tensors, metadata, "peft")
     assert lora.key_format == "diffusers" and lora.architecture == "sdxl"
@@ -311,7 +312,7 @@ def test_reads_old_diffusers_naming(tmp_path):
     assert f"unet.{Q.replace('down_blocks.1', 'down_blocks.0')}.lora.down.weight" in flat
     assert any(k.endswith(".lora_linear_layer.up.weight") for k in flat)
     save_file(flat, str(tmp_path / "old.safetensors"))
-    tensors, metadata = read_safetensors(tmp_path / "old.safetensors")
+    tensors, metadata = read_torch(tmp_path / "old.safetensors")
     assert is_lora(tensors)
     lora = from_lora(tensors, metadata, "old")
     assert lora.key_format == "diffusers-old"

@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
-from helpers import factor_tensors, factors_of, random_adapter, relayout
+from helpers import factor_tensors, factors_of, lycoris_torch, random_adapter, read_torch, relayout
 from safetensors.torch import load_file
 from torch import nn
 
 from krona_cli.errors import KronaError
-from krona_cli.formats import DiffuseKronALayer, attach, canonical_name, load_adapter, read_safetensors, save_adapter
+from krona_cli.formats import DiffuseKronALayer, attach, canonical_name, load_adapter, save_adapter
 from krona_cli.formats.kohya_names import decode_path, encode_path
-from krona_cli.formats.lycoris import from_lycoris, is_lycoris, save_lycoris, to_lycoris
+from krona_cli.formats.lycoris import from_lycoris, is_lycoris, save_lycoris
 from krona_cli.inference.merge import pipeline_components
 from krona_cli.kron import adapted_layers, find_targets
 from krona_cli.pipeline.models import build_meta_components
@@ -76,7 +76,7 @@ def _assert_same_adapter(got, want):
 def test_sdxl_native_lycoris_native_is_bit_exact(sdxl_adapter, scale, tmp_path):
     adapter = dataclasses.replace(sdxl_adapter, scale=scale)
     native = load_adapter(save_adapter(tmp_path / "native.safetensors", adapter))
-    tensors, metadata = to_lycoris(native)
+    tensors, metadata = lycoris_torch(native)
     assert is_lycoris(tensors)
     assert f"lora_unet_{encode_path(Q)}.lokr_w1" in tensors
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lokr_w2" in tensors
@@ -91,7 +91,7 @@ def test_sdxl_native_lycoris_native_is_bit_exact(sdxl_adapter, scale, tmp_path):
 
 def test_sd15_round_trip_uses_lora_te(sd15_adapter):
     adapter = dataclasses.replace(sd15_adapter, scale=0.5)
-    tensors, metadata = to_lycoris(adapter)
+    tensors, metadata = lycoris_torch(adapter)
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lokr_w1" in tensors
     assert not any(k.startswith(("lora_te1_", "lora_te2_")) for k in tensors)
     assert metadata["ss_base_model_version"] == "sd_v1"
@@ -102,17 +102,17 @@ def test_round_trip_through_a_file(sdxl_adapter, tmp_path):
     adapter = dataclasses.replace(sdxl_adapter, scale=0.5)
     path = save_lycoris(tmp_path / "lokr.safetensors", adapter)
     assert [p.name for p in tmp_path.iterdir()] == ["lokr.safetensors"]
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata = read_torch(path)
     _assert_same_adapter(from_lycoris(tensors, metadata, str(path)), adapter)
     # a scale that is not a power of two comes back up to rounding; half precision files come back as float32
     odd = dataclasses.replace(sdxl_adapter, scale=0.8)
-    back = from_lycoris(*to_lycoris(odd), "memory")
+    back = from_lycoris(*lycoris_torch(odd), "memory")
     assert back.scale == 0.8
     back_tensors = factor_tensors(back)
     for key, t in factor_tensors(odd).items():
         torch.testing.assert_close(back_tensors[key], t, rtol=1e-6, atol=0)
     half = save_lycoris(tmp_path / "half.safetensors", adapter, dtype="fp16")
-    tensors, metadata = read_safetensors(half)
+    tensors, metadata = read_torch(half)
     assert {t.dtype for t in tensors.values()} == {torch.float16}
     back = from_lycoris(tensors, metadata, str(half))
     assert {t.dtype for t in factor_tensors(back).values()} == {torch.float32}
@@ -221,7 +221,7 @@ def test_ui_scale_rule_and_functional_lokr_give_krona_delta(sdxl_adapter):
     from lycoris.functional.lokr import diff_weight
 
     adapter = dataclasses.replace(sdxl_adapter, scale=0.8)
-    tensors, _ = to_lycoris(adapter)
+    tensors, _ = lycoris_torch(adapter)
     want = _krona_deltas(adapter, "sdxl")
     assert {k.partition(".")[0] for k in tensors} == set(want)
     for name, delta in want.items():
@@ -277,11 +277,11 @@ def test_decomposed_factors_get_the_ui_scale():
 
 
 def test_architecture_and_targets_without_krona_metadata(sd15_adapter, sdxl_adapter):
-    tensors, _ = to_lycoris(sd15_adapter)
+    tensors, _ = lycoris_torch(sd15_adapter)
     adapter = from_lycoris(tensors, {}, "x")  # no metadata at all: lora_te_ means one text encoder, SD 1.x
     assert adapter.architecture == "sd15" and adapter.scale == 1.0 and adapter.training is None
     assert adapter.targets == {"unet": "attn-ff", "text_encoder": "text"}
-    tensors, _ = to_lycoris(sdxl_adapter)
+    tensors, _ = lycoris_torch(sdxl_adapter)
     adapter = from_lycoris(tensors, {}, "x")
     assert adapter.architecture == "sdxl" and set(adapter.layers) == {"unet", "text_encoder", "text_encoder_2"}
     # UNet only, not all attention: no architecture to tell (tiny widths), targets a regex of exactly these layers
@@ -364,15 +364,15 @@ def test_unreadable_files_are_clear_errors(tensors, message):
 
 def test_other_layouts_and_zero_scale_are_not_exported(sdxl_adapter):
     with pytest.raises(KronaError, match="layout 'diffusekrona'"):
-        to_lycoris(relayout(sdxl_adapter, DiffuseKronALayer))
+        lycoris_torch(relayout(sdxl_adapter, DiffuseKronALayer))
     with pytest.raises(KronaError, match="scale"):
-        to_lycoris(dataclasses.replace(sdxl_adapter, scale=0.0))
+        lycoris_torch(dataclasses.replace(sdxl_adapter, scale=0.0))
 
 
 def test_is_lycoris(sdxl_adapter, tmp_path):
-    tensors, _ = to_lycoris(sdxl_adapter)
+    tensors, _ = lycoris_torch(sdxl_adapter)
     assert is_lycoris(tensors) and is_lycoris(list(tensors))
-    native, _ = read_safetensors(save_adapter(tmp_path / "n.safetensors", sdxl_adapter))
+    native, _ = read_torch(save_adapter(tmp_path / "n.safetensors", sdxl_adapter))
     assert not is_lycoris(native)
     assert not is_lycoris(["lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight"])
     assert not is_lycoris([])

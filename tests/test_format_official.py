@@ -12,13 +12,14 @@ import re
 
 import pytest
 import torch
+from helpers import read_torch
 from safetensors.torch import save_file
 from torch import nn
 
 from krona_cli.errors import KronaError
-from krona_cli.formats import attach, read_safetensors
+from krona_cli.formats import attach
 from krona_cli.formats.adapter import DiffuseKronALayer
-from krona_cli.formats.native import module_name
+from krona_cli.formats.in_models import module_name
 from krona_cli.formats.official import from_official, is_official
 from krona_cli.formats.outline import LAYOUT_DIFFUSEKRONA
 from krona_cli.kron.functional import diffusekrona_delta
@@ -177,7 +178,7 @@ def _hook_official(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torc
 
 def test_official_file_gives_the_official_output(pipe, official_file):
     path, saved = official_file
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata = read_torch(path)
     adapter = from_official(tensors, metadata, str(path))
     layers = adapter.layers["unet"]
     assert len(layers) == 4 * 2 * 11  # q/k/v/out of attn1 and attn2 in the 11 transformer blocks
@@ -220,7 +221,7 @@ def test_official_file_gives_the_official_output(pipe, official_file):
 
 def test_key_mapping_factors_and_settings(pipe, official_file):
     path, saved = official_file
-    adapter = from_official(*read_safetensors(path), str(path))
+    adapter = from_official(*read_torch(path), str(path))
     assert adapter.layout == LAYOUT_DIFFUSEKRONA == "diffusekrona"
     assert adapter.scale == 1.0 and adapter.base_model is None
     assert adapter.architecture is None  # the tiny UNet's context width, 80, is no known model's

@@ -12,10 +12,12 @@ import sys
 import types
 import warnings
 from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from helpers import random_adapter, relayout
+from helpers import lycoris_torch, random_adapter, read_torch, relayout
 from safetensors.torch import save_file
 from torch import nn
 
@@ -29,15 +31,18 @@ from krona_cli.formats import (
     describe,
     load_adapter,
     read_adapter,
-    read_safetensors,
     save_adapter,
     save_lora,
     save_lycoris,
-    to_lycoris,
 )
+from krona_cli.formats.detect import detect_format
 from krona_cli.formats.kohya_names import encode_path
+from krona_cli.formats.lora import from_lora
+from krona_cli.formats.lycoris import from_lycoris
+from krona_cli.formats.native import from_native
+from krona_cli.formats.official import from_official
 from krona_cli.formats.outline import tensor_infos
-from krona_cli.formats.safetensors_file import first_value, read_header
+from krona_cli.formats.safetensors_file import first_value, float32, read_header, read_tensors
 from krona_cli.formats.unet_paths import unet_path_to_sgm
 from krona_cli.inference.merge import pipeline_components
 from krona_cli.pipeline.tiny import build_tiny_pipeline
@@ -60,9 +65,25 @@ def _params(layer) -> int:
     return layer.down.numel() + layer.up.numel() if isinstance(layer, LoraLayer) else layer.a.numel() + layer.b.numel()
 
 
+# format -> the reader of a file's tensors in memory
+IN_MEMORY = {"native": from_native, "lycoris": from_lycoris, "lora": from_lora, "diffusekrona": from_official}
+
+
 def torch_description(path) -> dict:
-    """What `describe` gave when it read the file with torch: from `read_adapter`'s adapter and tensors."""
-    adapter, fmt, tensors = read_adapter(path)
+    """What `describe` gave when it read the file with torch: from the adapter the in-memory readers make of the
+    tensors torch's own reader reads (not from the header), which `load_adapter` also gives, tensor for tensor."""
+    tensors, metadata = read_torch(path)
+    fmt = detect_format(tensors, metadata, str(path))
+    adapter = IN_MEMORY[fmt](tensors, metadata, str(path))
+    loaded, loaded_fmt = read_adapter(path)
+    assert loaded_fmt == fmt and loaded.layers.keys() == adapter.layers.keys()
+    for component, layers in adapter.layers.items():
+        assert loaded.layers[component].keys() == layers.keys()
+        for module, layer in layers.items():
+            for name, t in vars(layer).items():
+                if isinstance(t, torch.Tensor):
+                    got = getattr(loaded.layers[component][module], name)
+                    assert got.dtype == t.dtype == torch.float32 and torch.equal(got, t), (module, name)
     return {
         "file": str(path),
         "format": fmt,
@@ -131,7 +152,7 @@ def _lokr_sd15(tmp_path, sdxl, sd15):
 
 def _lokr_without_krona_metadata(tmp_path, sdxl, sd15):
     """A LoKr file as another trainer writes it: no krona settings, so architecture and targets are inferred."""
-    tensors, _ = to_lycoris(sd15)
+    tensors, _ = lycoris_torch(sd15)
     path = tmp_path / "lokr-trainer.safetensors"
     save_file(tensors, str(path))
     return path
@@ -345,7 +366,7 @@ def test_describe_reads_the_header_as_the_torch_readers_read_the_file(maker, tmp
 
 def test_the_header_gives_every_tensor_as_torch_reads_it(tmp_path, sdxl):
     path = _lokr_decomposed(tmp_path, sdxl, None)
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata = read_torch(path)
     header = read_header(path)
     assert header.tensors == tensor_infos(tensors) and header.metadata == metadata
 
@@ -384,6 +405,26 @@ def test_first_value_is_the_number_torch_reads(tmp_path):
             want = float(t.float().reshape(-1)[0])
         got = first_value(path, header, key)
         assert math.isnan(got) if math.isnan(want) else (got, math.copysign(1, got)) == (want, math.copysign(1, want))
+
+
+def test_read_tensors_gives_the_numbers_torch_reads(tmp_path):
+    numbers = _numbers() | {"matrix32": torch.randn(3, 5), "bf16_matrix": torch.randn(4, 6).bfloat16()}
+    path = tmp_path / "numbers.safetensors"
+    save_file(numbers, str(path))
+    arrays = read_tensors(path, read_header(path))
+    assert arrays.keys() == numbers.keys()
+    for key, t in numbers.items():
+        assert arrays[key].shape == tuple(t.shape), key
+        if t.is_floating_point() or t.is_complex():  # as the readers take them: float32, complex to its real part
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                want = t.float().numpy()
+            got = float32(arrays[key])
+            assert got.dtype == np.float32 and np.array_equal(got, want, equal_nan=True), key
+            numbers = ~np.isnan(want)
+            assert np.array_equal(np.signbit(got[numbers]), np.signbit(want[numbers])), key  # -0.0 stays -0.0
+        else:
+            assert np.array_equal(arrays[key], t.numpy()), key
 
 
 # --- damaged files: refused as the torch readers refuse them --------------------------------------------------------
@@ -446,7 +487,10 @@ def test_damaged_files_are_refused_with_the_torch_readers_message(case, tmp_path
         load_adapter(path)
     with pytest.raises(KronaError) as describing:
         describe(path)
-    assert str(describing.value) == str(loading.value)
+    tensors, metadata = read_torch(path)
+    with pytest.raises(KronaError) as in_memory:  # the same tensors as torch reads them, through the in-memory readers
+        IN_MEMORY[detect_format(tensors, metadata, str(path))](tensors, metadata, str(path))
+    assert str(describing.value) == str(loading.value) == str(in_memory.value)
 
 
 def test_unreadable_files_are_refused_before_reading(tmp_path, sdxl):
@@ -492,6 +536,38 @@ def test_inspect_imports_no_model_library(tmp_path, sdxl, sd15, linears):
 
 
 @pytest.mark.subprocess
+def test_export_to_the_exact_formats_imports_no_model_library(tmp_path, sdxl, sd15, linears):
+    """`krona export --to native/lycoris` reads and writes with numpy; the files equal what the torch path writes."""
+    jobs = []
+    for maker in (_native, _native_bf16_sd15, _lokr_decomposed, _lokr_sgm, _official):
+        source = _make(maker, tmp_path, sdxl, sd15, linears)
+        for to, dtype in (("lycoris", "fp32"), ("native", "bf16"), ("lycoris", "fp16")):
+            if to == "lycoris" and maker is _official:
+                continue  # a DiffuseKronA layout is no plain LoKr (refused, tested in test_format_lycoris)
+            jobs.append((str(source), to, dtype, str(tmp_path / f"{source.stem}-{to}-{dtype}.safetensors")))
+    args = [["export", "--adapter", s, "--to", to, "--dtype", d, "--output", o] for s, to, d, o in jobs]
+    code = f"import sys; from krona_cli.cli import main; codes = [main(a) for a in {args!r}]; "
+    code += f"print(codes, sorted(m for m in {MODEL_LIBRARIES!r} if sys.modules.get(m) is not None))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == f"{[0] * len(jobs)} []"
+    for source, to, dtype, output in jobs:  # the same file written from torch tensors
+        again = Path(output).with_suffix(".torch")
+        adapter = load_adapter(source)
+        assert all(isinstance(layer.a, torch.Tensor) for mods in adapter.layers.values() for layer in mods.values())
+        (save_lycoris if to == "lycoris" else save_adapter)(again, adapter, dtype=dtype, title=Path(output).stem)
+        assert _contents(again) == _contents(output), output
+
+
+def _contents(path) -> tuple:
+    """A file's tensors (header entries and bytes) and its metadata but the time it was written."""
+    header = read_header(path)
+    data = Path(path).read_bytes()[min(begin for begin, _ in header.spans.values()) :]
+    metadata = {k: v for k, v in header.metadata.items() if k != "modelspec.date"}
+    return header.tensors, header.spans, metadata, data
+
+
+@pytest.mark.subprocess
 def test_the_check_sees_torch_when_it_is_imported():
     """The check itself: the same code after importing torch reports it (so an empty list above means something)."""
     code = f"import sys, torch; print(sorted(m for m in {MODEL_LIBRARIES!r} if sys.modules.get(m) is not None))"
@@ -499,12 +575,13 @@ def test_the_check_sees_torch_when_it_is_imported():
     assert done.stdout.strip().splitlines()[-1] == "['torch']"
 
 
-# the names `krona_cli.formats` has always exported
+# the names `krona_cli.formats` exports
 EXPORTED = {
     "LAYOUT_DIFFUSEKRONA", "LAYOUT_LORA", "LAYOUT_STANDARD", "Adapter", "DiffuseKronALayer", "KronLayer", "LoraLayer",
-    "attach", "canonical_name", "collect_adapter", "describe", "detect_format", "file_sha256", "from_lora",
-    "from_lycoris", "from_official", "load_adapter", "module_name", "read_adapter", "read_safetensors", "save_adapter",
-    "save_lora", "save_lycoris", "to_lora", "to_lycoris",
+    "attach", "canonical_name", "collect_adapter", "describe", "detect_format", "file_sha256", "fill_lora",
+    "fill_lycoris", "fill_native", "fill_official", "from_lora", "from_lycoris", "from_native", "from_official",
+    "load_adapter", "module_name", "numpy_array", "read_adapter", "read_safetensors", "save_adapter", "save_lora",
+    "save_lycoris", "to_lora", "to_lycoris", "torch_tensor",
 }  # fmt: skip
 
 

@@ -4,16 +4,17 @@ same weights as the diffusers-named file when given that base's UNet config, and
 
 import pytest
 import torch
-from helpers import random_adapter
+from helpers import lycoris_torch, random_adapter, read_torch
 from safetensors.torch import save_file
 from torch import nn
 
 from krona_cli.architectures import load_model_config
 from krona_cli.errors import KronaError
-from krona_cli.formats import describe, load_adapter, read_safetensors
+from krona_cli.formats import describe, load_adapter
 from krona_cli.formats.kohya_names import encode_path
-from krona_cli.formats.lora import from_lora, to_lora
-from krona_cli.formats.lycoris import from_lycoris, to_lycoris
+from krona_cli.formats.lora import from_lora
+from krona_cli.formats.lora_export import to_lora
+from krona_cli.formats.lycoris import from_lycoris
 from krona_cli.formats.original_layout import unet_path_to_sgm
 from krona_cli.inference.export import export_adapter
 from krona_cli.inference.merge import bake, pipeline_components
@@ -115,7 +116,7 @@ def test_sgm_files_are_inspected_and_exported(real_sdxl, tmp_path):
         if to != "native":  # krona writes diffusers module names, which every client maps
             assert back.key_format == "kohya"
             assert f"lora_unet_{encode_path('down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q')}" in {
-                k.partition(".")[0] for k in read_safetensors(out)[0]
+                k.partition(".")[0] for k in read_torch(out)[0]
             }
 
 
@@ -149,9 +150,10 @@ def test_tiny_sdxl_sgm_file_merges_like_the_diffusers_named_one(kind, tmp_path):
     adapter = random_adapter("sdxl", scale=0.5, seed=7)
     config = build_tiny_pipeline("sdxl").unet.config
     if kind == "lycoris":
-        tensors, metadata = to_lycoris(adapter)
+        tensors, metadata = lycoris_torch(adapter)
     else:
         tensors, metadata, _ = to_lora(adapter, rank=3)
+        tensors = {k: torch.from_numpy(v) for k, v in tensors.items()}
     metadata = {k: v for k, v in metadata.items() if k != "krona"}  # as another trainer wrote it
     sgm = _to_sgm(tensors, config)
     # tiny: down block 0 is one resnet and a downsampler (input_blocks 1, 2), so down block 1 starts at 3
@@ -201,7 +203,7 @@ def test_cli_merge_numbers_sgm_layers_by_the_given_base(tiny_sdxl_dir, tmp_path)
     from krona_cli.cli import main
     from krona_cli.pipeline.models import load_pipeline
 
-    tensors, metadata = to_lycoris(random_adapter("sdxl", scale=0.5, seed=11))
+    tensors, metadata = lycoris_torch(random_adapter("sdxl", scale=0.5, seed=11))
     metadata = {k: v for k, v in metadata.items() if k != "krona"}
     save_file(tensors, str(tmp_path / "plain.safetensors"), metadata=metadata)
     save_file(

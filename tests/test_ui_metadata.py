@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 
 import pytest
 import torch
-from helpers import factor_tensors, random_adapter
+from helpers import factor_tensors, random_adapter, read_torch
 
-from krona_cli.formats import load_adapter, read_safetensors, save_adapter, save_lora, save_lycoris
+from krona_cli.formats import load_adapter, save_adapter, save_lora, save_lycoris
 
 TRAINING = {
     "steps": 500,
@@ -37,7 +37,7 @@ def _write(kind, adapter, folder, name):
         save_lycoris(path, adapter)
     else:
         save_lora(path, adapter, rank=4)
-    return path, read_safetensors(path)[1]
+    return path, read_torch(path)[1]
 
 
 @pytest.mark.parametrize("kind", ["native", "lycoris", "lora"])
@@ -62,7 +62,7 @@ def test_modelspec_and_kohya_keys_from_the_training_settings(sdxl, kind, tmp_pat
     assert meta["modelspec.description"] == meta["ss_training_comment"]
     network = {k: v for k, v in meta.items() if k.startswith("ss_network_")}
     if kind == "lora":
-        rank = {t.shape[0] for k, t in read_safetensors(path)[0].items() if k.endswith(".lora_down.weight")}
+        rank = {t.shape[0] for k, t in read_torch(path)[0].items() if k.endswith(".lora_down.weight")}
         assert rank == {4}
         assert network == {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "4"}
         assert "rank-4 LoRA" in meta["ss_training_comment"]

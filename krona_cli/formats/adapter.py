@@ -7,37 +7,66 @@ DiffuseKronA layer's row permutation of it, layout `diffusekrona`) and `LoraLaye
 (ΔW = s·multiplier·up @ down, layout `lora`). One adapter holds layers of one layout. Module names are spelled as
 krona's files spell them (text-encoder modules with `text_model.`, see native_outline.canonical_name). What their
 shapes tell (factors, rank, parameters) is outline.py's `KronShape` and `LoraShape`.
+
+The readers fill layers with float32 numpy arrays and hand them to torch (`torch_tensor`) unless asked for numpy, which
+is all writing krona's own and LoKr files needs (`krona export` runs without torch); computing an update needs torch
+tensors. This module imports torch only when an update is computed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+import numpy as np
 
-from ..kron import diffusekrona_delta, diffusekrona_rows, kron_delta, kron_svd, kron_svd_error
 from .outline import LAYOUT_DIFFUSEKRONA, LAYOUT_LORA, LAYOUT_STANDARD, KronShape, LoraShape
+
+if TYPE_CHECKING:
+    import torch
+
+
+def torch_tensor(array: np.ndarray) -> torch.Tensor:
+    """A numpy array as a torch tensor sharing its memory (the readers' arrays are fresh, writable copies)."""
+    import torch
+
+    return torch.from_numpy(array)
+
+
+# What a reader hands each float32 array of a layer to: `torch_tensor`, or keep it (`numpy_array`).
+Make = Callable[[np.ndarray], Any]
+
+
+def numpy_array(array: np.ndarray) -> np.ndarray:
+    """The array itself: a reader's layers stay numpy (for writing files without torch)."""
+    return array
 
 
 @dataclass(eq=False)
 class KronLayer(KronShape):
     """A Kronecker layer: A (a_out × a_in) and B (b_out × b_in), ΔW = s · (A ⊗ B) of shape (a_out·b_out, a_in·b_in)."""
 
-    a: torch.Tensor
-    b: torch.Tensor
+    a: torch.Tensor | np.ndarray
+    b: torch.Tensor | np.ndarray
     layout: ClassVar[str] = LAYOUT_STANDARD
 
     def delta(self, scale: float = 1.0) -> torch.Tensor:
         """ΔW in float32, `scale` included."""
+        from ..kron import kron_delta
+
         return kron_delta(self.a.float(), self.b.float(), scale)
 
-    def low_rank(self, scale: float, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        """up (d_out × k) and down (k × d_in) in `dtype` with up @ down the best rank-k approximation of ΔW (k: see
-        kron.kron_svd), and (‖ΔW − up@down‖_F², ‖ΔW‖_F²) of the factors as rounded to `dtype`."""
-        up, down = kron_svd(self.a, self.b, scale, rank)
-        up, down = up.to(dtype), down.to(dtype)
-        err2, norm2 = kron_svd_error(self.a, self.b, scale, up, down)
+    def low_rank(self, scale: float, rank: int, dtype: str) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """up (d_out × k) and down (k × d_in) with up @ down the best rank-k approximation of ΔW (k: see
+        kron.kron_svd), as float32 numpy arrays holding the numbers a file in `dtype` (fp32, fp16 or bf16) stores, and
+        (‖ΔW − up@down‖_F², ‖ΔW‖_F²) of those factors. numpy only: a LoRA is exported without torch."""
+        from ..kron.low_rank import kron_svd, kron_svd_error
+        from .safetensors_file import float32, rounded
+
+        a, b = float32(self.a), float32(self.b)
+        up, down = (rounded(m, dtype) for m in kron_svd(a, b, scale, rank))
+        err2, norm2 = kron_svd_error(a, b, scale, up, down)
         return up, down, err2, norm2
 
 
@@ -49,10 +78,14 @@ class DiffuseKronALayer(KronLayer):
     layout: ClassVar[str] = LAYOUT_DIFFUSEKRONA
 
     def delta(self, scale: float = 1.0) -> torch.Tensor:
+        from ..kron import diffusekrona_delta
+
         return diffusekrona_delta(self.a.float(), self.b.float(), scale)
 
-    def low_rank(self, scale: float, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    def low_rank(self, scale: float, rank: int, dtype: str) -> tuple[np.ndarray, np.ndarray, float, float]:
         # the standard delta's SVD with up's rows regrouped: a row permutation changes neither error nor norm
+        from ..kron.low_rank import diffusekrona_rows
+
         up, down, err2, norm2 = super().low_rank(scale, rank, dtype)
         return diffusekrona_rows(up, self.a.shape[0], self.b.shape[0]), down, err2, norm2
 
@@ -62,8 +95,8 @@ class LoraLayer(LoraShape):
     """A LoRA layer: down (r × d_in), up (d_out × r) and its multiplier alpha / r already resolved (1.0 without
     alpha), ΔW = s · multiplier · up @ down."""
 
-    down: torch.Tensor
-    up: torch.Tensor
+    down: torch.Tensor | np.ndarray
+    up: torch.Tensor | np.ndarray
     multiplier: float = 1.0
     layout: ClassVar[str] = LAYOUT_LORA
 

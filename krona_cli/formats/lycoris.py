@@ -22,22 +22,22 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import torch
-from safetensors.torch import save as safetensors_save
+import numpy as np
 
 from ..atomic import write_bytes_atomic
-from ..dtypes import dtype_from_name
 from ..errors import KronaError
-from .adapter import KronLayer
+from .adapter import KronLayer, Make, torch_tensor
 from .kohya_names import lora_name, two_text_encoders
 from .lycoris_outline import is_lycoris, lycoris_outline
 from .native import krona_metadata, tensor_value
 from .native_outline import METADATA_KEY
 from .outline import LAYOUT_STANDARD, Adapter, KronOutline, tensor_infos
+from .safetensors_file import float32, safetensors_bytes
 from .ui_metadata import describe_adapter, ui_metadata
 
-__all__ = ["from_lycoris", "is_lycoris", "save_lycoris", "to_lycoris"]
+__all__ = ["fill_lycoris", "from_lycoris", "is_lycoris", "save_lycoris", "to_lycoris"]
 
 # What kohya's sd-scripts writes for a LyCORIS network (`--network_module lycoris.kohya --network_args algo=lokr
 # full_matrix=True`): network_args as JSON of the strings given on its command line.
@@ -57,8 +57,8 @@ NETWORK_DIM = 1
 # --- writing ------------------------------------------------------------------------------------------------------
 
 
-def to_lycoris(adapter: Adapter, title: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and metadata of the LoKr file that holds `adapter` (standard layout only).
+def to_lycoris(adapter: Adapter, title: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors (float32 numpy arrays) and metadata of the LoKr file that holds `adapter` (standard layout only).
 
     Per layer: `lokr_w1` = s·A, `lokr_w2` = B and `alpha` = 1, so every LoKr loader builds ΔW = s·(A ⊗ B).
     The metadata carries krona's own settings under `krona`, and the modelspec and kohya `ss_*` keys UIs show
@@ -75,15 +75,15 @@ def to_lycoris(adapter: Adapter, title: str | None = None) -> tuple[dict[str, to
             f"adapter scale {adapter.scale} cannot be exported: LoKr files hold s·A, so a zero or non-finite scale "
             "would lose A; export with a finite, non-zero --scale"
         )
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, np.ndarray] = {}
     sdxl = two_text_encoders(adapter)
     for component, layers in adapter.layers.items():
         for module, layer in layers.items():
             name = lora_name(component, module, sdxl)
             # s·A in float32; multiplying by 1 or a power of two is exact, so reading back gives A bit for bit.
-            tensors[f"{name}.lokr_w1"] = (layer.a.float() * scale).contiguous()
-            tensors[f"{name}.lokr_w2"] = layer.b.float().clone().contiguous()
-            tensors[f"{name}.alpha"] = torch.tensor(ALPHA)
+            tensors[f"{name}.lokr_w1"] = float32(layer.a) * np.float32(scale)
+            tensors[f"{name}.lokr_w2"] = float32(layer.b)
+            tensors[f"{name}.alpha"] = np.array(ALPHA, dtype=np.float32)
     network = {
         "module": NETWORK_MODULE,
         "dim": str(NETWORK_DIM),
@@ -109,45 +109,51 @@ def to_lycoris(adapter: Adapter, title: str | None = None) -> tuple[dict[str, to
 def save_lycoris(path: str | Path, adapter: Adapter, dtype: str = "fp32", title: str | None = None) -> Path:
     """Write `adapter` as one LyCORIS LoKr .safetensors file, atomically; dtype is fp32, fp16 or bf16; `title`
     (modelspec title, kohya output name) defaults to the file's name."""
-    torch_dtype = dtype_from_name(dtype)
     tensors, metadata = to_lycoris(adapter, title or Path(path).stem)
-    data = safetensors_save({k: t.to(torch_dtype).contiguous() for k, t in tensors.items()}, metadata=metadata)
-    return write_bytes_atomic(path, data)
+    return write_bytes_atomic(path, safetensors_bytes(tensors, dtype, metadata))
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
 
 
-def _factor(tensors: Mapping[str, torch.Tensor], keys: dict[str, str], side: str) -> torch.Tensor:
-    """The full factor `side` (w1 or w2) in float32: as stored, or its two halves multiplied out."""
+def _factor(tensors: Mapping[str, Any], keys: dict[str, str], side: str) -> np.ndarray:
+    """The full factor `side` (w1 or w2) in float32: as stored, or its two halves multiplied out (in float64, then
+    rounded once)."""
     if side in keys:
-        return tensors[keys[side]].to(torch.float32, copy=True)
-    first, second = tensors[keys[f"{side}_a"]], tensors[keys[f"{side}_b"]]
-    return first.to(torch.float32, copy=True) @ second.to(torch.float32, copy=True)
+        return float32(tensors[keys[side]])
+    first, second = float32(tensors[keys[f"{side}_a"]]), float32(tensors[keys[f"{side}_b"]])
+    return (first.astype(np.float64) @ second.astype(np.float64)).astype(np.float32)
 
 
-def from_lycoris(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str, unet_config: Mapping | None = None
-) -> Adapter:
-    """The standard-layout Adapter held by a LyCORIS/kohya LoKr file's tensors and metadata.
-
-    Each layer gives A = w1 and B = w2, a decomposed factor being multiplied out first (w2 = w2_a @ w2_b) with the
-    loaders' scale alpha / r (r its inner rank; 1 when no factor is decomposed) folded into A. With krona's own
-    metadata (a file that `to_lycoris` wrote) the scale s is restored and A = w1 / s: native -> LyCORIS -> native then
-    gives back the same tensors bit for bit when s is 1 or any power of two, and equal up to float rounding (one
-    multiplication and one division by s) otherwise. Without it the scale is 1, the architecture comes from
-    `ss_base_model_version` or the text-encoder prefixes, and the targets are inferred from the adapted modules.
-    SGM-named UNet layers (kohya's SDXL files) are mapped to diffusers paths with `unet_config` (kohya_names.py).
-    Tensors are returned in float32 whatever the file's dtype.
-    """
-    outline = lycoris_outline(tensor_infos(tensors), metadata, source, unet_config, tensor_value(tensors))
-    scale = outline.scale
+def fill_lycoris(outline: Adapter, tensors: Mapping[str, Any], make: Make = torch_tensor) -> Adapter:
+    """A LoKr file's outline (lycoris_outline.py) filled with its tensors: A = w1 and B = w2 in float32, handed to
+    `make`, a decomposed factor multiplied out first, the loaders' multiplier (alpha / r of a decomposed factor) folded
+    into A and the scale krona's metadata records taken out of it (A = w1 / s)."""
+    scale = np.float32(outline.scale)
 
     def layer(found: KronOutline) -> KronLayer:
         w1, w2 = _factor(tensors, found.keys, "w1"), _factor(tensors, found.keys, "w2")
-        a = w1 if found.multiplier == 1.0 else w1 * found.multiplier
+        a = w1 if found.multiplier == 1.0 else w1 * np.float32(found.multiplier)
         if scale != 1.0:
             a = a / scale
-        return KronLayer(a.contiguous(), w2.contiguous())
+        return KronLayer(make(a), make(w2))
 
     return outline.with_layers(layer)
+
+
+def from_lycoris(
+    tensors: Mapping[str, Any], metadata: dict[str, str], source: str, unet_config: Mapping | None = None
+) -> Adapter:
+    """The standard-layout Adapter held by a LyCORIS/kohya LoKr file's tensors (numpy or torch) and metadata, in torch
+    tensors (`fill_lycoris`).
+
+    With krona's own metadata (a file that `to_lycoris` wrote) the scale s is restored and A = w1 / s: native ->
+    LyCORIS -> native then gives back the same tensors bit for bit when s is 1 or any power of two, and equal up to
+    float rounding (one multiplication and one division by s) otherwise. Without it the scale is 1, the architecture
+    comes from `ss_base_model_version` or the text-encoder prefixes, and the targets are inferred from the adapted
+    modules. SGM-named UNet layers (kohya's SDXL files) are mapped to diffusers paths with `unet_config`
+    (kohya_names.py). Tensors are returned in float32 whatever the file's dtype.
+    """
+    return fill_lycoris(
+        lycoris_outline(tensor_infos(tensors), metadata, source, unet_config, tensor_value(tensors)), tensors
+    )

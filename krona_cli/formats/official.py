@@ -21,26 +21,30 @@ which reads the keys and shapes without torch; here its outline is filled with t
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Mapping
+from typing import Any
 
-from .adapter import DiffuseKronALayer
+from .adapter import DiffuseKronALayer, Make, torch_tensor
 from .official_outline import is_official, official_outline
 from .outline import Adapter, tensor_infos
+from .safetensors_file import float32
 
-__all__ = ["from_official", "is_official"]
+__all__ = ["fill_official", "from_official", "is_official"]
 
 
-def from_official(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> Adapter:
-    """An Adapter of DiffuseKronALayers (layout "diffusekrona") from the tensors of an official DiffuseKronA checkpoint.
-
-    A = down.weightᵀ and B = up.weight (float32); module names, settings and the errors for files krona does not read
-    are official_outline.py's. `metadata` (diffusers writes only {"format": "pt"}) is not used.
-    """
-    del metadata
-    outline = official_outline(tensor_infos(tensors), source)
+def fill_official(outline: Adapter, tensors: Mapping[str, Any], make: Make = torch_tensor) -> Adapter:
+    """An official checkpoint's outline (official_outline.py) filled with its tensors: DiffuseKronALayers with
+    A = down.weightᵀ and B = up.weight in float32, handed to `make`."""
     return outline.with_layers(
         lambda layer: DiffuseKronALayer(
-            tensors[layer.keys["down"]].detach().float().t().contiguous(),
-            tensors[layer.keys["up"]].detach().float().contiguous(),
+            make(float32(float32(tensors[layer.keys["down"]]).T)), make(float32(tensors[layer.keys["up"]]))
         )
     )
+
+
+def from_official(tensors: Mapping[str, Any], metadata: dict[str, str], source: str) -> Adapter:
+    """An Adapter of DiffuseKronALayers (layout "diffusekrona") from the tensors (numpy or torch) of an official
+    DiffuseKronA checkpoint, in torch tensors; module names, settings and the errors for files krona does not read are
+    official_outline.py's. `metadata` (diffusers writes only {"format": "pt"}) is not used."""
+    del metadata
+    return fill_official(official_outline(tensor_infos(tensors), source), tensors)

@@ -1,6 +1,9 @@
-"""A .safetensors file read without torch: pickles refused before anything is read (`refuse_unsafe`), the header
-(`read_header`: each tensor's dtype and shape, where its bytes lie, the metadata), the first number of one small tensor
-(`first_value`, with numpy), and the file's hash.
+"""A .safetensors file read and written without torch, with numpy: pickles refused before anything is read
+(`refuse_unsafe`), the header (`read_header`: each tensor's dtype and shape, where its bytes lie, the metadata), the
+first number of one small tensor (`first_value`), every tensor (`read_tensors`), float32 copies of numpy arrays or
+torch tensors (`float32`), a file's bytes in fp32, fp16 or bf16 (`safetensors_bytes`, rounding as torch does; the
+numbers as stored: `rounded`), and the file's hash. numpy has no bfloat16 or float8: their numbers are decoded by
+hand into float32 (or float16), and bf16 is encoded by hand.
 
 The layout (safetensors' specification): 8 bytes, the header's length n (little-endian); n bytes of JSON,
 {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}; then the tensors' bytes, each at
@@ -14,10 +17,13 @@ import hashlib
 import json
 import math
 import struct
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from safetensors import TensorSpec, serialize
 
 from ..errors import KronaError
 from .outline import TensorInfo
@@ -47,6 +53,8 @@ _NUMPY = {
     "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1",
     "BOOL": "?", "C64": "<c8",
 }  # fmt: skip
+# what `safetensors_bytes` writes for each of krona's dtype names: safetensors' name for it in `save` and in a header
+_WRITTEN = {"fp32": ("float32", "F32"), "fp16": ("float16", "F16"), "bf16": ("bfloat16", "BF16")}
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the header's length
 
 
@@ -166,6 +174,78 @@ def first_value(path: str | Path, header: Header, key: str) -> float:
         data = f.read(DTYPES[dtype][1])
     number = _numbers(data, dtype)[0]
     return float(np.float32(number.real if np.iscomplexobj(number) else number))
+
+
+def read_tensors(path: str | Path, header: Header) -> dict[str, np.ndarray]:
+    """Every tensor of a file whose header has been read, as numpy holds its numbers (bf16 as float32, fp8 as float16
+    or float64: exactly; see `_numbers`), in its shape; read-only views of the file's bytes where no decoding was
+    needed."""
+    data = Path(path).read_bytes()
+    if len(data) < max((end for _, end in header.spans.values()), default=0):
+        raise unreadable(path, "it became shorter while it was read")
+    return {
+        key: _numbers(data[begin:end], header.raw_dtypes[key]).reshape(header.tensors[key].shape)
+        for key, (begin, end) in header.spans.items()
+    }
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """All tensors (`read_tensors`) and the metadata of a .safetensors file; KronaError for pickles, truncated or
+    corrupt files."""
+    header = read_header(path)
+    return read_tensors(path, header), header.metadata
+
+
+def float32(tensor: Any) -> np.ndarray:
+    """A fresh, writable float32 copy of a numpy array or a torch tensor (of a complex one its real part, as torch's
+    `.float()` takes it)."""
+    if not isinstance(tensor, np.ndarray):  # a torch tensor: torch converts its own dtypes (bf16, fp8) exactly
+        tensor = tensor.detach().cpu().float().numpy()
+    if np.iscomplexobj(tensor):
+        tensor = tensor.real
+    return np.array(tensor, dtype=np.float32, order="C", copy=True)
+
+
+def _encoded(numbers: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 `numbers` rounded to `dtype` (fp32, fp16 or bf16) to the nearest, ties to even, as torch rounds; bf16 as
+    its bits (uint16). A NaN stays a NaN (bf16: the quiet NaN 0x7FC0)."""
+    if dtype == "fp16":
+        with np.errstate(over="ignore"):  # beyond float16's range is ±inf, as in torch
+            return numbers.astype(np.float16)
+    if dtype == "bf16":  # the high half of the float32, rounded on the low half
+        bits = numbers.view(np.uint32)
+        rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+        return np.where(np.isnan(numbers), np.uint16(0x7FC0), rounded)
+    return numbers
+
+
+def rounded(numbers: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 copies of `numbers` (any float dtype: through float32 first, as torch converts) as a file in `dtype`
+    (fp32, fp16 or bf16) holds them, read back."""
+    stored = _encoded(float32(numbers), _check_dtype(dtype))
+    return _numbers(stored.tobytes(), _WRITTEN[dtype][1]).astype(np.float32).reshape(stored.shape)
+
+
+def _check_dtype(dtype: str) -> str:
+    if dtype not in _WRITTEN:
+        raise KronaError(f"unknown dtype '{dtype}'; use one of {', '.join(_WRITTEN)}")
+    return dtype
+
+
+def safetensors_bytes(
+    tensors: Mapping[str, Any], dtype: str, metadata: Mapping[str, str], float32_keys: Collection[str] = ()
+) -> bytes:
+    """The bytes of a .safetensors file holding `tensors` (numpy arrays or torch tensors, any float dtype) in `dtype`
+    (fp32, fp16 or bf16), those named in `float32_keys` in fp32 whatever `dtype`, with `metadata`: the bytes
+    safetensors' own `save` writes for the same tensors converted by torch."""
+    _check_dtype(dtype)
+    kinds = {key: "fp32" if key in float32_keys else dtype for key in tensors}
+    arrays = {key: _encoded(float32(tensor), kinds[key]) for key, tensor in tensors.items()}
+    specs = {
+        key: TensorSpec(dtype=_WRITTEN[kinds[key]][0], shape=a.shape, data_ptr=a.ctypes.data, data_len=a.nbytes)
+        for key, a in arrays.items()
+    }
+    return bytes(serialize(specs, metadata=dict(metadata)))  # `arrays` holds the memory the specs point to
 
 
 def file_sha256(path: str | Path) -> str:

@@ -10,7 +10,11 @@ from pathlib import Path
 from ..atomic import write_bytes_atomic
 from ..choices import EXPORT_FORMATS
 from ..errors import KronaError
-from ..formats import load_adapter, save_adapter, save_lora, save_lycoris
+from ..formats.adapter import numpy_array
+from ..formats.lora_export import save_lora
+from ..formats.lycoris import save_lycoris
+from ..formats.native import save_adapter
+from ..formats.read import load_adapter
 from ..outputs import output_file
 
 TARGETS = tuple(EXPORT_FORMATS)
@@ -32,8 +36,9 @@ def export_adapter(
     `lora` approximates each layer's update by truncated SVD at `rank` and reports the relative error per layer and
     in total (also written to `report_path` as JSON when given); its keys follow `lora_layout`: `kohya` (the default,
     which ComfyUI, A1111/Forge, kohya and diffusers all load) or `peft` (diffusers' own naming). The other targets are
-    exact. An existing output is replaced only with `overwrite`. Every output carries the modelspec and kohya `ss_`
-    keys UIs show, titled with the output's file name.
+    exact. Everything is read, computed and written with numpy, without torch. An existing output is replaced only
+    with `overwrite`. Every output carries the modelspec and kohya `ss_` keys UIs show, titled with the output's file
+    name.
     `unet_config` numbers the SGM-named UNet layers of a kohya SDXL source (see formats/kohya_names.py).
     """
     if to not in TARGETS:
@@ -45,7 +50,7 @@ def export_adapter(
         output_file(report_path, "--report", ".json", overwrite)
     if to != "lora" and lora_layout is not None:
         raise KronaError("--lora-layout only applies to --to lora")
-    adapter = load_adapter(source, unet_config)
+    adapter = load_adapter(source, unet_config, numpy_array)  # numpy throughout: no torch
     if not adapter.kronecker:
         raise KronaError(f"'{source}' is not a Kronecker adapter; only Kronecker adapters can be exported")
     summary = {"source": str(source), "format": to, "output": str(output), "layers": sum(adapter.num_layers().values())}

@@ -15,7 +15,7 @@ from ..atomic import write_folder_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
 from ..formats import Adapter, file_sha256, load_adapter, module_name
-from ..formats.native import COMPONENTS
+from ..formats.native_outline import COMPONENTS
 from ..outputs import check_free_space, output_file, output_folder
 
 

@@ -205,7 +205,7 @@ def _lokr_adapter(adapter: TrainableAdapter, base_model: str, architecture: str,
     from peft.tuners.lokr.layer import LoKrLayer
 
     from ..formats.adapter import KronLayer
-    from ..formats.native import canonical_name
+    from ..formats.native_outline import canonical_name
     from ..formats.outline import Adapter
 
     layers = {}
