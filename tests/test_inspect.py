@@ -536,16 +536,19 @@ def test_inspect_imports_no_model_library(tmp_path, sdxl, sd15, linears):
 
 
 @pytest.mark.subprocess
-def test_export_to_the_exact_formats_imports_no_model_library(tmp_path, sdxl, sd15, linears):
-    """`krona export --to native/lycoris` reads and writes with numpy; the files equal what the torch path writes."""
+def test_export_imports_no_model_library(tmp_path, sdxl, sd15, linears):
+    """`krona export` reads, computes and writes with numpy; its files equal those written from torch tensors."""
     jobs = []
     for maker in (_native, _native_bf16_sd15, _lokr_decomposed, _lokr_sgm, _official):
         source = _make(maker, tmp_path, sdxl, sd15, linears)
-        for to, dtype in (("lycoris", "fp32"), ("native", "bf16"), ("lycoris", "fp16")):
+        for to, dtype in (("lycoris", "fp32"), ("native", "bf16"), ("lycoris", "fp16"), ("lora", "bf16")):
             if to == "lycoris" and maker is _official:
                 continue  # a DiffuseKronA layout is no plain LoKr (refused, tested in test_format_lycoris)
             jobs.append((str(source), to, dtype, str(tmp_path / f"{source.stem}-{to}-{dtype}.safetensors")))
-    args = [["export", "--adapter", s, "--to", to, "--dtype", d, "--output", o] for s, to, d, o in jobs]
+    args = [
+        ["export", "--adapter", s, "--to", to, "--dtype", d, "--output", o] + (["--rank", "3"] if to == "lora" else [])
+        for s, to, d, o in jobs
+    ]
     code = f"import sys; from krona_cli.cli import main; codes = [main(a) for a in {args!r}]; "
     code += f"print(codes, sorted(m for m in {MODEL_LIBRARIES!r} if sys.modules.get(m) is not None))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -555,7 +558,10 @@ def test_export_to_the_exact_formats_imports_no_model_library(tmp_path, sdxl, sd
         again = Path(output).with_suffix(".torch")
         adapter = load_adapter(source)
         assert all(isinstance(layer.a, torch.Tensor) for mods in adapter.layers.values() for layer in mods.values())
-        (save_lycoris if to == "lycoris" else save_adapter)(again, adapter, dtype=dtype, title=Path(output).stem)
+        if to == "lora":
+            save_lora(again, adapter, rank=3, dtype=dtype, title=Path(output).stem)
+        else:
+            (save_lycoris if to == "lycoris" else save_adapter)(again, adapter, dtype=dtype, title=Path(output).stem)
         assert _contents(again) == _contents(output), output
 
 
