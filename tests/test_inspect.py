@@ -586,7 +586,7 @@ EXPORTED = {
     "LAYOUT_DIFFUSEKRONA", "LAYOUT_LORA", "LAYOUT_STANDARD", "Adapter", "DiffuseKronALayer", "KronLayer", "LoraLayer",
     "attach", "canonical_name", "collect_adapter", "describe", "detect_format", "file_sha256", "fill_lora",
     "fill_lycoris", "fill_native", "fill_official", "from_lora", "from_lycoris", "from_native", "from_official",
-    "load_adapter", "module_name", "numpy_array", "read_adapter", "read_safetensors", "save_adapter", "save_lora",
+    "load_adapter", "module_name", "numpy_array", "read_adapter", "save_adapter", "save_lora",
     "save_lycoris", "to_lora", "to_lycoris", "torch_tensor",
 }  # fmt: skip
 

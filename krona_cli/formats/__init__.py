@@ -31,7 +31,7 @@ _WHERE = {
     "native": ("fill_native", "from_native", "save_adapter"),
     "in_models": ("attach", "collect_adapter", "module_name"),
     "native_outline": ("canonical_name",),
-    "safetensors_file": ("file_sha256", "read_safetensors"),
+    "safetensors_file": ("file_sha256",),
     "official": ("fill_official", "from_official"),
 }
 __getattr__, __all__ = lazy_exports(__name__, _WHERE)

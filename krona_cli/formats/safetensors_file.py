@@ -189,13 +189,6 @@ def read_tensors(path: str | Path, header: Header) -> dict[str, np.ndarray]:
     }
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """All tensors (`read_tensors`) and the metadata of a .safetensors file; KronaError for pickles, truncated or
-    corrupt files."""
-    header = read_header(path)
-    return read_tensors(path, header), header.metadata
-
-
 def float32(tensor: Any) -> np.ndarray:
     """A fresh, writable float32 copy of a numpy array or a torch tensor (of a complex one its real part, as torch's
     `.float()` takes it)."""
