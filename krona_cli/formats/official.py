@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from .adapter import DiffuseKronALayer, Make, torch_tensor
 from .official_outline import is_official, official_outline
 from .outline import Adapter, tensor_infos
@@ -37,7 +39,7 @@ def fill_official(outline: Adapter, tensors: Mapping[str, Any], make: Make = tor
     A = down.weightᵀ and B = up.weight in float32, handed to `make`."""
     return outline.with_layers(
         lambda layer: DiffuseKronALayer(
-            make(float32(float32(tensors[layer.keys["down"]]).T)), make(float32(tensors[layer.keys["up"]]))
+            make(np.ascontiguousarray(float32(tensors[layer.keys["down"]]).T)), make(float32(tensors[layer.keys["up"]]))
         )
     )
 
