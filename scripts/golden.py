@@ -6,8 +6,8 @@ The commands, on tiny SDXL and SD 1.5 pipelines (`krona make-tiny`) and the cat 
 `train` with the text encoders, prior preservation (class images drawn), min-SNR, a noise offset, checkpoints and
 validation losses; a v-prediction SD 1.5 run; the LoRA baseline; `sample` (pixels); `export` to LoKr and LoRA;
 `merge` to a single file. Hashed: the tensors of every .safetensors output (key, dtype, shape, bytes) and, apart, its
-metadata but the time it was written; every image's pixels; validation.json. Prints a table of what differs and
-writes JSON (--output).
+metadata but what two saves of the same adapter differ in (the time, a merged adapter file's sha256); every image's
+pixels; validation.json. Prints a table of what differs and writes JSON (--output).
 
     python scripts/golden.py [--ref HEAD] [--output golden.json]
 
@@ -37,8 +37,8 @@ CHILD = (
 )
 
 
-def commands(work: Path) -> list[list[str]]:
-    """The krona commands of one tree, writing under `work`."""
+def commands(work: Path) -> tuple[list[list[str]], list[str]]:
+    """The krona commands of one tree, writing under `work`, and the v-prediction run (after `v_prediction_copy`)."""
     out: list[list[str]] = []
     for arch in ("sdxl", "sd15"):
         base, run = work / f"tiny-{arch}", work / f"{arch}-kron"
@@ -58,10 +58,9 @@ def commands(work: Path) -> list[list[str]]:
             out.append(["export", "--adapter", adapter, "--to", to, *more])
             out[-1] += ["--output", str(work / f"{arch}-{to}.safetensors")]
         out.append(["merge", "--adapter", adapter, "--output", str(work / f"{arch}-merged.safetensors")])
-    out.append(["train", "--config", "tiny", "--pretrained-model", str(work / "tiny-sd15-v")])
-    out[-1] += ["--instance-dir", str(CATS), "--prompt", PROMPT, "--steps", "3", "--sample-every", "0"]
-    out[-1] += ["--output-dir", str(work / "sd15-v-kron")]
-    return out
+    v_run = ["train", "--config", "tiny", "--pretrained-model", str(work / "tiny-sd15-v"), "--instance-dir", str(CATS)]
+    v_run += ["--prompt", PROMPT, "--steps", "3", "--sample-every", "0", "--output-dir", str(work / "sd15-v-kron")]
+    return out, v_run
 
 
 def v_prediction_copy(work: Path) -> None:
@@ -75,28 +74,35 @@ def v_prediction_copy(work: Path) -> None:
 
 def run_tree(tree: Path, work: Path) -> None:
     """Every command, with the krona of `tree`, one thread, offline."""
+    first, v_run = commands(work)
+    _run(tree, first)
+    v_prediction_copy(work)
+    _run(tree, [v_run])
+
+
+def _run(tree: Path, batch: list[list[str]]) -> None:
+    """krona commands in one process with the krona of `tree`; exits with the last line of what failed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tree)}
-    batches = commands(work)
-    first, rest = batches[: len(batches) - 1], batches[-1:]
-    for group in (first, rest):
-        done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(group)], cwd=tree, env=env, text=True,
-                              capture_output=True)  # fmt: skip
-        if done.returncode:
-            sys.exit(f"{tree}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
-        if group is first:
-            v_prediction_copy(work)
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(batch)], cwd=tree, env=env, text=True,
+                          capture_output=True)  # fmt: skip
+    if done.returncode:
+        sys.exit(f"{tree}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
 
 
 def _safetensors_hashes(path: Path) -> tuple[str, str]:
-    """sha256 of a .safetensors file's tensors (key, dtype, shape, bytes) and of its metadata but the time it was
-    written. Metadata that names another file by its sha256 (a merge's adapters) differs whenever that file's header
-    does: safetensors writes metadata in a different order at every save."""
+    """sha256 of a .safetensors file's tensors (key, dtype, shape, bytes) and of its metadata but what differs between
+    two saves of the same adapter: the time it was written, and the sha256 a merge records of each adapter file (whose
+    header holds that time, in an order safetensors picks anew at every save)."""
     import torch
     from safetensors import safe_open
 
     tensors = hashlib.sha256()
     with safe_open(str(path), framework="pt") as f:
         metadata = {k: v for k, v in (f.metadata() or {}).items() if k != "modelspec.date"}
+        if "krona_merge" in metadata:
+            merge = json.loads(metadata["krona_merge"])
+            merge["adapters"] = [{k: v for k, v in a.items() if k != "sha256"} for a in merge["adapters"]]
+            metadata["krona_merge"] = json.dumps(merge)
         for key in sorted(f.keys()):
             t = f.get_tensor(key)
             tensors.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
