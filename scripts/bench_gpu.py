@@ -81,7 +81,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_adapter import cpu_model, lycoris_lokr_layer, peft_lokr_layer, peft_lora_layer, pkg_version  # noqa: E402
 
-from krona_cli.architectures import ARCHITECTURES, load_model_config  # noqa: E402
+from krona_cli import families  # noqa: E402
+from krona_cli.architectures import load_model_config  # noqa: E402
 from krona_cli.dtypes import DTYPES  # noqa: E402
 from krona_cli.kron import Factors, adapted_layers, find_targets, inject, parse_factors, remove  # noqa: E402
 
@@ -112,7 +113,7 @@ def unet_config(arch: str, s: float) -> dict:
     """The UNet config of `arch` from configs/models/ at s times the width: channels, cross-attention (text) width,
     time embedding and norm groups scaled (channels per group kept), head counts (`attention_head_dim`, diffusers'
     legacy name for them) kept so heads get s times narrower, layers and transformer depth kept."""
-    cfg = load_model_config(ARCHITECTURES[arch]["unet"])
+    cfg = load_model_config(families.get(arch).component_configs()["unet"])
     if s == 1:
         return cfg
     cfg["block_out_channels"] = [_scale(c, s, "block_out_channels") for c in cfg["block_out_channels"]]
@@ -137,7 +138,7 @@ def text_encoder(component: str, s: float, tokenizer):
     special-token ids those of `tokenizer` (CLIP pools at the first eos token)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = load_model_config(ARCHITECTURES["sdxl"][component])
+    cfg = load_model_config(families.get("sdxl").component_configs()[component])
     cls = CLIPTextModelWithProjection if cfg.pop("architectures") == ["CLIPTextModelWithProjection"] else CLIPTextModel
     for key in ("hidden_size", "intermediate_size", "projection_dim"):
         cfg[key] = _scale(cfg[key], s, f"{component} {key}")

@@ -14,13 +14,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from krona_cli.architectures import ARCHITECTURES, LAYERS_DIR
+from krona_cli import families
+from krona_cli.architectures import LAYERS_DIR
 from krona_cli.pipeline.models import build_meta_components, linear_layers_of
 
 
 def main() -> None:
     LAYERS_DIR.mkdir(exist_ok=True)
-    for arch in ARCHITECTURES:
+    for arch in (f.name for f in families.FAMILIES if f.layer_list):
         components = {name: linear_layers_of(model) for name, model in build_meta_components(arch).items()}
         path = LAYERS_DIR / f"{arch}.json"
         body = ",\n".join(

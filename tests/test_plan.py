@@ -83,11 +83,11 @@ def test_cli_plan_bad_input(capsys):
 def test_the_layer_lists_are_the_meta_models(arch):
     """`krona plan` reads the layer lists as data (no model library): they must be exactly the linears of the
     diffusers and transformers models built from the shipped configs (scripts/layer_lists.py writes them)."""
-    from krona_cli.architectures import linear_layers
+    from krona_cli import families
     from krona_cli.pipeline.models import build_meta_components, linear_layers_of
 
     models = {name: linear_layers_of(model) for name, model in build_meta_components(arch).items()}
-    assert linear_layers(arch) == models
+    assert families.get(arch).linear_layers() == models
 
 
 def test_plan_imports_no_model_library():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from ..architectures import architecture_from_context_widths
+from .. import families
 from ..errors import KronaError
 from .native_outline import canonical_name
 from .outline import LAYOUT_DIFFUSEKRONA, Adapter, KronOutline, TensorInfo
@@ -143,7 +143,7 @@ def _guess_architecture(layers: dict, dims: dict) -> str | None:
         for layer, (component, module, role) in layers.items()
         if component == "unet" and role in ("k", "v") and module.rpartition(".")[0].endswith(".attn2")
     }
-    return architecture_from_context_widths(widths)
+    return families.by_context_width(widths)
 
 
 def _layer_parts(infos: Mapping[str, TensorInfo], source: str) -> tuple[dict, dict]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..architectures import architecture_of
+from .. import families
 from ..atomic import write_atomic
 from ..errors import KronaError
 from .unet_paths import rename_child, unet_path_to_sgm
@@ -120,7 +120,7 @@ def _openclip_tensors(clip: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def _architecture(pipe) -> str:
     """`sdxl` or `sd15` for a pipeline single-file output can hold whole, else a KronaError saying what to do."""
-    arch = architecture_of(pipe.unet.config)
+    arch = families.recognise_denoiser(pipe.unet.config).name
     if arch == "sd2":
         raise KronaError(
             "single-file (original layout) output supports SDXL and SD 1.x, not SD 2.x, whose text encoder diffusers "

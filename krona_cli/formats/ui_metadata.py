@@ -22,8 +22,7 @@ import math
 from datetime import datetime, timezone
 from pathlib import PurePosixPath, PureWindowsPath
 
-from .. import __version__
-from ..architectures import architecture_from_context_widths
+from .. import __version__, families
 
 SPEC_VERSION = "1.0.0"
 # modelspec architecture ids of the bases krona knows (SD 2.x's depends on its prediction type)
@@ -137,4 +136,4 @@ def guess_architecture(
         for module, layer in layers.get("unet", {}).items()
         if module.endswith((".attn2.to_k", ".attn2.to_v"))
     }
-    return architecture_from_context_widths(widths)
+    return families.by_context_width(widths)

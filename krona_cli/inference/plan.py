@@ -1,6 +1,6 @@
 """`krona plan`: adapter parameter counts and file sizes per block group, Kronecker factors beside LoRA ranks.
 
-Counts come from the real architectures' layer lists (`architectures.linear_layers`: data taken from the models
+Counts come from the real architectures' layer lists (`Family.linear_layers`: data taken from the models
 built on the meta device; no weights, no download, no model library), with the same target patterns and per-layer
 factor fitting that training uses.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..architectures import linear_layers
+from .. import families
 from ..kron.factors import fit_factors, parse_factors
 from ..kron.targets import target_pattern
 
@@ -79,7 +79,7 @@ def plan(
     arch: str, factor_settings: list[str], targets: str = "attn", strict_factors: bool = False
 ) -> dict[str, GroupCount]:
     """Counts per block group, plus a `total` entry, for `arch` with these targets and factor settings."""
-    components, pattern = linear_layers(arch), target_pattern(targets)
+    components, pattern = families.with_layer_list(arch).linear_layers(), target_pattern(targets)
     linears = [
         (f"{component}:{name}", d_out, d_in)
         for component in components_for_targets(targets, list(components))

@@ -11,14 +11,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..architectures import ARCHITECTURES, architecture_of, check_arch, load_model_config
+from .. import families
+from ..architectures import load_model_config
 from ..errors import KronaError
 from .hub import locate, offline
 
 
 def build_component(arch: str, component: str, device: str | torch.device = "meta") -> nn.Module:
     """One component (unet, text_encoder, text_encoder_2) of a real architecture, random or meta weights."""
-    files = ARCHITECTURES[check_arch(arch)]
+    files = families.with_layer_list(arch).component_configs()
     if component not in files:
         raise KronaError(f"architecture '{arch}' has no component '{component}'; it has {', '.join(files)}")
     config = load_model_config(files[component])
@@ -39,11 +40,11 @@ def build_component(arch: str, component: str, device: str | torch.device = "met
 
 def build_meta_components(arch: str) -> dict[str, nn.Module]:
     """Every adaptable component of a real architecture, on the meta device (no memory, no download)."""
-    return {component: build_component(arch, component) for component in ARCHITECTURES[check_arch(arch)]}
+    return {c: build_component(arch, c) for c in families.with_layer_list(arch).component_configs()}
 
 
 def linear_layers_of(model: nn.Module) -> list[tuple[str, int, int]]:
-    """(name, d_out, d_in) of every nn.Linear of a model, in module order: what architectures.linear_layers holds."""
+    """(name, d_out, d_in) of every nn.Linear of a model, in module order: what Family.linear_layers holds."""
     return [(n, m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
@@ -178,7 +179,7 @@ def load_pipeline(
         raise KronaError(f"'{pretrained}' is a {type(pipe).__name__}, not an SDXL or SD pipeline with a UNet")
     if vae:
         pipe.vae = load_vae(vae, dtype)
-    return pipe.to(device), architecture_of(pipe.unet.config)
+    return pipe.to(device), families.recognise_denoiser(pipe.unet.config).name
 
 
 def base_unet_config(pretrained: str, revision: str | None = None) -> dict:

@@ -244,9 +244,9 @@ class TrainConfig:
 
     def effective_resolution(self, arch: str) -> int:
         """--resolution, or the architecture's native size (1024 for SDXL, 512 otherwise)."""
-        from ..architectures import native_resolution
+        from .. import families
 
-        return self.resolution or native_resolution(arch)
+        return self.resolution or families.get(arch).default_resolution
 
     def effective_text_encoder_lr(self) -> float:
         return self.text_encoder_lr if self.text_encoder_lr is not None else self.effective_lr()

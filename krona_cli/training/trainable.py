@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from ..architectures import architecture_of
+from .. import families
 from ..atomic import write_bytes_atomic
 from ..errors import KronaError
 from ..kron import inject, layer_factors
@@ -138,7 +138,7 @@ def trainable_adapter(
 def _unused_text_layer(pipe) -> dict[str, int]:
     """Text-encoder layers whose output training never reads, by component: SDXL reads the first encoder's
     penultimate hidden states only, so its last layer cannot learn (and DDP would wait for its gradients)."""
-    if architecture_of(pipe.unet.config) != "sdxl":
+    if families.recognise_denoiser(pipe.unet.config).name != "sdxl":
         return {}
     return {"text_encoder": pipe.text_encoder.config.num_hidden_layers - 1}
 
@@ -239,7 +239,7 @@ def _save_lora(adapter: TrainableAdapter, path: Path) -> Path:
             .contiguous()
             for k, v in state.items()
         }
-    sdxl = architecture_of(adapter.models["unet"].config) == "sdxl"
+    sdxl = families.recognise_denoiser(adapter.models["unet"].config).name == "sdxl"
     pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
 
     def save_function(weights: dict, filename: str) -> None:

@@ -1,0 +1,52 @@
+"""What a model family is, as data: its components and the facts krona reads about it (how it is recognised, its
+default resolution). One module per family fills these in (sd15.py, sd2.py, sdxl.py); families/__init__.py lists them.
+No torch here: `krona plan` and `krona inspect` read families without the model libraries."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..architectures import LAYERS_DIR
+
+ConfigGet = Callable[[str], Any]  # a denoiser config's value by key (None when it is not there)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One model of a family's pipeline: its attribute in a diffusers pipeline folder, what it does (`denoiser` or
+    `text`), and the public config krona ships for it in configs/models/."""
+
+    name: str
+    role: str
+    config: str
+
+
+@dataclass(frozen=True)
+class Family(ABC):
+    """A base-model family (SDXL, SD 1.x, ...). `name` is what adapter files record as their architecture."""
+
+    name: str
+    title: str  # in messages: "SDXL", "SD 1.x"
+    components: tuple[Component, ...]  # adaptable ones, denoiser first, in pipeline order
+    context_width: int | None  # width of the text states the denoiser's cross-attention reads
+    default_resolution: int  # training (and sampling) side in pixels when none is given
+    layer_list: bool  # configs/models/layers/<name>.json exists (the real model's linears, for `krona plan`)
+
+    @abstractmethod
+    def matches_denoiser(self, get: ConfigGet) -> bool:
+        """Whether a denoiser with this config belongs to the family."""
+
+    def component_configs(self) -> dict[str, str]:
+        """Component name -> its config file under configs/models/, in pipeline order."""
+        return {c.name: c.config for c in self.components}
+
+    def linear_layers(self) -> dict[str, list[tuple[str, int, int]]]:
+        """Every nn.Linear of each adaptable component of the real model, as (name, d_out, d_in) in module order: data
+        in configs/models/layers/NAME.json, written by scripts/layer_lists.py from the diffusers and transformers models
+        built on the meta device (tests/test_plan.py holds them equal), so `krona plan` needs no model library."""
+        data = json.loads((LAYERS_DIR / f"{self.name}.json").read_text())
+        return {component: [tuple(layer) for layer in layers] for component, layers in data["components"].items()}

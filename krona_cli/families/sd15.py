@@ -1,0 +1,24 @@
+"""Stable Diffusion 1.x: one CLIP ViT-L text encoder, 768-wide text states, 512 px."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Component, ConfigGet, Family
+from .unet import CLIP_L, UNET
+
+
+@dataclass(frozen=True)
+class SD15Family(Family):
+    def matches_denoiser(self, get: ConfigGet) -> bool:
+        return get("addition_embed_type") != "text_time" and get("cross_attention_dim") == self.context_width
+
+
+SD15 = SD15Family(
+    name="sd15",
+    title="SD 1.x",
+    components=(Component(UNET, "denoiser", "sd15_unet.json"), CLIP_L),
+    context_width=768,
+    default_resolution=512,
+    layer_list=True,
+)

@@ -1,0 +1,57 @@
+"""The model families as objects (krona_cli/families/): found by name, from a denoiser's config and from an adapter's
+cross-attention width, with the real models' shipped configs."""
+
+import pytest
+
+from krona_cli import families
+from krona_cli.architectures import load_model_config
+from krona_cli.errors import KronaError
+from krona_cli.pipeline.tiny import build_tiny_pipeline
+
+
+def test_names_are_listed_in_registry_order_and_unknown_names_say_which_exist():
+    assert [f.name for f in families.FAMILIES] == ["sdxl", "sd15", "sd2"]
+    assert families.get("sd2").title == "SD 2.x"
+    with pytest.raises(KronaError, match=r"unknown architecture 'flux9'; use one of sdxl, sd15, sd2$"):
+        families.get("flux9")
+    # meta builds and `krona plan` need the real model's configs and layer list: SD 2.x has none shipped
+    with pytest.raises(KronaError, match=r"unknown architecture 'sd2'; use one of sdxl, sd15$"):
+        families.with_layer_list("sd2")
+
+
+@pytest.mark.parametrize(
+    ("config", "name"), [("sdxl_unet.json", "sdxl"), ("sd15_unet.json", "sd15"), ("sd2_unet.json", "sd2")]
+)
+def test_the_shipped_unet_configs_are_recognised_as_their_family(config, name):
+    assert families.recognise_denoiser(load_model_config(config)).name == name
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_tiny_unets_are_recognised_through_their_config_objects(arch):
+    """Tiny UNets have odd cross-attention widths: SDXL by its text-time conditioning, anything else is SD 1.x."""
+    unet = build_tiny_pipeline(arch).unet
+    assert unet.config.cross_attention_dim not in {768, 1024, 2048}
+    assert families.recognise_denoiser(unet.config).name == arch
+
+
+def test_each_familys_components_name_configs_that_exist_and_the_denoiser_comes_first():
+    for family in families.FAMILIES:
+        roles = [c.role for c in family.components]
+        assert roles[0] == "denoiser" and set(roles[1:]) == {"text"}
+        for config in family.component_configs().values():
+            assert load_model_config(config)
+        widths = {load_model_config(c.config).get("cross_attention_dim") for c in family.components[:1]}
+        assert widths == {family.context_width}
+
+
+def test_adapters_are_placed_by_the_widths_their_cross_attention_reads():
+    assert families.by_context_width({2048}) == "sdxl"
+    assert families.by_context_width({768}) == "sd15"
+    assert families.by_context_width({1024}) == "sd2"
+    assert families.by_context_width({768, 2048}) is None  # two families: no guess
+    assert families.by_context_width({100}) is None
+    assert families.by_context_width(set()) is None
+
+
+def test_default_resolutions():
+    assert {f.name: f.default_resolution for f in families.FAMILIES} == {"sdxl": 1024, "sd15": 512, "sd2": 512}
