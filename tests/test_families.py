@@ -55,3 +55,21 @@ def test_adapters_are_placed_by_the_widths_their_cross_attention_reads():
 
 def test_default_resolutions():
     assert {f.name: f.default_resolution for f in families.FAMILIES} == {"sdxl": 1024, "sd15": 512, "sd2": 512}
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_a_loaded_pipeline_is_recognised_by_its_denoiser(arch):
+    pipe = build_tiny_pipeline(arch)
+    assert families.recognise_pipeline(pipe, "here").name == arch
+    family = families.by_pipeline_class(type(pipe).__name__)
+    assert family.pipeline_class == type(pipe).__name__
+    assert ("safety_checker" in family.load_extras) == (arch == "sd15")  # SD 1.x/2.x load without their checker
+
+
+def test_a_pipeline_krona_does_not_train_gets_one_line_naming_it():
+    class AudioLDMPipeline:  # what matters is its class name and that it has no denoiser krona knows
+        components = {"transformer": object(), "vae": object()}
+
+    with pytest.raises(KronaError, match=r"^'m/x' is a AudioLDMPipeline, not a pipeline krona trains \(SDXL, SD 1\.x"):
+        families.recognise_pipeline(AudioLDMPipeline(), "m/x")
+    assert families.by_pipeline_class("AudioLDMPipeline") is None

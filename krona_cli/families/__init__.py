@@ -16,7 +16,17 @@ from .sdxl import SDXL
 FAMILIES: tuple[Family, ...] = (SDXL, SD15, SD2)
 _BY_NAME = {f.name: f for f in FAMILIES}
 
-__all__ = ["FAMILIES", "Component", "Family", "by_context_width", "get", "recognise_denoiser", "with_layer_list"]
+__all__ = [
+    "FAMILIES",
+    "Component",
+    "Family",
+    "by_context_width",
+    "by_pipeline_class",
+    "get",
+    "recognise_denoiser",
+    "recognise_pipeline",
+    "with_layer_list",
+]
 
 
 def get(name: str) -> Family:
@@ -36,8 +46,29 @@ def with_layer_list(name: str) -> Family:
 
 def recognise_denoiser(config) -> Family:
     """The family of a denoiser from its config (a dict or a config object); SD 1.x when no family claims it."""
-    get_value = config.get if isinstance(config, Mapping) else lambda key: getattr(config, key, None)
-    return next((f for f in FAMILIES if f.matches_denoiser(get_value)), SD15)
+    return next((f for f in FAMILIES if f.matches_denoiser(_getter(config))), SD15)
+
+
+def _getter(config):
+    return config.get if isinstance(config, Mapping) else lambda key: getattr(config, key, None)
+
+
+def by_pipeline_class(class_name: str | None) -> Family | None:
+    """The first family whose pipelines have this diffusers class (before loading one: its load keywords)."""
+    return next((f for f in FAMILIES if f.pipeline_class == class_name), None)
+
+
+def recognise_pipeline(pipe, source: str) -> Family:
+    """The family of a loaded pipeline, by its denoiser; one line naming what it is when krona trains no such model."""
+    for family in FAMILIES:
+        if family.denoiser in pipe.components and family.matches_denoiser(
+            _getter(pipe.components[family.denoiser].config)
+        ):
+            return family
+    if "unet" in pipe.components:
+        return SD15
+    titles = ", ".join(f.title for f in FAMILIES)
+    raise KronaError(f"'{source}' is a {type(pipe).__name__}, not a pipeline krona trains ({titles})")
 
 
 def by_context_width(widths: set[int]) -> str | None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..architectures import LAYERS_DIR
@@ -31,10 +31,17 @@ class Family(ABC):
 
     name: str
     title: str  # in messages: "SDXL", "SD 1.x"
+    pipeline_class: str  # the diffusers pipeline class (model_index.json's `_class_name`)
     components: tuple[Component, ...]  # adaptable ones, denoiser first, in pipeline order
     context_width: int | None  # width of the text states the denoiser's cross-attention reads
     default_resolution: int  # training (and sampling) side in pixels when none is given
     layer_list: bool  # configs/models/layers/<name>.json exists (the real model's linears, for `krona plan`)
+    load_extras: Mapping[str, Any] = field(default_factory=dict)  # from_pretrained keywords its pipelines load with
+
+    @property
+    def denoiser(self) -> str:
+        """The pipeline attribute of the model that denoises (`unet`, `transformer`)."""
+        return next(c.name for c in self.components if c.role == "denoiser")
 
     @abstractmethod
     def matches_denoiser(self, get: ConfigGet) -> bool:

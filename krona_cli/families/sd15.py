@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Component, ConfigGet, Family
-from .unet import CLIP_L, UNET
+from .unet import CLIP_L, NO_SAFETY_CHECKER, UNET
 
 
 @dataclass(frozen=True)
@@ -17,8 +17,10 @@ class SD15Family(Family):
 SD15 = SD15Family(
     name="sd15",
     title="SD 1.x",
+    pipeline_class="StableDiffusionPipeline",
     components=(Component(UNET, "denoiser", "sd15_unet.json"), CLIP_L),
     context_width=768,
     default_resolution=512,
+    load_extras=NO_SAFETY_CHECKER,
     layer_list=True,
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Component, ConfigGet, Family
-from .unet import UNET
+from .unet import NO_SAFETY_CHECKER, UNET
 
 
 @dataclass(frozen=True)
@@ -18,11 +18,13 @@ class SD2Family(Family):
 SD2 = SD2Family(
     name="sd2",
     title="SD 2.x",
+    pipeline_class="StableDiffusionPipeline",
     components=(
         Component(UNET, "denoiser", "sd2_unet.json"),
         Component("text_encoder", "text", "clip_vit_h_text.json"),
     ),
     context_width=1024,
     default_resolution=512,
+    load_extras=NO_SAFETY_CHECKER,
     layer_list=False,
 )

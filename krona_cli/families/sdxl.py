@@ -17,6 +17,7 @@ class SDXLFamily(Family):
 SDXL = SDXLFamily(
     name="sdxl",
     title="SDXL",
+    pipeline_class="StableDiffusionXLPipeline",
     components=(
         Component(UNET, "denoiser", "sdxl_unet.json"),
         CLIP_L,

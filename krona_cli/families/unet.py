@@ -6,3 +6,5 @@ from .base import Component
 
 UNET = "unet"
 CLIP_L = Component("text_encoder", "text", "clip_vit_l_text.json")
+# SD 1.x and 2.x pipelines load without their safety checker (its weights are not in single files, nor needed)
+NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}

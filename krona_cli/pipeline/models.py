@@ -134,7 +134,7 @@ def load_pipeline(
     """
     from diffusers import DiffusionPipeline
 
-    from .single_file import SD_EXTRAS, load_single_file
+    from .single_file import load_single_file
 
     kind, where = locate(pretrained)
     choice = {k: v for k, v in (("revision", revision), ("variant", variant)) if v}
@@ -161,7 +161,8 @@ def load_pipeline(
         if kind == "file":
             pipe = load_single_file(where, keys, metadata, dtype)
         else:
-            extras = SD_EXTRAS if index.get("_class_name") == "StableDiffusionPipeline" else {}
+            family = families.by_pipeline_class(index.get("_class_name"))
+            extras = family.load_extras if family else {}
             pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=dtype, **extras, **choice)
     except KronaError:
         raise
@@ -175,11 +176,10 @@ def load_pipeline(
                 else ""
             )
         ) from e
-    if not hasattr(pipe, "unet"):
-        raise KronaError(f"'{pretrained}' is a {type(pipe).__name__}, not an SDXL or SD pipeline with a UNet")
+    family = families.recognise_pipeline(pipe, pretrained)
     if vae:
         pipe.vae = load_vae(vae, dtype)
-    return pipe.to(device), families.recognise_denoiser(pipe.unet.config).name
+    return pipe.to(device), family.name
 
 
 def base_unet_config(pretrained: str, revision: str | None = None) -> dict:

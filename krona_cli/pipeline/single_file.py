@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .. import families
 from ..architectures import load_model_config
 from ..errors import KronaError
 from ..formats.original_layout import original_architecture, read_openclip_tensors
@@ -51,7 +52,6 @@ PIPELINES: dict[str, dict[str, str]] = {
 }
 # pad token of each tokenizer: OpenCLIP-based encoders (SDXL's second, SD 2's) pad with "!"
 PADS = {"sdxl": {"tokenizer": EOS, "tokenizer_2": "!"}, "sd15": {"tokenizer": EOS}, "sd2": {"tokenizer": "!"}}
-SD_EXTRAS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 _TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 
@@ -59,7 +59,7 @@ def _shipped(arch: str) -> dict:
     """The `krona_pipeline` description of a public architecture, from configs/models/."""
     components = {name: load_model_config(file) for name, file in PIPELINES[arch].items()}
     return {
-        "class": "StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline",
+        "class": families.get(arch).pipeline_class,
         "index": {
             name: ["transformers", config.pop("architectures")[0]]
             if name.startswith("text_encoder")
@@ -166,7 +166,8 @@ def load_single_file(path: Path, keys: list[str], metadata: dict[str, str], dtyp
 
     description = describe_file(path, keys, metadata)
     pipeline_class = getattr(diffusers, description["class"])
-    extras = SD_EXTRAS if description["class"] == "StableDiffusionPipeline" else {}
+    family = families.by_pipeline_class(description["class"])
+    extras = dict(family.load_extras) if family else {}
     with tempfile.TemporaryDirectory(prefix="krona-config-") as folder:
         _write_config_folder(Path(folder), description)
         if "text_encoder_2" in description["index"]:

@@ -224,7 +224,7 @@ def _lokr_adapter(adapter: TrainableAdapter, base_model: str, architecture: str,
 
 
 def _save_lora(adapter: TrainableAdapter, path: Path) -> Path:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -239,8 +239,8 @@ def _save_lora(adapter: TrainableAdapter, path: Path) -> Path:
             .contiguous()
             for k, v in state.items()
         }
-    sdxl = families.recognise_denoiser(adapter.models["unet"].config).name == "sdxl"
-    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    family = families.recognise_denoiser(adapter.models["unet"].config)
+    pipeline_class = getattr(diffusers, family.pipeline_class)
 
     def save_function(weights: dict, filename: str) -> None:
         write_bytes_atomic(filename, safetensors_save(weights, metadata={"format": "pt"}))
