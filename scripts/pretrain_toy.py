@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from krona_cli.pipeline.text import encode_prompts
+from krona_cli import families
 from krona_cli.pipeline.toy import WEIGHTS_DIR, build_toy_pipeline, read_weights, toy_vae, weights_file
 from krona_cli.world.scenes import SIZE, caption, dead_leaves, random_scene, render
 
@@ -97,13 +97,13 @@ def train_vae(args) -> None:
 def encode_text(pipe, arch: str, captions: list[str], drop: torch.Tensor):
     """(prompt embeddings, pooled embeddings or None) as the pipeline computes them; dropped captions are the
     pipeline's unconditional input (SDXL: zeros; SD 1.5: the empty prompt)."""
+    family = families.get(arch)
     if arch == "sd15":
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        return encode_prompts([pipe.tokenizer], [pipe.text_encoder], captions, sdxl=False)
-    tokenizers, encoders = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
-    embeds, pooled = encode_prompts(tokenizers, encoders, captions, sdxl=True)
+        return family.encode_prompts(family.tokenizers(pipe), family.text_models(pipe), captions).embeds, None
+    cond = family.encode_prompts(family.tokenizers(pipe), family.text_models(pipe), captions)
     keep = (~drop).float()
-    return embeds * keep[:, None, None], pooled * keep[:, None]
+    return cond.embeds * keep[:, None, None], cond.pooled * keep[:, None]
 
 
 def shared_vae() -> tuple[dict, dict]:

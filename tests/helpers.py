@@ -62,29 +62,23 @@ def relayout(adapter, layer_type, **changes):
 
 def fixed_pair_loss(pipe, arch, folder, prompt):
     """Denoising loss of a pipeline on the (center-cropped, 64 px) images of `folder` at fixed noise and timesteps."""
-    from krona_cli.pipeline.text import encode_prompts
+    from krona_cli import families
     from krona_cli.training.data import ImageSet
-    from krona_cli.training.diffusion import per_sample_loss
-    from krona_cli.training.train import _noise_scheduler
 
     images = ImageSet(folder, prompt, 64, center_crop=True)
     pixels = torch.stack([images[i].pixels for i in range(len(images))])
-    scheduler = _noise_scheduler(pipe)
+    family = families.get(arch)
+    objective = family.objective(pipe.scheduler.config)
     g = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=g)
         timesteps = torch.randint(0, 1000, (len(latents),), generator=g)
-        sdxl = arch == "sdxl"
-        tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if sdxl else [])
-        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
-        embeds, pooled = encode_prompts(tokenizers, encoders, [prompt] * len(latents), sdxl)
-        extra = {}
-        if sdxl:
-            time_ids = torch.tensor([images[i].time_ids for i in range(len(images))], dtype=torch.float32)
-            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-        prediction = pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, embeds, **extra).sample
-        return float(per_sample_loss(scheduler, prediction, noise, timesteps, None).mean())
+        cond = family.encode_prompts(family.tokenizers(pipe), family.text_models(pipe), [prompt] * len(latents))
+        geometry = torch.tensor([images[i].time_ids for i in range(len(images))], dtype=torch.float32)
+        noisy = objective.noisy(latents, noise, timesteps)
+        prediction = family.denoise(pipe.unet, noisy, timesteps, cond, geometry, torch.float32)
+        return float(objective.per_sample_loss(prediction, noise, timesteps, None).mean())
 
 
 def put_in_hub_cache(folder, repo_id, cache):

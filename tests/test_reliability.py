@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from krona_cli.cli import main
 from krona_cli.errors import KronaError
-from krona_cli.training import diffusion
+from krona_cli.families.ddpm import DDPM
 from krona_cli.training.checkpoint import incomplete_leftovers
 from krona_cli.training.config import load_config
 from krona_cli.training.train import Reporter, train
@@ -126,14 +126,14 @@ def test_killed_ten_times_and_resumed_gives_the_same_adapter_bit_for_bit(tiny_sd
 
 
 def test_non_finite_steps_are_skipped_and_counted(tiny_sd15_dir, tmp_path, monkeypatch):
-    original, calls = diffusion.per_sample_loss, []
+    original, calls = DDPM.per_sample_loss, []
 
     def sometimes_nan(*args, **kwargs):
         calls.append(1)
         loss = original(*args, **kwargs)
         return loss * float("nan") if len(calls) in (2, 3) else loss
 
-    monkeypatch.setattr(diffusion, "per_sample_loss", sometimes_nan)
+    monkeypatch.setattr(DDPM, "per_sample_loss", sometimes_nan)
     warnings = []
 
     class Warnings(Reporter):
@@ -159,10 +159,10 @@ def test_non_finite_steps_are_skipped_and_counted(tiny_sd15_dir, tmp_path, monke
 
 
 def test_too_many_non_finite_steps_stop_the_run_without_saving_nan(tiny_sd15_dir, tmp_path, monkeypatch, capsys):
-    def nan_loss(scheduler, prediction, *args):
+    def nan_loss(objective, prediction, *args):
         return prediction.float().flatten(1).mean(1) * float("nan")
 
-    monkeypatch.setattr(diffusion, "per_sample_loss", nan_loss)
+    monkeypatch.setattr(DDPM, "per_sample_loss", nan_loss)
     out = tmp_path / "run"
     code = main(
         [
@@ -194,7 +194,7 @@ def test_out_of_memory_is_one_message_with_the_flags_that_help(tiny_sd15_dir, tm
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
-    monkeypatch.setattr(diffusion, "per_sample_loss", out_of_memory)
+    monkeypatch.setattr(DDPM, "per_sample_loss", out_of_memory)
     code = main(
         [
             "train",

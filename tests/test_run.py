@@ -206,7 +206,7 @@ def toy_run(tmp_path, cfg, seed, world=1, photo_bytes=b"photo"):
 def train_a_little(run: Run, steps: int) -> None:
     for _ in range(steps):
         inputs = torch.randn(4, 3, generator=torch.Generator().manual_seed(run.done))
-        run.unet(inputs).square().mean().backward()
+        run.denoiser(inputs).square().mean().backward()
         run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad()

@@ -363,7 +363,7 @@ def test_v_prediction_models_train_on_the_velocity(tiny_sd15_dir, tmp_path, monk
     import json
     import shutil
 
-    from krona_cli.training import diffusion
+    from krona_cli.families.ddpm import DDPM
 
     v_model = tmp_path / "v-model"
     shutil.copytree(tiny_sd15_dir, v_model)
@@ -371,14 +371,14 @@ def test_v_prediction_models_train_on_the_velocity(tiny_sd15_dir, tmp_path, monk
     settings = json.loads(scheduler_config.read_text()) | {"prediction_type": "v_prediction"}
     scheduler_config.write_text(json.dumps(settings))
     kinds = []
-    original = diffusion.target_for
+    original = DDPM.target
 
-    def spy(scheduler, latents, noise, timesteps):
-        target = original(scheduler, latents, noise, timesteps)
-        kinds.append(torch.allclose(target, scheduler.get_velocity(latents, noise, timesteps)))
+    def spy(objective, latents, noise, timesteps):
+        target = original(objective, latents, noise, timesteps)
+        kinds.append(torch.allclose(target, objective.scheduler.get_velocity(latents, noise, timesteps)))
         return target
 
-    monkeypatch.setattr(diffusion, "target_for", spy)
+    monkeypatch.setattr(DDPM, "target", spy)
     result = train(config(v_model, tmp_path / "run", steps=2))
     assert kinds == [True, True] and "v-prediction" in dict(result.summary)["model"]
 

@@ -1,6 +1,7 @@
-"""What a model family is, as data: its components and the facts krona reads about it (how it is recognised, its
-default resolution). One module per family fills these in (sd15.py, sd2.py, sdxl.py); families/__init__.py lists them.
-No torch here: `krona plan` and `krona inspect` read families without the model libraries."""
+"""What a model family is: its components and the facts krona reads about it (how it is recognised, its default
+resolution), and what only it knows how to do (encode prompts into a `Conditioning`, call its denoiser, build its
+training objective). One module per family fills these in (sd15.py, sd2.py, sdxl.py); families/__init__.py lists them.
+No torch at import: `krona plan` and `krona inspect` read families without the model libraries."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..architectures import LAYERS_DIR
+from .prompts import Conditioning
 
 ConfigGet = Callable[[str], Any]  # a denoiser config's value by key (None when it is not there)
 
@@ -18,11 +20,12 @@ ConfigGet = Callable[[str], Any]  # a denoiser config's value by key (None when 
 @dataclass(frozen=True)
 class Component:
     """One model of a family's pipeline: its attribute in a diffusers pipeline folder, what it does (`denoiser` or
-    `text`), and the public config krona ships for it in configs/models/."""
+    `text`), the public config krona ships for it in configs/models/, and a text encoder's tokenizer attribute."""
 
     name: str
     role: str
     config: str
+    tokenizer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,28 @@ class Family(ABC):
     @abstractmethod
     def matches_denoiser(self, get: ConfigGet) -> bool:
         """Whether a denoiser with this config belongs to the family."""
+
+    @abstractmethod
+    def encode_prompts(self, tokenizers: list, text_models: list, prompts: list[str]) -> Conditioning:
+        """Prompt embeddings as training feeds them to the denoiser, from these (possibly wrapped) text encoders."""
+
+    @abstractmethod
+    def denoise(self, model, noisy, timesteps, cond: Conditioning, geometry, dtype):
+        """THE denoiser call of training and validation: the prediction for `noisy` latents (B, C, H, W) at the
+        objective's model timesteps, in the latents' layout. `geometry` is each image's (original size, crop, target
+        size) row, the micro-conditioning SDXL reads; inputs are cast to `dtype`."""
+
+    @abstractmethod
+    def objective(self, scheduler_config: Mapping):
+        """The training objective (families/ddpm.py, families/flow_match.py) for a base model's scheduler config."""
+
+    def text_models(self, pipe) -> list:
+        """The pipeline's text encoders, in order."""
+        return [getattr(pipe, c.name) for c in self.components if c.role == "text"]
+
+    def tokenizers(self, pipe) -> list:
+        """Their tokenizers, in the same order."""
+        return [getattr(pipe, c.tokenizer) for c in self.components if c.role == "text"]
 
     def component_configs(self) -> dict[str, str]:
         """Component name -> its config file under configs/models/, in pipeline order."""

@@ -4,7 +4,7 @@ the noisy input, the target and the loss are built, and FLUX's 2x2 latent packin
 It follows diffusers' training helpers and its DreamBooth FLUX script: x_σ = (1 − σ)·x0 + σ·ε, target ε − x0, σ taken
 from the FlowMatchEulerDiscreteScheduler's discrete table at index ⌊u·N⌋ with u drawn by the weighting scheme's
 density, and the loss weighted by the same scheme (SD3 paper, https://arxiv.org/abs/2403.03206). As with
-`training.diffusion.draw_noise`, every per-sample random number comes from that sample's own generator, so a draw does
+`DDPM.draw` (ddpm.py), every per-sample random number comes from that sample's own generator, so a draw does
 not depend on the batch, the process or a resume.
 
 The time shift. The scheduler bakes its static `shift` into its table at construction, but only when

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Component, ConfigGet, Family
-from .unet import CLIP_L, NO_SAFETY_CHECKER, UNET
+from .base import Component, ConfigGet
+from .unet import CLIP_L, NO_SAFETY_CHECKER, UNET, UNetFamily
 
 
 @dataclass(frozen=True)
-class SD15Family(Family):
+class SD15Family(UNetFamily):
     def matches_denoiser(self, get: ConfigGet) -> bool:
         return get("addition_embed_type") != "text_time" and get("cross_attention_dim") == self.context_width
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Component, ConfigGet, Family
-from .unet import NO_SAFETY_CHECKER, UNET
+from .base import Component, ConfigGet
+from .unet import NO_SAFETY_CHECKER, UNET, UNetFamily
 
 
 @dataclass(frozen=True)
-class SD2Family(Family):
+class SD2Family(UNetFamily):
     def matches_denoiser(self, get: ConfigGet) -> bool:
         return get("addition_embed_type") != "text_time" and get("cross_attention_dim") == self.context_width
 
@@ -21,7 +21,7 @@ SD2 = SD2Family(
     pipeline_class="StableDiffusionPipeline",
     components=(
         Component(UNET, "denoiser", "sd2_unet.json"),
-        Component("text_encoder", "text", "clip_vit_h_text.json"),
+        Component("text_encoder", "text", "clip_vit_h_text.json", "tokenizer"),
     ),
     context_width=1024,
     default_resolution=512,

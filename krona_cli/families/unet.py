@@ -1,10 +1,35 @@
-"""What the Stable Diffusion families (SD 1.x, SD 2.x, SDXL) share: a UNet denoiser read through CLIP text encoders."""
+"""What the Stable Diffusion families (SD 1.x, SD 2.x, SDXL) share: a UNet denoiser read through CLIP text encoders,
+trained on a DDPM schedule (epsilon or v-prediction, as the base model's scheduler says)."""
 
 from __future__ import annotations
 
-from .base import Component
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .base import Component, Family
+from .prompts import Conditioning, tokenize
 
 UNET = "unet"
-CLIP_L = Component("text_encoder", "text", "clip_vit_l_text.json")
+CLIP_L = Component("text_encoder", "text", "clip_vit_l_text.json", "tokenizer")
 # SD 1.x and 2.x pipelines load without their safety checker (its weights are not in single files, nor needed)
 NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+@dataclass(frozen=True)
+class UNetFamily(Family):
+    """SD 1.x and 2.x as they are; SDXL overrides the prompt encoding and the denoiser call. This is what diffusers'
+    DreamBooth scripts compute (no classifier-free guidance, no prompt weighting)."""
+
+    def encode_prompts(self, tokenizers: list, text_models: list, prompts: list[str]) -> Conditioning:
+        """The last hidden state of the one CLIP encoder."""
+        encoder = text_models[0]
+        device = next(encoder.parameters()).device
+        return Conditioning(encoder(tokenize(tokenizers[0], prompts).to(device))[0])
+
+    def denoise(self, model, noisy, timesteps, cond: Conditioning, geometry, dtype):
+        return model(noisy.to(dtype), timesteps, cond.embeds.to(dtype)).sample
+
+    def objective(self, scheduler_config: Mapping):
+        from .ddpm import DDPM
+
+        return DDPM.from_scheduler_config(scheduler_config)

@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import __version__, stopping
 from ..errors import KronaError
-from . import diffusion
+from ..families.prompts import Conditioning
 from .buckets import Bucket, Schedule
 from .checkpoint import TrainingState, capture_rng, restore_rng, save_checkpoint
 from .config import TrainConfig
@@ -77,13 +77,13 @@ class Sampling:
 class Encoder:
     """Latents and prompt embeddings of dataset items, cached once or computed on demand."""
 
-    def __init__(self, pipe, sdxl: bool, device, weight_dtype, train_text: bool, text_models):
-        self.pipe, self.sdxl, self.device, self.weight_dtype = pipe, sdxl, device, weight_dtype
+    def __init__(self, pipe, family, device, weight_dtype, train_text: bool, text_models):
+        self.pipe, self.family, self.device, self.weight_dtype = pipe, family, device, weight_dtype
         self.train_text, self.text_models = train_text, text_models
         self.own_text_models = list(text_models)  # the modules themselves, whatever accelerate wraps them in later
         self.latents: dict[tuple[str, int, Bucket], tuple[torch.Tensor, torch.Tensor, tuple]] = {}
         self.caching = False  # with cached latents, items encoded for another bucket are kept too
-        self.embeds: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.embeds: dict[str, Conditioning] = {}
         vae = pipe.vae.config
         self.scaling, self.shift = vae.scaling_factor, getattr(vae, "shift_factor", None)
 
@@ -123,22 +123,17 @@ class Encoder:
     def cache_prompts(self, prompts) -> None:
         with torch.no_grad():
             for prompt in dict.fromkeys(prompts):
-                embeds, pooled = self._encode([prompt])
-                self.embeds[prompt] = (embeds[0], None if pooled is None else pooled[0])
+                self.embeds[prompt] = self._encode([prompt]).row(0)
 
-    def _encode(self, prompts, text_models=None):
-        from ..pipeline.text import encode_prompts
+    def _encode(self, prompts, text_models=None) -> Conditioning:
+        tokenizers = self.family.tokenizers(self.pipe)
+        return self.family.encode_prompts(tokenizers, text_models or self.text_models, prompts)
 
-        tokenizers = [self.pipe.tokenizer] + ([self.pipe.tokenizer_2] if self.sdxl else [])
-        return encode_prompts(tokenizers, text_models or self.text_models, prompts, self.sdxl)
-
-    def prompts(self, captions: list[str], unwrapped: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(embeddings, pooled) of captions; `unwrapped`: from the pipeline's own text encoders rather than
-        accelerate's wrappers of trained ones (for a forward pass in one process alone)."""
+    def prompts(self, captions: list[str], unwrapped: bool = False) -> Conditioning:
+        """The conditioning of captions; `unwrapped`: from the pipeline's own text encoders rather than accelerate's
+        wrappers of trained ones (for a forward pass in one process alone)."""
         if not self.train_text and all(c in self.embeds for c in captions):
-            rows = [self.embeds[c] for c in captions]
-            pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
-            return torch.stack([r[0] for r in rows]), pooled
+            return Conditioning.stack([self.embeds[c] for c in captions])
         return self._encode(captions, self.own_text_models if unwrapped else None)
 
 
@@ -170,12 +165,12 @@ class Run:
     cfg: TrainConfig
     accelerator: Any
     models: dict[str, nn.Module]  # the adapted models as accelerate prepared them, by component
-    unet: nn.Module  # models["unet"], compiled with --compile
+    denoiser: nn.Module  # the adapted denoiser as accelerate prepared it, compiled with --compile
     params: dict[str, nn.Parameter]  # the trainable weights by name (`TrainableAdapter.params`)
     optimizer: Any
     lr_scheduler: Any
     ema: EMA | None
-    noise_scheduler: Any
+    objective: Any  # families/ddpm.py's DDPM, families/flow_match.py's FlowMatch
     encoder: Encoder
     data: Data
     sampling: Sampling
@@ -213,7 +208,6 @@ class Run:
             # the class images of the photos' bucket, else any class images, resized and cropped to that bucket
             classes = self.data.class_schedule
             batches.append(("class", self.data.classes, classes.take(bucket, earlier) or classes.take_any(at_step)))
-        num_timesteps = self.noise_scheduler.config.num_train_timesteps
         means, stds, noises, posterior_draws, steps, times, captions = [], [], [], [], [], [], []
         for name, dataset, items in batches:
             mean, std, time_ids, caps = self.encoder.items(
@@ -222,9 +216,7 @@ class Run:
             means.append(mean)
             stds.append(std)
             for g in samples:
-                noise, t, eps = diffusion.draw_noise(
-                    tuple(mean.shape[1:]), num_timesteps, cfg.noise_offset, "noise", name, cfg.seed, g
-                )
+                noise, t, eps = self.objective.draw(tuple(mean.shape[1:]), cfg.noise_offset, "noise", name, cfg.seed, g)
                 noises.append(noise)
                 posterior_draws.append(eps)
                 steps.append(t)
@@ -243,17 +235,15 @@ class Run:
 
     def loss(self, micro: int) -> torch.Tensor:
         """The denoising loss of micro-batch `micro` (plus the weighted prior loss on the class items)."""
-        cfg, scheduler, dtype = self.cfg, self.noise_scheduler, self.weight_dtype
+        cfg, objective, family = self.cfg, self.objective, self.encoder.family
         latents, noise, timesteps, time_ids, captions = self.batch(micro)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        embeds, pooled = self.encoder.prompts(captions)
-        sdxl = self.encoder.sdxl
-        extra = {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": time_ids}} if sdxl else {}
+        noisy = objective.noisy(latents, noise, timesteps)
+        cond = self.encoder.prompts(captions)
         with self.accelerator.autocast():
-            prediction = self.unet(noisy.to(dtype), timesteps, embeds.to(dtype), **extra).sample
-        losses = diffusion.per_sample_loss(
-            scheduler, prediction, diffusion.target_for(scheduler, latents, noise, timesteps), timesteps, cfg.snr_gamma
-        )
+            at = objective.model_timesteps(timesteps)
+            prediction = family.denoise(self.denoiser, noisy, at, cond, time_ids, self.weight_dtype)
+        target = objective.target(latents, noise, timesteps)
+        losses = objective.per_sample_loss(prediction, target, timesteps, cfg.snr_gamma)
         n = cfg.batch_size
         loss = losses[:n].mean()
         if self.data.classes is not None:
@@ -327,7 +317,7 @@ class Run:
         from ..inference.sampling import image_metadata, render, write_grid
 
         s = self.sampling
-        self.unet.eval()
+        self.denoiser.eval()
         weights = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
         # a stop request is answered at a sampler step (in one process: in several, after the next training step)
         checks = stopping.deferred(checks=self.world == 1)
@@ -335,7 +325,7 @@ class Run:
             with checks, weights, _models_on(self.device, s.idle), self.accelerator.autocast(), torch.no_grad():
                 images = render(s.pipe, s.config, s.prompts)
         finally:
-            self.unet.train()
+            self.denoiser.train()
         meta = image_metadata(s.config, s.info, *s.size) | {"step": str(self.done)}
         path = write_grid(self.grid_path(), images, s.prompts, s.config.seeds(), meta)
         self.sample_grids.append(path)
@@ -354,13 +344,14 @@ class Run:
             return
         from .validation import CLASS_ITEMS, validation_loss
 
-        cfg, unet = self.cfg, self.sampling.pipe.unet  # the module itself: no process-group wrapper in one process
+        # the module itself: no process-group wrapper in one process
+        cfg, denoiser = self.cfg, getattr(self.sampling.pipe, self.encoder.family.denoiser)
 
         def loss(dataset, what, count):
             return validation_loss(
-                unet,
+                denoiser,
                 self.encoder,
-                self.noise_scheduler,
+                self.objective,
                 dataset,
                 what,
                 count,
@@ -370,7 +361,7 @@ class Run:
                 lambda captions: self.encoder.prompts(captions, unwrapped=True),
             )
 
-        unet.eval()
+        denoiser.eval()
         # a stop request is answered between its parts (in one process: in several, after the next training step)
         with stopping.deferred(checks=self.world == 1):
             try:
@@ -384,7 +375,7 @@ class Run:
                         None if self.data.classes is None else loss(self.data.classes, "class", CLASS_ITEMS)
                     )
             finally:
-                unet.train()
+                denoiser.train()
             stopping.check()
         if images is not None and self.scorer is not None:
             prompts, seeds = self.sampling.prompts, self.sampling.config.seeds()

@@ -315,8 +315,8 @@ class Base:
     """The base model as the run holds it: loaded, its frozen models cast or quantized, the VAE in fp32."""
 
     pipe: Any
-    arch: str  # sdxl | sd15 | sd2 ...
-    prediction: str  # epsilon | v_prediction
+    family: Any  # families.Family
+    objective: Any  # its training objective for this model (families/ddpm.py, families/flow_match.py)
     resolution: int  # the training resolution (the architecture's default unless set)
     text_models: list[nn.Module]
     adapted: list[nn.Module]  # the models that carry adapters: the UNet, and the text encoders when trained
@@ -326,27 +326,41 @@ class Base:
     info: Any  # inference.sampling.ModelInfo, for the metadata of pictures
 
     @property
+    def arch(self) -> str:
+        return self.family.name
+
+    @property
     def sdxl(self) -> bool:
         return self.arch == "sdxl"
+
+    @property
+    def prediction(self) -> str:
+        """epsilon | v_prediction"""
+        return self.objective.name
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self.pipe, self.family.denoiser)
 
 
 def load_base(cfg: TrainConfig, device: torch.device) -> Base:
     """Load the base pipeline, check its prediction type, and put each model on `device` in its precision."""
+    from .. import families
     from ..inference.sampling import ModelInfo
     from ..pipeline import models
     from ..pipeline.quantize import QUANTIZED, quantize
 
     pipe, arch = models.load_pipeline(cfg.pretrained_model, vae=cfg.vae, revision=cfg.revision, variant=cfg.variant)
     pipe.set_progress_bar_config(disable=True)
-    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if prediction not in ("epsilon", "v_prediction"):
-        raise KronaError(f"the base model predicts '{prediction}'; krona trains epsilon and v-prediction models")
+    family = families.get(arch)
+    objective = family.objective(pipe.scheduler.config)
     weight_dtype = compute_dtype(cfg.mixed_precision)
-    text_models = [pipe.text_encoder] + ([pipe.text_encoder_2] if arch == "sdxl" else [])
+    text_models = family.text_models(pipe)
     compute = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)
     base_precision = cfg.base_precision or compute
-    adapted = [pipe.unet] + (text_models if cfg.train_text_encoder else [])
-    for model in [pipe.unet, *text_models]:
+    denoiser = getattr(pipe, family.denoiser)
+    adapted = [denoiser] + (text_models if cfg.train_text_encoder else [])
+    for model in [denoiser, *text_models]:
         if model not in adapted:
             models.cast(model, device, weight_dtype)
         elif base_precision in QUANTIZED:
@@ -357,8 +371,8 @@ def load_base(cfg: TrainConfig, device: torch.device) -> Base:
     info = ModelInfo(base_model=cfg.pretrained_model, architecture=arch, dtype=cfg.mixed_precision)
     return Base(
         pipe,
-        arch,
-        prediction,
+        family,
+        objective,
         cfg.effective_resolution(arch),
         text_models,
         adapted,
@@ -583,7 +597,8 @@ def _prepare(cfg: TrainConfig, accelerator, base: Base, photos: Photos, adapter,
     trained = list(adapter.models)
     prepared = accelerator.prepare(*[adapter.models[c] for c in trained], optimizer)
     wrapped, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
-    unet = torch.compile(wrapped["unet"]) if cfg.compile else wrapped["unet"]
+    denoiser = wrapped[base.family.denoiser]
+    denoiser = torch.compile(denoiser) if cfg.compile else denoiser
     if cfg.train_text_encoder:
         encoder.text_models = [wrapped[c] for c in trainable.TEXT_COMPONENTS if c in wrapped]
     for model in adapter.models.values():
@@ -592,12 +607,12 @@ def _prepare(cfg: TrainConfig, accelerator, base: Base, photos: Photos, adapter,
         cfg,
         accelerator,
         wrapped,
-        unet,
+        denoiser,
         params,
         optimizer,
         lr_scheduler,
         ema,
-        _noise_scheduler(base.pipe),
+        base.objective,
         encoder,
         data,
         _sampling(cfg, base, idle, data.instance.captions, accelerator.device),
@@ -649,13 +664,13 @@ def _data(cfg: TrainConfig, base: Base, photos: Photos, global_batch: int) -> Da
 def _speedups(cfg: TrainConfig, base: Base) -> None:
     """Gradient checkpointing and xformers attention, when asked."""
     if cfg.gradient_checkpointing:
-        base.pipe.unet.enable_gradient_checkpointing()
+        base.denoiser.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
             for model in base.text_models:
                 model.gradient_checkpointing_enable()
     if cfg.xformers:
         try:
-            base.pipe.unet.enable_xformers_memory_efficient_attention()
+            base.denoiser.enable_xformers_memory_efficient_attention()
         except Exception as e:
             raise KronaError(f"--xformers cannot run here ({type(e).__name__}: {e}); leave it off") from e
 
@@ -663,7 +678,7 @@ def _speedups(cfg: TrainConfig, base: Base) -> None:
 def _encoder(cfg: TrainConfig, base: Base, data: Data, device: torch.device) -> tuple[Encoder, list[nn.Module]]:
     """The encoder with the prompt embeddings (frozen text encoders) and latents (--cache-latents) cached, and the
     models that then leave the GPU until samples are drawn."""
-    encoder = Encoder(base.pipe, base.sdxl, device, base.weight_dtype, cfg.train_text_encoder, base.text_models)
+    encoder = Encoder(base.pipe, base.family, device, base.weight_dtype, cfg.train_text_encoder, base.text_models)
     if not cfg.train_text_encoder:
         encoder.cache_prompts(list(data.instance.captions) + ([cfg.class_prompt] if data.classes is not None else []))
     if cfg.cache_latents:
@@ -721,13 +736,6 @@ def _optimizer(cfg: TrainConfig, adapter):
 
         return import_bitsandbytes("--optimizer adamw8bit").optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-
-
-def _noise_scheduler(pipe):
-    """The DDPM training scheduler with the base model's own beta schedule and prediction type."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
 def _save_final(cfg: TrainConfig, adapter, run: Run, base: Base, reporter: Reporter) -> tuple[Path, Path | None]:

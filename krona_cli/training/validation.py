@@ -28,7 +28,6 @@ import torch
 from ..atomic import write_bytes_atomic
 from ..errors import KronaError
 from ..rng import generator
-from . import diffusion
 
 TIMESTEPS = 4  # fixed timesteps per image: the middles of four equal slices of the schedule
 CLASS_ITEMS = 8  # class images in the class loss (the first ones)
@@ -55,33 +54,26 @@ def validation_prompts(prompt: str, scorer: str, captions: Sequence[str] = ()) -
     return [f"{prompt} {context}" for context in DREAMBENCH_CONTEXTS]
 
 
-def fixed_timesteps(num_train_timesteps: int) -> list[int]:
-    return [int((k + 0.5) * num_train_timesteps / TIMESTEPS) for k in range(TIMESTEPS)]
-
-
 @torch.no_grad()
-def validation_loss(unet, encoder, scheduler, dataset, what: str, count: int, seed: int, snr_gamma, autocast, text):
-    """The mean denoising loss of `unet` over the first `count` items of `dataset`, each at the fixed timesteps with
-    noise from its own generator, on the posterior mean of its latents. `text(captions)` gives (embeds, pooled)."""
-    timesteps = fixed_timesteps(scheduler.config.num_train_timesteps)
-    device = next(unet.parameters()).device
-    t = torch.tensor(timesteps, device=device)
+def validation_loss(denoiser, encoder, objective, dataset, what: str, count: int, seed: int, snr_gamma, autocast, text):
+    """The mean denoising loss of `denoiser` over the first `count` items of `dataset`, each at the objective's fixed
+    timesteps with noise from its own generator, on the posterior mean of its latents. `text(captions)` gives their
+    conditioning."""
+    device = next(denoiser.parameters()).device
+    family, dtype = encoder.family, encoder.weight_dtype
     losses = []
     for i in range(min(count, len(dataset))):
         mean, _, time_ids, captions = encoder.items(what, dataset, [i], dataset.bucket_of(i))
+        t = objective.fixed_timesteps(TIMESTEPS, tuple(mean.shape[1:])).to(device)
         latents = encoder.scale(mean.to(device)).expand(TIMESTEPS, *mean.shape[1:])
         noise = torch.randn(latents.shape, generator=generator("validation", what, seed, i)).to(device)
-        embeds, pooled = text(captions * TIMESTEPS)
-        dtype = encoder.weight_dtype
-        extra = {}
-        if encoder.sdxl:
-            ids = torch.tensor(time_ids * TIMESTEPS, device=device, dtype=dtype)
-            extra = {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": ids}}
+        cond = text(captions * TIMESTEPS)
+        geometry = torch.tensor(time_ids * TIMESTEPS, device=device, dtype=dtype)
         with autocast():
-            noisy = scheduler.add_noise(latents, noise, t)
-            prediction = unet(noisy.to(dtype), t, embeds.to(dtype), **extra).sample
-        target = diffusion.target_for(scheduler, latents, noise, t)
-        losses.append(diffusion.per_sample_loss(scheduler, prediction, target, t, snr_gamma).mean())
+            noisy = objective.noisy(latents, noise, t)
+            prediction = family.denoise(denoiser, noisy, objective.model_timesteps(t), cond, geometry, dtype)
+        target = objective.target(latents, noise, t)
+        losses.append(objective.per_sample_loss(prediction, target, t, snr_gamma).mean())
     return float(torch.stack(losses).mean()) if losses else None
 
 
