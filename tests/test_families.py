@@ -1,6 +1,8 @@
 """The model families as objects (krona_cli/families/): found by name, from a denoiser's config and from an adapter's
 cross-attention width, with the real models' shipped configs."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from krona_cli import families
@@ -10,9 +12,9 @@ from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 
 def test_names_are_listed_in_registry_order_and_unknown_names_say_which_exist():
-    assert [f.name for f in families.FAMILIES] == ["sdxl", "sd15", "sd2"]
+    assert [f.name for f in families.FAMILIES] == ["sdxl", "sd15", "sd2", "flux"]
     assert families.get("sd2").title == "SD 2.x"
-    with pytest.raises(KronaError, match=r"unknown architecture 'flux9'; use one of sdxl, sd15, sd2$"):
+    with pytest.raises(KronaError, match=r"unknown architecture 'flux9'; use one of sdxl, sd15, sd2, flux$"):
         families.get("flux9")
     # meta builds and `krona plan` need the real model's configs and layer list: SD 2.x has none shipped
     with pytest.raises(KronaError, match=r"unknown architecture 'sd2'; use one of sdxl, sd15$"):
@@ -54,7 +56,8 @@ def test_adapters_are_placed_by_the_widths_their_cross_attention_reads():
 
 
 def test_default_resolutions():
-    assert {f.name: f.default_resolution for f in families.FAMILIES} == {"sdxl": 1024, "sd15": 512, "sd2": 512}
+    defaults = {f.name: f.default_resolution for f in families.FAMILIES}
+    assert defaults == {"sdxl": 1024, "sd15": 512, "sd2": 512, "flux": 512}
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd15"])
@@ -67,9 +70,14 @@ def test_a_loaded_pipeline_is_recognised_by_its_denoiser(arch):
 
 
 def test_a_pipeline_krona_does_not_train_gets_one_line_naming_it():
-    class AudioLDMPipeline:  # what matters is its class name and that it has no denoiser krona knows
-        components = {"transformer": object(), "vae": object()}
+    class AudioLDMPipeline:  # what matters is its class name and that no family claims its denoiser
+        components = {"transformer": SimpleNamespace(config={"num_layers": 2}), "vae": object()}
 
-    with pytest.raises(KronaError, match=r"^'m/x' is a AudioLDMPipeline, not a pipeline krona trains \(SDXL, SD 1\.x"):
+    expected = r"^'m/x' is a AudioLDMPipeline, not a pipeline krona trains \(SDXL, SD 1\.x, SD 2\.x, FLUX\.1\)$"
+    with pytest.raises(KronaError, match=expected):
         families.recognise_pipeline(AudioLDMPipeline(), "m/x")
     assert families.by_pipeline_class("AudioLDMPipeline") is None
+
+
+def test_adapter_files_may_hold_every_familys_components_in_registry_order():
+    assert families.components() == ("unet", "text_encoder", "text_encoder_2", "transformer")

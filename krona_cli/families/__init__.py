@@ -9,11 +9,12 @@ from collections.abc import Mapping
 
 from ..errors import KronaError
 from .base import Component, Family
+from .flux import FLUX
 from .sd2 import SD2
 from .sd15 import SD15
 from .sdxl import SDXL
 
-FAMILIES: tuple[Family, ...] = (SDXL, SD15, SD2)
+FAMILIES: tuple[Family, ...] = (SDXL, SD15, SD2, FLUX)
 _BY_NAME = {f.name: f for f in FAMILIES}
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "Family",
     "by_context_width",
     "by_pipeline_class",
+    "components",
     "get",
     "recognise_denoiser",
     "recognise_pipeline",
@@ -34,6 +36,11 @@ def get(name: str) -> Family:
     if name not in _BY_NAME:
         raise KronaError(f"unknown architecture '{name}'; use one of {', '.join(_BY_NAME)}")
     return _BY_NAME[name]
+
+
+def components() -> tuple[str, ...]:
+    """Every adaptable component any family has, in registry order (what adapter files may hold)."""
+    return tuple(dict.fromkeys(c.name for f in FAMILIES for c in f.components))
 
 
 def with_layer_list(name: str) -> Family:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..architectures import LAYERS_DIR
+from ..kron.targets import TARGET_PRESETS
 from .prompts import Conditioning
 
 ConfigGet = Callable[[str], Any]  # a denoiser config's value by key (None when it is not there)
@@ -26,6 +27,7 @@ class Component:
     role: str
     config: str
     tokenizer: str | None = None
+    trainable: bool = True  # a text encoder `--train-text-encoder` adapts (FLUX's T5 stays frozen)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Family(ABC):
     default_resolution: int  # training (and sampling) side in pixels when none is given
     layer_list: bool  # configs/models/layers/<name>.json exists (the real model's linears, for `krona plan`)
     load_extras: Mapping[str, Any] = field(default_factory=dict)  # from_pretrained keywords its pipelines load with
+    target_presets: Mapping[str, str] = field(default_factory=lambda: TARGET_PRESETS)  # --targets preset -> regex
+    lora_modules: Mapping[str, list[str]] = field(default_factory=dict)  # preset -> peft target module names
 
     @property
     def denoiser(self) -> str:
@@ -64,9 +68,23 @@ class Family(ABC):
     def objective(self, scheduler_config: Mapping):
         """The training objective (families/ddpm.py, families/flow_match.py) for a base model's scheduler config."""
 
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        """The pipeline attributes of its text encoders, in order."""
+        return tuple(c.name for c in self.components if c.role == "text")
+
+    def trained_text(self) -> tuple[str, ...]:
+        """The text encoders `--train-text-encoder` adapts, in order."""
+        return tuple(c.name for c in self.components if c.role == "text" and c.trainable)
+
+    def unused_text_layers(self, pipe) -> dict[str, int]:
+        """Text-encoder layers whose output the denoiser never reads, by component (they cannot learn, and DDP would
+        wait for their gradients)."""
+        return {}
+
     def text_models(self, pipe) -> list:
         """The pipeline's text encoders, in order."""
-        return [getattr(pipe, c.name) for c in self.components if c.role == "text"]
+        return [getattr(pipe, name) for name in self.text_encoders]
 
     def tokenizers(self, pipe) -> list:
         """Their tokenizers, in the same order."""

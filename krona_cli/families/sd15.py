@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Component, ConfigGet
-from .unet import CLIP_L, NO_SAFETY_CHECKER, UNET, UNetFamily
+from .unet import CLIP_L, NO_SAFETY_CHECKER, UNET, UNET_LORA_MODULES, UNetFamily
 
 
 @dataclass(frozen=True)
@@ -22,5 +22,6 @@ SD15 = SD15Family(
     context_width=768,
     default_resolution=512,
     load_extras=NO_SAFETY_CHECKER,
+    lora_modules=UNET_LORA_MODULES,
     layer_list=True,
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Component, ConfigGet
-from .unet import NO_SAFETY_CHECKER, UNET, UNetFamily
+from .unet import NO_SAFETY_CHECKER, UNET, UNET_LORA_MODULES, UNetFamily
 
 
 @dataclass(frozen=True)
@@ -26,5 +26,6 @@ SD2 = SD2Family(
     context_width=1024,
     default_resolution=512,
     load_extras=NO_SAFETY_CHECKER,
+    lora_modules=UNET_LORA_MODULES,
     layer_list=False,
 )

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .base import Component, ConfigGet
 from .prompts import Conditioning, tokenize
-from .unet import CLIP_L, UNET, UNetFamily
+from .unet import CLIP_L, UNET, UNET_LORA_MODULES, UNetFamily
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,10 @@ class SDXLFamily(UNetFamily):
             hidden.append(out.hidden_states[-2])
         return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
+    def unused_text_layers(self, pipe) -> dict[str, int]:
+        """SDXL reads the first encoder's penultimate hidden states only: its last layer."""
+        return {"text_encoder": pipe.text_encoder.config.num_hidden_layers - 1}
+
     def denoise(self, model, noisy, timesteps, cond: Conditioning, geometry, dtype):
         """The UNet with SDXL's added conditions: the pooled text and each image's micro-conditioning."""
         extra = {"added_cond_kwargs": {"text_embeds": cond.pooled.to(dtype), "time_ids": geometry}}
@@ -44,5 +48,6 @@ SDXL = SDXLFamily(
     ),
     context_width=2048,
     default_resolution=1024,
+    lora_modules=UNET_LORA_MODULES,
     layer_list=True,
 )

@@ -13,6 +13,11 @@ UNET = "unet"
 CLIP_L = Component("text_encoder", "text", "clip_vit_l_text.json", "tokenizer")
 # SD 1.x and 2.x pipelines load without their safety checker (its weights are not in single files, nor needed)
 NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+# peft's target module names of the UNet presets (diffusers' DreamBooth LoRA scripts' choice)
+UNET_LORA_MODULES = {
+    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+}
 
 
 @dataclass(frozen=True)

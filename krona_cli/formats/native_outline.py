@@ -8,14 +8,15 @@ import json
 import re
 from collections.abc import Mapping
 
+from .. import families
 from ..errors import KronaError
 from ..kron import parse_factors
 from .outline import FORMAT_VERSION, KRON_LAYOUT_NAMES, LAYOUT_STANDARD, Adapter, KronOutline, TensorInfo
 
 FORMAT = "krona"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = families.components()
 METADATA_KEY = "krona"
-_NATIVE_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(kron_a|kron_b)$")
+_NATIVE_KEY = re.compile(rf"^({'|'.join(COMPONENTS)})\.(.+)\.(kron_a|kron_b)$")
 
 
 # CLIP text encoders name their layers `text_model.encoder.layers.N...` in transformers 4 and `encoder.layers.N...`

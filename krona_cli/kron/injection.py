@@ -10,14 +10,17 @@ from torch import nn
 from ..errors import KronaError
 from .factors import DEFAULT_FACTORS, Factors, fit_factors, parse_factors
 from .layer import KronLinear
-from .targets import target_pattern
+from .targets import TARGET_PRESETS, target_pattern
 
 PARAM_SUFFIXES = ("kron_a", "kron_b")
 
 
-def find_targets(model: nn.Module, targets: str | Iterable[str] = "attn") -> list[str]:
-    """Names of the nn.Linear modules of `model` that the targets select, in module order."""
-    pattern = target_pattern(targets)
+def find_targets(
+    model: nn.Module, targets: str | Iterable[str] = "attn", presets: Mapping[str, str] = TARGET_PRESETS
+) -> list[str]:
+    """Names of the nn.Linear modules of `model` that the targets (presets of `presets` or expressions) select, in
+    module order."""
+    pattern = target_pattern(targets, presets)
     return [
         name
         for name, module in model.named_modules()
@@ -39,6 +42,7 @@ def inject(
     strict_factors: bool = False,
     init: str = "normal",
     path: str = "auto",
+    presets: Mapping[str, str] = TARGET_PRESETS,
 ) -> list[str]:
     """Wrap every targeted nn.Linear of `model` in a KronLinear; return the adapted module names.
 
@@ -46,7 +50,7 @@ def inject(
     with strict_factors) or a mapping of module name to exact factors (as read back from an adapter file).
     The model's own parameters are frozen; only the adapters' `kron_a` / `kron_b` are trainable.
     """
-    names = find_targets(model, targets)
+    names = find_targets(model, targets, presets)
     if not names:
         raise KronaError(
             f"targets {targets!r} match no linear layer of this {type(model).__name__}; "

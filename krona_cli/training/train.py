@@ -111,6 +111,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
         photos = load_photos(cfg, pre, base, reporter)
         adapter = trainable.trainable_adapter(
             base.pipe,
+            base.family,
             cfg.adapter_type,
             cfg.targets,
             cfg.factors,
@@ -600,7 +601,7 @@ def _prepare(cfg: TrainConfig, accelerator, base: Base, photos: Photos, adapter,
     denoiser = wrapped[base.family.denoiser]
     denoiser = torch.compile(denoiser) if cfg.compile else denoiser
     if cfg.train_text_encoder:
-        encoder.text_models = [wrapped[c] for c in trainable.TEXT_COMPONENTS if c in wrapped]
+        encoder.text_models = [wrapped.get(c, m) for c, m in zip(base.family.text_encoders, base.text_models)]
     for model in adapter.models.values():
         model.train()
     return Run(
@@ -727,8 +728,9 @@ def _clear_run(out: Path) -> None:
 
 
 def _optimizer(cfg: TrainConfig, adapter):
-    groups = [{"params": [p for n, p in adapter.params().items() if n.startswith("unet.")], "lr": cfg.effective_lr()}]
-    text = [p for n, p in adapter.params().items() if not n.startswith("unet.")]
+    denoiser = f"{next(iter(adapter.models))}."  # the denoiser is the first adapted model
+    groups = [{"params": [p for n, p in adapter.params().items() if n.startswith(denoiser)], "lr": cfg.effective_lr()}]
+    text = [p for n, p in adapter.params().items() if not n.startswith(denoiser)]
     if text:
         groups.append({"params": text, "lr": cfg.effective_text_encoder_lr()})
     if cfg.optimizer == "adamw8bit":

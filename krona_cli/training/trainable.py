@@ -25,11 +25,6 @@ from ..kron import inject, layer_factors
 from ..kron.factors import parse_factors
 from ..kron.targets import TARGET_PRESETS
 
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
-_LORA_UNET = {
-    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-}
 _LORA_TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -70,7 +65,7 @@ class TrainableAdapter:
         """Write the adapter file atomically: native Kronecker format (titled `title` for UIs), or diffusers LoRA
         format."""
         if self.kind == "lora":
-            return _save_lora(self, Path(path))
+            return _save_lora(self, Path(path), architecture)
         from ..formats import collect_adapter, save_adapter
 
         if self.kind == "lokr":
@@ -97,6 +92,7 @@ def holding(params: Mapping[str, nn.Parameter], values: Mapping[str, torch.Tenso
 
 def trainable_adapter(
     pipe,
+    family,
     kind: str,
     targets: str,
     factors: str,
@@ -106,61 +102,53 @@ def trainable_adapter(
     text_encoder_factors: str | None,
     strict_factors: bool = False,
 ) -> TrainableAdapter:
-    """Freeze the pipeline's models and attach trainable adapters to the UNet (and the text encoders if asked)."""
-    models = {"unet": pipe.unet}
-    if train_text_encoder:
-        models.update({c: getattr(pipe, c) for c in TEXT_COMPONENTS if getattr(pipe, c, None) is not None})
+    """Freeze the pipeline's models and attach trainable adapters to the denoiser (and the family's trainable text
+    encoders if asked). `targets` names one of the family's presets or is a regular expression."""
+    models = {family.denoiser: getattr(pipe, family.denoiser)}
+    text = family.trained_text() if train_text_encoder else ()
+    models.update({c: getattr(pipe, c) for c in text if getattr(pipe, c, None) is not None})
     for model in models.values():
         model.requires_grad_(False)
-    skip = _unused_text_layer(pipe)
-    chosen = {c: targets for c in models if c not in TEXT_COMPONENTS}
-    chosen |= {
-        c: rf"^(?!.*\blayers\.{skip[c]}\.).*(?:{TARGET_PRESETS['text']})" if c in skip else "text"
-        for c in models
-        if c in TEXT_COMPONENTS
-    }
-    requested = {c: (text_encoder_factors or factors) if c in TEXT_COMPONENTS else factors for c in models}
+    skip = family.unused_text_layers(pipe)
+    chosen = {family.denoiser: targets}
+    chosen |= {c: rf"^(?!.*\blayers\.{skip[c]}\.).*(?:{TARGET_PRESETS['text']})" if c in skip else "text" for c in text}
+    requested = {c: (text_encoder_factors or factors) if c in text else factors for c in models}
+    presets = {c: TARGET_PRESETS if c in text else family.target_presets for c in models}
     if kind == "kron":
         for component, model in models.items():
-            inject(model, chosen[component], requested[component], scale=scale, strict_factors=strict_factors)
+            inject(model, chosen[component], requested[component], scale, strict_factors, presets=presets[component])
         return TrainableAdapter(kind, models, chosen, requested, scale=scale)
+    modules = {c: _peft_targets(family, c in text, targets, skip.get(c)) for c in models}
     if kind == "lora":
         for component, model in models.items():
-            _add_lora(model, component, targets, rank, scale, skip.get(component))
+            _add_lora(model, component, component in text, rank, scale, modules[component])
         return TrainableAdapter(kind, models, chosen, rank=rank, scale=scale)
     if kind == "lokr":
         for component, model in models.items():
-            _add_lokr(model, component, targets, requested[component], scale, skip.get(component))
+            _add_lokr(model, component, requested[component], scale, modules[component])
         return TrainableAdapter(kind, models, chosen, requested, scale=scale)
     raise KronaError(f"unknown adapter '{kind}'; use kron, lora or lokr")
 
 
-def _unused_text_layer(pipe) -> dict[str, int]:
-    """Text-encoder layers whose output training never reads, by component: SDXL reads the first encoder's
-    penultimate hidden states only, so its last layer cannot learn (and DDP would wait for its gradients)."""
-    if families.recognise_denoiser(pipe.unet.config).name != "sdxl":
-        return {}
-    return {"text_encoder": pipe.text_encoder.config.num_hidden_layers - 1}
-
-
-def _peft_targets(component: str, targets: str, skip: int | None) -> dict:
+def _peft_targets(family, text: bool, targets: str, skip: int | None) -> dict:
     """peft's target_modules (and the layers it leaves out) for a component: a preset's module names, or the regular
     expression as peft reads one (a full match of the name)."""
-    modules = _LORA_TEXT if component in TEXT_COMPONENTS else _LORA_UNET.get(targets) or rf".*(?:{targets}).*"
+    if text:
+        modules = _LORA_TEXT
+    else:
+        modules = family.lora_modules.get(targets) or rf".*(?:{family.target_presets.get(targets, targets)}).*"
     layers = {} if skip is None else {"layers_to_transform": list(range(skip)), "layers_pattern": "layers"}
     return {"target_modules": modules, **layers}
 
 
-def _add_lora(model: nn.Module, component: str, targets: str, rank: int, scale: float, skip: int | None) -> None:
+def _add_lora(model: nn.Module, component: str, text: bool, rank: int, scale: float, modules: dict) -> None:
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:
         raise KronaError("--adapter lora needs peft; install it with: pip install peft") from e
-    config = LoraConfig(
-        r=rank, lora_alpha=rank * scale, init_lora_weights="gaussian", **_peft_targets(component, targets, skip)
-    )
+    config = LoraConfig(r=rank, lora_alpha=rank * scale, init_lora_weights="gaussian", **modules)
     try:
-        if component in TEXT_COMPONENTS:  # transformers' own add_adapter wants a newer peft than diffusers does
+        if text:  # transformers' own add_adapter wants a newer peft than diffusers does
             inject_adapter_in_model(config, model)
         else:
             model.add_adapter(config)
@@ -169,7 +157,7 @@ def _add_lora(model: nn.Module, component: str, targets: str, rank: int, scale: 
     _trainables_in_fp32(model)
 
 
-def _add_lokr(model: nn.Module, component: str, targets: str, factors: str, scale: float, skip: int | None) -> None:
+def _add_lokr(model: nn.Module, component: str, factors: str, scale: float, modules: dict) -> None:
     """peft's LoKr layers with A (its w1) of the requested square factors and B (its w2) whole, scaled by `scale`."""
     try:
         from peft import LoKrConfig, inject_adapter_in_model
@@ -184,7 +172,7 @@ def _add_lokr(model: nn.Module, component: str, targets: str, factors: str, scal
     # w2 is kept whole (not split into two low-rank matrices) when r is at least half its larger side: any r above
     # every layer's width does, and alpha = r * scale makes LoKr's scale alpha / r the adapter scale
     r = 1 + max(max(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear))
-    config = LoKrConfig(r=r, alpha=r * scale, decompose_factor=chosen.a_out, **_peft_targets(component, targets, skip))
+    config = LoKrConfig(r=r, alpha=r * scale, decompose_factor=chosen.a_out, **modules)
     try:
         inject_adapter_in_model(config, model)
     except ValueError as e:
@@ -223,7 +211,7 @@ def _lokr_adapter(adapter: TrainableAdapter, base_model: str, architecture: str,
     return Adapter(layers, 1.0, base_model, architecture, dict(adapter.targets), training=training)
 
 
-def _save_lora(adapter: TrainableAdapter, path: Path) -> Path:
+def _save_lora(adapter: TrainableAdapter, path: Path, architecture: str) -> Path:
     import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -239,8 +227,7 @@ def _save_lora(adapter: TrainableAdapter, path: Path) -> Path:
             .contiguous()
             for k, v in state.items()
         }
-    family = families.recognise_denoiser(adapter.models["unet"].config)
-    pipeline_class = getattr(diffusers, family.pipeline_class)
+    pipeline_class = getattr(diffusers, families.get(architecture).pipeline_class)
 
     def save_function(weights: dict, filename: str) -> None:
         write_bytes_atomic(filename, safetensors_save(weights, metadata={"format": "pt"}))

@@ -1,0 +1,87 @@
+"""FLUX.1 ([dev], [schnell] and fine-tunes of the same architecture): a rectified-flow transformer over 2x2-packed
+latents of a 16-channel VAE, read through CLIP ViT-L (its pooled vector) and T5-XXL (its per-token states).
+
+Training computes what diffusers' DreamBooth FLUX script computes (flow_match.py for the objective): the transformer
+gets the packed noisy latents, their image position ids, zero text ids, the timestep σ (its scheduler's timestep / 1000)
+and, on guidance-distilled models ([dev]), the guidance embedding at `TRAIN_GUIDANCE`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..kron.targets import TARGET_PRESETS
+from .base import Component, ConfigGet, Family
+from .prompts import Conditioning, tokenize
+
+# The guidance value [dev] is trained with: diffusers' DreamBooth FLUX scripts' default `--guidance_scale` (3.5, also
+# FluxPipeline's sampling default). [schnell] has no guidance embedding and ignores it.
+TRAIN_GUIDANCE = 3.5
+
+# --targets presets over the transformer's module names: `attn` is every attention projection (double blocks: image
+# and text q/k/v and outputs; single blocks: q/k/v, whose output is part of proj_out), `attn-ff` adds the feed-forward
+# layers (double blocks' ff and ff_context, single blocks' proj_mlp and proj_out).
+_ATTN = r"\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$"
+_FF = r"\.(ff|ff_context)\.net\.(0\.proj|2)$|^single_transformer_blocks\.\d+\.(proj_mlp|proj_out)$"
+PRESETS = {"attn": _ATTN, "attn-ff": f"(?:{_ATTN})|(?:{_FF})", "text": TARGET_PRESETS["text"]}
+
+
+@dataclass(frozen=True)
+class FluxFamily(Family):
+    def matches_denoiser(self, get: ConfigGet) -> bool:
+        """FluxTransformer2DModel: double and single blocks, and a pooled text projection (FLUX.2 has none)."""
+        return get("num_single_layers") is not None and get("pooled_projection_dim") is not None
+
+    def encode_prompts(self, tokenizers: list, text_models: list, prompts: list[str]) -> Conditioning:
+        """T5's last hidden states (the tokens the transformer attends to, padded to the T5 tokenizer's length) and
+        CLIP's pooled output, as FluxPipeline.encode_prompt computes them."""
+        clip, t5 = text_models
+        device = next(clip.parameters()).device
+        pooled = clip(tokenize(tokenizers[0], prompts).to(device), output_hidden_states=False).pooler_output
+        device = next(t5.parameters()).device
+        embeds = t5(tokenize(tokenizers[1], prompts).to(device), output_hidden_states=False)[0]
+        return Conditioning(embeds, pooled)
+
+    def denoise(self, model, noisy, timesteps, cond: Conditioning, geometry, dtype):
+        """The transformer on the packed latents; the prediction unpacked to the latents' layout."""
+        import torch
+
+        from .flow_match import image_ids, pack_latents, unpack_latents
+
+        batch, _, height, width = noisy.shape
+        device = noisy.device
+        guidance = None
+        if model.config.guidance_embeds:
+            guidance = torch.full((batch,), TRAIN_GUIDANCE, device=device, dtype=torch.float32)
+        prediction = model(
+            hidden_states=pack_latents(noisy.to(dtype)),
+            timestep=timesteps,
+            guidance=guidance,
+            pooled_projections=cond.pooled.to(dtype),
+            encoder_hidden_states=cond.embeds.to(dtype),
+            txt_ids=torch.zeros(cond.embeds.shape[1], 3, device=device, dtype=dtype),
+            img_ids=image_ids(height, width).to(device, dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(prediction, height, width)
+
+    def objective(self, scheduler_config: Mapping):
+        from .flow_match import FlowMatch
+
+        return FlowMatch.from_scheduler_config(scheduler_config)
+
+
+FLUX = FluxFamily(
+    name="flux",
+    title="FLUX.1",
+    pipeline_class="FluxPipeline",
+    components=(
+        Component("transformer", "denoiser", "flux_dev_transformer.json"),
+        Component("text_encoder", "text", "clip_vit_l_text.json", "tokenizer"),
+        Component("text_encoder_2", "text", "t5_xxl_text.json", "tokenizer_2", trainable=False),
+    ),
+    context_width=None,
+    default_resolution=512,  # diffusers' DreamBooth FLUX scripts' default --resolution
+    layer_list=False,
+    target_presets=PRESETS,
+)
