@@ -109,7 +109,7 @@ def main() -> int:
     ap.add_argument("--height", type=int, default=None, help="default: 128 for the tiny model, else native")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--guidance", type=float, default=7.0)
-    ap.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="euler")
+    ap.add_argument("--scheduler", choices=SCHEDULERS, default="euler")
     ap.add_argument("--images", type=int, default=2, help="images per round (seeds 0..N-1, one prompt)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--reps", type=int, default=9, help="timed rounds")

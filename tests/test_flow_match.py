@@ -73,7 +73,7 @@ def test_loss_equals_dreambooth_script(scheme, name):
     latents, noise, model_pred = (torch.randn(6, *SHAPE) for _ in range(3))
     s = sigmas.reshape(-1, 1, 1, 1)
     assert torch.equal(fm.noisy(latents, noise, sigmas), (1.0 - s) * latents + s * noise)
-    assert torch.equal(fm.target(latents, noise), noise - latents)
+    assert torch.equal(fm.target(latents, noise, sigmas), noise - latents)
     assert torch.equal(fm.model_timesteps(sigmas), timesteps / 1000)
     expected = script_loss(scheme, s, model_pred, noise - latents)
     torch.testing.assert_close(fm.per_sample_loss(model_pred, noise - latents, sigmas, None).mean(), expected)
@@ -110,7 +110,7 @@ def test_shifted_draw_is_the_samplers_time_shift(shape):
     expected = scheduler.time_shift(mu, 1.0, script_sigmas(scheduler, u)[1])
     assert torch.equal(shifted.sigmas_for(u, shape), expected)
     fixed = scheduler.time_shift(mu, 1.0, script_sigmas(scheduler, torch.tensor([0.125, 0.375, 0.625, 0.875]))[1])
-    assert torch.equal(shifted.fixed_sigmas(4, shape), fixed)
+    assert torch.equal(shifted.fixed_timesteps(4, shape), fixed)
 
 
 def test_static_shift_is_applied_once():
@@ -118,7 +118,7 @@ def test_static_shift_is_applied_once():
     for flag in (True, False):
         fm = FlowMatch.from_scheduler_config(SD3, shift_by_resolution=flag)
         assert [fm.draw(SHAPE, 0.0, "s", i)[1] in scheduler.sigmas.tolist() for i in range(10)] == [True] * 10
-        assert torch.equal(fm.fixed_sigmas(2, SHAPE), script_sigmas(scheduler, torch.tensor([0.25, 0.75]))[1])
+        assert torch.equal(fm.fixed_timesteps(2, SHAPE), script_sigmas(scheduler, torch.tensor([0.25, 0.75]))[1])
 
 
 def test_draws_are_deterministic_per_seed_parts():

@@ -188,7 +188,7 @@ def prepared(sdxl_adapter):
     return prepare_pipeline([(sdxl_adapter, 1.0)])
 
 
-@pytest.mark.parametrize("name", list(SCHEDULERS))
+@pytest.mark.parametrize("name", SCHEDULERS)
 def test_every_scheduler_works_and_is_restored(prepared, name, tmp_path):
     pipe, info = prepared
     original = pipe.scheduler

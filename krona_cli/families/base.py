@@ -44,6 +44,7 @@ class Family(ABC):
     load_extras: Mapping[str, Any] = field(default_factory=dict)  # from_pretrained keywords its pipelines load with
     target_presets: Mapping[str, str] = field(default_factory=lambda: TARGET_PRESETS)  # --targets preset -> regex
     lora_modules: Mapping[str, list[str]] = field(default_factory=dict)  # preset -> peft target module names
+    schedulers: Mapping[str, str] = field(default_factory=dict)  # krona's sampler name -> diffusers scheduler class
 
     @property
     def denoiser(self) -> str:
@@ -81,6 +82,15 @@ class Family(ABC):
         """Text-encoder layers whose output the denoiser never reads, by component (they cannot learn, and DDP would
         wait for their gradients)."""
         return {}
+
+    def native_size(self, pipe) -> int:
+        """The side in pixels the model samples at by default: its UNet's sample_size through the VAE (SDXL 1024,
+        SD 1.5 512)."""
+        return int(getattr(pipe, self.denoiser).config.sample_size) * int(pipe.vae_scale_factor)
+
+    def size_multiple(self, pipe) -> int:
+        """Image sides must be multiples of this: the VAE's scale factor."""
+        return int(pipe.vae_scale_factor)
 
     def text_models(self, pipe) -> list:
         """The pipeline's text encoders, in order."""

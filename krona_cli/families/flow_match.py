@@ -75,6 +75,11 @@ class FlowMatch:
         if self.time_shift_type not in TIME_SHIFTS:
             raise KronaError(f"unknown time_shift_type '{self.time_shift_type}'; use one of {', '.join(TIME_SHIFTS)}")
 
+    @property
+    def name(self) -> str:
+        """What the model predicts, in the run's summary and card."""
+        return "flow_matching"
+
     @classmethod
     def from_scheduler_config(
         cls,
@@ -154,7 +159,7 @@ class FlowMatch:
         eps = torch.randn(shape, generator=g)
         return noise, sigma, eps
 
-    def fixed_sigmas(self, count: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def fixed_timesteps(self, count: int, shape: tuple[int, ...]) -> torch.Tensor:
         """Validation's `count` fixed noise levels for a latent of `shape`: u at the middles of `count` equal slices of
         [0, 1), through the same table lookup and shift as `draw` (so from high noise to low)."""
         u = (torch.arange(count, dtype=torch.float64) + 0.5) / count
@@ -167,8 +172,8 @@ class FlowMatch:
         return (1.0 - s) * latents + s * noise
 
     @staticmethod
-    def target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """What the model must predict: the velocity ε − x0."""
+    def target(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """What the model must predict: the velocity ε − x0 (the same at every σ)."""
         return noise - latents
 
     def model_timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,14 @@ class FluxFamily(Family):
         )[0]
         return unpack_latents(prediction, height, width)
 
+    def native_size(self, pipe) -> int:
+        """FluxPipeline's default side: its default_sample_size (128 latent rows) through the VAE, 1024 px."""
+        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+
+    def size_multiple(self, pipe) -> int:
+        """The VAE's scale factor times 2: latents are packed in 2x2 patches."""
+        return 2 * int(pipe.vae_scale_factor)
+
     def objective(self, scheduler_config: Mapping):
         from .flow_match import FlowMatch
 
@@ -84,4 +92,5 @@ FLUX = FluxFamily(
     default_resolution=512,  # diffusers' DreamBooth FLUX scripts' default --resolution
     layer_list=False,
     target_presets=PRESETS,
+    schedulers={"euler": "FlowMatchEulerDiscreteScheduler"},  # FluxPipeline's own, with its resolution shift
 )

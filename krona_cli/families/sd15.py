@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Component, ConfigGet
-from .unet import CLIP_L, NO_SAFETY_CHECKER, UNET, UNET_LORA_MODULES, UNetFamily
+from .unet import CLIP_L, NO_SAFETY_CHECKER, UNET, UNET_LORA_MODULES, UNET_SCHEDULERS, UNetFamily
 
 
 @dataclass(frozen=True)
@@ -23,5 +23,6 @@ SD15 = SD15Family(
     default_resolution=512,
     load_extras=NO_SAFETY_CHECKER,
     lora_modules=UNET_LORA_MODULES,
+    schedulers=UNET_SCHEDULERS,
     layer_list=True,
 )

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .base import Component, ConfigGet
 from .prompts import Conditioning, tokenize
-from .unet import CLIP_L, UNET, UNET_LORA_MODULES, UNetFamily
+from .unet import CLIP_L, UNET, UNET_LORA_MODULES, UNET_SCHEDULERS, UNetFamily
 
 
 @dataclass(frozen=True)
@@ -49,5 +49,6 @@ SDXL = SDXLFamily(
     context_width=2048,
     default_resolution=1024,
     lora_modules=UNET_LORA_MODULES,
+    schedulers=UNET_SCHEDULERS,
     layer_list=True,
 )

@@ -13,6 +13,14 @@ UNET = "unet"
 CLIP_L = Component("text_encoder", "text", "clip_vit_l_text.json", "tokenizer")
 # SD 1.x and 2.x pipelines load without their safety checker (its weights are not in single files, nor needed)
 NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+# krona's sampler names -> diffusers scheduler classes, each built from the pipeline's own scheduler config so that it
+# keeps the model's beta schedule, prediction type and timestep spacing
+UNET_SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+}
 # peft's target module names of the UNet presets (diffusers' DreamBooth LoRA scripts' choice)
 UNET_LORA_MODULES = {
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],

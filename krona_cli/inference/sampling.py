@@ -29,20 +29,14 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .. import __version__, stopping
+from .. import __version__, families, stopping
 from ..atomic import write_bytes_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
 from ..outputs import output_folder
 
-# name -> diffusers scheduler class name; each is built with from_config(the pipeline's own scheduler config), so
-# it keeps the model's beta schedule, prediction type and timestep spacing.
-SCHEDULERS: dict[str, str] = {
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-}
+# every sampler name some family has (families/*.py `schedulers`); which ones a model takes is its family's choice
+SCHEDULERS: tuple[str, ...] = tuple(dict.fromkeys(name for f in families.FAMILIES for name in f.schedulers))
 
 ProgressCallback = Callable[[float, int], None]  # (images done, fractional within a batch; images in total)
 
@@ -63,7 +57,8 @@ class SampleConfig:
 
     def validate(self) -> SampleConfig:
         """Check the settings that need no model; KronaError naming the first bad one."""
-        scheduler_class(self.scheduler)
+        if self.scheduler not in SCHEDULERS:
+            raise KronaError(f"unknown scheduler '{self.scheduler}'; use one of {', '.join(SCHEDULERS)}")
         for name, flag in (("num_images", "--num-images"), ("steps", "--sample-steps"), ("batch_size", "--batch-size")):
             if getattr(self, name) < 1:
                 raise KronaError(f"{flag} must be at least 1, got {getattr(self, name)}")
@@ -110,18 +105,17 @@ class SampleResult:
     height: int
 
 
-def scheduler_class(name: str):
-    """The diffusers scheduler class for a krona scheduler name; KronaError listing the names for an unknown one."""
-    if name not in SCHEDULERS:
-        raise KronaError(f"unknown scheduler '{name}'; use one of {', '.join(SCHEDULERS)}")
+def make_scheduler(name: str, pipe):
+    """A fresh scheduler of the named kind for a pipeline, built from its own scheduler config; KronaError when its
+    family samples with other schedulers."""
     import diffusers
 
-    return getattr(diffusers, SCHEDULERS[name])
-
-
-def make_scheduler(name: str, base_config):
-    """A fresh scheduler of the named kind built from a pipeline's scheduler config."""
-    return scheduler_class(name).from_config(base_config)
+    family = families.recognise_pipeline(pipe, type(pipe).__name__)
+    if name not in family.schedulers:
+        raise KronaError(
+            f"scheduler '{name}' does not sample {family.title} models; use {' or '.join(family.schedulers)}"
+        )
+    return getattr(diffusers, family.schedulers[name]).from_config(pipe.scheduler.config)
 
 
 def load_prompts(prompts: Sequence[str] = (), prompts_file: str | Path | None = None) -> list[str]:
@@ -170,11 +164,6 @@ def prepare_pipeline(
         dtype=dtype,
     )
     return baked.pipe, info
-
-
-def native_size(pipe) -> int:
-    """The UNet's native image side: its latent sample_size times the VAE's scale factor (SDXL 1024, SD 1.5 512)."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
 def png_bytes(image: Image.Image, text: dict[str, str]) -> bytes:
@@ -305,14 +294,15 @@ def image_ids(name: str) -> tuple[int, int] | None:
 
 
 def image_size(pipe, config: SampleConfig) -> tuple[int, int]:
-    """(width, height) of the images a config asks for: its own, else the model's native size; multiples of the
-    VAE's scale factor."""
-    factor = int(pipe.vae_scale_factor)
-    width = config.width or native_size(pipe)
-    height = config.height or native_size(pipe)
+    """(width, height) of the images a config asks for: its own, else the model's native size; multiples of what the
+    family needs (the VAE's scale factor; twice that for FLUX's packed latents)."""
+    family = families.recognise_pipeline(pipe, type(pipe).__name__)
+    factor = family.size_multiple(pipe)
+    width = config.width or family.native_size(pipe)
+    height = config.height or family.native_size(pipe)
     for name, value in (("width", width), ("height", height)):
         if value % factor:
-            raise KronaError(f"--{name} {value} is not a multiple of {factor} (the VAE's scale factor); choose one")
+            raise KronaError(f"--{name} {value} is not a multiple of {factor} ({family.title} images); choose one")
     return width, height
 
 
@@ -386,7 +376,7 @@ def render(
     jobs = [(j, seed) for j in range(len(prompts)) for seed in seeds]  # prompt-major: rows fill in order
     total = len(jobs)
     original_scheduler = pipe.scheduler
-    pipe.scheduler = make_scheduler(config.scheduler, original_scheduler.config)
+    pipe.scheduler = make_scheduler(config.scheduler, pipe)
     images: dict[tuple[int, int], Image.Image] = {}
     done = 0
     try:
@@ -428,7 +418,7 @@ def render(
 def stop_checks(pipe):
     """Answer stop requests (`stopping.check`) before every denoiser call of `pipe`, one per sampler step, where the
     pipeline is called by code that passes no step callback."""
-    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    denoiser = getattr(pipe, families.recognise_pipeline(pipe, type(pipe).__name__).denoiser)
     hook = denoiser.register_forward_pre_hook(lambda module, args: stopping.check())
     try:
         yield pipe
