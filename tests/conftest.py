@@ -40,3 +40,10 @@ def toy_sd15_dir(tmp_path_factory):
     from krona_cli.pipeline.toy import make_toy
 
     return make_toy(tmp_path_factory.mktemp("toy") / "sd15", arch="sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    from krona_cli.pipeline.tiny_flux import make_tiny_flux
+
+    return make_tiny_flux(tmp_path_factory.mktemp("tiny") / "flux")

@@ -51,7 +51,7 @@ class FluxFamily(Family):
         batch, _, height, width = noisy.shape
         device = noisy.device
         guidance = None
-        if model.config.guidance_embeds:
+        if getattr(model, "module", model).config.guidance_embeds:  # DDP wraps the transformer in several processes
             guidance = torch.full((batch,), TRAIN_GUIDANCE, device=device, dtype=torch.float32)
         prediction = model(
             hidden_states=pack_latents(noisy.to(dtype)),

@@ -1,0 +1,130 @@
+"""FLUX.1 through `krona train` on the tiny FLUX pipeline: the loss of a training batch is the one diffusers' own
+helpers compute, a resumed run is bit-identical, and the class images, the text encoder and the samples work."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from krona_cli.training.config import load_config
+from krona_cli.training.run import Run
+from krona_cli.training.train import train
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
+PROMPT, CLASS_PROMPT = "a photo of sks cat", "a photo of a cat"
+
+
+def config(pipeline_dir, out, **overrides):
+    settings = dict(
+        pretrained_model=str(pipeline_dir),
+        instance_dir=str(EXAMPLES),
+        prompt=PROMPT,
+        output_dir=str(out),
+        sample_every=0,
+        checkpoint_every=0,
+    )
+    return load_config("tiny", settings | overrides)
+
+
+def diffusers_loss(pipe, transformer, latents, noise, sigmas, captions):
+    """The DreamBooth FLUX script's loss (diffusers' examples/dreambooth/train_dreambooth_lora_flux.py, weighting
+    `none`) for these latents, noise and sigmas, with FluxPipeline's own prompt encoding, packing and ids."""
+    from diffusers import FluxPipeline
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    b, c, h, w = latents.shape
+    embeds, pooled, text_ids = pipe.encode_prompt(prompt=captions, prompt_2=None, max_sequence_length=512)
+    s = sigmas.reshape(-1, 1, 1, 1)
+    noisy = (1.0 - s) * latents + s * noise
+    timesteps = sigmas * pipe.scheduler.config.num_train_timesteps  # the scheduler's timestep of each sigma
+    guidance = torch.tensor([3.5]).expand(b) if transformer.config.guidance_embeds else None
+    prediction = transformer(
+        hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w),
+        timestep=timesteps / 1000,
+        guidance=guidance,
+        pooled_projections=pooled,
+        encoder_hidden_states=embeds,
+        txt_ids=text_ids,
+        img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype),
+        return_dict=False,
+    )[0]
+    factor = pipe.vae_scale_factor
+    prediction = FluxPipeline._unpack_latents(prediction, h * factor, w * factor, factor)
+    weighting = compute_loss_weighting_for_sd3("none", sigmas=s)
+    target = noise - latents
+    return torch.mean((weighting.float() * (prediction.float() - target.float()) ** 2).reshape(b, -1), 1).mean()
+
+
+def test_the_loss_of_a_training_batch_is_the_one_diffusers_helpers_compute(tiny_flux_dir, tmp_path, monkeypatch):
+    seen = []
+    original = Run.loss
+
+    def spy(run, micro):
+        latents, noise, sigmas, _, captions = run.batch(micro)  # this step's draws, made again: they depend on it
+        with torch.no_grad():  # before the step changes the adapter
+            expected = diffusers_loss(run.encoder.pipe, run.denoiser, latents, noise, sigmas, captions)
+        loss = original(run, micro)
+        seen.append((sigmas, loss.detach(), expected))
+        return loss
+
+    monkeypatch.setattr(Run, "loss", spy)
+    train(config(tiny_flux_dir, tmp_path / "run", steps=3, batch_size=2, lr=1e-2))
+    assert len(seen) == 3
+    for sigmas, loss, expected in seen:
+        assert sigmas.dtype == torch.float32 and ((sigmas > 0) & (sigmas < 1)).all() and len(set(sigmas.tolist())) == 2
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_resumed_flux_run_is_bit_identical_to_a_straight_one(tiny_flux_dir, tmp_path):
+    common = dict(
+        class_prompt=CLASS_PROMPT,
+        class_dir=str(tmp_path / "classes"),
+        num_class_images=2,
+        train_text_encoder=True,
+        text_encoder_factors="4x4",
+        targets="attn-ff",
+        checkpoint_every=2,
+        lr=1e-2,
+    )
+    straight = train(config(tiny_flux_dir, tmp_path / "straight", steps=4, **common))
+    train(config(tiny_flux_dir, tmp_path / "resumed", steps=2, **common))
+    resumed = train(config(tiny_flux_dir, tmp_path / "resumed", steps=4, resume="latest", **common))
+    a, b = load_file(straight.adapter), load_file(resumed.adapter)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    components = {k.split(".")[0] for k in a}
+    assert components == {"transformer", "text_encoder"}  # CLIP-L learns; T5 is never adapted
+    assert any(".single_transformer_blocks." in f".{k}" and ".proj_mlp." in k for k in a)  # attn-ff's layers
+    assert any(".add_q_proj." in k for k in a) and any(".to_add_out." in k for k in a)
+    assert all(a[k].abs().sum() > 0 for k in a if k.endswith("kron_b"))
+    assert len(list((tmp_path / "classes").glob("*.png"))) == 2  # drawn by the tiny FLUX
+
+
+def test_flux_samples_with_its_own_scheduler_and_refuses_others(tiny_flux_dir, tmp_path, capsys):
+    from krona_cli.cli import main
+
+    run = train(config(tiny_flux_dir, tmp_path / "run", steps=1))
+    base = ["sample", "--adapter", str(run.adapter), "--prompt", PROMPT, "-n", "1", "--sample-steps", "2"]
+    assert main([*base, "--output-dir", str(tmp_path / "s"), "--width", "64", "--height", "64"]) == 0
+    assert (tmp_path / "s" / "p00-s0.png").is_file()
+    assert main([*base, "--output-dir", str(tmp_path / "t"), "--scheduler", "dpm++"]) == 2
+    assert "scheduler 'dpm++' does not sample FLUX.1 models; use euler" in capsys.readouterr().err
+    assert main([*base, "--output-dir", str(tmp_path / "u"), "--width", "72", "--height", "64"]) == 2
+    assert "--width 72 is not a multiple of 16" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_two_processes_give_the_adapter_of_one_with_the_same_global_batch(tiny_flux_dir, tmp_path):
+    from test_multiprocess import launch, relative_difference, settings
+
+    classes = tmp_path / "classes"
+    two = launch(tiny_flux_dir, tmp_path / "two", classes, steps=4, batch_size=1, grad_accum=2, sample_every=0)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "all 2 processes hold bit-identical adapter weights" in two.stdout
+    one = train(load_config("tiny", settings(tiny_flux_dir, tmp_path / "one", classes, steps=4, batch_size=4)))
+    adapter = load_file(tmp_path / "two" / "adapter.safetensors")
+    assert relative_difference(adapter, load_file(one.adapter)) < 1e-5
+    assert {k.split(".")[0] for k in adapter} == {"transformer", "text_encoder"}
