@@ -1,5 +1,6 @@
 """Write configs/models/layers/ARCH.json: every nn.Linear (name, d_out, d_in) of each adaptable component of the real
-architectures, from the diffusers and transformers models built on the meta device from the shipped configs. `krona
+architectures (the denoiser and the text encoders `--train-text-encoder` adapts: not FLUX's T5), from the diffusers and
+transformers models built on the meta device from the shipped configs, for every family with `layer_list` set. `krona
 plan` reads these lists instead of importing the model libraries; tests/test_plan.py holds them equal to the models.
 Run again when a config in configs/models/ or the libraries' classes change.
 

@@ -17,7 +17,7 @@ def test_names_are_listed_in_registry_order_and_unknown_names_say_which_exist():
     with pytest.raises(KronaError, match=r"unknown architecture 'flux9'; use one of sdxl, sd15, sd2, flux$"):
         families.get("flux9")
     # meta builds and `krona plan` need the real model's configs and layer list: SD 2.x has none shipped
-    with pytest.raises(KronaError, match=r"unknown architecture 'sd2'; use one of sdxl, sd15$"):
+    with pytest.raises(KronaError, match=r"unknown architecture 'sd2'; use one of sdxl, sd15, flux$"):
         families.with_layer_list("sd2")
 
 

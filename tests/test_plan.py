@@ -1,11 +1,13 @@
 """`krona plan`: parameter counts on the real architectures (meta device), checked against the paper and by hand."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
+from krona_cli import families
 from krona_cli.cli import main
 from krona_cli.inference.plan import plan
 
@@ -79,20 +81,93 @@ def test_cli_plan_bad_input(capsys):
     assert "do not divide" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+@pytest.mark.parametrize("arch", ["sdxl", "sd15", "flux"])
 def test_the_layer_lists_are_the_meta_models(arch):
     """`krona plan` reads the layer lists as data (no model library): they must be exactly the linears of the
     diffusers and transformers models built from the shipped configs (scripts/layer_lists.py writes them)."""
-    from krona_cli import families
     from krona_cli.pipeline.models import build_meta_components, linear_layers_of
 
     models = {name: linear_layers_of(model) for name, model in build_meta_components(arch).items()}
     assert families.get(arch).linear_layers() == models
 
 
-def test_plan_imports_no_model_library():
-    code = "import sys; from krona_cli.cli import main; main(['plan', '--arch', 'sdxl']); "
+@pytest.mark.parametrize("arch", ["sdxl", "flux"])
+def test_plan_imports_no_model_library(arch):
+    code = f"import sys; from krona_cli.cli import main; main(['plan', '--arch', '{arch}']); "
     code += "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'bitsandbytes') if sys.modules.get(m)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.fixture(scope="module")
+def flux_transformer_linears():
+    """(name, d_out, d_in) of every nn.Linear of FLUX.1's transformer, read off the meta model here (not the list)."""
+    from torch import nn
+
+    from krona_cli.pipeline.models import build_component
+
+    model = build_component("flux", "transformer")
+    return [(n, m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def largest_divisor(n, at_most):
+    return max(d for d in range(1, at_most + 1) if n % d == 0)
+
+
+@pytest.mark.parametrize("targets", ["attn", "attn-ff"])
+def test_flux_plan_is_the_meta_transformer_counted_by_hand(targets, flux_transformer_linears):
+    """`plan --arch flux` against the meta transformer: the FLUX presets' linears, grouped by double and single
+    block, and Kronecker factors fitted here (40 divides no FLUX width: it falls back to 32)."""
+    pattern = re.compile(families.get("flux").target_presets[targets])
+    chosen = [(n, o, i) for n, o, i in flux_transformer_linears if pattern.search(n)]
+    settings = {"64x4": (64, 4), "40x6": (40, 6)}
+    groups = plan("flux", list(settings), targets=targets)
+    expected = {}
+    for name, d_out, d_in in chosen:
+        block = ".".join(name.split(".")[:2])
+        assert block.split(".")[0] in ("transformer_blocks", "single_transformer_blocks")
+        for key in (block, "all"):
+            e = expected.setdefault(key, {"layers": 0, "lora4": 0, **dict.fromkeys(settings, 0)})
+            e["layers"] += 1
+            e["lora4"] += 4 * (d_out + d_in)
+            for label, (a_out, a_in) in settings.items():
+                e[label] += kron_params(largest_divisor(d_out, a_out), largest_divisor(d_in, a_in), d_out, d_in)
+    expected["total"] = expected.pop("all")
+    assert list(groups) == list(expected)  # module order: the 19 double blocks, the 38 single ones, the total
+    assert len(groups) == 19 + 38 + 1
+    for key, e in expected.items():
+        g = groups[key]
+        assert (g.layers, g.kron["64x4"], g.kron["40x6"], g.lora[4]) == (e["layers"], e["64x4"], e["40x6"], e["lora4"])
+    assert groups["total"].used == {"64x4": {"64x4"}, "40x6": {"32x6"}}
+
+
+def test_flux_totals_by_hand():
+    """FLUX.1: 19 double blocks (image and text q/k/v/out: 8 linears 3072x3072) and 38 single ones (q/k/v); attn-ff
+    adds each double block's two 4x MLPs (3072 -> 12288 -> 3072) and each single block's proj_mlp (3072 -> 12288) and
+    proj_out (15360 -> 3072: attention and MLP outputs together)."""
+    square, mlp, out = kron_params(64, 4, 3072, 3072), kron_params(64, 4, 12288, 3072), kron_params(64, 4, 3072, 15360)
+    attn, attn_ff = plan("flux", ["64x4"])["total"], plan("flux", ["64x4"], targets="attn-ff")["total"]
+    assert (attn.layers, attn.kron["64x4"]) == (19 * 8 + 38 * 3, 266 * square) == (266, 9_873_920)
+    assert attn.lora[4] == 266 * 4 * 6144 == 6_537_216
+    assert kron_params(64, 4, 3072, 12288) == mlp
+    assert attn_ff.layers == 266 + 19 * 4 + 38 * 2 == 418
+    assert attn_ff.kron["64x4"] == 266 * square + (19 * 4 + 38) * mlp + 38 * out == 33_726_976
+    assert attn_ff.lora[4] == 16_343_040
+
+
+def test_flux_text_and_top_level_groups():
+    """`text` adapts CLIP only (T5 is never adapted); a module outside every block counts as the transformer."""
+    text = plan("flux", ["64x4"], targets="text")
+    assert list(text) == ["text_encoder", "total"]
+    assert text["text_encoder"].kron["64x4"] == 48 * kron_params(64, 4, 768, 768)
+    groups = plan("flux", ["64x4"], targets=r"proj_out$")
+    assert list(groups)[-2:] == ["transformer", "total"] and groups["transformer"].layers == 1
+    assert groups["total"].layers == 38 + 1
+
+
+def test_cli_plan_flux(capsys):
+    assert main(["plan", "--arch", "flux", "--targets", "attn-ff", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["groups"]["total"]["kron"] == {"64x4": 33_726_976}
+    assert data["groups"]["single_transformer_blocks.37"]["layers"] == 5

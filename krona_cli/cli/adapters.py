@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 
 from ..choices import EXPORT_FORMATS, READ_FORMATS
+from ..families import FAMILIES
 from .app import command, console, locked, renamed, split
 from .render import inspect_table, plan_json, plan_table, plural
 
@@ -129,7 +130,9 @@ def inspect_cmd(
 
 @command("plan")
 def plan_cmd(
-    arch: Annotated[str, typer.Option(help="Architecture: sdxl or sd15.")] = "sdxl",
+    arch: Annotated[
+        str, typer.Option(help=f"Architecture: {', '.join(f.name for f in FAMILIES if f.layer_list)}.")
+    ] = "sdxl",
     factors: Annotated[
         list[str],
         typer.Option("--factors", metavar="OxI", help="Factor settings to compare (repeatable or comma-separated)."),

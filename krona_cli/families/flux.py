@@ -90,7 +90,7 @@ FLUX = FluxFamily(
     ),
     context_width=None,
     default_resolution=512,  # diffusers' DreamBooth FLUX scripts' default --resolution
-    layer_list=False,
+    layer_list=True,
     target_presets=PRESETS,
     schedulers={"euler": "FlowMatchEulerDiscreteScheduler"},  # FluxPipeline's own, with its resolution shift
 )

@@ -12,18 +12,24 @@ from dataclasses import dataclass, field
 
 from .. import families
 from ..kron.factors import fit_factors, parse_factors
-from ..kron.targets import target_pattern
+from ..kron.targets import TARGET_PRESETS, target_pattern
 
 LORA_RANKS = (4, 8, 16)
 FP32_BYTES, FP16_BYTES = 4, 2
 
+# The denoisers' top-level blocks: the UNet's down, mid and up blocks; a FLUX transformer's double-stream and
+# single-stream blocks. Text encoders, and modules outside any block, count as their component.
+_BLOCK = re.compile(
+    r"(down_blocks\.\d+|up_blocks\.\d+|mid_block|transformer_blocks\.\d+|single_transformer_blocks\.\d+)\."
+)
+
 
 def block_group(component: str, name: str) -> str:
-    """The block group a module belongs to: `down_blocks.1`, `mid_block`, `up_blocks.0` (UNet) or the component."""
-    if component != "unet":
-        return component
-    match = re.match(r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)", name)
-    return match.group(1) if match else "unet"
+    """The block group a module belongs to: `down_blocks.1`, `mid_block`, `up_blocks.0` (UNet),
+    `transformer_blocks.3`, `single_transformer_blocks.12` (FLUX), else the component (`unet`, `transformer`,
+    `text_encoder`)."""
+    match = _BLOCK.match(name)
+    return match.group(1) if match else component
 
 
 @dataclass
@@ -46,11 +52,12 @@ class GroupCount:
             self.lora[r] = self.lora.get(r, 0) + v
 
 
-def components_for_targets(targets: str, arch_components: list[str]) -> list[str]:
-    """The text preset adapts the text encoders; every other target (preset or regex) adapts the UNet."""
+def components_for_targets(targets: str, family: families.Family) -> list[str]:
+    """The text preset adapts the text encoders `--train-text-encoder` adapts (FLUX: CLIP only, never T5); every other
+    target (preset or regex) adapts the denoiser."""
     if targets == "text":
-        return [c for c in arch_components if c.startswith("text_encoder")]
-    return ["unet"]
+        return list(family.trained_text())
+    return [family.denoiser]
 
 
 def count_linears(
@@ -78,14 +85,14 @@ def count_linears(
 def plan(
     arch: str, factor_settings: list[str], targets: str = "attn", strict_factors: bool = False
 ) -> dict[str, GroupCount]:
-    """Counts per block group, plus a `total` entry, for `arch` with these targets and factor settings."""
-    components, pattern = families.with_layer_list(arch).linear_layers(), target_pattern(targets)
-    linears = [
-        (f"{component}:{name}", d_out, d_in)
-        for component in components_for_targets(targets, list(components))
-        for name, d_out, d_in in components[component]
-        if pattern.search(name)
-    ]
+    """Counts per block group, plus a `total` entry, for `arch` with these targets and factor settings: the
+    denoiser's layers by the family's presets, the text encoders' by the CLIP one, as training selects them."""
+    family = families.with_layer_list(arch)
+    components = family.linear_layers()
+    linears = []
+    for component in components_for_targets(targets, family):
+        pattern = target_pattern(targets, family.target_presets if component == family.denoiser else TARGET_PRESETS)
+        linears += [(f"{component}:{n}", d_out, d_in) for n, d_out, d_in in components[component] if pattern.search(n)]
     groups = count_linears(linears, factor_settings, strict_factors, group_of=lambda n: block_group(*n.split(":", 1)))
     total = GroupCount()
     for g in groups.values():

@@ -18,29 +18,33 @@ from .hub import locate, offline
 
 
 def build_component(arch: str, component: str, device: str | torch.device = "meta") -> nn.Module:
-    """One component (unet, text_encoder, text_encoder_2) of a real architecture, random or meta weights."""
+    """One component (unet, transformer, text_encoder, text_encoder_2) of a real architecture, random or meta weights.
+    The class is the config's: a diffusers model by its `_class_name` (UNet2DConditionModel, FluxTransformer2DModel),
+    else a transformers model by its `architectures` (CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel), on
+    that class's own config class."""
     files = families.with_layer_list(arch).component_configs()
     if component not in files:
         raise KronaError(f"architecture '{arch}' has no component '{component}'; it has {', '.join(files)}")
     config = load_model_config(files[component])
     with torch.device(device):
-        if component == "unet":
-            from diffusers import UNet2DConditionModel
+        if "_class_name" in config:
+            import diffusers
 
-            return UNet2DConditionModel.from_config(config)
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+            return getattr(diffusers, config["_class_name"]).from_config(config)
+        if "architectures" not in config:
+            raise KronaError(f"configs/models/{files[component]} names no model class (_class_name or architectures)")
+        import transformers
 
-        cls = (
-            CLIPTextModelWithProjection
-            if config.pop("architectures") == ["CLIPTextModelWithProjection"]
-            else CLIPTextModel
-        )
-        return cls(CLIPTextConfig(**config))
+        (name,) = config.pop("architectures")
+        cls = getattr(transformers, name)
+        return cls(cls.config_class(**config))
 
 
 def build_meta_components(arch: str) -> dict[str, nn.Module]:
-    """Every adaptable component of a real architecture, on the meta device (no memory, no download)."""
-    return {c: build_component(arch, c) for c in families.with_layer_list(arch).component_configs()}
+    """Every adaptable component of a real architecture (the denoiser and the text encoders `--train-text-encoder`
+    adapts, so not FLUX's T5), on the meta device (no memory, no download)."""
+    family = families.with_layer_list(arch)
+    return {c: build_component(arch, c) for c in (family.denoiser, *family.trained_text())}
 
 
 def linear_layers_of(model: nn.Module) -> list[tuple[str, int, int]]:
