@@ -13,7 +13,7 @@ from .app import command, console, locked
 Directory = Annotated[
     Path, typer.Argument(help="Folder to write the pipeline to (created, or replaced with --overwrite).")
 ]
-Arch = Annotated[str, typer.Option(help="Architecture: sdxl or sd15.")]
+Arch = Annotated[str, typer.Option(help="Architecture: sdxl or sd15 (make-tiny also: flux, flux-schnell).")]
 
 
 @command("make-tiny")
@@ -23,7 +23,7 @@ def make_tiny_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a tiny pipeline written here before.")] = False,
 ) -> None:
-    """Build a tiny random-weight SDXL or SD 1.5 pipeline (for tests and demos; no download)."""
+    """Build a tiny random-weight SDXL, SD 1.5 or FLUX.1 pipeline (for tests and demos; no download)."""
     from ..pipeline.tiny import make_tiny
 
     with locked(directory, "krona make-tiny", "DIRECTORY"):

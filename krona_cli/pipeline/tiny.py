@@ -47,8 +47,8 @@ __all__ = [
     "make_tiny_dino",
 ]
 
-#: Architectures :func:`make_tiny` and :func:`build_tiny_pipeline` can build.
-_ARCHS = ("sdxl", "sd15")
+#: Architectures :func:`make_tiny` and :func:`build_tiny_pipeline` can build (FLUX's in tiny_flux.py).
+_ARCHS = ("sdxl", "sd15", "flux", "flux-schnell")
 
 
 # Words typical of text-to-image and DreamBooth prompts. Every word here becomes a single token, as common
@@ -237,7 +237,7 @@ def _sd15_unet(text_width: int) -> UNet2DConditionModel:
 
 def build_tiny_pipeline(arch: str = "sdxl", seed: int = 0) -> StableDiffusionXLPipeline | StableDiffusionPipeline:
     """Build a tiny random-weight pipeline in memory: ``StableDiffusionXLPipeline`` for ``"sdxl"``,
-    ``StableDiffusionPipeline`` for ``"sd15"``.
+    ``StableDiffusionPipeline`` for ``"sd15"``, ``FluxPipeline`` for ``"flux"`` (dev-like) and ``"flux-schnell"``.
 
     Weights are drawn under ``torch.manual_seed(seed)`` inside a forked RNG, so the same seed always gives the same
     weights and the caller's global RNG state is left untouched.
@@ -247,6 +247,10 @@ def build_tiny_pipeline(arch: str = "sdxl", seed: int = 0) -> StableDiffusionXLP
     """
     if arch not in _ARCHS:
         raise KronaError(f"Unknown tiny architecture {arch!r}: expected one of {', '.join(repr(a) for a in _ARCHS)}.")
+    if arch.startswith("flux"):
+        from .tiny_flux import build_tiny_flux_pipeline
+
+        return build_tiny_flux_pipeline(seed, guidance_embeds=arch == "flux")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

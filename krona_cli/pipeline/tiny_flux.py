@@ -31,7 +31,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
-from krona_cli.pipeline.tiny import _CORPUS, MARKER, build_tokenizer, clip_text_config, save_marked_pipeline
+from krona_cli.pipeline.tiny import _CORPUS, build_tokenizer, clip_text_config
 
 __all__ = ["build_t5_tokenizer", "build_tiny_flux_pipeline", "make_tiny_flux"]
 
@@ -183,5 +183,6 @@ def make_tiny_flux(path: str | Path, seed: int = 0, overwrite: bool = False, gui
     Raises:
         KronaError: ``path`` holds something that may not be replaced.
     """
-    info = {"arch": "flux", "seed": seed, "guidance_embeds": guidance_embeds}
-    return save_marked_pipeline(path, MARKER, info, overwrite, lambda: build_tiny_flux_pipeline(seed, guidance_embeds))
+    from .tiny import make_tiny
+
+    return make_tiny(path, "flux" if guidance_embeds else "flux-schnell", seed, overwrite)
