@@ -358,3 +358,10 @@ def test_config_preset_and_flags_together(cli):
 def test_bad_flag_values_are_usage_errors(cli):
     result, _ = cli("--steps", "many")
     assert result.exit_code == 2 and "--steps" in result.output
+
+
+def test_the_weighting_scheme_choices_are_the_flow_matching_objectives():
+    from krona_cli.families.flow_match import WEIGHTINGS
+    from krona_cli.training.config import WEIGHTING_SCHEMES
+
+    assert WEIGHTING_SCHEMES == WEIGHTINGS

@@ -81,3 +81,16 @@ def test_a_pipeline_krona_does_not_train_gets_one_line_naming_it():
 
 def test_adapter_files_may_hold_every_familys_components_in_registry_order():
     assert families.components() == ("unet", "text_encoder", "text_encoder_2", "transformer")
+
+
+def test_flux_takes_a_runs_flow_matching_settings_and_the_sd_families_refuse_them():
+    flux = families.get("flux")
+    tuned = flux.configured(guidance=1.0, max_sequence_length=64, weighting_scheme="logit_normal")
+    assert (tuned.guidance, tuned.max_sequence_length, tuned.weighting) == (1.0, 64, "logit_normal")
+    assert flux.configured() == flux and flux.guidance == 3.5 and flux.max_sequence_length == 512
+    with pytest.raises(KronaError, match=r"^--max-sequence-length is at most 512 \(FLUX\.1's T5 context\)$"):
+        flux.configured(max_sequence_length=513)
+    assert families.get("sdxl").configured(guidance=None) == families.get("sdxl")
+    expected = r"^--max-sequence-length applies to flow-matching models \(FLUX\.1\), not SDXL; leave it out$"
+    with pytest.raises(KronaError, match=expected):
+        families.get("sdxl").configured(max_sequence_length=77)

@@ -28,18 +28,18 @@ def config(pipeline_dir, out, **overrides):
     return load_config("tiny", settings | overrides)
 
 
-def diffusers_loss(pipe, transformer, latents, noise, sigmas, captions):
-    """The DreamBooth FLUX script's loss (diffusers' examples/dreambooth/train_dreambooth_lora_flux.py, weighting
-    `none`) for these latents, noise and sigmas, with FluxPipeline's own prompt encoding, packing and ids."""
+def diffusers_loss(pipe, transformer, latents, noise, sigmas, captions, scheme="none", guidance=3.5, tokens=512):
+    """The DreamBooth FLUX script's loss (diffusers' examples/dreambooth/train_dreambooth_lora_flux.py) for these
+    latents, noise and sigmas, with FluxPipeline's own prompt encoding, packing and ids."""
     from diffusers import FluxPipeline
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     b, c, h, w = latents.shape
-    embeds, pooled, text_ids = pipe.encode_prompt(prompt=captions, prompt_2=None, max_sequence_length=512)
+    embeds, pooled, text_ids = pipe.encode_prompt(prompt=captions, prompt_2=None, max_sequence_length=tokens)
     s = sigmas.reshape(-1, 1, 1, 1)
     noisy = (1.0 - s) * latents + s * noise
     timesteps = sigmas * pipe.scheduler.config.num_train_timesteps  # the scheduler's timestep of each sigma
-    guidance = torch.tensor([3.5]).expand(b) if transformer.config.guidance_embeds else None
+    guidance = torch.tensor([guidance]).expand(b) if transformer.config.guidance_embeds else None
     prediction = transformer(
         hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w),
         timestep=timesteps / 1000,
@@ -52,25 +52,40 @@ def diffusers_loss(pipe, transformer, latents, noise, sigmas, captions):
     )[0]
     factor = pipe.vae_scale_factor
     prediction = FluxPipeline._unpack_latents(prediction, h * factor, w * factor, factor)
-    weighting = compute_loss_weighting_for_sd3("none", sigmas=s)
+    weighting = compute_loss_weighting_for_sd3(scheme, sigmas=s)
     target = noise - latents
     return torch.mean((weighting.float() * (prediction.float() - target.float()) ** 2).reshape(b, -1), 1).mean()
 
 
-def test_the_loss_of_a_training_batch_is_the_one_diffusers_helpers_compute(tiny_flux_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"weighting_scheme": "sigma_sqrt", "guidance": 1.0, "max_sequence_length": 64},
+        {"weighting_scheme": "cosmap"},
+    ],
+)
+def test_the_loss_of_a_training_batch_is_the_one_diffusers_helpers_compute(
+    tiny_flux_dir, tmp_path, monkeypatch, settings
+):
     seen = []
+    script = {
+        "scheme": settings.get("weighting_scheme", "none"),
+        "guidance": settings.get("guidance", 3.5),
+        "tokens": settings.get("max_sequence_length", 512),
+    }
     original = Run.loss
 
     def spy(run, micro):
         latents, noise, sigmas, _, captions = run.batch(micro)  # this step's draws, made again: they depend on it
         with torch.no_grad():  # before the step changes the adapter
-            expected = diffusers_loss(run.encoder.pipe, run.denoiser, latents, noise, sigmas, captions)
+            expected = diffusers_loss(run.encoder.pipe, run.denoiser, latents, noise, sigmas, captions, **script)
         loss = original(run, micro)
         seen.append((sigmas, loss.detach(), expected))
         return loss
 
     monkeypatch.setattr(Run, "loss", spy)
-    train(config(tiny_flux_dir, tmp_path / "run", steps=3, batch_size=2, lr=1e-2))
+    train(config(tiny_flux_dir, tmp_path / "run", steps=3, batch_size=2, lr=1e-2, **settings))
     assert len(seen) == 3
     for sigmas, loss, expected in seen:
         assert sigmas.dtype == torch.float32 and ((sigmas > 0) & (sigmas < 1)).all() and len(set(sigmas.tolist())) == 2

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..architectures import LAYERS_DIR
+from ..errors import KronaError
 from ..kron.targets import TARGET_PRESETS
 from .prompts import Conditioning
 
@@ -54,6 +55,15 @@ class Family(ABC):
     @abstractmethod
     def matches_denoiser(self, get: ConfigGet) -> bool:
         """Whether a denoiser with this config belongs to the family."""
+
+    def configured(self, **settings) -> Family:
+        """The family with a run's family-specific settings (flag name -> value; None: not given). The SD families
+        take none: one line naming the first given."""
+        given = [name for name, value in settings.items() if value is not None]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise KronaError(f"{flag} applies to flow-matching models (FLUX.1), not {self.title}; leave it out")
+        return self
 
     @abstractmethod
     def encode_prompts(self, tokenizers: list, text_models: list, prompts: list[str]) -> Conditioning:

@@ -3,20 +3,24 @@ latents of a 16-channel VAE, read through CLIP ViT-L (its pooled vector) and T5-
 
 Training computes what diffusers' DreamBooth FLUX script computes (flow_match.py for the objective): the transformer
 gets the packed noisy latents, their image position ids, zero text ids, the timestep σ (its scheduler's timestep / 1000)
-and, on guidance-distilled models ([dev]), the guidance embedding at `TRAIN_GUIDANCE`."""
+and, on guidance-distilled models ([dev]), the guidance embedding (`--guidance`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..errors import KronaError
 from ..kron.targets import TARGET_PRESETS
 from .base import Component, ConfigGet, Family
 from .prompts import Conditioning, tokenize
 
-# The guidance value [dev] is trained with: diffusers' DreamBooth FLUX scripts' default `--guidance_scale` (3.5, also
-# FluxPipeline's sampling default). [schnell] has no guidance embedding and ignores it.
+# The guidance value [dev] is trained with by default: diffusers' DreamBooth FLUX scripts' default `--guidance_scale`
+# (3.5, also FluxPipeline's sampling default). [schnell] has no guidance embedding and ignores it.
 TRAIN_GUIDANCE = 3.5
+# T5 tokens per prompt: FluxPipeline's and the DreamBooth script's default for [dev] (its T5 tokenizer's length)
+MAX_SEQUENCE_LENGTH = 512
 
 # --targets presets over the transformer's module names: `attn` is every attention projection (double blocks: image
 # and text q/k/v and outputs; single blocks: q/k/v, whose output is part of proj_out), `attn-ff` adds the feed-forward
@@ -28,18 +32,30 @@ PRESETS = {"attn": _ATTN, "attn-ff": f"(?:{_ATTN})|(?:{_FF})", "text": TARGET_PR
 
 @dataclass(frozen=True)
 class FluxFamily(Family):
+    guidance: float = TRAIN_GUIDANCE  # --guidance
+    max_sequence_length: int = MAX_SEQUENCE_LENGTH  # --max-sequence-length
+    weighting: str = "none"  # --weighting-scheme
+
+    def configured(self, guidance=None, max_sequence_length=None, weighting_scheme=None) -> FluxFamily:
+        """The family with a run's --guidance, --max-sequence-length and --weighting-scheme (None: the default)."""
+        if max_sequence_length is not None and max_sequence_length > MAX_SEQUENCE_LENGTH:
+            raise KronaError(f"--max-sequence-length is at most {MAX_SEQUENCE_LENGTH} (FLUX.1's T5 context)")
+        given = {"guidance": guidance, "max_sequence_length": max_sequence_length, "weighting": weighting_scheme}
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+
     def matches_denoiser(self, get: ConfigGet) -> bool:
         """FluxTransformer2DModel: double and single blocks, and a pooled text projection (FLUX.2 has none)."""
         return get("num_single_layers") is not None and get("pooled_projection_dim") is not None
 
     def encode_prompts(self, tokenizers: list, text_models: list, prompts: list[str]) -> Conditioning:
-        """T5's last hidden states (the tokens the transformer attends to, padded to the T5 tokenizer's length) and
-        CLIP's pooled output, as FluxPipeline.encode_prompt computes them."""
+        """T5's last hidden states (the tokens the transformer attends to, `max_sequence_length` of them) and CLIP's
+        pooled output, as FluxPipeline.encode_prompt computes them."""
         clip, t5 = text_models
         device = next(clip.parameters()).device
         pooled = clip(tokenize(tokenizers[0], prompts).to(device), output_hidden_states=False).pooler_output
         device = next(t5.parameters()).device
-        embeds = t5(tokenize(tokenizers[1], prompts).to(device), output_hidden_states=False)[0]
+        ids = tokenize(tokenizers[1], prompts, self.max_sequence_length).to(device)
+        embeds = t5(ids, output_hidden_states=False)[0]
         return Conditioning(embeds, pooled)
 
     def denoise(self, model, noisy, timesteps, cond: Conditioning, geometry, dtype):
@@ -52,7 +68,7 @@ class FluxFamily(Family):
         device = noisy.device
         guidance = None
         if getattr(model, "module", model).config.guidance_embeds:  # DDP wraps the transformer in several processes
-            guidance = torch.full((batch,), TRAIN_GUIDANCE, device=device, dtype=torch.float32)
+            guidance = torch.full((batch,), self.guidance, device=device, dtype=torch.float32)
         prediction = model(
             hidden_states=pack_latents(noisy.to(dtype)),
             timestep=timesteps,
@@ -76,7 +92,7 @@ class FluxFamily(Family):
     def objective(self, scheduler_config: Mapping):
         from .flow_match import FlowMatch
 
-        return FlowMatch.from_scheduler_config(scheduler_config)
+        return FlowMatch.from_scheduler_config(scheduler_config, weighting=self.weighting)
 
 
 FLUX = FluxFamily(

@@ -27,6 +27,10 @@ from ..errors import KronaError
 CONFIG_PRESETS = ("sdxl", "sd15", "tiny", "toy")
 
 
+# flow-matching weighting schemes (families/flow_match.py's WEIGHTINGS, without importing torch for --help)
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+
+
 def _opt(default: Any, help: str, **rules: Any) -> Any:
     """A setting: its default, its --help text and its rules (choices; min, above, below: bounds; unset: what None
     means, shown as the default)."""
@@ -113,6 +117,21 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "Gradient-norm clipping threshold; 0 turns clipping off.", min=0)
     snr_gamma: Optional[float] = _opt(None, "Min-SNR loss weighting gamma (5.0 is usual).", unset="off", above=0)
     noise_offset: float = _opt(0.0, "Noise offset (helps very dark and bright images), e.g. 0.05.", min=0)
+    weighting_scheme: Optional[str] = _opt(
+        None,
+        "Flow-matching models (FLUX.1): how noise levels are drawn and the loss weighted (diffusers' schemes).",
+        unset="none, diffusers' FLUX default",
+        choices=WEIGHTING_SCHEMES,
+    )
+    guidance: Optional[float] = _opt(
+        None,
+        "FLUX.1 [dev]: the distilled guidance value the transformer is given in training.",
+        unset="3.5, diffusers' FLUX default",
+        min=0,
+    )
+    max_sequence_length: Optional[int] = _opt(
+        None, "FLUX.1: T5 tokens per prompt (longer prompts are cut).", unset="512 ([dev]'s)", min=1
+    )
     seed: int = _opt(0, "Seed of every random draw of the run.", min=0)
     ema: bool = _opt(False, "Keep an exponential moving average of the adapter weights and save it.")
     ema_decay: float = _opt(0.999, "EMA decay per step.", above=0, below=1)

@@ -353,7 +353,8 @@ def load_base(cfg: TrainConfig, device: torch.device) -> Base:
 
     pipe, arch = models.load_pipeline(cfg.pretrained_model, vae=cfg.vae, revision=cfg.revision, variant=cfg.variant)
     pipe.set_progress_bar_config(disable=True)
-    family = families.get(arch)
+    settings = ("guidance", "max_sequence_length", "weighting_scheme")
+    family = families.get(arch).configured(**{name: getattr(cfg, name) for name in settings})
     objective = family.objective(pipe.scheduler.config)
     weight_dtype = compute_dtype(cfg.mixed_precision)
     text_models = family.text_models(pipe)
