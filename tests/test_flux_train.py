@@ -143,3 +143,23 @@ def test_two_processes_give_the_adapter_of_one_with_the_same_global_batch(tiny_f
     adapter = load_file(tmp_path / "two" / "adapter.safetensors")
     assert relative_difference(adapter, load_file(one.adapter)) < 1e-5
     assert {k.split(".")[0] for k in adapter} == {"transformer", "text_encoder"}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"gradient_checkpointing": True},
+        {"base_precision": "int8"},
+        {"base_precision": "nf4"},
+        {"mixed_precision": "bf16"},
+        {"adapter_type": "lora"},
+        {"adapter_type": "lokr", "factors": "4x4"},
+    ],
+    ids=["checkpointing", "int8", "nf4", "bf16", "lora", "lokr"],
+)
+def test_flux_trains_with_each_memory_option_and_baseline_adapter(tiny_flux_dir, tmp_path, options):
+    result = train(config(tiny_flux_dir, tmp_path / "run", steps=2, lr=1e-2, **options))
+    saved = load_file(result.adapter)
+    assert saved and all(k.split(".")[0] == "transformer" for k in saved)
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert any(t.abs().sum() > 0 for k, t in saved.items() if "kron_b" in k or "up" in k or "w2" in k)
