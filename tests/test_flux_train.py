@@ -163,3 +163,14 @@ def test_flux_trains_with_each_memory_option_and_baseline_adapter(tiny_flux_dir,
     assert saved and all(k.split(".")[0] == "transformer" for k in saved)
     assert all(torch.isfinite(t).all() for t in saved.values())
     assert any(t.abs().sum() > 0 for k, t in saved.items() if "kron_b" in k or "up" in k or "w2" in k)
+
+
+@pytest.mark.parametrize(("arch", "expected"), [("flux", (28, 3.5, 20)), ("flux-schnell", (4, 0.0, 4))])
+def test_flux_samples_with_its_own_defaults(arch, expected):
+    from krona_cli.inference.sampling import SampleConfig
+    from krona_cli.pipeline.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(arch)
+    config = SampleConfig().for_model(pipe)
+    assert (config.steps, config.guidance, SampleConfig().for_model(pipe, preview=True).steps) == expected
+    assert SampleConfig(steps=3, guidance=1.5).for_model(pipe) == SampleConfig(steps=3, guidance=1.5)

@@ -203,8 +203,10 @@ def test_every_scheduler_works_and_is_restored(prepared, name, tmp_path):
 def test_library_defaults_and_native_size(prepared, tmp_path):
     pipe, info = prepared
     config = SampleConfig(num_images=1, steps=1)
-    assert (config.steps, config.guidance, config.scheduler, config.seed, config.batch_size) == (1, 7.0, "euler", 0, 1)
-    assert SampleConfig().steps == 30 and SampleConfig().num_images == 4
+    assert (config.steps, config.guidance, config.scheduler, config.seed, config.batch_size) == (1, None, "euler", 0, 1)
+    assert SampleConfig().num_images == 4
+    assert (SampleConfig().for_model(pipe).steps, config.for_model(pipe).guidance) == (30, 7.0)  # the SD families'
+    assert SampleConfig().for_model(pipe, preview=True).steps == 25
     result = generate(pipe, config, [PROMPT], info, tmp_path)
     assert (result.width, result.height) == (64, 64)  # the tiny UNet's 8x8 latents through the 8x VAE
 

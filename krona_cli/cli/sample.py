@@ -31,9 +31,15 @@ def sample_cmd(
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt for every image.")] = "",
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of each prompt's first image; image i uses SEED + i.")] = 0,
-    sample_steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
+    sample_steps: Annotated[
+        Optional[int],
+        typer.Option(help="Denoising steps.  [default: 30 for SD and SDXL; FLUX.1 [dev] 28, [schnell] 4]"),
+    ] = None,
     steps: Annotated[Optional[int], typer.Option(hidden=True, help="Old name of --sample-steps.")] = None,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.0,
+    guidance: Annotated[
+        Optional[float],
+        typer.Option(help="Guidance scale (FLUX.1 [dev]: distilled).  [default: 7.0 for SD and SDXL; FLUX.1 3.5 / 0]"),
+    ] = None,
     scheduler: Annotated[str, typer.Option(help="euler, euler-a, dpm++ or ddim.")] = "euler",
     width: Annotated[Optional[int], typer.Option(help="Image width.", show_default="the model's native size")] = None,
     height: Annotated[Optional[int], typer.Option(help="Image height.", show_default="the model's native size")] = None,
@@ -77,6 +83,7 @@ def sample_cmd(
         no_loading_bars()
         with console.status("loading the base model and merging adapters"):
             pipe, info = prepare_pipeline(specs, pretrained_model, device, dtype)
+            config = config.for_model(pipe)
         for old in earlier:  # --overwrite: no image of an earlier run stays beside the new ones
             old.unlink()
         bar = sampling_progress(config.steps, ceil_batches(config, len(prompts)), len(prompts) * config.num_images)

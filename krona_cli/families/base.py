@@ -32,6 +32,16 @@ class Component:
 
 
 @dataclass(frozen=True)
+class SamplerDefaults:
+    """What `krona sample` draws with when not told (`steps`, `guidance`), and training's sample grids and class
+    images (`preview_steps`, fewer)."""
+
+    steps: int
+    guidance: float
+    preview_steps: int
+
+
+@dataclass(frozen=True)
 class Family(ABC):
     """A base-model family (SDXL, SD 1.x, ...). `name` is what adapter files record as their architecture."""
 
@@ -92,6 +102,10 @@ class Family(ABC):
         """Text-encoder layers whose output the denoiser never reads, by component (they cannot learn, and DDP would
         wait for their gradients)."""
         return {}
+
+    @abstractmethod
+    def sampler_defaults(self, pipe) -> SamplerDefaults:
+        """The sampler settings that suit this model (a family may hold distilled and undistilled ones)."""
 
     def native_size(self, pipe) -> int:
         """The side in pixels the model samples at by default: its UNet's sample_size through the VAE (SDXL 1024,

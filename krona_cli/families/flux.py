@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import KronaError
 from ..kron.targets import TARGET_PRESETS
-from .base import Component, ConfigGet, Family
+from .base import Component, ConfigGet, Family, SamplerDefaults
 from .prompts import Conditioning, tokenize
 
 # The guidance value [dev] is trained with by default: diffusers' DreamBooth FLUX scripts' default `--guidance_scale`
@@ -80,6 +80,13 @@ class FluxFamily(Family):
             return_dict=False,
         )[0]
         return unpack_latents(prediction, height, width)
+
+    def sampler_defaults(self, pipe) -> SamplerDefaults:
+        """[dev] (guidance-distilled): FluxPipeline's 28 steps at guidance 3.5 (20 in training's grids); [schnell]
+        (timestep-distilled, no guidance embedding): its model card's 4 steps, guidance 0."""
+        if pipe.transformer.config.guidance_embeds:
+            return SamplerDefaults(steps=28, guidance=3.5, preview_steps=20)
+        return SamplerDefaults(steps=4, guidance=0.0, preview_steps=4)
 
     def native_size(self, pipe) -> int:
         """FluxPipeline's default side: its default_sample_size (128 latent rows) through the VAE, 1024 px."""

@@ -22,7 +22,7 @@ import math
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -47,8 +47,8 @@ class SampleConfig:
 
     num_images: int = 4  # per prompt
     seed: int = 0  # image i of each prompt uses seed + i
-    steps: int = 30
-    guidance: float = 7.0  # the paper's best classifier-free guidance scale
+    steps: int | None = None  # None: the model's (its family's sampler defaults)
+    guidance: float | None = None  # None: the model's
     scheduler: str = "euler"
     negative_prompt: str = ""
     width: int | None = None
@@ -60,13 +60,13 @@ class SampleConfig:
         if self.scheduler not in SCHEDULERS:
             raise KronaError(f"unknown scheduler '{self.scheduler}'; use one of {', '.join(SCHEDULERS)}")
         for name, flag in (("num_images", "--num-images"), ("steps", "--sample-steps"), ("batch_size", "--batch-size")):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise KronaError(f"{flag} must be at least 1, got {getattr(self, name)}")
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and value < 8:
                 raise KronaError(f"--{name} must be a positive multiple of 8, got {value}")
-        if self.guidance < 0:
+        if self.guidance is not None and self.guidance < 0:
             raise KronaError(f"--guidance must be 0 or more, got {self.guidance:g}")
         if self.seed < 0:
             raise KronaError(f"--seed must be 0 or more, got {self.seed}")
@@ -74,6 +74,13 @@ class SampleConfig:
 
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.num_images)]
+
+    def for_model(self, pipe, preview: bool = False) -> SampleConfig:
+        """The settings with unset steps and guidance taken from the model's family (`preview`: training's grids and
+        class images, which take fewer steps)."""
+        defaults = families.recognise_pipeline(pipe, type(pipe).__name__).sampler_defaults(pipe)
+        steps = self.steps or (defaults.preview_steps if preview else defaults.steps)
+        return replace(self, steps=steps, guidance=defaults.guidance if self.guidance is None else self.guidance)
 
 
 @dataclass
@@ -368,7 +375,7 @@ def render(
     seed, image)` is called as each image is made; `progress(images_done, images_total)` during every denoising
     step and after every batch. A stop request (`stopping`) is answered after the denoising step it comes in.
     """
-    config.validate()
+    config = config.validate().for_model(pipe)
     if not prompts:
         raise KronaError("no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
     width, height = image_size(pipe, config)
@@ -463,7 +470,7 @@ def generate(
     `progress(images_done, images_total)` is called during every denoising step (images_done is fractional within a
     batch) and after every batch.
     """
-    config.validate()
+    config = config.validate().for_model(pipe)
     width, height = image_size(pipe, config)
     out = Path(output_dir)
     try:

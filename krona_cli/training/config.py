@@ -168,8 +168,12 @@ class TrainConfig:
     sample_width: Optional[int] = _opt(None, "Width of sample images (a multiple of 8).", unset="--resolution", min=8)
     sample_height: Optional[int] = _opt(None, "Height of sample images (a multiple of 8).", unset="--resolution", min=8)
     sample_images: int = _opt(2, "Images (seeds) per sample prompt in each grid.", min=1)
-    sample_steps: int = _opt(25, "Denoising steps of sample images.", min=1)
-    sample_guidance: float = _opt(7.0, "Classifier-free guidance of sample images.", min=0)
+    sample_steps: Optional[int] = _opt(
+        None, "Denoising steps of sample images.", unset="25 for SD and SDXL; FLUX.1 [dev] 20, [schnell] 4", min=1
+    )
+    sample_guidance: Optional[float] = _opt(
+        None, "Guidance of sample images.", unset="7.0 for SD and SDXL; FLUX.1 [dev] 3.5, [schnell] 0", min=0
+    )
     # validation
     validate_every: int = _opt(
         0,

@@ -43,8 +43,8 @@ def generate_class_images(
     size_of: Callable[[int], tuple[int, int]],
     seed: int = 0,
     batch_size: int = 4,
-    steps: int = 25,
-    guidance: float = 7.0,
+    steps: int | None = None,
+    guidance: float | None = None,
     progress: Callable[[int, int], None] | None = None,
     rank: int = 0,
     world: int = 1,
@@ -76,6 +76,7 @@ def generate_class_images(
                 seeds = [derive_seed("class-image", seed, i) for i in indices]
                 index_of = dict(zip(seeds, indices))
                 config = SampleConfig(steps=steps, guidance=guidance, width=width, height=height, batch_size=batch_size)
+                config = config.for_model(pipe, preview=True)
                 meta = image_metadata(config, info, width, height)
 
                 def write(_prompt_index: int, image_seed: int, image, index_of=index_of, meta=meta) -> None:

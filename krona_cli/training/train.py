@@ -715,7 +715,7 @@ def _sampling(cfg: TrainConfig, base: Base, idle: list[nn.Module], captions: lis
         width=size[0],
         height=size[1],
         batch_size=cfg.sample_images * (len(prompts) if device.type == "cpu" else 1),
-    )
+    ).for_model(base.pipe, preview=True)
     return Sampling(base.pipe, config, prompts, base.info, size, idle)
 
 
