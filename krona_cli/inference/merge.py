@@ -1,5 +1,6 @@
 """Baking adapters into base weights: in memory for sampling, into a complete diffusers pipeline folder, or into one
-single-file checkpoint in the original layout."""
+single file: a checkpoint in the original layout (SDXL, SD 1.x) or, for FLUX.1, the transformer alone in Black Forest
+Labs' layout (pipeline/single_file.py says which)."""
 
 from __future__ import annotations
 
@@ -98,9 +99,11 @@ def load_and_bake(
     pretrained: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    transformer: str | None = None,
 ) -> BakedPipeline:
     """Read every adapter file (all of them before the base model), load the base (`pretrained`, else the base the
-    first adapter records) and bake the adapters into it. With no adapter the base alone is loaded."""
+    first adapter records; `transformer`, a FLUX.1 transformer file, in place of its own) and bake the adapters into
+    it. With no adapter the base alone is loaded."""
     from ..pipeline.hub import absolute
     from ..pipeline.models import base_unet_config, load_pipeline
 
@@ -112,22 +115,25 @@ def load_and_bake(
         if not loaded:
             raise KronaError("no adapter and no base model given; pass --adapter FILE[:SCALE] or --pretrained-model")
         raise KronaError(f"the adapter '{loaded[0][2]}' does not record its base model; pass --pretrained-model")
-    pipe, arch = load_pipeline(str(base), dtype=dtype, device=device)
+    pipe, arch = load_pipeline(str(base), dtype=dtype, device=device, transformer=transformer)
     changed = bake(pipeline_components(pipe), [(adapter, scale) for adapter, scale, _ in loaded], arch)
     return BakedPipeline(pipe, str(base), arch, loaded, changed)
 
 
 def _bake_for_saving(
-    adapters: Sequence[tuple[str, float]], pretrained: str | None, dtype: str
+    adapters: Sequence[tuple[str, float]], pretrained: str | None, dtype: str, transformer: str | None = None
 ) -> tuple[BakedPipeline, dict]:
     """Bake adapters (path, multiplier) into the base model cast to `dtype`; the pipeline and the summary of it."""
+    from ..pipeline.hub import absolute
+
     if not adapters:
         raise KronaError("no adapter given; pass --adapter FILE[:SCALE]")
     torch_dtype = dtype_from_name(dtype)
-    baked = load_and_bake(adapters, pretrained)
+    baked = load_and_bake(adapters, pretrained, transformer=transformer)
     baked.pipe.to(torch_dtype)
     summary = {
         "base_model": baked.base_model,
+        **({"transformer": absolute(transformer)} if transformer else {}),
         "architecture": baked.architecture,
         "dtype": dtype,
         "layers_changed": baked.layers_changed,
@@ -139,11 +145,10 @@ def _bake_for_saving(
 MERGE_SUMMARY = "krona_merge.json"
 
 
-def _weight_bytes(pipe) -> int:
-    """What a pipeline's weights take on disk, as they are now (cast to the saved dtype)."""
-    return sum(
-        p.numel() * p.element_size() for m in [*pipeline_components(pipe).values(), pipe.vae] for p in m.parameters()
-    )
+def _weight_bytes(pipe, models: Sequence[nn.Module] | None = None) -> int:
+    """What a pipeline's weights (or these models' of it) take on disk, as they are now (cast to the saved dtype)."""
+    models = [*pipeline_components(pipe).values(), pipe.vae] if models is None else models
+    return sum(p.numel() * p.element_size() for m in models for p in m.parameters())
 
 
 def merge_to_folder(
@@ -152,6 +157,7 @@ def merge_to_folder(
     pretrained: str | None = None,
     dtype: str = "fp32",
     overwrite: bool = False,
+    transformer: str | None = None,
 ) -> dict:
     """Bake adapters (path, multiplier) into the base model and save a complete diffusers pipeline folder.
 
@@ -161,7 +167,7 @@ def merge_to_folder(
     out = Path(output_dir).expanduser()
     ours = (out / MERGE_SUMMARY).is_file()  # a folder an earlier merge wrote: all of it is krona's
     output_folder(out, "--output-dir", lambda _file: ours, overwrite)
-    baked, summary = _bake_for_saving(adapters, pretrained, dtype)
+    baked, summary = _bake_for_saving(adapters, pretrained, dtype, transformer)
     check_free_space(out, _weight_bytes(baked.pipe), "--output-dir")
 
     def fill(folder: Path) -> None:
@@ -173,24 +179,42 @@ def merge_to_folder(
     return summary
 
 
+def _check_held(baked: BakedPipeline, held: Sequence[str]) -> None:
+    """A KronaError where an adapter changes a component the single file does not hold (FLUX.1's text encoders
+    beside its transformer file): the file would silently lose that part of the adapter."""
+    for adapter, scale, file in baked.adapters:
+        lost = next((c for c, layers in adapter.layers.items() if layers and scale and c not in held), None)
+        if lost is not None:
+            raise KronaError(
+                f"the adapter '{file}' changes the {lost}, and a {baked.architecture} single file holds the "
+                f"{' and '.join(held)} alone; merge into a diffusers folder (--output-dir) to keep all of it"
+            )
+
+
 def merge_to_file(
     adapters: Sequence[tuple[str, float]],
     output: str | Path,
     pretrained: str | None = None,
     dtype: str = "fp16",
     overwrite: bool = False,
+    transformer: str | None = None,
 ) -> dict:
-    """Bake adapters into the base model and save one single-file checkpoint in the original (LDM/SGM) layout, the
-    model file A1111, Forge and ComfyUI load. It carries the pipeline's configs (`krona_pipeline`) so krona reads it
-    back exactly and offline, and the merge summary (`krona_merge`). Written atomically; returns the summary."""
-    from ..formats.original_layout import save_single_file
-    from ..pipeline.single_file import METADATA_KEY, pipeline_description
+    """Bake adapters into the base model and save the single file its family has (pipeline/single_file.py): a
+    checkpoint in the original (LDM/SGM) layout, the model file A1111, Forge and ComfyUI load, carrying the
+    pipeline's configs (`krona_pipeline`) so krona reads it back exactly and offline; or FLUX.1's transformer alone in
+    Black Forest Labs' layout, carrying its config (`krona_transformer`). Either carries the merge summary
+    (`krona_merge`). Written atomically; returns the summary, with what the file `holds` in words."""
+    from ..pipeline.single_file import merged_file_components, save_merged_file
 
     out = output_file(output, "--output", ".safetensors", overwrite)
-    baked, summary = _bake_for_saving(adapters, pretrained, dtype)
-    check_free_space(out, _weight_bytes(baked.pipe), "--output")
-    metadata = {METADATA_KEY: json.dumps(pipeline_description(baked.pipe)), "krona_merge": json.dumps(summary)}
-    save_single_file(baked.pipe, out, dtype_from_name(dtype), metadata)
+    baked, summary = _bake_for_saving(adapters, pretrained, dtype, transformer)
+    held = merged_file_components(baked.architecture)
+    if held is not None:
+        _check_held(baked, held)
+    models = None if held is None else [getattr(baked.pipe, name) for name in held]
+    check_free_space(out, _weight_bytes(baked.pipe, models), "--output")
+    holds = save_merged_file(baked.pipe, baked.architecture, out, dtype_from_name(dtype), summary)
+    summary["holds"] = holds
     summary["output"] = str(out.absolute())
     return summary
 
@@ -231,8 +255,10 @@ def merge(
     pretrained: str | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
+    transformer: str | None = None,
 ) -> dict:
-    """`krona merge`: dtype fp32 for a folder, fp16 for a single file unless named."""
+    """`krona merge`: dtype fp32 for a folder, fp16 for a single file unless named; `transformer` a FLUX.1 transformer
+    file in place of the base's own."""
     if destination.format == "diffusers":
-        return merge_to_folder(adapters, destination.path, pretrained, dtype or "fp32", overwrite)
-    return merge_to_file(adapters, destination.path, pretrained, dtype or "fp16", overwrite)
+        return merge_to_folder(adapters, destination.path, pretrained, dtype or "fp32", overwrite, transformer)
+    return merge_to_file(adapters, destination.path, pretrained, dtype or "fp16", overwrite, transformer)

@@ -78,6 +78,63 @@ def _refuse_adapter(path: Path, keys: list[str], metadata: dict[str, str], flag:
     )
 
 
+def _refuse_transformer_only(path: Path, keys: list[str]) -> None:
+    """A FLUX.1 transformer file given as the base model gets one line: krona reads no text encoders or VAE from it."""
+    from .flux_file import transformer_layout
+
+    if transformer_layout(keys) is not None:
+        raise KronaError(
+            f"'{path}' is a FLUX.1 transformer file, not a whole base model (no text encoders or VAE krona reads): "
+            "pass it as --transformer, with a FLUX.1 base for the rest as --pretrained-model (a diffusers folder or a "
+            "hub id such as black-forest-labs/FLUX.1-dev)"
+        )
+
+
+def _transformer_file(name: str) -> tuple[Path, list[str]]:
+    """The path and tensor names of the file `--transformer` names, refused unless it is a FLUX.1 transformer."""
+    from .flux_file import transformer_layout
+
+    expected = "a FLUX.1 transformer .safetensors file"
+    kind, where = locate(name, "--transformer", expected)
+    if kind != "file" or where.suffix != ".safetensors":
+        what = {"hub": "does not exist", "folder": "is a folder"}.get(kind, "is not a .safetensors file")
+        raise KronaError(f"--transformer '{name}' {what}; give {expected} (krona never loads pickles)")
+    keys, _ = _header(where)
+    if transformer_layout(keys) is None:
+        raise KronaError(
+            f"--transformer '{name}' is not a FLUX.1 transformer (no img_in with double blocks, nor x_embedder with "
+            "transformer_blocks); give one in Black Forest Labs', ComfyUI's or diffusers' layout"
+        )
+    return where, keys
+
+
+def _replaced_transformer(
+    transformer: str | None, pretrained: str, kind: str, where, index: dict, revision: str | None, dtype: torch.dtype
+) -> dict:
+    """{"transformer": the model of the file `--transformer` names}, built on the base's transformer config, for
+    `from_pretrained` to take instead of loading the base's own; {} without one. A base that has no FLUX.1
+    transformer is one line."""
+    if not transformer:
+        return {}
+    from .flux_file import TRANSFORMER_CLASS, load_transformer_file
+
+    path, keys = _transformer_file(transformer)
+    if (index.get("transformer") or [None])[-1] != TRANSFORMER_CLASS or kind == "file":
+        family = families.by_pipeline_class(index.get("_class_name"))
+        what = family.title if family else index.get("_class_name") or "another kind of model"
+        raise KronaError(
+            f"--transformer replaces a FLUX.1 base model's transformer, and '{pretrained}' is {what}, not FLUX.1; "
+            "give a FLUX.1 diffusers folder or hub id as --pretrained-model"
+        )
+    if kind == "hub":
+        config = _hub_json(where, "transformer/config.json", revision, "--pretrained-model")
+    elif (where / "transformer" / "config.json").is_file():
+        config = json.loads((where / "transformer" / "config.json").read_text())
+    else:
+        raise KronaError(f"'{pretrained}' has no transformer/config.json; give a whole FLUX.1 diffusers folder")
+    return {"transformer": load_transformer_file(path, keys, config, dtype)}
+
+
 def _hub_json(repo: str, filename: str, revision: str | None, flag: str) -> dict:
     """A JSON file of a hub pipeline (model_index.json, unet/config.json), from the local cache when it is there; one
     line for every way the hub can fail."""
@@ -128,17 +185,20 @@ def load_pipeline(
     vae: str | None = None,
     revision: str | None = None,
     variant: str | None = None,
+    transformer: str | None = None,
 ):
-    """A diffusers SDXL or SD pipeline from a local folder, a single .safetensors checkpoint, or a hub id (from the
-    local Hugging Face cache when it is there, so offline too).
+    """A diffusers pipeline of a family krona trains from a local folder, a single .safetensors checkpoint, or a hub
+    id (from the local Hugging Face cache when it is there, so offline too).
 
-    `vae` replaces the pipeline's VAE (a diffusers AutoencoderKL folder or hub id); `revision` and `variant`
-    (e.g. fp16) pick the files of a hub model or folder. Returns (pipeline, architecture). Local paths never touch
-    the network; single-file checkpoints get their configs and tokenizers from krona (single_file.py).
+    `vae` replaces the pipeline's VAE (a diffusers AutoencoderKL folder or hub id); `transformer` a FLUX.1 base's
+    transformer (one .safetensors file in Black Forest Labs', ComfyUI's or diffusers' layout, flux_file.py; the base's
+    own is then not loaded); `revision` and `variant` (e.g. fp16) pick the files of a hub model or folder. Returns
+    (pipeline, architecture). Local paths never touch the network; single-file checkpoints get their configs and
+    tokenizers from krona (single_file.py).
     """
     from diffusers import DiffusionPipeline
 
-    from .single_file import load_single_file
+    from .single_file import describe_file, load_single_file
 
     kind, where = locate(pretrained)
     choice = {k: v for k, v in (("revision", revision), ("variant", variant)) if v}
@@ -152,6 +212,8 @@ def load_pipeline(
             )
         keys, metadata = _header(where)
         _refuse_adapter(where, keys, metadata, "--pretrained-model")
+        _refuse_transformer_only(where, keys)
+        index = {"_class_name": describe_file(where, keys, metadata)["class"]} if transformer else {}
     elif kind == "folder":
         if not (where / "model_index.json").is_file():
             raise KronaError(
@@ -161,13 +223,14 @@ def load_pipeline(
         index = json.loads((where / "model_index.json").read_text())
     else:
         index = _hub_json(where, "model_index.json", revision, "--pretrained-model")
+    replaced = _replaced_transformer(transformer, pretrained, kind, where, index, revision, dtype)
     try:
         if kind == "file":
             pipe = load_single_file(where, keys, metadata, dtype)
         else:
             family = families.by_pipeline_class(index.get("_class_name"))
             extras = family.load_extras if family else {}
-            pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=dtype, **extras, **choice)
+            pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=dtype, **extras, **choice, **replaced)
     except KronaError:
         raise
     except Exception as e:
@@ -186,16 +249,20 @@ def load_pipeline(
     return pipe.to(device), family.name
 
 
-def base_unet_config(pretrained: str, revision: str | None = None) -> dict:
+def base_unet_config(pretrained: str, revision: str | None = None) -> dict | None:
     """The UNet config of a base model, read without loading it (for numbering kohya's SGM-named adapter layers
-    before the model loads)."""
+    before the model loads); None for a pipeline without a UNet (FLUX.1)."""
     from .single_file import describe_file
 
     kind, where = locate(pretrained)
     if kind == "hub":
-        return _hub_json(where, "unet/config.json", revision, "--pretrained-model")
+        index = _hub_json(where, "model_index.json", revision, "--pretrained-model")
+        return _hub_json(where, "unet/config.json", revision, "--pretrained-model") if "unet" in index else None
     if kind == "folder":
         path = where / "unet" / "config.json"
+        index = where / "model_index.json"
+        if not path.is_file() and index.is_file() and "unet" not in json.loads(index.read_text()):
+            return None
         if not path.is_file():
             raise KronaError(
                 f"'{pretrained}' is a folder but not a diffusers pipeline with a UNet (no unet/config.json)"
@@ -203,7 +270,8 @@ def base_unet_config(pretrained: str, revision: str | None = None) -> dict:
         return json.loads(path.read_text())
     keys, metadata = _header(where)
     _refuse_adapter(where, keys, metadata, "--pretrained-model")
-    return describe_file(where, keys, metadata)["components"]["unet"]
+    _refuse_transformer_only(where, keys)
+    return describe_file(where, keys, metadata)["components"].get("unet")
 
 
 def load_vae(name: str, dtype: torch.dtype = torch.float32):

@@ -8,6 +8,10 @@ are not CLIP's), so it reads back exactly whatever its architecture; any other f
 its keys and gets the public configs shipped in configs/models/ with CLIP's tokenizer built from the shipped merges.
 SD 2.x files are read as the 768 px v-prediction models (2.0-768, 2.1), the configs their single files are used with.
 
+`krona merge --format single-file` writes what the family's single file is: the whole pipeline in the original layout
+(SDXL, SD 1.x), or FLUX.1's transformer alone in Black Forest Labs' layout (flux_file.py), the file BFL release and
+ComfyUI and Forge load as a diffusion model beside the text encoders and VAE they have (`DENOISER_FILES`).
+
 SDXL's second text encoder is read by krona, from its own keys alone: diffusers' converter tells SDXL's two CLIP text
 encoders apart by width (whichever is as wide as the first gets the first's weights), so where both are equally wide it
 would give the second the first's weights and leave its `text_projection` unloaded, on the meta device.
@@ -53,6 +57,9 @@ PIPELINES: dict[str, dict[str, str]] = {
 # pad token of each tokenizer: OpenCLIP-based encoders (SDXL's second, SD 2's) pad with "!"
 PADS = {"sdxl": {"tokenizer": EOS, "tokenizer_2": "!"}, "sd15": {"tokenizer": EOS}, "sd2": {"tokenizer": "!"}}
 _TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+# the families whose single file holds their denoiser alone, in its makers' layout, and what it holds in words
+DENOISER_FILES = {"flux": "the FLUX.1 transformer alone, in Black Forest Labs' layout"}
+WHOLE_FILE = "the whole pipeline in the original layout"
 
 
 def _shipped(arch: str) -> dict:
@@ -181,3 +188,23 @@ def load_single_file(path: Path, keys: list[str], metadata: dict[str, str], dtyp
             "damaged or not a whole pipeline"
         )
     return pipe
+
+
+def merged_file_components(architecture: str) -> tuple[str, ...] | None:
+    """The pipeline components whose weights the family's single file holds: its denoiser alone, or None for all."""
+    return (families.get(architecture).denoiser,) if architecture in DENOISER_FILES else None
+
+
+def save_merged_file(pipe, architecture: str, path: Path, dtype: torch.dtype, summary: dict) -> str:
+    """The single file of a merged pipeline of this family, written atomically with the merge summary
+    (`krona_merge`) in its metadata; returns what it holds, in words."""
+    from ..formats.original_layout import save_single_file
+    from .flux_file import save_transformer_file
+
+    if architecture in DENOISER_FILES:
+        denoiser = getattr(pipe, families.get(architecture).denoiser)
+        save_transformer_file(denoiser, path, dtype, {"krona_merge": json.dumps(summary)})
+        return DENOISER_FILES[architecture]
+    metadata = {METADATA_KEY: json.dumps(pipeline_description(pipe)), "krona_merge": json.dumps(summary)}
+    save_single_file(pipe, path, dtype, metadata)
+    return WHOLE_FILE

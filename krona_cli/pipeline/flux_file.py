@@ -1,0 +1,151 @@
+"""FLUX.1 transformer files: one .safetensors holding the transformer alone, in Black Forest Labs' layout (BFL's own
+`flux1-dev.safetensors`, what ComfyUI and Forge load as a diffusion model: fused `img_attn.qkv`, a single block's
+`linear1`) or in diffusers' names, bare or under ComfyUI's `model.diffusion_model.` (a whole ComfyUI checkpoint holds
+its VAE and text encoders beside it; only the transformer is read).
+
+`krona merge --format single-file` writes a FLUX.1 pipeline's transformer so, under bare BFL names as BFL releases
+it, streamed one weight at a time (the fused weights are never built in memory), with its diffusers config and the
+merge summary in the metadata. `--transformer FILE` puts such a file into a base pipeline in place of the base's own
+transformer, built on the base's transformer config, its guidance embedding as the file has it (a [dev] transformer
+on a [schnell] base or the reverse). The conversion is formats/bfl_layout.py's, at any width (diffusers' own
+converter fixes FLUX.1's 3072).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from ..atomic import write_atomic
+from ..errors import KronaError
+from ..formats.bfl_layout import BFL_PREFIX, bfl_to_diffusers, diffusers_to_bfl
+
+TRANSFORMER_CLASS = "FluxTransformer2DModel"  # diffusers' class of what these files hold
+METADATA_KEY = "krona_transformer"  # what a file krona wrote holds: the class, its layout and its diffusers config
+_GUIDANCE = "time_text_embed.guidance_embedder.linear_1.weight"  # present in guidance-distilled ([dev]) transformers
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def transformer_layout(keys: Iterable[str]) -> str | None:
+    """ "bfl" or "diffusers" for the keys of a FLUX.1 transformer file (bare or under `model.diffusion_model.`), None
+    when they are not a FLUX.1 transformer's."""
+    bare = {key.removeprefix(BFL_PREFIX) for key in keys}
+    if "img_in.weight" in bare and any(key.startswith(("double_blocks.", "single_blocks.")) for key in bare):
+        return "bfl"
+    if "x_embedder.weight" in bare and any(key.startswith("transformer_blocks.") for key in bare):
+        return "diffusers"
+    return None
+
+
+class _Stacked:
+    """Tensors whose rows make one fused weight, written one after the other (row-major, so their bytes concatenate)
+    instead of concatenated in memory: `diffusers_to_bfl`'s `concatenate`."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.shape = (sum(part.shape[0] for part in self.parts), *self.parts[0].shape[1:])
+
+
+def _parts(value) -> list[torch.Tensor]:
+    return value.parts if isinstance(value, _Stacked) else [value]
+
+
+def _header(tensors: Mapping[str, object], dtype: torch.dtype, metadata: Mapping[str, str]) -> bytes:
+    """A .safetensors header for `tensors` cast to `dtype`, in sorted key order, the data 8-byte aligned."""
+    entries: dict[str, dict] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in sorted(tensors):
+        shape = [int(n) for n in tensors[name].shape]
+        size = sum(part.numel() for part in _parts(tensors[name])) * dtype.itemsize
+        entries[name] = {"dtype": _DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
+
+
+def save_transformer_file(
+    transformer: torch.nn.Module, path: str | Path, dtype: torch.dtype, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """The transformer as one .safetensors file in BFL's layout (bare names), every weight cast to `dtype`, written
+    atomically and streamed; `metadata` joins `krona_transformer` (class, layout, config)."""
+    if dtype not in _DTYPES:
+        raise KronaError(f"cannot write a transformer in {dtype}; use fp32, fp16 or bf16")
+    state = transformer.state_dict()
+    if any(key.endswith((".kron_a", ".kron_b")) for key in state):
+        raise KronaError("the transformer still holds Kronecker adapters; merge them into its weights first")
+    if any(not tensor.is_floating_point() for tensor in state.values()):
+        raise KronaError(
+            "the transformer has weights that are not floating point (a quantized base?); load the base in full "
+            "precision to write a single file"
+        )
+    tensors = diffusers_to_bfl(state, concatenate=_Stacked)
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}  # no `_name_or_path`
+    described = {"class": type(transformer).__name__, "layout": "bfl", "config": config}
+    metadata = {**(metadata or {}), METADATA_KEY: json.dumps(described)}
+
+    def stream(f) -> None:
+        f.write(_header(tensors, dtype, metadata))
+        for name in sorted(tensors):
+            for part in _parts(tensors[name]):
+                f.write(part.detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    return write_atomic(Path(path), stream)
+
+
+def _read_state(path: Path, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The transformer's weights in diffusers' names, cast to `dtype`, each in storage of its own (split from a fused
+    weight one at a time, so the file is never held twice in memory)."""
+    from safetensors import safe_open
+
+    prefixed = any(key.startswith(BFL_PREFIX + "img_in.") for key in keys)
+    keys = [key for key in keys if key.startswith(BFL_PREFIX)] if prefixed else keys
+    bfl = transformer_layout(keys) == "bfl"
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as f:
+        width = (BFL_PREFIX if prefixed else "") + "img_in.weight"
+        hidden = int(f.get_slice(width).get_shape()[0]) if bfl else None
+        for key in keys:
+            tensor = f.get_tensor(key)
+            if not tensor.is_floating_point():
+                raise KronaError(f"'{path}' holds quantized weights (e.g. '{key}', {tensor.dtype}); give a float file")
+            try:
+                parts = bfl_to_diffusers({key: tensor}, hidden) if bfl else {key.removeprefix(BFL_PREFIX): tensor}
+            except KronaError as e:
+                raise KronaError(f"'{path}' is not a FLUX.1 transformer krona reads: {e}") from e
+            state.update({name: value.to(dtype=dtype, copy=True).contiguous() for name, value in parts.items()})
+    return state
+
+
+def load_transformer_file(path: Path, keys: list[str], base_config: Mapping, dtype: torch.dtype):
+    """A diffusers FluxTransformer2DModel from a transformer file, on the base's transformer config (its guidance
+    embedding as the file has it); a file whose weights do not fit that config is one KronaError line."""
+    import diffusers
+
+    state = _read_state(path, keys, dtype)
+    config = {k: v for k, v in base_config.items() if k != "_comment"}
+    config["guidance_embeds"] = _GUIDANCE in state
+    with torch.device("meta"):
+        model = getattr(diffusers, TRANSFORMER_CLASS).from_config(config)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    missing = next((name for name in expected if name not in state), None)
+    extra = next((name for name in state if name not in expected), None)
+    odd = next((n for n in expected if n in state and tuple(state[n].shape) != expected[n]), None)
+    if missing or extra or odd:
+        why = (
+            f"it lacks '{missing}'"
+            if missing
+            else f"it has '{extra}', which the base's transformer has not"
+            if extra
+            else f"'{odd}' is {tuple(state[odd].shape)}, the base's transformer has {expected[odd]}"
+        )
+        raise KronaError(
+            f"'{path}' does not fit the base model's FLUX.1 transformer ({why}); give the base it was made from "
+            "as --pretrained-model"
+        )
+    model.load_state_dict(state, assign=True)
+    return model.eval()
