@@ -174,3 +174,24 @@ def test_flux_samples_with_its_own_defaults(arch, expected):
     config = SampleConfig().for_model(pipe)
     assert (config.steps, config.guidance, SampleConfig().for_model(pipe, preview=True).steps) == expected
     assert SampleConfig(steps=3, guidance=1.5).for_model(pipe) == SampleConfig(steps=3, guidance=1.5)
+
+
+def test_a_merged_transformer_file_samples_and_trains_in_the_bases_place(tiny_flux_dir, tmp_path):
+    """`merge --output` writes the FLUX transformer alone; `sample` and `train` take it with --transformer, and the
+    base with it draws exactly what the base with the adapter draws."""
+    from PIL import Image
+
+    from krona_cli.cli import main
+
+    run = train(config(tiny_flux_dir, tmp_path / "run", steps=2, lr=1e-2))
+    merged = tmp_path / "merged.safetensors"
+    assert main(["merge", "--adapter", str(run.adapter), "--output", str(merged), "--dtype", "fp32"]) == 0
+    common = ["--prompt", PROMPT, "-n", "1", "--sample-steps", "2", "--width", "64", "--height", "64"]
+    assert main(["sample", "--adapter", str(run.adapter), *common, "--output-dir", str(tmp_path / "a")]) == 0
+    base = ["--pretrained-model", str(tiny_flux_dir), "--transformer", str(merged)]
+    assert main(["sample", *base, *common, "--output-dir", str(tmp_path / "b")]) == 0
+    assert main(["sample", *base[:2], *common, "--output-dir", str(tmp_path / "c")]) == 0  # the base alone
+    a, b, c = (Image.open(tmp_path / d / "p00-s0.png") for d in ("a", "b", "c"))
+    assert a.tobytes() == b.tobytes() != c.tobytes()
+    again = train(config(tiny_flux_dir, tmp_path / "again", steps=1, transformer=str(merged)))
+    assert load_file(again.adapter)

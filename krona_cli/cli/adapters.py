@@ -32,14 +32,21 @@ def merge_cmd(
         str,
         typer.Option(
             "--format",
-            help="diffusers (a pipeline folder) or single-file (one checkpoint in the "
-            "original layout, for A1111, Forge and ComfyUI).",
+            help="diffusers (a pipeline folder) or single-file (one checkpoint in the original layout, for A1111, "
+            "Forge and ComfyUI; for FLUX.1 the transformer alone in Black Forest Labs' layout).",
             show_default="single-file with --output, else diffusers",
         ),
     ] = "",
     pretrained_model: Annotated[
         Optional[str],
         typer.Option(help="Base model: folder, .safetensors file or hub id.", show_default="the adapter's"),
+    ] = None,
+    transformer: Annotated[
+        Optional[str],
+        typer.Option(
+            help="FLUX.1 only: one transformer .safetensors (Black Forest Labs', ComfyUI's or diffusers' layout) "
+            "in place of the base's own; the rest from the base model."
+        ),
     ] = None,
     multiplier: Annotated[float, typer.Option(help="Multiplies every adapter's scale.")] = 1.0,
     scale: Annotated[Optional[float], typer.Option(hidden=True, help="Old name of --multiplier.")] = None,
@@ -62,7 +69,9 @@ def merge_cmd(
     no_loading_bars()
     with locked(destination.path, "krona merge", destination.flag):
         adapters = [(path, s * multiplier) for path, s in specs]
-        summary = merge(adapters, destination, pretrained_model, dtype=dtype, overwrite=overwrite)
+        summary = merge(
+            adapters, destination, pretrained_model, dtype=dtype, overwrite=overwrite, transformer=transformer
+        )
     console.print(
         f"merged {plural(len(specs), 'adapter')} into {summary['layers_changed']} layers of {summary['base_model']} "
         f"({summary['architecture']}, {summary['dtype']}) -> [bold]{escape(summary['output'])}[/]"

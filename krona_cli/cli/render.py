@@ -226,7 +226,7 @@ def next_steps(adapter: Path, prompt: str, name: str) -> str:
         "next:\n"
         f"  krona sample --adapter {a} --prompt {shlex.quote(prompt)} -n 4\n"
         f"  krona merge --adapter {a} --output {shlex.quote(name + '.safetensors')}   "
-        "# one checkpoint for A1111, Forge, ComfyUI\n"
+        "# one checkpoint for A1111, Forge, ComfyUI (FLUX.1: its transformer)\n"
         f"  krona export --adapter {a} --to lycoris --output {shlex.quote(name + '-lokr.safetensors')}   "
         "# for their LoRA loaders"
     )

@@ -31,14 +31,24 @@ def sample_cmd(
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt for every image.")] = "",
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of each prompt's first image; image i uses SEED + i.")] = 0,
+    transformer: Annotated[
+        Optional[str],
+        typer.Option(
+            help="FLUX.1 only: one transformer .safetensors (Black Forest Labs', ComfyUI's or diffusers' layout) "
+            "in place of the base's own; the rest from the base model."
+        ),
+    ] = None,
     sample_steps: Annotated[
         Optional[int],
-        typer.Option(help="Denoising steps.  [default: 30 for SD and SDXL; FLUX.1 [dev] 28, [schnell] 4]"),
+        typer.Option(help="Denoising steps.", show_default="30 for SD and SDXL; FLUX.1 [dev] 28, [schnell] 4"),
     ] = None,
     steps: Annotated[Optional[int], typer.Option(hidden=True, help="Old name of --sample-steps.")] = None,
     guidance: Annotated[
         Optional[float],
-        typer.Option(help="Guidance scale (FLUX.1 [dev]: distilled).  [default: 7.0 for SD and SDXL; FLUX.1 3.5 / 0]"),
+        typer.Option(
+            help="Guidance scale (classifier-free; FLUX.1 [dev]'s distilled guidance).",
+            show_default="7.0 for SD and SDXL; FLUX.1 [dev] 3.5, [schnell] 0",
+        ),
     ] = None,
     scheduler: Annotated[str, typer.Option(help="euler, euler-a, dpm++ or ddim.")] = "euler",
     width: Annotated[Optional[int], typer.Option(help="Image width.", show_default="the model's native size")] = None,
@@ -82,7 +92,7 @@ def sample_cmd(
         earlier = sample_folder(output_dir, overwrite)
         no_loading_bars()
         with console.status("loading the base model and merging adapters"):
-            pipe, info = prepare_pipeline(specs, pretrained_model, device, dtype)
+            pipe, info = prepare_pipeline(specs, pretrained_model, device, dtype, transformer)
             config = config.for_model(pipe)
         for old in earlier:  # --overwrite: no image of an earlier run stays beside the new ones
             old.unlink()

@@ -150,8 +150,10 @@ def prepare_pipeline(
     pretrained: str | None = None,
     device: str | torch.device = "cpu",
     dtype: str = "fp32",
+    transformer: str | None = None,
 ):
-    """Load the base model and bake every (adapter file, multiplier) into its weights; return (pipe, ModelInfo).
+    """Load the base model (with `transformer`, a FLUX.1 transformer file, in place of its own) and bake every
+    (adapter file, multiplier) into its weights; return (pipe, ModelInfo).
 
     The base is `pretrained`, else the base model the first adapter records. With no adapter, `pretrained` is
     required and the pipeline is the base model alone. A multiplier of 0 changes nothing (the base's images).
@@ -161,7 +163,7 @@ def prepare_pipeline(
     from .merge import load_and_bake
 
     with stopping.immediate("while loading the base model"):  # nothing written yet: a stop request stops it at once
-        baked = load_and_bake(adapters, pretrained, dtype_from_name(dtype), device)
+        baked = load_and_bake(adapters, pretrained, dtype_from_name(dtype), device, transformer=transformer)
     baked.pipe.set_progress_bar_config(disable=True)
     info = ModelInfo(
         base_model=baked.base_model,

@@ -51,6 +51,12 @@ class TrainConfig:
     vae: Optional[str] = _opt(
         None, "Another VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix.", unset="the base model's"
     )
+    transformer: Optional[str] = _opt(
+        None,
+        "FLUX.1 only: one transformer .safetensors (Black Forest Labs', ComfyUI's or diffusers' layout) in place of "
+        "the base's own.",
+        unset="the base model's",
+    )
     revision: Optional[str] = _opt(None, "Hub revision (branch, tag or commit) of the base model.", unset="main")
     variant: Optional[str] = _opt(None, "Weight file variant of the base model, e.g. fp16.", unset="the full files")
     # data

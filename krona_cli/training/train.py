@@ -351,7 +351,9 @@ def load_base(cfg: TrainConfig, device: torch.device) -> Base:
     from ..pipeline import models
     from ..pipeline.quantize import QUANTIZED, quantize
 
-    pipe, arch = models.load_pipeline(cfg.pretrained_model, vae=cfg.vae, revision=cfg.revision, variant=cfg.variant)
+    pipe, arch = models.load_pipeline(
+        cfg.pretrained_model, vae=cfg.vae, revision=cfg.revision, variant=cfg.variant, transformer=cfg.transformer
+    )
     pipe.set_progress_bar_config(disable=True)
     settings = ("guidance", "max_sequence_length", "weighting_scheme")
     family = families.get(arch).configured(**{name: getattr(cfg, name) for name in settings})
