@@ -9,7 +9,9 @@ apart, `read.py` reads any of them, `description.py` describes one from its head
 `in_models.py` collects an adapter from models and attaches one to them. `safetensors_file.py` reads and writes the
 files with numpy: readers fill layers with float32 numpy arrays and hand them to torch unless asked not to, and
 krona's own and the LoKr format are written without torch (`krona export`). Shared by the formats: `kohya_names.py`
-(kohya's lora names, diffusers- or SGM-named, with `unet_paths.py`) and `ui_metadata.py` (the modelspec and kohya
+(kohya's lora names, diffusers- or SGM-named, with `unet_paths.py`), `flux_names.py` (FLUX.1's: SimpleTuner's
+`lycoris_`, OneTrainer's `lora_transformer_`, kohya's fused BFL names, with `bfl_layout.py`), `naming.py` (which names
+and LoKr alpha the files krona writes use, by the adapter's family) and `ui_metadata.py` (the modelspec and kohya
 `ss_` keys other tools show). Only the format modules spell file keys.
 
 Names are imported on first use, so the torch-free parts load without torch (`krona inspect` needs no model library).

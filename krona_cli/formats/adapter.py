@@ -43,6 +43,15 @@ def numpy_array(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def row_ranges(array: np.ndarray, rows: tuple[tuple[int, int], ...] | None, block: int = 1) -> np.ndarray:
+    """The rows of `array` that make a part of a fused layer (an outline's `rows`, ranges of the fused update's rows,
+    each `block` of them one row of `array`: w2's rows for a LoKr's w1, 1 for a LoRA's up), stacked; `array` itself
+    for a whole layer (None)."""
+    if rows is None:
+        return array
+    return np.concatenate([array[start // block : stop // block] for start, stop in rows], axis=0)
+
+
 @dataclass(eq=False)
 class KronLayer(KronShape):
     """A Kronecker layer: A (a_out × a_in) and B (b_out × b_in), ΔW = s · (A ⊗ B) of shape (a_out·b_out, a_in·b_in)."""

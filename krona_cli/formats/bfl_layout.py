@@ -18,6 +18,10 @@ slices and concatenates rows and never computes (split parts are views of the fu
 (diffusers' own `convert_flux_transformer_checkpoint_to_diffusers` fixes 3072). On read, a `model.diffusion_model.`
 prefix (ComfyUI's and the original layout's whole checkpoints) is accepted; `diffusers_to_bfl` writes bare BFL names
 unless given a prefix.
+
+For adapter files (flux_names.py): `is_linear` tells the transformer's linear modules in either naming,
+`module_from_underscores` reads one from a lora name (`.` spelled `_`), `bfl_parts` gives the diffusers modules a BFL
+linear holds with their rows (fused parts, the swapped final modulation), `fused_rows` a fused weight's height.
 """
 
 from __future__ import annotations
@@ -240,3 +244,81 @@ def bfl_to_diffusers(state: Mapping[str, Any], hidden_size: int | None = None) -
         else:
             raise KronaError(f"{key!r} is not a weight of a FLUX.1 transformer in Black Forest Labs' layout")
     return out
+
+
+# --- the linear modules, and names with `.` spelled `_` (adapter files' lora names) -------------------------------
+
+
+def _scope_prefix(scope: str, bfl: bool) -> str:
+    """A block scope's name prefix without its dot (`transformer_blocks`, `double_blocks`); "" for the top scope."""
+    blocks = {"double": _DOUBLE, "single": _SINGLE}.get(scope)
+    return "" if blocks is None else blocks[1 if bfl else 0].rstrip(".")
+
+
+def _linear_rests(scope: str, bfl: bool) -> tuple[str, ...]:
+    """The linear modules of a scope after its block prefix, in BFL's names or diffusers' (fused parts included)."""
+    if bfl:
+        return (*_RENAMES[scope].values(), *_FUSED[scope])
+    return (*_RENAMES[scope], *_PART_OF[scope])
+
+
+def _encoded_rests() -> dict[tuple[str, bool], dict[str, str]]:
+    """Per (scope, BFL?): a linear's rest with `.` spelled `_` -> the rest itself."""
+    tables = {}
+    for scope in _RENAMES:
+        for bfl in (False, True):
+            tables[scope, bfl] = {rest.replace(".", "_"): rest for rest in _linear_rests(scope, bfl)}
+    return tables
+
+
+_ENCODED = _encoded_rests()
+
+
+def module_from_underscores(name: str, bfl: bool) -> str | None:
+    """The FLUX.1 transformer's linear module a lora name spells with `_` for `.`, in diffusers' names
+    (`transformer_blocks_3_attn_to_q` -> `transformer_blocks.3.attn.to_q`) or, with `bfl`, in BFL's
+    (`double_blocks_3_img_attn_qkv` -> `double_blocks.3.img_attn.qkv`); None when it names no such module."""
+    for scope in ("single", "double"):
+        block = _scope_prefix(scope, bfl) + "_"
+        if name.startswith(block):
+            number, _, rest = name[len(block) :].partition("_")
+            found = _ENCODED[scope, bfl].get(rest) if number.isdigit() and str(int(number)) == number else None
+            return None if found is None else f"{block[:-1]}.{number}.{found}"
+    return _ENCODED["top", bfl].get(name)
+
+
+def is_linear(module: str, bfl: bool) -> bool:
+    """Whether `module` is a linear module of the FLUX.1 transformer in diffusers' names or, with `bfl`, BFL's."""
+    scope, prefix, _, rest = _split_name(module, bfl)
+    return rest in _linear_rests(scope, bfl) and (scope == "top") == (prefix == "")
+
+
+def fused_rows(bfl_module: str, hidden_size: int, mlp_hidden_size: int | None = None) -> int:
+    """How many rows a fused BFL weight (`img_attn.qkv`, `txt_attn.qkv`, `linear1`) has for this width."""
+    scope, _, _, rest = _split_name(bfl_module, bfl=True)
+    if rest not in _FUSED[scope]:
+        raise KronaError(f"{bfl_module!r} is not a fused weight of a FLUX.1 transformer in Black Forest Labs' layout")
+    return sum(_part_rows(scope, rest, hidden_size, mlp_hidden_size))
+
+
+def bfl_parts(bfl_module: str, rows: int, in_features: int) -> list[tuple[str, tuple[tuple[int, int], ...]]]:
+    """The diffusers modules a BFL linear of `rows` output rows and `in_features` inputs holds, each with the row
+    ranges (start, stop) of the BFL weight that make its rows, in order: one range for a rename or a fused part
+    (`double_blocks.0.img_attn.qkv` -> `attn.to_q` (0, h), `attn.to_k` (h, 2h), `attn.to_v` (2h, 3h); a single
+    block's `linear1` split with h = `in_features`), two for `final_layer.adaLN_modulation.1`, whose halves
+    diffusers' `norm_out.linear` holds swapped: ((rows/2, rows), (0, rows/2))."""
+    scope, _, d_block, rest = _split_name(bfl_module, bfl=True)
+    if rest in _FUSED[scope]:
+        parts, start = [], 0
+        for part, count in zip(_FUSED[scope][rest], _fused_rows(bfl_module, scope, rest, rows, in_features)):
+            parts.append((d_block + part, ((start, start + count),)))
+            start += count
+        return parts
+    if rest not in _RENAMES_BACK[scope] or not is_linear(bfl_module, bfl=True):
+        raise KronaError(f"{bfl_module!r} is not a linear module of a FLUX.1 transformer in Black Forest Labs' layout")
+    module = d_block + _RENAMES_BACK[scope][rest]
+    if rest != _SWAPPED:
+        return [(module, ((0, rows),))]
+    if rows % 2:
+        raise KronaError(f"{bfl_module!r} has {rows} rows, which do not split into (shift, scale) halves")
+    return [(module, ((rows // 2, rows), (0, rows // 2)))]

@@ -14,17 +14,24 @@ block structure, so such names are mapped to diffusers paths with a UNet config 
 else SD 1.x's for a file that says it is for SD 1.x/2.x (kohya's `ss_base_model_version`, or the one-text-encoder
 prefix `lora_te_`), else the real SDXL UNet's. A file names its UNet layers one way or the other, never both.
 
-Module paths are decoded from the underscore names without a model: see `decode_path`.
+Module paths are decoded from the underscore names without a model: see `decode_path`. FLUX.1's transformer names
+(`lycoris_`, `lora_transformer_`, and kohya's `lora_unet_` + Black Forest Labs' module names) are read here too, by
+flux_names.py's rules. `KohyaNaming` is how krona's own LoKr and LoRA files name an SD 1.x/2.x or SDXL adapter's
+layers (naming.py).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from functools import cache, lru_cache
+
+import numpy as np
 
 from ..architectures import load_model_config
 from ..errors import KronaError
+from . import flux_names
 from .native_outline import COMPONENTS, canonical_name
 from .outline import Adapter
 from .unet_paths import unet_path_from_sgm
@@ -40,6 +47,8 @@ KOHYA_PREFIXES = (
     ("lora_te2_", "text_encoder_2"),
     ("lora_te_", "text_encoder"),
     (UNET_PREFIX, "unet"),
+    (flux_names.ONETRAINER_PREFIX, flux_names.TRANSFORMER),
+    (flux_names.LYCORIS_PREFIX, flux_names.TRANSFORMER),
 )
 
 # The key naming of a file, as `Adapter.key_format` records it.
@@ -151,6 +160,39 @@ def lora_name(component: str, module: str, sdxl: bool) -> str:
     return component_prefix(component, sdxl) + encode_path(canonical_name(component, module))
 
 
+# The alpha krona's LoKr files give every layer (both factors are stored full, so ComfyUI and A1111 ignore alpha,
+# scale 1.0, and LyCORIS itself does too: `LokrModule` forces alpha = lora_dim when w1 and w2 are both full, so its
+# scale is 1, and `make_module_from_state_dict` infers lora_dim = 1 for such a module, so 1 is exactly the alpha
+# buffer LyCORIS would save for it (alpha·lora_dim/r_factor = 1). Its functional form
+# (`functional.lokr.diff_weight(gamma=alpha)`) divides alpha by itself when nothing is decomposed, which is 1 for any
+# alpha but 0 (0/0). A reader that naively divides alpha by a rank of 1 also gets 1.
+LOKR_ALPHA = 1.0
+
+
+@dataclass(frozen=True)
+class KohyaNaming:
+    """SD 1.x/2.x and SDXL names in krona's files (naming.py): kohya's lora names over diffusers' module paths for LoKr
+    and the `kohya` LoRA layout (the default), diffusers' `<component>.<module>` for the `peft` LoRA layout. `sdxl`:
+    the text encoders are SDXL's two (`lora_te1_`/`lora_te2_`), not one (`lora_te_`)."""
+
+    sdxl: bool
+    lora_layouts: tuple[str, ...] = ("kohya", "peft")
+
+    def lokr_name(self, component: str, module: str) -> str:
+        return lora_name(component, module, self.sdxl)
+
+    def lokr_alpha(self, w1_shape: tuple[int, ...], w2_shape: tuple[int, ...]) -> float | None:
+        return LOKR_ALPHA
+
+    def lora_layers(
+        self, written: list[tuple[str, str, np.ndarray, np.ndarray]], layout: str
+    ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(lora name, up, down) per layer (component, module, up, down) under `layout`'s names."""
+        if layout == "kohya":
+            return [(lora_name(c, m, self.sdxl), up, down) for c, m, up, down in written]
+        return [(f"{c}.{canonical_name(c, m)}", up, down) for c, m, up, down in written]
+
+
 def kohya_prefix(name: str) -> tuple[str, str] | None:
     """(prefix, component) of a kohya lora name or key (`lora_te1_...` -> ("lora_te1_", "text_encoder")), or None."""
     return next(((p, c) for p, c in KOHYA_PREFIXES if name.startswith(p)), None)
@@ -199,6 +241,7 @@ class NameReader:
         self._config: Mapping | None = None
         self._config_name = "given"
         self._namings: dict[bool, str] = {}  # SGM-named? -> first such key
+        self._flux: set[str] = set()  # the key formats of its FLUX.1 transformer names
 
     def _unet_config(self) -> Mapping:
         if self._config is None:
@@ -212,7 +255,24 @@ class NameReader:
 
     @property
     def key_format(self) -> str:
+        if self._flux:
+            return "+".join(sorted(self._flux))
         return KEY_FORMAT_SGM_NAMES if self._namings.get(True) else KEY_FORMAT_DIFFUSERS_NAMES
+
+    def _transformer(self, prefix: str, component: str, rest: str, key: str) -> str | None:
+        """The FLUX.1 transformer module a name after `prefix` spells (a BFL one after `lora_unet_`: see
+        flux_names.parts), None for a UNet name; KronaError for a transformer prefix that names no such module."""
+        found = flux_names.transformer_module(prefix, rest)
+        if found is None:
+            if component != flux_names.TRANSFORMER:
+                return None
+            raise KronaError(
+                f"cannot read {self.kind} key '{key}' in '{self.source}': '{rest}' after '{prefix}' is not a linear "
+                "layer of a FLUX.1 transformer (diffusers' FluxTransformer2DModel names)"
+            )
+        module, key_format = found
+        self._flux.add(key_format)
+        return module
 
     def module(self, name: str, key: str) -> tuple[str, str, str] | None:
         """(prefix, component, module path as krona's files spell it) of the lora name `name` of `key`, None when
@@ -223,6 +283,9 @@ class NameReader:
         prefix, component = found
         self.prefixes.add(prefix)
         rest = name[len(prefix) :]
+        flux = self._transformer(prefix, component, rest, key)
+        if flux is not None:
+            return prefix, flux_names.TRANSFORMER, flux
         sgm = component == "unet" and bool(_SGM_UNET.match(rest))
         if component == "unet":
             self._namings.setdefault(sgm, key)

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .adapter import LoraLayer, Make, torch_tensor
+from .adapter import LoraLayer, Make, row_ranges, torch_tensor
 from .lora_outline import is_lora, lora_outline
 from .native import tensor_value
 from .outline import Adapter, LoraOutline, tensor_infos
@@ -42,10 +42,11 @@ __all__ = ["fill_lora", "from_lora", "is_lora"]
 
 
 def fill_lora(outline: Adapter, tensors: Mapping[str, Any], make: Make = torch_tensor) -> Adapter:
-    """A LoRA file's outline (lora_outline.py) filled with its tensors: down and up in float32, handed to `make`."""
+    """A LoRA file's outline (lora_outline.py) filled with its tensors: down and up in float32, handed to `make`; a
+    part of a fused layer (FLUX.1's kohya names) takes its rows of up and the whole down."""
 
     def layer(found: LoraOutline) -> LoraLayer:
-        down, up = float32(tensors[found.keys["down"]]), float32(tensors[found.keys["up"]])
+        down, up = float32(tensors[found.keys["down"]]), row_ranges(float32(tensors[found.keys["up"]]), found.rows)
         return LoraLayer(make(down), make(up), found.multiplier)
 
     return outline.with_layers(layer)

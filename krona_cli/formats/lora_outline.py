@@ -10,6 +10,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 
 from ..errors import KronaError
+from . import flux_names
+from .bfl_layout import is_linear
 from .kohya_names import NameReader, check_text_prefixes, kohya_prefix
 from .native_outline import METADATA_KEY, canonical_name, json_metadata
 from .outline import Adapter, LoraOutline, TensorInfo
@@ -32,7 +34,7 @@ _DIFFUSERS_SUFFIXES = {
     "lora_linear_layer.up.weight": ("up", "diffusers-old"),
 }
 _DIFFUSERS_KEY = re.compile(
-    r"^(?:(?P<component>unet|text_encoder|text_encoder_2)\.)?(?P<module>.+?)\."
+    r"^(?:(?P<component>unet|transformer|text_encoder|text_encoder_2)\.)?(?P<module>.+?)\."
     r"(?P<suffix>lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|"
     r"lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight)$"
 )
@@ -44,7 +46,7 @@ _UNET_ROOTS = (
 
 # What `is_lora` takes as LoRA: only names no other format krona reads uses.
 _LORA_KEY = re.compile(
-    r"(?:^lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+\.lora_(?:down|up)\.weight$)"
+    r"(?:^lora_(?:unet|te|te1|te2|transformer)_[A-Za-z0-9_]+\.lora_(?:down|up)\.weight$)"
     r"|(?:\.lora_[AB]\.weight$)"
     r"|(?:\.lora\.(?:down|up)\.weight$)"
 )
@@ -97,14 +99,20 @@ def _parse_diffusers(key: str, source: str) -> tuple[str, str, str, str]:
     component, module, suffix = match["component"], match["module"], match["suffix"]
     part, key_format = _DIFFUSERS_SUFFIXES[suffix]
     if component is None:
-        if not module.startswith(_UNET_ROOTS):
+        if module.startswith(_UNET_ROOTS):
+            component = "unet"
+        elif is_linear(module, bfl=False):  # DiffSynth's bare FLUX.1 names
+            component = flux_names.TRANSFORMER
+        else:
             raise KronaError(
-                f"'{source}' holds '{key}' without a component prefix (unet., text_encoder., text_encoder_2.) and "
-                "it is not a UNet module; krona cannot tell which model it adapts"
+                f"'{source}' holds '{key}' without a component prefix (unet., transformer., text_encoder., "
+                "text_encoder_2.) and it is not a UNet or FLUX.1 transformer module; krona cannot tell which model it "
+                "adapts"
             )
-        component = "unet"
-    if suffix.startswith("lora_linear_layer") and component == "unet":
+    if suffix.startswith("lora_linear_layer") and component in ("unet", flux_names.TRANSFORMER):
         raise _unknown(key, source)
+    if component == flux_names.TRANSFORMER:
+        flux_names.check_module(module, key, source)
     return component, canonical_name(component, module), part, key_format
 
 
@@ -232,6 +240,23 @@ def _layer(
     return LoraOutline(TensorInfo("float32", down.shape), TensorInfo("float32", up.shape), keys, multiplier)
 
 
+def _add_layer(
+    layers: dict[str, dict[str, LoraOutline]], component: str, module: str, layer: LoraOutline, source: str
+) -> None:
+    """A file layer into `layers`; a FLUX.1 transformer's fused one (kohya's BFL names) as the diffusers modules it
+    stacks, each with its rows of up and the whole down (flux_names.parts)."""
+    split = [(module, None)]
+    if component == flux_names.TRANSFORMER:
+        split = flux_names.parts(module, layer.up.shape[0], layer.down.shape[1])
+    for part, rows in split:
+        if part in layers.get(component, {}):
+            raise KronaError(f"'{source}' holds two LoRA layers for '{component}.{part}'; the file is damaged")
+        if rows is not None:
+            up = TensorInfo("float32", (sum(stop - start for start, stop in rows), layer.rank))
+            layer = LoraOutline(layer.down, up, layer.keys, layer.multiplier, rows)
+        layers.setdefault(component, {})[part] = layer
+
+
 def lora_outline(
     infos: Mapping[str, TensorInfo],
     metadata: Mapping[str, str],
@@ -244,9 +269,10 @@ def lora_outline(
 
     Multipliers: kohya alpha / r (1 without alpha); diffusers formats 1, or alpha / r from diffusers'
     `lora_adapter_metadata` where present. A file krona exported carries its base model and architecture in the
-    `krona` metadata; otherwise the architecture comes from `ss_base_model_version`, a second text encoder, or the
-    UNet's cross-attention width. SGM-named UNet layers (kohya's SDXL files) are mapped to diffusers paths with
-    `unet_config` (kohya_names.py).
+    `krona` metadata; otherwise the architecture comes from a FLUX.1 transformer's layers, `ss_base_model_version`, a
+    second text encoder, or the UNet's cross-attention width. A fused FLUX.1 layer (kohya's `img_attn.qkv`,
+    `linear1`) becomes the diffusers modules it stacks: each its rows of up, the whole down (flux_names.py).
+    SGM-named UNet layers (kohya's SDXL files) are mapped to diffusers paths with `unet_config` (kohya_names.py).
     """
     if not infos:
         raise KronaError(f"'{source}' holds no tensors; it is not a LoRA adapter")
@@ -258,7 +284,8 @@ def lora_outline(
         config = None
         if peft_configs is not None:
             config = {k[len(component) + 1 :]: v for k, v in peft_configs.items() if k.startswith(f"{component}.")}
-        layers.setdefault(component, {})[module] = _layer(found, infos, component, module, value, config, source)
+        _add_layer(layers, component, module, _layer(found, infos, component, module, value, config, source), source)
+    flux_names.check_components(layers, source)
 
     meta = json_metadata(metadata, METADATA_KEY, source)
     targets, training = {}, None

@@ -5,11 +5,16 @@ A LoKr file is one .safetensors with, per adapted module, `<lora name>.lokr_w1`,
 where ΔW = kron(w1, w2) (torch.kron semantics, the same as krona's A ⊗ B). The lora name is a prefix plus the
 module path with `.` replaced by `_`: `lora_unet_` for the UNet (diffusers module paths), `lora_te1_` / `lora_te2_`
 for SDXL's text_encoder / text_encoder_2 and `lora_te_` for SD 1.x/2.x's text_encoder (transformers 4 paths,
-`text_model.encoder.layers.0.self_attn.q_proj`): see kohya_names.py.
+`text_model.encoder.layers.0.self_attn.q_proj`): see kohya_names.py. FLUX.1's transformer layers are named
+`lycoris_<diffusers module, . -> _>` (SimpleTuner's LyCORIS naming, which ComfyUI maps), its CLIP-L `lora_te1_`; files
+from other tools may name them `lora_transformer_` (OneTrainer) or kohya's way, after Black Forest Labs' fused modules
+(`lora_unet_double_blocks_0_img_attn_qkv`), which are read as the diffusers modules they stack: flux_names.py.
 
 Either factor may instead be stored decomposed (`lokr_w1_a` @ `lokr_w1_b`, `lokr_w2_a` @ `lokr_w2_b`). ComfyUI and
 A1111 then scale ΔW by alpha / r (r the inner rank of the decomposed factor) and by 1.0 when neither is decomposed,
-whatever alpha says. krona always writes both factors full, so its scale s is baked into w1 (w1 = s·A, w2 = B).
+whatever alpha says (some ComfyUI versions divide it by w2's rows // w1's then: naming.py chooses an alpha for which
+that is 1 too, where it matters). krona always writes both factors full, so its scale s is baked into w1 (w1 = s·A,
+w2 = B).
 
 Lora names, including the SGM-named UNet layers of kohya's SDXL files, are read by kohya_names.py, and a file's keys,
 shapes and settings by lycoris_outline.py (no torch); here the outline is filled with the tensors. Written files carry
@@ -28,9 +33,10 @@ import numpy as np
 
 from ..atomic import write_bytes_atomic
 from ..errors import KronaError
-from .adapter import KronLayer, Make, torch_tensor
-from .kohya_names import lora_name, two_text_encoders
+from .adapter import KronLayer, Make, row_ranges, torch_tensor
+from .kohya_names import LOKR_ALPHA
 from .lycoris_outline import is_lycoris, lycoris_outline
+from .naming import naming_for
 from .native import krona_metadata, tensor_value
 from .native_outline import METADATA_KEY
 from .outline import LAYOUT_STANDARD, Adapter, KronOutline, tensor_infos
@@ -44,13 +50,9 @@ __all__ = ["fill_lycoris", "from_lycoris", "is_lycoris", "save_lycoris", "to_lyc
 NETWORK_MODULE = "lycoris.kohya"
 NETWORK_ARGS = {"algo": "lokr", "full_matrix": "True"}
 
-# The alpha written for every module. Both factors are full, so ComfyUI and A1111 ignore alpha (scale 1.0), and
-# LyCORIS itself does too: `LokrModule` forces alpha = lora_dim when w1 and w2 are both full, so its scale is 1, and
-# `make_module_from_state_dict` infers lora_dim = 1 for such a module, so 1 is exactly the alpha buffer LyCORIS
-# would save for it (alpha·lora_dim/r_factor = 1). Its functional form (`functional.lokr.diff_weight(gamma=alpha)`)
-# divides alpha by itself when nothing is decomposed, which is 1 for any alpha but 0 (0/0). A reader that naively
-# divides alpha by a rank of 1 also gets 1. So alpha = 1 gives scale 1 under every convention in use.
-ALPHA = 1.0
+# The alpha of every layer of an SD file (kohya_names.LOKR_ALPHA: scale 1 under every convention in use); a FLUX.1
+# file's layers get the alpha flux_names.FluxNaming.lokr_alpha gives, or none.
+ALPHA = LOKR_ALPHA
 # kohya's `ss_network_dim` / `ss_network_alpha` for such a file: the lora_dim LyCORIS infers for it, and its alpha.
 NETWORK_DIM = 1
 
@@ -60,7 +62,9 @@ NETWORK_DIM = 1
 def to_lycoris(adapter: Adapter, title: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors (float32 numpy arrays) and metadata of the LoKr file that holds `adapter` (standard layout only).
 
-    Per layer: `lokr_w1` = s·A, `lokr_w2` = B and `alpha` = 1, so every LoKr loader builds ΔW = s·(A ⊗ B).
+    Per layer: `lokr_w1` = s·A, `lokr_w2` = B and the alpha its family's naming gives (naming.py: 1 for SD, for FLUX.1
+    w2's rows // w1's where at least 1, else none), so every LoKr loader builds ΔW = s·(A ⊗ B). Lora names are the
+    family's too (kohya's for SD, `lycoris_` / `lora_te1_` for FLUX.1).
     The metadata carries krona's own settings under `krona`, and the modelspec and kohya `ss_*` keys UIs show
     (ui_metadata.py; `title` is the modelspec title and kohya output name, by default "krona LoKr").
     """
@@ -76,14 +80,16 @@ def to_lycoris(adapter: Adapter, title: str | None = None) -> tuple[dict[str, np
             "would lose A; export with a finite, non-zero --scale"
         )
     tensors: dict[str, np.ndarray] = {}
-    sdxl = two_text_encoders(adapter)
+    naming = naming_for(adapter)
     for component, layers in adapter.layers.items():
         for module, layer in layers.items():
-            name = lora_name(component, module, sdxl)
+            name = naming.lokr_name(component, module)
             # s·A in float32; multiplying by 1 or a power of two is exact, so reading back gives A bit for bit.
-            tensors[f"{name}.lokr_w1"] = float32(layer.a) * np.float32(scale)
-            tensors[f"{name}.lokr_w2"] = float32(layer.b)
-            tensors[f"{name}.alpha"] = np.array(ALPHA, dtype=np.float32)
+            tensors[f"{name}.lokr_w1"] = w1 = float32(layer.a) * np.float32(scale)
+            tensors[f"{name}.lokr_w2"] = w2 = float32(layer.b)
+            alpha = naming.lokr_alpha(w1.shape, w2.shape)
+            if alpha is not None:
+                tensors[f"{name}.alpha"] = np.array(alpha, dtype=np.float32)
     network = {
         "module": NETWORK_MODULE,
         "dim": str(NETWORK_DIM),
@@ -128,11 +134,13 @@ def _factor(tensors: Mapping[str, Any], keys: dict[str, str], side: str) -> np.n
 def fill_lycoris(outline: Adapter, tensors: Mapping[str, Any], make: Make = torch_tensor) -> Adapter:
     """A LoKr file's outline (lycoris_outline.py) filled with its tensors: A = w1 and B = w2 in float32, handed to
     `make`, a decomposed factor multiplied out first, the loaders' multiplier (alpha / r of a decomposed factor) folded
-    into A and the scale krona's metadata records taken out of it (A = w1 / s)."""
+    into A and the scale krona's metadata records taken out of it (A = w1 / s); a part of a fused layer (FLUX.1's
+    kohya names) takes its rows' blocks of w1."""
     scale = np.float32(outline.scale)
 
     def layer(found: KronOutline) -> KronLayer:
-        w1, w2 = _factor(tensors, found.keys, "w1"), _factor(tensors, found.keys, "w2")
+        w2 = _factor(tensors, found.keys, "w2")
+        w1 = row_ranges(_factor(tensors, found.keys, "w1"), found.rows, w2.shape[0])
         a = w1 if found.multiplier == 1.0 else w1 * np.float32(found.multiplier)
         if scale != 1.0:
             a = a / scale

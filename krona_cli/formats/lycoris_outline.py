@@ -9,8 +9,10 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 
+from .. import families
 from ..errors import KronaError
 from ..kron import TARGET_PRESETS
+from . import flux_names
 from .kohya_names import NameReader, check_text_prefixes
 from .native_outline import METADATA_KEY, json_metadata
 from .outline import Adapter, KronOutline, TensorInfo
@@ -23,11 +25,14 @@ SUFFIXES = (*_FULL, *_DECOMPOSED, "alpha")
 _SUPPORTED = (
     "LoKr on linear layers with `lokr_w1` or `lokr_w1_a`/`lokr_w1_b`, `lokr_w2` or `lokr_w2_a`/`lokr_w2_b`, and `alpha`"
 )
-_LOKR_KEY = re.compile(r"^lora_(unet|te|te1|te2)_[A-Za-z0-9_]+\.lokr_(w1|w2|w1_a|w1_b|w2_a|w2_b|t1|t2)$")
+_LOKR_KEY = re.compile(
+    r"^(?:lora_(?:unet|te|te1|te2|transformer)|lycoris)_[A-Za-z0-9_]+\.lokr_(w1|w2|w1_a|w1_b|w2_a|w2_b|t1|t2)$"
+)
 
 
 def is_lycoris(keys: Iterable[str]) -> bool:
-    """True when the keys look like a kohya/LyCORIS LoKr file (`lora_unet_...lokr_w1` etc.)."""
+    """True when the keys look like a kohya/LyCORIS LoKr file (`lora_unet_...lokr_w1`, FLUX.1's `lycoris_...` and
+    `lora_transformer_...` etc.)."""
     return any(_LOKR_KEY.match(k) for k in keys)
 
 
@@ -38,7 +43,7 @@ def _split_key(key: str, names: NameReader, source: str) -> tuple[str, str, str]
     if found is None:
         raise KronaError(
             f"'{source}' holds a tensor '{key}' that is not a kohya/LyCORIS key (lora_unet_..., lora_te_..., "
-            f"lora_te1_..., lora_te2_...); krona reads {_SUPPORTED}"
+            f"lora_te1_..., lora_te2_..., lycoris_..., lora_transformer_...); krona reads {_SUPPORTED}"
         )
     if suffix not in SUFFIXES:
         raise KronaError(
@@ -83,12 +88,15 @@ def _factor(
     return TensorInfo("float32", (shape_a[0], shape_b[1])), {f"{side}_a": a, f"{side}_b": b}, shape_b[0]
 
 
-def _infer_targets(component: str, modules: Iterable[str]) -> str:
-    """A preset when it covers every adapted module, else a regular expression for exactly these modules."""
+def _infer_targets(component: str, modules: Iterable[str], architecture: str | None) -> str:
+    """A preset (the architecture's family's) when it covers every adapted module, else a regular expression for
+    exactly these modules."""
     modules = list(modules)
-    presets = ("attn", "attn-ff") if component == "unet" else ("text",)
+    table = families.get(architecture).target_presets if architecture else TARGET_PRESETS
+    denoisers = {family.denoiser for family in families.FAMILIES}
+    presets = ("attn", "attn-ff") if component in denoisers else ("text",)
     for preset in presets:
-        pattern = re.compile(TARGET_PRESETS[preset])
+        pattern = re.compile(table[preset])
         if all(pattern.search(m) for m in modules):
             return preset
     return "^(?:" + "|".join(re.escape(m) for m in modules) + ")$"
@@ -110,6 +118,49 @@ def _grouped(infos: Mapping[str, TensorInfo], names: NameReader, source: str) ->
     return grouped
 
 
+def _part_rows(rows: tuple[tuple[int, int], ...], w2_rows: int, where: str, source: str) -> int:
+    """How many rows of w1 make a fused LoKr layer's part (the ranges of its update's rows `rows`), which must each
+    be whole blocks of w2's rows: w1[rows] ⊗ w2 is then exactly those rows of w1 ⊗ w2."""
+    if any(start % w2_rows or stop % w2_rows for start, stop in rows):
+        raise KronaError(
+            f"'{source}' holds a LoKr layer '{where}' over a fused weight whose parts' row ranges {list(rows)} are not "
+            f"whole multiples of its w2's {w2_rows} rows, so it does not split into the modules krona adapts"
+        )
+    return sum(stop - start for start, stop in rows) // w2_rows
+
+
+def _layers(
+    grouped: dict[tuple[str, str], dict[str, str]],
+    infos: Mapping[str, TensorInfo],
+    value: Callable[[str], float],
+    source: str,
+) -> dict[str, dict[str, KronOutline]]:
+    """Each file layer's outline by component and module (A = w1, B = w2, the loaders' multiplier), a FLUX.1
+    transformer's fused layer (kohya's BFL names) split into the diffusers modules it stacks."""
+    layers: dict[str, dict[str, KronOutline]] = {}
+    for (component, module), parts in grouped.items():
+        where = f"{component}.{module}"
+        w1, keys1, r1 = _factor(parts, infos, "w1", where, source)
+        w2, keys2, r2 = _factor(parts, infos, "w2", where, source)
+        # ComfyUI's and A1111's rule: alpha / r when a factor is decomposed (w2's rank when both are), else 1.
+        rank = r2 if r2 is not None else r1
+        alpha = parts.get("alpha")
+        ui_scale = 1.0 if rank is None or alpha is None else value(alpha) / rank
+        split = [(module, None)]
+        if component == flux_names.TRANSFORMER:
+            d_out, d_in = w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]
+            split = flux_names.parts(module, d_out, d_in)
+        for part, rows in split:
+            a = w1
+            if rows is not None:
+                a = TensorInfo("float32", (_part_rows(rows, w2.shape[0], where, source), w1.shape[1]))
+            if part in layers.get(component, {}):
+                raise KronaError(f"'{source}' holds two LoKr layers for '{component}.{part}'; the file is damaged")
+            layers.setdefault(component, {})[part] = KronOutline(a, w2, keys1 | keys2, multiplier=ui_scale, rows=rows)
+    flux_names.check_components(layers, source)
+    return layers
+
+
 def lycoris_outline(
     infos: Mapping[str, TensorInfo],
     metadata: Mapping[str, str],
@@ -123,9 +174,10 @@ def lycoris_outline(
     Per layer: A = w1 and B = w2, a decomposed factor multiplied out (w2 = w2_a @ w2_b), and the multiplier of A: the
     loaders' scale alpha / r (r the decomposed factor's inner rank, w2's when both are; 1 when none is). With krona's
     own metadata the scale s is restored (lycoris.py divides A by it); without, the scale is 1, the architecture comes
-    from `ss_base_model_version`, the text-encoder prefixes or the cross-attention width, and the targets are inferred
-    from the adapted modules. SGM-named UNet layers (kohya's SDXL files) are mapped to diffusers paths with
-    `unet_config` (kohya_names.py).
+    from a FLUX.1 transformer's layers, `ss_base_model_version`, the text-encoder prefixes or the cross-attention
+    width, and the targets are inferred from the adapted modules. SGM-named UNet layers (kohya's SDXL files) are mapped
+    to diffusers paths with `unet_config` (kohya_names.py); a fused FLUX.1 layer (kohya's `img_attn.qkv`, `linear1`)
+    becomes the diffusers modules it stacks, A their blocks of w1's rows (flux_names.py).
     """
     names = NameReader(infos, metadata, source, unet_config, "LoKr")
     grouped = _grouped(infos, names, source)
@@ -136,17 +188,7 @@ def lycoris_outline(
         if isinstance(s, (int, float)) and math.isfinite(s) and s != 0:
             scale = float(s)
 
-    layers: dict[str, dict[str, KronOutline]] = {}
-    for (component, module), parts in grouped.items():
-        where = f"{component}.{module}"
-        w1, keys1, r1 = _factor(parts, infos, "w1", where, source)
-        w2, keys2, r2 = _factor(parts, infos, "w2", where, source)
-        # ComfyUI's and A1111's rule: alpha / r when a factor is decomposed (w2's rank when both are), else 1.
-        rank = r2 if r2 is not None else r1
-        alpha = parts.get("alpha")
-        ui_scale = 1.0 if rank is None or alpha is None else value(alpha) / rank
-        layers.setdefault(component, {})[module] = KronOutline(w1, w2, keys1 | keys2, multiplier=ui_scale)
-
+    layers = _layers(grouped, infos, value, source)
     if meta is not None:
         architecture = meta.get("architecture")
         targets = meta.get("targets") or {}
@@ -156,7 +198,7 @@ def lycoris_outline(
         architecture = guess_architecture(
             metadata, bool(prefixes & {"lora_te1_", "lora_te2_"}), "lora_te_" in prefixes, layers
         )
-        targets = {component: _infer_targets(component, mods) for component, mods in layers.items()}
+        targets = {component: _infer_targets(component, mods, architecture) for component, mods in layers.items()}
         base_model, training = None, None
     return Adapter(
         layers,

@@ -113,32 +113,37 @@ class LoraShape:
 @dataclass(eq=False)
 class KronOutline(KronShape):
     """A Kronecker layer as a file holds it: A's and B's shapes, the keys of the tensors that make it by their role in
-    the format, its layout, and the number the file's loaders multiply A by (LoKr: alpha / r of a decomposed factor)."""
+    the format, its layout, the number the file's loaders multiply A by (LoKr: alpha / r of a decomposed factor), and
+    `rows`: for a layer that is part of a file's fused layer (FLUX.1's kohya names), the ranges (start, stop) of the
+    fused update's rows that make its rows, in order (A is then those rows' blocks of the file's A)."""
 
     a: TensorInfo
     b: TensorInfo
     keys: dict[str, str]
     layout: str = LAYOUT_STANDARD
     multiplier: float = 1.0
+    rows: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(eq=False)
 class LoraOutline(LoraShape):
-    """A LoRA layer as a file holds it: down's and up's shapes, the keys of the tensors that make it, and its
-    multiplier alpha / r (1.0 without alpha)."""
+    """A LoRA layer as a file holds it: down's and up's shapes, the keys of the tensors that make it, its
+    multiplier alpha / r (1.0 without alpha), and `rows`: for a part of a file's fused layer, the ranges of the file's
+    up rows that make its up, in order."""
 
     down: TensorInfo
     up: TensorInfo
     keys: dict[str, str]
     multiplier: float = 1.0
+    rows: tuple[tuple[int, int], ...] | None = None
     layout: ClassVar[str] = LAYOUT_LORA
 
 
 @dataclass
 class Adapter:
-    """An adapter: its layers by component (unet, text_encoder, text_encoder_2) and module, and the settings it was
-    made with. `scale` multiplies every layer's update. Its layers are adapter.py's (with tensors) or, for an adapter
-    read from a file's header alone, outlines (no tensors, so no `deltas`)."""
+    """An adapter: its layers by component (unet or transformer, text_encoder, text_encoder_2) and module, and the
+    settings it was made with. `scale` multiplies every layer's update. Its layers are adapter.py's (with tensors) or,
+    for an adapter read from a file's header alone, outlines (no tensors, so no `deltas`)."""
 
     layers: dict[str, dict[str, Any]]
     scale: float = 1.0
