@@ -87,9 +87,9 @@ def export_cmd(
     lora_layout: Annotated[
         Optional[str],
         typer.Option(
-            help="With --to lora: kohya (lora_unet_* keys with lora_down, lora_up and alpha) or "
-            "peft (diffusers' unet.*.lora_A and lora_B names).",
-            show_default="kohya",
+            help="With --to lora: kohya (lora_unet_* keys with lora_down, lora_up and alpha; FLUX.1's fused modules "
+            "in Black Forest Labs' names) or peft (diffusers' unet.* or transformer.* lora_A and lora_B names).",
+            show_default="kohya for SD and SDXL, peft for FLUX.1",
         ),
     ] = None,
     dtype: Annotated[str, typer.Option(help="Saved tensors: fp32, fp16 or bf16.")] = "fp32",

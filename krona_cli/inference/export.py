@@ -34,8 +34,9 @@ def export_adapter(
     """Read `source` (any format krona reads) and write it to `output` as `to`; return a summary.
 
     `lora` approximates each layer's update by truncated SVD at `rank` and reports the relative error per layer and
-    in total (also written to `report_path` as JSON when given); its keys follow `lora_layout`: `kohya` (the default,
-    which ComfyUI, A1111/Forge, kohya and diffusers all load) or `peft` (diffusers' own naming). The other targets are
+    in total (also written to `report_path` as JSON when given); its keys follow `lora_layout`: `kohya` (the SD
+    families' default, which ComfyUI, A1111/Forge, kohya and diffusers all load; FLUX.1's fused modules in Black Forest
+    Labs' names) or `peft` (diffusers' own naming; FLUX.1's default). The other targets are
     exact. Everything is read, computed and written with numpy, without torch. An existing output is replaced only
     with `overwrite`. Every output carries the modelspec and kohya `ss_` keys UIs show, titled with the output's file
     name.
@@ -57,7 +58,7 @@ def export_adapter(
     if to == "lora":
         if rank is None:
             raise KronaError("exporting to LoRA needs --rank (e.g. --rank 16)")
-        summary["report"] = save_lora(output, adapter, rank, dtype=dtype, layout=lora_layout or "kohya")
+        summary["report"] = save_lora(output, adapter, rank, dtype=dtype, layout=lora_layout)
         if report_path is not None:
             write_bytes_atomic(report_path, json.dumps(summary["report"], indent=2).encode())
     elif rank is not None or report_path is not None:
