@@ -553,3 +553,27 @@ def test_damaged_or_ambiguous_files_get_one_line(name, match, tmp_path):
         with pytest.raises(KronaError, match=match) as caught:
             read(path)
         assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", NAMINGS)
+def test_other_tools_files_merge_to_the_weights_krona_s_own_adapter_gives(kind, known_kron, known_lora, tiny, tmp_path):
+    """`krona merge` of each tool's file onto the tiny FLUX gives the base weights plus the known adapter's ΔW, as
+    merging krona's own file of that adapter does."""
+    from krona_cli.cli import main
+
+    folder, _ = tiny
+    tensors, metadata, known, _ = _written(kind, known_kron, known_lora)
+    path = tmp_path / f"{kind}.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(path), metadata)
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(path), "--pretrained-model", str(folder), "--output-dir", str(merged)]) == 0
+    base, out = FluxPipeline.from_pretrained(folder), FluxPipeline.from_pretrained(merged)
+    deltas = _deltas(known)
+    for component in ("transformer", "text_encoder"):
+        before, after = getattr(base, component).state_dict(), getattr(out, component).state_dict()
+        for key, value in after.items():
+            module = canonical_name(component, key.removesuffix(".weight"))
+            delta = deltas.get((component, module)) if key.endswith(".weight") else None
+            want = before[key] if delta is None else (before[key].double() + delta).float()
+            torch.testing.assert_close(value, want, rtol=1e-6, atol=1e-6, msg=f"{kind}: {component}.{key}")
+    assert all(delta.abs().max() > 1e-3 for delta in deltas.values())  # every merged layer really moved
