@@ -124,3 +124,23 @@ def lycoris_torch(adapter, title=None):
     """`to_lycoris`'s tensors (numpy) as torch tensors, and its metadata."""
     tensors, metadata = to_lycoris(adapter, title)
     return {k: torch.from_numpy(v) for k, v in tensors.items()}, metadata
+
+
+class TorchAtTinyWidth:
+    """torch, except that `split` by diffusers' hard-coded FLUX.1 widths (3072 × 3, 12288) splits a tiny model's
+    `linear1` in the same proportions (h, h, h, 4h). diffusers 0.42's `convert_flux_transformer_checkpoint_to_diffusers`
+    fixes `inner_dim = 3072`, so it (and `from_single_file`, which calls it) can read only the full-size model;
+    everything else it does is left as it is. Patch it in with
+    `monkeypatch.setattr(diffusers.loaders.single_file_utils, "torch", TorchAtTinyWidth())`."""
+
+    SPLIT = (3072, 3072, 3072, 12288)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def split(tensor, sizes, dim=0):
+        if tuple(sizes) == TorchAtTinyWidth.SPLIT:
+            h = tensor.shape[dim] // 7
+            sizes = (h, h, h, 4 * h)
+        return torch.split(tensor, sizes, dim)

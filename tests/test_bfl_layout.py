@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.loaders import single_file_utils
+from helpers import TorchAtTinyWidth
 from safetensors.torch import save_file
 
 import krona_cli
@@ -32,7 +33,6 @@ TINY = {
     "axes_dims_rope": [4, 6, 6],
 }
 TINY_HIDDEN = 32  # heads × head dim
-DIFFUSERS_SPLIT = (3072, 3072, 3072, 12288)  # the single blocks' split that diffusers' converter hard-codes
 
 
 def shipped_config(name: str) -> dict:
@@ -60,26 +60,9 @@ def tiny_state() -> dict:
     return FluxTransformer2DModel(**TINY).state_dict()
 
 
-class _TorchAtTinyWidth:
-    """torch, except that `split` by diffusers' hard-coded FLUX.1 widths (3072 × 3, 12288) splits a tiny model's
-    `linear1` in the same proportions (h, h, h, 4h). diffusers 0.42's `convert_flux_transformer_checkpoint_to_diffusers`
-    fixes `inner_dim = 3072`, so it (and `from_single_file`, which calls it) can read only the full-size model;
-    everything else it does is left as it is."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def split(tensor, sizes, dim=0):
-        if tuple(sizes) == DIFFUSERS_SPLIT:
-            h = tensor.shape[dim] // 7
-            sizes = (h, h, h, 4 * h)
-        return torch.split(tensor, sizes, dim)
-
-
 @pytest.fixture()
 def diffusers_at_tiny_width(monkeypatch):
-    monkeypatch.setattr(single_file_utils, "torch", _TorchAtTinyWidth())
+    monkeypatch.setattr(single_file_utils, "torch", TorchAtTinyWidth())
 
 
 @pytest.mark.parametrize("prefix", ["", BFL_PREFIX])

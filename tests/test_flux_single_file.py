@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from diffusers.loaders import single_file_utils
-from helpers import put_in_hub_cache, read_torch
+from helpers import TorchAtTinyWidth, put_in_hub_cache, read_torch
 from safetensors.torch import save_file
 
 from krona_cli import families
@@ -28,22 +28,6 @@ from krona_cli.pipeline.single_file import _unloaded
 from krona_cli.pipeline.tiny_flux import build_tiny_flux_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
-DIFFUSERS_SPLIT = (3072, 3072, 3072, 12288)  # the single blocks' split diffusers 0.42's converter hard-codes
-
-
-class _TorchAtTinyWidth:
-    """torch, but `split` by diffusers' hard-coded FLUX.1 widths splits a tiny `linear1` in the same proportions
-    (h, h, h, 4h), as in tests/test_bfl_layout.py."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def split(tensor, sizes, dim=0):
-        if tuple(sizes) == DIFFUSERS_SPLIT:
-            h = tensor.shape[dim] // 7
-            sizes = (h, h, h, 4 * h)
-        return torch.split(tensor, sizes, dim)
 
 
 def flux_adapter(base: Path, path: Path, text: bool = False) -> Path:
@@ -107,7 +91,7 @@ def test_diffusers_and_krona_read_the_merged_weights(merged, monkeypatch):
     base, _, folder, file = merged
     reference = FluxTransformer2DModel.from_pretrained(folder / "transformer").state_dict()
     assert not same(reference, FluxTransformer2DModel.from_pretrained(base / "transformer").state_dict())
-    monkeypatch.setattr(single_file_utils, "torch", _TorchAtTinyWidth())
+    monkeypatch.setattr(single_file_utils, "torch", TorchAtTinyWidth())
     theirs = FluxTransformer2DModel.from_single_file(
         str(file), config=str(base / "transformer"), local_files_only=True, torch_dtype=torch.float16
     )

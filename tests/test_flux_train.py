@@ -2,30 +2,15 @@
 helpers compute, a resumed run is bit-identical, and the class images, the text encoder and the samples work."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import CLASS_PROMPT, PROMPT, config
 
 from krona_cli.training.config import load_config
 from krona_cli.training.run import Run
 from krona_cli.training.train import train
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "cat"
-PROMPT, CLASS_PROMPT = "a photo of sks cat", "a photo of a cat"
-
-
-def config(pipeline_dir, out, **overrides):
-    settings = dict(
-        pretrained_model=str(pipeline_dir),
-        instance_dir=str(EXAMPLES),
-        prompt=PROMPT,
-        output_dir=str(out),
-        sample_every=0,
-        checkpoint_every=0,
-    )
-    return load_config("tiny", settings | overrides)
 
 
 def diffusers_loss(pipe, transformer, latents, noise, sigmas, captions, scheme="none", guidance=3.5, tokens=512):

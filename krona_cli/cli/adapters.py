@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from ..choices import EXPORT_FORMATS, READ_FORMATS
 from ..families import FAMILIES
-from .app import command, console, locked, renamed, split
+from .app import TransformerFile, command, console, locked, renamed, split
 from .render import inspect_table, plan_json, plan_table, plural
 
 
@@ -41,13 +41,7 @@ def merge_cmd(
         Optional[str],
         typer.Option(help="Base model: folder, .safetensors file or hub id.", show_default="the adapter's"),
     ] = None,
-    transformer: Annotated[
-        Optional[str],
-        typer.Option(
-            help="FLUX.1 only: one transformer .safetensors (Black Forest Labs', ComfyUI's or diffusers' layout) "
-            "in place of the base's own; the rest from the base model."
-        ),
-    ] = None,
+    transformer: TransformerFile = None,
     multiplier: Annotated[float, typer.Option(help="Multiplies every adapter's scale.")] = 1.0,
     scale: Annotated[Optional[float], typer.Option(hidden=True, help="Old name of --multiplier.")] = None,
     dtype: Annotated[

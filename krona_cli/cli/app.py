@@ -7,13 +7,22 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
 from .. import __version__
 from .help import KronaCommand
+
+# `--transformer` of sample and merge (train's comes from TrainConfig)
+TransformerFile = Annotated[
+    Optional[str],
+    typer.Option(
+        help="FLUX.1 only: one transformer .safetensors (Black Forest Labs', ComfyUI's or diffusers' layout) in place "
+        "of the base's own; the rest from the base model."
+    ),
+]
 
 app = typer.Typer(
     name="krona",

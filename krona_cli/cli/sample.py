@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import command, console, locked, renamed
+from .app import TransformerFile, command, console, locked, renamed
 from .render import plural, sampling_progress
 
 
@@ -31,13 +31,7 @@ def sample_cmd(
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt for every image.")] = "",
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of each prompt's first image; image i uses SEED + i.")] = 0,
-    transformer: Annotated[
-        Optional[str],
-        typer.Option(
-            help="FLUX.1 only: one transformer .safetensors (Black Forest Labs', ComfyUI's or diffusers' layout) "
-            "in place of the base's own; the rest from the base model."
-        ),
-    ] = None,
+    transformer: TransformerFile = None,
     sample_steps: Annotated[
         Optional[int],
         typer.Option(help="Denoising steps.", show_default="30 for SD and SDXL; FLUX.1 [dev] 28, [schnell] 4"),

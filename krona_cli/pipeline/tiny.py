@@ -166,8 +166,9 @@ def clip_text_config(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str
     )
 
 
-def _vae(scaling_factor: float) -> AutoencoderKL:
-    """A VAE with four resolution levels, hence the real SD/SDXL VAE's 8x spatial downscale, and 4 latent channels."""
+def tiny_vae(scaling_factor: float, latent_channels: int = 4, **flux: float | bool) -> AutoencoderKL:
+    """A VAE with four resolution levels, hence the real VAEs' 8x spatial downscale, and 4 latent channels (SD's);
+    FLUX's gives 16 channels and its `shift_factor` and quant-conv settings as `flux`."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -175,10 +176,11 @@ def _vae(scaling_factor: float) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 8, 16, 16),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=4,
         sample_size=64,
         scaling_factor=scaling_factor,
+        **flux,
     )
 
 
@@ -261,7 +263,7 @@ def build_tiny_pipeline(arch: str = "sdxl", seed: int = 0) -> StableDiffusionXLP
             text_encoder = CLIPTextModel(clip_text_config(tokenizer, 32, "quick_gelu"))
             text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer, 48, "gelu"))
             return StableDiffusionXLPipeline(
-                vae=_vae(scaling_factor=0.13025),
+                vae=tiny_vae(scaling_factor=0.13025),
                 text_encoder=text_encoder,
                 text_encoder_2=text_encoder_2,
                 tokenizer=tokenizer,
@@ -271,7 +273,7 @@ def build_tiny_pipeline(arch: str = "sdxl", seed: int = 0) -> StableDiffusionXLP
                 add_watermarker=False,
             )
         return StableDiffusionPipeline(
-            vae=_vae(scaling_factor=0.18215),
+            vae=tiny_vae(scaling_factor=0.18215),
             text_encoder=CLIPTextModel(clip_text_config(tokenizer, 32, "quick_gelu")),
             tokenizer=tokenizer,
             unet=_sd15_unet(text_width=32),

@@ -31,7 +31,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
-from krona_cli.pipeline.tiny import _CORPUS, build_tokenizer, clip_text_config
+from krona_cli.pipeline.tiny import _CORPUS, build_tokenizer, clip_text_config, tiny_vae
 
 __all__ = ["build_t5_tokenizer", "build_tiny_flux_pipeline", "make_tiny_flux"]
 
@@ -97,23 +97,8 @@ def _t5_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
 
 
 def _flux_vae() -> AutoencoderKL:
-    """FLUX's VAE layout: four resolution levels (8x downscale), 16 latent channels, no quant / post-quant convs,
-    and FLUX.1's scaling and shift factors."""
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    """FLUX's VAE layout at tiny size: 16 latent channels, no quant / post-quant convs, FLUX.1's scale and shift."""
+    return tiny_vae(0.3611, 16, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def _flux_transformer(guidance_embeds: bool) -> FluxTransformer2DModel:
