@@ -1,6 +1,8 @@
 """The model families as objects (krona_cli/families/): found by name, from a denoiser's config and from an adapter's
 cross-attention width, with the real models' shipped configs."""
 
+import ast
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -94,3 +96,99 @@ def test_flux_takes_a_runs_flow_matching_settings_and_the_sd_families_refuse_the
     expected = r"^--max-sequence-length applies to flow-matching models \(FLUX\.1\), not SDXL; leave it out$"
     with pytest.raises(KronaError, match=expected):
         families.get("sdxl").configured(max_sequence_length=77)
+
+
+def test_what_files_and_other_tools_call_each_family():
+    sdxl, sd15, sd2, flux = families.FAMILIES
+    assert [f.buckets_by_default for f in families.FAMILIES] == [True, False, False, False]
+    assert sdxl.kohya_prefixes() == {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    assert sd15.kohya_prefixes() == sd2.kohya_prefixes() == {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    assert flux.kohya_prefixes() == {} and flux.file_naming == "flux_names" and flux.single_file.denoiser_only
+    # modelspec: SD 2.x's id and default resolution follow the prediction type; FLUX.1 [schnell] by its name
+    assert (sd2.ui.base_id("v", None), sd2.ui.default_resolution("v")) == ("stable-diffusion-v2-768-v", 768)
+    assert (sd2.ui.base_id(None, "x"), sd2.ui.default_resolution(None)) == (None, None)
+    assert flux.ui.base_id(None, "black-forest-labs/FLUX.1-Schnell") == "flux-1-schnell"
+    assert flux.ui.base_id(None, None) == "flux-1-dev" and sdxl.ui.base_id("v", "schnell") == sdxl.ui.modelspec_id
+    assert set(families.get("sdxl").single_file_configs()) == {
+        "unet",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "scheduler",
+    }
+    assert flux.single_file_configs() == {}
+
+
+def test_single_files_are_recognised_by_the_first_key_that_marks_a_family():
+    assert families.recognise_keys(["model.diffusion_model.x", "cond_stage_model.model.ln_final.weight"]).name == "sd2"
+    keys = ["cond_stage_model.transformer.x", "conditioner.embedders.1.model.ln_final.weight"]
+    assert families.recognise_keys(keys).name == "sd15"
+    assert families.recognise_keys(["conditioner.embedders.0.transformer.x"]) is None
+
+
+def test_adapter_files_are_recognised_by_denoiser_version_text_encoders_then_width():
+    width = {"unet": {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": SimpleNamespace(shape=(8, 1024))}}
+    recognise = families.recognise_adapter
+    assert recognise({"ss_base_model_version": "sdxl_base_v1-0"}, {"transformer": {}}) == "flux"
+    assert recognise({"ss_base_model_version": "sdxl_base_v1-0"}, width) == "sdxl"
+    assert recognise({"ss_base_model_version": "flux1"}, width) == "flux"
+    assert recognise({"ss_base_model_version": "sd_v1"}, width, 2) == "sd15"
+    assert recognise({"ss_base_model_version": "sd_v2"}, width) is None  # docs/families-plan.md §5.2
+    assert recognise({}, width, 2) == "sdxl" and recognise({}, width, 1) == "sd15"
+    assert recognise({}, width) == "sd2" and recognise({}, {}) is None
+
+
+# --- the rule: nothing outside a family module branches on the family ----------------------------------------------
+
+PACKAGE = Path(families.__file__).resolve().parent.parent
+# The tiny and toy test models are per-family fixtures (their builders are the families' test doubles). Defaults that
+# name a family (cli's `--arch sdxl`, study.py's default toy, CONFIG_PRESETS) are settings, not branches: a keyword, a
+# parameter default or a tuple is never flagged.
+ALLOWED = {"pipeline/tiny.py", "pipeline/tiny_flux.py", "pipeline/toy.py"}
+
+
+def _names_family(node: ast.AST) -> bool:
+    """A family-name string literal, or a tuple, list or set of them (`arch in ("sdxl", "sd2")`)."""
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return any(_names_family(element) for element in node.elts)
+    return isinstance(node, ast.Constant) and node.value in {f.name for f in families.FAMILIES}
+
+
+def family_branches(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, what) of every place that compares with, keys a dict by or subscripts with a family's name."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            equality = (ast.Eq, ast.NotEq, ast.In, ast.NotIn)
+            if any(isinstance(op, equality) for op in node.ops) and any(_names_family(s) for s in sides):
+                found.append((node.lineno, "comparison"))
+        elif isinstance(node, ast.Dict) and any(k is not None and _names_family(k) for k in node.keys):
+            found.append((node.lineno, "dict key"))
+        elif isinstance(node, ast.Subscript) and _names_family(node.slice):
+            found.append((node.lineno, "subscript"))
+        elif isinstance(node, ast.MatchValue) and _names_family(node.value):
+            found.append((node.lineno, "match case"))
+    return found
+
+
+def test_the_scan_finds_each_kind_of_family_branch():
+    source = 'a == "sdxl"\nb in ("sd15", "x")\n{"sd2": 1}\nc["flux"]\nf(arch="sdxl")\nd = ("sdxl", "sd15")\n'
+    assert family_branches(ast.parse(source)) == [
+        (1, "comparison"),
+        (2, "comparison"),
+        (3, "dict key"),
+        (4, "subscript"),
+    ]
+
+
+def test_no_family_branches_outside_families():
+    """What a family knows lives in its module (krona_cli/families/): everything else asks the family (its fields,
+    the registry) rather than comparing names."""
+    hits = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        where = path.relative_to(PACKAGE).as_posix()
+        if where.startswith("families/") or where in ALLOWED:
+            continue
+        hits += [f"{where}:{line} {what}" for line, what in family_branches(ast.parse(path.read_text()))]
+    assert hits == []

@@ -1,14 +1,14 @@
-"""The model families krona trains, one module each, and how one is found: by name, from a denoiser's config, or from
-the width of the text states an adapter's cross-attention reads. The order of FAMILIES is the order names are listed
-in; recognition tries the families in that order and takes SD 1.x when none claims a UNet (tiny and odd-width test
-models)."""
+"""The model families krona trains, one module each, and how one is found: by name, from a denoiser's config, from
+the width of the text states an adapter's cross-attention reads, from an adapter file's metadata and layers, or from a
+single-file checkpoint's keys. The order of FAMILIES is the order names are listed in; recognition tries the families
+in that order and takes SD 1.x when none claims a UNet (tiny and odd-width test models)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from ..errors import KronaError
-from .base import Component, Family
+from .base import Component, Family, SingleFile, UiNames
 from .flux import FLUX
 from .sd2 import SD2
 from .sd15 import SD15
@@ -21,11 +21,17 @@ __all__ = [
     "FAMILIES",
     "Component",
     "Family",
+    "SingleFile",
+    "UiNames",
     "by_context_width",
     "by_pipeline_class",
     "components",
+    "denoiser_owner",
+    "find",
     "get",
+    "recognise_adapter",
     "recognise_denoiser",
+    "recognise_keys",
     "recognise_pipeline",
     "with_layer_list",
 ]
@@ -36,6 +42,11 @@ def get(name: str) -> Family:
     if name not in _BY_NAME:
         raise KronaError(f"unknown architecture '{name}'; use one of {', '.join(_BY_NAME)}")
     return _BY_NAME[name]
+
+
+def find(name: str | None) -> Family | None:
+    """The family of this name, None for any other (an adapter file's `architecture` may name none)."""
+    return _BY_NAME.get(name) if isinstance(name, str) else None
 
 
 def components() -> tuple[str, ...]:
@@ -82,3 +93,46 @@ def by_context_width(widths: set[int]) -> str | None:
     """The family whose cross-attention reads text states of these widths; None unless they name exactly one."""
     found = {next((f.name for f in FAMILIES if f.context_width == w), None) for w in widths}
     return found.pop() if len(found) == 1 else None
+
+
+def denoiser_owner(components: Iterable[str]) -> str | None:
+    """The family whose denoiser one of these components is, where only one family has that denoiser (FLUX.1's
+    `transformer`; a `unet` is SD 1.x's, 2.x's and SDXL's alike, so it tells none)."""
+    owners: dict[str, list[str]] = {}
+    for family in FAMILIES:
+        owners.setdefault(family.denoiser, []).append(family.name)
+    found = {owners[c][0] for c in components if len(owners.get(c, ())) == 1}
+    return found.pop() if len(found) == 1 else None
+
+
+def recognise_adapter(metadata: Mapping[str, str], layers: Mapping, text_encoders: int | None = None) -> str | None:
+    """The family of an adapter file without krona's metadata (`layers`: its layer records by component and module;
+    `text_encoders`: how many text encoders its names say the base has, where the caller counts that, e.g. kohya's
+    numbered `lora_te1_`/`lora_te2_` say two): the one family whose denoiser it adapts (FLUX.1's transformer), else the
+    family kohya's `ss_base_model_version` names (None for a base model krona reads no version of), else the first
+    family with that many text encoders, else the width of the text the UNet's cross-attention reads."""
+    owner = denoiser_owner(layers)
+    if owner is not None:
+        return owner
+    version = metadata.get("ss_base_model_version")
+    if version:
+        return next((f.name for f in FAMILIES if version.startswith(f.ui.reads_versions)), None)
+    if text_encoders is not None:
+        return next((f.name for f in FAMILIES if len(f.text_encoders) == text_encoders), None)
+    widths = {  # input width of cross-attention k/v
+        layer.shape[1]
+        for module, layer in layers.get("unet", {}).items()
+        if module.endswith((".attn2.to_k", ".attn2.to_v"))
+    }
+    return by_context_width(widths)
+
+
+def recognise_keys(keys: Iterable[str]) -> Family | None:
+    """The family of a whole single-file checkpoint from its keys (its text encoder's: `SingleFile.marks`); the first
+    key that has any family's mark decides. None when no key tells."""
+    marks = [(mark, f) for f in FAMILIES if f.single_file for mark in f.single_file.marks]
+    for key in keys:
+        for mark, family in marks:
+            if key.startswith(mark):
+                return family
+    return None

@@ -29,6 +29,51 @@ class Component:
     config: str
     tokenizer: str | None = None
     trainable: bool = True  # a text encoder `--train-text-encoder` adapts (FLUX's T5 stays frozen)
+    pad: str | None = None  # its tokenizer's pad token where it is not CLIP's own (EOS): OpenCLIP's "!"
+    kohya_prefix: str | None = None  # kohya's lora-name prefix of its layers (`lora_unet_`, `lora_te1_`, `lora_te_`)
+    single_file_prefix: str | None = None  # text: where a whole single file holds its weights
+    openclip: bool = False  # text: held there in OpenCLIP's layout (q, k, v in one in_proj), not in transformers' names
+    read_alone: bool = False  # text: read back from its own keys (diffusers' converter mistakes SDXL's second CLIP)
+
+
+@dataclass(frozen=True)
+class UiNames:
+    """How other tools' metadata names the family (formats/ui_metadata.py): Stability's modelspec and kohya's `ss_`
+    keys. Where the prediction type ("v", "epsilon") decides the id or the resolution (SD 2.x), the `_by_prediction`
+    mapping has it, and the plain value is for an unknown one."""
+
+    modelspec_id: str | None = None  # the base's modelspec architecture id
+    modelspec_id_by_prediction: Mapping[str, str] = field(default_factory=dict)
+    modelspec_variants: tuple[tuple[str, str], ...] = ()  # (word in the base model's name, id): FLUX.1 [schnell]
+    resolution: int | None = None  # modelspec.resolution when the training resolution is not known
+    resolution_by_prediction: Mapping[str, int] = field(default_factory=dict)
+    base_model_version: str | None = None  # kohya's `ss_base_model_version`, written
+    reads_versions: tuple[str, ...] = ()  # the `ss_base_model_version` prefixes read as this family
+    v2: str | None = None  # kohya's `ss_v2` ("True" / "False")
+
+    def base_id(self, prediction: str | None, base_model: str | None) -> str | None:
+        """The modelspec id of a base model of this family with this prediction type (None: not known)."""
+        name = base_model.lower() if base_model else ""
+        variant = next((found for word, found in self.modelspec_variants if name and word in name), None)
+        return variant or self.modelspec_id_by_prediction.get(prediction, self.modelspec_id)
+
+    def default_resolution(self, prediction: str | None) -> int | None:
+        """modelspec's resolution of an adapter whose training resolution is not known."""
+        return self.resolution_by_prediction.get(prediction, self.resolution)
+
+
+@dataclass(frozen=True)
+class SingleFile:
+    """The family's single-file checkpoint (the one .safetensors A1111, Forge and ComfyUI load): what it holds, how a
+    whole one is told from its keys, what krona reads one without its own description with, and whether krona can
+    write one (pipeline/single_file.py, formats/original_layout.py)."""
+
+    holds: str  # what `krona merge --format single-file` writes, in words
+    denoiser_only: bool = False  # its denoiser alone in its makers' layout, not the whole pipeline in the original one
+    marks: tuple[str, ...] = ()  # key prefixes that tell a whole file of the family (its text encoder's)
+    vae: str | None = None  # the shipped configs (configs/models/) besides its components' that a whole file is read
+    scheduler: str | None = None  # with when it does not carry krona's description
+    refused: str | None = None  # why krona cannot write a whole file of it, in a message's words (None: it can)
 
 
 @dataclass(frozen=True)
@@ -56,6 +101,10 @@ class Family(ABC):
     target_presets: Mapping[str, str] = field(default_factory=lambda: TARGET_PRESETS)  # --targets preset -> regex
     lora_modules: Mapping[str, list[str]] = field(default_factory=dict)  # preset -> peft target module names
     schedulers: Mapping[str, str] = field(default_factory=dict)  # krona's sampler name -> diffusers scheduler class
+    buckets_by_default: bool = False  # aspect-ratio buckets unless --buckets says otherwise
+    ui: UiNames = field(default_factory=UiNames)  # how modelspec and kohya's metadata name it
+    single_file: SingleFile | None = None  # its single-file checkpoint
+    file_naming: str = "kohya_names"  # the formats module whose naming krona's LoKr and LoRA files of it follow
 
     @property
     def denoiser(self) -> str:
@@ -127,6 +176,25 @@ class Family(ABC):
     def component_configs(self) -> dict[str, str]:
         """Component name -> its config file under configs/models/, in pipeline order."""
         return {c.name: c.config for c in self.components}
+
+    def kohya_prefixes(self) -> dict[str, str]:
+        """Component name -> kohya's lora-name prefix of its layers, for the components kohya names."""
+        return {c.name: c.kohya_prefix for c in self.components if c.kohya_prefix}
+
+    def single_file_configs(self) -> dict[str, str]:
+        """The shipped config of each part a whole single file of the family is read with when it does not carry
+        krona's description (denoiser, VAE, text encoders, scheduler, in model_index.json's order); empty where krona
+        ships none."""
+        if self.single_file is None or self.single_file.vae is None:
+            return {}
+        text = {c.name: c.config for c in self.components if c.role == "text"}
+        denoiser = next(c for c in self.components if c.role == "denoiser")
+        return {
+            denoiser.name: denoiser.config,
+            "vae": self.single_file.vae,
+            **text,
+            "scheduler": self.single_file.scheduler,
+        }
 
     def linear_layers(self) -> dict[str, list[tuple[str, int, int]]]:
         """Every nn.Linear of each adaptable component of the real model, as (name, d_out, d_in) in module order: data

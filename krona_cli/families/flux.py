@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import KronaError
 from ..kron.targets import TARGET_PRESETS
-from .base import Component, ConfigGet, Family, SamplerDefaults
+from .base import Component, ConfigGet, Family, SamplerDefaults, SingleFile, UiNames
 from .prompts import Conditioning, tokenize
 
 # The guidance value [dev] is trained with by default: diffusers' DreamBooth FLUX scripts' default `--guidance_scale`
@@ -116,4 +116,15 @@ FLUX = FluxFamily(
     layer_list=True,
     target_presets=PRESETS,
     schedulers={"euler": "FlowMatchEulerDiscreteScheduler"},  # FluxPipeline's own, with its resolution shift
+    # modelspec says [schnell] where the base model's name does (kohya's sd-scripts' rule too)
+    ui=UiNames(
+        modelspec_id="flux-1-dev",
+        modelspec_variants=(("schnell", "flux-1-schnell"),),
+        resolution=1024,
+        base_model_version="flux1",
+        reads_versions=("flux",),
+    ),
+    # the file BFL release, and ComfyUI and Forge load as a diffusion model beside their text encoders and VAE
+    single_file=SingleFile("the FLUX.1 transformer alone, in Black Forest Labs' layout", denoiser_only=True),
+    file_naming="flux_names",
 )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from .base import Component, ConfigGet
+from .base import Component, ConfigGet, SingleFile, UiNames
 from .prompts import Conditioning, tokenize
-from .unet import CLIP_L, UNET, UNET_LORA_MODULES, UNET_SCHEDULERS, UNetFamily
+from .unet import CLIP_L, UNET_LORA_MODULES, UNET_SCHEDULERS, WHOLE_FILE, UNetFamily, unet
 
 
 @dataclass(frozen=True)
@@ -37,18 +38,42 @@ class SDXLFamily(UNetFamily):
         return model(noisy.to(dtype), timesteps, cond.embeds.to(dtype), **extra).sample
 
 
+# its single file: CLIP ViT-L in transformers' names, OpenCLIP bigG in its own layout
+_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+
 SDXL = SDXLFamily(
     name="sdxl",
     title="SDXL",
     pipeline_class="StableDiffusionXLPipeline",
     components=(
-        Component(UNET, "denoiser", "sdxl_unet.json"),
-        CLIP_L,
-        Component("text_encoder_2", "text", "clip_vit_bigg_text.json", "tokenizer_2"),
+        unet("sdxl_unet.json"),
+        dataclasses.replace(
+            CLIP_L, kohya_prefix="lora_te1_", single_file_prefix="conditioner.embedders.0.transformer."
+        ),
+        Component(
+            "text_encoder_2",
+            "text",
+            "clip_vit_bigg_text.json",
+            "tokenizer_2",
+            pad="!",
+            kohya_prefix="lora_te2_",
+            single_file_prefix=_OPENCLIP_PREFIX,
+            openclip=True,
+            read_alone=True,
+        ),
     ),
     context_width=2048,
     default_resolution=1024,
     lora_modules=UNET_LORA_MODULES,
     schedulers=UNET_SCHEDULERS,
     layer_list=True,
+    buckets_by_default=True,
+    ui=UiNames(
+        modelspec_id="stable-diffusion-xl-v1-base",
+        resolution=1024,
+        base_model_version="sdxl_base_v1-0",  # A1111/Forge take a file for SDXL when it starts with `sdxl_`
+        reads_versions=("sdxl_",),
+        v2="False",
+    ),
+    single_file=SingleFile(WHOLE_FILE, marks=(_OPENCLIP_PREFIX,), vae="sdxl_vae.json", scheduler="sdxl_scheduler.json"),
 )

@@ -11,6 +11,8 @@ from .prompts import Conditioning, tokenize
 
 UNET = "unet"
 CLIP_L = Component("text_encoder", "text", "clip_vit_l_text.json", "tokenizer")
+# What a single file of a UNet family holds
+WHOLE_FILE = "the whole pipeline in the original layout"
 # SD 1.x and 2.x pipelines load without their safety checker (its weights are not in single files, nor needed)
 NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 # krona's sampler names -> diffusers scheduler classes, each built from the pipeline's own scheduler config so that it
@@ -26,6 +28,11 @@ UNET_LORA_MODULES = {
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],
     "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
 }
+
+
+def unet(config: str) -> Component:
+    """A UNet denoiser with this shipped config, `lora_unet_` in kohya's names."""
+    return Component(UNET, "denoiser", config, kohya_prefix="lora_unet_")
 
 
 @dataclass(frozen=True)

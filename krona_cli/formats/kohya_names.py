@@ -29,6 +29,7 @@ from functools import cache, lru_cache
 
 import numpy as np
 
+from .. import families
 from ..architectures import load_model_config
 from ..errors import KronaError
 from . import flux_names
@@ -37,8 +38,7 @@ from .outline import Adapter
 from .unet_paths import unet_path_from_sgm
 
 UNET_PREFIX = "lora_unet_"
-# The file prefix of each text encoder, by architecture family: SDXL has two, SD 1.x/2.x one.
-TE_PREFIXES_SDXL = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+# The one text encoder's prefix of SD 1.x/2.x (each family's prefixes are its components' `kohya_prefix`).
 TE_PREFIX_SINGLE = "lora_te_"
 # kohya's lora-name prefixes (LoKr and LoRA files alike), longest first, so that `lora_te1_` is not read as
 # `lora_te_` + `1...`.
@@ -139,25 +139,29 @@ def decode_path(name: str, key: str | None = None, sgm: bool = False) -> str:
 # --- prefixes -----------------------------------------------------------------------------------------------------
 
 
-def component_prefix(component: str, sdxl: bool) -> str:
-    """The lora-name prefix of a component: text encoders are numbered only where there are two (SDXL)."""
-    if component == "unet":
-        return UNET_PREFIX
-    if component not in TE_PREFIXES_SDXL:
+def adapter_prefixes(adapter: Adapter) -> dict[str, str]:
+    """The kohya prefix of each component of an adapter (text encoders are numbered only where a model has two): its
+    family's, where that prefixes every component the adapter holds that any family's does; else those of the family
+    that does with the fewest text encoders (SD 1.x's `lora_te_`, not SDXL's `lora_te1_`/`lora_te2_`)."""
+    named = {c.name for f in families.FAMILIES for c in f.components if c.kohya_prefix}
+    held = named & set(adapter.layers)
+    fits = [f for f in families.FAMILIES if held <= f.kohya_prefixes().keys()]
+    fits.sort(key=lambda f: (f.name != adapter.architecture, len(f.text_encoders)))  # its own first
+    return fits[0].kohya_prefixes() if fits else {}
+
+
+def component_prefix(component: str, prefixes: Mapping[str, str]) -> str:
+    """The lora-name prefix of a component among an adapter's `prefixes` (`adapter_prefixes`)."""
+    if component not in prefixes:
         raise KronaError(f"the adapter holds an unknown component '{component}'; the adapter is damaged")
-    return TE_PREFIXES_SDXL[component] if sdxl else TE_PREFIX_SINGLE
+    return prefixes[component]
 
 
-def two_text_encoders(adapter: Adapter) -> bool:
-    """Whether the adapter's text encoders are SDXL's two (numbered `lora_te1_`/`lora_te2_`) rather than one."""
-    return adapter.architecture == "sdxl" or "text_encoder_2" in adapter.layers
-
-
-def lora_name(component: str, module: str, sdxl: bool) -> str:
+def lora_name(component: str, module: str, prefixes: Mapping[str, str]) -> str:
     """The lora name krona writes for a module (canonical spelling): `lora_te1_text_model_encoder_layers_0_...`."""
     if component not in COMPONENTS:
         raise KronaError(f"the adapter holds an unknown component '{component}'; the adapter is damaged")
-    return component_prefix(component, sdxl) + encode_path(canonical_name(component, module))
+    return component_prefix(component, prefixes) + encode_path(canonical_name(component, module))
 
 
 # The alpha krona's LoKr files give every layer (both factors are stored full, so ComfyUI and A1111 ignore alpha,
@@ -172,14 +176,19 @@ LOKR_ALPHA = 1.0
 @dataclass(frozen=True)
 class KohyaNaming:
     """SD 1.x/2.x and SDXL names in krona's files (naming.py): kohya's lora names over diffusers' module paths for LoKr
-    and the `kohya` LoRA layout (the default), diffusers' `<component>.<module>` for the `peft` LoRA layout. `sdxl`:
-    the text encoders are SDXL's two (`lora_te1_`/`lora_te2_`), not one (`lora_te_`)."""
+    and the `kohya` LoRA layout (the default), diffusers' `<component>.<module>` for the `peft` LoRA layout.
+    `prefixes`: each component's kohya prefix (`adapter_prefixes`: SDXL's two text encoders are `lora_te1_` and
+    `lora_te2_`, SD 1.x/2.x's one `lora_te_`)."""
 
-    sdxl: bool
+    prefixes: Mapping[str, str]
     lora_layouts: tuple[str, ...] = ("kohya", "peft")
 
+    @classmethod
+    def of(cls, adapter: Adapter) -> KohyaNaming:
+        return cls(adapter_prefixes(adapter))
+
     def lokr_name(self, component: str, module: str) -> str:
-        return lora_name(component, module, self.sdxl)
+        return lora_name(component, module, self.prefixes)
 
     def lokr_alpha(self, w1_shape: tuple[int, ...], w2_shape: tuple[int, ...]) -> float | None:
         return LOKR_ALPHA
@@ -189,7 +198,7 @@ class KohyaNaming:
     ) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """(lora name, up, down) per layer (component, module, up, down) under `layout`'s names."""
         if layout == "kohya":
-            return [(lora_name(c, m, self.sdxl), up, down) for c, m, up, down in written]
+            return [(lora_name(c, m, self.prefixes), up, down) for c, m, up, down in written]
         return [(f"{c}.{canonical_name(c, m)}", up, down) for c, m, up, down in written]
 
 

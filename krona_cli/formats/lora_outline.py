@@ -9,13 +9,13 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 
+from .. import families
 from ..errors import KronaError
 from . import flux_names
 from .bfl_layout import is_linear
 from .kohya_names import NameReader, check_text_prefixes, kohya_prefix
 from .native_outline import METADATA_KEY, canonical_name, json_metadata
 from .outline import Adapter, LoraOutline, TensorInfo
-from .ui_metadata import guess_architecture
 
 # What krona's own LoRA export records as its format (its `krona` metadata's "format").
 EXPORT_FORMAT = "lora"
@@ -294,8 +294,9 @@ def lora_outline(
         origin = meta.get("source") if isinstance(meta.get("source"), dict) else {}
         targets, training = origin.get("targets") or {}, origin.get("training")
     else:
-        sdxl_text_encoders = "text_encoder_2" in layers or "lora_te2_" in names.prefixes
-        base_model, architecture = None, guess_architecture(metadata, sdxl_text_encoders, False, layers)
+        # a second text encoder's layers (diffusers' `text_encoder_2.`, kohya's `lora_te2_`) say the base has two
+        text_encoders = 2 if "text_encoder_2" in layers or "lora_te2_" in names.prefixes else None
+        base_model, architecture = None, families.recognise_adapter(metadata, layers, text_encoders)
     if "kohya" in formats:
         key_format = names.key_format
     else:

@@ -16,7 +16,6 @@ from . import flux_names
 from .kohya_names import NameReader, check_text_prefixes
 from .native_outline import METADATA_KEY, json_metadata
 from .outline import Adapter, KronOutline, TensorInfo
-from .ui_metadata import guess_architecture
 
 # Tensor suffixes krona reads. Anything else (Tucker `lokr_t1`/`lokr_t2`, DoRA `dora_scale`, LoRA keys) is refused.
 _FULL = ("lokr_w1", "lokr_w2")
@@ -195,9 +194,8 @@ def lycoris_outline(
         base_model, training = meta.get("base_model"), meta.get("training")
     else:
         prefixes = names.prefixes
-        architecture = guess_architecture(
-            metadata, bool(prefixes & {"lora_te1_", "lora_te2_"}), "lora_te_" in prefixes, layers
-        )
+        text_encoders = 2 if prefixes & {"lora_te1_", "lora_te2_"} else 1 if "lora_te_" in prefixes else None
+        architecture = families.recognise_adapter(metadata, layers, text_encoders)
         targets = {component: _infer_targets(component, mods, architecture) for component, mods in layers.items()}
         base_model, training = None, None
     return Adapter(

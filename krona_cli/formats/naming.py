@@ -15,14 +15,15 @@ file's layers, (lora name, up, down)). The namings:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 
+from .. import families
 from .flux_names import FluxNaming
-from .kohya_names import KohyaNaming, two_text_encoders
+from .kohya_names import KohyaNaming
 from .outline import Adapter
-from .ui_metadata import denoiser_family
 
 
 class Naming(Protocol):
@@ -37,12 +38,15 @@ class Naming(Protocol):
     ) -> list[tuple[str, np.ndarray, np.ndarray]]: ...
 
 
-# The families whose files are not named kohya's SD way.
-_NAMINGS: dict[str, Naming] = {"flux": FluxNaming()}
+# Each family names the module whose naming its files follow (`Family.file_naming`).
+_NAMINGS: dict[str, Callable[[Adapter], Naming]] = {
+    "kohya_names": KohyaNaming.of,
+    "flux_names": lambda adapter: FluxNaming(),
+}
 
 
 def naming_for(adapter: Adapter) -> Naming:
     """How the files krona writes name this adapter's layers: by the family it records, else by the denoiser it
-    adapts where that tells one (a transformer: FLUX.1)."""
-    family = adapter.architecture or denoiser_family(adapter.layers)
-    return _NAMINGS.get(family) or KohyaNaming(two_text_encoders(adapter))
+    adapts where that tells one (a transformer: FLUX.1); kohya's names for an adapter of no family krona knows."""
+    family = families.find(adapter.architecture or families.denoiser_owner(adapter.layers))
+    return _NAMINGS[family.file_naming if family is not None else "kohya_names"](adapter)

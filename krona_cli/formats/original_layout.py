@@ -10,7 +10,8 @@ so in the reverse of diffusers' `up_blocks`); CLIP ViT-L in transformers' names,
 under `cond_stage_model.transformer.` (SD 1.x) or `conditioner.embedders.0.transformer.` (SDXL); SDXL's OpenCLIP bigG
 in OpenCLIP's own layout under `conditioner.embedders.1.model.` (q, k, v concatenated into `attn.in_proj_*`,
 `text_projection` transposed). SD 2.x is refused: diffusers keeps only 23 of its OpenCLIP-H's 24 layers, so its
-original checkpoint cannot be written back whole. `original_architecture` tells the three apart from a file's keys;
+original checkpoint cannot be written back whole. Where each family's text encoders go, and which keys tell the three
+apart (`original_architecture`), are the families' data (`Component.single_file_prefix`, `SingleFile.marks`);
 `read_openclip_tensors` reads SDXL's second text encoder alone from a file.
 """
 
@@ -34,17 +35,8 @@ from .unet_paths import rename_child, unet_path_to_sgm
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-# the text encoders' prefixes, per architecture: (CLIP ViT-L in transformers' names, OpenCLIP bigG in its own)
-_TEXT_PREFIXES = {
-    "sd15": ("cond_stage_model.transformer.", None),
-    "sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
-}
-# what marks an original-layout checkpoint's architecture (its text encoder), first match wins
-_ARCH_MARKS = (
-    ("conditioner.embedders.1.model.", "sdxl"),
-    ("cond_stage_model.model.", "sd2"),
-    ("cond_stage_model.transformer.", "sd15"),
-)
+# The text encoders' prefixes and layouts (transformers' CLIP names or OpenCLIP's own) are their families' data
+# (`Component.single_file_prefix`, `.openclip`), as are the key prefixes that tell a file's family (`SingleFile.marks`).
 
 # diffusers' AutoencoderKL module names -> LDM's, inside a resnet, the mid-block attention and at the ends
 _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
@@ -118,22 +110,24 @@ def _openclip_tensors(clip: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def _architecture(pipe) -> str:
-    """`sdxl` or `sd15` for a pipeline single-file output can hold whole, else a KronaError saying what to do."""
-    arch = families.recognise_denoiser(pipe.unet.config).name
-    if arch == "sd2":
+def _family(pipe) -> families.Family:
+    """The family of a pipeline single-file output can hold whole (SDXL, SD 1.x), else a KronaError saying what to
+    do."""
+    family = families.recognise_denoiser(pipe.unet.config)
+    if family.single_file.refused:
+        files = [(f.title, f.single_file) for f in families.FAMILIES if f.single_file]
+        writable = [title for title, file in files if not (file.denoiser_only or file.refused)]
         raise KronaError(
-            "single-file (original layout) output supports SDXL and SD 1.x, not SD 2.x, whose text encoder diffusers "
-            "keeps only in part; write a diffusers folder instead"
+            f"single-file (original layout) output supports {' and '.join(writable)}, not {family.title}, "
+            f"{family.single_file.refused}; write a diffusers folder instead"
         )
-    needed = ("vae", "text_encoder", "text_encoder_2") if arch == "sdxl" else ("vae", "text_encoder")
-    missing = [name for name in needed if getattr(pipe, name, None) is None]
+    missing = [name for name in ("vae", *family.text_encoders) if getattr(pipe, name, None) is None]
     if missing:
         raise KronaError(
-            f"this {arch} pipeline has no {', '.join(missing)}; single-file output needs the whole SDXL base or SD 1.x "
-            "pipeline: write a diffusers folder instead"
+            f"this {family.name} pipeline has no {', '.join(missing)}; single-file output needs the whole SDXL base or "
+            "SD 1.x pipeline: write a diffusers folder instead"
         )
-    return arch
+    return family
 
 
 def _state(pipe, component: str) -> dict[str, torch.Tensor]:
@@ -161,39 +155,43 @@ def to_original(pipe) -> dict[str, torch.Tensor]:
     """Every weight of an SDXL or SD 1.x pipeline (anything with `unet`, `vae`, `text_encoder`[, `text_encoder_2`])
     under its original-layout name. The tensors are the models' own (or views of them), except OpenCLIP's
     concatenated `in_proj`. SD 2.x, incomplete pipelines, injected adapters and quantized weights raise KronaError."""
-    arch = _architecture(pipe)
+    family = _family(pipe)
     out: dict[str, torch.Tensor] = {}
     config = pipe.unet.config
     _put(out, {UNET_PREFIX + unet_path_to_sgm(k, config): t for k, t in _state(pipe, "unet").items()})
     levels = len(pipe.vae.config.block_out_channels)
     vae = {VAE_PREFIX + _vae_path(k, levels): t for k, t in _state(pipe, "vae").items()}
     _put(out, {k: t[:, :, None, None] if ".attn_1." in k and t.ndim == 2 else t for k, t in vae.items()})
-    clip_prefix, openclip_prefix = _TEXT_PREFIXES[arch]
-    _put(out, {clip_prefix + k: t for k, t in _clip_tensors(_state(pipe, "text_encoder")).items()})
-    if openclip_prefix:
-        openclip = _openclip_tensors(_clip_tensors(_state(pipe, "text_encoder_2")))
-        _put(out, {openclip_prefix + k: t for k, t in openclip.items()})
+    for text in (c for c in family.components if c.role == "text"):
+        tensors = _clip_tensors(_state(pipe, text.name))
+        if text.openclip:
+            tensors = _openclip_tensors(tensors)
+        _put(out, {text.single_file_prefix + k: t for k, t in tensors.items()})
     return out
 
 
-def read_openclip_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of an SDXL single file's second text encoder (OpenCLIP bigG, `conditioner.embedders.1.model.`), and
-    no other, under their names in the file: what that encoder is read back from alone (see pipeline/single_file.py)."""
+def read_openclip_tensors(path: str | os.PathLike, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one text encoder of a single file, and no other, under their names in the file: those under
+    `prefix`, by default the text encoder its family reads from its own keys alone (SDXL's second, OpenCLIP bigG,
+    `conditioner.embedders.1.model.`; see pipeline/single_file.py)."""
     from safetensors import safe_open
 
-    prefix = _TEXT_PREFIXES["sdxl"][1]
     with safe_open(str(path), "pt") as f:
-        return {key: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}
+        keys = list(f.keys())
+        if prefix is None:
+            family = families.recognise_keys(keys)
+            alone = [c.single_file_prefix for c in family.components if c.read_alone] if family else []
+            if not alone:
+                return {}
+            prefix = alone[0]
+        return {key: f.get_tensor(key) for key in keys if key.startswith(prefix)}
 
 
 def original_architecture(keys: Iterable[str]) -> str | None:
-    """The architecture of an original-layout checkpoint from its keys (its text encoder's): "sdxl", "sd2", "sd15" or
-    None when no key tells."""
-    for key in keys:
-        for prefix, arch in _ARCH_MARKS:
-            if key.startswith(prefix):
-                return arch
-    return None
+    """The architecture of an original-layout checkpoint from its keys (`families.recognise_keys`): "sdxl", "sd2",
+    "sd15" or None when no key tells."""
+    family = families.recognise_keys(keys)
+    return family.name if family is not None else None
 
 
 def _safetensors_header(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, metadata: Mapping[str, str]) -> bytes:

@@ -10,7 +10,9 @@ SD 2.x files are read as the 768 px v-prediction models (2.0-768, 2.1), the conf
 
 `krona merge --format single-file` writes what the family's single file is: the whole pipeline in the original layout
 (SDXL, SD 1.x), or FLUX.1's transformer alone in Black Forest Labs' layout (flux_file.py), the file BFL release and
-ComfyUI and Forge load as a diffusion model beside the text encoders and VAE they have (`DENOISER_FILES`).
+ComfyUI and Forge load as a diffusion model beside the text encoders and VAE they have (`SingleFile.denoiser_only`).
+Which keys tell a family's file, the shipped configs it is read with and its tokenizers' pad tokens are the families'
+data (krona_cli/families/).
 
 SDXL's second text encoder is read by krona, from its own keys alone: diffusers' converter tells SDXL's two CLIP text
 encoders apart by width (whichever is as wide as the first gets the first's weights), so where both are equally wide it
@@ -28,45 +30,26 @@ import torch
 from .. import families
 from ..architectures import load_model_config
 from ..errors import KronaError
-from ..formats.original_layout import original_architecture, read_openclip_tensors
+from ..families.unet import WHOLE_FILE
+from ..formats.original_layout import read_openclip_tensors
 from .clip_tokenizer import EOS, clip_tokenizer, is_clip_tokenizer, tokenizer_from_merges
 
 METADATA_KEY = "krona_pipeline"
-# component -> config file in configs/models/, per architecture of an original-layout checkpoint
+# component -> config file in configs/models/, per family whose whole single files krona reads without its description
 PIPELINES: dict[str, dict[str, str]] = {
-    "sdxl": {
-        "unet": "sdxl_unet.json",
-        "vae": "sdxl_vae.json",
-        "text_encoder": "clip_vit_l_text.json",
-        "text_encoder_2": "clip_vit_bigg_text.json",
-        "scheduler": "sdxl_scheduler.json",
-    },
-    "sd15": {
-        "unet": "sd15_unet.json",
-        "vae": "sd15_vae.json",
-        "text_encoder": "clip_vit_l_text.json",
-        "scheduler": "sd15_scheduler.json",
-    },
-    "sd2": {
-        "unet": "sd2_unet.json",
-        "vae": "sd15_vae.json",
-        "text_encoder": "clip_vit_h_text.json",
-        "scheduler": "sd2_scheduler.json",
-    },
+    f.name: f.single_file_configs() for f in families.FAMILIES if f.single_file_configs()
 }
-# pad token of each tokenizer: OpenCLIP-based encoders (SDXL's second, SD 2's) pad with "!"
-PADS = {"sdxl": {"tokenizer": EOS, "tokenizer_2": "!"}, "sd15": {"tokenizer": EOS}, "sd2": {"tokenizer": "!"}}
-_TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
-# the families whose single file holds their denoiser alone, in its makers' layout, and what it holds in words
-DENOISER_FILES = {"flux": "the FLUX.1 transformer alone, in Black Forest Labs' layout"}
-WHOLE_FILE = "the whole pipeline in the original layout"
+# each text encoder's tokenizer, as diffusers' pipelines name them
+_TOKENIZERS = {c.name: c.tokenizer for f in families.FAMILIES for c in f.components if c.tokenizer}
 
 
 def _shipped(arch: str) -> dict:
-    """The `krona_pipeline` description of a public architecture, from configs/models/."""
+    """The `krona_pipeline` description of a public architecture, from configs/models/; each tokenizer pads with its
+    family's pad token (OpenCLIP-based encoders, SDXL's second and SD 2's, with "!"), else CLIP's EOS."""
+    family = families.get(arch)
     components = {name: load_model_config(file) for name, file in PIPELINES[arch].items()}
     return {
-        "class": families.get(arch).pipeline_class,
+        "class": family.pipeline_class,
         "index": {
             name: ["transformers", config.pop("architectures")[0]]
             if name.startswith("text_encoder")
@@ -74,7 +57,7 @@ def _shipped(arch: str) -> dict:
             for name, config in components.items()
         },
         "components": components,
-        "tokenizers": {name: {"pad": pad} for name, pad in PADS[arch].items()},
+        "tokenizers": {c.tokenizer: {"pad": c.pad or EOS} for c in family.components if c.tokenizer},
     }
 
 
@@ -131,26 +114,28 @@ def describe_file(path: Path, keys: list[str], metadata: dict[str, str]) -> dict
             return json.loads(metadata[METADATA_KEY])
         except json.JSONDecodeError as e:
             raise KronaError(f"'{path}' has unreadable '{METADATA_KEY}' metadata; the file is damaged") from e
-    arch = original_architecture(keys)
-    if arch is None:
+    family = families.recognise_keys(keys)
+    if family is None:
+        titles = [f.title for f in families.FAMILIES if f.name in PIPELINES]
         raise KronaError(
-            f"'{path}' is not a model checkpoint krona knows: expected a single-file SDXL, SD 1.x or SD 2.x checkpoint "
-            "(model.diffusion_model.… keys), a diffusers folder or a hub id"
+            f"'{path}' is not a model checkpoint krona knows: expected a single-file {', '.join(titles[:-1])} or "
+            f"{titles[-1]} checkpoint (model.diffusion_model.… keys), a diffusers folder or a hub id"
         )
-    return _shipped(arch)
+    return _shipped(family.name)
 
 
-def _second_text_encoder(path: Path, folder: str, description: dict, dtype: torch.dtype):
-    """SDXL's second text encoder, converted by diffusers from a checkpoint of its own keys only (OpenCLIP's), so that
-    diffusers cannot take the first encoder's weights for it (see the module docstring)."""
+def _text_encoder_alone(path: Path, folder: str, description: dict, dtype: torch.dtype, component: families.Component):
+    """A text encoder its family reads from its own keys (SDXL's second), converted by diffusers from a checkpoint of
+    those keys only (OpenCLIP's), so that diffusers cannot take the first encoder's weights for it (see the module
+    docstring)."""
     import transformers
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 
-    tensors = read_openclip_tensors(path)
-    model_class = getattr(transformers, description["index"]["text_encoder_2"][1])
+    tensors = read_openclip_tensors(path, component.single_file_prefix)
+    model_class = getattr(transformers, description["index"][component.name][1])
     try:
         return create_diffusers_clip_model_from_ldm(
-            model_class, tensors, subfolder="text_encoder_2", config=folder, torch_dtype=dtype, local_files_only=True
+            model_class, tensors, subfolder=component.name, config=folder, torch_dtype=dtype, local_files_only=True
         )
     except ValueError as e:  # no OpenCLIP keys, or not as wide as its config
         raise KronaError(f"'{path}' has no second text encoder that fits its SDXL config; the file is damaged") from e
@@ -175,10 +160,11 @@ def load_single_file(path: Path, keys: list[str], metadata: dict[str, str], dtyp
     pipeline_class = getattr(diffusers, description["class"])
     family = families.by_pipeline_class(description["class"])
     extras = dict(family.load_extras) if family else {}
+    alone = [c for c in family.components if c.read_alone and c.name in description["index"]] if family else []
     with tempfile.TemporaryDirectory(prefix="krona-config-") as folder:
         _write_config_folder(Path(folder), description)
-        if "text_encoder_2" in description["index"]:
-            extras = {**extras, "text_encoder_2": _second_text_encoder(path, folder, description, dtype)}
+        for component in alone:
+            extras[component.name] = _text_encoder_alone(path, folder, description, dtype, component)
         pipe = pipeline_class.from_single_file(
             str(path), config=folder, torch_dtype=dtype, local_files_only=True, **_tokenizers(description), **extras
         )
@@ -192,7 +178,8 @@ def load_single_file(path: Path, keys: list[str], metadata: dict[str, str], dtyp
 
 def merged_file_components(architecture: str) -> tuple[str, ...] | None:
     """The pipeline components whose weights the family's single file holds: its denoiser alone, or None for all."""
-    return (families.get(architecture).denoiser,) if architecture in DENOISER_FILES else None
+    family = families.find(architecture)
+    return (family.denoiser,) if family and family.single_file and family.single_file.denoiser_only else None
 
 
 def save_merged_file(pipe, architecture: str, path: Path, dtype: torch.dtype, summary: dict) -> str:
@@ -201,10 +188,11 @@ def save_merged_file(pipe, architecture: str, path: Path, dtype: torch.dtype, su
     from ..formats.original_layout import save_single_file
     from .flux_file import save_transformer_file
 
-    if architecture in DENOISER_FILES:
-        denoiser = getattr(pipe, families.get(architecture).denoiser)
+    family = families.find(architecture)
+    if merged_file_components(architecture) is not None:
+        denoiser = getattr(pipe, family.denoiser)
         save_transformer_file(denoiser, path, dtype, {"krona_merge": json.dumps(summary)})
-        return DENOISER_FILES[architecture]
+        return family.single_file.holds
     metadata = {METADATA_KEY: json.dumps(pipeline_description(pipe)), "krona_merge": json.dumps(summary)}
     save_single_file(pipe, path, dtype, metadata)
     return WHOLE_FILE

@@ -288,13 +288,15 @@ class TrainConfig:
         """The settings with every value that defaults to something else worked out for the base model's architecture
         and the output folder (learning rates, resolution, buckets, class folder, sample size, text-encoder factors,
         frozen precision): what a run actually uses, and what config.yaml records."""
+        from .. import families
+
         resolution = self.effective_resolution(arch)
         return dataclasses.replace(
             self,
             lr=self.effective_lr(),
             text_encoder_lr=self.effective_text_encoder_lr(),
             resolution=resolution,
-            buckets=arch == "sdxl" if self.buckets is None else self.buckets,
+            buckets=families.get(arch).buckets_by_default if self.buckets is None else self.buckets,
             class_dir=self.class_dir or str(out / "class-images"),
             sample_width=self.sample_width or resolution,
             sample_height=self.sample_height or resolution,

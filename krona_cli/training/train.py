@@ -331,10 +331,6 @@ class Base:
         return self.family.name
 
     @property
-    def sdxl(self) -> bool:
-        return self.arch == "sdxl"
-
-    @property
     def prediction(self) -> str:
         """epsilon | v_prediction"""
         return self.objective.name
@@ -402,7 +398,7 @@ def load_photos(cfg: TrainConfig, pre: Preflight, base: Base, reporter: Reporter
     from .data import ImageSet, small_images_warning
     from .priors import missing_indices
 
-    buckets = base.sdxl if cfg.buckets is None else cfg.buckets
+    buckets = base.family.buckets_by_default if cfg.buckets is None else cfg.buckets
     instance = ImageSet(
         cfg.instance_dir,
         cfg.prompt,
