@@ -87,6 +87,7 @@ def test_a_resumed_flux_run_is_bit_identical_to_a_straight_one(tiny_flux_dir, tm
         targets="attn-ff",
         checkpoint_every=2,
         lr=1e-2,
+        ema=True,
     )
     straight = train(config(tiny_flux_dir, tmp_path / "straight", steps=4, **common))
     train(config(tiny_flux_dir, tmp_path / "resumed", steps=2, **common))
@@ -180,3 +181,13 @@ def test_a_merged_transformer_file_samples_and_trains_in_the_bases_place(tiny_fl
     assert a.tobytes() == b.tobytes() != c.tobytes()
     again = train(config(tiny_flux_dir, tmp_path / "again", steps=1, transformer=str(merged)))
     assert load_file(again.adapter)
+
+
+@pytest.mark.parametrize("flag", ["resolution", "sample_width"])
+def test_sizes_flux_cannot_take_stop_the_run_before_it_trains(tiny_flux_dir, tmp_path, flag):
+    from krona_cli.errors import KronaError
+
+    expected = f"^--{flag.replace('_', '-')} 72 is not a multiple of 16 \\(FLUX\\.1 images\\); choose one$"
+    with pytest.raises(KronaError, match=expected):
+        train(config(tiny_flux_dir, tmp_path / "run", steps=1, **{flag: 72}))
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()

@@ -354,6 +354,7 @@ def load_base(cfg: TrainConfig, device: torch.device) -> Base:
     settings = ("guidance", "max_sequence_length", "weighting_scheme")
     family = families.get(arch).configured(**{name: getattr(cfg, name) for name in settings})
     objective = family.objective(pipe.scheduler.config)
+    _check_sizes(cfg, family, pipe)
     weight_dtype = compute_dtype(cfg.mixed_precision)
     text_models = family.text_models(pipe)
     compute = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)
@@ -381,6 +382,15 @@ def load_base(cfg: TrainConfig, device: torch.device) -> Base:
         weight_dtype,
         info,
     )
+
+
+def _check_sizes(cfg: TrainConfig, family, pipe) -> None:
+    """Training and sample sizes the model can take (FLUX.1's packed latents: multiples of 16), before anything runs."""
+    multiple = family.size_multiple(pipe)
+    sizes = {"resolution": cfg.effective_resolution(family.name), "sample-width": cfg.sample_width}
+    for flag, value in (sizes | {"sample-height": cfg.sample_height}).items():
+        if value and value % multiple:
+            raise KronaError(f"--{flag} {value} is not a multiple of {multiple} ({family.title} images); choose one")
 
 
 @dataclass
