@@ -191,3 +191,30 @@ def test_sizes_flux_cannot_take_stop_the_run_before_it_trains(tiny_flux_dir, tmp
     with pytest.raises(KronaError, match=expected):
         train(config(tiny_flux_dir, tmp_path / "run", steps=1, **{flag: 72}))
     assert not (tmp_path / "run" / "adapter.safetensors").exists()
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+def test_a_transformer_file_quantized_as_it_loads_trains_the_adapter_of_the_base_quantized_whole(
+    tiny_flux_dir, tmp_path, precision
+):
+    """Under int8/nf4 a --transformer file is quantized layer by layer as it is read (FLUX.1's does not fit in memory
+    whole in fp32); the run is the one on the same weights loaded whole and then quantized."""
+    from diffusers import FluxTransformer2DModel
+
+    from krona_cli.pipeline.flux_file import save_transformer_file
+
+    own = FluxTransformer2DModel.from_pretrained(tiny_flux_dir / "transformer")
+    file = save_transformer_file(own, tmp_path / "transformer.safetensors", torch.float32)
+    settings = dict(steps=2, lr=1e-2, base_precision=precision)
+    whole = train(config(tiny_flux_dir, tmp_path / "whole", **settings))
+    streamed = train(config(tiny_flux_dir, tmp_path / "streamed", transformer=str(file), **settings))
+    a, b = load_file(whole.adapter), load_file(streamed.adapter)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the file's layers arrive quantized (every tiny layer under int8; none is a multiple of 64 for nf4's kernels)
+    from krona_cli.pipeline import models
+    from krona_cli.pipeline.quantize import quantizable
+
+    pipe, _ = models.load_pipeline(str(tiny_flux_dir), transformer=str(file), quantized=(precision, torch.float32))
+    kinds = {type(m).__name__ for m in pipe.transformer.modules()}
+    assert not any(quantizable(m, precision) for m in pipe.transformer.modules())
+    assert ("Linear8bitLt" in kinds) == (precision == "int8")

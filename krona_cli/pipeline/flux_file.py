@@ -121,9 +121,15 @@ def _read_state(path: Path, keys: list[str], dtype: torch.dtype) -> dict[str, to
     return state
 
 
-def load_transformer_file(path: Path, keys: list[str], base_config: Mapping, dtype: torch.dtype):
+def load_transformer_file(
+    path: Path, keys: list[str], base_config: Mapping, dtype: torch.dtype, quantized: str | None = None
+):
     """A diffusers FluxTransformer2DModel from a transformer file, on the base's transformer config (its guidance
-    embedding as the file has it); a file whose weights do not fit that config is one KronaError line."""
+    embedding as the file has it); a file whose weights do not fit that config is one KronaError line. `quantized`
+    (int8, nf4): each linear layer quantized as soon as it is read, the rest in `dtype`, so that no more than one
+    layer is ever held in full precision (the real FLUX.1 transformer is 48 GB in fp32, 6 GB in nf4)."""
+    if quantized:
+        return _load_quantized(path, keys, base_config, dtype, quantized)
     import diffusers
 
     state = _read_state(path, keys, dtype)
@@ -149,3 +155,65 @@ def load_transformer_file(path: Path, keys: list[str], base_config: Mapping, dty
         )
     model.load_state_dict(state, assign=True)
     return model.eval()
+
+
+def _load_quantized(path: Path, keys: list[str], base_config: Mapping, dtype: torch.dtype, precision: str):
+    """`load_transformer_file` layer by layer: the model built on the meta device, each weight read, put in place in
+    `dtype`, and each quantizable linear layer (quantize.quantizable) replaced by its bitsandbytes layer once its weight
+    and bias are there."""
+    import diffusers
+    from safetensors import safe_open
+    from torch import nn
+
+    from .quantize import _quantized_linear, quantizable
+
+    prefixed = any(key.startswith(BFL_PREFIX + "img_in.") for key in keys)
+    keys = [key for key in keys if key.startswith(BFL_PREFIX)] if prefixed else keys
+    bfl = transformer_layout(keys) == "bfl"
+    with safe_open(str(path), framework="pt") as f:
+        hidden = int(f.get_slice((BFL_PREFIX if prefixed else "") + "img_in.weight").get_shape()[0]) if bfl else None
+        config = {k: v for k, v in base_config.items() if k != "_comment"}
+        guidance = ("guidance_in.", _GUIDANCE.split(".linear_1")[0])
+        config["guidance_embeds"] = any(k.removeprefix(BFL_PREFIX).startswith(guidance) for k in keys)
+        with torch.device("meta"):
+            model = getattr(diffusers, TRANSFORMER_CLASS).from_config(config)
+        linears = {name for name, module in model.named_modules() if quantizable(module, precision)}
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        for key in keys:
+            tensor = f.get_tensor(key)
+            parts = bfl_to_diffusers({key: tensor}, hidden) if bfl else {key.removeprefix(BFL_PREFIX): tensor}
+            for name, value in parts.items():
+                owner_name, _, param = name.rpartition(".")
+                owner = model.get_submodule(owner_name) if _has_module(model, owner_name) else None
+                if owner is None or tuple(getattr(owner, param, torch.empty(0)).shape) != tuple(value.shape):
+                    raise KronaError(
+                        f"'{path}' does not fit the base model's FLUX.1 transformer (at '{name}'); give the base it "
+                        "was made from as --pretrained-model"
+                    )
+                value = nn.Parameter(value.to(dtype=dtype, copy=True).contiguous(), requires_grad=False)
+                if owner_name not in linears:
+                    setattr(owner, param, value)
+                    continue
+                got = pending.setdefault(owner_name, {})
+                got[param] = value
+                if "weight" in got and ("bias" in got or owner.bias is None):
+                    for p, v in pending.pop(owner_name).items():
+                        setattr(owner, p, v)
+                    parent, _, child = owner_name.rpartition(".")
+                    layer = _quantized_linear(owner, precision, dtype).to("cpu")  # bitsandbytes quantizes as it moves
+                    setattr(model.get_submodule(parent) if parent else model, child, layer)
+    missing = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if missing or pending:
+        raise KronaError(
+            f"'{path}' does not fit the base model's FLUX.1 transformer (it lacks '{missing or next(iter(pending))}'); "
+            "give the base it was made from as --pretrained-model"
+        )
+    return model.eval()
+
+
+def _has_module(model, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

@@ -109,7 +109,14 @@ def _transformer_file(name: str) -> tuple[Path, list[str]]:
 
 
 def _replaced_transformer(
-    transformer: str | None, pretrained: str, kind: str, where, index: dict, revision: str | None, dtype: torch.dtype
+    transformer: str | None,
+    pretrained: str,
+    kind: str,
+    where,
+    index: dict,
+    revision: str | None,
+    dtype: torch.dtype,
+    quantized: tuple[str, torch.dtype] | None = None,
 ) -> dict:
     """{"transformer": the model of the file `--transformer` names}, built on the base's transformer config, for
     `from_pretrained` to take instead of loading the base's own; {} without one. A base that has no FLUX.1
@@ -132,6 +139,8 @@ def _replaced_transformer(
         config = json.loads((where / "transformer" / "config.json").read_text())
     else:
         raise KronaError(f"'{pretrained}' has no transformer/config.json; give a whole FLUX.1 diffusers folder")
+    if quantized:
+        return {"transformer": load_transformer_file(path, keys, config, quantized[1], quantized[0])}
     return {"transformer": load_transformer_file(path, keys, config, dtype)}
 
 
@@ -186,13 +195,15 @@ def load_pipeline(
     revision: str | None = None,
     variant: str | None = None,
     transformer: str | None = None,
+    quantized: tuple[str, torch.dtype] | None = None,
 ):
     """A diffusers pipeline of a family krona trains from a local folder, a single .safetensors checkpoint, or a hub
     id (from the local Hugging Face cache when it is there, so offline too).
 
     `vae` replaces the pipeline's VAE (a diffusers AutoencoderKL folder or hub id); `transformer` a FLUX.1 base's
     transformer (one .safetensors file in Black Forest Labs', ComfyUI's or diffusers' layout, flux_file.py; the base's
-    own is then not loaded); `revision` and `variant` (e.g. fp16) pick the files of a hub model or folder. Returns
+    own is then not loaded; with `quantized`, (int8 or nf4, the compute dtype), its linear layers are quantized as
+    they are read); `revision` and `variant` (e.g. fp16) pick the files of a hub model or folder. Returns
     (pipeline, architecture). Local paths never touch the network; single-file checkpoints get their configs and
     tokenizers from krona (single_file.py).
     """
@@ -223,7 +234,7 @@ def load_pipeline(
         index = json.loads((where / "model_index.json").read_text())
     else:
         index = _hub_json(where, "model_index.json", revision, "--pretrained-model")
-    replaced = _replaced_transformer(transformer, pretrained, kind, where, index, revision, dtype)
+    replaced = _replaced_transformer(transformer, pretrained, kind, where, index, revision, dtype, quantized)
     try:
         if kind == "file":
             pipe = load_single_file(where, keys, metadata, dtype)

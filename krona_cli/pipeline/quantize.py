@@ -72,6 +72,15 @@ def _quantized_linear(linear: nn.Linear, precision: str, compute_dtype: torch.dt
     return layer
 
 
+def quantizable(module: nn.Module, precision: str) -> bool:
+    """Whether `quantize` replaces this module: a plain nn.Linear (nf4: with both sides multiples of 64, since
+    bitsandbytes' 4-bit CPU kernels fail on others; only tiny test models have such layers: every linear layer of SDXL,
+    SD, FLUX.1 and their text encoders is a multiple of 64 on both sides)."""
+    return type(module) is nn.Linear and (
+        precision == "int8" or module.in_features % 64 == module.out_features % 64 == 0
+    )
+
+
 def quantize(model: nn.Module, precision: str, compute_dtype: torch.dtype, device: torch.device | str) -> int:
     """Hold `model` on `device` in `precision`: every nn.Linear quantized (int8, nf4), the rest in `compute_dtype`.
     Returns how many layers were quantized (nf4: those whose sides are multiples of 64). A KronaError says so
@@ -80,14 +89,7 @@ def quantize(model: nn.Module, precision: str, compute_dtype: torch.dtype, devic
         raise KronaError(f"quantize() takes one of {', '.join(QUANTIZED)}, not '{precision}'")
     check_device(precision, compute_dtype, device)
     cast(model, "cpu", compute_dtype)
-    # bitsandbytes' 4-bit CPU kernels fail on layers whose sides are not multiples of 64 (only tiny test models have
-    # such layers: every linear layer of SDXL, SD and their text encoders is a multiple of 64 on both sides)
-    names = [
-        name
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear
-        and (precision == "int8" or module.in_features % 64 == module.out_features % 64 == 0)
-    ]
+    names = [name for name, module in model.named_modules() if quantizable(module, precision)]
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model

@@ -347,18 +347,25 @@ def load_base(cfg: TrainConfig, device: torch.device) -> Base:
     from ..pipeline import models
     from ..pipeline.quantize import QUANTIZED, quantize
 
+    weight_dtype = compute_dtype(cfg.mixed_precision)
+    compute = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)
+    base_precision = cfg.base_precision or compute
+    # a --transformer file under int8/nf4 is quantized layer by layer as it is read: FLUX.1's is 48 GB in fp32
+    quantized = (base_precision, weight_dtype) if base_precision in QUANTIZED else None
     pipe, arch = models.load_pipeline(
-        cfg.pretrained_model, vae=cfg.vae, revision=cfg.revision, variant=cfg.variant, transformer=cfg.transformer
+        cfg.pretrained_model,
+        vae=cfg.vae,
+        revision=cfg.revision,
+        variant=cfg.variant,
+        transformer=cfg.transformer,
+        quantized=quantized,
     )
     pipe.set_progress_bar_config(disable=True)
     settings = ("guidance", "max_sequence_length", "weighting_scheme")
     family = families.get(arch).configured(**{name: getattr(cfg, name) for name in settings})
     objective = family.objective(pipe.scheduler.config)
     _check_sizes(cfg, family, pipe)
-    weight_dtype = compute_dtype(cfg.mixed_precision)
     text_models = family.text_models(pipe)
-    compute = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)
-    base_precision = cfg.base_precision or compute
     denoiser = getattr(pipe, family.denoiser)
     adapted = [denoiser] + (text_models if cfg.train_text_encoder else [])
     for model in [denoiser, *text_models]:
