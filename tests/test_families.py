@@ -133,7 +133,7 @@ def test_adapter_files_are_recognised_by_denoiser_version_text_encoders_then_wid
     assert recognise({"ss_base_model_version": "sdxl_base_v1-0"}, width) == "sdxl"
     assert recognise({"ss_base_model_version": "flux1"}, width) == "flux"
     assert recognise({"ss_base_model_version": "sd_v1"}, width, 2) == "sd15"
-    assert recognise({"ss_base_model_version": "sd_v2"}, width) is None  # docs/families-plan.md §5.2
+    assert recognise({"ss_base_model_version": "sd_v2"}, width) is None  # not read as SD 2.x, as before
     assert recognise({}, width, 2) == "sdxl" and recognise({}, width, 1) == "sd15"
     assert recognise({}, width) == "sd2" and recognise({}, {}) is None
 

@@ -1,5 +1,5 @@
-"""Stable Diffusion 2.x: one OpenCLIP ViT-H text encoder, 1024-wide text states. Trained at 512 px by default (the
-768-px v-prediction models included: docs/families-plan.md §5.1)."""
+"""Stable Diffusion 2.x: one OpenCLIP ViT-H text encoder, 1024-wide text states. Trained at 512 px by default, the
+768-px v-prediction models included (as krona always has; their native 768 would change runs without --resolution)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ SD2 = SD2Family(
     schedulers=UNET_SCHEDULERS,
     layer_list=False,
     # modelspec: 2.0-768 and 2.1 are v-prediction, 2.0 and 2.1-base epsilon at 512 px. kohya's `sd_v2` is written but
-    # not read back as SD 2.x (docs/families-plan.md §5.2)
+    # not read back as SD 2.x (as before: such a file without krona's metadata is placed by its layer widths)
     ui=UiNames(
         modelspec_id_by_prediction={"v": "stable-diffusion-v2-768-v", "epsilon": "stable-diffusion-v2-512"},
         resolution_by_prediction={"v": 768, "epsilon": 512},
