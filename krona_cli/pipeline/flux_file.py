@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -97,15 +97,14 @@ def save_transformer_file(
     return write_atomic(Path(path), stream)
 
 
-def _read_state(path: Path, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The transformer's weights in diffusers' names, cast to `dtype`, each in storage of its own (split from a fused
-    weight one at a time, so the file is never held twice in memory)."""
+def _weights(path: Path, keys: list[str], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The transformer's weights in diffusers' names, one at a time, cast to `dtype`, each in storage of its own (split
+    from a fused weight one at a time, so the file is never held twice in memory)."""
     from safetensors import safe_open
 
     prefixed = any(key.startswith(BFL_PREFIX + "img_in.") for key in keys)
     keys = [key for key in keys if key.startswith(BFL_PREFIX)] if prefixed else keys
     bfl = transformer_layout(keys) == "bfl"
-    state: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as f:
         width = (BFL_PREFIX if prefixed else "") + "img_in.weight"
         hidden = int(f.get_slice(width).get_shape()[0]) if bfl else None
@@ -117,8 +116,8 @@ def _read_state(path: Path, keys: list[str], dtype: torch.dtype) -> dict[str, to
                 parts = bfl_to_diffusers({key: tensor}, hidden) if bfl else {key.removeprefix(BFL_PREFIX): tensor}
             except KronaError as e:
                 raise KronaError(f"'{path}' is not a FLUX.1 transformer krona reads: {e}") from e
-            state.update({name: value.to(dtype=dtype, copy=True).contiguous() for name, value in parts.items()})
-    return state
+            for name, value in parts.items():
+                yield name, value.to(dtype=dtype, copy=True).contiguous()
 
 
 def load_transformer_file(
@@ -132,7 +131,7 @@ def load_transformer_file(
         return _load_quantized(path, keys, base_config, dtype, quantized)
     import diffusers
 
-    state = _read_state(path, keys, dtype)
+    state = dict(_weights(path, keys, dtype))
     config = {k: v for k, v in base_config.items() if k != "_comment"}
     config["guidance_embeds"] = _GUIDANCE in state
     with torch.device("meta"):
@@ -162,46 +161,37 @@ def _load_quantized(path: Path, keys: list[str], base_config: Mapping, dtype: to
     `dtype`, and each quantizable linear layer (quantize.quantizable) replaced by its bitsandbytes layer once its weight
     and bias are there."""
     import diffusers
-    from safetensors import safe_open
     from torch import nn
 
     from .quantize import _quantized_linear, quantizable
 
-    prefixed = any(key.startswith(BFL_PREFIX + "img_in.") for key in keys)
-    keys = [key for key in keys if key.startswith(BFL_PREFIX)] if prefixed else keys
-    bfl = transformer_layout(keys) == "bfl"
-    with safe_open(str(path), framework="pt") as f:
-        hidden = int(f.get_slice((BFL_PREFIX if prefixed else "") + "img_in.weight").get_shape()[0]) if bfl else None
-        config = {k: v for k, v in base_config.items() if k != "_comment"}
-        guidance = ("guidance_in.", _GUIDANCE.split(".linear_1")[0])
-        config["guidance_embeds"] = any(k.removeprefix(BFL_PREFIX).startswith(guidance) for k in keys)
-        with torch.device("meta"):
-            model = getattr(diffusers, TRANSFORMER_CLASS).from_config(config)
-        linears = {name for name, module in model.named_modules() if quantizable(module, precision)}
-        pending: dict[str, dict[str, torch.Tensor]] = {}
-        for key in keys:
-            tensor = f.get_tensor(key)
-            parts = bfl_to_diffusers({key: tensor}, hidden) if bfl else {key.removeprefix(BFL_PREFIX): tensor}
-            for name, value in parts.items():
-                owner_name, _, param = name.rpartition(".")
-                owner = model.get_submodule(owner_name) if _has_module(model, owner_name) else None
-                if owner is None or tuple(getattr(owner, param, torch.empty(0)).shape) != tuple(value.shape):
-                    raise KronaError(
-                        f"'{path}' does not fit the base model's FLUX.1 transformer (at '{name}'); give the base it "
-                        "was made from as --pretrained-model"
-                    )
-                value = nn.Parameter(value.to(dtype=dtype, copy=True).contiguous(), requires_grad=False)
-                if owner_name not in linears:
-                    setattr(owner, param, value)
-                    continue
-                got = pending.setdefault(owner_name, {})
-                got[param] = value
-                if "weight" in got and ("bias" in got or owner.bias is None):
-                    for p, v in pending.pop(owner_name).items():
-                        setattr(owner, p, v)
-                    parent, _, child = owner_name.rpartition(".")
-                    layer = _quantized_linear(owner, precision, dtype).to("cpu")  # bitsandbytes quantizes as it moves
-                    setattr(model.get_submodule(parent) if parent else model, child, layer)
+    config = {k: v for k, v in base_config.items() if k != "_comment"}
+    guidance = ("guidance_in.", _GUIDANCE.split(".linear_1")[0])
+    config["guidance_embeds"] = any(k.removeprefix(BFL_PREFIX).startswith(guidance) for k in keys)
+    with torch.device("meta"):
+        model = getattr(diffusers, TRANSFORMER_CLASS).from_config(config)
+    linears = {name for name, module in model.named_modules() if quantizable(module, precision)}
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in _weights(path, keys, dtype):
+        owner_name, _, param = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if _has_module(model, owner_name) else None
+        if owner is None or tuple(getattr(owner, param, torch.empty(0)).shape) != tuple(value.shape):
+            raise KronaError(
+                f"'{path}' does not fit the base model's FLUX.1 transformer (at '{name}'); give the base it "
+                "was made from as --pretrained-model"
+            )
+        value = nn.Parameter(value, requires_grad=False)
+        if owner_name not in linears:
+            setattr(owner, param, value)
+            continue
+        got = pending.setdefault(owner_name, {})
+        got[param] = value
+        if "weight" in got and ("bias" in got or owner.bias is None):
+            for p, v in pending.pop(owner_name).items():
+                setattr(owner, p, v)
+            parent, _, child = owner_name.rpartition(".")
+            layer = _quantized_linear(owner, precision, dtype).to("cpu")  # bitsandbytes quantizes as it moves
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
     missing = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
     if missing or pending:
         raise KronaError(
