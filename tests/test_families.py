@@ -89,7 +89,10 @@ def test_flux_takes_a_runs_flow_matching_settings_and_the_sd_families_refuse_the
     flux = families.get("flux")
     tuned = flux.configured(guidance=1.0, max_sequence_length=64, weighting_scheme="logit_normal")
     assert (tuned.guidance, tuned.max_sequence_length, tuned.weighting) == (1.0, 64, "logit_normal")
-    assert flux.configured() == flux and flux.guidance == 3.5 and flux.max_sequence_length == 512
+    assert flux.configured() == flux and flux.guidance == 3.5 and flux.max_sequence_length is None
+    # unset: the model's T5 tokenizer's length, at most FluxPipeline's 512
+    lengths = [flux.sequence_length(SimpleNamespace(model_max_length=n)) for n in (32, 512, int(1e30))]
+    assert lengths == [32, 512, 512] and tuned.sequence_length(SimpleNamespace(model_max_length=32)) == 64
     with pytest.raises(KronaError, match=r"^--max-sequence-length is at most 512 \(FLUX\.1's T5 context\)$"):
         flux.configured(max_sequence_length=513)
     assert families.get("sdxl").configured(guidance=None) == families.get("sdxl")

@@ -136,8 +136,8 @@ def compare(
     identifier: str = "sks",
     noun: str | None = None,
     num_images: int = 2,
-    sample_steps: int = 30,
-    guidance: float = 7.0,
+    sample_steps: int | None = None,  # None: the model's (its family's sampling defaults)
+    guidance: float | None = None,
     clip_model: str | None = None,
     dino_model: str | None = None,
     progress: Callable[[str], None] | None = None,

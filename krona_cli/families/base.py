@@ -161,6 +161,10 @@ class Family(ABC):
         SD 1.5 512)."""
         return int(getattr(pipe, self.denoiser).config.sample_size) * int(pipe.vae_scale_factor)
 
+    def call_kwargs(self, pipe) -> dict:
+        """Keyword arguments the pipeline's own call needs beyond prompt, size, steps and guidance."""
+        return {}
+
     def size_multiple(self, pipe) -> int:
         """Image sides must be multiples of this: the VAE's scale factor."""
         return int(pipe.vae_scale_factor)

@@ -19,7 +19,8 @@ from .prompts import Conditioning, tokenize
 # The guidance value [dev] is trained with by default: diffusers' DreamBooth FLUX scripts' default `--guidance_scale`
 # (3.5, also FluxPipeline's sampling default). [schnell] has no guidance embedding and ignores it.
 TRAIN_GUIDANCE = 3.5
-# T5 tokens per prompt: FluxPipeline's and the DreamBooth script's default for [dev] (its T5 tokenizer's length)
+# T5 tokens per prompt at most: FluxPipeline refuses more. By default a model's T5 tokenizer's length (FLUX.1's: 512,
+# FluxPipeline's and the DreamBooth script's default for [dev]; the toy FLUX's: 32)
 MAX_SEQUENCE_LENGTH = 512
 
 # --targets presets over the transformer's module names: `attn` is every attention projection (double blocks: image
@@ -33,7 +34,7 @@ PRESETS = {"attn": _ATTN, "attn-ff": f"(?:{_ATTN})|(?:{_FF})", "text": TARGET_PR
 @dataclass(frozen=True)
 class FluxFamily(Family):
     guidance: float = TRAIN_GUIDANCE  # --guidance
-    max_sequence_length: int = MAX_SEQUENCE_LENGTH  # --max-sequence-length
+    max_sequence_length: int | None = None  # --max-sequence-length; None: the T5 tokenizer's length
     weighting: str = "none"  # --weighting-scheme
 
     def configured(self, guidance=None, max_sequence_length=None, weighting_scheme=None) -> FluxFamily:
@@ -42,6 +43,10 @@ class FluxFamily(Family):
             raise KronaError(f"--max-sequence-length is at most {MAX_SEQUENCE_LENGTH} (FLUX.1's T5 context)")
         given = {"guidance": guidance, "max_sequence_length": max_sequence_length, "weighting": weighting_scheme}
         return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+
+    def sequence_length(self, t5_tokenizer) -> int:
+        """T5 tokens per prompt: --max-sequence-length, else the tokenizer's own length (at most 512)."""
+        return self.max_sequence_length or min(MAX_SEQUENCE_LENGTH, int(t5_tokenizer.model_max_length))
 
     def matches_denoiser(self, get: ConfigGet) -> bool:
         """FluxTransformer2DModel: double and single blocks, and a pooled text projection (FLUX.2 has none)."""
@@ -54,7 +59,7 @@ class FluxFamily(Family):
         device = next(clip.parameters()).device
         pooled = clip(tokenize(tokenizers[0], prompts).to(device), output_hidden_states=False).pooler_output
         device = next(t5.parameters()).device
-        ids = tokenize(tokenizers[1], prompts, self.max_sequence_length).to(device)
+        ids = tokenize(tokenizers[1], prompts, self.sequence_length(tokenizers[1])).to(device)
         embeds = t5(ids, output_hidden_states=False)[0]
         return Conditioning(embeds, pooled)
 
@@ -89,8 +94,12 @@ class FluxFamily(Family):
         return SamplerDefaults(steps=4, guidance=0.0, preview_steps=4)
 
     def native_size(self, pipe) -> int:
-        """FluxPipeline's default side: its default_sample_size (128 latent rows) through the VAE, 1024 px."""
-        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+        """The VAE's sample size (FLUX.1's: 1024, FluxPipeline's default side; the toy FLUX's: 64)."""
+        return int(pipe.vae.config.sample_size)
+
+    def call_kwargs(self, pipe) -> dict:
+        """FluxPipeline pads prompts to 512 T5 tokens unless told: the model's own length, as training uses."""
+        return {"max_sequence_length": self.sequence_length(pipe.tokenizer_2)}
 
     def size_multiple(self, pipe) -> int:
         """The VAE's scale factor times 2: latents are packed in 2x2 patches."""

@@ -384,6 +384,7 @@ def render(
     seeds = config.seeds() if seeds is None else list(seeds)
     jobs = [(j, seed) for j in range(len(prompts)) for seed in seeds]  # prompt-major: rows fill in order
     total = len(jobs)
+    call_kwargs = families.recognise_pipeline(pipe, type(pipe).__name__).call_kwargs(pipe)
     original_scheduler = pipe.scheduler
     pipe.scheduler = make_scheduler(config.scheduler, pipe)
     images: dict[tuple[int, int], Image.Image] = {}
@@ -410,6 +411,7 @@ def render(
                 generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in batch],
                 output_type="pil",
                 callback_on_step_end=on_step,
+                **call_kwargs,
             )
             for (j, seed), image in zip(batch, result.images):
                 images[(j, seed)] = image

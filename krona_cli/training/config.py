@@ -136,7 +136,10 @@ class TrainConfig:
         min=0,
     )
     max_sequence_length: Optional[int] = _opt(
-        None, "FLUX.1: T5 tokens per prompt (longer prompts are cut).", unset="512 ([dev]'s)", min=1
+        None,
+        "FLUX.1: T5 tokens per prompt (longer prompts are cut).",
+        unset="the T5 tokenizer's length, 512 for FLUX.1",
+        min=1,
     )
     seed: int = _opt(0, "Seed of every random draw of the run.", min=0)
     ema: bool = _opt(False, "Keep an exponential moving average of the adapter weights and save it.")
