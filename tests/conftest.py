@@ -43,6 +43,13 @@ def toy_sd15_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def toy_flux_dir(tmp_path_factory):
+    from krona_cli.pipeline.toy import make_toy
+
+    return make_toy(tmp_path_factory.mktemp("toy") / "flux", arch="flux")
+
+
+@pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory):
     from krona_cli.pipeline.tiny_flux import make_tiny_flux
 

@@ -13,7 +13,7 @@ from .app import command, console, locked
 Directory = Annotated[
     Path, typer.Argument(help="Folder to write the pipeline to (created, or replaced with --overwrite).")
 ]
-Arch = Annotated[str, typer.Option(help="Architecture: sdxl or sd15 (make-tiny also: flux, flux-schnell).")]
+Arch = Annotated[str, typer.Option(help="Architecture: sdxl, sd15 or flux (make-tiny also: flux-schnell).")]
 
 
 @command("make-tiny")
@@ -37,8 +37,8 @@ def make_toy_cmd(
     arch: Arch = "sdxl",
     overwrite: Annotated[bool, typer.Option(help="Replace a toy pipeline written here before.")] = False,
 ) -> None:
-    """Write a small SDXL or SD 1.5 pipeline pretrained on the toy world (coloured shapes on plain backgrounds; a few
-    MB, no download): a base that draws what it is asked, to see personalisation work on a CPU."""
+    """Write a small SDXL, SD 1.5 or FLUX.1 pipeline pretrained on the toy world (coloured shapes on plain
+    backgrounds; a few MB, no download): a base that draws what it is asked, to see personalisation work on a CPU."""
     from ..pipeline.toy import make_toy
 
     with locked(directory, "krona make-toy", "DIRECTORY"):

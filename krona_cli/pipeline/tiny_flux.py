@@ -33,7 +33,7 @@ from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
 from krona_cli.pipeline.tiny import _CORPUS, build_tokenizer, clip_text_config, tiny_vae
 
-__all__ = ["build_t5_tokenizer", "build_tiny_flux_pipeline", "make_tiny_flux"]
+__all__ = ["build_t5_tokenizer", "build_tiny_flux_pipeline", "flux_scheduler", "make_tiny_flux", "t5_encoder"]
 
 #: T5's special pieces, at T5's ids 0, 1 and 2.
 _T5_SPECIALS = ("<pad>", "</s>", "<unk>")
@@ -66,26 +66,28 @@ def _t5_vocab(corpus: str) -> list[tuple[str, float]]:
     return [(token, 0.0) for token in _T5_SPECIALS] + list(pieces.items())
 
 
-def build_t5_tokenizer(extra_words: str = "") -> T5Tokenizer:
+def build_t5_tokenizer(extra_words: str = "", max_length: int = _T5_MAX_LENGTH) -> T5Tokenizer:
     """A small T5-style Unigram tokenizer, identical on every call and in every process; ``extra_words`` join the
     built-in corpus (each then one token, as are the corpus words and their capitalised forms).
 
     Built with transformers' own ``T5Tokenizer(vocab=[(piece, score), ...])``, so it has T5's Metaspace
     pre-tokenizer and decoder and the ``</s>`` post-processor, and ``save_pretrained`` writes a ``tokenizer.json``
     that ``T5Tokenizer.from_pretrained`` reloads offline (no ``spiece.model``). Ids: ``<pad>`` 0, ``</s>`` 1,
-    ``<unk>`` 2; no sentinel ``<extra_id_*>`` tokens; context length 512, FLUX's T5 maximum.
+    ``<unk>`` 2; no sentinel ``<extra_id_*>`` tokens; context length ``max_length`` (FLUX's T5 maximum by default:
+    krona pads prompts to it in training and sampling).
     """
-    return T5Tokenizer(vocab=_t5_vocab(_CORPUS + extra_words), extra_ids=0, model_max_length=_T5_MAX_LENGTH)
+    return T5Tokenizer(vocab=_t5_vocab(_CORPUS + extra_words), extra_ids=0, model_max_length=max_length)
 
 
-def _t5_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
-    """A T5 v1.1-style encoder (gated GELU, untied embeddings) of width 32, like FLUX's T5-XXL at 1/128 the width."""
+def t5_encoder(tokenizer: T5Tokenizer, width: int = _WIDTH) -> T5EncoderModel:
+    """A T5 v1.1-style encoder (gated GELU, untied embeddings) of 2 layers and 4 heads, ``width`` wide (32: FLUX's
+    T5-XXL at 1/128 the width)."""
     config = T5Config(
         vocab_size=len(tokenizer),
-        d_model=_WIDTH,
-        d_kv=8,
+        d_model=width,
+        d_kv=width // 4,
         num_heads=4,
-        d_ff=64,
+        d_ff=2 * width,
         num_layers=2,
         feed_forward_proj="gated-gelu",
         tie_word_embeddings=False,
@@ -118,7 +120,7 @@ def _flux_transformer(guidance_embeds: bool) -> FluxTransformer2DModel:
     )
 
 
-def _flux_scheduler(guidance_embeds: bool) -> FlowMatchEulerDiscreteScheduler:
+def flux_scheduler(guidance_embeds: bool = True) -> FlowMatchEulerDiscreteScheduler:
     """Flow-matching Euler as FLUX.1-dev ships it (resolution-dependent shift) or, without the guidance embedding, as
     FLUX.1-schnell does (no shift)."""
     if not guidance_embeds:
@@ -146,11 +148,11 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> Flu
         tokenizer = build_tokenizer()
         tokenizer_2 = build_t5_tokenizer()
         return FluxPipeline(
-            scheduler=_flux_scheduler(guidance_embeds),
+            scheduler=flux_scheduler(guidance_embeds),
             vae=_flux_vae(),
             text_encoder=CLIPTextModel(clip_text_config(tokenizer, _WIDTH, "quick_gelu")),
             tokenizer=tokenizer,
-            text_encoder_2=_t5_encoder(tokenizer_2),
+            text_encoder_2=t5_encoder(tokenizer_2),
             tokenizer_2=tokenizer_2,
             transformer=_flux_transformer(guidance_embeds),
             image_encoder=None,

@@ -1,14 +1,18 @@
-"""Toy pipelines: small SDXL- and SD1.5-shaped diffusers pipelines *pretrained* on the toy world (world/scenes.py).
+"""Toy pipelines: small SDXL-, SD1.5- and FLUX.1-shaped diffusers pipelines *pretrained* on the toy world
+(world/scenes.py).
 
 They are made of the real models' classes (``StableDiffusionXLPipeline`` with two CLIP text encoders and
-"text_time" micro-conditioning; ``StableDiffusionPipeline``), so every krona command works on them unchanged, and
+"text_time" micro-conditioning; ``StableDiffusionPipeline``; ``FluxPipeline`` with double- and single-stream blocks,
+a guidance embedding, a CLIP and a T5 encoder), so every krona command works on them unchanged, and
 they draw what they are asked for: a red ring on a blue background. The architectures are defined here; the weights
 (fp16, a few MB) are trained from scratch by ``scripts/pretrain_toy.py`` and shipped in ``krona_cli/weights/``, so
 :func:`make_toy` takes seconds and needs no download.
 
 Sizes: 64x64 images through a VAE with a 4x downscale (16x16x4 latents); UNets (32, 64, 64) wide with
 cross-attention at two levels; text encoders 64 wide (3 layers for SDXL, whose UNet reads the penultimate layer;
-2 for SD 1.5); a tokenizer whose corpus includes every word of the world.
+2 for SD 1.5); a tokenizer whose corpus includes every word of the world. The toy FLUX: the same VAE (its 16x16x4
+latents packed 2x2 into 64 tokens of 16), a FLUX transformer (docs/toy.md has its sizes), a CLIP (pooled) and a T5
+encoder 64 wide, 32 T5 tokens per prompt.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -27,13 +34,16 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from krona_cli.errors import KronaError
 from krona_cli.pipeline.tiny import build_tokenizer, clip_text_config, save_marked_pipeline
+from krona_cli.pipeline.tiny_flux import build_t5_tokenizer, flux_scheduler, t5_encoder
 from krona_cli.world.scenes import COLOURS, SHAPES
 
-ARCHS = ("sdxl", "sd15")
+ARCHS = ("sdxl", "sd15", "flux")
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 MARKER = "krona-toy.json"  # in every folder make_toy writes: what --overwrite may replace
 TEXT_WIDTH = 64
 TIME_EMBED_DIM = 8
+T5_LENGTH = 32  # T5 tokens per prompt of the toy FLUX (the world's longest caption with "sks" is 15)
+WORLD_WORDS = " ".join([*COLOURS, *SHAPES, "background", "front"])
 
 
 def weights_file(arch: str) -> Path:
@@ -51,11 +61,11 @@ def read_weights(path: Path) -> tuple[dict, dict]:
 
 def toy_tokenizer() -> CLIPTokenizer:
     """The tiny tokenizer's corpus plus every word of the toy world (each one token)."""
-    return build_tokenizer(" ".join([*COLOURS, *SHAPES, "background", "front"]))
+    return build_tokenizer(WORLD_WORDS)
 
 
-def toy_vae(scaling_factor: float = 1.0) -> AutoencoderKL:
-    """Three resolution levels: 64x64 pictures to 16x16x4 latents."""
+def toy_vae(scaling_factor: float = 1.0, **flux: float) -> AutoencoderKL:
+    """Three resolution levels: 64x64 pictures to 16x16x4 latents (FLUX's pipeline also reads a ``shift_factor``)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -67,6 +77,7 @@ def toy_vae(scaling_factor: float = 1.0) -> AutoencoderKL:
         norm_num_groups=8,
         sample_size=64,
         scaling_factor=scaling_factor,
+        **flux,
     )
 
 
@@ -101,6 +112,23 @@ def toy_unet(arch: str) -> UNet2DConditionModel:
     )
 
 
+def toy_flux_transformer() -> FluxTransformer2DModel:
+    """FLUX.1's MM-DiT at toy size: 2 double-stream and 4 single-stream blocks, 2 heads of 32 (rotary axes 8 + 12 +
+    12), over the 2x2-packed toy latents (16 inputs), reading the 64-wide T5 and CLIP, with [dev]'s guidance input."""
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_WIDTH,
+        pooled_projection_dim=TEXT_WIDTH,
+        guidance_embeds=True,
+        axes_dims_rope=(8, 12, 12),
+    )
+
+
 def toy_scheduler() -> EulerDiscreteScheduler:
     """Euler, as SD 1.5 and SDXL ship with, on DDPM's linear noise schedule (1e-4 to 0.02), v-prediction, trailing
     timesteps.
@@ -122,7 +150,59 @@ def toy_scheduler() -> EulerDiscreteScheduler:
     )
 
 
-def build_toy_pipeline(arch: str, weights: bool = True) -> StableDiffusionXLPipeline | StableDiffusionPipeline:
+def _toy_sdxl(scaling: float) -> StableDiffusionXLPipeline:
+    tokenizer = toy_tokenizer()
+    return StableDiffusionXLPipeline(
+        vae=toy_vae(scaling),
+        unet=toy_unet("sdxl"),
+        text_encoder=CLIPTextModel(clip_text_config(tokenizer, TEXT_WIDTH, "quick_gelu", layers=3)),
+        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(tokenizer, TEXT_WIDTH, "gelu", layers=3)),
+        tokenizer=tokenizer,
+        tokenizer_2=toy_tokenizer(),
+        scheduler=toy_scheduler(),
+        add_watermarker=False,
+    )
+
+
+def _toy_sd15(scaling: float) -> StableDiffusionPipeline:
+    tokenizer = toy_tokenizer()
+    return StableDiffusionPipeline(
+        vae=toy_vae(scaling),
+        unet=toy_unet("sd15"),
+        text_encoder=CLIPTextModel(clip_text_config(tokenizer, TEXT_WIDTH, "quick_gelu")),
+        tokenizer=tokenizer,
+        scheduler=toy_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def _toy_flux(scaling: float) -> FluxPipeline:
+    """The shared VAE (no shift: its latents are scaled to unit variance), a CLIP read for its pooled output and a
+    T5 encoder with its own tokenizer, 32 tokens per prompt."""
+    tokenizer, tokenizer_2 = toy_tokenizer(), build_t5_tokenizer(WORLD_WORDS, max_length=T5_LENGTH)
+    transformer = toy_flux_transformer()  # first: the order of the random inits the shipped weights started from
+    return FluxPipeline(
+        transformer=transformer,
+        vae=toy_vae(scaling, shift_factor=0.0),
+        text_encoder=CLIPTextModel(clip_text_config(tokenizer, TEXT_WIDTH, "quick_gelu")),
+        text_encoder_2=t5_encoder(tokenizer_2, TEXT_WIDTH),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=flux_scheduler(),  # [dev]'s: shifted by the token count (64 tokens: shift 1.6)
+        image_encoder=None,
+        feature_extractor=None,
+    )
+
+
+_BUILDERS = {"sdxl": _toy_sdxl, "sd15": _toy_sd15, "flux": _toy_flux}
+
+
+def build_toy_pipeline(
+    arch: str, weights: bool = True
+) -> StableDiffusionXLPipeline | StableDiffusionPipeline | FluxPipeline:
     """The toy pipeline of ``arch`` in memory, in fp32: with the shipped pretrained weights, or freshly initialised
     (``weights=False``, for pretraining).
 
@@ -140,33 +220,17 @@ def build_toy_pipeline(arch: str, weights: bool = True) -> StableDiffusionXLPipe
             )
         state, settings = read_weights(path)
         scaling = float(settings["scaling_factor"])
-    tokenizer = toy_tokenizer()
-    parts = {"vae": toy_vae(scaling), "unet": toy_unet(arch)}
-    if arch == "sdxl":
-        parts["text_encoder"] = CLIPTextModel(clip_text_config(tokenizer, TEXT_WIDTH, "quick_gelu", layers=3))
-        parts["text_encoder_2"] = CLIPTextModelWithProjection(clip_text_config(tokenizer, TEXT_WIDTH, "gelu", layers=3))
-    else:
-        parts["text_encoder"] = CLIPTextModel(clip_text_config(tokenizer, TEXT_WIDTH, "quick_gelu"))
-    for name, module in parts.items():
+    pipe = _BUILDERS[arch](scaling)
+    for name, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
         if state:
             own = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
             missing, unexpected = module.load_state_dict(own, strict=False)
             if missing or unexpected:
                 raise KronaError(f"The toy {arch} weights do not fit its {name}: re-install krona.")
         module.eval()
-    if arch == "sdxl":
-        return StableDiffusionXLPipeline(
-            **parts, tokenizer=tokenizer, tokenizer_2=toy_tokenizer(), scheduler=toy_scheduler(), add_watermarker=False
-        )
-    return StableDiffusionPipeline(
-        **parts,
-        tokenizer=tokenizer,
-        scheduler=toy_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
-    )
+    return pipe
 
 
 def make_toy(path: str | Path, arch: str = "sdxl", overwrite: bool = False) -> Path:
