@@ -2,6 +2,7 @@
 killed part-way, it continues where it stopped; the report's numbers are results.json's; another plan in the same
 folder is refused. The study's logic (best learning rate, robust range) on hand-made records."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -133,6 +134,7 @@ def test_bad_study_options_are_one_line_and_write_nothing(tmp_path, capsys):
         (["--lrs", "1e-3,fast"], "comma-separated list of floats"),
         (["--factors", "4x4x"], "not of the form OxI"),
         (["--lrs", "0,1e-3"], "must be positive"),
+        (["--arch", "sd3"], "--arch sd3: the toy world has sdxl, sd15, flux pipelines"),
     ):
         assert main(["compare", "--study", "--output-dir", str(out), *bad]) == 2
         err = capsys.readouterr().err
@@ -141,6 +143,22 @@ def test_bad_study_options_are_one_line_and_write_nothing(tmp_path, capsys):
     assert "--instance-dir and --prompt (or --study" in capsys.readouterr().err
     assert main(["compare", "--output-dir", str(out), "--instance-dir", "x", "--prompt", "p", "--ranks", "4"]) == 2
     assert "size the --study" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_study_of_the_toy_flux_writes_its_own_base_and_keeps_apart_from_an_sdxl_study(tmp_path):
+    """`--arch flux` makes the toy FLUX the study's base; a folder is one study, so the toy SDXL's results (those
+    written before studies had an arch included) are not continued as the toy FLUX's."""
+    out = tmp_path / "study"
+    cfg, plan = study.study_setup(out, study.StudyPlan(arch="flux", steps=4))
+    assert cfg.pretrained_model == str(out / "toy-flux") and plan.arch == "flux"
+    assert json.loads((out / "toy-flux" / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    assert len(list((out / "photos").glob("*.png"))) == 5
+    sdxl = json.loads(json.dumps(dataclasses.asdict(study.StudyPlan(steps=4))))
+    del sdxl["arch"]  # a results.json of before
+    (out / "results.json").write_text(json.dumps({"plan": sdxl, "runs": {}, "seconds": 0.0}))
+    assert study._load(out, study.StudyPlan(steps=4))["plan"] == sdxl
+    with pytest.raises(KronaError, match="other settings"):
+        study._load(out, plan)
 
 
 def test_the_tables_of_docs_fidelity_are_the_report_of_its_results(tmp_path):

@@ -113,6 +113,9 @@ def compare_cmd(
     ] = None,
     ranks: Annotated[Optional[str], typer.Option(help="--study: LoRA's ranks.", show_default="1,2,4,8,16")] = None,
     seeds: Annotated[int, typer.Option(help="--study: seeds per setting.", min=1)] = 3,
+    arch: Annotated[
+        str, typer.Option(help="--study: the toy pipeline studied: sdxl, sd15 or flux (docs/fidelity.md).")
+    ] = "sdxl",
     config: Annotated[
         Optional[str], typer.Option(help="Training settings shared by both methods: YAML file or preset.")
     ] = None,
@@ -129,8 +132,12 @@ def compare_cmd(
     num_images: Annotated[
         Optional[int], typer.Option(help="Images (seeds) per prompt and run.", show_default="2; 4 with --study", min=1)
     ] = None,
-    sample_steps: Annotated[int, typer.Option(help="Denoising steps of the scored samples.")] = 30,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance of the scored samples.")] = 7.0,
+    sample_steps: Annotated[
+        Optional[int], typer.Option(help="Denoising steps of the scored samples.", show_default="the model's: SD 30")
+    ] = None,
+    guidance: Annotated[
+        Optional[float], typer.Option(help="Guidance of the scored samples.", show_default="the model's: SD 7.0")
+    ] = None,
     clip_model: ClipModel = CLIP,
     dino_model: DinoModel = DINO,
     scorer: Scorer = "clip",
@@ -152,6 +159,7 @@ def compare_cmd(
             seeds,
             num_images or 4,
             inputs | dict(class_prompt=class_prompt, steps=steps),
+            arch,
         )
         return
     if lrs or factors or ranks:
@@ -182,7 +190,7 @@ def compare_cmd(
     console.print(f"report -> [bold]{escape(str(summary['report']))}[/]")
 
 
-def _study(out: Path, lrs, factors, ranks, seeds: int, per_prompt: int, inputs: dict) -> None:
+def _study(out: Path, lrs, factors, ranks, seeds: int, per_prompt: int, inputs: dict, arch: str) -> None:
     """`krona compare --study`: a progress bar over the runs, and the headline numbers."""
     from ..evaluation import study as toy_study
     from .quiet import no_loading_bars
@@ -193,6 +201,7 @@ def _study(out: Path, lrs, factors, ranks, seeds: int, per_prompt: int, inputs: 
         ranks=toy_study.listed(ranks, int, toy_study.RANKS),
         seeds=seeds,
         per_prompt=per_prompt,
+        arch=arch,
     ).check()  # before anything is written
     no_loading_bars()
     with console.status("preparing the toy world"):

@@ -42,6 +42,7 @@ PROMPT_FLOOR = 0.8  # a run that draws the subject off the background asked for 
 DRIFT = 0.1  # how far a run may move the plain class's scores from the base model's and still keep the class
 NEAR_BEST = 0.9  # the robust range: learning rates within this fraction of a method's best subject fidelity
 SCORES = ("subject_fidelity", "prompt_fidelity", "class_accuracy", "class_look_rate")
+TOY_ARCHS = ("sdxl", "sd15", "flux")  # pipeline/toy.py's (not imported here: it loads diffusers)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class StudyPlan:
     kron_setting: str = "4x4"
     lora_rank: int = 4
     lokr: bool = True
+    arch: str = "sdxl"  # the toy pipeline studied (without a --pretrained-model of the user's)
 
     def check(self) -> StudyPlan:
         from ..kron.factors import parse_factors
@@ -68,6 +70,8 @@ class StudyPlan:
             raise KronaError("learning rates, seeds, steps and pictures per prompt must be positive")
         for factors in (*self.factors, self.kron_setting):
             parse_factors(factors)
+        if self.arch not in TOY_ARCHS:
+            raise KronaError(f"--arch {self.arch}: the toy world has {', '.join(TOY_ARCHS)} pipelines")
         return self
 
 
@@ -126,9 +130,9 @@ def _square(factors: str) -> bool:
     return f.a_out == f.a_in
 
 
-def study_inputs(out: Path, pretrained: str | None, instance_dir: str | None) -> tuple[str, str]:
-    """(base model, photo folder) of a study: the given ones, or the toy SDXL and the toy subject's photos written
-    into the study folder (kept there, so that a continued study uses the same)."""
+def study_inputs(out: Path, pretrained: str | None, instance_dir: str | None, arch: str = "sdxl") -> tuple[str, str]:
+    """(base model, photo folder) of a study: the given ones, or the toy pipeline of ``arch`` and the toy subject's
+    photos written into the study folder (kept there, so that a continued study uses the same)."""
     from PIL import Image
 
     from ..inference.sampling import png_bytes
@@ -136,9 +140,9 @@ def study_inputs(out: Path, pretrained: str | None, instance_dir: str | None) ->
     from ..world.scenes import subject_photos
 
     if pretrained is None:
-        pretrained = str(out / "toy-sdxl")
-        if not (out / "toy-sdxl" / "model_index.json").exists():
-            make_toy(pretrained, arch="sdxl", overwrite=True)
+        pretrained = str(out / f"toy-{arch}")
+        if not (out / f"toy-{arch}" / "model_index.json").exists():
+            make_toy(pretrained, arch=arch, overwrite=True)
     if instance_dir is None:
         instance_dir = str(out / "photos")
         for i, (pixels, caption) in enumerate(subject_photos(), 1):
@@ -176,7 +180,7 @@ def study_setup(
     from ..training.config import load_config
 
     plan.check()
-    base, photos = study_inputs(out.expanduser(), pretrained, instance_dir)
+    base, photos = study_inputs(out.expanduser(), pretrained, instance_dir, plan.arch)
     overrides = {
         "pretrained_model": base,
         "instance_dir": photos,
@@ -254,7 +258,7 @@ def _load(out: Path, plan: StudyPlan) -> dict:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise KronaError(f"cannot read the study's {path} ({e}); move it away to start the study again") from e
-    if results.get("plan") != wanted:
+    if {"arch": "sdxl"} | results.get("plan", {}) != wanted:  # studies before the toy FLUX were of the toy SDXL
         raise KronaError(
             f"{out} holds a study with other settings ({path.name}); run it with the same settings to continue "
             "it, or give another --output-dir"
