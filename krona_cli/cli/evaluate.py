@@ -82,6 +82,15 @@ def eval_cmd(
     console.print(f"metrics -> [bold]{escape(str(scores.output))}[/]")
 
 
+StudyArch = Annotated[str, typer.Option(help="--study: the toy pipeline studied: sdxl, sd15 or flux.")]
+ScoredSteps = Annotated[
+    Optional[int], typer.Option(help="Denoising steps of the scored samples.", show_default="the model's: SD 30")
+]
+ScoredGuidance = Annotated[
+    Optional[float], typer.Option(help="Guidance of the scored samples.", show_default="the model's: SD 7.0")
+]
+
+
 @command("compare")
 def compare_cmd(
     output_dir: Annotated[Path, typer.Option(help="Folder for the runs, report.md, grids and the plot.")],
@@ -113,9 +122,7 @@ def compare_cmd(
     ] = None,
     ranks: Annotated[Optional[str], typer.Option(help="--study: LoRA's ranks.", show_default="1,2,4,8,16")] = None,
     seeds: Annotated[int, typer.Option(help="--study: seeds per setting.", min=1)] = 3,
-    arch: Annotated[
-        str, typer.Option(help="--study: the toy pipeline studied: sdxl, sd15 or flux (docs/fidelity.md).")
-    ] = "sdxl",
+    arch: StudyArch = "sdxl",
     config: Annotated[
         Optional[str], typer.Option(help="Training settings shared by both methods: YAML file or preset.")
     ] = None,
@@ -132,12 +139,8 @@ def compare_cmd(
     num_images: Annotated[
         Optional[int], typer.Option(help="Images (seeds) per prompt and run.", show_default="2; 4 with --study", min=1)
     ] = None,
-    sample_steps: Annotated[
-        Optional[int], typer.Option(help="Denoising steps of the scored samples.", show_default="the model's: SD 30")
-    ] = None,
-    guidance: Annotated[
-        Optional[float], typer.Option(help="Guidance of the scored samples.", show_default="the model's: SD 7.0")
-    ] = None,
+    sample_steps: ScoredSteps = None,
+    guidance: ScoredGuidance = None,
     clip_model: ClipModel = CLIP,
     dino_model: DinoModel = DINO,
     scorer: Scorer = "clip",
