@@ -161,13 +161,15 @@ def test_a_study_of_the_toy_flux_writes_its_own_base_and_keeps_apart_from_an_sdx
         study._load(out, plan)
 
 
-def test_the_tables_of_docs_fidelity_are_the_report_of_its_results(tmp_path):
-    """docs/fidelity.md shows the study's tables as `krona compare --study` wrote them from the shipped
-    docs/fidelity/results.json, and that file's summary is what its runs give."""
+@pytest.mark.parametrize("folder", ["fidelity", "fidelity/flux"])
+def test_the_tables_of_docs_fidelity_are_the_report_of_its_results(folder, tmp_path):
+    """docs/fidelity.md shows the studies' tables as `krona compare --study` wrote them from the shipped
+    docs/fidelity/results.json (the toy SDXL) and docs/fidelity/flux/results.json (the toy FLUX), and each file's
+    summary is what its runs give."""
     from types import SimpleNamespace
 
     docs = Path(__file__).resolve().parent.parent / "docs"
-    results = json.loads((docs / "fidelity" / "results.json").read_text())
+    results = json.loads((docs / folder / "results.json").read_text())
     plan = study.StudyPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["plan"].items()})
     assert json.loads(json.dumps(study.summarise(results, plan))) == results["summary"]
     cfg = SimpleNamespace(pretrained_model="", instance_dir="", prompt="", class_prompt="", batch_size=2)
