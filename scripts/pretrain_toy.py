@@ -36,7 +36,6 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from krona_cli import families
-from krona_cli.families.flow_match import image_ids, pack_latents, unpack_latents
 from krona_cli.pipeline.toy import WEIGHTS_DIR, build_toy_pipeline, read_weights, toy_vae, weights_file
 from krona_cli.world.scenes import SIZE, caption, dead_leaves, random_scene, render
 
@@ -149,22 +148,6 @@ def unet_loss(pipe, arch: str, batch: int):
     return loss
 
 
-def flux_velocity(transformer, noisy, sigmas, guidance, cond) -> torch.Tensor:
-    """The toy FLUX transformer's velocity for latents ``noisy`` at ``sigmas``, each sample at its own guidance."""
-    height, width = noisy.shape[-2:]
-    prediction = transformer(
-        hidden_states=pack_latents(noisy),
-        timestep=sigmas,
-        guidance=guidance,
-        pooled_projections=cond.pooled,
-        encoder_hidden_states=cond.embeds,
-        txt_ids=torch.zeros(cond.embeds.shape[1], 3),
-        img_ids=image_ids(height, width),
-        return_dict=False,
-    )[0]
-    return unpack_latents(prediction, height, width)
-
-
 def flux_loss(pipe, ema: list, steps: int):
     """The toy FLUX's loss of a batch: flow matching as krona trains it (the scheduler's noise levels, shifted by the
     token count; target ε − x0), then FLUX.1 [dev]'s guidance distillation, done online. For the first DISTILL_FROM
@@ -177,6 +160,10 @@ def flux_loss(pipe, ema: list, steps: int):
     objective = family.objective(pipe.scheduler.config)
     tokenizers = family.tokenizers(pipe)
     teacher, *teacher_text = ema
+
+    def velocity(transformer, noisy, sigmas, guidance, cond) -> torch.Tensor:
+        """The transformer's velocity for ``noisy`` latents at ``sigmas`` (its timesteps), each at its own guidance."""
+        return family.denoise(transformer, noisy, sigmas, cond, None, torch.float32, guidance=guidance)
 
     def loss(x0: torch.Tensor, captions: list[str], rng, step: int) -> torch.Tensor:
         batch = x0.shape[0]
@@ -194,12 +181,12 @@ def flux_loss(pipe, ema: list, steps: int):
                 shown = [c for c, g in zip(captions, guided.tolist()) if g]
                 both = family.encode_prompts(tokenizers, teacher_text, shown + [""] * k)
                 ones = torch.ones(2 * k)
-                v = flux_velocity(teacher, noisy[guided].repeat(2, 1, 1, 1), sigmas[guided].repeat(2), ones, both)
+                v = velocity(teacher, noisy[guided].repeat(2, 1, 1, 1), sigmas[guided].repeat(2), ones, both)
                 c, u = v[:k], v[k:]
                 target[guided] = u + guidance[guided].view(-1, 1, 1, 1) * (c - u)
         given = ["" if d else c for c, d in zip(captions, drop.tolist())]
         cond = family.encode_prompts(tokenizers, family.text_models(pipe), given)
-        pred = flux_velocity(pipe.transformer, noisy, sigmas, guidance, cond)
+        pred = velocity(pipe.transformer, noisy, sigmas, guidance, cond)
         return F.mse_loss(pred, target)
 
     return loss

@@ -42,7 +42,6 @@ PROMPT_FLOOR = 0.8  # a run that draws the subject off the background asked for 
 DRIFT = 0.1  # how far a run may move the plain class's scores from the base model's and still keep the class
 NEAR_BEST = 0.9  # the robust range: learning rates within this fraction of a method's best subject fidelity
 SCORES = ("subject_fidelity", "prompt_fidelity", "class_accuracy", "class_look_rate")
-TOY_ARCHS = ("sdxl", "sd15", "flux")  # pipeline/toy.py's (not imported here: it loads diffusers)
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,7 @@ class StudyPlan:
 
     def check(self) -> StudyPlan:
         from ..kron.factors import parse_factors
+        from ..pipeline.toy import ARCHS
 
         if not self.lrs or not self.factors or not self.ranks:
             raise KronaError("a study needs at least one learning rate, one factor setting and one rank")
@@ -70,8 +70,8 @@ class StudyPlan:
             raise KronaError("learning rates, seeds, steps and pictures per prompt must be positive")
         for factors in (*self.factors, self.kron_setting):
             parse_factors(factors)
-        if self.arch not in TOY_ARCHS:
-            raise KronaError(f"--arch {self.arch}: the toy world has {', '.join(TOY_ARCHS)} pipelines")
+        if self.arch not in ARCHS:
+            raise KronaError(f"--arch {self.arch}: the toy world has {', '.join(ARCHS)} pipelines")
         return self
 
 

@@ -45,17 +45,12 @@ def draw(
     import torch
 
     from .. import families
+    from ..inference.sampling import SampleConfig, image_size
 
-    family = families.recognise_pipeline(pipe, type(pipe).__name__)
-    defaults = family.sampler_defaults(pipe)
-    side = family.native_size(pipe)
-    settings = dict(
-        num_inference_steps=steps or defaults.steps,
-        guidance_scale=defaults.guidance if guidance is None else guidance,
-        width=side,
-        height=side,
-        **family.call_kwargs(pipe),
-    )
+    config = SampleConfig(steps=steps, guidance=guidance).for_model(pipe)
+    width, height = image_size(pipe, config)
+    settings = dict(num_inference_steps=config.steps, guidance_scale=config.guidance, width=width, height=height)
+    settings |= families.recognise_pipeline(pipe, type(pipe).__name__).call_kwargs(pipe)
     images = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])

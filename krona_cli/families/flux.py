@@ -63,16 +63,19 @@ class FluxFamily(Family):
         embeds = t5(ids, output_hidden_states=False)[0]
         return Conditioning(embeds, pooled)
 
-    def denoise(self, model, noisy, timesteps, cond: Conditioning, geometry, dtype):
-        """The transformer on the packed latents; the prediction unpacked to the latents' layout."""
+    def denoise(self, model, noisy, timesteps, cond: Conditioning, geometry, dtype, guidance=None):
+        """The transformer on the packed latents; the prediction unpacked to the latents' layout. `guidance`: each
+        sample's float32 guidance input (None: --guidance for all; scripts/pretrain_toy.py distils it per sample);
+        models without a guidance embedding ([schnell]) get none."""
         import torch
 
         from .flow_match import image_ids, pack_latents, unpack_latents
 
         batch, _, height, width = noisy.shape
         device = noisy.device
-        guidance = None
-        if getattr(model, "module", model).config.guidance_embeds:  # DDP wraps the transformer in several processes
+        if not getattr(model, "module", model).config.guidance_embeds:  # DDP wraps the transformer in processes
+            guidance = None
+        elif guidance is None:
             guidance = torch.full((batch,), self.guidance, device=device, dtype=torch.float32)
         prediction = model(
             hidden_states=pack_latents(noisy.to(dtype)),
