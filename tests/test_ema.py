@@ -5,6 +5,7 @@ import torch
 
 from krona_cli.errors import KronaError
 from krona_cli.training.ema import EMA
+from krona_cli.training.trainable import holding
 
 
 def make_params(seed=0, dtype=torch.float32):
@@ -51,14 +52,14 @@ def test_warmup_decay_of_the_first_updates():
     torch.testing.assert_close(ema.shadow()["p"], torch.full((2,), 0.25 * 9 / 11 + 0.75))
 
 
-def test_applied_swaps_ema_weights_in_and_restores_training_weights_exactly():
+def test_holding_swaps_ema_weights_in_and_restores_training_weights_exactly():
     params = make_params()
     ema = EMA(params, decay=0.5)
     train_step(params, torch.Generator().manual_seed(2))
     ema.update()
     training = {n: p.detach().clone() for n, p in params.items()}
     with pytest.raises(RuntimeError, match="boom"):
-        with ema.applied():
+        with holding(params, ema.shadow()):
             for n, p in params.items():
                 assert torch.equal(p, ema.shadow()[n]) and not torch.equal(p, training[n])
             raise RuntimeError("boom")

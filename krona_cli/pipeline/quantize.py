@@ -137,11 +137,11 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def memory_estimate(models: list[nn.Module], trainable: int, optimizer: str, ema: bool) -> str:
+def memory_estimate(models: list[nn.Module], trainable: int, state_bytes: int, ema: bool) -> str:
     """What a run holds on its device besides activations: the frozen weights of `models` as stored, and per
-    trainable parameter its fp32 weight and gradient, AdamW's two states (fp32, or 8-bit) and the EMA copy."""
+    trainable parameter its fp32 weight and gradient, the optimizer's `state_bytes` and the EMA copy."""
     weights = sum(weight_bytes(m) for m in models)
-    per_param = 4 + 4 + (2 if optimizer == "adamw8bit" else 8) + (4 if ema else 0)
+    per_param = 4 + 4 + state_bytes + (4 if ema else 0)
     return (
         f"{_size(weights)} frozen weights + {_size(trainable * per_param)} adapter, gradients and optimizer; "
         "activations come on top"

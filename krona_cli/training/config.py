@@ -21,6 +21,8 @@ import typer
 import yaml
 
 from ..errors import KronaError
+from .optimizers import OPTIMIZERS, default_lr
+from .optimizers import check as check_optimizer
 
 # torch-importing modules (kron, models) are imported where needed: the cli imports this module for every command.
 
@@ -109,7 +111,12 @@ class TrainConfig:
     text_encoder_factors: Optional[str] = _opt(None, "Factors of the text-encoder adapters.", unset="--factors")
     # optimisation
     steps: int = _opt(1000, "Optimisation steps.", min=1)
-    lr: Optional[float] = _opt(None, "Learning rate.", unset="5e-4 for kron, 1e-4 for lora", above=0)
+    lr: Optional[float] = _opt(
+        None,
+        "Learning rate (prodigy: a multiplier of its own estimate).",
+        unset="5e-4 for kron, 1e-4 for lora, 1 for prodigy",
+        above=0,
+    )
     lr_scheduler: str = _opt(
         "constant",
         "Learning-rate schedule.",
@@ -118,7 +125,12 @@ class TrainConfig:
     lr_warmup_steps: int = _opt(0, "Warm-up steps of the schedule.", min=0)
     batch_size: int = _opt(1, "Images per step on each process.", min=1)
     grad_accum: int = _opt(1, "Batches accumulated per optimisation step.", min=1)
-    optimizer: str = _opt("adamw", "Optimizer (adamw8bit needs bitsandbytes).", choices=("adamw", "adamw8bit"))
+    optimizer: str = _opt(
+        "adamw",
+        "Optimizer: adamw, adamw8bit (needs bitsandbytes), prodigy (sets its own step size) or adamw-schedulefree "
+        "(no lr schedule; samples and the adapter use its averaged weights).",
+        choices=OPTIMIZERS,
+    )
     weight_decay: float = _opt(1e-4, "AdamW weight decay.", min=0)
     max_grad_norm: float = _opt(1.0, "Gradient-norm clipping threshold; 0 turns clipping off.", min=0)
     snr_gamma: Optional[float] = _opt(None, "Min-SNR loss weighting gamma (5.0 is usual).", unset="off", above=0)
@@ -238,6 +250,7 @@ class TrainConfig:
             _flag_errors(name, parse_factors, getattr(self, name))
         _flag_errors("targets", target_pattern, self.targets)
         check_validation(self.scorer, self.validate_every > 0, self.keep, self.identifier, self.prompt)
+        check_optimizer(self.optimizer, self.lr_scheduler, self.ema, self.effective_lr(), self.text_encoder_lr)
         if self.targets == "text":
             raise KronaError(
                 "--targets text names the text encoders' attention, but --targets chooses the UNet's "
@@ -268,11 +281,8 @@ class TrainConfig:
         return self
 
     def effective_lr(self) -> float:
-        """--lr, or the default of the adapter type: 5e-4 for Kronecker adapters (the DiffuseKronA paper's), 1e-4 for
-        LoRA."""
-        if self.lr is not None:
-            return self.lr
-        return 1e-4 if self.adapter_type == "lora" else 5e-4
+        """--lr, or the default of the optimizer and adapter type (`optimizers.default_lr`)."""
+        return self.lr if self.lr is not None else default_lr(self.optimizer, self.adapter_type)
 
     def effective_resolution(self, arch: str) -> int:
         """--resolution, or the architecture's native size (1024 for SDXL, 512 otherwise)."""

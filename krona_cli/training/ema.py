@@ -58,10 +58,3 @@ class EMA:
             for name, tensor in state.items():
                 self._shadow[name].copy_(tensor)
         self.count = int(count)
-
-    def applied(self):
-        """A context in which the params hold the EMA weights; the training weights come back on exit, even on
-        errors."""
-        from .trainable import holding
-
-        return holding(self.params, self._shadow)

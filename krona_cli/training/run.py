@@ -30,6 +30,8 @@ from .checkpoint import TrainingState, capture_rng, restore_rng, save_checkpoint
 from .config import TrainConfig
 from .data import ImageSet
 from .ema import EMA
+from .optimizers import evaluation_weights
+from .trainable import holding
 
 
 def batch_indices(
@@ -309,16 +311,27 @@ class Run:
 
     # --- what the run shows and keeps -------------------------------------------------------------------------------
 
+    def evaluation_weights(self) -> dict[str, torch.Tensor]:
+        """The weights samples, validation and the saved adapter use, by name: the EMA's when the run keeps one,
+        schedule-free AdamW's averaged ones (`optimizers.evaluation_weights`), else the training weights."""
+        if self.ema is not None:
+            return self.ema.shadow()
+        return evaluation_weights(self.optimizer, self.params) or dict(self.params)
+
+    def evaluated(self):
+        """A context in which the params hold `evaluation_weights()`; the training weights come back on exit."""
+        return holding(self.params, self.evaluation_weights())
+
     def samples(self) -> dict | None:
-        """Write the grid of samples at this step (main process), with the EMA weights when the run keeps an EMA;
-        return its images by (prompt index, seed) (None in the other processes)."""
+        """Write the grid of samples at this step (main process), with the evaluation weights; return its images by
+        (prompt index, seed) (None in the other processes)."""
         if not self.accelerator.is_main_process:
             return None
         from ..inference.sampling import image_metadata, render, write_grid
 
         s = self.sampling
         self.denoiser.eval()
-        weights = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        weights = self.evaluated()
         # a stop request is answered at a sampler step (in one process: in several, after the next training step)
         checks = stopping.deferred(checks=self.world == 1)
         try:
@@ -338,8 +351,8 @@ class Run:
 
     def validate(self, images: dict | None) -> None:
         """A validation at this step (main process; `validation.py`): the validation losses and, with a scorer,
-        the scores of the sample grid just drawn (`images`), with the weights a saved adapter would hold (the EMA's
-        when the run keeps one); the history and validation.json are brought up to date."""
+        the scores of the sample grid just drawn (`images`), with the weights a saved adapter would hold
+        (`evaluation_weights`); the history and validation.json are brought up to date."""
         if not self.accelerator.is_main_process:
             return
         from .validation import CLASS_ITEMS, validation_loss
@@ -365,7 +378,7 @@ class Run:
         # a stop request is answered between its parts (in one process: in several, after the next training step)
         with stopping.deferred(checks=self.world == 1):
             try:
-                with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+                with self.evaluated():
                     point = {
                         "step": self.done,
                         "instance_loss": loss(self.data.instance, "instance", len(self.data.instance)),
@@ -382,7 +395,7 @@ class Run:
             order = [(j, seed) for j in range(len(prompts)) for seed in seeds]
             point |= self.scorer([images[k] for k in order], [prompts[j] for j, _ in order])
             point["grid"] = self.sample_grids[-1].relative_to(self.out).as_posix()
-        self.validation.add(point, lambda: self.ema.shadow() if self.ema is not None else self.params)
+        self.validation.add(point, self.evaluation_weights)
         self.validation.write(self.out, cfg.scorer)
         scalars = {f"validation/{k}": v for k, v in point.items() if isinstance(v, float)}
         self.accelerator.log(scalars, step=self.done)

@@ -11,7 +11,6 @@ Library code: raises KronaError, never prints; progress goes to a `Reporter`.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from ..atomic import write_bytes_atomic
 from ..dtypes import DTYPES, compute_dtype
 from ..errors import KronaError
 from ..outputs import check_writable
-from . import trainable
+from . import optimizers, trainable
 from .buckets import Bucket
 from .config import TrainConfig
 from .run import Data, Encoder, Run, Sampling, check_finite
@@ -466,7 +465,10 @@ def _plan(cfg: TrainConfig, pre: Preflight, base: Base, photos: Photos, adapter,
     from ..pipeline.quantize import memory_estimate
 
     memory = memory_estimate(
-        base.adapted + ([] if cfg.cache_latents else [base.pipe.vae]), adapter.num_params(), cfg.optimizer, cfg.ema
+        base.adapted + ([] if cfg.cache_latents else [base.pipe.vae]),
+        adapter.num_params(),
+        optimizers.STATE_BYTES[cfg.optimizer],
+        cfg.ema,
     )
     return Plan(
         base.arch,
@@ -749,11 +751,7 @@ def _optimizer(cfg: TrainConfig, adapter):
     text = [p for n, p in adapter.params().items() if not n.startswith(denoiser)]
     if text:
         groups.append({"params": text, "lr": cfg.effective_text_encoder_lr()})
-    if cfg.optimizer == "adamw8bit":
-        from ..pipeline.quantize import import_bitsandbytes
-
-        return import_bitsandbytes("--optimizer adamw8bit").optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    return optimizers.build(cfg.optimizer, groups, cfg.weight_decay, cfg.lr_warmup_steps)
 
 
 def _save_final(cfg: TrainConfig, adapter, run: Run, base: Base, reporter: Reporter) -> tuple[Path, Path | None]:
@@ -789,7 +787,7 @@ def _save_final(cfg: TrainConfig, adapter, run: Run, base: Base, reporter: Repor
     if cfg.keep == "best" and best is not None:
         path = best
     else:
-        path = save(out / "adapter.safetensors", run.ema.applied() if run.ema else contextlib.nullcontext(), run.done)
+        path = save(out / "adapter.safetensors", run.evaluated(), run.done)
     if run.validation is not None:  # validation.json is up to date: the run's last validation wrote it
         from .validation import FILE, plot
 
