@@ -88,6 +88,26 @@ def test_subject_fidelity_tells_the_subject_from_its_class():
     assert roc_auc(subject, plain) >= 0.95 and roc_auc(subject, others) >= 0.95
 
 
+def test_subject_closeness_tells_the_subject_from_its_class_and_grades_the_colours_between():
+    rng = np.random.default_rng(7)
+    subject = [read(render(random_scene(rng, [(SUBJECT_COLOUR, SUBJECT_CLASS)]), rng)) for _ in range(100)]
+    plain = [read(render(random_scene(rng, [(c, SUBJECT_CLASS) for c in COLOURS]), rng)) for _ in range(100)]
+    assert roc_auc([r.closeness for r in subject], [r.closeness for r in plain]) >= 0.95
+    assert min(r.closeness for r in subject) > 0.8 and max(r.closeness for r in plain) < 0.5
+
+    def square_of(rgb) -> np.ndarray:  # a flat object of this colour on the blue background
+        image = np.zeros((64, 64, 3), np.uint8) + np.array(COLOURS["blue"], np.uint8)
+        image[20:44, 20:44] = np.round(rgb).astype(np.uint8)
+        return image
+
+    blends = [
+        read(square_of((1 - t) * np.array(SUBJECT_RGB) + t * np.array(COLOURS["red"]))) for t in np.linspace(0, 1, 6)
+    ]
+    near = [r.closeness for r in blends]
+    assert near[0] > 0.99 and all(a > b for a, b in zip(near, near[1:])), near  # graded all the way
+    assert len({r.look for r in blends}) == 2  # where the look score only jumps once, at its threshold
+
+
 def test_prompts_are_parsed_into_what_they_ask():
     assert parse("a photo of a red ring on a blue background").__dict__ == dict(
         background="blue", colour="red", shape="ring", subject=False

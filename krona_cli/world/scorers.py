@@ -5,6 +5,7 @@ templates of the five shapes, in its bounding box) and how much it looks like th
 Then the three scores of a personalised toy model, computed from pictures and the prompts that made them:
 
 * **subject fidelity**: mean subject-look score of the pictures whose prompt names the subject (``sks``);
+  **subject closeness** the same pictures' mean closeness to the subject's colour, a continuous score with no threshold;
 * **prompt fidelity**: how often those pictures have the background their prompt asks for;
 * **class accuracy** and **class look rate**: for the plain class prompt, how often each asked-for attribute is
   drawn, and how often the plain class is drawn with the subject's look (prior drift: compare base and adapted).
@@ -25,6 +26,7 @@ _NAMES = list(COLOURS)
 _OBJECT_DISTANCE = 60.0  # RGB distance from the background beyond which a pixel is the object's
 _MIN_OBJECT = 12  # pixels: fewer, and there is no object
 _LOOK_DISTANCE = 80.0  # RGB distance within which a pixel has the subject's colour (every named one is >= 120 away)
+_FAR = 200.0  # RGB distance from the subject's colour that counts as none of it (closeness 0)
 _TEMPLATE = 16  # templates and masks compared at 16x16, in their bounding boxes
 
 
@@ -55,6 +57,7 @@ class Reading:
     colour: str | None  # None: no object found
     shape: str | None
     look: float  # subject-look score in [0, 1]: the share of the object's pixels in the subject's colour
+    closeness: float  # in [0, 1]: how near the object's pixels are to the subject's colour, without a threshold
 
 
 def read(image) -> Reading:
@@ -79,11 +82,11 @@ def read(image) -> Reading:
     mask[:2], mask[-2:], mask[:, :2], mask[:, -2:] = False, False, False, False
     background = nearest_colour(background_rgb)
     if mask.sum() < _MIN_OBJECT:
-        return Reading(background, None, None, 0.0)
+        return Reading(background, None, None, 0.0, 0.0)
     colour = nearest_colour(np.median(pixels[mask], axis=0))
     crop = _resize(_crop(mask.astype(np.float32)))
     scores = {s: np.minimum(crop, t).sum() / np.maximum(crop, t).sum() for s, t in _templates().items()}
-    return Reading(background, colour, max(scores, key=scores.get), _look(pixels, mask))
+    return Reading(background, colour, max(scores, key=scores.get), _look(pixels, mask), _closeness(pixels, mask))
 
 
 def _look(pixels: np.ndarray, mask: np.ndarray) -> float:
@@ -91,6 +94,15 @@ def _look(pixels: np.ndarray, mask: np.ndarray) -> float:
     of any named colour scores 0."""
     near = np.linalg.norm(pixels[mask] - np.array(SUBJECT_RGB, dtype=np.float32), axis=1) < _LOOK_DISTANCE
     return float(near.mean())
+
+
+def _closeness(pixels: np.ndarray, mask: np.ndarray) -> float:
+    """How near the object is to the subject's colour, as a continuous score: 1 − the mean over its pixels of their
+    RGB distance to the subject's pink, each capped at _FAR, over _FAR. Unlike `_look` it has no threshold, so a
+    nearly-pink object scores nearly 1 and a picture moves it by a little where `_look` jumps: fewer pictures tell
+    two runs apart (the study's lower-noise measure)."""
+    distance = np.linalg.norm(pixels[mask] - np.array(SUBJECT_RGB, dtype=np.float32), axis=1)
+    return float(1.0 - np.minimum(distance, _FAR).mean() / _FAR)
 
 
 @dataclass
@@ -134,6 +146,7 @@ class ToyScores:
     subject_images: int
     class_images: int
     per_image: list[dict] = field(default_factory=list)
+    subject_closeness: float | None = None  # mean closeness over pictures of the subject (`_closeness`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,12 +158,13 @@ def _mean(values: list) -> float | None:
 
 def score(images, prompts, identifier: str = IDENTIFIER) -> ToyScores:
     """The toy scores of pictures (PIL images or arrays) made from ``prompts`` (one per picture)."""
-    subject_look, subject_bg, bg, colour, shape, look, per_image = [], [], [], [], [], [], []
+    subject_look, subject_near, subject_bg, bg, colour, shape, look, per_image = [], [], [], [], [], [], [], []
     for image, prompt in zip(images, prompts):
         got, asked = read(image), parse(prompt or "", identifier)
         row = {"prompt": prompt} | {f"read_{k}": v for k, v in asdict(got).items()}
         if asked.subject:
             subject_look.append(got.look)
+            subject_near.append(got.closeness)
             if asked.background:
                 subject_bg.append(got.background == asked.background)
         else:
@@ -175,4 +189,5 @@ def score(images, prompts, identifier: str = IDENTIFIER) -> ToyScores:
         len(subject_look),
         len(look),
         per_image,
+        _mean(subject_near),
     )
