@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 from ..errors import KronaError
 
+#: How factor A starts (B starts at zero; `KronLinear.reset_parameters`). `invariant`'s std is
+#: sqrt(a_out·a_in) / INVARIANT_REFERENCE: DiffuseKronA's 1/a_out at 4x4.
+INITS = ("normal", "invariant", "kaiming", "xavier")
+INVARIANT_REFERENCE = 16
+
 DEFAULT_FACTORS = "64x4"
 
 _FACTOR_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")

@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import KronaError
-from .factors import Factors, parse_factors
+from .factors import INITS, INVARIANT_REFERENCE, Factors, parse_factors
 from .functional import kron, kron_delta
 
 PATHS = ("auto", "reshape", "merged")
-INITS = ("normal", "kaiming", "xavier")
 
 
 @dataclass(frozen=True)
@@ -234,8 +233,9 @@ class KronLinear(nn.Module):
         return self.base.out_features
 
     def reset_parameters(self, init: str = "normal") -> None:
-        """B = 0 and A drawn by `init`: `normal` N(0, std 1/a_out) as in DiffuseKronA, `kaiming` (uniform) or
-        `xavier`."""
+        """B = 0 and A drawn by `init`: `normal` N(0, std 1/a_out) as in DiffuseKronA; `invariant` N(0, std
+        sqrt(a_out·a_in)/16), whose first steps change the loss by the same amount at one learning rate whatever the
+        factor shapes (docs/fidelity.md derives it; equal to `normal` at 4x4); `kaiming` (uniform) or `xavier`."""
         if init not in INITS:
             raise KronaError(f"unknown adapter init '{init}'; use one of {', '.join(INITS)}")
         if self.kron_a.is_meta:
@@ -243,6 +243,10 @@ class KronLinear(nn.Module):
         with torch.no_grad():
             if init == "normal":
                 nn.init.normal_(self.kron_a, std=1.0 / self.factors.a_out)
+            elif init == "invariant":
+                nn.init.normal_(
+                    self.kron_a, std=math.sqrt(self.factors.a_out * self.factors.a_in) / INVARIANT_REFERENCE
+                )
             elif init == "kaiming":
                 nn.init.kaiming_uniform_(self.kron_a, a=math.sqrt(5))
             else:

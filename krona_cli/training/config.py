@@ -21,6 +21,7 @@ import typer
 import yaml
 
 from ..errors import KronaError
+from ..kron.factors import INITS
 from .optimizers import OPTIMIZERS, default_lr
 from .optimizers import check as check_optimizer
 
@@ -99,6 +100,12 @@ class TrainConfig:
     )
     factors: str = _opt("64x4", "Kronecker factor A's size OxI (output side x input side), fitted per layer.")
     strict_factors: bool = _opt(False, "Stop where the factors do not divide a layer, instead of fitting them to it.")
+    kron_init: str = _opt(
+        "normal",
+        "How factor A starts: normal (DiffuseKronA's, std 1/a_out) or invariant (std sqrt(a_out·a_in)/16: the "
+        "best lr stays put when --factors changes; docs/fidelity.md), kaiming or xavier.",
+        choices=INITS,
+    )
     rank: int = _opt(4, "LoRA rank (with --adapter-type lora).", min=1)
     scale: float = _opt(1.0, "Adapter scale s in W + s·ΔW.")
     targets: str = _opt(

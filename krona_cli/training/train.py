@@ -119,6 +119,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
             cfg.train_text_encoder,
             cfg.text_encoder_factors,
             cfg.strict_factors,
+            cfg.kron_init,
         )
         rows = summary(cfg, _plan(cfg, pre, base, photos, adapter, accelerator))
     result = TrainResult(output_dir=pre.out, summary=rows, main_process=accelerator.is_main_process)

@@ -101,9 +101,11 @@ def trainable_adapter(
     train_text_encoder: bool,
     text_encoder_factors: str | None,
     strict_factors: bool = False,
+    init: str = "normal",
 ) -> TrainableAdapter:
     """Freeze the pipeline's models and attach trainable adapters to the denoiser (and the family's trainable text
-    encoders if asked). `targets` names one of the family's presets or is a regular expression."""
+    encoders if asked). `targets` names one of the family's presets or is a regular expression; `init` is how
+    Kronecker factor A starts (`KronLinear.reset_parameters`)."""
     models = {family.denoiser: getattr(pipe, family.denoiser)}
     text = family.trained_text() if train_text_encoder else ()
     models.update({c: getattr(pipe, c) for c in text if getattr(pipe, c, None) is not None})
@@ -116,7 +118,9 @@ def trainable_adapter(
     presets = {c: TARGET_PRESETS if c in text else family.target_presets for c in models}
     if kind == "kron":
         for component, model in models.items():
-            inject(model, chosen[component], requested[component], scale, strict_factors, presets=presets[component])
+            inject(
+                model, chosen[component], requested[component], scale, strict_factors, init, presets=presets[component]
+            )
         return TrainableAdapter(kind, models, chosen, requested, scale=scale)
     modules = {c: _peft_targets(family, c in text, targets, skip.get(c)) for c in models}
     if kind == "lora":
