@@ -12,6 +12,7 @@ from krona_cli.architectures import CONFIGS_DIR
 from krona_cli.cli import main
 from krona_cli.errors import KronaError
 from krona_cli.evaluation import study
+from krona_cli.evaluation.study_report import write_report
 from krona_cli.training.config import load_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "toy-subject"
@@ -174,7 +175,7 @@ def test_the_tables_of_docs_fidelity_are_the_report_of_its_results(folder, tmp_p
     assert json.loads(json.dumps(study.summarise(results, plan))) == results["summary"]
     cfg = SimpleNamespace(pretrained_model="", instance_dir="", prompt="", class_prompt="", batch_size=2)
     rows = [
-        line for line in study.write_report(tmp_path, results, cfg).read_text().splitlines() if line.startswith("|")
+        line for line in write_report(tmp_path, results, cfg).read_text().splitlines() if line.startswith("|")
     ]
     text = (docs / "fidelity.md").read_text()
     assert len(rows) > 20 and [row for row in rows if row not in text] == []
@@ -187,3 +188,71 @@ def test_the_steps_a_method_needs_are_the_first_within_reach_of_its_best():
     assert study.near_best_step(curve([0.0, 0.2, 0.458, 0.519, 0.436])) == 450  # 0.458 is 88% of 0.519
     assert study.near_best_step(curve([0.0, 0.47, 0.519])) == 150
     assert study.near_best_step([{"step": 0, "subject_fidelity": {"n": 0}}]) is None
+
+
+@pytest.mark.slow
+def test_the_optimizer_and_transfer_dimensions_resume_after_a_kill(toy_sdxl_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "study"
+    preset = (CONFIGS_DIR / "toy.yaml").read_text().replace("num-class-images: 24", "num-class-images: 2")
+    (tmp_path / "small.yaml").write_text(preset)
+    settings = dict(pretrained_model=str(toy_sdxl_dir), instance_dir=str(EXAMPLES), prompt="a photo of sks square")
+    settings |= dict(class_prompt="a photo of a square", output_dir=str(out), steps=2)
+    cfg = load_config(str(tmp_path / "small.yaml"), settings)
+    plan = study.StudyPlan(
+        lrs=(1e-3,),
+        factors=("4x4",),
+        ranks=(4,),
+        seeds=1,
+        steps=2,
+        validate_every=1,
+        per_prompt=1,
+        optimizers=("adamw", "prodigy", "adamw-schedulefree"),
+        multipliers=(1.0,),
+        inits=("normal", "invariant"),
+        transfer=("4x4", "8x4"),
+        transfer_lrs=(1e-3,),
+    )
+    trained = []
+    run = study._run
+    monkeypatch.setattr(study, "_run", lambda *a: trained.append(a[-1].name) or run(*a))
+
+    def stop_in_the_transfer_part(done, total, name):
+        assert total == 7  # krona AdamW, LoRA, Prodigy, schedule-free; LoKr; 8x4 under each init (4x4: the sweep's)
+        if done == 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        study.study(cfg, out, plan, stop_in_the_transfer_part)
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 6
+
+    # the same plan from the command line: the run left, then the report
+    command = ["compare", "--study", "--output-dir", str(out), "--config", str(tmp_path / "small.yaml")]
+    command += ["--pretrained-model", str(toy_sdxl_dir), "--instance-dir", str(EXAMPLES), "--steps", "2"]
+    command += ["--lrs", "1e-3", "--factors", "4x4", "--ranks", "4", "--seeds", "1", "--num-images", "1"]
+    command += ["--optimizers", "adamw,prodigy,adamw-schedulefree", "--multipliers", "1", "--inits", "normal,invariant"]
+    command += ["--transfer", "4x4,8x4", "--transfer-lrs", "1e-3"]
+    assert main(command) == 0
+    assert "the best lr moves" in capsys.readouterr().out
+    assert trained == [
+        "kron-4x4-lr0.001-seed0",
+        "lora-4-lr0.001-seed0",
+        "kron-4x4-lr1-seed0-prodigy",
+        "kron-4x4-lr0.001-seed0-adamw-schedulefree",
+        "lokr-4x4-lr0.001-seed0",
+        "kron-8x4-lr0.001-seed0",
+        "kron-8x4-lr0.001-seed0-invariant",
+    ]
+    results = json.loads((out / "results.json").read_text())
+    runs, summary = results["runs"], results["summary"]
+    assert runs["kron-4x4-lr1-seed0-prodigy"]["optimizer"] == "prodigy"
+    assert all(r["scores"]["subject_closeness"] is not None for r in runs.values())
+    variants = {"kron", "lora", "kron prodigy", "kron adamw-schedulefree"}
+    assert set(summary["robustness"]) == set(summary["robustness_closeness"]) == variants
+    transfer = summary["transfer"]
+    assert set(transfer) == {"normal", "invariant"}
+    # invariant at 4x4 draws A as normal does: the same (lr sweep's) run in both rows
+    assert transfer["invariant"]["factors"]["4x4"]["rows"] == transfer["normal"]["factors"]["4x4"]["rows"]
+    assert all(part["moves"] == 0.0 for part in transfer.values())  # one lr: it cannot move
+    report = (out / "report.md").read_text()
+    assert "## Does the best learning rate hold across factors?" in report and "By subject closeness" in report
+    assert "| invariant | 8x4 | 0.001 |" in report and "| kron prodigy | 1 |" in report

@@ -83,6 +83,29 @@ def eval_cmd(
 
 
 StudyArch = Annotated[str, typer.Option(help="--study: the toy pipeline studied: sdxl, sd15 or flux.")]
+StudyOptimizers = Annotated[
+    Optional[str],
+    typer.Option(
+        help="--study: krona's optimizers in the lr sweep, e.g. adamw,prodigy,adamw-schedulefree.", show_default="adamw"
+    ),
+]
+StudyMultipliers = Annotated[
+    Optional[str],
+    typer.Option(help="--study: Prodigy's lr grid (multipliers of its own step size).", show_default="0.1,0.3,1,3,10"),
+]
+StudyInits = Annotated[
+    Optional[str], typer.Option(help="--study: the --kron-init values of the transfer part.", show_default="normal")
+]
+StudyTransfer = Annotated[
+    Optional[str],
+    typer.Option(
+        help="--study: factor settings of the transfer part (does the best lr hold?), e.g. 4x4,16x4,32x4.",
+        show_default="no transfer part",
+    ),
+]
+StudyTransferLrs = Annotated[
+    Optional[str], typer.Option(help="--study: the transfer part's learning rates, comma-separated.")
+]
 ScoredSteps = Annotated[
     Optional[int], typer.Option(help="Denoising steps of the scored samples.", show_default="the model's: SD 30")
 ]
@@ -123,6 +146,11 @@ def compare_cmd(
     ranks: Annotated[Optional[str], typer.Option(help="--study: LoRA's ranks.", show_default="1,2,4,8,16")] = None,
     seeds: Annotated[int, typer.Option(help="--study: seeds per setting.", min=1)] = 3,
     arch: StudyArch = "sdxl",
+    optimizers: StudyOptimizers = None,
+    multipliers: StudyMultipliers = None,
+    inits: StudyInits = None,
+    transfer: StudyTransfer = None,
+    transfer_lrs: StudyTransferLrs = None,
     config: Annotated[
         Optional[str], typer.Option(help="Training settings shared by both methods: YAML file or preset.")
     ] = None,
@@ -154,19 +182,14 @@ def compare_cmd(
 
     if study:
         inputs = dict(config=config, pretrained=pretrained_model, instance_dir=instance_dir, prompt=prompt)
-        _study(
-            output_dir,
-            lrs,
-            factors,
-            ranks,
-            seeds,
-            num_images or 4,
-            inputs | dict(class_prompt=class_prompt, steps=steps),
-            arch,
-        )
+        grid = dict(lrs=lrs, factors=factors, ranks=ranks, optimizers=optimizers, multipliers=multipliers, inits=inits)
+        grid |= dict(transfer=transfer, transfer_lrs=transfer_lrs)
+        _study(output_dir, grid, seeds, num_images or 4, inputs | dict(class_prompt=class_prompt, steps=steps), arch)
         return
-    if lrs or factors or ranks:
-        raise KronaError("--lrs, --factors and --ranks size the --study; one comparison sweeps with --sweep")
+    if any(v is not None for v in (lrs, factors, ranks, optimizers, multipliers, inits, transfer, transfer_lrs)):
+        raise KronaError(
+            "--lrs, --factors, --ranks and the transfer options size the --study; one comparison sweeps with --sweep"
+        )
     if instance_dir is None or prompt is None:
         raise KronaError("krona compare needs --instance-dir and --prompt (or --study, which brings its own)")
     overrides = dict(instance_dir=instance_dir, prompt=prompt, class_prompt=class_prompt, steps=steps)
@@ -193,15 +216,17 @@ def compare_cmd(
     console.print(f"report -> [bold]{escape(str(summary['report']))}[/]")
 
 
-def _study(out: Path, lrs, factors, ranks, seeds: int, per_prompt: int, inputs: dict, arch: str) -> None:
-    """`krona compare --study`: a progress bar over the runs, and the headline numbers."""
+def _study(out: Path, grid: dict, seeds: int, per_prompt: int, inputs: dict, arch: str) -> None:
+    """`krona compare --study`: a progress bar over the runs, and the headline numbers. `grid`: the comma-separated
+    options that size the study, by StudyPlan field (None: the plan's default)."""
     from ..evaluation import study as toy_study
     from .quiet import no_loading_bars
 
+    kinds = dict(lrs=float, factors=str, ranks=int, optimizers=str, multipliers=float, inits=str, transfer=str)
+    kinds["transfer_lrs"] = float
+    defaults = toy_study.StudyPlan()
     plan = toy_study.StudyPlan(
-        lrs=toy_study.listed(lrs, float, toy_study.LRS),
-        factors=toy_study.listed(factors, str, toy_study.FACTORS),
-        ranks=toy_study.listed(ranks, int, toy_study.RANKS),
+        **{name: toy_study.listed(grid[name], kinds[name], getattr(defaults, name)) for name in kinds},
         seeds=seeds,
         per_prompt=per_prompt,
         arch=arch,
@@ -218,6 +243,9 @@ def _study(out: Path, lrs, factors, ranks, seeds: int, per_prompt: int, inputs: 
                 f"{method}: best lr {r['best_lr']:g}, subject fidelity {r['best']:.3f}, "
                 f"robust over {r['decades']:.2f} decades of lr"
             )
+    for init, part in summary.get("transfer", {}).items():
+        if part["moves"] is not None:
+            console.print(f"kron, --kron-init {init}: the best lr moves {part['moves']:.2f} decades across factors")
     console.print(
         f"{summary['runs']} runs, {summary['hours']:.2f} h; report -> [bold]{escape(str(out / 'report.md'))}[/]"
     )

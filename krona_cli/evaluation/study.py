@@ -11,9 +11,16 @@ subject on five new backgrounds and of five plain class members, `per_prompt` pi
 - **a check of the maths**: peft's LoKr layers at krona's lr-sweep factors (square ones only: peft takes one factor
   for both sides), krona's learning rate: the same parameters, so the scores must agree within noise.
 
+Two further dimensions, off unless asked: `optimizers` besides AdamW (Prodigy over `multipliers` of its own step
+size, schedule-free AdamW over the lr grid) join krona's lr sweep; and the **transfer** part trains krona at each of
+`transfer` factor settings under each of `inits` (`--kron-init`) over `transfer_lrs`: whether the best learning
+rate holds when the factors change. Every run is scored by subject fidelity and by subject closeness (a continuous
+score, `world/scorers.py`); the robust ranges are given by both.
+
 Each finished run is written to `results.json` at once, so a killed study continues where it stopped when run again
 with the same settings. A stop request (Ctrl-C, SIGTERM) is answered within a sampler or training step, with the
-runs kept and the command that continues (`stopping`). `report.md` and the plots come from `results.json` alone.
+runs kept and the command that continues (`stopping`). `report.md` and the plots come from `results.json` alone
+(study_report.py).
 
 Library code: raises KronaError, never prints; progress goes to a callback.
 """
@@ -36,12 +43,14 @@ from ..errors import KronaError
 #: The learning-rate grid (log-spaced, 1e-5 to 1e-2), krona's factor choices (A's output side swept with its input
 #: side at 4, the paper's best input factor; fitted per layer where a toy layer is narrower) and LoRA's ranks.
 LRS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+MULTIPLIERS = (0.1, 0.3, 1.0, 3.0, 10.0)  # Prodigy's --lr: a multiplier of its own estimate, a decade either side of 1
 FACTORS = ("2x4", "4x4", "8x4", "16x4", "32x4", "64x4")
 RANKS = (1, 2, 4, 8, 16)
 PROMPT_FLOOR = 0.8  # a run that draws the subject off the background asked for does not count as learning it
 DRIFT = 0.1  # how far a run may move the plain class's scores from the base model's and still keep the class
 NEAR_BEST = 0.9  # the robust range: learning rates within this fraction of a method's best subject fidelity
 SCORES = ("subject_fidelity", "prompt_fidelity", "class_accuracy", "class_look_rate")
+CLOSENESS = "subject_closeness"  # recorded beside SCORES (runs before it have none)
 
 
 @dataclass(frozen=True)
@@ -59,17 +68,34 @@ class StudyPlan:
     lora_rank: int = 4
     lokr: bool = True
     arch: str = "sdxl"  # the toy pipeline studied (without a --pretrained-model of the user's)
+    optimizers: tuple[str, ...] = ("adamw",)  # krona's lr sweep with each (LoRA: AdamW)
+    multipliers: tuple[float, ...] = MULTIPLIERS  # Prodigy's lr grid
+    inits: tuple[str, ...] = ("normal",)  # the transfer part's --kron-init values
+    transfer: tuple[str, ...] = ()  # the transfer part's factor settings (none: no transfer part)
+    transfer_lrs: tuple[float, ...] = ()
 
     def check(self) -> StudyPlan:
-        from ..kron.factors import parse_factors
+        from ..kron.factors import INITS, parse_factors
         from ..pipeline.toy import ARCHS
+        from ..training.optimizers import OPTIMIZERS
 
         if not self.lrs or not self.factors or not self.ranks:
             raise KronaError("a study needs at least one learning rate, one factor setting and one rank")
         if min(self.lrs) <= 0 or self.seeds < 1 or self.steps < 1 or self.per_prompt < 1 or self.validate_every < 0:
             raise KronaError("learning rates, seeds, steps and pictures per prompt must be positive")
-        for factors in (*self.factors, self.kron_setting):
+        for factors in (*self.factors, self.kron_setting, *self.transfer):
             parse_factors(factors)
+        for name, given, known in (("optimizer", self.optimizers, OPTIMIZERS), ("init", self.inits, INITS)):
+            odd = [g for g in given if g not in known]
+            if odd:
+                raise KronaError(f"unknown {name} '{odd[0]}' in the study's plan; use {', '.join(known)}")
+        if "adamw" not in self.optimizers:
+            raise KronaError("the study's optimizers must include adamw (LoRA's, and what the other parts use)")
+        if (
+            bool(self.transfer) != bool(self.transfer_lrs)
+            or min((*self.transfer_lrs, *self.multipliers), default=1) <= 0
+        ):
+            raise KronaError("the transfer part needs factor settings and positive learning rates, both or neither")
         if self.arch not in ARCHS:
             raise KronaError(f"--arch {self.arch}: the toy world has {', '.join(ARCHS)} pipelines")
         return self
@@ -79,20 +105,49 @@ class StudyPlan:
 class Spec:
     """One training run of the study."""
 
-    part: str  # lr | budget | lokr
+    part: str  # lr | budget | lokr | transfer
     method: str  # kron | lora | lokr
     setting: str  # factors (kron, lokr) or rank (lora)
     lr: float
     seed: int
+    optimizer: str = "adamw"
+    init: str = "normal"  # --kron-init
 
     @property
     def name(self) -> str:
-        return f"{self.method}-{self.setting}-lr{self.lr:g}-seed{self.seed}"
+        extra = "".join(f"-{v}" for v, default in ((self.optimizer, "adamw"), (self.init, "normal")) if v != default)
+        return f"{self.method}-{self.setting}-lr{self.lr:g}-seed{self.seed}{extra}"
+
+
+def variant(run: dict) -> str:
+    """What a run's lr-sweep row is called: its method, and its optimizer where that is not AdamW."""
+    optimizer = run.get("optimizer", "adamw")  # runs before the optimizers were a dimension: AdamW
+    return run["method"] if optimizer == "adamw" else f"{run['method']} {optimizer}"
 
 
 def lr_specs(plan: StudyPlan) -> list[Spec]:
+    """The lr sweep: krona and LoRA with AdamW, and krona with each further optimizer (Prodigy over its
+    multipliers)."""
     settings = {"kron": plan.kron_setting, "lora": str(plan.lora_rank)}
-    return [Spec("lr", m, settings[m], lr, s) for m in settings for lr in plan.lrs for s in range(plan.seeds)]
+    specs = [Spec("lr", m, settings[m], lr, s) for m in settings for lr in plan.lrs for s in range(plan.seeds)]
+    for optimizer in (o for o in plan.optimizers if o != "adamw"):
+        lrs = plan.multipliers if optimizer == "prodigy" else plan.lrs
+        specs += [Spec("lr", "kron", plan.kron_setting, lr, s, optimizer) for lr in lrs for s in range(plan.seeds)]
+    return specs
+
+
+def transfer_specs(plan: StudyPlan) -> list[Spec]:
+    """krona with AdamW at each transfer factor setting, init and learning rate; the lr sweep's runs are not
+    repeated."""
+    specs = [
+        Spec("transfer", "kron", factors, lr, s, init=_init_of(factors, init))
+        for init in plan.inits
+        for factors in plan.transfer
+        for lr in plan.transfer_lrs
+        for s in range(plan.seeds)
+    ]
+    done = {s.name for s in lr_specs(plan)}
+    return [s for s in specs if s.name not in done]
 
 
 def later_specs(plan: StudyPlan, best: dict[str, float]) -> list[Spec]:
@@ -109,6 +164,15 @@ def later_specs(plan: StudyPlan, best: dict[str, float]) -> list[Spec]:
         specs += [Spec("lokr", "lokr", plan.kron_setting, best["kron"], i) for i in seeds]
     done = {s.name for s in lr_specs(plan)}
     return [s for s in specs if s.name not in done]
+
+
+def _init_of(factors: str, init: str) -> str:
+    """The init a transfer run at these factors trains with: `invariant` where it draws A as `normal` does
+    (a_out³·a_in = 16², e.g. 4x4) is `normal`, so those are the same runs, made once."""
+    from ..kron.factors import INVARIANT_REFERENCE, parse_factors
+
+    f = parse_factors(factors)
+    return "normal" if init == "invariant" and f.a_out**3 * f.a_in == INVARIANT_REFERENCE**2 else init
 
 
 def budget_settings(plan: StudyPlan, method: str) -> list[str]:
@@ -205,7 +269,7 @@ def study(
     say = progress or (lambda done, total, name: None)
     out = Path(output_dir).expanduser()
     results = _load(out, plan)
-    total = len(lr_specs(plan)) + later_count(plan)
+    total = len(lr_specs(plan)) + later_count(plan) + len(transfer_specs(plan))
     doing = "the study"  # what a stop request cuts short
 
     def run_all(specs: list[Spec]) -> None:
@@ -237,6 +301,7 @@ def study(
             run_all(lr_specs(plan))
             best = best_lrs(results)
             run_all(later_specs(plan, best))
+            run_all(transfer_specs(plan))
         except (stopping.StopRequest, stopping.Stopped):
             raise stopping.Stopped(
                 f"stopped by {stopping.signal_name()} during {doing}: {len(results['runs'])} of {total} runs are "
@@ -245,6 +310,8 @@ def study(
     say(len(results["runs"]), total, "report")
     results["summary"] = summarise(results, plan)
     _save(out, results)
+    from .study_report import write_report
+
     write_report(out, results, train_config)
     return results
 
@@ -258,7 +325,8 @@ def _load(out: Path, plan: StudyPlan) -> dict:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise KronaError(f"cannot read the study's {path} ({e}); move it away to start the study again") from e
-    if {"arch": "sdxl"} | results.get("plan", {}) != wanted:  # studies before the toy FLUX were of the toy SDXL
+    # a plan written before a field existed has that field's default (the toy SDXL; no optimizer, init or transfer)
+    if json.loads(json.dumps(asdict(StudyPlan()))) | results.get("plan", {}) != wanted:
         raise KronaError(
             f"{out} holds a study with other settings ({path.name}); run it with the same settings to continue "
             "it, or give another --output-dir"
@@ -292,6 +360,8 @@ def _run(train_config, out: Path, plan: StudyPlan, spec: Spec) -> dict:
         "validate_every": plan.validate_every if validating else 0,
         "scorer": "toy" if validating else "none",
         "keep": "last",
+        "optimizer": spec.optimizer,
+        "kron_init": spec.init,
     }
     changes |= {"rank": int(spec.setting)} if spec.method == "lora" else {"factors": spec.setting}
     cfg = dataclasses.replace(train_config, **changes).validate()
@@ -304,7 +374,7 @@ def _run(train_config, out: Path, plan: StudyPlan, spec: Spec) -> dict:
         "parameters": adapter_parameters(str(result.adapter)),
         "train_seconds": round(trained, 1),
         "seconds": round(time.perf_counter() - started, 1),
-        "scores": {k: getattr(scores, k) for k in SCORES},
+        "scores": {k: getattr(scores, k) for k in (*SCORES, CLOSENESS)},
         "validation": [
             {"step": p["step"], "subject_fidelity": p["subject_fidelity"], "prompt_fidelity": p["prompt_fidelity"]}
             for p in result.validation
@@ -326,27 +396,35 @@ def _spread(values: list[float]) -> dict:
 
 
 def _groups(runs: list[dict]) -> list[dict]:
-    """Runs grouped by (method, setting, lr), in the order first seen: each score's spread over their seeds."""
+    """Runs grouped by (variant, setting, lr, init), in the order first seen: each score's spread over their seeds
+    (subject closeness where every run of the group has it)."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run["method"], run["setting"], run["lr"]), []).append(run)
+        groups.setdefault((variant(run), run["setting"], run["lr"], run.get("init", "normal")), []).append(run)
     return [
         {
-            "method": v[0]["method"],
+            "method": variant(v[0]),
             "setting": v[0]["setting"],
             "lr": v[0]["lr"],
             "parameters": v[0]["parameters"],
             "runs": len(v),
             **{s: _spread([r["scores"][s] for r in v]) for s in SCORES},
+            **({CLOSENESS: _spread([r["scores"][CLOSENESS] for r in v])} if _closeness(v) else {}),
         }
         for v in groups.values()
     ]
 
 
+def _closeness(runs: list[dict]) -> bool:
+    return bool(runs) and all(r["scores"].get(CLOSENESS) is not None for r in runs)
+
+
 def lr_table(results: dict) -> dict[str, list[dict]]:
-    """Per method, the lr sweep's rows in lr order: the lr and each score's spread over seeds."""
+    """Per variant (krona, LoRA, krona with each further optimizer), the lr sweep's rows in lr order: the lr and each
+    score's spread over seeds."""
     rows = _groups([r for r in results["runs"].values() if r["part"] == "lr"])
-    return {m: sorted((r for r in rows if r["method"] == m), key=lambda r: r["lr"]) for m in ("kron", "lora")}
+    names = dict.fromkeys(["kron", "lora", *(r["method"] for r in rows)])
+    return {m: sorted((r for r in rows if r["method"] == m), key=lambda r: r["lr"]) for m in names}
 
 
 def best_lrs(results: dict) -> dict[str, float]:
@@ -375,17 +453,17 @@ def keeping_the_class(rows: list[dict], base: dict) -> float | None:
     return max(kept, key=lambda r: r["subject_fidelity"]["mean"])["lr"] if kept else None
 
 
-def robustness(rows: list[dict]) -> dict:
-    """The learning rates around the best one (in grid order, without a gap) whose mean subject fidelity is within
+def robustness(rows: list[dict], score: str = "subject_fidelity") -> dict:
+    """The learning rates around the best one (in grid order, without a gap) whose mean `score` is within
     NEAR_BEST of the best and whose prompt fidelity holds: how many, and how many decades they span."""
     ok = [r["prompt_fidelity"]["mean"] >= PROMPT_FLOOR for r in rows]
     if not any(ok):
         return {"best_lr": None, "best": None, "lrs": [], "decades": 0.0}
-    i = max((j for j in range(len(rows)) if ok[j]), key=lambda j: rows[j]["subject_fidelity"]["mean"])
-    best = rows[i]["subject_fidelity"]["mean"]
+    i = max((j for j in range(len(rows)) if ok[j]), key=lambda j: rows[j][score]["mean"])
+    best = rows[i][score]["mean"]
 
     def near(j: int) -> bool:
-        return ok[j] and rows[j]["subject_fidelity"]["mean"] >= NEAR_BEST * best
+        return ok[j] and rows[j][score]["mean"] >= NEAR_BEST * best
 
     lo, hi = i, i
     while lo > 0 and near(lo - 1):
@@ -396,11 +474,44 @@ def robustness(rows: list[dict]) -> dict:
     return {"best_lr": rows[i]["lr"], "best": best, "lrs": lrs, "decades": math.log10(lrs[-1] / lrs[0])}
 
 
+def transfer_table(results: dict, plan: StudyPlan) -> dict:
+    """Per init, per transfer factor setting: krona's rows (AdamW) over the transfer learning rates and the best lr
+    by subject fidelity and by closeness (prompt fidelity held); and per init how many decades the best lr moves
+    across the factor settings (0: it holds)."""
+    runs = [r for r in results["runs"].values() if r["part"] in ("lr", "transfer") and variant(r) == "kron"]
+    table = {}
+    for init in plan.inits:
+        per = {}
+        for factors in plan.transfer:
+            wanted = _init_of(factors, init)
+            rows = _groups(
+                [
+                    r
+                    for r in runs
+                    if r["setting"] == factors and r.get("init", "normal") == wanted and r["lr"] in plan.transfer_lrs
+                ]
+            )
+            rows.sort(key=lambda r: r["lr"])
+            per[factors] = {
+                "rows": rows,
+                **{
+                    f"best_lr{suffix}": robustness(rows, score)["best_lr"] if all(score in r for r in rows) else None
+                    for suffix, score in (("", "subject_fidelity"), ("_closeness", CLOSENESS))
+                },
+            }
+        table[init] = {"factors": per}
+        for suffix in ("", "_closeness"):
+            bests = [v[f"best_lr{suffix}"] for v in per.values()]
+            known = None not in bests and bool(bests)
+            table[init][f"moves{suffix}"] = math.log10(max(bests) / min(bests)) if known else None
+    return table
+
+
 def steps_curve(results: dict, best: dict[str, float]) -> dict[str, list[dict]]:
     """Per method, at its best learning rate: the validations' subject and prompt fidelity at each step, over seeds."""
     curves = {}
     for method, lr in best.items():
-        runs = [r for r in results["runs"].values() if r["part"] == "lr" and r["method"] == method and r["lr"] == lr]
+        runs = [r for r in results["runs"].values() if r["part"] == "lr" and variant(r) == method and r["lr"] == lr]
         steps = sorted({p["step"] for r in runs for p in r["validation"]})
         curves[method] = [
             {
@@ -461,11 +572,20 @@ def summarise(results: dict, plan: StudyPlan) -> dict:
     best = best_lrs(results)
     table = lr_table(results)
     curves = steps_curve(results, best)
-    at_best = _groups([r for r in results["runs"].values() if r["method"] != "lokr" and r["lr"] == best[r["method"]]])
+    at_best = _groups(
+        [
+            r
+            for r in results["runs"].values()
+            if r["part"] in ("lr", "budget") and variant(r) == r["method"] != "lokr" and r["lr"] == best[r["method"]]
+        ]
+    )
+    closeness = {m: robustness(rows, CLOSENESS) for m, rows in table.items() if all(CLOSENESS in r for r in rows)}
     return {
         "best_lr": best,
         "lr": table,
         "robustness": {m: robustness(rows) for m, rows in table.items()},
+        **({"robustness_closeness": closeness} if closeness else {}),
+        **({"transfer": transfer_table(results, plan)} if plan.transfer else {}),
         "base": results.get("base"),
         "keeping_the_class": {m: keeping_the_class(rows, results["base"]) for m, rows in table.items()}
         if results.get("base")
@@ -486,183 +606,3 @@ def summarise(results: dict, plan: StudyPlan) -> dict:
         "train_seconds_per_run": statistics.fmean(r["train_seconds"] for r in results["runs"].values()),
         "fewer_parameters": _fewer_parameters(results, plan),
     }
-
-
-# --- the report -------------------------------------------------------------------------------------------------------
-
-
-def _cell(spread: dict) -> str:
-    return f"{spread['mean']:.3f} ± {spread['sd']:.3f}"
-
-
-def write_report(out: Path, results: dict, cfg) -> Path:
-    """report.md and its three plots (lr.png, pareto.png, steps.png) from results.json's summary."""
-    s, plan = results["summary"], results["plan"]
-    plots = _plots(out, s)
-    lines = [
-        "# krona compare --study: krona against LoRA on the toy world",
-        "",
-        f"Base `{cfg.pretrained_model}`, photos `{cfg.instance_dir}` (`{cfg.prompt}`), prior preservation "
-        f"(`{cfg.class_prompt}`), {plan['steps']} steps, batch {cfg.batch_size}, seeds 0–{plan['seeds'] - 1}; "
-        f"each run scored on {plan['per_prompt']} pictures per evaluation prompt. {s['runs']} runs, "
-        f"{s['hours']:.2f} h of training and scoring ({s['seconds_per_run']:.0f} s per run, "
-        f"{s['train_seconds_per_run']:.0f} s of it training). krona {plan['kron_setting']} trains "
-        f"{s['fewer_parameters']:.0%} fewer parameters than LoRA rank {plan['lora_rank']}. Scores are the mean ± "
-        "standard deviation over seeds.",
-        "",
-        "## Learning-rate sensitivity",
-        "",
-        f"krona {plan['kron_setting']} and LoRA rank {plan['lora_rank']}.",
-        "",
-        "| method | lr | subject fidelity | prompt fidelity | class accuracy | class look rate |",
-        "|---|---|---|---|---|---|",
-    ]
-    for method, rows in s["lr"].items():
-        lines += [f"| {method} | {r['lr']:g} | " + " | ".join(_cell(r[k]) for k in SCORES) + " |" for r in rows]
-    lines += [
-        "",
-        f"Robust range: the learning rates next to the best whose subject fidelity is within {NEAR_BEST:.0%} of the "
-        f"best with prompt fidelity ≥ {PROMPT_FLOOR:.0%}.",
-        "",
-        "| method | best lr | best subject fidelity | robust range | decades |",
-        "|---|---|---|---|---|",
-    ]
-    for method, r in s["robustness"].items():
-        if r["best_lr"] is None:
-            lines.append(f"| {method} | none with prompt fidelity ≥ {PROMPT_FLOOR:.0%} | | | 0 |")
-            continue
-        span = f"{r['lrs'][0]:g} – {r['lrs'][-1]:g}" if len(r["lrs"]) > 1 else f"{r['lrs'][0]:g} alone"
-        lines.append(f"| {method} | {r['best_lr']:g} | {r['best']:.3f} | {span} | {r['decades']:.2f} |")
-    if s.get("keeping_the_class"):
-        base = s["base"]
-        lines += [
-            "",
-            f"The base model: subject fidelity {base['subject_fidelity']:.3f}, prompt fidelity "
-            f"{base['prompt_fidelity']:.3f}, class accuracy {base['class_accuracy']:.3f}, class look rate "
-            f"{base['class_look_rate']:.3f}. The best lr that keeps the plain class within {DRIFT:g} of it "
-            "(accuracy and look rate): "
-            + ", ".join(f"{m} {'none' if lr is None else f'{lr:g}'}" for m, lr in s["keeping_the_class"].items())
-            + ".",
-        ]
-    lines += ["", f"![scores against lr]({plots['lr']})", "", "## Equal budgets", ""]
-    lines += [
-        f"Each method at its best learning rate (krona {s['best_lr']['kron']:g}, LoRA {s['best_lr']['lora']:g}).",
-        "",
-        "| method | setting | parameters | subject fidelity | prompt fidelity | class accuracy | class look rate |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for method, rows in s["budget"].items():
-        lines += [
-            f"| {method} | {r['setting']} | {r['parameters']:,} | " + " | ".join(_cell(r[k]) for k in SCORES) + " |"
-            for r in rows
-        ]
-    lines += ["", f"![subject fidelity against parameters]({plots['pareto']})", "", "## Steps", ""]
-    lines += [
-        "The validations of the lr sweep's runs at each method's best learning rate (ten pictures each).",
-        "",
-        "| method | step | subject fidelity | prompt fidelity |",
-        "|---|---|---|---|",
-    ]
-    for method, rows in s["steps"].items():
-        lines += [
-            f"| {method} | {r['step']} | {_cell(r['subject_fidelity'])} | {_cell(r['prompt_fidelity'])} |"
-            for r in rows
-            if r["subject_fidelity"]["n"]
-        ]
-    lines += [
-        "",
-        f"The first step within {NEAR_BEST:.0%} of the curve's best: "
-        + ", ".join(f"{m} {step}" for m, step in s["near_best_step"].items())
-        + ".",
-        "",
-        f"![subject fidelity against steps]({plots['steps']})",
-        "",
-    ]
-    check = s["lokr"]
-    if check:
-        if check["noise"] is None:
-            verdict = "not measured against noise (one seed)"
-        else:
-            side = "within" if check["within_noise"] else "**outside**"
-            verdict = f"{side} the noise (± {check['noise']:.3f}, twice its standard error)"
-        lines += [
-            "## peft's LoKr at krona's factors",
-            "",
-            f"Factors {check['factors']}, lr {check['lr']:g}; parameters krona {check['parameters']['kron']:,}, "
-            f"LoKr {check['parameters']['lokr']:,}. Subject fidelity krona {_cell(check['kron'])}, LoKr "
-            f"{_cell(check['lokr'])}: difference {check['difference']:+.3f}, {verdict}.",
-            "",
-        ]
-    return write_bytes_atomic(out / "report.md", "\n".join(lines).encode())
-
-
-def _plots(out: Path, s: dict) -> dict[str, str]:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def save(figure, name: str) -> str:
-        buffer = io.BytesIO()
-        figure.tight_layout()
-        figure.savefig(buffer, format="png", dpi=100)
-        plt.close(figure)
-        write_bytes_atomic(out / name, buffer.getvalue())
-        return name
-
-    def band(axis, xs, spreads, label):
-        means = [p["mean"] for p in spreads]
-        axis.plot(xs, means, marker="o", label=label)
-        axis.fill_between(xs, [p["min"] for p in spreads], [p["max"] for p in spreads], alpha=0.2)
-
-    names = {}
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for axis, key, title in zip(axes, ("subject_fidelity", "prompt_fidelity"), ("subject fidelity", "prompt fidelity")):
-        for method, rows in s["lr"].items():
-            band(axis, [r["lr"] for r in rows], [r[key] for r in rows], method)
-        axis.set_xscale("log")
-        axis.set_xlabel("learning rate")
-        axis.set_title(title + " (band: min–max over seeds)")
-        axis.legend()
-    names["lr"] = save(figure, "lr.png")
-
-    figure, axis = plt.subplots(figsize=(5.5, 3.8))
-    for method, rows in s["budget"].items():
-        xs = [r["parameters"] for r in rows]
-        axis.errorbar(
-            xs,
-            [r["subject_fidelity"]["mean"] for r in rows],
-            yerr=[r["subject_fidelity"]["sd"] for r in rows],
-            marker="o",
-            capsize=3,
-            label=method,
-        )
-        for x, r in zip(xs, rows):
-            axis.annotate(r["setting"], (x, r["subject_fidelity"]["mean"]), fontsize=7)
-    if s["lokr"]:
-        axis.errorbar(
-            [s["lokr"]["parameters"]["lokr"]],
-            [s["lokr"]["lokr"]["mean"]],
-            yerr=[s["lokr"]["lokr"]["sd"]],
-            marker="s",
-            capsize=3,
-            linestyle="none",
-            label="peft LoKr",
-        )
-    axis.set_xscale("log")
-    axis.set_xlabel("trainable parameters")
-    axis.set_ylabel("subject fidelity")
-    axis.legend()
-    names["pareto"] = save(figure, "pareto.png")
-
-    figure, axis = plt.subplots(figsize=(5.5, 3.8))
-    for method, rows in s["steps"].items():
-        rows = [r for r in rows if r["subject_fidelity"]["n"]]
-        band(axis, [r["step"] for r in rows], [r["subject_fidelity"] for r in rows], method)
-    axis.set_xlabel("step")
-    axis.set_ylabel("subject fidelity (validation)")
-    axis.legend()
-    names["steps"] = save(figure, "steps.png")
-    return names
