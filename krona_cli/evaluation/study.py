@@ -295,7 +295,7 @@ def study(
                 doing = "the base model's scores"
                 with stop_checks(prepare_pipeline([], train_config.pretrained_model)[0]) as pipe:
                     base = pipeline_scores(pipe, plan.per_prompt)
-                results["base"] = {k: getattr(base, k) for k in SCORES}
+                results["base"] = {k: getattr(base, k) for k in (*SCORES, CLOSENESS)}
                 _save(out, results)
                 doing = "the study"
             run_all(lr_specs(plan))
