@@ -175,9 +175,7 @@ def test_the_tables_of_docs_fidelity_are_the_report_of_its_results(folder, tmp_p
     plan = study.StudyPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["plan"].items()})
     assert json.loads(json.dumps(study.summarise(results, plan))) == results["summary"]
     cfg = SimpleNamespace(pretrained_model="", instance_dir="", prompt="", class_prompt="", batch_size=2)
-    rows = [
-        line for line in write_report(tmp_path, results, cfg).read_text().splitlines() if line.startswith("|")
-    ]
+    rows = [line for line in write_report(tmp_path, results, cfg).read_text().splitlines() if line.startswith("|")]
     text = (docs / "fidelity.md").read_text()
     assert len(rows) > 20 and [row for row in rows if row not in text] == []
 
