@@ -298,6 +298,8 @@ def _valid_value(name: str):
         strategy = st.just("none")
     elif name == "keep":  # best also needs --scorer (test_validation.py)
         strategy = st.sampled_from(["both", "last"])
+    elif name == "optimizer":  # prodigy and adamw-schedulefree refuse some other settings (test_optimizers.py)
+        strategy = st.sampled_from(["adamw", "adamw8bit"])
     elif "choices" in rules:
         strategy = st.sampled_from(rules["choices"])
     elif kind is bool:
