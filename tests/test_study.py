@@ -119,6 +119,19 @@ def test_a_presets_lr_is_the_best_that_keeps_the_class():
     assert study.keeping_the_class(rows, base | {"class_look_rate": -0.5}) is None
 
 
+def test_a_learning_rate_free_default_must_reach_95_percent_of_the_best_tuned_and_keep_the_class():
+    base = {"class_accuracy": 0.95, "class_look_rate": 0.0}
+    tuned = _rows([0.0, 0.1, 0.2, 0.3, 0.5, 0.4, 0.1], classes=[1, 1, 1, 0.9, 0.8, 0.5, 0.5])  # kept up to 3e-4
+    prodigy = [r | {"lr": lr} for r, lr in zip(_rows([0.2, 0.29, 0.1]), (0.3, 1.0, 3.0))]
+    free = study.learning_rate_free({"kron": tuned, "kron prodigy": prodigy}, base)
+    assert free["tuned_lr"] == 3e-4 and free["share"] == pytest.approx(0.29 / 0.3) and free["meets"]
+    prodigy[1]["subject_fidelity"]["mean"] = 0.28  # 93%
+    assert not study.learning_rate_free({"kron": tuned, "kron prodigy": prodigy}, base)["meets"]
+    prodigy[1] |= {"subject_fidelity": {"mean": 0.6}, "class_accuracy": {"mean": 0.8}}  # more, but the class drifts
+    assert not study.learning_rate_free({"kron": tuned, "kron prodigy": prodigy}, base)["meets"]
+    assert study.learning_rate_free({"kron": tuned}, base) is None
+
+
 def test_the_robust_range_is_the_unbroken_run_of_near_best_learning_rates():
     # lrs 1e-5 ... 1e-2; best at 3e-4 (0.5); 1e-4 and 1e-3 within 90%; 1e-2 is too but not next to them
     wide = study.robustness(_rows([0.0, 0.1, 0.46, 0.5, 0.47, 0.2, 0.49]))
@@ -255,3 +268,4 @@ def test_the_optimizer_and_transfer_dimensions_resume_after_a_kill(toy_sdxl_dir,
     report = (out / "report.md").read_text()
     assert "## Does the best learning rate hold across factors?" in report and "By subject closeness" in report
     assert "| invariant | 8x4 | 0.001 |" in report and "| kron prodigy | 1 |" in report
+    assert "Prodigy at its default (lr 1)" in report

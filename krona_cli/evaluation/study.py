@@ -49,6 +49,7 @@ RANKS = (1, 2, 4, 8, 16)
 PROMPT_FLOOR = 0.8  # a run that draws the subject off the background asked for does not count as learning it
 DRIFT = 0.1  # how far a run may move the plain class's scores from the base model's and still keep the class
 NEAR_BEST = 0.9  # the robust range: learning rates within this fraction of a method's best subject fidelity
+LR_FREE = 0.95  # a learning-rate-free default must reach this share of the best tuned subject fidelity
 SCORES = ("subject_fidelity", "prompt_fidelity", "class_accuracy", "class_look_rate")
 CLOSENESS = "subject_closeness"  # recorded beside SCORES (runs before it have none)
 
@@ -440,16 +441,40 @@ def best_lrs(results: dict) -> dict[str, float]:
     return best
 
 
+def _keeps(row: dict, base: dict) -> bool:
+    """Whether a row's plain class stays within DRIFT of the base model's (class accuracy and look rate)."""
+    return (
+        row["class_accuracy"]["mean"] >= base["class_accuracy"] - DRIFT
+        and row["class_look_rate"]["mean"] <= base["class_look_rate"] + DRIFT
+    )
+
+
+def learning_rate_free(table: dict[str, list[dict]], base: dict) -> dict | None:
+    """Prodigy at its default multiplier (1) against krona's best tuned AdamW run (the highest mean subject fidelity
+    with prompt fidelity held and the class kept): its share of that subject fidelity, whether it keeps the class,
+    and whether it `meets` the bar for a default (LR_FREE of the tuned, class kept); None without both."""
+    default = next((r for r in table.get("kron prodigy", []) if r["lr"] == 1.0), None)
+    tuned = [r for r in table.get("kron", []) if r["prompt_fidelity"]["mean"] >= PROMPT_FLOOR and _keeps(r, base)]
+    if default is None or not tuned:
+        return None
+    best = max(tuned, key=lambda r: r["subject_fidelity"]["mean"])
+    tuned_best = best["subject_fidelity"]["mean"]
+    share = default["subject_fidelity"]["mean"] / tuned_best if tuned_best > 0 else None  # None: nothing learned
+    keeps = _keeps(default, base) and default["prompt_fidelity"]["mean"] >= PROMPT_FLOOR
+    return {
+        "subject_fidelity": default["subject_fidelity"]["mean"],
+        "tuned_lr": best["lr"],
+        "tuned": best["subject_fidelity"]["mean"],
+        "share": share,
+        "keeps_the_class": keeps,
+        "meets": share is not None and share >= LR_FREE and keeps,
+    }
+
+
 def keeping_the_class(rows: list[dict], base: dict) -> float | None:
     """The learning rate of the highest mean subject fidelity among those whose prompt fidelity holds and whose
     plain class stays within DRIFT of the base model's (class accuracy and look rate): a preset's choice."""
-    kept = [
-        r
-        for r in rows
-        if r["prompt_fidelity"]["mean"] >= PROMPT_FLOOR
-        and r["class_accuracy"]["mean"] >= base["class_accuracy"] - DRIFT
-        and r["class_look_rate"]["mean"] <= base["class_look_rate"] + DRIFT
-    ]
+    kept = [r for r in rows if r["prompt_fidelity"]["mean"] >= PROMPT_FLOOR and _keeps(r, base)]
     return max(kept, key=lambda r: r["subject_fidelity"]["mean"])["lr"] if kept else None
 
 
@@ -586,6 +611,7 @@ def summarise(results: dict, plan: StudyPlan) -> dict:
         "robustness": {m: robustness(rows) for m, rows in table.items()},
         **({"robustness_closeness": closeness} if closeness else {}),
         **({"transfer": transfer_table(results, plan)} if plan.transfer else {}),
+        **({"learning_rate_free": learning_rate_free(table, results["base"])} if "prodigy" in plan.optimizers else {}),
         "base": results.get("base"),
         "keeping_the_class": {m: keeping_the_class(rows, results["base"]) for m, rows in table.items()}
         if results.get("base")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..atomic import write_bytes_atomic
-from .study import CLOSENESS, DRIFT, NEAR_BEST, PROMPT_FLOOR, SCORES
+from .study import CLOSENESS, DRIFT, LR_FREE, NEAR_BEST, PROMPT_FLOOR, SCORES
 
 
 def _cell(spread: dict) -> str:
@@ -118,6 +118,17 @@ def _lr_lines(s: dict) -> list[str]:
             "By subject closeness instead:",
             "",
             *_robust_rows(s["robustness_closeness"], "subject closeness"),
+        ]
+    free = s.get("learning_rate_free")
+    if free:
+        verdict = "meets" if free["meets"] else "does not meet"
+        share = "none" if free["share"] is None else f"{free['share']:.0%}"
+        lines += [
+            "",
+            f"Prodigy at its default (lr 1): subject fidelity {free['subject_fidelity']:.3f}, {share} of "
+            f"krona's best tuned AdamW run ({free['tuned']:.3f} at lr {free['tuned_lr']:g}); the plain class "
+            f"{'kept' if free['keeps_the_class'] else 'not kept'} within {DRIFT:g}: it {verdict} the bar for a "
+            f"learning-rate-free default ({LR_FREE:.0%}, class kept).",
         ]
     return lines
 
