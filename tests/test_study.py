@@ -141,6 +141,9 @@ def test_the_robust_range_is_the_unbroken_run_of_near_best_learning_rates():
     strict = study.robustness(_rows([0.0, 0.1, 0.46, 0.9, 0.47, 0.2, 0.1], [1, 1, 1, 0.6, 1, 1, 1]))
     assert strict["best_lr"] == 1e-3 and strict["lrs"] == [1e-3] and strict["decades"] == 0
     assert study.robustness(_rows([0.5] * 7, [0.5] * 7))["best_lr"] is None
+    # above a floor (the base model's score): 0.45 is within 90% of 0.5 but not of its 0.4 gain over 0.1
+    assert study.robustness(_rows([0.1, 0.1, 0.45, 0.5, 0.47, 0.2, 0.49]))["lrs"] == [1e-4, 3e-4, 1e-3]
+    assert study.robustness(_rows([0.1, 0.1, 0.45, 0.5, 0.47, 0.2, 0.49]), floor=0.1)["lrs"] == [3e-4, 1e-3]
 
 
 def test_bad_study_options_are_one_line_and_write_nothing(tmp_path, capsys):

@@ -288,7 +288,8 @@ def study(
 
     with stopping.deferred():
         try:
-            if "base" not in results:  # the base model's own scores: what the class drifts from
+            # the base model's own scores: what the class drifts from (again where a study began before closeness)
+            if CLOSENESS not in results.get("base", {}):
                 from ..inference.sampling import prepare_pipeline, stop_checks
                 from .toy import pipeline_scores
 
@@ -478,9 +479,10 @@ def keeping_the_class(rows: list[dict], base: dict) -> float | None:
     return max(kept, key=lambda r: r["subject_fidelity"]["mean"])["lr"] if kept else None
 
 
-def robustness(rows: list[dict], score: str = "subject_fidelity") -> dict:
+def robustness(rows: list[dict], score: str = "subject_fidelity", floor: float = 0.0) -> dict:
     """The learning rates around the best one (in grid order, without a gap) whose mean `score` is within
-    NEAR_BEST of the best and whose prompt fidelity holds: how many, and how many decades they span."""
+    NEAR_BEST of the best and whose prompt fidelity holds: how many, and how many decades they span. Within reach is
+    measured above `floor`, the base model's score (subject closeness starts at about 0.1, subject fidelity at 0)."""
     ok = [r["prompt_fidelity"]["mean"] >= PROMPT_FLOOR for r in rows]
     if not any(ok):
         return {"best_lr": None, "best": None, "lrs": [], "decades": 0.0}
@@ -488,7 +490,7 @@ def robustness(rows: list[dict], score: str = "subject_fidelity") -> dict:
     best = rows[i][score]["mean"]
 
     def near(j: int) -> bool:
-        return ok[j] and rows[j][score]["mean"] >= NEAR_BEST * best
+        return ok[j] and rows[j][score]["mean"] - floor >= NEAR_BEST * (best - floor)
 
     lo, hi = i, i
     while lo > 0 and near(lo - 1):
@@ -604,7 +606,12 @@ def summarise(results: dict, plan: StudyPlan) -> dict:
             if r["part"] in ("lr", "budget") and variant(r) == r["method"] != "lokr" and r["lr"] == best[r["method"]]
         ]
     )
-    closeness = {m: robustness(rows, CLOSENESS) for m, rows in table.items() if all(CLOSENESS in r for r in rows)}
+    floor = (results.get("base") or {}).get(CLOSENESS)  # None: a base scored before closeness
+    closeness = {
+        m: robustness(rows, CLOSENESS, floor)
+        for m, rows in table.items()
+        if floor is not None and all(CLOSENESS in r for r in rows)
+    }
     return {
         "best_lr": best,
         "lr": table,

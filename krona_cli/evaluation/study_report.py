@@ -115,7 +115,8 @@ def _lr_lines(s: dict) -> list[str]:
     if "robustness_closeness" in s:
         lines += [
             "",
-            "By subject closeness instead:",
+            f"By subject closeness instead (within {NEAR_BEST:.0%} of the best's gain over the base model's "
+            f"{s['base'][CLOSENESS]:.3f}):",
             "",
             *_robust_rows(s["robustness_closeness"], "subject closeness"),
         ]
