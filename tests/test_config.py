@@ -230,6 +230,14 @@ def test_validation_errors_name_the_flag(field, value, message):
         cfg.validate()
 
 
+@pytest.mark.parametrize("adapter", ["lora", "lokr"])
+def test_kron_init_is_refused_where_no_kronecker_factor_is_drawn(adapter):
+    cfg = dataclasses.replace(TrainConfig(**DATA), adapter_type=adapter, kron_init="invariant")
+    with pytest.raises(KronaError, match=re.escape(f"--adapter-type {adapter} has none: leave --kron-init out")):
+        cfg.validate()
+    dataclasses.replace(cfg, kron_init="normal").validate()  # the default, given or not
+
+
 def test_require_data_false_skips_the_data_check():
     assert TrainConfig().validate(require_data=False).instance_dir is None
     with pytest.raises(KronaError, match="--instance-dir"):

@@ -300,6 +300,8 @@ def _valid_value(name: str):
         strategy = st.sampled_from(["both", "last"])
     elif name == "optimizer":  # prodigy and adamw-schedulefree refuse some other settings (test_optimizers.py)
         strategy = st.sampled_from(["adamw", "adamw8bit"])
+    elif name == "kron_init":  # the others need --adapter-type kron (test_config.py)
+        strategy = st.just("normal")
     elif "choices" in rules:
         strategy = st.sampled_from(rules["choices"])
     elif kind is bool:

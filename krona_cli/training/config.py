@@ -258,6 +258,11 @@ class TrainConfig:
         _flag_errors("targets", target_pattern, self.targets)
         check_validation(self.scorer, self.validate_every > 0, self.keep, self.identifier, self.prompt)
         check_optimizer(self.optimizer, self.lr_scheduler, self.ema, self.effective_lr(), self.text_encoder_lr)
+        if self.kron_init != "normal" and self.adapter_type != "kron":
+            raise KronaError(
+                f"--kron-init says how krona's factor A starts; --adapter-type {self.adapter_type} has none: "
+                "leave --kron-init out"
+            )
         if self.targets == "text":
             raise KronaError(
                 "--targets text names the text encoders' attention, but --targets chooses the UNet's "
