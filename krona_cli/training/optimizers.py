@@ -86,9 +86,10 @@ def evaluation_weights(optimizer, params: Mapping[str, torch.nn.Parameter]) -> d
     them: x = y + (1 − 1/β₁)(z − y), so the training weights are never touched); None for the other optimizers,
     whose training weights are their evaluation weights. Weights it has not stepped yet are their own."""
     import torch
+    from schedulefree import AdamWScheduleFree
 
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-    if type(inner).__name__ != "AdamWScheduleFree":
+    if not isinstance(inner, AdamWScheduleFree):
         return None
     names = {id(p): name for name, p in params.items()}
     weights = {name: p.detach() for name, p in params.items()}

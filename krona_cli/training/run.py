@@ -311,16 +311,21 @@ class Run:
 
     # --- what the run shows and keeps -------------------------------------------------------------------------------
 
+    def _averaged(self) -> dict[str, torch.Tensor] | None:
+        """The averaged weights the run is judged by, by name: the EMA's when the run keeps one, schedule-free
+        AdamW's (`optimizers.evaluation_weights`); None when they are the training weights."""
+        return self.ema.shadow() if self.ema is not None else evaluation_weights(self.optimizer, self.params)
+
     def evaluation_weights(self) -> dict[str, torch.Tensor]:
-        """The weights samples, validation and the saved adapter use, by name: the EMA's when the run keeps one,
-        schedule-free AdamW's averaged ones (`optimizers.evaluation_weights`), else the training weights."""
-        if self.ema is not None:
-            return self.ema.shadow()
-        return evaluation_weights(self.optimizer, self.params) or dict(self.params)
+        """The weights samples, validation and the saved adapter use, by name (`_averaged`, else the training
+        weights)."""
+        return self._averaged() or dict(self.params)
 
     def evaluated(self):
-        """A context in which the params hold `evaluation_weights()`; the training weights come back on exit."""
-        return holding(self.params, self.evaluation_weights())
+        """A context in which the params hold `evaluation_weights()`; the training weights come back on exit (and
+        nothing is copied where they are the training weights)."""
+        averaged = self._averaged()
+        return contextlib.nullcontext() if averaged is None else holding(self.params, averaged)
 
     def samples(self) -> dict | None:
         """Write the grid of samples at this step (main process), with the evaluation weights; return its images by

@@ -86,22 +86,21 @@ def read(image) -> Reading:
     colour = nearest_colour(np.median(pixels[mask], axis=0))
     crop = _resize(_crop(mask.astype(np.float32)))
     scores = {s: np.minimum(crop, t).sum() / np.maximum(crop, t).sum() for s, t in _templates().items()}
-    return Reading(background, colour, max(scores, key=scores.get), _look(pixels, mask), _closeness(pixels, mask))
+    distance = np.linalg.norm(pixels[mask] - np.array(SUBJECT_RGB, dtype=np.float32), axis=1)  # to the subject's
+    return Reading(background, colour, max(scores, key=scores.get), _look(distance), _closeness(distance))
 
 
-def _look(pixels: np.ndarray, mask: np.ndarray) -> float:
-    """How much the object has the subject's look: the share of its pixels near the subject's colour. A plain object
-    of any named colour scores 0."""
-    near = np.linalg.norm(pixels[mask] - np.array(SUBJECT_RGB, dtype=np.float32), axis=1) < _LOOK_DISTANCE
-    return float(near.mean())
+def _look(distance: np.ndarray) -> float:
+    """How much the object has the subject's look: the share of its pixels near the subject's colour (`distance`:
+    each pixel's RGB distance to it). A plain object of any named colour scores 0."""
+    return float((distance < _LOOK_DISTANCE).mean())
 
 
-def _closeness(pixels: np.ndarray, mask: np.ndarray) -> float:
+def _closeness(distance: np.ndarray) -> float:
     """How near the object is to the subject's colour, as a continuous score: 1 − the mean over its pixels of their
     RGB distance to the subject's pink, each capped at _FAR, over _FAR. Unlike `_look` it has no threshold, so a
     nearly-pink object scores nearly 1 and a picture moves it by a little where `_look` jumps: fewer pictures tell
     two runs apart (the study's lower-noise measure)."""
-    distance = np.linalg.norm(pixels[mask] - np.array(SUBJECT_RGB, dtype=np.float32), axis=1)
     return float(1.0 - np.minimum(distance, _FAR).mean() / _FAR)
 
 
