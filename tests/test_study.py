@@ -260,6 +260,7 @@ def test_the_optimizer_and_transfer_dimensions_resume_after_a_kill(toy_sdxl_dir,
     results = json.loads((out / "results.json").read_text())
     runs, summary = results["runs"], results["summary"]
     assert runs["kron-4x4-lr1-seed0-prodigy"]["optimizer"] == "prodigy"
+    assert summary["lokr"]["kron"]["n"] == 1  # AdamW's run alone, not schedule-free's at the same setting and lr
     assert all(r["scores"]["subject_closeness"] is not None for r in runs.values())
     variants = {"kron", "lora", "kron prodigy", "kron adamw-schedulefree"}
     assert set(summary["robustness"]) == set(summary["robustness_closeness"]) == variants

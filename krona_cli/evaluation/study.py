@@ -566,8 +566,8 @@ def near_best_step(curve: list[dict]) -> int | None:
 def lokr_check(results: dict, plan: StudyPlan, best: dict[str, float]) -> dict | None:
     """krona against peft's LoKr at the same factors and learning rate: the difference of mean subject fidelity and
     the noise it is measured against (twice the standard error of the difference over seeds)."""
-    pick = {
-        m: [r for r in results["runs"].values() if r["method"] == m and r["setting"] == plan.kron_setting]
+    pick = {  # AdamW's krona runs only: the other optimizers' runs share krona's setting and lr grid
+        m: [r for r in results["runs"].values() if variant(r) == m and r["setting"] == plan.kron_setting]
         for m in ("kron", "lokr")
     }
     pick["kron"] = [r for r in pick["kron"] if r["lr"] == best["kron"]]
