@@ -373,3 +373,12 @@ def test_the_weighting_scheme_choices_are_the_flow_matching_objectives():
     from krona_cli.training.config import WEIGHTING_SCHEMES
 
     assert WEIGHTING_SCHEMES == WEIGHTINGS
+
+
+def test_the_model_card_names_an_init_other_than_the_papers(tmp_path):
+    from krona_cli.training.card import write_model_card
+
+    for init, shown in (("invariant", True), ("normal", False)):
+        cfg = dataclasses.replace(TrainConfig(**DATA), kron_init=init)
+        card = write_model_card(tmp_path, cfg, "sdxl", 10, 1000, None).read_text()
+        assert ("`--kron-init invariant`" in card) is shown

@@ -76,7 +76,9 @@ def write_model_card(
         (
             "adapter",
             f"{_KINDS[cfg.adapter_type]}, {shape}, scale {cfg.scale:g}, "
-            f"targets `{cfg.targets}`" + (", text encoders too" if cfg.train_text_encoder else ""),
+            f"targets `{cfg.targets}`"
+            + (", text encoders too" if cfg.train_text_encoder else "")
+            + (f", A drawn by `--kron-init {cfg.kron_init}`" if cfg.kron_init != "normal" else ""),
         ),
         ("trainable parameters", f"{params:,}"),
         ("instance prompt", f"`{cfg.prompt}`"),
