@@ -8,6 +8,8 @@ from pathlib import Path
 from ..atomic import write_bytes_atomic
 from .study import CLOSENESS, DRIFT, LR_FREE, NEAR_BEST, PROMPT_FLOOR, SCORES
 
+_LR_MEANING = {"kron prodigy": " (lr: × its own step)"}
+
 
 def _cell(spread: dict) -> str:
     return f"{spread['mean']:.3f} ± {spread['sd']:.3f}"
@@ -205,7 +207,8 @@ def _plots(out: Path, s: dict) -> dict[str, str]:
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for axis, key, title in zip(axes, ("subject_fidelity", "prompt_fidelity"), ("subject fidelity", "prompt fidelity")):
         for method, rows in s["lr"].items():
-            band(axis, [r["lr"] for r in rows], [r[key] for r in rows], method)
+            # Prodigy's lr multiplies the step size it estimates: the same axis, another meaning
+            band(axis, [r["lr"] for r in rows], [r[key] for r in rows], method + _LR_MEANING.get(method, ""))
         axis.set_xscale("log")
         axis.set_xlabel("learning rate")
         axis.set_title(title + " (band: min–max over seeds)")
