@@ -179,11 +179,12 @@ def test_a_study_of_the_toy_flux_writes_its_own_base_and_keeps_apart_from_an_sdx
         study._load(out, plan)
 
 
-@pytest.mark.parametrize("folder", ["fidelity", "fidelity/flux"])
+@pytest.mark.parametrize("folder", ["fidelity", "fidelity/flux", "fidelity/robustness"])
 def test_the_tables_of_docs_fidelity_are_the_report_of_its_results(folder, tmp_path):
     """docs/fidelity.md shows the studies' tables as `krona compare --study` wrote them from the shipped
-    docs/fidelity/results.json (the toy SDXL) and docs/fidelity/flux/results.json (the toy FLUX), and each file's
-    summary is what its runs give."""
+    docs/fidelity/results.json (the toy SDXL), docs/fidelity/flux/results.json (the toy FLUX) and
+    docs/fidelity/robustness/results.json (optimizers and inits at 5 seeds), and each file's summary is what its runs
+    give."""
     from types import SimpleNamespace
 
     docs = Path(__file__).resolve().parent.parent / "docs"
