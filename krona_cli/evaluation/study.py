@@ -443,11 +443,19 @@ def best_lrs(results: dict) -> dict[str, float]:
 
 
 def _keeps(row: dict, base: dict) -> bool:
-    """Whether a row's plain class stays within DRIFT of the base model's (class accuracy and look rate)."""
+    """Whether a row's prompt fidelity holds and its plain class stays within DRIFT of the base model's (class accuracy
+    and look rate)."""
     return (
-        row["class_accuracy"]["mean"] >= base["class_accuracy"] - DRIFT
+        row["prompt_fidelity"]["mean"] >= PROMPT_FLOOR
+        and row["class_accuracy"]["mean"] >= base["class_accuracy"] - DRIFT
         and row["class_look_rate"]["mean"] <= base["class_look_rate"] + DRIFT
     )
+
+
+def _best_keeping(rows: list[dict], base: dict) -> dict | None:
+    """The row of the highest mean subject fidelity among those that `_keeps`; None when none does."""
+    kept = [r for r in rows if _keeps(r, base)]
+    return max(kept, key=lambda r: r["subject_fidelity"]["mean"]) if kept else None
 
 
 def learning_rate_free(table: dict[str, list[dict]], base: dict) -> dict | None:
@@ -455,13 +463,12 @@ def learning_rate_free(table: dict[str, list[dict]], base: dict) -> dict | None:
     with prompt fidelity held and the class kept): its share of that subject fidelity, whether it keeps the class,
     and whether it `meets` the bar for a default (LR_FREE of the tuned, class kept); None without both."""
     default = next((r for r in table.get("kron prodigy", []) if r["lr"] == 1.0), None)
-    tuned = [r for r in table.get("kron", []) if r["prompt_fidelity"]["mean"] >= PROMPT_FLOOR and _keeps(r, base)]
-    if default is None or not tuned:
+    best = _best_keeping(table.get("kron", []), base)
+    if default is None or best is None:
         return None
-    best = max(tuned, key=lambda r: r["subject_fidelity"]["mean"])
     tuned_best = best["subject_fidelity"]["mean"]
     share = default["subject_fidelity"]["mean"] / tuned_best if tuned_best > 0 else None  # None: nothing learned
-    keeps = _keeps(default, base) and default["prompt_fidelity"]["mean"] >= PROMPT_FLOOR
+    keeps = _keeps(default, base)
     return {
         "subject_fidelity": default["subject_fidelity"]["mean"],
         "tuned_lr": best["lr"],
@@ -475,8 +482,8 @@ def learning_rate_free(table: dict[str, list[dict]], base: dict) -> dict | None:
 def keeping_the_class(rows: list[dict], base: dict) -> float | None:
     """The learning rate of the highest mean subject fidelity among those whose prompt fidelity holds and whose
     plain class stays within DRIFT of the base model's (class accuracy and look rate): a preset's choice."""
-    kept = [r for r in rows if r["prompt_fidelity"]["mean"] >= PROMPT_FLOOR and _keeps(r, base)]
-    return max(kept, key=lambda r: r["subject_fidelity"]["mean"])["lr"] if kept else None
+    best = _best_keeping(rows, base)
+    return None if best is None else best["lr"]
 
 
 def robustness(rows: list[dict], score: str = "subject_fidelity", floor: float = 0.0) -> dict:
