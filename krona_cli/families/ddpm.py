@@ -62,6 +62,11 @@ class DDPM:
         """What the UNet is given: the timesteps themselves."""
         return timesteps
 
+    @staticmethod
+    def output(prediction: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction as the loss reads it: itself."""
+        return prediction
+
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What the UNet must predict: the noise (epsilon models) or the velocity (v-prediction models)."""
         if self.name == "v_prediction":

@@ -68,6 +68,8 @@ class FlowMatch:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     shift_by_resolution: bool = True
+    time_divisor: int = _TRANSFORMER_TIME_SCALE  # the transformer gets the scheduler's timestep σ·N over this
+    precondition: bool = False  # SD3's x0 preconditioning: the output −σ·v̂ + x_σ against the target x0
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:
@@ -89,6 +91,8 @@ class FlowMatch:
         logit_std: float = 1.0,
         mode_scale: float = 1.29,
         shift_by_resolution: bool = True,
+        time_divisor: int = _TRANSFORMER_TIME_SCALE,
+        precondition: bool = False,
     ) -> FlowMatch:
         """The objective of a FlowMatchEulerDiscreteScheduler config (a scheduler_config.json dict; missing or null
         keys take the scheduler's defaults) with the given weighting scheme."""
@@ -101,6 +105,8 @@ class FlowMatch:
             logit_std=logit_std,
             mode_scale=mode_scale,
             shift_by_resolution=shift_by_resolution,
+            time_divisor=time_divisor,
+            precondition=precondition,
         )
 
     @cached_property
@@ -171,16 +177,25 @@ class FlowMatch:
         s = torch.as_tensor(sigmas, dtype=latents.dtype, device=latents.device).reshape(-1, *[1] * (latents.ndim - 1))
         return (1.0 - s) * latents + s * noise
 
-    @staticmethod
-    def target(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        """What the model must predict: the velocity ε − x0 (the same at every σ)."""
-        return noise - latents
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """What the loss compares the output with: the velocity ε − x0 (the same at every σ), or x0 itself when the
+        output is preconditioned."""
+        return latents if self.precondition else noise - latents
+
+    def output(self, prediction: torch.Tensor, noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """The model's prediction as the loss reads it: the velocity itself, or preconditioned (diffusers' SD3 script,
+        `--precondition_outputs`) the x0 it implies, −σ·v̂ + x_σ; the loss is then σ² times the velocity's."""
+        if not self.precondition:
+            return prediction
+        s = torch.as_tensor(sigmas, dtype=noisy.dtype, device=noisy.device).reshape(-1, *[1] * (noisy.ndim - 1))
+        return prediction * (-s) + noisy
 
     def model_timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:
-        """The float32 timesteps the transformer receives: the scheduler's timestep σ·N divided by 1000, as the
-        DreamBooth script passes them (FLUX's transformer multiplies by 1000 again)."""
+        """The float32 timesteps the transformer receives: the scheduler's timestep σ·N divided by `time_divisor`:
+        1000 for FLUX.1, as the DreamBooth script passes them (its transformer multiplies by 1000 again), 1 for SD3,
+        whose transformer takes the scheduler's own."""
         timesteps = torch.as_tensor(sigmas, dtype=torch.float32) * self.num_train_timesteps
-        return timesteps / _TRANSFORMER_TIME_SCALE
+        return timesteps / self.time_divisor
 
     def loss_weights(self, sigmas: torch.Tensor) -> torch.Tensor:
         """The float32 per-sample loss weights of the weighting scheme (1 for the schemes that shape the density)."""

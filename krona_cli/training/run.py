@@ -244,6 +244,7 @@ class Run:
         with self.accelerator.autocast():
             at = objective.model_timesteps(timesteps)
             prediction = family.denoise(self.denoiser, noisy, at, cond, time_ids, self.weight_dtype)
+        prediction = objective.output(prediction, noisy, timesteps)
         target = objective.target(latents, noise, timesteps)
         losses = objective.per_sample_loss(prediction, target, timesteps, cfg.snr_gamma)
         n = cfg.batch_size

@@ -72,6 +72,7 @@ def validation_loss(denoiser, encoder, objective, dataset, what: str, count: int
         with autocast():
             noisy = objective.noisy(latents, noise, t)
             prediction = family.denoise(denoiser, noisy, objective.model_timesteps(t), cond, geometry, dtype)
+            prediction = objective.output(prediction, noisy, t)
         target = objective.target(latents, noise, t)
         losses.append(objective.per_sample_loss(prediction, target, t, snr_gamma).mean())
     return float(torch.stack(losses).mean()) if losses else None
