@@ -54,3 +54,27 @@ def tiny_flux_dir(tmp_path_factory):
     from krona_cli.pipeline.tiny_flux import make_tiny_flux
 
     return make_tiny_flux(tmp_path_factory.mktemp("tiny") / "flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    from krona_cli.pipeline.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "sd3", "sd3")
+
+
+@pytest.fixture()
+def captured_pipes(monkeypatch):
+    """The pipelines `train` loads, kept for inspection."""
+    from krona_cli.pipeline import models
+
+    pipes = []
+    original = models.load_pipeline
+
+    def load(*args, **kwargs):
+        pipe, arch = original(*args, **kwargs)
+        pipes.append(pipe)
+        return pipe, arch
+
+    monkeypatch.setattr(models, "load_pipeline", load)
+    return pipes

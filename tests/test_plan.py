@@ -73,15 +73,15 @@ def test_cli_plan_json_and_several_settings(capsys):
 
 
 def test_cli_plan_bad_input(capsys):
-    assert main(["plan", "--arch", "sd3"]) == 2
+    assert main(["plan", "--arch", "sd4"]) == 2
     err = capsys.readouterr().err
-    assert "unknown architecture 'sd3'" in err and "Traceback" not in err
+    assert "unknown architecture 'sd4'" in err and "Traceback" not in err
     assert main(["plan", "--factors", "64by4"]) == 2
     assert main(["plan", "--factors", "48x4", "--strict-factors"]) == 2
     assert "do not divide" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "sd15", "flux"])
+@pytest.mark.parametrize("arch", ["sdxl", "sd15", "flux", "sd3"])
 def test_the_layer_lists_are_the_meta_models(arch):
     """`krona plan` reads the layer lists as data (no model library): they must be exactly the linears of the
     diffusers and transformers models built from the shipped configs (scripts/layer_lists.py writes them)."""
@@ -91,7 +91,7 @@ def test_the_layer_lists_are_the_meta_models(arch):
     assert families.get(arch).linear_layers() == models
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "flux"])
+@pytest.mark.parametrize("arch", ["sdxl", "flux", "sd3"])
 def test_plan_imports_no_model_library(arch):
     code = f"import sys; from krona_cli.cli import main; main(['plan', '--arch', '{arch}']); "
     code += "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'bitsandbytes') if sys.modules.get(m)))"
@@ -171,3 +171,22 @@ def test_cli_plan_flux(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["groups"]["total"]["kron"] == {"64x4": 33_726_976}
     assert data["groups"]["single_transformer_blocks.37"]["layers"] == 5
+
+
+def test_readme_table_of_families_is_what_plan_counts():
+    """README's table of families: each row's layers, krona 64x4 and LoRA r4 parameters are `krona plan`'s, and every
+    family with a layer list has a row."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("<!-- families table: tests/test_plan.py holds it to `krona plan` -->", 1)[1]
+    lines = table.strip().split("\n\n")[0].splitlines()  # the table: up to the first blank line
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| ") and "`" in line and "--arch" not in line]
+    found = {}
+    for row in rows:
+        arch = row[1].strip().strip("`")
+        found[arch] = tuple(int(cell.strip().replace(",", "")) for cell in row[3:6])
+    for arch in (f.name for f in families.FAMILIES if f.layer_list):
+        total = plan(arch, ["64x4"])["total"]
+        assert found.pop(arch) == (total.layers, total.kron["64x4"], total.lora[4]), arch
+    assert not found

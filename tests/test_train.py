@@ -42,21 +42,6 @@ def config(pipeline_dir, out, **overrides):
     return load_config("tiny", settings | overrides)
 
 
-@pytest.fixture()
-def captured_pipes(monkeypatch):
-    """The pipelines `train` loads, kept for inspection."""
-    pipes = []
-    original = models.load_pipeline
-
-    def load(*args, **kwargs):
-        pipe, arch = original(*args, **kwargs)
-        pipes.append(pipe)
-        return pipe, arch
-
-    monkeypatch.setattr(models, "load_pipeline", load)
-    return pipes
-
-
 @pytest.mark.parametrize("arch", ["sdxl", "sd15"])
 def test_cli_run_with_prior_preservation_writes_every_output(arch, request, tmp_path, capsys):
     from krona_cli.formats import load_adapter

@@ -219,14 +219,20 @@ class TrainReporter:
         self.progress.stop()
 
 
-def next_steps(adapter: Path, prompt: str, name: str) -> str:
-    """What to do with a trained adapter: the commands, ready to paste."""
+def next_steps(adapter: Path, prompt: str, name: str, family) -> str:
+    """What to do with a trained adapter: the commands, ready to paste (a merge into the single file the family has,
+    else into a diffusers folder)."""
     a = shlex.quote(str(adapter))
+    if family.single_file is not None:
+        merge = f"--output {shlex.quote(name + '.safetensors')}   # one checkpoint for A1111, Forge, ComfyUI"
+        if family.single_file.denoiser_only:
+            merge += f" ({family.single_file.holds})"
+    else:
+        merge = f"--output-dir {shlex.quote(name + '-merged')}   # a diffusers folder with the adapter baked in"
     return (
         "next:\n"
         f"  krona sample --adapter {a} --prompt {shlex.quote(prompt)} -n 4\n"
-        f"  krona merge --adapter {a} --output {shlex.quote(name + '.safetensors')}   "
-        "# one checkpoint for A1111, Forge, ComfyUI (FLUX.1: its transformer)\n"
+        f"  krona merge --adapter {a} {merge}\n"
         f"  krona export --adapter {a} --to lycoris --output {shlex.quote(name + '-lokr.safetensors')}   "
         "# for their LoRA loaders"
     )

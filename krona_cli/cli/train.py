@@ -71,7 +71,9 @@ def train_cmd(config: Optional[str] = None, **overrides) -> None:
         f"samples: {result.output_dir / 'samples'}   checkpoints: {result.output_dir / 'checkpoints'}   "
         f"model card: {result.output_dir / 'README.md'}"
     )
-    console.print(escape(next_steps(result.adapter, cfg.prompt, result.output_dir.name)), highlight=False)
+    console.print(
+        escape(next_steps(result.adapter, cfg.prompt, result.output_dir.name, result.family)), highlight=False
+    )
 
 
 @command("presets")

@@ -8,13 +8,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from ..errors import KronaError
+from . import linear_names
 from .base import Component, Family, SingleFile, UiNames
 from .flux import FLUX
 from .sd2 import SD2
+from .sd3 import SD3
 from .sd15 import SD15
 from .sdxl import SDXL
 
-FAMILIES: tuple[Family, ...] = (SDXL, SD15, SD2, FLUX)
+FAMILIES: tuple[Family, ...] = (SDXL, SD15, SD2, FLUX, SD3)
 _BY_NAME = {f.name: f for f in FAMILIES}
 
 __all__ = [
@@ -114,6 +116,9 @@ def recognise_adapter(metadata: Mapping[str, str], layers: Mapping, text_encoder
     owner = denoiser_owner(layers)
     if owner is not None:
         return owner
+    shared = [c for c in layers if c in {f.denoiser for f in FAMILIES} and c != "unet"]
+    if shared:  # a transformer several families have: the first whose real model has every adapted module
+        return linear_names.family_of(shared[0], layers[shared[0]])
     version = metadata.get("ss_base_model_version")
     if version:
         return next((f.name for f in FAMILIES if version.startswith(f.ui.reads_versions)), None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,6 +151,11 @@ class Family(ABC):
         """Text-encoder layers whose output the denoiser never reads, by component (they cannot learn, and DDP would
         wait for their gradients)."""
         return {}
+
+    def unused_denoiser_layers(self, linears: Iterable[str]) -> tuple[str, ...]:
+        """Those of the denoiser's linear layers (`linears`: their names) whose output it never uses: they cannot
+        learn, so training, `krona plan` and LoRA leave them out of every target."""
+        return ()
 
     @abstractmethod
     def sampler_defaults(self, pipe) -> SamplerDefaults:

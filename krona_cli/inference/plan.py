@@ -92,7 +92,12 @@ def plan(
     linears = []
     for component in components_for_targets(targets, family):
         pattern = target_pattern(targets, family.target_presets if component == family.denoiser else TARGET_PRESETS)
-        linears += [(f"{component}:{n}", d_out, d_in) for n, d_out, d_in in components[component] if pattern.search(n)]
+        unused = set(family.unused_denoiser_layers(n for n, _, _ in components[component]))
+        linears += [
+            (f"{component}:{n}", d_out, d_in)
+            for n, d_out, d_in in components[component]
+            if pattern.search(n) and n not in unused
+        ]
     groups = count_linears(linears, factor_settings, strict_factors, group_of=lambda n: block_group(*n.split(":", 1)))
     total = GroupCount()
     for g in groups.values():

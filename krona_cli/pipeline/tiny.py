@@ -47,8 +47,9 @@ __all__ = [
     "make_tiny_dino",
 ]
 
-#: Architectures :func:`make_tiny` and :func:`build_tiny_pipeline` can build (FLUX's in tiny_flux.py).
-_ARCHS = ("sdxl", "sd15", "flux", "flux-schnell")
+#: Architectures :func:`make_tiny` and :func:`build_tiny_pipeline` can build (FLUX's in tiny_flux.py, SD3's in
+#: tiny_sd3.py).
+_ARCHS = ("sdxl", "sd15", "flux", "flux-schnell", "sd3")
 
 
 # Words typical of text-to-image and DreamBooth prompts. Every word here becomes a single token, as common
@@ -239,7 +240,8 @@ def _sd15_unet(text_width: int) -> UNet2DConditionModel:
 
 def build_tiny_pipeline(arch: str = "sdxl", seed: int = 0) -> StableDiffusionXLPipeline | StableDiffusionPipeline:
     """Build a tiny random-weight pipeline in memory: ``StableDiffusionXLPipeline`` for ``"sdxl"``,
-    ``StableDiffusionPipeline`` for ``"sd15"``, ``FluxPipeline`` for ``"flux"`` (dev-like) and ``"flux-schnell"``.
+    ``StableDiffusionPipeline`` for ``"sd15"``, ``FluxPipeline`` for ``"flux"`` (dev-like) and ``"flux-schnell"``,
+    ``StableDiffusion3Pipeline`` (SD3.5 Medium-like) for ``"sd3"``.
 
     Weights are drawn under ``torch.manual_seed(seed)`` inside a forked RNG, so the same seed always gives the same
     weights and the caller's global RNG state is left untouched.
@@ -253,6 +255,10 @@ def build_tiny_pipeline(arch: str = "sdxl", seed: int = 0) -> StableDiffusionXLP
         from .tiny_flux import build_tiny_flux_pipeline
 
         return build_tiny_flux_pipeline(seed, guidance_embeds=arch == "flux")
+    if arch == "sd3":
+        from .tiny_sd3 import build_tiny_sd3_pipeline
+
+        return build_tiny_sd3_pipeline(seed)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -62,6 +62,7 @@ class TrainResult:
     validation: list[dict] = field(default_factory=list)  # one record per validation (validation.json's "steps")
     best: Any = None  # validation.Choice: the step chosen as the best (with --scorer)
     best_adapter: Path | None = None  # its adapter file (with --keep both or best)
+    family: Any = None  # the base model's family (families.Family)
 
 
 RUN_MARKERS = ("config.yaml", "adapter.safetensors", "checkpoints")
@@ -122,7 +123,7 @@ def _train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
             cfg.kron_init,
         )
         rows = summary(cfg, _plan(cfg, pre, base, photos, adapter, accelerator))
-    result = TrainResult(output_dir=pre.out, summary=rows, main_process=accelerator.is_main_process)
+    result = TrainResult(output_dir=pre.out, summary=rows, main_process=accelerator.is_main_process, family=base.family)
     reporter.start(rows)
     if cfg.dry_run:
         return result

@@ -9,6 +9,7 @@ scale baked into the up weights so that any loader gives the trained model.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -113,6 +114,11 @@ def trainable_adapter(
         model.requires_grad_(False)
     skip = family.unused_text_layers(pipe)
     chosen = {family.denoiser: targets}
+    denoiser = models[family.denoiser]
+    unused = family.unused_denoiser_layers(n for n, m in denoiser.named_modules() if isinstance(m, nn.Linear))
+    if unused:  # recorded as the expression, so that a resume, sample or merge adapts the same layers
+        leave_out = "|".join(re.escape(name) for name in unused)
+        chosen[family.denoiser] = rf"^(?!(?:{leave_out})$).*(?:{family.target_presets.get(targets, targets)})"
     chosen |= {c: rf"^(?!.*\blayers\.{skip[c]}\.).*(?:{TARGET_PRESETS['text']})" if c in skip else "text" for c in text}
     requested = {c: (text_encoder_factors or factors) if c in text else factors for c in models}
     presets = {c: TARGET_PRESETS if c in text else family.target_presets for c in models}
@@ -122,7 +128,7 @@ def trainable_adapter(
                 model, chosen[component], requested[component], scale, strict_factors, init, presets=presets[component]
             )
         return TrainableAdapter(kind, models, chosen, requested, scale=scale)
-    modules = {c: _peft_targets(family, c in text, targets, skip.get(c)) for c in models}
+    modules = {c: _peft_targets(family, c in text, chosen[family.denoiser], skip.get(c)) for c in models}
     if kind == "lora":
         for component, model in models.items():
             _add_lora(model, component, component in text, rank, scale, modules[component])
