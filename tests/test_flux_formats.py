@@ -539,11 +539,11 @@ def _damaged(name: str) -> dict:
     [
         ("unsplittable-lokr", "not whole multiples of its w2's 3 rows"),
         ("unsplittable-lora", "do not split"),
-        ("not-a-flux-module-peft", "not a linear layer of a FLUX.1 transformer"),
-        ("not-a-flux-module-lycoris", "not a linear layer of a FLUX.1 transformer"),
+        ("not-a-flux-module-peft", "not a linear layer of a FLUX.1 or SD3 transformer"),
+        ("not-a-flux-module-lycoris", "not a linear layer of a FLUX.1 or SD3 transformer"),
         ("twice", "two LoKr layers for 'transformer.transformer_blocks.0.attn.to_q'"),
-        ("t5", "T5"),
-        ("unet-and-transformer", "both UNet and FLUX.1 transformer layers"),
+        ("t5", "FLUX.1's text_encoder_2, a text encoder krona does not adapt or read"),
+        ("unet-and-transformer", "both UNet and transformer layers"),
     ],
 )
 def test_damaged_or_ambiguous_files_get_one_line(name, match, tmp_path):

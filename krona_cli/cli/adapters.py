@@ -83,7 +83,7 @@ def export_cmd(
         typer.Option(
             help="With --to lora: kohya (lora_unet_* keys with lora_down, lora_up and alpha; FLUX.1's fused modules "
             "in Black Forest Labs' names) or peft (diffusers' unet.* or transformer.* lora_A and lora_B names).",
-            show_default="kohya for SD and SDXL, peft for FLUX.1",
+            show_default="kohya for SD and SDXL, peft for FLUX.1 and SD3 (its only layout)",
         ),
     ] = None,
     dtype: Annotated[str, typer.Option(help="Saved tensors: fp32, fp16 or bf16.")] = "fp32",

@@ -34,14 +34,14 @@ def sample_cmd(
     transformer: TransformerFile = None,
     sample_steps: Annotated[
         Optional[int],
-        typer.Option(help="Denoising steps.", show_default="30 for SD and SDXL; FLUX.1 [dev] 28, [schnell] 4"),
+        typer.Option(help="Denoising steps.", show_default="30 for SD and SDXL; FLUX.1 [dev] and SD3 28, [schnell] 4"),
     ] = None,
     steps: Annotated[Optional[int], typer.Option(hidden=True, help="Old name of --sample-steps.")] = None,
     guidance: Annotated[
         Optional[float],
         typer.Option(
             help="Guidance scale (classifier-free; FLUX.1 [dev]'s distilled guidance).",
-            show_default="7.0 for SD and SDXL; FLUX.1 [dev] 3.5, [schnell] 0",
+            show_default="7.0 for SD, SDXL and SD3; FLUX.1 [dev] 3.5, [schnell] 0",
         ),
     ] = None,
     scheduler: Annotated[str, typer.Option(help="euler, euler-a, dpm++ or ddim.")] = "euler",

@@ -25,11 +25,14 @@ The CLIP-L text encoder: `lora_te1_text_model_encoder_layers_N_...` (kohya's FLU
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import families
 from ..errors import KronaError
+from ..families import linear_names
 from .bfl_layout import bfl_module, bfl_parts, bfl_slices, fused_rows, is_linear, module_from_underscores
 from .native_outline import canonical_name
 
@@ -45,21 +48,25 @@ Written = list[tuple[str, str, np.ndarray, np.ndarray]]  # (component, module, u
 
 
 def transformer_module(prefix: str, rest: str) -> tuple[str, str] | None:
-    """(module, key format) of a lora name's part after `prefix` when it names a FLUX.1 transformer linear: a diffusers
-    module after `lycoris_` / `lora_transformer_`, a BFL module (kept in BFL's names, see `parts`) after `lora_unet_`;
-    None otherwise."""
+    """(module, key format) of a lora name's part after `prefix` when it names a transformer linear: a diffusers
+    module of any transformer family's real model after `lycoris_` / `lora_transformer_` (linear_names.py), a FLUX.1
+    BFL module (kept in BFL's names, see `parts`) after `lora_unet_`; None otherwise."""
     if prefix not in KEY_FORMATS:
         return None
-    module = module_from_underscores(rest, bfl=prefix == BFL_PREFIX)
+    bfl = prefix == BFL_PREFIX
+    module = module_from_underscores(rest, bfl=bfl)
+    if module is None and not bfl:
+        module = linear_names.module_from_underscores(TRANSFORMER, rest)
     return None if module is None else (module, KEY_FORMATS[prefix])
 
 
 def check_module(module: str, key: str, source: str) -> str:
-    """A diffusers-named transformer module of a file, refused unless it is a FLUX.1 transformer linear."""
-    if not is_linear(module, bfl=False):
+    """A diffusers-named transformer module of a file, refused unless it is a linear layer of a transformer family's
+    model (FLUX.1's, SD3's)."""
+    if not (is_linear(module, bfl=False) or linear_names.families_with(TRANSFORMER, module)):
         raise KronaError(
-            f"'{source}' holds '{key}', whose module '{module}' is not a linear layer of a FLUX.1 transformer "
-            "(diffusers' FluxTransformer2DModel); the file is for another model or damaged"
+            f"'{source}' holds '{key}', whose module '{module}' is not a linear layer of a FLUX.1 or SD3 transformer "
+            "(diffusers' FluxTransformer2DModel, SD3Transformer2DModel); the file is for another model or damaged"
         )
     return module
 
@@ -72,16 +79,24 @@ def parts(module: str, rows: int, in_features: int) -> list[tuple[str, tuple[tup
     return [(module, None)]
 
 
-def check_components(components, source: str) -> None:
-    """A FLUX.1 file adapts the transformer and CLIP-L, never T5 nor a UNet besides."""
+def check_components(components, source: str, architecture: str | None = None) -> None:
+    """A transformer file adapts the transformer and the text encoders its family trains (FLUX.1: CLIP-L, never T5),
+    never a UNet besides. The family is the `architecture` recorded, else the first whose transformer has every
+    adapted module."""
     if TRANSFORMER not in components:
         return
     if "unet" in components:
-        raise KronaError(f"'{source}' holds both UNet and FLUX.1 transformer layers; a file adapts one model")
-    if "text_encoder_2" in components:
-        raise KronaError(
-            f"'{source}' holds layers of FLUX.1's second text encoder (T5), which krona does not adapt or read"
-        )
+        raise KronaError(f"'{source}' holds both UNet and transformer layers; a file adapts one model")
+    family = families.find(architecture or linear_names.family_of(TRANSFORMER, components[TRANSFORMER]))
+    if family is None:
+        return
+    trained = family.trained_text()
+    for component in components:
+        if component != TRANSFORMER and component not in trained:
+            raise KronaError(
+                f"'{source}' holds layers of {family.title}'s {component}, a text encoder krona does not adapt or read "
+                f"(it adapts {', '.join(trained)})"
+            )
 
 
 # --- writing ------------------------------------------------------------------------------------------------------
@@ -109,18 +124,26 @@ def _fused(group: list[tuple[str, np.ndarray, np.ndarray]], fused: str) -> tuple
 
 
 @dataclass(frozen=True)
-class FluxNaming:
-    """FLUX.1's names in krona's files (see the module docstring and naming.py): LoKr `lycoris_` (SimpleTuner) and
-    `lora_te1_`; LoRA `transformer.` / `text_encoder.` (diffusers, the default) or kohya's BFL names."""
+class DiffusersNaming:
+    """A transformer family's names in krona's files (naming.py): LoKr `lycoris_<module>` for the transformer
+    (SimpleTuner's LyCORIS names, which ComfyUI maps for FLUX.1 and SD3), kohya's prefix of each trained text encoder
+    (`lora_te1_`, `lora_te2_`); LoRA in diffusers' `<component>.<module>` names."""
 
-    lora_layouts: tuple[str, ...] = ("peft", "kohya")
+    prefixes: Mapping[str, str]  # text encoder -> its kohya prefix
+    lora_layouts: tuple[str, ...] = ("peft",)
+
+    @classmethod
+    def of(cls, adapter) -> DiffusersNaming:
+        return cls(families.get(adapter.architecture).kohya_prefixes())
 
     def lokr_name(self, component: str, module: str) -> str:
         if component == TRANSFORMER:
             return LYCORIS_PREFIX + module.replace(".", "_")
-        if component == "text_encoder":
-            return CLIP_PREFIX + canonical_name(component, module).replace(".", "_")
-        raise KronaError(f"a FLUX.1 adapter holds '{component}' layers, which krona does not write; it is damaged")
+        if component in self.prefixes:
+            return self.prefixes[component] + canonical_name(component, module).replace(".", "_")
+        raise KronaError(
+            f"the adapter holds '{component}' layers, which krona does not write for its model; it is damaged"
+        )
 
     def lokr_alpha(self, w1_shape: tuple[int, ...], w2_shape: tuple[int, ...]) -> float | None:
         """The alpha of a LoKr layer stored as two full matrices, chosen so that every loader scales it by 1: ComfyUI
@@ -132,10 +155,23 @@ class FluxNaming:
         return float(quotient) if quotient >= 1 else None
 
     def lora_layers(self, written: Written, layout: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(lora name, up, down) per file layer in diffusers' `<component>.<module>` names."""
+        return [(f"{c}.{canonical_name(c, m)}", up, down) for c, m, up, down in written]
+
+
+@dataclass(frozen=True)
+class FluxNaming(DiffusersNaming):
+    """FLUX.1's names in krona's files (see the module docstring and naming.py): DiffusersNaming's, CLIP-L as
+    `lora_te1_`, and LoRA also in kohya's BFL names."""
+
+    prefixes: Mapping[str, str] = field(default_factory=lambda: {"text_encoder": CLIP_PREFIX})
+    lora_layouts: tuple[str, ...] = ("peft", "kohya")
+
+    def lora_layers(self, written: Written, layout: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """(lora name, up, down) per file layer: diffusers' `<component>.<module>` (peft), or kohya's names, where the
         transformer's parts of one BFL weight are stacked into one layer (`_fused`)."""
         if layout == "peft":
-            return [(f"{c}.{canonical_name(c, m)}", up, down) for c, m, up, down in written]
+            return super().lora_layers(written, layout)
         out, groups = [], {}
         for component, module, up, down in written:
             if component == TRANSFORMER:

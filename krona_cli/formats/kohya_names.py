@@ -269,7 +269,7 @@ class NameReader:
         return KEY_FORMAT_SGM_NAMES if self._namings.get(True) else KEY_FORMAT_DIFFUSERS_NAMES
 
     def _transformer(self, prefix: str, component: str, rest: str, key: str) -> str | None:
-        """The FLUX.1 transformer module a name after `prefix` spells (a BFL one after `lora_unet_`: see
+        """The transformer module a name after `prefix` spells (a BFL one after `lora_unet_`: see
         flux_names.parts), None for a UNet name; KronaError for a transformer prefix that names no such module."""
         found = flux_names.transformer_module(prefix, rest)
         if found is None:
@@ -277,7 +277,7 @@ class NameReader:
                 return None
             raise KronaError(
                 f"cannot read {self.kind} key '{key}' in '{self.source}': '{rest}' after '{prefix}' is not a linear "
-                "layer of a FLUX.1 transformer (diffusers' FluxTransformer2DModel names)"
+                "layer of a FLUX.1 or SD3 transformer (diffusers' FluxTransformer2DModel, SD3Transformer2DModel names)"
             )
         module, key_format = found
         self._flux.add(key_format)

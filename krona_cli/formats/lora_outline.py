@@ -285,9 +285,8 @@ def lora_outline(
         if peft_configs is not None:
             config = {k[len(component) + 1 :]: v for k, v in peft_configs.items() if k.startswith(f"{component}.")}
         _add_layer(layers, component, module, _layer(found, infos, component, module, value, config, source), source)
-    flux_names.check_components(layers, source)
-
     meta = json_metadata(metadata, METADATA_KEY, source)
+    flux_names.check_components(layers, source, meta.get("architecture") if meta is not None else None)
     targets, training = {}, None
     if meta is not None and meta.get("format") == EXPORT_FORMAT:  # krona's export: the source adapter's settings
         base_model, architecture = meta.get("base_model"), meta.get("architecture")

@@ -156,7 +156,6 @@ def _layers(
             if part in layers.get(component, {}):
                 raise KronaError(f"'{source}' holds two LoKr layers for '{component}.{part}'; the file is damaged")
             layers.setdefault(component, {})[part] = KronOutline(a, w2, keys1 | keys2, multiplier=ui_scale, rows=rows)
-    flux_names.check_components(layers, source)
     return layers
 
 
@@ -188,6 +187,7 @@ def lycoris_outline(
             scale = float(s)
 
     layers = _layers(grouped, infos, value, source)
+    flux_names.check_components(layers, source, meta.get("architecture") if meta is not None else None)
     if meta is not None:
         architecture = meta.get("architecture")
         targets = meta.get("targets") or {}

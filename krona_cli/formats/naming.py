@@ -11,6 +11,9 @@ file's layers, (lora name, up, down)). The namings:
 * FLUX.1 (flux_names.FluxNaming): LoKr `lycoris_` + diffusers' transformer names (SimpleTuner's) and `lora_te1_` for
   CLIP-L, LoRA in diffusers' `transformer.` / `text_encoder.` names by default or kohya's (BFL's fused names), the
   names ComfyUI maps for a FLUX model and diffusers' FluxPipeline loads.
+* SD3 (flux_names.DiffusersNaming, which FluxNaming extends): LoKr `lycoris_` + diffusers' transformer names and
+  `lora_te1_` / `lora_te2_` for the two CLIPs, LoRA in diffusers' names, which ComfyUI maps for an SD3 model and
+  StableDiffusion3Pipeline loads.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from .. import families
-from .flux_names import FluxNaming
+from .flux_names import DiffusersNaming, FluxNaming
 from .kohya_names import KohyaNaming
 from .outline import Adapter
 
@@ -42,6 +45,7 @@ class Naming(Protocol):
 _NAMINGS: dict[str, Callable[[Adapter], Naming]] = {
     "kohya_names": KohyaNaming.of,
     "flux_names": lambda adapter: FluxNaming(),
+    "diffusers_names": DiffusersNaming.of,
 }
 
 

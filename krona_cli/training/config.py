@@ -144,8 +144,8 @@ class TrainConfig:
     noise_offset: float = _opt(0.0, "Noise offset (helps very dark and bright images), e.g. 0.05.", min=0)
     weighting_scheme: Optional[str] = _opt(
         None,
-        "Flow-matching models (FLUX.1): how noise levels are drawn and the loss weighted (diffusers' schemes).",
-        unset="none, diffusers' FLUX default",
+        "Flow-matching models (FLUX.1, SD3): how noise levels are drawn and the loss weighted (diffusers' schemes).",
+        unset="diffusers' scripts' defaults: none for FLUX.1, logit_normal for SD3",
         choices=WEIGHTING_SCHEMES,
     )
     guidance: Optional[float] = _opt(
@@ -156,8 +156,8 @@ class TrainConfig:
     )
     max_sequence_length: Optional[int] = _opt(
         None,
-        "FLUX.1: T5 tokens per prompt (longer prompts are cut).",
-        unset="the T5 tokenizer's length, 512 for FLUX.1",
+        "FLUX.1 and SD3: T5 tokens per prompt (longer prompts are cut).",
+        unset="FLUX.1: the T5 tokenizer's length (512); SD3: 77",
         min=1,
     )
     seed: int = _opt(0, "Seed of every random draw of the run.", min=0)
@@ -197,10 +197,13 @@ class TrainConfig:
     sample_height: Optional[int] = _opt(None, "Height of sample images (a multiple of 8).", unset="--resolution", min=8)
     sample_images: int = _opt(2, "Images (seeds) per sample prompt in each grid.", min=1)
     sample_steps: Optional[int] = _opt(
-        None, "Denoising steps of sample images.", unset="25 for SD and SDXL; FLUX.1 [dev] 20, [schnell] 4", min=1
+        None,
+        "Denoising steps of sample images.",
+        unset="25 for SD and SDXL; FLUX.1 [dev] and SD3 20, [schnell] 4",
+        min=1,
     )
     sample_guidance: Optional[float] = _opt(
-        None, "Guidance of sample images.", unset="7.0 for SD and SDXL; FLUX.1 [dev] 3.5, [schnell] 0", min=0
+        None, "Guidance of sample images.", unset="7.0 for SD, SDXL and SD3; FLUX.1 [dev] 3.5, [schnell] 0", min=0
     )
     # validation
     validate_every: int = _opt(
