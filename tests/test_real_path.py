@@ -47,6 +47,9 @@ SMALL_TRAIN = [
 ]
 
 
+SD35 = ("stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large")
+
+
 @pytest.fixture(scope="module")
 def hub_cache(tmp_path_factory):
     """A Hugging Face cache holding tiny pipelines under the real SDXL, SD 1.5 and SD 2.1 ids and tiny scorers under
@@ -59,6 +62,9 @@ def hub_cache(tmp_path_factory):
     scheduler = sd21 / "scheduler" / "scheduler_config.json"
     scheduler.write_text(scheduler.read_text().replace('"epsilon"', '"v_prediction"'))
     put_in_hub_cache(sd21, SD21, cache)
+    sd3 = make_tiny(root / "sd3", arch="sd3")
+    for repo in SD35:
+        put_in_hub_cache(sd3, repo, cache)
     put_in_hub_cache(make_tiny_clip(root / "clip"), "openai/clip-vit-base-patch32", cache)
     put_in_hub_cache(make_tiny_dino(root / "dino"), "facebook/dino-vits16", cache)
     return cache
@@ -171,6 +177,25 @@ def test_sd_hub_ids_train_and_sample_offline(hub_cache, tmp_path, repo):
         tmp_path,
         env,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("repo", SD35)
+def test_sd35_hub_ids_train_sample_merge_and_export_offline(hub_cache, tmp_path, repo):
+    """SD3.5 Medium and Large by their hub ids, offline from the cache, from another folder in a fresh shell: a run
+    with prior preservation (class images drawn by the model), then every command on its adapter."""
+    env = fresh_shell(hub_cache)
+    args = ["--pretrained-model", repo, "--instance-dir", str(EXAMPLES), "--prompt", "a photo of sks cat"]
+    args += ["--class-prompt", "a photo of a cat", "--train-text-encoder", "--output-dir", "run", *SMALL_TRAIN]
+    done = krona(["train", *args], tmp_path, env)
+    assert f"{repo} (sd3, flow-matching)" in done.stdout and "--output-dir run-merged" in done.stdout
+    adapter = ["--adapter", "run/adapter.safetensors"]
+    krona(["sample", *adapter, "--prompt", "sks cat", "-n", "1", "--sample-steps", "2"], tmp_path, env)
+    krona(["merge", *adapter, "--output-dir", "merged"], tmp_path, env)
+    krona(["export", *adapter, "--to", "lycoris", "--output", "lokr.safetensors"], tmp_path, env)
+    shown = krona(["inspect", "lokr.safetensors"], tmp_path, env).stdout
+    assert repo in shown and "sd3" in shown and "text_encoder_2" in shown
+    assert (tmp_path / "merged" / "transformer").is_dir() and len(list((tmp_path / "run").rglob("class*/*.png"))) == 2
 
 
 @pytest.mark.slow
