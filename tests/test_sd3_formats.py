@@ -73,3 +73,42 @@ def test_other_tools_sd3_files_are_read_and_merged_as_sd3(tool, tiny_sd3_dir, tm
     assert torch.equal(
         base.transformer.get_submodule(untouched).weight, out.transformer.get_submodule(untouched).weight
     )
+
+
+def test_a_merged_single_file_is_stabilitys_layout_and_reads_back_to_the_merged_weights(tiny_sd3_dir, tmp_path):
+    """`krona merge --output` writes the transformer alone in the MMDiT layout: diffusers' converter reads it back to
+    the transformer the folder merge gives, the last block's text modulation and the final one swapped back."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors import safe_open
+    from test_train import config
+
+    from krona_cli.training.train import train
+
+    run = train(config(tiny_sd3_dir, tmp_path / "run", steps=2, targets="attn-ff", lr=1e-2))
+    adapter = ["merge", "--adapter", str(run.adapter)]
+    assert main([*adapter, "--output", str(tmp_path / "m.safetensors"), "--dtype", "fp32"]) == 0
+    assert main([*adapter, "--output-dir", str(tmp_path / "folder")]) == 0
+    with safe_open(tmp_path / "m.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "joint_blocks.0.x_block.attn2.qkv.weight" in keys and "joint_blocks.1.context_block.attn.qkv.weight" in keys
+    assert not any(k.startswith("transformer_blocks.") for k in keys)
+    read = SD3Transformer2DModel.from_single_file(
+        str(tmp_path / "m.safetensors"), config=str(tiny_sd3_dir), subfolder="transformer"
+    ).state_dict()
+    want = SD3Transformer2DModel.from_pretrained(tmp_path / "folder", subfolder="transformer").state_dict()
+    base = SD3Transformer2DModel.from_pretrained(tiny_sd3_dir, subfolder="transformer").state_dict()
+    assert read.keys() == want.keys() and all(torch.equal(read[k], want[k]) for k in want)
+    assert not torch.equal(
+        want["transformer_blocks.0.attn2.to_q.weight"], base["transformer_blocks.0.attn2.to_q.weight"]
+    )
+
+
+def test_an_adapter_of_the_clips_is_not_merged_into_the_transformer_file(tiny_sd3_dir, tmp_path, capsys):
+    from test_train import config
+
+    from krona_cli.training.train import train
+
+    run = train(config(tiny_sd3_dir, tmp_path / "run", steps=1, train_text_encoder=True))
+    assert main(["merge", "--adapter", str(run.adapter), "--output", str(tmp_path / "m.safetensors")]) == 2
+    assert "merge into a diffusers folder (--output-dir)" in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()

@@ -33,7 +33,8 @@ def merge_cmd(
         typer.Option(
             "--format",
             help="diffusers (a pipeline folder) or single-file (one checkpoint in the original layout, for A1111, "
-            "Forge and ComfyUI; for FLUX.1 the transformer alone in Black Forest Labs' layout).",
+            "Forge and ComfyUI; for FLUX.1 the transformer alone in Black Forest Labs' layout, for SD3 in Stability's "
+            "MMDiT layout).",
             show_default="single-file with --output, else diffusers",
         ),
     ] = "",

@@ -220,15 +220,12 @@ class TrainReporter:
 
 
 def next_steps(adapter: Path, prompt: str, name: str, family) -> str:
-    """What to do with a trained adapter: the commands, ready to paste (a merge into the single file the family has,
-    else into a diffusers folder)."""
+    """What to do with a trained adapter: the commands, ready to paste (a merge into the single file the family has:
+    a whole checkpoint, or its denoiser alone)."""
     a = shlex.quote(str(adapter))
-    if family.single_file is not None:
-        merge = f"--output {shlex.quote(name + '.safetensors')}   # one checkpoint for A1111, Forge, ComfyUI"
-        if family.single_file.denoiser_only:
-            merge += f" ({family.single_file.holds})"
-    else:
-        merge = f"--output-dir {shlex.quote(name + '-merged')}   # a diffusers folder with the adapter baked in"
+    merge = f"--output {shlex.quote(name + '.safetensors')}   # one checkpoint for A1111, Forge, ComfyUI"
+    if family.single_file.denoiser_only:
+        merge = f"--output {shlex.quote(name + '.safetensors')}   # {family.single_file.holds}, for ComfyUI and Forge"
     return (
         "next:\n"
         f"  krona sample --adapter {a} --prompt {shlex.quote(prompt)} -n 4\n"

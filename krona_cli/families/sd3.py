@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..errors import KronaError
 from ..kron.targets import TARGET_PRESETS
-from .base import Component, ConfigGet, Family, SamplerDefaults, UiNames
+from .base import Component, ConfigGet, Family, SamplerDefaults, SingleFile, UiNames
 from .prompts import Conditioning, tokenize
 
 # T5 tokens per prompt: the DreamBooth SD3 script's default (and what ComfyUI pads T5 to for SD3); T5's context at most.
@@ -131,6 +131,10 @@ SD3 = SD3Family(
         resolution=1024,
         base_model_version="sd3",
         reads_versions=("sd3",),
+    ),
+    # Stability's MMDiT alone, the file ComfyUI loads as a diffusion model beside its text encoders and VAE
+    single_file=SingleFile(
+        "the SD3 transformer alone, in Stability's MMDiT layout", denoiser_only=True, layout="mmdit"
     ),
     file_naming="diffusers_names",
 )

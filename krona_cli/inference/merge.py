@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import families
 from ..atomic import write_folder_atomic
 from ..dtypes import dtype_from_name
 from ..errors import KronaError
@@ -209,12 +208,6 @@ def merge_to_file(
 
     out = output_file(output, "--output", ".safetensors", overwrite)
     baked, summary = _bake_for_saving(adapters, pretrained, dtype, transformer)
-    family = families.get(baked.architecture)
-    if family.single_file is None:
-        raise KronaError(
-            f"krona writes no single-file checkpoint of {family.title} models yet; merge into a diffusers folder "
-            "instead (--output-dir DIR)"
-        )
     held = merged_file_components(baked.architecture)
     if held is not None:
         _check_held(baked, held)

@@ -23,6 +23,7 @@ import torch
 from ..atomic import write_atomic
 from ..errors import KronaError
 from ..formats.bfl_layout import BFL_PREFIX, bfl_to_diffusers, diffusers_to_bfl
+from ..formats.mmdit_layout import diffusers_to_mmdit
 
 TRANSFORMER_CLASS = "FluxTransformer2DModel"  # diffusers' class of what these files hold
 METADATA_KEY = "krona_transformer"  # what a file krona wrote holds: the class, its layout and its diffusers config
@@ -39,6 +40,9 @@ def transformer_layout(keys: Iterable[str]) -> str | None:
     if "x_embedder.weight" in bare and any(key.startswith("transformer_blocks.") for key in bare):
         return "diffusers"
     return None
+
+
+_LAYOUTS = {"bfl": diffusers_to_bfl, "mmdit": diffusers_to_mmdit}
 
 
 class _Stacked:
@@ -69,10 +73,15 @@ def _header(tensors: Mapping[str, object], dtype: torch.dtype, metadata: Mapping
 
 
 def save_transformer_file(
-    transformer: torch.nn.Module, path: str | Path, dtype: torch.dtype, metadata: Mapping[str, str] | None = None
+    transformer: torch.nn.Module,
+    path: str | Path,
+    dtype: torch.dtype,
+    metadata: Mapping[str, str] | None = None,
+    layout: str = "bfl",
 ) -> Path:
-    """The transformer as one .safetensors file in BFL's layout (bare names), every weight cast to `dtype`, written
-    atomically and streamed; `metadata` joins `krona_transformer` (class, layout, config)."""
+    """The transformer as one .safetensors file in its makers' `layout` (bare names): BFL's for FLUX.1, Stability's
+    MMDiT for SD3 (formats/mmdit_layout.py), every weight cast to `dtype`, written atomically and streamed;
+    `metadata` joins `krona_transformer` (class, layout, config)."""
     if dtype not in _DTYPES:
         raise KronaError(f"cannot write a transformer in {dtype}; use fp32, fp16 or bf16")
     state = transformer.state_dict()
@@ -83,9 +92,9 @@ def save_transformer_file(
             "the transformer has weights that are not floating point (a quantized base?); load the base in full "
             "precision to write a single file"
         )
-    tensors = diffusers_to_bfl(state, concatenate=_Stacked)
+    tensors = _LAYOUTS[layout](state, concatenate=_Stacked)
     config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}  # no `_name_or_path`
-    described = {"class": type(transformer).__name__, "layout": "bfl", "config": config}
+    described = {"class": type(transformer).__name__, "layout": layout, "config": config}
     metadata = {**(metadata or {}), METADATA_KEY: json.dumps(described)}
 
     def stream(f) -> None:

@@ -191,7 +191,7 @@ def save_merged_file(pipe, architecture: str, path: Path, dtype: torch.dtype, su
     family = families.find(architecture)
     if merged_file_components(architecture) is not None:
         denoiser = getattr(pipe, family.denoiser)
-        save_transformer_file(denoiser, path, dtype, {"krona_merge": json.dumps(summary)})
+        save_transformer_file(denoiser, path, dtype, {"krona_merge": json.dumps(summary)}, family.single_file.layout)
         return family.single_file.holds
     metadata = {METADATA_KEY: json.dumps(pipeline_description(pipe)), "krona_merge": json.dumps(summary)}
     save_single_file(pipe, path, dtype, metadata)
