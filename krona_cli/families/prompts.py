@@ -22,17 +22,21 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int | None = None):
 @dataclass(frozen=True)
 class Conditioning:
     """Prompt embeddings of N prompts: `embeds` (N, tokens, width) the denoiser attends to, `pooled` (N, width) or
-    None. A cache keeps `row(i)`s and `stack` puts rows together again."""
+    None, and `mask` (N, tokens) of the real tokens where the denoiser reads those alone (Z-Image), else None. A cache
+    keeps `row(i)`s and `stack` puts rows together again."""
 
     embeds: Any
     pooled: Any = None
+    mask: Any = None
 
     def row(self, i: int) -> Conditioning:
-        return Conditioning(self.embeds[i], None if self.pooled is None else self.pooled[i])
+        return Conditioning(*(None if part is None else part[i] for part in (self.embeds, self.pooled, self.mask)))
 
     @staticmethod
     def stack(rows: Sequence[Conditioning]) -> Conditioning:
         import torch
 
-        pooled = None if rows[0].pooled is None else torch.stack([r.pooled for r in rows])
-        return Conditioning(torch.stack([r.embeds for r in rows]), pooled)
+        def stacked(parts):
+            return None if parts[0] is None else torch.stack(parts)
+
+        return Conditioning(*(stacked([getattr(r, name) for r in rows]) for name in ("embeds", "pooled", "mask")))
