@@ -78,3 +78,10 @@ def captured_pipes(monkeypatch):
 
     monkeypatch.setattr(models, "load_pipeline", load)
     return pipes
+
+
+@pytest.fixture(scope="session")
+def tiny_z_image_dir(tmp_path_factory):
+    from krona_cli.pipeline.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "z-image", "z-image")

@@ -48,6 +48,7 @@ SMALL_TRAIN = [
 
 
 SD35 = ("stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large")
+Z_IMAGE = "Tongyi-MAI/Z-Image"
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,7 @@ def hub_cache(tmp_path_factory):
     sd3 = make_tiny(root / "sd3", arch="sd3")
     for repo in SD35:
         put_in_hub_cache(sd3, repo, cache)
+    put_in_hub_cache(make_tiny(root / "z-image", arch="z-image"), Z_IMAGE, cache)
     put_in_hub_cache(make_tiny_clip(root / "clip"), "openai/clip-vit-base-patch32", cache)
     put_in_hub_cache(make_tiny_dino(root / "dino"), "facebook/dino-vits16", cache)
     return cache
@@ -180,24 +182,25 @@ def test_sd_hub_ids_train_and_sample_offline(hub_cache, tmp_path, repo):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("repo", SD35)
-def test_sd35_hub_ids_train_sample_merge_and_export_offline(hub_cache, tmp_path, repo):
-    """SD3.5 Medium and Large by their hub ids, offline from the cache, from another folder in a fresh shell: a run
-    with prior preservation (class images drawn by the model), then every command on its adapter (merged into a
-    folder and into the single transformer file)."""
+@pytest.mark.parametrize("repo", [*SD35, Z_IMAGE])
+def test_sd35_and_z_image_hub_ids_train_sample_merge_and_export_offline(hub_cache, tmp_path, repo):
+    """SD3.5 Medium and Large and Z-Image by their hub ids, offline from the cache, from another folder in a fresh
+    shell: a run with prior preservation (class images drawn by the model), then every command on its adapter
+    (merged into a folder and into the single transformer file)."""
     env = fresh_shell(hub_cache)
     args = ["--pretrained-model", repo, "--instance-dir", str(EXAMPLES), "--prompt", "a photo of sks cat"]
     args += ["--class-prompt", "a photo of a cat", "--output-dir", "run", *SMALL_TRAIN]
     done = krona(["train", *args], tmp_path, env)
     said = " ".join(done.stdout.split())  # rich wraps long lines at the terminal's width
-    assert f"{repo} (sd3, flow-matching)" in said and "transformer alone, in Stability's MMDiT layout" in said
+    arch, layout = ("z-image", "its original layout") if repo == Z_IMAGE else ("sd3", "Stability's MMDiT layout")
+    assert f"{repo} ({arch}, flow-matching)" in said and f"transformer alone, in {layout}" in said
     adapter = ["--adapter", "run/adapter.safetensors"]
     krona(["sample", *adapter, "--prompt", "sks cat", "-n", "1", "--sample-steps", "2"], tmp_path, env)
     krona(["merge", *adapter, "--output-dir", "merged"], tmp_path, env)
     krona(["merge", *adapter, "--pretrained-model", repo, "--output", "merged.safetensors"], tmp_path, env)
     krona(["export", *adapter, "--to", "lycoris", "--output", "lokr.safetensors"], tmp_path, env)
     shown = krona(["inspect", "lokr.safetensors"], tmp_path, env).stdout
-    assert repo in shown and "sd3" in shown and "transformer" in shown
+    assert repo in shown and arch in shown and "transformer" in shown
     assert (tmp_path / "merged" / "transformer").is_dir() and (tmp_path / "merged.safetensors").is_file()
     assert len(list((tmp_path / "run").rglob("class*/*.png"))) == 2
 

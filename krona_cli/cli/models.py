@@ -13,7 +13,9 @@ from .app import command, console, locked
 Directory = Annotated[
     Path, typer.Argument(help="Folder to write the pipeline to (created, or replaced with --overwrite).")
 ]
-Arch = Annotated[str, typer.Option(help="Architecture: sdxl, sd15 or flux (make-tiny also: flux-schnell, sd3).")]
+Arch = Annotated[
+    str, typer.Option(help="Architecture: sdxl, sd15 or flux (make-tiny also: flux-schnell, sd3, z-image).")
+]
 
 
 @command("make-tiny")

@@ -225,7 +225,7 @@ def next_steps(adapter: Path, prompt: str, name: str, family) -> str:
     a = shlex.quote(str(adapter))
     merge = f"--output {shlex.quote(name + '.safetensors')}   # one checkpoint for A1111, Forge, ComfyUI"
     if family.single_file.denoiser_only:
-        merge = f"--output {shlex.quote(name + '.safetensors')}   # {family.single_file.holds}, for ComfyUI and Forge"
+        merge = f"--output {shlex.quote(name + '.safetensors')}   # {family.single_file.holds}, for ComfyUI"
     return (
         "next:\n"
         f"  krona sample --adapter {a} --prompt {shlex.quote(prompt)} -n 4\n"

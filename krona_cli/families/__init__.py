@@ -15,8 +15,9 @@ from .sd2 import SD2
 from .sd3 import SD3
 from .sd15 import SD15
 from .sdxl import SDXL
+from .z_image import Z_IMAGE
 
-FAMILIES: tuple[Family, ...] = (SDXL, SD15, SD2, FLUX, SD3)
+FAMILIES: tuple[Family, ...] = (SDXL, SD15, SD2, FLUX, SD3, Z_IMAGE)
 _BY_NAME = {f.name: f for f in FAMILIES}
 
 __all__ = [

@@ -192,8 +192,8 @@ class FlowMatch:
 
     def model_timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:
         """The float32 timesteps the transformer receives: the scheduler's timestep σ·N divided by `time_divisor`:
-        1000 for FLUX.1, as the DreamBooth script passes them (its transformer multiplies by 1000 again), 1 for SD3,
-        whose transformer takes the scheduler's own."""
+        1000 for FLUX.1, as the DreamBooth script passes them (its transformer multiplies by 1000 again), 1 for SD3 and
+        Z-Image, whose transformers take the scheduler's own (Z-Image: as 1 − σ, families/z_image.py)."""
         timesteps = torch.as_tensor(sigmas, dtype=torch.float32) * self.num_train_timesteps
         return timesteps / self.time_divisor
 

@@ -23,6 +23,7 @@ import torch
 from ..atomic import write_atomic
 from ..errors import KronaError
 from ..formats.bfl_layout import BFL_PREFIX, bfl_to_diffusers, diffusers_to_bfl
+from ..formats.lumina_layout import diffusers_to_lumina
 from ..formats.mmdit_layout import diffusers_to_mmdit
 
 TRANSFORMER_CLASS = "FluxTransformer2DModel"  # diffusers' class of what these files hold
@@ -42,7 +43,7 @@ def transformer_layout(keys: Iterable[str]) -> str | None:
     return None
 
 
-_LAYOUTS = {"bfl": diffusers_to_bfl, "mmdit": diffusers_to_mmdit}
+_LAYOUTS = {"bfl": diffusers_to_bfl, "mmdit": diffusers_to_mmdit, "lumina": diffusers_to_lumina}
 
 
 class _Stacked:
@@ -80,7 +81,8 @@ def save_transformer_file(
     layout: str = "bfl",
 ) -> Path:
     """The transformer as one .safetensors file in its makers' `layout` (bare names): BFL's for FLUX.1, Stability's
-    MMDiT for SD3 (formats/mmdit_layout.py), every weight cast to `dtype`, written atomically and streamed;
+    MMDiT for SD3 (formats/mmdit_layout.py), Lumina 2's for Z-Image (lumina_layout.py), every weight cast to `dtype`,
+    written atomically and streamed;
     `metadata` joins `krona_transformer` (class, layout, config)."""
     if dtype not in _DTYPES:
         raise KronaError(f"cannot write a transformer in {dtype}; use fp32, fp16 or bf16")

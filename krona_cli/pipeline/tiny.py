@@ -48,8 +48,8 @@ __all__ = [
 ]
 
 #: Architectures :func:`make_tiny` and :func:`build_tiny_pipeline` can build (FLUX's in tiny_flux.py, SD3's in
-#: tiny_sd3.py).
-_ARCHS = ("sdxl", "sd15", "flux", "flux-schnell", "sd3")
+#: tiny_sd3.py, Z-Image's in tiny_z_image.py).
+_ARCHS = ("sdxl", "sd15", "flux", "flux-schnell", "sd3", "z-image")
 
 
 # Words typical of text-to-image and DreamBooth prompts. Every word here becomes a single token, as common
@@ -241,7 +241,7 @@ def _sd15_unet(text_width: int) -> UNet2DConditionModel:
 def build_tiny_pipeline(arch: str = "sdxl", seed: int = 0) -> StableDiffusionXLPipeline | StableDiffusionPipeline:
     """Build a tiny random-weight pipeline in memory: ``StableDiffusionXLPipeline`` for ``"sdxl"``,
     ``StableDiffusionPipeline`` for ``"sd15"``, ``FluxPipeline`` for ``"flux"`` (dev-like) and ``"flux-schnell"``,
-    ``StableDiffusion3Pipeline`` (SD3.5 Medium-like) for ``"sd3"``.
+    ``StableDiffusion3Pipeline`` (SD3.5 Medium-like) for ``"sd3"``, ``ZImagePipeline`` for ``"z-image"``.
 
     Weights are drawn under ``torch.manual_seed(seed)`` inside a forked RNG, so the same seed always gives the same
     weights and the caller's global RNG state is left untouched.
@@ -259,6 +259,10 @@ def build_tiny_pipeline(arch: str = "sdxl", seed: int = 0) -> StableDiffusionXLP
         from .tiny_sd3 import build_tiny_sd3_pipeline
 
         return build_tiny_sd3_pipeline(seed)
+    if arch == "z-image":
+        from .tiny_z_image import build_tiny_z_image_pipeline
+
+        return build_tiny_z_image_pipeline(seed)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

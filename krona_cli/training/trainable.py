@@ -108,6 +108,11 @@ def trainable_adapter(
     encoders if asked). `targets` names one of the family's presets or is a regular expression; `init` is how
     Kronecker factor A starts (`KronLinear.reset_parameters`)."""
     models = {family.denoiser: getattr(pipe, family.denoiser)}
+    if train_text_encoder and not family.trained_text():
+        raise KronaError(
+            f"--train-text-encoder: krona adapts no text encoder of {family.title} models (theirs stays frozen, as in "
+            "diffusers' training script); leave it out"
+        )
     text = family.trained_text() if train_text_encoder else ()
     models.update({c: getattr(pipe, c) for c in text if getattr(pipe, c, None) is not None})
     for model in models.values():
