@@ -74,7 +74,7 @@ class SingleFile:
     vae: str | None = None  # the shipped configs (configs/models/) besides its components' that a whole file is read
     scheduler: str | None = None  # with when it does not carry krona's description
     refused: str | None = None  # why krona cannot write a whole file of it, in a message's words (None: it can)
-    layout: str = "bfl"  # denoiser_only: its makers' layout (pipeline/flux_file.py): "bfl", "mmdit", "lumina"
+    layout: str = "bfl"  # denoiser_only: its makers' layout (pipeline/flux_file.py): bfl, bfl2, mmdit, lumina
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,11 @@ class Family(ABC):
         """Text-encoder layers whose output the denoiser never reads, by component (they cannot learn, and DDP would
         wait for their gradients)."""
         return {}
+
+    def normalise_latents(self, vae, z):
+        """VAE latents `z` (B, C, H, W) as the denoiser reads them: (z − shift_factor) · scaling_factor."""
+        shift = getattr(vae.config, "shift_factor", None)
+        return (z - shift) * vae.config.scaling_factor if shift is not None else z * vae.config.scaling_factor
 
     def unused_denoiser_layers(self, linears: Iterable[str]) -> tuple[str, ...]:
         """Those of the denoiser's linear layers (`linears`: their names) whose output it never uses: they cannot

@@ -86,8 +86,6 @@ class Encoder:
         self.latents: dict[tuple[str, int, Bucket], tuple[torch.Tensor, torch.Tensor, tuple]] = {}
         self.caching = False  # with cached latents, items encoded for another bucket are kept too
         self.embeds: dict[str, Conditioning] = {}
-        vae = pipe.vae.config
-        self.scaling, self.shift = vae.scaling_factor, getattr(vae, "shift_factor", None)
 
     @torch.no_grad()
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +118,8 @@ class Encoder:
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), [r[2] for r in rows], captions
 
     def scale(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.shift) * self.scaling if self.shift is not None else z * self.scaling
+        """VAE latents as the denoiser reads them (the family says how)."""
+        return self.family.normalise_latents(self.pipe.vae, z)
 
     def cache_prompts(self, prompts) -> None:
         with torch.no_grad():
