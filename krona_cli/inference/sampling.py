@@ -16,6 +16,7 @@ Library code: raises KronaError, never prints; progress is reported through a ca
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import math
@@ -380,6 +381,10 @@ def render(
     config = config.validate().for_model(pipe)
     if not prompts:
         raise KronaError("no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    if config.negative_prompt and "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+        raise KronaError(
+            f"--negative-prompt: {type(pipe).__name__} takes none (it guides against the empty prompt); leave it out"
+        )
     width, height = image_size(pipe, config)
     seeds = config.seeds() if seeds is None else list(seeds)
     jobs = [(j, seed) for j in range(len(prompts)) for seed in seeds]  # prompt-major: rows fill in order
@@ -401,9 +406,10 @@ def render(
                     progress(_done + _n * min(1.0, (step + 1) / steps), total)
                 return kwargs
 
+            negative = {"negative_prompt": [config.negative_prompt] * len(batch)} if config.negative_prompt else {}
             result = pipe(
                 prompt=[prompts[j] for j, _ in batch],
-                negative_prompt=[config.negative_prompt] * len(batch) if config.negative_prompt else None,
+                **negative,
                 num_inference_steps=config.steps,
                 guidance_scale=config.guidance,
                 width=width,
