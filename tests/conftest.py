@@ -85,3 +85,10 @@ def tiny_z_image_dir(tmp_path_factory):
     from krona_cli.pipeline.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "z-image", "z-image")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_dir(tmp_path_factory):
+    from krona_cli.pipeline.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "flux2", "flux2")

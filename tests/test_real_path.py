@@ -49,6 +49,7 @@ SMALL_TRAIN = [
 
 SD35 = ("stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large")
 Z_IMAGE = "Tongyi-MAI/Z-Image"
+KLEIN = ("black-forest-labs/FLUX.2-klein-4B", "black-forest-labs/FLUX.2-klein-9B")
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,9 @@ def hub_cache(tmp_path_factory):
     for repo in SD35:
         put_in_hub_cache(sd3, repo, cache)
     put_in_hub_cache(make_tiny(root / "z-image", arch="z-image"), Z_IMAGE, cache)
+    klein = make_tiny(root / "flux2", arch="flux2")
+    for repo in KLEIN:
+        put_in_hub_cache(klein, repo, cache)
     put_in_hub_cache(make_tiny_clip(root / "clip"), "openai/clip-vit-base-patch32", cache)
     put_in_hub_cache(make_tiny_dino(root / "dino"), "facebook/dino-vits16", cache)
     return cache
@@ -182,17 +186,21 @@ def test_sd_hub_ids_train_and_sample_offline(hub_cache, tmp_path, repo):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("repo", [*SD35, Z_IMAGE])
-def test_sd35_and_z_image_hub_ids_train_sample_merge_and_export_offline(hub_cache, tmp_path, repo):
-    """SD3.5 Medium and Large and Z-Image by their hub ids, offline from the cache, from another folder in a fresh
-    shell: a run with prior preservation (class images drawn by the model), then every command on its adapter
-    (merged into a folder and into the single transformer file)."""
+@pytest.mark.parametrize("repo", [*SD35, *KLEIN, Z_IMAGE])
+def test_transformer_families_hub_ids_train_sample_merge_and_export_offline(hub_cache, tmp_path, repo):
+    """SD3.5 Medium and Large, FLUX.2 [klein] 4B and 9B and Z-Image by their hub ids, offline from the cache, from
+    another folder in a fresh shell: a run with prior preservation (class images drawn by the model), then every
+    command on its adapter (merged into a folder and into the single transformer file)."""
     env = fresh_shell(hub_cache)
     args = ["--pretrained-model", repo, "--instance-dir", str(EXAMPLES), "--prompt", "a photo of sks cat"]
     args += ["--class-prompt", "a photo of a cat", "--output-dir", "run", *SMALL_TRAIN]
     done = krona(["train", *args], tmp_path, env)
     said = " ".join(done.stdout.split())  # rich wraps long lines at the terminal's width
-    arch, layout = ("z-image", "its original layout") if repo == Z_IMAGE else ("sd3", "Stability's MMDiT layout")
+    arch, layout = ("sd3", "Stability's MMDiT layout")
+    if repo in KLEIN:
+        arch, layout = "flux2", "Black Forest Labs' layout"
+    elif repo == Z_IMAGE:
+        arch, layout = "z-image", "its original layout"
     assert f"{repo} ({arch}, flow-matching)" in said and f"transformer alone, in {layout}" in said
     adapter = ["--adapter", "run/adapter.safetensors"]
     krona(["sample", *adapter, "--prompt", "sks cat", "-n", "1", "--sample-steps", "2"], tmp_path, env)

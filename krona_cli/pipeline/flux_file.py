@@ -22,6 +22,7 @@ import torch
 
 from ..atomic import write_atomic
 from ..errors import KronaError
+from ..formats.bfl2_layout import diffusers_to_bfl2
 from ..formats.bfl_layout import BFL_PREFIX, bfl_to_diffusers, diffusers_to_bfl
 from ..formats.lumina_layout import diffusers_to_lumina
 from ..formats.mmdit_layout import diffusers_to_mmdit
@@ -43,7 +44,12 @@ def transformer_layout(keys: Iterable[str]) -> str | None:
     return None
 
 
-_LAYOUTS = {"bfl": diffusers_to_bfl, "mmdit": diffusers_to_mmdit, "lumina": diffusers_to_lumina}
+_LAYOUTS = {
+    "bfl": diffusers_to_bfl,
+    "bfl2": diffusers_to_bfl2,
+    "mmdit": diffusers_to_mmdit,
+    "lumina": diffusers_to_lumina,
+}
 
 
 class _Stacked:
@@ -80,7 +86,8 @@ def save_transformer_file(
     metadata: Mapping[str, str] | None = None,
     layout: str = "bfl",
 ) -> Path:
-    """The transformer as one .safetensors file in its makers' `layout` (bare names): BFL's for FLUX.1, Stability's
+    """The transformer as one .safetensors file in its makers' `layout` (bare names): BFL's for FLUX.1 and FLUX.2
+    (bfl2_layout.py), Stability's
     MMDiT for SD3 (formats/mmdit_layout.py), Lumina 2's for Z-Image (lumina_layout.py), every weight cast to `dtype`,
     written atomically and streamed;
     `metadata` joins `krona_transformer` (class, layout, config)."""
