@@ -144,3 +144,23 @@ class TorchAtTinyWidth:
             h = tensor.shape[dim] // 7
             sizes = (h, h, h, 4 * h)
         return torch.split(tensor, sizes, dim)
+
+
+def record_losses(monkeypatch, diffusers_loss, **script) -> list:
+    """Make every training loss also be computed by `diffusers_loss(pipe, denoiser, latents, noise, sigmas, captions,
+    **script)` on that micro-batch's own draws, before the step changes the adapter; returns the list that collects
+    (sigmas, krona's loss, diffusers') per micro-batch."""
+    from krona_cli.training.run import Run
+
+    seen, original = [], Run.loss
+
+    def spy(run, micro):
+        latents, noise, sigmas, _, captions = run.batch(micro)  # this step's draws, made again: they depend on it
+        with torch.no_grad():
+            expected = diffusers_loss(run.encoder.pipe, run.denoiser, latents, noise, sigmas, captions, **script)
+        loss = original(run, micro)
+        seen.append((sigmas, loss.detach(), expected))
+        return loss
+
+    monkeypatch.setattr(Run, "loss", spy)
+    return seen

@@ -101,7 +101,7 @@ def test_flux_takes_a_runs_flow_matching_settings_and_the_sd_families_refuse_the
     with pytest.raises(KronaError, match=r"^--max-sequence-length is at most 512 \(FLUX\.1's T5 context\)$"):
         flux.configured(max_sequence_length=513)
     assert families.get("sdxl").configured(guidance=None) == families.get("sdxl")
-    expected = r"^--max-sequence-length applies to flow-matching models \(FLUX\.1\), not SDXL; leave it out$"
+    expected = r"^--max-sequence-length does not apply to SDXL models; leave it out$"
     with pytest.raises(KronaError, match=expected):
         families.get("sdxl").configured(max_sequence_length=77)
 

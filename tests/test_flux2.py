@@ -7,13 +7,13 @@ import re
 
 import pytest
 import torch
+from helpers import record_losses
 from safetensors.torch import load_file
 from test_train import CLASS_PROMPT, config
 
 from krona_cli import families
 from krona_cli.cli import main
 from krona_cli.errors import KronaError
-from krona_cli.training.run import Run
 from krona_cli.training.train import train
 
 FLUX2 = families.get("flux2")
@@ -66,20 +66,7 @@ def diffusers_loss(pipe, transformer, latents, noise, sigmas, captions, scheme="
 def test_the_loss_of_a_training_batch_is_the_one_diffusers_helpers_compute(
     tiny_flux2_dir, tmp_path, monkeypatch, scheme
 ):
-    seen = []
-    original = Run.loss
-
-    def spy(run, micro):
-        latents, noise, sigmas, _, captions = run.batch(micro)
-        with torch.no_grad():
-            expected = diffusers_loss(
-                run.encoder.pipe, run.denoiser, latents, noise, sigmas, captions, scheme or "none"
-            )
-        loss = original(run, micro)
-        seen.append((sigmas, loss.detach(), expected))
-        return loss
-
-    monkeypatch.setattr(Run, "loss", spy)
+    seen = record_losses(monkeypatch, diffusers_loss, scheme=scheme or "none")
     train(config(tiny_flux2_dir, tmp_path / "run", steps=2, batch_size=2, weighting_scheme=scheme))
     assert len(seen) == 2
     for sigmas, loss, expected in seen:

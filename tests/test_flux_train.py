@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 import torch
+from helpers import record_losses
 from safetensors.torch import load_file
 from test_train import CLASS_PROMPT, PROMPT, config
 
 from krona_cli.training.config import load_config
-from krona_cli.training.run import Run
 from krona_cli.training.train import train
 
 
@@ -53,23 +53,12 @@ def diffusers_loss(pipe, transformer, latents, noise, sigmas, captions, scheme="
 def test_the_loss_of_a_training_batch_is_the_one_diffusers_helpers_compute(
     tiny_flux_dir, tmp_path, monkeypatch, settings
 ):
-    seen = []
     script = {
         "scheme": settings.get("weighting_scheme", "none"),
         "guidance": settings.get("guidance", 3.5),
         "tokens": settings.get("max_sequence_length", 512),
     }
-    original = Run.loss
-
-    def spy(run, micro):
-        latents, noise, sigmas, _, captions = run.batch(micro)  # this step's draws, made again: they depend on it
-        with torch.no_grad():  # before the step changes the adapter
-            expected = diffusers_loss(run.encoder.pipe, run.denoiser, latents, noise, sigmas, captions, **script)
-        loss = original(run, micro)
-        seen.append((sigmas, loss.detach(), expected))
-        return loss
-
-    monkeypatch.setattr(Run, "loss", spy)
+    seen = record_losses(monkeypatch, diffusers_loss, **script)
     train(config(tiny_flux_dir, tmp_path / "run", steps=3, batch_size=2, lr=1e-2, **settings))
     assert len(seen) == 3
     for sigmas, loss, expected in seen:

@@ -4,10 +4,10 @@ samples work."""
 
 import pytest
 import torch
+from helpers import record_losses
 from safetensors.torch import load_file
 from test_train import CLASS_PROMPT, PROMPT, config
 
-from krona_cli.training.run import Run
 from krona_cli.training.train import train
 
 
@@ -50,22 +50,10 @@ def test_the_scheduler_timesteps_are_the_ones_krona_draws_from(tiny_sd3_dir):
 def test_the_loss_of_a_training_batch_is_the_one_diffusers_helpers_compute(
     tiny_sd3_dir, tmp_path, monkeypatch, settings
 ):
-    seen = []
-    script = {
-        "scheme": settings.get("weighting_scheme", "logit_normal"),
-        "tokens": settings.get("max_sequence_length", 77),
-    }
-    original = Run.loss
-
-    def spy(run, micro):
-        latents, noise, sigmas, _, captions = run.batch(micro)  # this step's draws, made again: they depend on it
-        with torch.no_grad():  # before the step changes the adapter
-            expected = diffusers_loss(run.encoder.pipe, run.denoiser, latents, noise, sigmas, captions, **script)
-        loss = original(run, micro)
-        seen.append((sigmas, loss.detach(), expected))
-        return loss
-
-    monkeypatch.setattr(Run, "loss", spy)
+    tokens = settings.get("max_sequence_length", 77)
+    seen = record_losses(
+        monkeypatch, diffusers_loss, scheme=settings.get("weighting_scheme", "logit_normal"), tokens=tokens
+    )
     train(config(tiny_sd3_dir, tmp_path / "run", steps=3, batch_size=2, lr=1e-2, **settings))
     assert len(seen) == 3
     for sigmas, loss, expected in seen:

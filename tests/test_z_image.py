@@ -4,12 +4,12 @@ reads back, and the settings Z-Image has no use for are refused."""
 
 import pytest
 import torch
+from helpers import record_losses
 from safetensors.torch import load_file
 from test_train import CLASS_PROMPT, PROMPT, config
 
 from krona_cli.cli import main
 from krona_cli.errors import KronaError
-from krona_cli.training.run import Run
 from krona_cli.training.train import train
 
 
@@ -36,26 +36,13 @@ def diffusers_loss(pipe, transformer, latents, noise, sigmas, captions, scheme="
 def test_the_loss_of_a_training_batch_is_the_one_diffusers_helpers_compute(
     tiny_z_image_dir, tmp_path, monkeypatch, scheme
 ):
-    seen = []
-    original = Run.loss
-
-    def spy(run, micro):
-        latents, noise, sigmas, _, captions = run.batch(micro)
-        with torch.no_grad():
-            expected = diffusers_loss(
-                run.encoder.pipe, run.denoiser, latents, noise, sigmas, captions, scheme or "none"
-            )
-            unnegated = diffusers_loss(run.encoder.pipe, run.denoiser, latents, noise, sigmas, captions, negate=False)
-        loss = original(run, micro)
-        seen.append((loss.detach(), expected, unnegated))
-        return loss
-
-    monkeypatch.setattr(Run, "loss", spy)
+    seen = record_losses(monkeypatch, diffusers_loss, scheme=scheme or "none")
+    unnegated = record_losses(monkeypatch, diffusers_loss, scheme=scheme or "none", negate=False)
     train(config(tiny_z_image_dir, tmp_path / "run", steps=2, batch_size=2, weighting_scheme=scheme))
-    assert len(seen) == 2
-    for loss, expected, unnegated in seen:
+    assert len(seen) == len(unnegated) == 2
+    for (_, loss, expected), (_, _, other) in zip(seen, unnegated):
         torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
-        assert not torch.isclose(loss, unnegated, rtol=1e-5)  # the check (1e-6) can tell the output's sign
+        assert not torch.isclose(loss, other, rtol=1e-5)  # the check (1e-6) can tell the output's sign
 
 
 def test_a_resumed_z_image_run_is_bit_identical_to_a_straight_one(tiny_z_image_dir, tmp_path):

@@ -118,11 +118,11 @@ class Family(ABC):
 
     def configured(self, **settings) -> Family:
         """The family with a run's family-specific settings (flag name -> value; None: not given). The SD families
-        take none: one line naming the first given."""
+        take none, and a family refuses those it has no use for: one line naming the first given."""
         given = [name for name, value in settings.items() if value is not None]
         if given:
             flag = "--" + given[0].replace("_", "-")
-            raise KronaError(f"{flag} applies to flow-matching models (FLUX.1), not {self.title}; leave it out")
+            raise KronaError(f"{flag} does not apply to {self.title} models; leave it out")
         return self
 
     @abstractmethod

@@ -14,7 +14,6 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..errors import KronaError
 from ..kron.targets import TARGET_PRESETS
 from .base import Component, ConfigGet, Family, SamplerDefaults, SingleFile, UiNames
 from .prompts import Conditioning
@@ -42,9 +41,7 @@ class Flux2Family(Family):
     def configured(self, guidance=None, max_sequence_length=None, weighting_scheme=None) -> Flux2Family:
         """The family with a run's --weighting-scheme; --guidance and --max-sequence-length are refused ([klein] has
         no guidance input; the pipeline pads prompts to 512 tokens)."""
-        for flag, value in (("--guidance", guidance), ("--max-sequence-length", max_sequence_length)):
-            if value is not None:
-                raise KronaError(f"{flag} does not apply to FLUX.2 [klein] (FLUX.1 and SD3 take it); leave it out")
+        Family.configured(self, guidance=guidance, max_sequence_length=max_sequence_length)
         return dataclasses.replace(self, weighting=weighting_scheme) if weighting_scheme else self
 
     def matches_denoiser(self, get: ConfigGet) -> bool:

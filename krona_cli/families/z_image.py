@@ -13,7 +13,6 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..errors import KronaError
 from ..kron.targets import TARGET_PRESETS
 from .base import Component, ConfigGet, Family, SamplerDefaults, SingleFile, UiNames
 from .prompts import Conditioning
@@ -34,9 +33,7 @@ class ZImageFamily(Family):
     def configured(self, guidance=None, max_sequence_length=None, weighting_scheme=None) -> ZImageFamily:
         """The family with a run's --weighting-scheme; --guidance and --max-sequence-length are refused (no guidance
         input; the prompt's real tokens, up to 512, are what the model reads)."""
-        for flag, value in (("--guidance", guidance), ("--max-sequence-length", max_sequence_length)):
-            if value is not None:
-                raise KronaError(f"{flag} does not apply to Z-Image (FLUX.1 and SD3 take it); leave it out")
+        Family.configured(self, guidance=guidance, max_sequence_length=max_sequence_length)
         return dataclasses.replace(self, weighting=weighting_scheme) if weighting_scheme else self
 
     def matches_denoiser(self, get: ConfigGet) -> bool:

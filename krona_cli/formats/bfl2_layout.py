@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import KronaError
-from .bfl_layout import _concatenate, _swap_halves
+from .bfl_layout import concatenate_rows, fused_weights, swap_halves
 
 _TOP = {
     "x_embedder": "img_in",
@@ -60,7 +60,7 @@ def diffusers_to_bfl2(
 ) -> dict[str, Any]:
     """A diffusers Flux2Transformer2DModel state dict in BFL's names after `prefix` (`concatenate`: numpy's or
     torch's by default)."""
-    concatenate = concatenate or _concatenate
+    concatenate = concatenate or concatenate_rows
     out: dict[str, Any] = {}
     pending: dict[str, list[Any]] = {}
     for key, value in state.items():
@@ -75,11 +75,7 @@ def diffusers_to_bfl2(
         elif found and module in table:
             name = table[module]
             param = "scale" if name.endswith("_norm") else param
-            out[f"{where}{name}.{param}"] = _swap_halves(value, concatenate) if module == "norm_out.linear" else value
+            out[f"{where}{name}.{param}"] = swap_halves(value, concatenate) if module == "norm_out.linear" else value
         else:
             raise KronaError(f"{key!r} is not a weight of a FLUX.2 transformer (diffusers' Flux2Transformer2DModel)")
-    for key, parts in pending.items():
-        if any(part is None for part in parts):
-            raise KronaError(f"{key!r} cannot be written: some of the diffusers weights it stacks are missing")
-        out[key] = concatenate(parts)
-    return out
+    return out | fused_weights(pending, concatenate)

@@ -148,7 +148,7 @@ def bfl_slices(
     return b_block + fused, start, start + rows[position]
 
 
-def _concatenate(parts: Sequence[Any]) -> Any:
+def concatenate_rows(parts: Sequence[Any]) -> Any:
     """Rows stacked: numpy arrays with numpy, torch tensors with torch (imported only then)."""
     if type(parts[0]).__module__.startswith("numpy"):
         import numpy
@@ -159,10 +159,21 @@ def _concatenate(parts: Sequence[Any]) -> Any:
     return torch.cat(list(parts), dim=0)
 
 
-def _swap_halves(value: Any, concatenate: Callable[[Sequence[Any]], Any]) -> Any:
+def swap_halves(value: Any, concatenate: Callable[[Sequence[Any]], Any]) -> Any:
     """The two halves of the rows exchanged (BFL's (shift, scale) <-> diffusers' (scale, shift)); its own inverse."""
     half = value.shape[0] // 2
     return concatenate([value[half:], value[:half]])
+
+
+def fused_weights(pending: Mapping[str, list[Any]], concatenate: Callable[[Sequence[Any]], Any]) -> dict[str, Any]:
+    """Each fused weight of another layout stacked from its diffusers parts (`pending`: key -> the parts in order, None
+    where one was not given: an error naming the weight)."""
+    out = {}
+    for key, parts in pending.items():
+        if any(part is None for part in parts):
+            raise KronaError(f"{key!r} cannot be written: some of the diffusers weights it stacks are missing")
+        out[key] = concatenate(parts)
+    return out
 
 
 def diffusers_to_bfl(
@@ -171,7 +182,7 @@ def diffusers_to_bfl(
     """A diffusers FluxTransformer2DModel state dict in BFL's layout (q/k/v and the single blocks' MLP input fused,
     the final modulation's halves swapped), every name after `prefix` (`BFL_PREFIX` for a whole checkpoint's).
     `concatenate` stacks arrays by rows (default: numpy's or torch's, by the arrays' type)."""
-    concatenate = concatenate or _concatenate
+    concatenate = concatenate or concatenate_rows
     out: dict[str, Any] = {}
     pending: dict[str, list[Any]] = {}  # fused BFL key -> its parts, in order
     for key, value in state.items():
@@ -181,18 +192,14 @@ def diffusers_to_bfl(
             out[prefix + b_block + _NORMS[scope][rest]] = value
         elif module in _RENAMES[scope]:
             name = _RENAMES[scope][module]
-            out[prefix + b_block + f"{name}.{param}"] = _swap_halves(value, concatenate) if name == _SWAPPED else value
+            out[prefix + b_block + f"{name}.{param}"] = swap_halves(value, concatenate) if name == _SWAPPED else value
         elif module in _PART_OF[scope]:
             fused, position = _PART_OF[scope][module]
             parts = pending.setdefault(prefix + b_block + f"{fused}.{param}", [None] * len(_FUSED[scope][fused]))
             parts[position] = value
         else:
             raise KronaError(f"{key!r} is not a weight of a FLUX.1 transformer (diffusers' FluxTransformer2DModel)")
-    for key, parts in pending.items():
-        if any(part is None for part in parts):
-            raise KronaError(f"{key!r} cannot be written: some of the diffusers weights it stacks are missing")
-        out[key] = concatenate(parts)
-    return out
+    return out | fused_weights(pending, concatenate)
 
 
 def _hidden_size(state: Mapping[str, Any]) -> int | None:
@@ -234,7 +241,7 @@ def bfl_to_diffusers(state: Mapping[str, Any], hidden_size: int | None = None) -
             out[d_block + _NORMS_BACK[scope][rest]] = value
         elif module in _RENAMES_BACK[scope]:
             out[d_block + f"{_RENAMES_BACK[scope][module]}.{param}"] = (
-                _swap_halves(value, _concatenate) if module == _SWAPPED else value
+                swap_halves(value, concatenate_rows) if module == _SWAPPED else value
             )
         elif module in _FUSED[scope]:
             start = 0

@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..errors import KronaError
-from .bfl_layout import _concatenate
+from .bfl_layout import concatenate_rows, fused_weights
 
 _RENAMES = (
     ("all_final_layer.2-1.", "final_layer."),
@@ -27,7 +26,7 @@ def diffusers_to_lumina(
 ) -> dict[str, Any]:
     """A diffusers ZImageTransformer2DModel state dict in the original names after `prefix`, q/k/v fused by rows
     (`concatenate`: numpy's or torch's by default)."""
-    concatenate = concatenate or _concatenate
+    concatenate = concatenate or concatenate_rows
     out: dict[str, Any] = {}
     pending: dict[str, list[Any]] = {}
     for key, value in state.items():
@@ -40,8 +39,4 @@ def diffusers_to_lumina(
         for old, new in _RENAMES:
             name = name.replace(old, new)
         out[prefix + name] = value
-    for key, parts in pending.items():
-        if any(part is None for part in parts):
-            raise KronaError(f"{key!r} cannot be written: some of the diffusers weights it stacks are missing")
-        out[key] = concatenate(parts)
-    return out
+    return out | fused_weights(pending, concatenate)

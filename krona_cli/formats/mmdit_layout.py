@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import KronaError
-from .bfl_layout import _concatenate, _swap_halves
+from .bfl_layout import concatenate_rows, fused_weights, swap_halves
 
 # diffusers module (inside transformer_blocks.N) -> (MMDiT module inside joint_blocks.N, position in its fused qkv)
 _FUSED = {
@@ -68,7 +68,7 @@ def diffusers_to_mmdit(
     """A diffusers SD3Transformer2DModel state dict in Stability's MMDiT names after `prefix`, q/k/v fused and the
     halves of the last block's text modulation and of the final modulation swapped. `concatenate` stacks arrays by rows
     (default: numpy's or torch's)."""
-    concatenate = concatenate or _concatenate
+    concatenate = concatenate or concatenate_rows
     last = _last_block(state)
     out: dict[str, Any] = {}
     pending: dict[str, list[Any]] = {}
@@ -79,7 +79,7 @@ def diffusers_to_mmdit(
             if module not in _TOP:
                 raise KronaError(f"{key!r} is not a weight of an SD3 transformer (diffusers' SD3Transformer2DModel)")
             name = _TOP[module] + (f".{param}" if param else "")
-            out[prefix + name] = _swap_halves(value, concatenate) if module == "norm_out.linear" else value
+            out[prefix + name] = swap_halves(value, concatenate) if module == "norm_out.linear" else value
             continue
         index, module, param = int(block[1]), block[2], block[3]
         where = f"joint_blocks.{index}."
@@ -88,11 +88,7 @@ def diffusers_to_mmdit(
             pending.setdefault(f"{prefix}{where}{fused}.{param}", [None] * 3)[position] = value
         elif module in _BLOCK:
             swap = module == "norm1_context.linear" and index == last
-            out[f"{prefix}{where}{_BLOCK[module]}.{param}"] = _swap_halves(value, concatenate) if swap else value
+            out[f"{prefix}{where}{_BLOCK[module]}.{param}"] = swap_halves(value, concatenate) if swap else value
         else:
             raise KronaError(f"{key!r} is not a weight of an SD3 transformer (diffusers' SD3Transformer2DModel)")
-    for key, parts in pending.items():
-        if any(part is None for part in parts):
-            raise KronaError(f"{key!r} cannot be written: some of the diffusers weights it stacks are missing")
-        out[key] = concatenate(parts)
-    return out
+    return out | fused_weights(pending, concatenate)

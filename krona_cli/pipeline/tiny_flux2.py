@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
 from .tiny_flux import flux_scheduler
-from .tiny_z_image import build_qwen_tokenizer
+from .tiny_z_image import build_qwen_tokenizer, qwen3_config
 
 _TEXT_WIDTH = 16
 
@@ -37,18 +37,7 @@ def build_tiny_flux2_pipeline(seed: int = 0) -> Flux2KleinPipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = build_qwen_tokenizer()
-        text = Qwen3Config(
-            vocab_size=len(tokenizer),
-            hidden_size=_TEXT_WIDTH,
-            intermediate_size=2 * _TEXT_WIDTH,
-            num_hidden_layers=27,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=512,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=True,
-        )
+        text = qwen3_config(tokenizer, _TEXT_WIDTH, layers=27, tie_word_embeddings=True)
         transformer = Flux2Transformer2DModel(
             in_channels=128,
             num_layers=2,

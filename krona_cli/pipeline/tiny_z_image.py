@@ -38,6 +38,23 @@ def build_qwen_tokenizer() -> Qwen2Tokenizer:
     )
 
 
+def qwen3_config(tokenizer: Qwen2Tokenizer, width: int, layers: int, **more) -> Qwen3Config:
+    """A Qwen3 text model's config `width` wide (2 heads, as many key/value heads) and `layers` deep, its vocabulary
+    and pad id the tokenizer's."""
+    return Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=width // 2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        **more,
+    )
+
+
 def _transformer() -> ZImageTransformer2DModel:
     model = ZImageTransformer2DModel(
         in_channels=16,
@@ -61,21 +78,10 @@ def build_tiny_z_image_pipeline(seed: int = 0) -> ZImagePipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = build_qwen_tokenizer()
-        config = Qwen3Config(
-            vocab_size=len(tokenizer),
-            hidden_size=_WIDTH,
-            intermediate_size=2 * _WIDTH,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=512,
-            pad_token_id=tokenizer.pad_token_id,
-        )
         return ZImagePipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0),
             vae=tiny_vae(0.3611, 16, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
-            text_encoder=Qwen3Model(config),
+            text_encoder=Qwen3Model(qwen3_config(tokenizer, _WIDTH, layers=2)),
             tokenizer=tokenizer,
             transformer=_transformer(),
         )
