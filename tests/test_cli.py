@@ -24,7 +24,7 @@ def test_make_tiny_command_writes_a_pipeline_folder(tmp_path, capsys):
 
 
 def test_make_tiny_bad_arch_is_one_line_and_exit_2(tmp_path, capsys):
-    assert main(["make-tiny", str(tmp_path / "x"), "--arch", "flux2"]) == 2
+    assert main(["make-tiny", str(tmp_path / "x"), "--arch", "flux9"]) == 2
     err = capsys.readouterr().err
     assert "sdxl" in err and "flux-schnell" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
