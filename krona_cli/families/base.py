@@ -74,7 +74,9 @@ class SingleFile:
     vae: str | None = None  # the shipped configs (configs/models/) besides its components' that a whole file is read
     scheduler: str | None = None  # with when it does not carry krona's description
     refused: str | None = None  # why krona cannot write a whole file of it, in a message's words (None: it can)
-    layout: str = "bfl"  # denoiser_only: its makers' layout (pipeline/flux_file.py): bfl, bfl2, mmdit, lumina
+    layout: str = (
+        "bfl"  # denoiser_only: its makers' layout (pipeline/flux_file.py): bfl, bfl2, mmdit, lumina, diffusers
+    )
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,15 @@ class Family(ABC):
         """Text-encoder layers whose output the denoiser never reads, by component (they cannot learn, and DDP would
         wait for their gradients)."""
         return {}
+
+    def encode_pixels(self, vae, pixels):
+        """The VAE's posterior of pixels (B, 3, H, W) in [-1, 1] (a family whose VAE takes frames says so)."""
+        return vae.encode(pixels).latent_dist
+
+    def guidance_kwargs(self, guidance: float, negative: list[str] | None, count: int) -> dict:
+        """The pipeline call's keywords for classifier-free guidance at `guidance` against `negative` (None: the
+        pipeline's own), for `count` images."""
+        return {"guidance_scale": guidance, **({"negative_prompt": negative} if negative else {})}
 
     def normalise_latents(self, vae, z):
         """VAE latents `z` (B, C, H, W) as the denoiser reads them: (z − shift_factor) · scaling_factor."""

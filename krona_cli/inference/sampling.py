@@ -389,7 +389,8 @@ def render(
     seeds = config.seeds() if seeds is None else list(seeds)
     jobs = [(j, seed) for j in range(len(prompts)) for seed in seeds]  # prompt-major: rows fill in order
     total = len(jobs)
-    call_kwargs = families.recognise_pipeline(pipe, type(pipe).__name__).call_kwargs(pipe)
+    family = families.recognise_pipeline(pipe, type(pipe).__name__)
+    call_kwargs = family.call_kwargs(pipe)
     original_scheduler = pipe.scheduler
     pipe.scheduler = make_scheduler(config.scheduler, pipe)
     images: dict[tuple[int, int], Image.Image] = {}
@@ -406,12 +407,11 @@ def render(
                     progress(_done + _n * min(1.0, (step + 1) / steps), total)
                 return kwargs
 
-            negative = {"negative_prompt": [config.negative_prompt] * len(batch)} if config.negative_prompt else {}
+            negative = [config.negative_prompt] * len(batch) if config.negative_prompt else None
             result = pipe(
                 prompt=[prompts[j] for j, _ in batch],
-                **negative,
+                **family.guidance_kwargs(config.guidance, negative, len(batch)),
                 num_inference_steps=config.steps,
-                guidance_scale=config.guidance,
                 width=width,
                 height=height,
                 generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in batch],

@@ -90,7 +90,7 @@ class Encoder:
     @torch.no_grad()
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         vae = self.pipe.vae
-        dist = vae.encode(to_device(pixels, self.device).to(vae.dtype)).latent_dist
+        dist = self.family.encode_pixels(vae, to_device(pixels, self.device).to(vae.dtype))
         return dist.mean.float(), dist.std.float()
 
     def cache_latents(self, name: str, dataset, chunk: int = 8) -> None:
