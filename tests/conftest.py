@@ -92,3 +92,10 @@ def tiny_flux2_dir(tmp_path_factory):
     from krona_cli.pipeline.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "flux2", "flux2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image_dir(tmp_path_factory):
+    from krona_cli.pipeline.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "qwen-image", "qwen-image")

@@ -14,15 +14,25 @@ from krona_cli.pipeline.tiny import build_tiny_pipeline
 
 
 def test_names_are_listed_in_registry_order_and_unknown_names_say_which_exist():
-    assert [f.name for f in families.FAMILIES] == ["sdxl", "sd15", "sd2", "flux", "sd3", "flux2", "z-image"]
+    assert [f.name for f in families.FAMILIES] == [
+        "sdxl",
+        "sd15",
+        "sd2",
+        "flux",
+        "sd3",
+        "flux2",
+        "qwen-image",
+        "z-image",
+    ]
     assert families.get("sd2").title == "SD 2.x"
     with pytest.raises(
-        KronaError, match=r"unknown architecture 'flux9'; use one of sdxl, sd15, sd2, flux, sd3, flux2, z-image$"
+        KronaError,
+        match=r"unknown architecture 'flux9'; use one of sdxl, sd15, sd2, flux, sd3, flux2, qwen-image, z-image$",
     ):
         families.get("flux9")
     # meta builds and `krona plan` need the real model's configs and layer list: SD 2.x has none shipped
     with pytest.raises(
-        KronaError, match=r"unknown architecture 'sd2'; use one of sdxl, sd15, flux, sd3, flux2, z-image$"
+        KronaError, match=r"unknown architecture 'sd2'; use one of sdxl, sd15, flux, sd3, flux2, qwen-image, z-image$"
     ):
         families.with_layer_list("sd2")
 
@@ -63,7 +73,16 @@ def test_adapters_are_placed_by_the_widths_their_cross_attention_reads():
 
 def test_default_resolutions():
     defaults = {f.name: f.default_resolution for f in families.FAMILIES}
-    assert defaults == {"sdxl": 1024, "sd15": 512, "sd2": 512, "flux": 512, "sd3": 512, "flux2": 1024, "z-image": 1024}
+    assert defaults == {
+        "sdxl": 1024,
+        "sd15": 512,
+        "sd2": 512,
+        "flux": 512,
+        "sd3": 512,
+        "flux2": 1024,
+        "qwen-image": 512,
+        "z-image": 1024,
+    }
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd15"])
@@ -79,7 +98,7 @@ def test_a_pipeline_krona_does_not_train_gets_one_line_naming_it():
     class AudioLDMPipeline:  # what matters is its class name and that no family claims its denoiser
         components = {"transformer": SimpleNamespace(config={"num_layers": 2}), "vae": object()}
 
-    trained = r"\(SDXL, SD 1\.x, SD 2\.x, FLUX\.1, SD3, FLUX\.2 \[klein\], Z-Image\)$"
+    trained = r"\(SDXL, SD 1\.x, SD 2\.x, FLUX\.1, SD3, FLUX\.2 \[klein\], Qwen-Image, Z-Image\)$"
     expected = r"^'m/x' is a AudioLDMPipeline, not a pipeline krona trains " + trained
     with pytest.raises(KronaError, match=expected):
         families.recognise_pipeline(AudioLDMPipeline(), "m/x")
@@ -107,8 +126,9 @@ def test_flux_takes_a_runs_flow_matching_settings_and_the_sd_families_refuse_the
 
 
 def test_what_files_and_other_tools_call_each_family():
-    sdxl, sd15, sd2, flux, sd3, flux2, z_image = families.FAMILIES
-    assert [f.buckets_by_default for f in families.FAMILIES] == [True, False, False, False, False, False, False]
+    sdxl, sd15, sd2, flux, sd3, flux2, qwen_image, z_image = families.FAMILIES
+    assert [f.buckets_by_default for f in families.FAMILIES] == [True] + [False] * 7
+    assert qwen_image.trained_text() == () and qwen_image.single_file.layout == "diffusers"
     assert flux2.trained_text() == () and flux2.single_file.layout == "bfl2"
     assert z_image.trained_text() == () and z_image.single_file.layout == "lumina"
     assert sd3.kohya_prefixes() == {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -149,6 +169,7 @@ def test_adapter_files_are_recognised_by_denoiser_version_text_encoders_then_wid
     assert recognise({}, {"transformer": {"transformer_blocks.3.attn2.to_q": None}}) == "sd3"  # SD3.5 Medium's
     assert recognise({}, {"transformer": {"noise_refiner.1.attention.to_q": None}}) == "z-image"
     assert recognise({}, {"transformer": {"single_transformer_blocks.0.attn.to_qkv_mlp_proj": None}}) == "flux2"
+    assert recognise({}, {"transformer": {"transformer_blocks.0.img_mlp.net.2": None}}) == "qwen-image"
     assert recognise({"ss_base_model_version": "sdxl_base_v1-0"}, width) == "sdxl"
     assert recognise({"ss_base_model_version": "flux1"}, width) == "flux"
     assert recognise({"ss_base_model_version": "sd_v1"}, width, 2) == "sd15"

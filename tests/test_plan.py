@@ -81,7 +81,7 @@ def test_cli_plan_bad_input(capsys):
     assert "do not divide" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "sd15", "flux", "sd3", "flux2", "z-image"])
+@pytest.mark.parametrize("arch", ["sdxl", "sd15", "flux", "sd3", "flux2", "qwen-image", "z-image"])
 def test_the_layer_lists_are_the_meta_models(arch):
     """`krona plan` reads the layer lists as data (no model library): they must be exactly the linears of the
     diffusers and transformers models built from the shipped configs (scripts/layer_lists.py writes them)."""
@@ -91,7 +91,7 @@ def test_the_layer_lists_are_the_meta_models(arch):
     assert families.get(arch).linear_layers() == models
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "flux", "sd3", "flux2", "z-image"])
+@pytest.mark.parametrize("arch", ["sdxl", "flux", "sd3", "flux2", "qwen-image", "z-image"])
 def test_plan_imports_no_model_library(arch):
     code = f"import sys; from krona_cli.cli import main; main(['plan', '--arch', '{arch}']); "
     code += "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'bitsandbytes') if sys.modules.get(m)))"

@@ -50,6 +50,7 @@ SMALL_TRAIN = [
 SD35 = ("stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large")
 Z_IMAGE = "Tongyi-MAI/Z-Image"
 KLEIN = ("black-forest-labs/FLUX.2-klein-4B", "black-forest-labs/FLUX.2-klein-9B")
+QWEN_IMAGE = "Qwen/Qwen-Image"
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,7 @@ def hub_cache(tmp_path_factory):
     for repo in SD35:
         put_in_hub_cache(sd3, repo, cache)
     put_in_hub_cache(make_tiny(root / "z-image", arch="z-image"), Z_IMAGE, cache)
+    put_in_hub_cache(make_tiny(root / "qwen-image", arch="qwen-image"), QWEN_IMAGE, cache)
     klein = make_tiny(root / "flux2", arch="flux2")
     for repo in KLEIN:
         put_in_hub_cache(klein, repo, cache)
@@ -186,11 +188,11 @@ def test_sd_hub_ids_train_and_sample_offline(hub_cache, tmp_path, repo):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("repo", [*SD35, *KLEIN, Z_IMAGE])
+@pytest.mark.parametrize("repo", [*SD35, *KLEIN, QWEN_IMAGE, Z_IMAGE])
 def test_transformer_families_hub_ids_train_sample_merge_and_export_offline(hub_cache, tmp_path, repo):
-    """SD3.5 Medium and Large, FLUX.2 [klein] 4B and 9B and Z-Image by their hub ids, offline from the cache, from
-    another folder in a fresh shell: a run with prior preservation (class images drawn by the model), then every
-    command on its adapter (merged into a folder and into the single transformer file)."""
+    """SD3.5 Medium and Large, FLUX.2 [klein] 4B and 9B, Qwen-Image and Z-Image by their hub ids, offline from the
+    cache, from another folder in a fresh shell: a run with prior preservation (class images drawn by the model),
+    then every command on its adapter (merged into a folder and into the single transformer file)."""
     env = fresh_shell(hub_cache)
     args = ["--pretrained-model", repo, "--instance-dir", str(EXAMPLES), "--prompt", "a photo of sks cat"]
     args += ["--class-prompt", "a photo of a cat", "--output-dir", "run", *SMALL_TRAIN]
@@ -201,9 +203,12 @@ def test_transformer_families_hub_ids_train_sample_merge_and_export_offline(hub_
         arch, layout = "flux2", "Black Forest Labs' layout"
     elif repo == Z_IMAGE:
         arch, layout = "z-image", "its original layout"
+    elif repo == QWEN_IMAGE:
+        arch, layout = "qwen-image", "its own names"
     assert f"{repo} ({arch}, flow-matching)" in said and f"transformer alone, in {layout}" in said
     adapter = ["--adapter", "run/adapter.safetensors"]
-    krona(["sample", *adapter, "--prompt", "sks cat", "-n", "1", "--sample-steps", "2"], tmp_path, env)
+    small = ["--sample-steps", "2", "--width", "64", "--height", "64"]  # Qwen-Image's native side is 1024
+    krona(["sample", *adapter, "--prompt", "sks cat", "-n", "1", *small], tmp_path, env)
     krona(["merge", *adapter, "--output-dir", "merged"], tmp_path, env)
     krona(["merge", *adapter, "--pretrained-model", repo, "--output", "merged.safetensors"], tmp_path, env)
     krona(["export", *adapter, "--to", "lycoris", "--output", "lokr.safetensors"], tmp_path, env)

@@ -14,7 +14,10 @@ Directory = Annotated[
     Path, typer.Argument(help="Folder to write the pipeline to (created, or replaced with --overwrite).")
 ]
 Arch = Annotated[
-    str, typer.Option(help="Architecture: sdxl, sd15 or flux (make-tiny also: flux-schnell, sd3, flux2, z-image).")
+    str,
+    typer.Option(
+        help="Architecture: sdxl, sd15 or flux (make-tiny also: flux-schnell, sd3, flux2, qwen-image, z-image)."
+    ),
 ]
 
 

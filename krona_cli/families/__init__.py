@@ -12,13 +12,14 @@ from . import linear_names
 from .base import Component, Family, SingleFile, UiNames
 from .flux import FLUX
 from .flux2 import FLUX2
+from .qwen_image import QWEN_IMAGE
 from .sd2 import SD2
 from .sd3 import SD3
 from .sd15 import SD15
 from .sdxl import SDXL
 from .z_image import Z_IMAGE
 
-FAMILIES: tuple[Family, ...] = (SDXL, SD15, SD2, FLUX, SD3, FLUX2, Z_IMAGE)
+FAMILIES: tuple[Family, ...] = (SDXL, SD15, SD2, FLUX, SD3, FLUX2, QWEN_IMAGE, Z_IMAGE)
 _BY_NAME = {f.name: f for f in FAMILIES}
 
 __all__ = [

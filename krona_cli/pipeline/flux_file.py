@@ -49,6 +49,7 @@ _LAYOUTS = {
     "bfl2": diffusers_to_bfl2,
     "mmdit": diffusers_to_mmdit,
     "lumina": diffusers_to_lumina,
+    "diffusers": lambda state, concatenate: dict(state),  # Qwen-Image: ComfyUI's model has diffusers' names
 }
 
 
@@ -87,7 +88,7 @@ def save_transformer_file(
     layout: str = "bfl",
 ) -> Path:
     """The transformer as one .safetensors file in its makers' `layout` (bare names): BFL's for FLUX.1 and FLUX.2
-    (bfl2_layout.py), Stability's
+    (bfl2_layout.py), diffusers' own for Qwen-Image, Stability's
     MMDiT for SD3 (formats/mmdit_layout.py), Lumina 2's for Z-Image (lumina_layout.py), every weight cast to `dtype`,
     written atomically and streamed;
     `metadata` joins `krona_transformer` (class, layout, config)."""

@@ -48,8 +48,8 @@ __all__ = [
 ]
 
 #: Architectures :func:`make_tiny` and :func:`build_tiny_pipeline` can build (FLUX's in tiny_flux.py, SD3's in
-#: tiny_sd3.py, FLUX.2 [klein]'s in tiny_flux2.py, Z-Image's in tiny_z_image.py).
-_ARCHS = ("sdxl", "sd15", "flux", "flux-schnell", "sd3", "flux2", "z-image")
+#: tiny_sd3.py, FLUX.2 [klein]'s in tiny_flux2.py, Qwen-Image's in tiny_qwen_image.py, Z-Image's in tiny_z_image.py).
+_ARCHS = ("sdxl", "sd15", "flux", "flux-schnell", "sd3", "flux2", "qwen-image", "z-image")
 
 
 # Words typical of text-to-image and DreamBooth prompts. Every word here becomes a single token, as common
@@ -242,7 +242,7 @@ def build_tiny_pipeline(arch: str = "sdxl", seed: int = 0) -> StableDiffusionXLP
     """Build a tiny random-weight pipeline in memory: ``StableDiffusionXLPipeline`` for ``"sdxl"``,
     ``StableDiffusionPipeline`` for ``"sd15"``, ``FluxPipeline`` for ``"flux"`` (dev-like) and ``"flux-schnell"``,
     ``StableDiffusion3Pipeline`` (SD3.5 Medium-like) for ``"sd3"``, ``Flux2KleinPipeline`` for ``"flux2"``,
-    ``ZImagePipeline`` for ``"z-image"``.
+    ``QwenImagePipeline`` for ``"qwen-image"``, ``ZImagePipeline`` for ``"z-image"``.
 
     Weights are drawn under ``torch.manual_seed(seed)`` inside a forked RNG, so the same seed always gives the same
     weights and the caller's global RNG state is left untouched.
@@ -264,6 +264,10 @@ def build_tiny_pipeline(arch: str = "sdxl", seed: int = 0) -> StableDiffusionXLP
         from .tiny_flux2 import build_tiny_flux2_pipeline
 
         return build_tiny_flux2_pipeline(seed)
+    if arch == "qwen-image":
+        from .tiny_qwen_image import build_tiny_qwen_image_pipeline
+
+        return build_tiny_qwen_image_pipeline(seed)
     if arch == "z-image":
         from .tiny_z_image import build_tiny_z_image_pipeline
 
