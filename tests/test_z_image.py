@@ -115,14 +115,3 @@ def test_every_adapted_layer_of_the_real_model_is_named_as_comfyui_maps_it():
         assert key_map[f"transformer.{module}"] == (weight, offset) and shapes[weight][1] == d_in, module
         rows = shapes[weight][0]
         assert (offset is None and rows == d_out) or (offset[2] == d_out and offset[1] + d_out <= rows), module
-
-
-def test_z_image_trains_and_validates_on_an_int8_base(tiny_z_image_dir, tmp_path, captured_pipes):
-    from torch import nn
-
-    from krona_cli.kron.layer import is_quantized
-
-    run = train(config(tiny_z_image_dir, tmp_path / "run", steps=2, base_precision="int8", validate_every=1))
-    transformer = captured_pipes[0].transformer
-    assert any(isinstance(m, nn.Linear) and is_quantized(m) for m in transformer.modules())
-    assert [v["step"] for v in run.validation] == [0, 1, 2] and all(v["instance_loss"] > 0 for v in run.validation)
