@@ -74,9 +74,10 @@ class SingleFile:
     vae: str | None = None  # the shipped configs (configs/models/) besides its components' that a whole file is read
     scheduler: str | None = None  # with when it does not carry krona's description
     refused: str | None = None  # why krona cannot write a whole file of it, in a message's words (None: it can)
-    layout: str = (
-        "bfl"  # denoiser_only: its makers' layout (pipeline/flux_file.py): bfl, bfl2, mmdit, lumina, diffusers
-    )
+    # denoiser_only: its makers' layout (pipeline/flux_file.py: bfl, bfl2, mmdit, lumina, diffusers), and keys that
+    # tell such a file where krona reads none back
+    layout: str = "bfl"
+    denoiser_marks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,10 @@ FLUX2 = Flux2Family(
     ui=UiNames(modelspec_id="flux-2-klein", resolution=1024, base_model_version="flux2", reads_versions=("flux2",)),
     # the transformer alone in BFL's FLUX.2 names, the file ComfyUI loads as a diffusion model
     single_file=SingleFile(
-        "the FLUX.2 transformer alone, in Black Forest Labs' layout", denoiser_only=True, layout="bfl2"
+        "the FLUX.2 transformer alone, in Black Forest Labs' layout",
+        denoiser_only=True,
+        layout="bfl2",
+        denoiser_marks=("double_stream_modulation_img.lin.weight",),
     ),
     file_naming="diffusers_names",
 )

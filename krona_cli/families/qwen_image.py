@@ -145,7 +145,10 @@ QWEN_IMAGE = QwenImageFamily(
     ui=UiNames(modelspec_id="qwen-image", resolution=1024, base_model_version="qwen_image", reads_versions=("qwen",)),
     # the transformer alone in diffusers' own names, which ComfyUI's Qwen-Image model also uses
     single_file=SingleFile(
-        "the Qwen-Image transformer alone, in its own names", denoiser_only=True, layout="diffusers"
+        "the Qwen-Image transformer alone, in its own names",
+        denoiser_only=True,
+        layout="diffusers",
+        denoiser_marks=("txt_norm.weight",),
     ),
     file_naming="diffusers_names",
 )

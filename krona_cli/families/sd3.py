@@ -134,7 +134,10 @@ SD3 = SD3Family(
     ),
     # Stability's MMDiT alone, the file ComfyUI loads as a diffusion model beside its text encoders and VAE
     single_file=SingleFile(
-        "the SD3 transformer alone, in Stability's MMDiT layout", denoiser_only=True, layout="mmdit"
+        "the SD3 transformer alone, in Stability's MMDiT layout",
+        denoiser_only=True,
+        layout="mmdit",
+        denoiser_marks=("joint_blocks.0.x_block.attn.qkv.weight",),
     ),
     file_naming="diffusers_names",
 )

@@ -100,7 +100,10 @@ Z_IMAGE = ZImageFamily(
     ui=UiNames(modelspec_id="z-image", resolution=1024, base_model_version="z_image", reads_versions=("z_image",)),
     # the transformer alone in its original names, the file ComfyUI loads as a diffusion model
     single_file=SingleFile(
-        "the Z-Image transformer alone, in its original layout", denoiser_only=True, layout="lumina"
+        "the Z-Image transformer alone, in its original layout",
+        denoiser_only=True,
+        layout="lumina",
+        denoiser_marks=("cap_embedder.1.weight",),
     ),
     file_naming="diffusers_names",
 )

@@ -37,6 +37,8 @@ def transformer_layout(keys: Iterable[str]) -> str | None:
     """ "bfl" or "diffusers" for the keys of a FLUX.1 transformer file (bare or under `model.diffusion_model.`), None
     when they are not a FLUX.1 transformer's."""
     bare = {key.removeprefix(BFL_PREFIX) for key in keys}
+    if any(key.startswith("double_stream_modulation_img.") for key in bare):
+        return None  # FLUX.2's: its modulations are shared by the blocks
     if "img_in.weight" in bare and any(key.startswith(("double_blocks.", "single_blocks.")) for key in bare):
         return "bfl"
     if "x_embedder.weight" in bare and any(key.startswith("transformer_blocks.") for key in bare):

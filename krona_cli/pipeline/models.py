@@ -79,9 +79,18 @@ def _refuse_adapter(path: Path, keys: list[str], metadata: dict[str, str], flag:
 
 
 def _refuse_transformer_only(path: Path, keys: list[str]) -> None:
-    """A FLUX.1 transformer file given as the base model gets one line: krona reads no text encoders or VAE from it."""
+    """A transformer file given as the base model gets one line: krona reads no text encoders or VAE from it (a FLUX.1
+    one can come as --transformer)."""
     from .flux_file import transformer_layout
 
+    bare = {key.removeprefix("model.diffusion_model.") for key in keys}
+    for family in families.FAMILIES:
+        if family.single_file and bare & set(family.single_file.denoiser_marks):
+            raise KronaError(
+                f"'{path}' is a {family.title} single file (krona merge --output writes {family.single_file.holds}); "
+                f"krona reads a {family.title} base only as a diffusers folder or hub id: give one in "
+                "--pretrained-model"
+            )
     if transformer_layout(keys) is not None:
         raise KronaError(
             f"'{path}' is a FLUX.1 transformer file, not a whole base model (no text encoders or VAE krona reads): "
