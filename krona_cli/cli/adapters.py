@@ -33,8 +33,7 @@ def merge_cmd(
         typer.Option(
             "--format",
             help="diffusers (a pipeline folder) or single-file (one checkpoint in the original layout, for A1111, "
-            "Forge and ComfyUI; for FLUX.1 the transformer alone in Black Forest Labs' layout, for SD3 in Stability's "
-            "MMDiT layout).",
+            "Forge and ComfyUI; for the transformer families the transformer alone in its makers' layout).",
             show_default="single-file with --output, else diffusers",
         ),
     ] = "",
@@ -84,7 +83,7 @@ def export_cmd(
         typer.Option(
             help="With --to lora: kohya (lora_unet_* keys with lora_down, lora_up and alpha; FLUX.1's fused modules "
             "in Black Forest Labs' names) or peft (diffusers' unet.* or transformer.* lora_A and lora_B names).",
-            show_default="kohya for SD and SDXL, peft for FLUX.1 and SD3 (its only layout)",
+            show_default="kohya for SD and SDXL, peft for the transformer families (FLUX.1 also takes kohya)",
         ),
     ] = None,
     dtype: Annotated[str, typer.Option(help="Saved tensors: fp32, fp16 or bf16.")] = "fp32",

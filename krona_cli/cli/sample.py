@@ -34,14 +34,19 @@ def sample_cmd(
     transformer: TransformerFile = None,
     sample_steps: Annotated[
         Optional[int],
-        typer.Option(help="Denoising steps.", show_default="30 for SD and SDXL; FLUX.1 [dev] and SD3 28, [schnell] 4"),
+        typer.Option(
+            help="Denoising steps.",
+            show_default="the model's: 30 for SD and SDXL, 28 for FLUX.1 [dev] and SD3, 4 for [schnell] and distilled "
+            "FLUX.2 [klein], 50 for FLUX.2 [klein] bases, Qwen-Image and Z-Image",
+        ),
     ] = None,
     steps: Annotated[Optional[int], typer.Option(hidden=True, help="Old name of --sample-steps.")] = None,
     guidance: Annotated[
         Optional[float],
         typer.Option(
-            help="Guidance scale (classifier-free; FLUX.1 [dev]'s distilled guidance).",
-            show_default="7.0 for SD, SDXL and SD3; FLUX.1 [dev] 3.5, [schnell] 0",
+            help="Guidance scale (classifier-free; FLUX.1 [dev]'s distilled guidance; Qwen-Image's true CFG).",
+            show_default="the model's: 7.0 for SD, SDXL and SD3, 3.5 for FLUX.1 [dev], 0 for [schnell], 4.0 for "
+            "FLUX.2 [klein] bases and Qwen-Image, 5.0 for Z-Image",
         ),
     ] = None,
     scheduler: Annotated[str, typer.Option(help="euler, euler-a, dpm++ or ddim.")] = "euler",

@@ -5,6 +5,7 @@ No torch at import: `krona plan` and `krona inspect` read families without the m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
@@ -229,3 +230,15 @@ class Family(ABC):
         built on the meta device (tests/test_plan.py holds them equal), so `krona plan` needs no model library."""
         data = json.loads((LAYERS_DIR / f"{self.name}.json").read_text())
         return {component: [tuple(layer) for layer in layers] for component, layers in data["components"].items()}
+
+
+@dataclass(frozen=True)
+class WeightedFamily(Family):
+    """A flow-matching family whose one run setting is --weighting-scheme (its training script's default unless
+    given); --guidance and --max-sequence-length are refused (FLUX.2 [klein], Qwen-Image, Z-Image)."""
+
+    weighting: str = "none"
+
+    def configured(self, guidance=None, max_sequence_length=None, weighting_scheme=None) -> WeightedFamily:
+        Family.configured(self, guidance=guidance, max_sequence_length=max_sequence_length)
+        return dataclasses.replace(self, weighting=weighting_scheme) if weighting_scheme else self

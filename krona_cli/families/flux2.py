@@ -10,12 +10,11 @@ latents and patchifies inside the denoiser call: the same numbers, in a permuted
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..kron.targets import TARGET_PRESETS
-from .base import Component, ConfigGet, Family, SamplerDefaults, SingleFile, UiNames
+from .base import Component, ConfigGet, SamplerDefaults, SingleFile, UiNames, WeightedFamily
 from .prompts import Conditioning
 
 SEQUENCE_LENGTH = 512  # Flux2KleinPipeline's max_sequence_length
@@ -35,14 +34,8 @@ PRESETS = {
 
 
 @dataclass(frozen=True)
-class Flux2Family(Family):
-    weighting: str = "none"  # --weighting-scheme; the script's default
-
-    def configured(self, guidance=None, max_sequence_length=None, weighting_scheme=None) -> Flux2Family:
-        """The family with a run's --weighting-scheme; --guidance and --max-sequence-length are refused ([klein] has
-        no guidance input; the pipeline pads prompts to 512 tokens)."""
-        Family.configured(self, guidance=guidance, max_sequence_length=max_sequence_length)
-        return dataclasses.replace(self, weighting=weighting_scheme) if weighting_scheme else self
+class Flux2Family(WeightedFamily):
+    """--weighting-scheme 'none' by default, as diffusers' script; --guidance and --max-sequence-length refused."""
 
     def matches_denoiser(self, get: ConfigGet) -> bool:
         """Flux2Transformer2DModel without a guidance input ([klein]; FLUX.2 [dev] has one)."""

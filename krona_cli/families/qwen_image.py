@@ -10,12 +10,11 @@ prompt unless one is given."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..kron.targets import TARGET_PRESETS
-from .base import Component, ConfigGet, Family, SamplerDefaults, SingleFile, UiNames
+from .base import Component, ConfigGet, SamplerDefaults, SingleFile, UiNames, WeightedFamily
 from .prompts import Conditioning
 
 TEMPLATE = (
@@ -33,13 +32,8 @@ PRESETS = {"attn": _ATTN, "attn-ff": f"(?:{_ATTN})|(?:{_FF})", "text": TARGET_PR
 
 
 @dataclass(frozen=True)
-class QwenImageFamily(Family):
-    weighting: str = "none"  # --weighting-scheme; the script's default
-
-    def configured(self, guidance=None, max_sequence_length=None, weighting_scheme=None) -> QwenImageFamily:
-        """The family with a run's --weighting-scheme; --guidance and --max-sequence-length are refused."""
-        Family.configured(self, guidance=guidance, max_sequence_length=max_sequence_length)
-        return dataclasses.replace(self, weighting=weighting_scheme) if weighting_scheme else self
+class QwenImageFamily(WeightedFamily):
+    """--weighting-scheme 'none' by default, as diffusers' script; --guidance and --max-sequence-length refused."""
 
     def matches_denoiser(self, get: ConfigGet) -> bool:
         """QwenImageTransformer2DModel: a text input of `joint_attention_dim` and rotary axes, no single blocks, no

@@ -9,12 +9,11 @@ chat template (thinking enabled, as ZImagePipeline has it), 512 tokens with thei
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..kron.targets import TARGET_PRESETS
-from .base import Component, ConfigGet, Family, SamplerDefaults, SingleFile, UiNames
+from .base import Component, ConfigGet, SamplerDefaults, SingleFile, UiNames, WeightedFamily
 from .prompts import Conditioning
 
 SEQUENCE_LENGTH = 512  # ZImagePipeline's and the script's max_sequence_length
@@ -27,14 +26,8 @@ PRESETS = {"attn": _ATTN, "attn-ff": f"(?:{_ATTN})|(?:{_FF})", "text": TARGET_PR
 
 
 @dataclass(frozen=True)
-class ZImageFamily(Family):
-    weighting: str = "none"  # --weighting-scheme; the script's default
-
-    def configured(self, guidance=None, max_sequence_length=None, weighting_scheme=None) -> ZImageFamily:
-        """The family with a run's --weighting-scheme; --guidance and --max-sequence-length are refused (no guidance
-        input; the prompt's real tokens, up to 512, are what the model reads)."""
-        Family.configured(self, guidance=guidance, max_sequence_length=max_sequence_length)
-        return dataclasses.replace(self, weighting=weighting_scheme) if weighting_scheme else self
+class ZImageFamily(WeightedFamily):
+    """--weighting-scheme 'none' by default, as diffusers' script; --guidance and --max-sequence-length refused."""
 
     def matches_denoiser(self, get: ConfigGet) -> bool:
         """ZImageTransformer2DModel: a caption embedder of `cap_feat_dim` and refiner layers."""

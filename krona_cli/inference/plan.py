@@ -92,11 +92,10 @@ def plan(
     linears = []
     for component in components_for_targets(targets, family):
         pattern = target_pattern(targets, family.target_presets if component == family.denoiser else TARGET_PRESETS)
-        unused = set(family.unused_denoiser_layers(n for n, _, _ in components[component]))
+        layers = components[component]
+        unused = set(family.unused_denoiser_layers(n for n, _, _ in layers)) if component == family.denoiser else set()
         linears += [
-            (f"{component}:{n}", d_out, d_in)
-            for n, d_out, d_in in components[component]
-            if pattern.search(n) and n not in unused
+            (f"{component}:{n}", d_out, d_in) for n, d_out, d_in in layers if pattern.search(n) and n not in unused
         ]
     groups = count_linears(linears, factor_settings, strict_factors, group_of=lambda n: block_group(*n.split(":", 1)))
     total = GroupCount()

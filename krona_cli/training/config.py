@@ -144,8 +144,9 @@ class TrainConfig:
     noise_offset: float = _opt(0.0, "Noise offset (helps very dark and bright images), e.g. 0.05.", min=0)
     weighting_scheme: Optional[str] = _opt(
         None,
-        "Flow-matching models (FLUX.1, SD3): how noise levels are drawn and the loss weighted (diffusers' schemes).",
-        unset="diffusers' scripts' defaults: none for FLUX.1, logit_normal for SD3",
+        "Flow-matching models (FLUX.1, SD3, FLUX.2, Qwen-Image, Z-Image): how noise levels are drawn and the loss "
+        "weighted (diffusers' schemes).",
+        unset="diffusers' scripts' defaults: logit_normal for SD3, none for the other flow-matching families",
         choices=WEIGHTING_SCHEMES,
     )
     guidance: Optional[float] = _opt(
@@ -199,11 +200,11 @@ class TrainConfig:
     sample_steps: Optional[int] = _opt(
         None,
         "Denoising steps of sample images.",
-        unset="25 for SD and SDXL; FLUX.1 [dev] and SD3 20, [schnell] 4",
+        unset="25 for SD and SDXL; 4 for FLUX.1 [schnell] and distilled FLUX.2 [klein]; 20 for the others",
         min=1,
     )
     sample_guidance: Optional[float] = _opt(
-        None, "Guidance of sample images.", unset="7.0 for SD, SDXL and SD3; FLUX.1 [dev] 3.5, [schnell] 0", min=0
+        None, "Guidance of sample images.", unset="krona sample's default for the model", min=0
     )
     # validation
     validate_every: int = _opt(
