@@ -11,6 +11,6 @@ READ_FORMATS = {
 EXPORT_FORMATS = {
     "native": "krona's own file",
     "lycoris": "LyCORIS/kohya LoKr, exact",
-    "lora": "truncated SVD (kohya's layout for SD and SDXL, diffusers' for FLUX.1 and SD3): ComfyUI, A1111/Forge, "
-    "kohya and diffusers all load it",
+    "lora": "truncated SVD (kohya's layout for SD and SDXL, diffusers' for the transformer families): ComfyUI, "
+    "A1111/Forge, kohya and diffusers all load it",
 }

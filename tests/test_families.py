@@ -129,10 +129,10 @@ def test_what_files_and_other_tools_call_each_family():
     sdxl, sd15, sd2, flux, sd3, flux2, qwen_image, z_image = families.FAMILIES
     assert [f.buckets_by_default for f in families.FAMILIES] == [True] + [False] * 7
     assert qwen_image.trained_text() == () and qwen_image.single_file.layout == "diffusers"
-    assert flux2.trained_text() == () and flux2.single_file.layout == "bfl2"
-    assert z_image.trained_text() == () and z_image.single_file.layout == "lumina"
+    assert flux2.trained_text() == () and flux2.single_file.layout == "flux2"
+    assert z_image.trained_text() == () and z_image.single_file.layout == "z_image"
     assert sd3.kohya_prefixes() == {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-    assert sd3.trained_text() == ("text_encoder", "text_encoder_2") and sd3.single_file.layout == "mmdit"
+    assert sd3.trained_text() == ("text_encoder", "text_encoder_2") and sd3.single_file.layout == "sd3"
     assert sd3.ui.base_id(None, "stabilityai/stable-diffusion-3.5-large") == "stable-diffusion-3.5-large"
     assert sdxl.kohya_prefixes() == {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     assert sd15.kohya_prefixes() == sd2.kohya_prefixes() == {"unet": "lora_unet_", "text_encoder": "lora_te_"}

@@ -120,7 +120,7 @@ def test_every_adapted_layer_of_the_real_model_is_named_as_comfyui_maps_it():
     FLUX.2 layout with the rows the layer is."""
     from comfyui_flux import comfyui_flux_key_map
 
-    from krona_cli.formats.bfl2_layout import diffusers_to_bfl2
+    from krona_cli.formats.flux2_layout import diffusers_to_flux2
     from krona_cli.formats.flux_names import DiffusersNaming
     from krona_cli.pipeline.models import build_component
 
@@ -128,7 +128,7 @@ def test_every_adapted_layer_of_the_real_model_is_named_as_comfyui_maps_it():
     adapted = [layer for layer in FLUX2.linear_layers()["transformer"] if pattern.search(layer[0])]
     assert len(adapted) == 5 * 12 + 20 * 2  # double: q k v out ×2 streams, ff ×2 streams; single: qkv+mlp in, out
     meta = build_component("flux2", "transformer").state_dict()
-    shapes = {f"diffusion_model.{k}": tuple(v.shape) for k, v in diffusers_to_bfl2(meta).items()}
+    shapes = {f"diffusion_model.{k}": tuple(v.shape) for k, v in diffusers_to_flux2(meta).items()}
     key_map = comfyui_flux_key_map(depth=5, depth_single=20, hidden_size=3072, guidance=False)
     naming = DiffusersNaming({})
     for module, d_out, d_in in adapted:

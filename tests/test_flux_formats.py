@@ -539,8 +539,8 @@ def _damaged(name: str) -> dict:
     [
         ("unsplittable-lokr", "not whole multiples of its w2's 3 rows"),
         ("unsplittable-lora", "do not split"),
-        ("not-a-flux-module-peft", "not a linear layer of a FLUX.1 or SD3 transformer"),
-        ("not-a-flux-module-lycoris", "not a linear layer of a FLUX.1 or SD3 transformer"),
+        ("not-a-flux-module-peft", "or Z-Image transformer in diffusers' names"),
+        ("not-a-flux-module-lycoris", "or Z-Image transformer in diffusers' names"),
         ("twice", "two LoKr layers for 'transformer.transformer_blocks.0.attn.to_q'"),
         ("t5", "FLUX.1's text_encoder_2, a text encoder krona does not adapt or read"),
         ("unet-and-transformer", "both UNet and transformer layers"),

@@ -63,9 +63,9 @@ def test_the_loss_of_a_training_batch_is_the_one_diffusers_helpers_compute(
 
 def test_the_loss_is_not_the_unpreconditioned_one(tiny_sd3_dir):
     """The check above can tell: on one batch, the preconditioned loss and the plain velocity loss differ."""
-    from krona_cli.pipeline.tiny_sd3 import build_tiny_sd3_pipeline
+    from krona_cli.pipeline.tiny_sd3 import build_tiny
 
-    pipe = build_tiny_sd3_pipeline()
+    pipe = build_tiny("sd3")
     g = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
     sigmas = torch.tensor([0.3, 0.8])

@@ -8,27 +8,24 @@ from typing import Annotated
 
 import typer
 
+from ..families import tiny_archs
 from .app import command, console, locked
 
 Directory = Annotated[
     Path, typer.Argument(help="Folder to write the pipeline to (created, or replaced with --overwrite).")
 ]
-Arch = Annotated[
-    str,
-    typer.Option(
-        help="Architecture: sdxl, sd15 or flux (make-tiny also: flux-schnell, sd3, flux2, qwen-image, z-image)."
-    ),
-]
+TinyArch = Annotated[str, typer.Option("--arch", help=f"Architecture: {', '.join(tiny_archs())}.")]
+ToyArch = Annotated[str, typer.Option("--arch", help="Architecture: sdxl, sd15 or flux.")]
 
 
 @command("make-tiny")
 def make_tiny_cmd(
     directory: Directory,
-    arch: Arch = "sdxl",
+    arch: TinyArch = "sdxl",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a tiny pipeline written here before.")] = False,
 ) -> None:
-    """Build a tiny random-weight SDXL, SD 1.5 or FLUX.1 pipeline (for tests and demos; no download)."""
+    """Build a tiny random-weight pipeline of a model family (for tests and demos; no download)."""
     from ..pipeline.tiny import make_tiny
 
     with locked(directory, "krona make-tiny", "DIRECTORY"):
@@ -39,7 +36,7 @@ def make_tiny_cmd(
 @command("make-toy")
 def make_toy_cmd(
     directory: Directory,
-    arch: Arch = "sdxl",
+    arch: ToyArch = "sdxl",
     overwrite: Annotated[bool, typer.Option(help="Replace a toy pipeline written here before.")] = False,
 ) -> None:
     """Write a small SDXL, SD 1.5 or FLUX.1 pipeline pretrained on the toy world (coloured shapes on plain

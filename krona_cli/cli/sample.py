@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..families import in_words
 from .app import TransformerFile, command, console, locked, renamed
 from .render import plural, sampling_progress
 
@@ -36,17 +37,15 @@ def sample_cmd(
         Optional[int],
         typer.Option(
             help="Denoising steps.",
-            show_default="the model's: 30 for SD and SDXL, 28 for FLUX.1 [dev] and SD3, 4 for [schnell] and distilled "
-            "FLUX.2 [klein], 50 for FLUX.2 [klein] bases, Qwen-Image and Z-Image",
+            show_default="the model's: " + in_words(lambda f: {v: d.steps for v, d in f.samplers.items()}),
         ),
     ] = None,
     steps: Annotated[Optional[int], typer.Option(hidden=True, help="Old name of --sample-steps.")] = None,
     guidance: Annotated[
         Optional[float],
         typer.Option(
-            help="Guidance scale (classifier-free; FLUX.1 [dev]'s distilled guidance; Qwen-Image's true CFG).",
-            show_default="the model's: 7.0 for SD, SDXL and SD3, 3.5 for FLUX.1 [dev], 0 for [schnell], 4.0 for "
-            "FLUX.2 [klein] bases and Qwen-Image, 5.0 for Z-Image",
+            help="Guidance scale (classifier-free, or the distilled guidance a model takes as an input).",
+            show_default="the model's: " + in_words(lambda f: {v: d.guidance for v, d in f.samplers.items()}),
         ),
     ] = None,
     scheduler: Annotated[str, typer.Option(help="euler, euler-a, dpm++ or ddim.")] = "euler",

@@ -5,7 +5,7 @@ in that order and takes SD 1.x when none claims a UNet (tiny and odd-width test 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from ..errors import KronaError
 from . import linear_names
@@ -34,10 +34,12 @@ __all__ = [
     "denoiser_owner",
     "find",
     "get",
+    "in_words",
     "recognise_adapter",
     "recognise_denoiser",
     "recognise_keys",
     "recognise_pipeline",
+    "tiny_archs",
     "with_layer_list",
 ]
 
@@ -57,6 +59,25 @@ def find(name: str | None) -> Family | None:
 def components() -> tuple[str, ...]:
     """Every adaptable component any family has, in registry order (what adapter files may hold)."""
     return tuple(dict.fromkeys(c.name for f in FAMILIES for c in f.components))
+
+
+def in_words(value: Callable[[Family], Mapping[str, object]]) -> str:
+    """What each family has of a default, for help texts: `value(family)` maps the words after its title (a variant,
+    "" for none) to the value, and families of the same value are listed together, in registry order: "30 for SDXL,
+    SD 1.x and SD 2.x; 28 for FLUX.1 [dev]; ...". Families without the default (None) are left out."""
+    groups: dict[str, list[str]] = {}
+    for family in FAMILIES:
+        for variant, found in value(family).items():
+            if found is not None:
+                shown = f"{found:g}" if isinstance(found, float) else str(found)
+                groups.setdefault(shown, []).append(f"{family.title} {variant}".strip())
+    listed = (names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}" for names in groups.values())
+    return "; ".join(f"{shown} for {names}" for shown, names in zip(groups, listed))
+
+
+def tiny_archs() -> tuple[str, ...]:
+    """What `krona make-tiny --arch` builds: every family's `tiny` names, in registry order."""
+    return tuple(arch for family in FAMILIES for arch in family.tiny)
 
 
 def with_layer_list(name: str) -> Family:

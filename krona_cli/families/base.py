@@ -75,8 +75,8 @@ class SingleFile:
     vae: str | None = None  # the shipped configs (configs/models/) besides its components' that a whole file is read
     scheduler: str | None = None  # with when it does not carry krona's description
     refused: str | None = None  # why krona cannot write a whole file of it, in a message's words (None: it can)
-    # denoiser_only: its makers' layout (pipeline/flux_file.py: bfl, bfl2, mmdit, lumina, diffusers), and keys that
-    # tell such a file where krona reads none back
+    # denoiser_only: its makers' layout (formats/<layout>_layout.py, or "diffusers" for diffusers' own names), and
+    # keys that tell such a file where krona reads none back
     layout: str = "bfl"
     denoiser_marks: tuple[str, ...] = ()
 
@@ -110,6 +110,11 @@ class Family(ABC):
     ui: UiNames = field(default_factory=UiNames)  # how modelspec and kohya's metadata name it
     single_file: SingleFile | None = None  # its single-file checkpoint
     file_naming: str = "kohya_names"  # the formats module whose naming krona's LoKr and LoRA files of it follow
+    # `krona sample`'s and training's sampler defaults by variant (sampler_variant; "": the family's one), the words
+    # after its title in help texts
+    samplers: Mapping[str, SamplerDefaults] = field(default_factory=dict)
+    weighting: str | None = None  # flow matching's --weighting-scheme (None: the family's objective has none)
+    tiny: tuple[str, ...] = ()  # `krona make-tiny --arch` names of its tiny pipelines (pipeline/tiny_<name>.py)
 
     @property
     def denoiser(self) -> str:
@@ -176,9 +181,17 @@ class Family(ABC):
         learn, so training, `krona plan` and LoRA leave them out of every target."""
         return ()
 
-    @abstractmethod
+    def sequence_length_in_words(self) -> str | None:
+        """--max-sequence-length's default in words; None where the family takes no such setting."""
+        return None
+
+    def sampler_variant(self, pipe) -> str:
+        """Which of `samplers` suits this pipeline's model ("" where the family has one)."""
+        return ""
+
     def sampler_defaults(self, pipe) -> SamplerDefaults:
         """The sampler settings that suit this model (a family may hold distilled and undistilled ones)."""
+        return self.samplers[self.sampler_variant(pipe)]
 
     def native_size(self, pipe) -> int:
         """The side in pixels the model samples at by default: its UNet's sample_size through the VAE (SDXL 1024,
@@ -235,7 +248,7 @@ class Family(ABC):
 @dataclass(frozen=True)
 class WeightedFamily(Family):
     """A flow-matching family whose one run setting is --weighting-scheme (its training script's default unless
-    given); --guidance and --max-sequence-length are refused (FLUX.2 [klein], Qwen-Image, Z-Image)."""
+    given); --guidance and --max-sequence-length are refused."""
 
     weighting: str = "none"
 

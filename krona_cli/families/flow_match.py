@@ -1,15 +1,15 @@
-"""The rectified-flow training objective of FLUX.1 (and SD3-style models): how a sample's noise level is drawn, how
-the noisy input, the target and the loss are built, and FLUX's 2x2 latent packing.
+"""The rectified-flow training objective of FLUX.1 and the other flow-matching families: how a sample's noise level is
+drawn, how the noisy input, the target and the loss are built, and FLUX's 2x2 latent packing.
 
 It follows diffusers' training helpers and its DreamBooth FLUX script: x_σ = (1 − σ)·x0 + σ·ε, target ε − x0, σ taken
 from the FlowMatchEulerDiscreteScheduler's discrete table at index ⌊u·N⌋ with u drawn by the weighting scheme's
-density, and the loss weighted by the same scheme (SD3 paper, https://arxiv.org/abs/2403.03206). As with
+density, and the loss weighted by the same scheme (Esser et al. 2024, https://arxiv.org/abs/2403.03206). As with
 `DDPM.draw` (ddpm.py), every per-sample random number comes from that sample's own generator, so a draw does
 not depend on the batch, the process or a resume.
 
 The time shift. The scheduler bakes its static `shift` into its table at construction, but only when
-`use_dynamic_shifting` is off (SD3: shift 3; FLUX.1-schnell: shift 1, a no-op); krona's table is the same one, so the
-static shift is never applied twice. With `use_dynamic_shifting` on (FLUX.1-dev) the table is left unshifted and the
+`use_dynamic_shifting` is off (e.g. shift 3, or FLUX.1-schnell's shift 1, a no-op); krona's table is the same one, so
+the static shift is never applied twice. With `use_dynamic_shifting` on (FLUX.1-dev) the table is left unshifted and the
 pipeline shifts at sampling time by mu = calculate_shift(image_seq_len), exponentially. diffusers' DreamBooth script
 indexes that table and nothing more, so for dev it trains on UNSHIFTED sigmas (uniform in t for "none"). krona, by
 default (`shift_by_resolution=True`), applies the resolution-dependent shift the sampler uses, image_seq_len being
@@ -69,7 +69,7 @@ class FlowMatch:
     mode_scale: float = 1.29
     shift_by_resolution: bool = True
     time_divisor: int = _TRANSFORMER_TIME_SCALE  # the transformer gets the scheduler's timestep σ·N over this
-    precondition: bool = False  # SD3's x0 preconditioning: the output −σ·v̂ + x_σ against the target x0
+    precondition: bool = False  # x0 preconditioning: the output −σ·v̂ + x_σ against the target x0
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:
@@ -183,7 +183,7 @@ class FlowMatch:
         return latents if self.precondition else noise - latents
 
     def output(self, prediction: torch.Tensor, noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        """The model's prediction as the loss reads it: the velocity itself, or preconditioned (diffusers' SD3 script,
+        """The model's prediction as the loss reads it: the velocity itself, or preconditioned (diffusers' scripts'
         `--precondition_outputs`) the x0 it implies, −σ·v̂ + x_σ; the loss is then σ² times the velocity's."""
         if not self.precondition:
             return prediction
@@ -192,8 +192,8 @@ class FlowMatch:
 
     def model_timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:
         """The float32 timesteps the transformer receives: the scheduler's timestep σ·N divided by `time_divisor`:
-        1000 for FLUX.1, as the DreamBooth script passes them (its transformer multiplies by 1000 again), 1 for SD3 and
-        Z-Image, whose transformers take the scheduler's own (Z-Image: as 1 − σ, families/z_image.py)."""
+        1000 for FLUX.1, as the DreamBooth script passes them (its transformer multiplies by 1000 again), 1 for the
+        families whose transformers take the scheduler's own (or a function of it, in their `denoise`)."""
         timesteps = torch.as_tensor(sigmas, dtype=torch.float32) * self.num_train_timesteps
         return timesteps / self.time_divisor
 

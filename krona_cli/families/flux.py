@@ -44,12 +44,16 @@ class FluxFamily(Family):
         given = {"guidance": guidance, "max_sequence_length": max_sequence_length, "weighting": weighting_scheme}
         return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
 
+    def sequence_length_in_words(self) -> str:
+        return f"the T5 tokenizer's length ({MAX_SEQUENCE_LENGTH})"
+
     def sequence_length(self, t5_tokenizer) -> int:
         """T5 tokens per prompt: --max-sequence-length, else the tokenizer's own length (at most 512)."""
         return self.max_sequence_length or min(MAX_SEQUENCE_LENGTH, int(t5_tokenizer.model_max_length))
 
     def matches_denoiser(self, get: ConfigGet) -> bool:
-        """FluxTransformer2DModel: double and single blocks, and a pooled text projection (FLUX.2 has none)."""
+        """FluxTransformer2DModel: double and single blocks, and a pooled text projection (which other double- and
+        single-block transformers lack)."""
         return get("num_single_layers") is not None and get("pooled_projection_dim") is not None
 
     def encode_prompts(self, tokenizers: list, text_models: list, prompts: list[str]) -> Conditioning:
@@ -89,12 +93,9 @@ class FluxFamily(Family):
         )[0]
         return unpack_latents(prediction, height, width)
 
-    def sampler_defaults(self, pipe) -> SamplerDefaults:
-        """[dev] (guidance-distilled): FluxPipeline's 28 steps at guidance 3.5 (20 in training's grids); [schnell]
-        (timestep-distilled, no guidance embedding): its model card's 4 steps, guidance 0."""
-        if pipe.transformer.config.guidance_embeds:
-            return SamplerDefaults(steps=28, guidance=3.5, preview_steps=20)
-        return SamplerDefaults(steps=4, guidance=0.0, preview_steps=4)
+    def sampler_variant(self, pipe) -> str:
+        """[dev] (guidance-distilled) or [schnell] (timestep-distilled, no guidance embedding)."""
+        return "[dev]" if pipe.transformer.config.guidance_embeds else "[schnell]"
 
     def native_size(self, pipe) -> int:
         """The VAE's sample size (FLUX.1's: 1024, FluxPipeline's default side; the toy FLUX's: 64)."""
@@ -139,4 +140,9 @@ FLUX = FluxFamily(
     # the file BFL release, and ComfyUI and Forge load as a diffusion model beside their text encoders and VAE
     single_file=SingleFile("the FLUX.1 transformer alone, in Black Forest Labs' layout", denoiser_only=True),
     file_naming="flux_names",
+    samplers={  # [dev]: FluxPipeline's (20 in training's grids); [schnell]: its model card's
+        "[dev]": SamplerDefaults(steps=28, guidance=3.5, preview_steps=20),
+        "[schnell]": SamplerDefaults(steps=4, guidance=0.0, preview_steps=4),
+    },
+    tiny=("flux", "flux-schnell"),
 )

@@ -99,12 +99,9 @@ class Flux2Family(WeightedFamily):
         prediction = prediction.permute(0, 2, 1).reshape(b, c, 2, 2, h // 2, w // 2).permute(0, 1, 4, 2, 5, 3)
         return prediction.reshape(b, c, h, w)
 
-    def sampler_defaults(self, pipe) -> SamplerDefaults:
-        """The undistilled bases: Flux2KleinPipeline's 50 steps at guidance 4.0 (20 in training's grids); the
-        step-distilled releases (`is_distilled`): 4 steps, guidance unused."""
-        if getattr(pipe.config, "is_distilled", False):
-            return SamplerDefaults(steps=4, guidance=1.0, preview_steps=4)
-        return SamplerDefaults(steps=50, guidance=4.0, preview_steps=20)
+    def sampler_variant(self, pipe) -> str:
+        """The step-distilled releases (`is_distilled`) or the undistilled bases."""
+        return "distilled" if getattr(pipe.config, "is_distilled", False) else "base"
 
     def native_size(self, pipe) -> int:
         """The VAE's sample size (1024 for the real model)."""
@@ -138,8 +135,13 @@ FLUX2 = Flux2Family(
     single_file=SingleFile(
         "the FLUX.2 transformer alone, in Black Forest Labs' layout",
         denoiser_only=True,
-        layout="bfl2",
+        layout="flux2",
         denoiser_marks=("double_stream_modulation_img.lin.weight",),
     ),
     file_naming="diffusers_names",
+    samplers={  # the bases: Flux2KleinPipeline's (20 in training's grids); distilled: 4 steps, guidance unused
+        "base": SamplerDefaults(steps=50, guidance=4.0, preview_steps=20),
+        "distilled": SamplerDefaults(steps=4, guidance=1.0, preview_steps=4),
+    },
+    tiny=("flux2",),
 )

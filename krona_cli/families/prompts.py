@@ -22,7 +22,7 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int | None = None):
 @dataclass(frozen=True)
 class Conditioning:
     """Prompt embeddings of N prompts: `embeds` (N, tokens, width) the denoiser attends to, `pooled` (N, width) or
-    None, and `mask` (N, tokens) of the real tokens where the denoiser reads those alone (Z-Image), else None. A cache
+    None, and `mask` (N, tokens) of the real tokens where the denoiser reads those alone, else None. A cache
     keeps `row(i)`s and `stack` puts rows together again."""
 
     embeds: Any

@@ -37,7 +37,7 @@ class QwenImageFamily(WeightedFamily):
 
     def matches_denoiser(self, get: ConfigGet) -> bool:
         """QwenImageTransformer2DModel: a text input of `joint_attention_dim` and rotary axes, no single blocks, no
-        pooled or caption projection (FLUX.1's and SD3's)."""
+        pooled or caption projection."""
         return (
             get("joint_attention_dim") is not None
             and get("axes_dims_rope") is not None
@@ -105,10 +105,6 @@ class QwenImageFamily(WeightedFamily):
         given (the pipeline guides only with a negative prompt)."""
         return {"true_cfg_scale": guidance, "negative_prompt": negative or [" "] * count}
 
-    def sampler_defaults(self, pipe) -> SamplerDefaults:
-        """QwenImagePipeline's defaults: 50 steps at true CFG 4.0 (20 in training's grids)."""
-        return SamplerDefaults(steps=50, guidance=4.0, preview_steps=20)
-
     def native_size(self, pipe) -> int:
         """QwenImagePipeline's default side: its default sample size in latent pixels through the VAE (1024)."""
         return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
@@ -145,4 +141,6 @@ QWEN_IMAGE = QwenImageFamily(
         denoiser_marks=("txt_norm.weight",),
     ),
     file_naming="diffusers_names",
+    samplers={"": SamplerDefaults(steps=50, guidance=4.0, preview_steps=20)},  # the pipeline's, true CFG 4
+    tiny=("qwen-image",),
 )

@@ -47,4 +47,5 @@ SD15 = SD15Family(
         v2="False",
     ),
     single_file=SingleFile(WHOLE_FILE, marks=(_TEXT_PREFIX,), vae="sd15_vae.json", scheduler="sd15_scheduler.json"),
+    tiny=("sd15",),
 )

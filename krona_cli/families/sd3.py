@@ -46,6 +46,9 @@ class SD3Family(Family):
         given = {"max_sequence_length": max_sequence_length, "weighting": weighting_scheme}
         return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
 
+    def sequence_length_in_words(self) -> str:
+        return str(SEQUENCE_LENGTH)
+
     def sequence_length(self) -> int:
         return self.max_sequence_length or SEQUENCE_LENGTH
 
@@ -92,10 +95,6 @@ class SD3Family(Family):
             return_dict=False,
         )[0]
 
-    def sampler_defaults(self, pipe) -> SamplerDefaults:
-        """StableDiffusion3Pipeline's defaults: 28 steps at guidance 7.0 (20 in training's grids)."""
-        return SamplerDefaults(steps=28, guidance=7.0, preview_steps=20)
-
     def call_kwargs(self, pipe) -> dict:
         """The pipeline pads T5 to 256 tokens unless told: the length training used."""
         return {"max_sequence_length": self.sequence_length()}
@@ -136,8 +135,10 @@ SD3 = SD3Family(
     single_file=SingleFile(
         "the SD3 transformer alone, in Stability's MMDiT layout",
         denoiser_only=True,
-        layout="mmdit",
+        layout="sd3",
         denoiser_marks=("joint_blocks.0.x_block.attn.qkv.weight",),
     ),
     file_naming="diffusers_names",
+    samplers={"": SamplerDefaults(steps=28, guidance=7.0, preview_steps=20)},  # the pipeline's (20 in grids)
+    tiny=("sd3",),
 )

@@ -76,4 +76,5 @@ SDXL = SDXLFamily(
         v2="False",
     ),
     single_file=SingleFile(WHOLE_FILE, marks=(_OPENCLIP_PREFIX,), vae="sdxl_vae.json", scheduler="sdxl_scheduler.json"),
+    tiny=("sdxl",),
 )

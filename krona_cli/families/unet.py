@@ -4,10 +4,12 @@ trained on a DDPM schedule (epsilon or v-prediction, as the base model's schedul
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .base import Component, Family, SamplerDefaults
 from .prompts import Conditioning, tokenize
+
+UNET_SAMPLER = SamplerDefaults(steps=30, guidance=7.0, preview_steps=25)
 
 UNET = "unet"
 CLIP_L = Component("text_encoder", "text", "clip_vit_l_text.json", "tokenizer")
@@ -40,6 +42,9 @@ class UNetFamily(Family):
     """SD 1.x and 2.x as they are; SDXL overrides the prompt encoding and the denoiser call. This is what diffusers'
     DreamBooth scripts compute (no classifier-free guidance, no prompt weighting)."""
 
+    # 30 steps (25 in training's grids) at classifier-free guidance 7.0, the DiffuseKronA paper's best
+    samplers: Mapping[str, SamplerDefaults] = field(default_factory=lambda: {"": UNET_SAMPLER})
+
     def encode_prompts(self, tokenizers: list, text_models: list, prompts: list[str]) -> Conditioning:
         """The last hidden state of the one CLIP encoder."""
         encoder = text_models[0]
@@ -48,10 +53,6 @@ class UNetFamily(Family):
 
     def denoise(self, model, noisy, timesteps, cond: Conditioning, geometry, dtype):
         return model(noisy.to(dtype), timesteps, cond.embeds.to(dtype)).sample
-
-    def sampler_defaults(self, pipe) -> SamplerDefaults:
-        """30 steps (25 in training's grids) at classifier-free guidance 7.0, the DiffuseKronA paper's best."""
-        return SamplerDefaults(steps=30, guidance=7.0, preview_steps=25)
 
     def objective(self, scheduler_config: Mapping):
         from .ddpm import DDPM

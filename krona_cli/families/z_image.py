@@ -59,10 +59,6 @@ class ZImageFamily(WeightedFamily):
         out = model(latents, (1000 - timesteps) / 1000, text, return_dict=False)[0]  # 1 − σ, as the script has it
         return -torch.stack(out).squeeze(2)
 
-    def sampler_defaults(self, pipe) -> SamplerDefaults:
-        """ZImagePipeline's defaults: 50 steps at guidance 5.0 (20 in training's grids)."""
-        return SamplerDefaults(steps=50, guidance=5.0, preview_steps=20)
-
     def native_size(self, pipe) -> int:
         """The VAE's sample size (1024 for the real model; the transformer has none)."""
         return int(pipe.vae.config.sample_size)
@@ -95,8 +91,10 @@ Z_IMAGE = ZImageFamily(
     single_file=SingleFile(
         "the Z-Image transformer alone, in its original layout",
         denoiser_only=True,
-        layout="lumina",
+        layout="z_image",
         denoiser_marks=("cap_embedder.1.weight",),
     ),
     file_naming="diffusers_names",
+    samplers={"": SamplerDefaults(steps=50, guidance=5.0, preview_steps=20)},  # the pipeline's (20 in grids)
+    tiny=("z-image",),
 )

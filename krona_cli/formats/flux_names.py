@@ -60,13 +60,19 @@ def transformer_module(prefix: str, rest: str) -> tuple[str, str] | None:
     return None if module is None else (module, KEY_FORMATS[prefix])
 
 
+def transformer_titles() -> str:
+    """The families whose denoiser is a transformer, in registry order, for messages: "A, B or C"."""
+    titles = [family.title for family in families.FAMILIES if family.denoiser == TRANSFORMER]
+    return f"{', '.join(titles[:-1])} or {titles[-1]}"
+
+
 def check_module(module: str, key: str, source: str) -> str:
     """A diffusers-named transformer module of a file, refused unless it is a linear layer of a transformer family's
-    model (FLUX.1's, SD3's)."""
+    model (any transformer family's)."""
     if not (is_linear(module, bfl=False) or linear_names.families_with(TRANSFORMER, module)):
         raise KronaError(
-            f"'{source}' holds '{key}', whose module '{module}' is not a linear layer of a FLUX.1 or SD3 transformer "
-            "(diffusers' FluxTransformer2DModel, SD3Transformer2DModel); the file is for another model or damaged"
+            f"'{source}' holds '{key}', whose module '{module}' is not a linear layer of a {transformer_titles()} "
+            "transformer in diffusers' names; the file is for another model or damaged"
         )
     return module
 
@@ -126,8 +132,8 @@ def _fused(group: list[tuple[str, np.ndarray, np.ndarray]], fused: str) -> tuple
 @dataclass(frozen=True)
 class DiffusersNaming:
     """A transformer family's names in krona's files (naming.py): LoKr `lycoris_<module>` for the transformer
-    (SimpleTuner's LyCORIS names, which ComfyUI maps for FLUX.1 and SD3), kohya's prefix of each trained text encoder
-    (`lora_te1_`, `lora_te2_`); LoRA in diffusers' `<component>.<module>` names."""
+    (SimpleTuner's LyCORIS names, which ComfyUI maps for the transformer families), kohya's prefix of each trained text
+    encoder (`lora_te1_`, `lora_te2_`); LoRA in diffusers' `<component>.<module>` names."""
 
     prefixes: Mapping[str, str]  # text encoder -> its kohya prefix
     lora_layouts: tuple[str, ...] = ("peft",)

@@ -277,7 +277,7 @@ class NameReader:
                 return None
             raise KronaError(
                 f"cannot read {self.kind} key '{key}' in '{self.source}': '{rest}' after '{prefix}' is not a linear "
-                "layer of a FLUX.1 or SD3 transformer (diffusers' FluxTransformer2DModel, SD3Transformer2DModel names)"
+                f"layer of a {flux_names.transformer_titles()} transformer in diffusers' names"
             )
         module, key_format = found
         self._flux.add(key_format)

@@ -11,9 +11,9 @@ file's layers, (lora name, up, down)). The namings:
 * FLUX.1 (flux_names.FluxNaming): LoKr `lycoris_` + diffusers' transformer names (SimpleTuner's) and `lora_te1_` for
   CLIP-L, LoRA in diffusers' `transformer.` / `text_encoder.` names by default or kohya's (BFL's fused names), the
   names ComfyUI maps for a FLUX model and diffusers' FluxPipeline loads.
-* SD3 (flux_names.DiffusersNaming, which FluxNaming extends): LoKr `lycoris_` + diffusers' transformer names and
-  `lora_te1_` / `lora_te2_` for the two CLIPs, LoRA in diffusers' names, which ComfyUI maps for an SD3 model and
-  StableDiffusion3Pipeline loads.
+* The other transformer families (flux_names.DiffusersNaming, which FluxNaming extends): LoKr `lycoris_` + diffusers'
+  transformer names and kohya's prefix of each trained text encoder (`lora_te1_`, `lora_te2_`), LoRA in diffusers'
+  names, which ComfyUI maps for the family's model and its diffusers pipeline loads.
 """
 
 from __future__ import annotations

@@ -13,19 +13,17 @@ converter fixes FLUX.1's 3072).
 
 from __future__ import annotations
 
+import importlib
 import json
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 
 from ..atomic import write_atomic
 from ..errors import KronaError
-from ..formats.bfl2_layout import diffusers_to_bfl2
-from ..formats.bfl_layout import BFL_PREFIX, bfl_to_diffusers, diffusers_to_bfl
-from ..formats.lumina_layout import diffusers_to_lumina
-from ..formats.mmdit_layout import diffusers_to_mmdit
+from ..formats.bfl_layout import BFL_PREFIX, bfl_to_diffusers
 
 TRANSFORMER_CLASS = "FluxTransformer2DModel"  # diffusers' class of what these files hold
 METADATA_KEY = "krona_transformer"  # what a file krona wrote holds: the class, its layout and its diffusers config
@@ -37,22 +35,19 @@ def transformer_layout(keys: Iterable[str]) -> str | None:
     """ "bfl" or "diffusers" for the keys of a FLUX.1 transformer file (bare or under `model.diffusion_model.`), None
     when they are not a FLUX.1 transformer's."""
     bare = {key.removeprefix(BFL_PREFIX) for key in keys}
-    if any(key.startswith("double_stream_modulation_img.") for key in bare):
-        return None  # FLUX.2's: its modulations are shared by the blocks
-    if "img_in.weight" in bare and any(key.startswith(("double_blocks.", "single_blocks.")) for key in bare):
-        return "bfl"
+    if "img_in.weight" in bare and any(key.startswith("double_blocks.") and ".img_mod." in key for key in bare):
+        return "bfl"  # each double block modulated by its own `img_mod` (in other BFL layouts the blocks share one)
     if "x_embedder.weight" in bare and any(key.startswith("transformer_blocks.") for key in bare):
         return "diffusers"
     return None
 
 
-_LAYOUTS = {
-    "bfl": diffusers_to_bfl,
-    "bfl2": diffusers_to_bfl2,
-    "mmdit": diffusers_to_mmdit,
-    "lumina": diffusers_to_lumina,
-    "diffusers": lambda state, concatenate: dict(state),  # Qwen-Image: ComfyUI's model has diffusers' names
-}
+def _layout_writer(layout: str) -> Callable[..., dict]:
+    """A state dict's renaming into `layout` (a family's `SingleFile.layout`): `diffusers_to_<layout>` of
+    formats/<layout>_layout.py, or the names as they are for "diffusers"."""
+    if layout == "diffusers":
+        return lambda state, concatenate: dict(state)
+    return getattr(importlib.import_module(f"krona_cli.formats.{layout}_layout"), f"diffusers_to_{layout}")
 
 
 class _Stacked:
@@ -89,11 +84,9 @@ def save_transformer_file(
     metadata: Mapping[str, str] | None = None,
     layout: str = "bfl",
 ) -> Path:
-    """The transformer as one .safetensors file in its makers' `layout` (bare names): BFL's for FLUX.1 and FLUX.2
-    (bfl2_layout.py), diffusers' own for Qwen-Image, Stability's
-    MMDiT for SD3 (formats/mmdit_layout.py), Lumina 2's for Z-Image (lumina_layout.py), every weight cast to `dtype`,
-    written atomically and streamed;
-    `metadata` joins `krona_transformer` (class, layout, config)."""
+    """The transformer as one .safetensors file in its makers' `layout` (bare names; see `_layout_writer`), every
+    weight cast to `dtype`, written atomically and streamed; `metadata` joins `krona_transformer` (class, layout,
+    config)."""
     if dtype not in _DTYPES:
         raise KronaError(f"cannot write a transformer in {dtype}; use fp32, fp16 or bf16")
     state = transformer.state_dict()
@@ -104,7 +97,7 @@ def save_transformer_file(
             "the transformer has weights that are not floating point (a quantized base?); load the base in full "
             "precision to write a single file"
         )
-    tensors = _LAYOUTS[layout](state, concatenate=_Stacked)
+    tensors = _layout_writer(layout)(state, concatenate=_Stacked)
     config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}  # no `_name_or_path`
     described = {"class": type(transformer).__name__, "layout": layout, "config": config}
     metadata = {**(metadata or {}), METADATA_KEY: json.dumps(described)}

@@ -18,6 +18,7 @@ Kronecker factorisations such as 2x2, 4x4 or 8x4 divide every one of them.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -34,6 +35,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from krona_cli.atomic import write_folder_atomic
 from krona_cli.errors import KronaError
+from krona_cli.families import FAMILIES, tiny_archs
 from krona_cli.outputs import output_folder
 from krona_cli.pipeline.clip_tokenizer import END_OF_WORD, MAX_LENGTH, tokenizer_from_merges
 
@@ -46,11 +48,6 @@ __all__ = [
     "make_tiny_clip",
     "make_tiny_dino",
 ]
-
-#: Architectures :func:`make_tiny` and :func:`build_tiny_pipeline` can build (FLUX's in tiny_flux.py, SD3's in
-#: tiny_sd3.py, FLUX.2 [klein]'s in tiny_flux2.py, Qwen-Image's in tiny_qwen_image.py, Z-Image's in tiny_z_image.py).
-_ARCHS = ("sdxl", "sd15", "flux", "flux-schnell", "sd3", "flux2", "qwen-image", "z-image")
-
 
 # Words typical of text-to-image and DreamBooth prompts. Every word here becomes a single token, as common
 # English words are in the real CLIP vocabulary; anything else falls back to sub-words and, ultimately, bytes.
@@ -238,40 +235,23 @@ def _sd15_unet(text_width: int) -> UNet2DConditionModel:
     )
 
 
-def build_tiny_pipeline(arch: str = "sdxl", seed: int = 0) -> StableDiffusionXLPipeline | StableDiffusionPipeline:
-    """Build a tiny random-weight pipeline in memory: ``StableDiffusionXLPipeline`` for ``"sdxl"``,
-    ``StableDiffusionPipeline`` for ``"sd15"``, ``FluxPipeline`` for ``"flux"`` (dev-like) and ``"flux-schnell"``,
-    ``StableDiffusion3Pipeline`` (SD3.5 Medium-like) for ``"sd3"``, ``Flux2KleinPipeline`` for ``"flux2"``,
-    ``QwenImagePipeline`` for ``"qwen-image"``, ``ZImagePipeline`` for ``"z-image"``.
+def build_tiny_pipeline(arch: str = "sdxl", seed: int = 0):
+    """Build a tiny random-weight pipeline in memory of the family that lists ``arch`` among its `tiny` names: the
+    UNet families' here, every other family's by ``build_tiny(arch, seed)`` of pipeline/tiny_<family name>.py.
 
     Weights are drawn under ``torch.manual_seed(seed)`` inside a forked RNG, so the same seed always gives the same
     weights and the caller's global RNG state is left untouched.
 
     Raises:
-        KronaError: ``arch`` is not one of :data:`_ARCHS`.
+        KronaError: ``arch`` is not one of :func:`tiny_archs`.
     """
-    if arch not in _ARCHS:
-        raise KronaError(f"Unknown tiny architecture {arch!r}: expected one of {', '.join(repr(a) for a in _ARCHS)}.")
-    if arch in ("flux", "flux-schnell"):
-        from .tiny_flux import build_tiny_flux_pipeline
-
-        return build_tiny_flux_pipeline(seed, guidance_embeds=arch == "flux")
-    if arch == "sd3":
-        from .tiny_sd3 import build_tiny_sd3_pipeline
-
-        return build_tiny_sd3_pipeline(seed)
-    if arch == "flux2":
-        from .tiny_flux2 import build_tiny_flux2_pipeline
-
-        return build_tiny_flux2_pipeline(seed)
-    if arch == "qwen-image":
-        from .tiny_qwen_image import build_tiny_qwen_image_pipeline
-
-        return build_tiny_qwen_image_pipeline(seed)
-    if arch == "z-image":
-        from .tiny_z_image import build_tiny_z_image_pipeline
-
-        return build_tiny_z_image_pipeline(seed)
+    family = next((f for f in FAMILIES if arch in f.tiny), None)
+    if family is None:
+        known = ", ".join(repr(a) for a in tiny_archs())
+        raise KronaError(f"Unknown tiny architecture {arch!r}: expected one of {known}.")
+    if family.denoiser != "unet":
+        module = importlib.import_module(f"{__package__}.tiny_{family.name.replace('-', '_')}")
+        return module.build_tiny(arch, seed)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

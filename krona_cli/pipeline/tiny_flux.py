@@ -136,6 +136,11 @@ def flux_scheduler(guidance_embeds: bool = True) -> FlowMatchEulerDiscreteSchedu
     )
 
 
+def build_tiny(arch: str, seed: int = 0) -> FluxPipeline:
+    """make-tiny's `flux` (dev-like) or `flux-schnell` (see build_tiny_flux_pipeline)."""
+    return build_tiny_flux_pipeline(seed, guidance_embeds=arch == "flux")
+
+
 def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> FluxPipeline:
     """Build a tiny random-weight :class:`~diffusers.FluxPipeline` in memory: FLUX.1-dev-like with
     ``guidance_embeds`` (a guidance embedding and dev's shifted scheduler), schnell-like without.

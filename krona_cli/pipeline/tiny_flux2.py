@@ -1,7 +1,7 @@
 """A tiny, offline, random-weight FLUX.2 [klein]-shaped diffusers pipeline for tests and smoke runs (as tiny_flux.py for
 FLUX.1): 2 double- and 2 single-stream blocks 32 wide (2 heads of 16, rotary axes 4 + 4 + 4 + 4), no guidance input;
 a Qwen3 causal LM 16 wide with the 27 layers whose 9th, 18th and 27th states the transformer reads (48 wide side by
-side); the byte-level Qwen-style tokenizer with Qwen3's chat template (tiny_z_image.py); a 32-channel 8x FLUX.2 VAE
+side); the byte-level Qwen-style tokenizer with Qwen3's chat template (tiny_qwen.py); a 32-channel 8x FLUX.2 VAE
 whose batch-norm statistics are drawn away from 0 and 1, so that training that skipped them would show; FLUX.1
 [dev]'s flow-matching scheduler settings."""
 
@@ -12,7 +12,7 @@ from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2
 from transformers import Qwen3ForCausalLM
 
 from .tiny_flux import flux_scheduler
-from .tiny_z_image import build_qwen_tokenizer, qwen3_config
+from .tiny_qwen import build_qwen_tokenizer, qwen3_config
 
 _TEXT_WIDTH = 16
 
@@ -31,7 +31,7 @@ def _vae() -> AutoencoderKLFlux2:
     return vae
 
 
-def build_tiny_flux2_pipeline(seed: int = 0) -> Flux2KleinPipeline:
+def build_tiny(arch: str, seed: int = 0) -> Flux2KleinPipeline:
     """The tiny FLUX.2 [klein] pipeline (undistilled), its weights drawn under `torch.manual_seed(seed)` in a forked
     RNG."""
     with torch.random.fork_rng(devices=[]):

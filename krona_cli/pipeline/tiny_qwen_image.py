@@ -1,7 +1,7 @@
 """A tiny, offline, random-weight Qwen-Image-shaped diffusers pipeline for tests and smoke runs (as tiny_flux.py for
 FLUX.1): 2 double-stream blocks 32 wide (2 heads of 16, rotary axes 8 + 4 + 4); a Qwen2.5-VL model 16 wide (its
 vision tower 2 blocks, unused for text-to-image as in the real pipeline); the byte-level Qwen-style tokenizer
-(tiny_z_image.py), whose vocabulary the VL model's special token ids follow; a 16-channel 8x Wan-style VAE with the
+(tiny_qwen.py), whose vocabulary the VL model's special token ids follow; a 16-channel 8x Wan-style VAE with the
 real model's per-channel latent means and deviations; the real scheduler's settings as third-party copies give them."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from diffusers import (
 )
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from .tiny_z_image import build_qwen_tokenizer
+from .tiny_qwen import build_qwen_tokenizer
 
 _TEXT_WIDTH = 16
 
@@ -48,7 +48,7 @@ def _text_encoder(vocab: int) -> Qwen2_5_VLForConditionalGeneration:
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def build_tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
+def build_tiny(arch: str, seed: int = 0) -> QwenImagePipeline:
     """The tiny Qwen-Image pipeline, its weights drawn under `torch.manual_seed(seed)` in a forked RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

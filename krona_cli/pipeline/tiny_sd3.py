@@ -37,7 +37,7 @@ def _transformer() -> SD3Transformer2DModel:
     )
 
 
-def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+def build_tiny(arch: str, seed: int = 0) -> StableDiffusion3Pipeline:
     """The tiny SD3.5 pipeline, its weights drawn under `torch.manual_seed(seed)` in a forked RNG (the same seed gives
     the same weights; the caller's RNG is left alone)."""
     with torch.random.fork_rng(devices=[]):

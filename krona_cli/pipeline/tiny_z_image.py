@@ -8,51 +8,12 @@ from __future__ import annotations
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
+from transformers import Qwen3Model
 
-from .clip_tokenizer import bytes_to_unicode
 from .tiny import tiny_vae
+from .tiny_qwen import build_qwen_tokenizer, qwen3_config
 
 _WIDTH = 32
-_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
-# Qwen3's chat template, cut to what the pipelines use: the messages, the assistant's turn, and with thinking off the
-# empty thinking block Qwen3 writes
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
-)
-
-
-def build_qwen_tokenizer() -> Qwen2Tokenizer:
-    """A byte-level tokenizer in Qwen's layout without merges (every byte a token), its special tokens after the 256
-    byte symbols (`<|endoftext|>` pads), and the chat template."""
-    vocab = {symbol: i for i, symbol in enumerate(bytes_to_unicode().values())}
-    vocab |= {token: len(vocab) + i for i, token in enumerate(_SPECIALS)}
-    return Qwen2Tokenizer(
-        vocab=vocab,
-        merges=[],
-        model_max_length=131072,
-        chat_template=CHAT_TEMPLATE,
-        additional_special_tokens=_SPECIALS[1:],
-    )
-
-
-def qwen3_config(tokenizer: Qwen2Tokenizer, width: int, layers: int, **more) -> Qwen3Config:
-    """A Qwen3 text model's config `width` wide (2 heads, as many key/value heads) and `layers` deep, its vocabulary
-    and pad id the tokenizer's."""
-    return Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=width // 2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        **more,
-    )
 
 
 def _transformer() -> ZImageTransformer2DModel:
@@ -73,7 +34,7 @@ def _transformer() -> ZImageTransformer2DModel:
     return model
 
 
-def build_tiny_z_image_pipeline(seed: int = 0) -> ZImagePipeline:
+def build_tiny(arch: str, seed: int = 0) -> ZImagePipeline:
     """The tiny Z-Image pipeline, its weights drawn under `torch.manual_seed(seed)` in a forked RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -21,6 +21,7 @@ import typer
 import yaml
 
 from ..errors import KronaError
+from ..families import in_words
 from ..kron.factors import INITS
 from .optimizers import OPTIMIZERS, default_lr
 from .optimizers import check as check_optimizer
@@ -144,9 +145,8 @@ class TrainConfig:
     noise_offset: float = _opt(0.0, "Noise offset (helps very dark and bright images), e.g. 0.05.", min=0)
     weighting_scheme: Optional[str] = _opt(
         None,
-        "Flow-matching models (FLUX.1, SD3, FLUX.2, Qwen-Image, Z-Image): how noise levels are drawn and the loss "
-        "weighted (diffusers' schemes).",
-        unset="diffusers' scripts' defaults: logit_normal for SD3, none for the other flow-matching families",
+        "Flow-matching models: how noise levels are drawn and the loss weighted (diffusers' schemes).",
+        unset="diffusers' scripts' defaults: " + in_words(lambda family: {"": family.weighting}),
         choices=WEIGHTING_SCHEMES,
     )
     guidance: Optional[float] = _opt(
@@ -157,8 +157,8 @@ class TrainConfig:
     )
     max_sequence_length: Optional[int] = _opt(
         None,
-        "FLUX.1 and SD3: T5 tokens per prompt (longer prompts are cut).",
-        unset="FLUX.1: the T5 tokenizer's length (512); SD3: 77",
+        "Text tokens per prompt, where the model takes the setting (longer prompts are cut).",
+        unset=in_words(lambda family: {"": family.sequence_length_in_words()}),
         min=1,
     )
     seed: int = _opt(0, "Seed of every random draw of the run.", min=0)
@@ -200,7 +200,7 @@ class TrainConfig:
     sample_steps: Optional[int] = _opt(
         None,
         "Denoising steps of sample images.",
-        unset="25 for SD and SDXL; 4 for FLUX.1 [schnell] and distilled FLUX.2 [klein]; 20 for the others",
+        unset=in_words(lambda family: {variant: found.preview_steps for variant, found in family.samplers.items()}),
         min=1,
     )
     sample_guidance: Optional[float] = _opt(

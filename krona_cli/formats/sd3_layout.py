@@ -62,7 +62,7 @@ def _last_block(state: Mapping[str, Any]) -> int:
     return next(i for i in sorted(blocks) if f"transformer_blocks.{i}.attn.to_add_out.weight" not in state)
 
 
-def diffusers_to_mmdit(
+def diffusers_to_sd3(
     state: Mapping[str, Any], prefix: str = "", concatenate: Callable[[Sequence[Any]], Any] | None = None
 ) -> dict[str, Any]:
     """A diffusers SD3Transformer2DModel state dict in Stability's MMDiT names after `prefix`, q/k/v fused and the

@@ -21,7 +21,7 @@ _RENAMES = (
 _FUSED = (".attention.to_q.weight", ".attention.to_k.weight", ".attention.to_v.weight")
 
 
-def diffusers_to_lumina(
+def diffusers_to_z_image(
     state: Mapping[str, Any], prefix: str = "", concatenate: Callable[[Sequence[Any]], Any] | None = None
 ) -> dict[str, Any]:
     """A diffusers ZImageTransformer2DModel state dict in the original names after `prefix`, q/k/v fused by rows

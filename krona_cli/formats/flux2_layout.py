@@ -55,7 +55,7 @@ _SINGLE = {
 _KEY = re.compile(r"^(?:(transformer_blocks|single_transformer_blocks)\.(\d+)\.)?(.+)\.(weight|bias)$")
 
 
-def diffusers_to_bfl2(
+def diffusers_to_flux2(
     state: Mapping[str, Any], prefix: str = "", concatenate: Callable[[Sequence[Any]], Any] | None = None
 ) -> dict[str, Any]:
     """A diffusers Flux2Transformer2DModel state dict in BFL's names after `prefix` (`concatenate`: numpy's or
