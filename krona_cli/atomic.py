@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import KronaError
+from .paths import expand
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -75,7 +76,7 @@ def write_folder_atomic(target: str | os.PathLike, fill: Callable[[Path], None])
     An existing `target` is swapped out by two renames (put back if the second fails) and deleted afterwards, so
     `target` always holds either the old folder or the whole new one. The caller decides whether replacing is allowed.
     """
-    target = Path(target).expanduser().absolute()
+    target = expand(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     # Siblings, so the renames never cross a filesystem; `mkdir` (not `tempfile.mkdtemp`, which forces mode 0700)
     # gives the finished folder the usual umask permissions.

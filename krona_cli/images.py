@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import KronaError
+from .paths import expand
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb limit (2 × Image.MAX_IMAGE_PIXELS)
@@ -32,7 +33,7 @@ def scan_images(folder: str | Path, what: str = "instance", allow_empty: bool = 
     Skipped: files without an image suffix and empty files. A missing folder, or one with no usable image (unless
     `allow_empty`), is an error that names the `--{what}-dir` flag (and the files it skipped).
     """
-    folder = Path(folder).expanduser()
+    folder = expand(folder)
     flag = _flag(what, folder)
     if not folder.is_dir():
         raise KronaError(f"{flag} does not exist or is not a folder; point it at the folder that holds your images")

@@ -17,10 +17,11 @@ import uuid
 from pathlib import Path
 
 from .errors import KronaError
+from .paths import expand
 
 
 def lock_path(output: str | os.PathLike) -> Path:
-    output = Path(output).expanduser().absolute()
+    output = expand(output).absolute()
     return output.parent / f".{output.name}.krona-lock"
 
 

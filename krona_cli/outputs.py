@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import KronaError
+from .paths import expand
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -49,7 +50,7 @@ def output_folder(path: str | os.PathLike, flag: str, owned: Callable[[Path], bo
 
     `owned(file)` tells krona's files (of this command) from others. A folder holding files of krona's is refused
     without `overwrite`; one holding any other file is refused always, naming one of them."""
-    path = Path(path).expanduser()
+    path = expand(path)
     if path.exists() and not path.is_dir():
         raise KronaError(f"{flag} '{path}' is a file; give a folder")
     check_writable(path, flag)
@@ -72,7 +73,7 @@ def output_folder(path: str | os.PathLike, flag: str, owned: Callable[[Path], bo
 
 def output_file(path: str | os.PathLike, flag: str, suffix: str, overwrite: bool) -> Path:
     """Check a file a command writes: its suffix, its folder, and no existing file without `overwrite`."""
-    path = Path(path).expanduser()
+    path = expand(path)
     if path.suffix != suffix:
         raise KronaError(
             f"{flag} '{path}' must end in {suffix} (the file is {suffix[1:]}); name it e.g. "

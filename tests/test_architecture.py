@@ -25,6 +25,7 @@ LEAVES = {
     "outputs",
     "images",
     "lazy",
+    "paths",
     "stopping",
     "__init__",
 }

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import stopping
 from ..errors import KronaError
+from ..paths import expand
 
 METHODS = ("kron", "lora")
 #: (key, title) of each scorer's metrics, the columns of `krona compare` and `krona eval`: clip (CLIP-I, CLIP-T,
@@ -160,7 +161,7 @@ def compare(
     if scorer not in METRICS:
         raise KronaError(f"--scorer must be one of {', '.join(METRICS)}; got '{scorer}'")
     key, values = parse_sweep(sweep)
-    out = Path(output_dir).expanduser()
+    out = expand(output_dir)
     reference, _ = scan_images(train_config.instance_dir, "instance")
     if scorer == "toy":
         from ..world.scenes import eval_prompts

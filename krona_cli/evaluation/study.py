@@ -39,6 +39,7 @@ from pathlib import Path
 from .. import stopping
 from ..atomic import write_bytes_atomic
 from ..errors import KronaError
+from ..paths import expand
 
 #: The learning-rate grid (log-spaced, 1e-5 to 1e-2), krona's factor choices (A's output side swept with its input
 #: side at 4, the paper's best input factor; fitted per layer where a toy layer is narrower) and LoRA's ranks.
@@ -245,7 +246,7 @@ def study_setup(
     from ..training.config import load_config
 
     plan.check()
-    base, photos = study_inputs(out.expanduser(), pretrained, instance_dir, plan.arch)
+    base, photos = study_inputs(expand(out), pretrained, instance_dir, plan.arch)
     overrides = {
         "pretrained_model": base,
         "instance_dir": photos,
@@ -268,7 +269,7 @@ def study(
     results. `train_config` is a validated TrainConfig of the toy preset with the base model, photos and prompts."""
     plan.check()
     say = progress or (lambda done, total, name: None)
-    out = Path(output_dir).expanduser()
+    out = expand(output_dir)
     results = _load(out, plan)
     total = len(lr_specs(plan)) + later_count(plan) + len(transfer_specs(plan))
     doing = "the study"  # what a stop request cuts short

@@ -18,6 +18,7 @@ from ..errors import KronaError
 from ..formats import Adapter, file_sha256, load_adapter, module_name
 from ..formats.native_outline import COMPONENTS
 from ..outputs import check_free_space, output_file, output_folder
+from ..paths import expand
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, float]:
@@ -164,7 +165,7 @@ def merge_to_folder(
     The folder is written beside its final place and renamed into it, so it is complete or absent.
     Returns a summary (base, architecture, adapters with their hashes, layers changed, dtype, output).
     """
-    out = Path(output_dir).expanduser()
+    out = expand(output_dir)
     ours = (out / MERGE_SUMMARY).is_file()  # a folder an earlier merge wrote: all of it is krona's
     output_folder(out, "--output-dir", lambda _file: ours, overwrite)
     baked, summary = _bake_for_saving(adapters, pretrained, dtype, transformer)

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import KronaError
+from ..paths import expand
 
 PROBE_TIMEOUT_S = 3.0
 _FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -28,7 +29,7 @@ def locate(name: str, flag: str = "--pretrained-model", expected: str = BASE_MOD
 
     An existing folder or file is local (a hub id such as `stabilityai/stable-diffusion-xl-base-1.0` is one only where
     no such path exists); a name that is neither is a KronaError naming `flag` and what it `expected`."""
-    path = Path(name).expanduser()
+    path = expand(name)
     if name.strip() and path.is_dir():
         return "folder", path.absolute()
     if name.strip() and path.is_file():
@@ -51,7 +52,7 @@ def absolute(name: str | None) -> str | None:
     (a hub id), so that it still works from another folder."""
     if name is None:
         return None
-    path = Path(name).expanduser()
+    path = expand(name)
     return str(path.absolute()) if path.exists() else name
 
 

@@ -37,6 +37,7 @@ from krona_cli.atomic import write_folder_atomic
 from krona_cli.errors import KronaError
 from krona_cli.families import FAMILIES, tiny_archs
 from krona_cli.outputs import output_folder
+from krona_cli.paths import expand
 from krona_cli.pipeline.clip_tokenizer import END_OF_WORD, MAX_LENGTH, tokenizer_from_merges
 
 __all__ = [
@@ -310,7 +311,7 @@ def save_marked_pipeline(path: str | Path, marker: str, info: dict, overwrite: b
     file, written into a temporary sibling and renamed into place. An empty folder is filled; a folder holding
     ``marker`` is replaced with ``overwrite``; anything else is left alone and reported (outputs.output_folder),
     before anything is built. Returns ``path`` as an absolute Path."""
-    target = Path(path).expanduser().absolute()
+    target = expand(path).absolute()
     ours = (target / marker).is_file()
     output_folder(target, "DIRECTORY", lambda _file: ours, overwrite)
     pipeline = build()
@@ -387,7 +388,7 @@ def build_tiny_dino(seed: int = 0):
 def _save_parts(path: str | Path, parts) -> Path:
     """``save_pretrained`` every part into one folder, written atomically; like :func:`make_tiny`, only an empty
     folder or a model folder (one holding ``config.json``) is replaced."""
-    target = Path(path).expanduser().absolute()
+    target = expand(path).absolute()
     if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / "config.json").is_file())):
         raise KronaError(
             f"Refusing to overwrite {target}: it exists and is neither an empty folder nor a model folder "

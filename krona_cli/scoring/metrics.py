@@ -26,6 +26,7 @@ import torch
 
 from ..errors import KronaError
 from ..inference.sampling import png_text
+from ..paths import expand
 from ..pipeline.hub import model_error, model_source
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
@@ -151,7 +152,7 @@ def _loading(name: str, flag: str, what: str):
         raise
     except Exception as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if not Path(name).expanduser().is_dir():  # tried as a hub id
+        if not expand(name).is_dir():  # tried as a hub id
             detail = f"no such local folder, and from the hub: {detail}"
         raise model_error(name, flag, what, detail) from e
 

@@ -33,6 +33,7 @@ from safetensors.torch import save as save_tensors
 
 from ..atomic import fsync_dir, write_bytes_atomic, write_folder_atomic
 from ..errors import KronaError
+from ..paths import expand
 
 CHECKPOINTS = "checkpoints"
 FORMAT = "krona-checkpoint"
@@ -204,7 +205,7 @@ def resolve_resume(output_dir, resume: str) -> Path | None:
     """`latest`: the newest complete checkpoint (None when there is none); otherwise the checkpoint folder `resume`."""
     if resume == "latest":
         return (list_checkpoints(output_dir) or [None])[-1]
-    path = Path(resume).expanduser()
+    path = expand(resume)
     if not (path.is_dir() and (path / STATE_FILE).is_file()):
         raise KronaError(
             f"--resume {resume} is not a complete checkpoint folder (one with {STATE_FILE}); pass 'latest' or a folder "

@@ -23,6 +23,7 @@ import yaml
 from ..errors import KronaError
 from ..families import in_words
 from ..kron.factors import INITS
+from ..paths import expand
 from .optimizers import OPTIMIZERS, default_lr
 from .optimizers import check as check_optimizer
 
@@ -291,7 +292,7 @@ class TrainConfig:
             setattr(self, name, absolute(getattr(self, name)))
         for name in ("instance_dir", "class_dir", "output_dir"):
             if getattr(self, name) is not None:
-                setattr(self, name, str(Path(getattr(self, name)).expanduser().absolute()))
+                setattr(self, name, str(expand(getattr(self, name)).absolute()))
         if self.resume not in (None, "latest"):
             self.resume = absolute(self.resume)
         return self
@@ -508,7 +509,7 @@ def resolve_config_path(path: str | Path) -> Path:
     """A YAML file, or the preset of that name in configs/ when no such file exists."""
     from ..architectures import CONFIGS_DIR
 
-    given = Path(path).expanduser()
+    given = expand(path)
     if given.is_file() or given.exists() and str(path) not in CONFIG_PRESETS:
         return given
     if str(path) in CONFIG_PRESETS:  # also where a folder of that name is in the way (`--config tiny` beside `tiny/`)

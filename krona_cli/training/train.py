@@ -24,6 +24,7 @@ from ..atomic import write_bytes_atomic
 from ..dtypes import DTYPES, compute_dtype
 from ..errors import KronaError
 from ..outputs import check_writable
+from ..paths import expand
 from . import optimizers, trainable
 from .buckets import Bucket
 from .config import TrainConfig
@@ -70,7 +71,7 @@ RUN_MARKERS = ("config.yaml", "adapter.safetensors", "checkpoints")
 
 def check_output_dir(cfg: TrainConfig) -> Path:
     """The output folder; KronaError if it holds another run and neither --resume nor --overwrite is given."""
-    out = Path(cfg.output_dir).expanduser()
+    out = expand(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise KronaError(f"--output-dir '{out}' is a file; give a folder")
     check_writable(out, "--output-dir")
@@ -434,7 +435,7 @@ def load_photos(cfg: TrainConfig, pre: Preflight, base: Base, reporter: Reporter
     small = small_images_warning(pre.photos, pre.sizes, instance.buckets)
     if small:
         reporter.warn(small)
-    class_dir = Path(cfg.class_dir or pre.out / "class-images").expanduser()
+    class_dir = expand(cfg.class_dir or pre.out / "class-images")
     to_generate = len(missing_indices(class_dir, cfg.num_class_images)) if cfg.class_prompt is not None else 0
     return Photos(instance, buckets, class_dir, to_generate)
 
