@@ -219,6 +219,38 @@ def test_transformer_families_hub_ids_train_sample_merge_and_export_offline(hub_
 
 
 @pytest.mark.slow
+def test_sd35_downloaded_without_t5_trains_samples_and_merges_with_drop_t5(tmp_path):
+    """SD3.5 Large as `hf download ... --exclude "text_encoder_3/*" "tokenizer_3/*"` leaves it in the cache, by its hub
+    id in a fresh shell from another folder: `--drop-t5` trains, and the sample and merge lines it prints work as
+    printed; a merged folder (which would lack T5) is refused in one line."""
+    folder = make_tiny(tmp_path / "sd3", arch="sd3")
+    shutil.rmtree(folder / "text_encoder_3")
+    shutil.rmtree(folder / "tokenizer_3")
+    put_in_hub_cache(folder, SD35[1], tmp_path / "cache")
+    env, work = fresh_shell(tmp_path / "cache") | {"COLUMNS": "400"}, tmp_path / "work"  # the lines unwrapped
+    work.mkdir()
+    args = ["--pretrained-model", SD35[1], "--instance-dir", str(EXAMPLES), "--prompt", "a photo of sks cat"]
+    done = krona(["train", *args, "--output-dir", "run", "--drop-t5", *SMALL_TRAIN], work, env)
+    printed = [shlex.split(line, comments=True) for line in done.stdout.splitlines() if line.startswith("  krona ")]
+    sample = next(line for line in printed if line[1] == "sample")
+    merge = next(line for line in printed if line[1] == "merge")
+    assert "--drop-t5" in sample and "--drop-t5" in merge
+    krona([*sample[1:], "-n", "1", "--sample-steps", "2", "--width", "64", "--height", "64"], work, env)
+    krona(merge[1:], work, env)
+    assert (work / "run.safetensors").is_file() and (work / "samples" / "grid.png").is_file()
+    refused = subprocess.run(
+        [str(KRONA), *merge[1:4], "--output-dir", "merged", "--drop-t5"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "a merged folder holds every text encoder" in refused.stderr and not (work / "merged").exists()
+
+
+@pytest.mark.slow
 def test_hub_id_not_in_the_cache_offline_is_one_line(hub_cache, tmp_path):
     env = fresh_shell(hub_cache)
     done = subprocess.run(

@@ -46,19 +46,63 @@ def test_the_scheduler_timesteps_are_the_ones_krona_draws_from(tiny_sd3_dir):
     torch.testing.assert_close(objective.model_timesteps(objective.sigma_table), scheduler.timesteps, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("settings", [{}, {"weighting_scheme": "cosmap", "max_sequence_length": 40}])
+@pytest.mark.parametrize(
+    "settings", [{}, {"weighting_scheme": "cosmap", "max_sequence_length": 40}, {"drop_t5": True}], ids=str
+)
 def test_the_loss_of_a_training_batch_is_the_one_diffusers_helpers_compute(
-    tiny_sd3_dir, tmp_path, monkeypatch, settings
+    tiny_sd3_dir, tmp_path, monkeypatch, captured_pipes, settings
 ):
+    """Also without T5 (--drop-t5): the pipeline loaded without it, whose encode_prompt gives zeros for its part."""
     tokens = settings.get("max_sequence_length", 77)
     seen = record_losses(
         monkeypatch, diffusers_loss, scheme=settings.get("weighting_scheme", "logit_normal"), tokens=tokens
     )
     train(config(tiny_sd3_dir, tmp_path / "run", steps=3, batch_size=2, lr=1e-2, **settings))
+    assert (captured_pipes[0].text_encoder_3 is None) == settings.get("drop_t5", False)
     assert len(seen) == 3
     for sigmas, loss, expected in seen:
         assert sigmas.dtype == torch.float32 and ((sigmas > 0) & (sigmas < 1)).all() and len(set(sigmas.tolist())) == 2
         torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_without_t5_the_loss_is_not_the_one_with_it(tiny_sd3_dir):
+    """The check above can tell: on one batch, the prompt states without T5 (zeros for its part) give another loss.
+    (It told krona's first try, which left out T5's zero tokens where the tiny CLIPs are as wide as T5, by 2e-5.)"""
+    from krona_cli.pipeline.tiny_sd3 import build_tiny
+
+    pipe = build_tiny("sd3")
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    args = (latents, noise, torch.tensor([0.3, 0.8]), [PROMPT, CLASS_PROMPT], "logit_normal")
+    with torch.no_grad():
+        with_t5 = diffusers_loss(pipe, pipe.transformer, *args)
+        pipe.text_encoder_3 = pipe.tokenizer_3 = None
+        # far outside the 1e-6 the check above allows
+        assert not torch.isclose(with_t5, diffusers_loss(pipe, pipe.transformer, *args), rtol=1e-4)
+
+
+def test_sampling_without_t5_as_trained_and_a_family_that_needs_its_t5_refuses(
+    tiny_sd3_dir, tiny_flux_dir, tmp_path, capsys
+):
+    """`--drop-t5` through the CLI: training without T5 says to sample without it, sampling so draws, and a FLUX.1
+    base refuses the flag in one line, writing nothing."""
+    from helpers import tiny_train_args
+
+    from krona_cli.cli import main
+
+    out = tmp_path / "run"
+    steps = ["--steps", "1", "--sample-every", "0", "--sample-steps", "1"]
+    assert main(tiny_train_args(tiny_sd3_dir, out, *steps, "--drop-t5")) == 0
+    assert "-n 4 --drop-t5" in capsys.readouterr().out and "-n 4 --drop-t5" in (out / "README.md").read_text()
+    common = ["--prompt", PROMPT, "-n", "1", "--sample-steps", "1", "--width", "64", "--height", "64", "--drop-t5"]
+    adapter = str(out / "adapter.safetensors")
+    assert main(["sample", "--adapter", adapter, *common, "--output-dir", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "grid.png").is_file()
+    capsys.readouterr()
+    flux = ["sample", "--pretrained-model", str(tiny_flux_dir), *common, "--output-dir", str(tmp_path / "f")]
+    assert main(flux) == 2 and not (tmp_path / "f").exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--drop-t5 does not apply to FLUX.1 models" in err
 
 
 def test_the_loss_is_not_the_unpreconditioned_one(tiny_sd3_dir):

@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from ..choices import EXPORT_FORMATS, READ_FORMATS
 from ..families import FAMILIES
+from ..training.config import DROP_T5
 from .app import TransformerFile, command, console, locked, renamed, split
 from .render import inspect_table, plan_json, plan_table, plural
 
@@ -42,6 +43,7 @@ def merge_cmd(
         typer.Option(help="Base model: folder, .safetensors file or hub id.", show_default="the adapter's"),
     ] = None,
     transformer: TransformerFile = None,
+    drop_t5: Annotated[bool, typer.Option("--drop-t5", help=DROP_T5 + " With --output alone.")] = False,
     multiplier: Annotated[float, typer.Option(help="Multiplies every adapter's scale.")] = 1.0,
     scale: Annotated[Optional[float], typer.Option(hidden=True, help="Old name of --multiplier.")] = None,
     dtype: Annotated[
@@ -64,7 +66,13 @@ def merge_cmd(
     with locked(destination.path, "krona merge", destination.flag):
         adapters = [(path, s * multiplier) for path, s in specs]
         summary = merge(
-            adapters, destination, pretrained_model, dtype=dtype, overwrite=overwrite, transformer=transformer
+            adapters,
+            destination,
+            pretrained_model,
+            dtype=dtype,
+            overwrite=overwrite,
+            transformer=transformer,
+            drop_t5=drop_t5,
         )
     console.print(
         f"merged {plural(len(specs), 'adapter')} into {summary['layers_changed']} layers of {summary['base_model']} "

@@ -219,16 +219,17 @@ class TrainReporter:
         self.progress.stop()
 
 
-def next_steps(adapter: Path, prompt: str, name: str, family) -> str:
+def next_steps(adapter: Path, prompt: str, name: str, family, drop_t5: bool = False) -> str:
     """What to do with a trained adapter: the commands, ready to paste (a merge into the single file the family has:
-    a whole checkpoint, or its denoiser alone)."""
+    a whole checkpoint, or its denoiser alone; sampling as it was trained, `--drop-t5` where it was)."""
     a = shlex.quote(str(adapter))
+    drop = " --drop-t5" if drop_t5 else ""
     merge = f"--output {shlex.quote(name + '.safetensors')}   # one checkpoint for A1111, Forge, ComfyUI"
     if family.single_file.denoiser_only:
-        merge = f"--output {shlex.quote(name + '.safetensors')}   # {family.single_file.holds}, for ComfyUI"
+        merge = f"--output {shlex.quote(name + '.safetensors')}{drop}   # {family.single_file.holds}, for ComfyUI"
     return (
         "next:\n"
-        f"  krona sample --adapter {a} --prompt {shlex.quote(prompt)} -n 4\n"
+        f"  krona sample --adapter {a} --prompt {shlex.quote(prompt)} -n 4{drop}\n"
         f"  krona merge --adapter {a} {merge}\n"
         f"  krona export --adapter {a} --to lycoris --output {shlex.quote(name + '-lokr.safetensors')}   "
         "# for their LoRA loaders"

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..families import in_words
+from ..training.config import DROP_T5
 from .app import TransformerFile, command, console, locked, renamed
 from .render import plural, sampling_progress
 
@@ -33,6 +34,7 @@ def sample_cmd(
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of each prompt's first image; image i uses SEED + i.")] = 0,
     transformer: TransformerFile = None,
+    drop_t5: Annotated[bool, typer.Option("--drop-t5", help=DROP_T5)] = False,
     sample_steps: Annotated[
         Optional[int],
         typer.Option(
@@ -90,7 +92,7 @@ def sample_cmd(
         earlier = sample_folder(output_dir, overwrite)
         no_loading_bars()
         with console.status("loading the base model and merging adapters"):
-            pipe, info = prepare_pipeline(specs, pretrained_model, device, dtype, transformer)
+            pipe, info = prepare_pipeline(specs, pretrained_model, device, dtype, transformer, drop_t5)
             config = config.for_model(pipe)
         for old in earlier:  # --overwrite: no image of an earlier run stays beside the new ones
             old.unlink()

@@ -72,7 +72,8 @@ def train_cmd(config: Optional[str] = None, **overrides) -> None:
         f"model card: {result.output_dir / 'README.md'}"
     )
     console.print(
-        escape(next_steps(result.adapter, cfg.prompt, result.output_dir.name, result.family)), highlight=False
+        escape(next_steps(result.adapter, cfg.prompt, result.output_dir.name, result.family, cfg.drop_t5)),
+        highlight=False,
     )
 
 

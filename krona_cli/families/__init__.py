@@ -40,6 +40,7 @@ __all__ = [
     "recognise_keys",
     "recognise_pipeline",
     "tiny_archs",
+    "titles",
     "with_layer_list",
 ]
 
@@ -71,8 +72,16 @@ def in_words(value: Callable[[Family], Mapping[str, object]]) -> str:
             if found is not None:
                 shown = f"{found:g}" if isinstance(found, float) else str(found)
                 groups.setdefault(shown, []).append(f"{family.title} {variant}".strip())
-    listed = (names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}" for names in groups.values())
-    return "; ".join(f"{shown} for {names}" for shown, names in zip(groups, listed))
+    return "; ".join(f"{shown} for {_listed(names)}" for shown, names in groups.items())
+
+
+def titles(where: Callable[[Family], bool], last: str = "and") -> str:
+    """The titles of the families `where` holds for, in registry order, for help texts and messages: "A, B and C"."""
+    return _listed([family.title for family in FAMILIES if where(family)], last)
+
+
+def _listed(names: list[str], last: str = "and") -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {last} {names[-1]}"
 
 
 def tiny_archs() -> tuple[str, ...]:

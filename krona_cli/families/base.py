@@ -35,6 +35,7 @@ class Component:
     single_file_prefix: str | None = None  # text: where a whole single file holds its weights
     openclip: bool = False  # text: held there in OpenCLIP's layout (q, k, v in one in_proj), not in transformers' names
     read_alone: bool = False  # text: read back from its own keys (diffusers' converter mistakes SDXL's second CLIP)
+    optional: bool = False  # text: one `--drop-t5` leaves out (the model's pipeline then gives zeros for its part)
 
 
 @dataclass(frozen=True)
@@ -207,12 +208,21 @@ class Family(ABC):
         return int(pipe.vae_scale_factor)
 
     def text_models(self, pipe) -> list:
-        """The pipeline's text encoders, in order."""
-        return [getattr(pipe, name) for name in self.text_encoders]
+        """The pipeline's text encoders, in order (an optional one left out of it is not there)."""
+        return [getattr(pipe, name) for name in self.text_encoders if getattr(pipe, name, None) is not None]
 
     def tokenizers(self, pipe) -> list:
         """Their tokenizers, in the same order."""
-        return [getattr(pipe, c.tokenizer) for c in self.components if c.role == "text"]
+        present = [c for c in self.components if c.role == "text" and getattr(pipe, c.name, None) is not None]
+        return [getattr(pipe, c.tokenizer) for c in present]
+
+    def without_optional_text(self) -> dict[str, None]:
+        """The from_pretrained keywords that leave out the text encoders the model can do without, and their
+        tokenizers (`--drop-t5`); one line where it has none."""
+        dropped = {name: None for c in self.components if c.optional for name in (c.name, c.tokenizer)}
+        if not dropped:
+            raise KronaError(f"--drop-t5 does not apply to {self.title} models: they cannot do without a text encoder")
+        return dropped
 
     def component_configs(self) -> dict[str, str]:
         """Component name -> its config file under configs/models/, in pipeline order."""

@@ -22,6 +22,7 @@ from .prompts import Conditioning, tokenize
 # T5 tokens per prompt: the DreamBooth SD3 script's default (and what ComfyUI pads T5 to for SD3); T5's context at most.
 SEQUENCE_LENGTH = 77
 MAX_SEQUENCE_LENGTH = 512
+CLIP_TOKENS = 77  # the CLIPs' context, which their states fill (prompts.tokenize pads to it)
 
 # --targets presets over the transformer's module names: `attn` is every attention projection of the joint blocks
 # (image q/k/v/out, text add_q/k/v and to_add_out, and SD3.5 Medium's second image attention `attn2`), as diffusers'
@@ -58,7 +59,8 @@ class SD3Family(Family):
 
     def encode_prompts(self, tokenizers: list, text_models: list, prompts: list[str]) -> Conditioning:
         """As StableDiffusion3Pipeline.encode_prompt computes them: the CLIPs' penultimate states side by side,
-        zero-padded to T5's width, then T5's last states; the CLIPs' projected pooled outputs side by side."""
+        zero-padded to T5's width, then T5's last states; the CLIPs' projected pooled outputs side by side. Without T5
+        (--drop-t5) the CLIPs' states alone: `denoise` completes them, where the transformer's text width is known."""
         import torch
         import torch.nn.functional as F
 
@@ -68,12 +70,25 @@ class SD3Family(Family):
             out = encoder(tokenize(tokenizer, prompts).to(device), output_hidden_states=True)
             states.append(out.hidden_states[-2])
             pooled.append(out[0])
+        clip, pooled = torch.cat(states, dim=-1), torch.cat(pooled, dim=-1)
+        if len(text_models) < 3:
+            return Conditioning(clip, pooled)
         t5 = text_models[2]
         device = next(t5.parameters()).device
         t5_states = t5(tokenize(tokenizers[2], prompts, self.sequence_length()).to(device))[0]
-        clip = torch.cat(states, dim=-1)
         clip = F.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
-        return Conditioning(torch.cat([clip, t5_states.to(clip.device)], dim=-2), torch.cat(pooled, dim=-1))
+        return Conditioning(torch.cat([clip, t5_states.to(clip.device)], dim=-2), pooled)
+
+    def _with_t5_zeros(self, embeds, width: int):
+        """The CLIPs' states alone (a run without T5: their 77 tokens, where T5's follow them otherwise) as the pipeline
+        completes them: zero-padded to the transformer's text width `width`, then T5's tokens as zeros."""
+        import torch
+        import torch.nn.functional as F
+
+        if embeds.shape[-2] > CLIP_TOKENS:
+            return embeds
+        zeros = embeds.new_zeros(embeds.shape[0], self.sequence_length(), width)
+        return torch.cat([F.pad(embeds, (0, width - embeds.shape[-1])), zeros], dim=-2)
 
     def unused_denoiser_layers(self, linears: Iterable[str]) -> tuple[str, ...]:
         """The text queries of a block without a text output (`to_add_out`): the last block, `context_pre_only`,
@@ -87,9 +102,10 @@ class SD3Family(Family):
 
     def denoise(self, model, noisy, timesteps, cond: Conditioning, geometry, dtype):
         """The transformer on the latents as they are (it patchifies them), at the scheduler's timesteps."""
+        width = getattr(model, "module", model).config.joint_attention_dim  # DDP wraps the transformer in processes
         return model(
             hidden_states=noisy.to(dtype),
-            encoder_hidden_states=cond.embeds.to(dtype),
+            encoder_hidden_states=self._with_t5_zeros(cond.embeds, width).to(dtype),
             pooled_projections=cond.pooled.to(dtype),
             timestep=timesteps,
             return_dict=False,
@@ -117,7 +133,7 @@ SD3 = SD3Family(
         Component("transformer", "denoiser", "sd35_medium_transformer.json"),
         Component("text_encoder", "text", "sd3_clip_l_text.json", "tokenizer", kohya_prefix="lora_te1_"),
         Component("text_encoder_2", "text", "clip_vit_bigg_text.json", "tokenizer_2", kohya_prefix="lora_te2_"),
-        Component("text_encoder_3", "text", "t5_xxl_text.json", "tokenizer_3", trainable=False),
+        Component("text_encoder_3", "text", "t5_xxl_text.json", "tokenizer_3", trainable=False, optional=True),
     ),
     context_width=None,
     default_resolution=512,  # diffusers' DreamBooth SD3 script's default --resolution

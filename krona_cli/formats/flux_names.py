@@ -43,6 +43,7 @@ CLIP_PREFIX = "lora_te1_"
 # The key format (`Adapter.key_format`) of each transformer spelling.
 KEY_FORMATS = {LYCORIS_PREFIX: "simpletuner", ONETRAINER_PREFIX: "onetrainer", BFL_PREFIX: "kohya"}
 TRANSFORMER = "transformer"
+TRANSFORMER_TITLES = families.titles(lambda family: family.denoiser == TRANSFORMER, "or")  # in messages
 
 Written = list[tuple[str, str, np.ndarray, np.ndarray]]  # (component, module, up, down) per layer
 
@@ -60,18 +61,12 @@ def transformer_module(prefix: str, rest: str) -> tuple[str, str] | None:
     return None if module is None else (module, KEY_FORMATS[prefix])
 
 
-def transformer_titles() -> str:
-    """The families whose denoiser is a transformer, in registry order, for messages: "A, B or C"."""
-    titles = [family.title for family in families.FAMILIES if family.denoiser == TRANSFORMER]
-    return f"{', '.join(titles[:-1])} or {titles[-1]}"
-
-
 def check_module(module: str, key: str, source: str) -> str:
     """A diffusers-named transformer module of a file, refused unless it is a linear layer of a transformer family's
     model (any transformer family's)."""
     if not (is_linear(module, bfl=False) or linear_names.families_with(TRANSFORMER, module)):
         raise KronaError(
-            f"'{source}' holds '{key}', whose module '{module}' is not a linear layer of a {transformer_titles()} "
+            f"'{source}' holds '{key}', whose module '{module}' is not a linear layer of a {TRANSFORMER_TITLES} "
             "transformer in diffusers' names; the file is for another model or damaged"
         )
     return module

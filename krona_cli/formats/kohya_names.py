@@ -277,7 +277,7 @@ class NameReader:
                 return None
             raise KronaError(
                 f"cannot read {self.kind} key '{key}' in '{self.source}': '{rest}' after '{prefix}' is not a linear "
-                f"layer of a {flux_names.transformer_titles()} transformer in diffusers' names"
+                f"layer of a {flux_names.TRANSFORMER_TITLES} transformer in diffusers' names"
             )
         module, key_format = found
         self._flux.add(key_format)

@@ -101,10 +101,11 @@ def load_and_bake(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     transformer: str | None = None,
+    drop_t5: bool = False,
 ) -> BakedPipeline:
     """Read every adapter file (all of them before the base model), load the base (`pretrained`, else the base the
-    first adapter records; `transformer`, a FLUX.1 transformer file, in place of its own) and bake the adapters into
-    it. With no adapter the base alone is loaded."""
+    first adapter records; `transformer`, a FLUX.1 transformer file, in place of its own; `drop_t5`: without the text
+    encoders it can do without) and bake the adapters into it. With no adapter the base alone is loaded."""
     from ..pipeline.hub import absolute
     from ..pipeline.models import base_unet_config, load_pipeline
 
@@ -116,13 +117,17 @@ def load_and_bake(
         if not loaded:
             raise KronaError("no adapter and no base model given; pass --adapter FILE[:SCALE] or --pretrained-model")
         raise KronaError(f"the adapter '{loaded[0][2]}' does not record its base model; pass --pretrained-model")
-    pipe, arch = load_pipeline(str(base), dtype=dtype, device=device, transformer=transformer)
+    pipe, arch = load_pipeline(str(base), dtype=dtype, device=device, transformer=transformer, drop_t5=drop_t5)
     changed = bake(pipeline_components(pipe), [(adapter, scale) for adapter, scale, _ in loaded], arch)
     return BakedPipeline(pipe, str(base), arch, loaded, changed)
 
 
 def _bake_for_saving(
-    adapters: Sequence[tuple[str, float]], pretrained: str | None, dtype: str, transformer: str | None = None
+    adapters: Sequence[tuple[str, float]],
+    pretrained: str | None,
+    dtype: str,
+    transformer: str | None = None,
+    drop_t5: bool = False,
 ) -> tuple[BakedPipeline, dict]:
     """Bake adapters (path, multiplier) into the base model cast to `dtype`; the pipeline and the summary of it."""
     from ..pipeline.hub import absolute
@@ -130,7 +135,7 @@ def _bake_for_saving(
     if not adapters:
         raise KronaError("no adapter given; pass --adapter FILE[:SCALE]")
     torch_dtype = dtype_from_name(dtype)
-    baked = load_and_bake(adapters, pretrained, transformer=transformer)
+    baked = load_and_bake(adapters, pretrained, transformer=transformer, drop_t5=drop_t5)
     baked.pipe.to(torch_dtype)
     summary = {
         "base_model": baked.base_model,
@@ -199,8 +204,10 @@ def merge_to_file(
     dtype: str = "fp16",
     overwrite: bool = False,
     transformer: str | None = None,
+    drop_t5: bool = False,
 ) -> dict:
-    """Bake adapters into the base model and save the single file its family has (pipeline/single_file.py): a
+    """Bake adapters into the base model (`drop_t5`: loaded without the text encoders it can do without, which its
+    transformer-only file does not hold) and save the single file its family has (pipeline/single_file.py): a
     checkpoint in the original (LDM/SGM) layout, the model file A1111, Forge and ComfyUI load, carrying the
     pipeline's configs (`krona_pipeline`) so krona reads it back exactly and offline; or FLUX.1's transformer alone in
     Black Forest Labs' layout, carrying its config (`krona_transformer`). Either carries the merge summary
@@ -208,7 +215,7 @@ def merge_to_file(
     from ..pipeline.single_file import merged_file_components, save_merged_file
 
     out = output_file(output, "--output", ".safetensors", overwrite)
-    baked, summary = _bake_for_saving(adapters, pretrained, dtype, transformer)
+    baked, summary = _bake_for_saving(adapters, pretrained, dtype, transformer, drop_t5)
     held = merged_file_components(baked.architecture)
     if held is not None:
         _check_held(baked, held)
@@ -257,9 +264,14 @@ def merge(
     dtype: str | None = None,
     overwrite: bool = False,
     transformer: str | None = None,
+    drop_t5: bool = False,
 ) -> dict:
     """`krona merge`: dtype fp32 for a folder, fp16 for a single file unless named; `transformer` a FLUX.1 transformer
-    file in place of the base's own."""
+    file in place of the base's own; `drop_t5` for a single file of the transformer alone."""
+    if destination.format == "diffusers" and drop_t5:
+        raise KronaError(
+            "--drop-t5 applies to a single-file merge (--output): a merged folder holds every text encoder"
+        )
     if destination.format == "diffusers":
         return merge_to_folder(adapters, destination.path, pretrained, dtype or "fp32", overwrite, transformer)
-    return merge_to_file(adapters, destination.path, pretrained, dtype or "fp16", overwrite, transformer)
+    return merge_to_file(adapters, destination.path, pretrained, dtype or "fp16", overwrite, transformer, drop_t5)

@@ -152,8 +152,10 @@ def prepare_pipeline(
     device: str | torch.device = "cpu",
     dtype: str = "fp32",
     transformer: str | None = None,
+    drop_t5: bool = False,
 ):
-    """Load the base model (with `transformer`, a FLUX.1 transformer file, in place of its own) and bake every
+    """Load the base model (with `transformer`, a FLUX.1 transformer file, in place of its own; `drop_t5`: without the
+    text encoders it can do without) and bake every
     (adapter file, multiplier) into its weights; return (pipe, ModelInfo).
 
     The base is `pretrained`, else the base model the first adapter records. With no adapter, `pretrained` is
@@ -164,7 +166,9 @@ def prepare_pipeline(
     from .merge import load_and_bake
 
     with stopping.immediate("while loading the base model"):  # nothing written yet: a stop request stops it at once
-        baked = load_and_bake(adapters, pretrained, dtype_from_name(dtype), device, transformer=transformer)
+        baked = load_and_bake(
+            adapters, pretrained, dtype_from_name(dtype), device, transformer=transformer, drop_t5=drop_t5
+        )
     baked.pipe.set_progress_bar_config(disable=True)
     info = ModelInfo(
         base_model=baked.base_model,

@@ -205,6 +205,7 @@ def load_pipeline(
     variant: str | None = None,
     transformer: str | None = None,
     quantized: tuple[str, torch.dtype] | None = None,
+    drop_t5: bool = False,
 ):
     """A diffusers pipeline of a family krona trains from a local folder, a single .safetensors checkpoint, or a hub
     id (from the local Hugging Face cache when it is there, so offline too).
@@ -212,7 +213,8 @@ def load_pipeline(
     `vae` replaces the pipeline's VAE (a diffusers AutoencoderKL folder or hub id); `transformer` a FLUX.1 base's
     transformer (one .safetensors file in Black Forest Labs', ComfyUI's or diffusers' layout, flux_file.py; the base's
     own is then not loaded; with `quantized`, (int8 or nf4, the compute dtype), its linear layers are quantized as
-    they are read); `revision` and `variant` (e.g. fp16) pick the files of a hub model or folder. Returns
+    they are read); `revision` and `variant` (e.g. fp16) pick the files of a hub model or folder; `drop_t5` leaves
+    out the text encoders the model can do without (Family.without_optional_text). Returns
     (pipeline, architecture). Local paths never touch the network; single-file checkpoints get their configs and
     tokenizers from krona (single_file.py).
     """
@@ -233,6 +235,8 @@ def load_pipeline(
         keys, metadata = _header(where)
         _refuse_adapter(where, keys, metadata, "--pretrained-model")
         _refuse_transformer_only(where, keys)
+        if drop_t5:
+            raise KronaError("--drop-t5 applies to a pipeline folder or hub id; leave it out for a single file")
         index = {"_class_name": describe_file(where, keys, metadata)["class"]} if transformer else {}
     elif kind == "folder":
         if not (where / "model_index.json").is_file():
@@ -249,7 +253,9 @@ def load_pipeline(
             pipe = load_single_file(where, keys, metadata, dtype)
         else:
             family = families.by_pipeline_class(index.get("_class_name"))
-            extras = family.load_extras if family else {}
+            extras = dict(family.load_extras) if family else {}
+            if drop_t5 and family:
+                extras |= family.without_optional_text()
             pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=dtype, **extras, **choice, **replaced)
     except KronaError:
         raise

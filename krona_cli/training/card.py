@@ -13,7 +13,7 @@ _USE_KRON = """\
 krona (samples with the adapter merged into the weights in memory):
 
 ```bash
-krona sample --adapter {adapter} --pretrained-model {base} --prompt "{prompt}" -n 4
+krona sample --adapter {adapter} --pretrained-model {base} --prompt "{prompt}" -n 4{drop}
 ```
 
 diffusers: bake the adapter into a full pipeline once, then load that folder as any other model:
@@ -49,7 +49,7 @@ pipe.load_lora_weights("{folder}", weight_name="adapter.safetensors")
 image = pipe("{prompt}").images[0]
 ```
 
-krona: `krona sample --adapter {adapter} --pretrained-model {base} --prompt "{prompt}"`.
+krona: `krona sample --adapter {adapter} --pretrained-model {base} --prompt "{prompt}"{drop}`.
 ComfyUI reads kohya-named LoRA files best; diffusers-named keys may need converting.
 """
 
@@ -118,6 +118,13 @@ def write_model_card(
         lines += ["Every validation is in `validation.json`, plotted in `validation.png`.", ""]
     template = _USE_LORA if cfg.adapter_type == "lora" else _USE_KRON
     lines.append(
-        template.format(adapter=adapter, base=cfg.pretrained_model, prompt=cfg.prompt, name=out.name, folder=out)
+        template.format(
+            adapter=adapter,
+            base=cfg.pretrained_model,
+            prompt=cfg.prompt,
+            name=out.name,
+            folder=out,
+            drop=" --drop-t5" if cfg.drop_t5 else "",
+        )
     )
     return write_bytes_atomic(out / "README.md", "\n".join(lines).encode())

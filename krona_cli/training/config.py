@@ -21,7 +21,7 @@ import typer
 import yaml
 
 from ..errors import KronaError
-from ..families import in_words
+from ..families import in_words, titles
 from ..kron.factors import INITS
 from ..paths import expand
 from .optimizers import OPTIMIZERS, default_lr
@@ -31,6 +31,14 @@ from .optimizers import check as check_optimizer
 
 CONFIG_PRESETS = ("sdxl", "sd15", "tiny", "toy")
 
+
+# --drop-t5 of train and sample
+DROP_T5 = (
+    "Leave out the T5 text encoder of a model that can do without it ("
+    + titles(lambda family: any(c.optional for c in family.components))
+    + "): its part of the prompt states is zeros, as the model's pipeline gives them without it. Less memory, "
+    "weaker prompt following."
+)
 
 # flow-matching weighting schemes (families/flow_match.py's WEIGHTINGS, without importing torch for --help)
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
@@ -64,6 +72,7 @@ class TrainConfig:
     )
     revision: Optional[str] = _opt(None, "Hub revision (branch, tag or commit) of the base model.", unset="main")
     variant: Optional[str] = _opt(None, "Weight file variant of the base model, e.g. fp16.", unset="the full files")
+    drop_t5: bool = _opt(False, DROP_T5)
     # data
     instance_dir: Optional[str] = _opt(
         None, "Folder of photos of the subject (captions: same-named .txt files).", unset="required"

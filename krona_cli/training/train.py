@@ -361,6 +361,7 @@ def load_base(cfg: TrainConfig, device: torch.device) -> Base:
         variant=cfg.variant,
         transformer=cfg.transformer,
         quantized=quantized,
+        drop_t5=cfg.drop_t5,
     )
     pipe.set_progress_bar_config(disable=True)
     settings = ("guidance", "max_sequence_length", "weighting_scheme")
