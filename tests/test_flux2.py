@@ -1,19 +1,16 @@
 """FLUX.2 [klein] through krona on the tiny FLUX.2 pipeline: the latent normalisation is the pipeline's batch-norm one,
-the loss of a training batch is the one diffusers' DreamBooth FLUX.2 [klein] script computes, a resumed run is
-bit-identical, the merged single file is BFL's layout that diffusers reads back, and every adapted layer of the real
-FLUX.2 [klein] 4B is named as ComfyUI maps it."""
+the loss of a training batch is the one diffusers' DreamBooth FLUX.2 [klein] script computes, and every adapted layer
+of the real FLUX.2 [klein] 4B is named as ComfyUI maps it (resume, the single file and the refused settings:
+test_transformer_families.py)."""
 
 import re
 
 import pytest
 import torch
 from helpers import record_losses
-from safetensors.torch import load_file
-from test_train import CLASS_PROMPT, config
+from test_train import config
 
 from krona_cli import families
-from krona_cli.cli import main
-from krona_cli.errors import KronaError
 from krona_cli.training.train import train
 
 FLUX2 = families.get("flux2")
@@ -72,46 +69,6 @@ def test_the_loss_of_a_training_batch_is_the_one_diffusers_helpers_compute(
     for sigmas, loss, expected in seen:
         assert len(set(sigmas.tolist())) == 2
         torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
-
-
-def test_a_resumed_flux2_run_is_bit_identical_to_a_straight_one(tiny_flux2_dir, tmp_path):
-    common = dict(targets="attn-ff", checkpoint_every=2, lr=1e-2, ema=True, class_prompt=CLASS_PROMPT)
-    common |= dict(class_dir=str(tmp_path / "classes"), num_class_images=2)
-    straight = train(config(tiny_flux2_dir, tmp_path / "straight", steps=4, **common))
-    train(config(tiny_flux2_dir, tmp_path / "resumed", steps=2, **common))
-    resumed = train(config(tiny_flux2_dir, tmp_path / "resumed", steps=4, resume="latest", **common))
-    a, b = load_file(straight.adapter), load_file(resumed.adapter)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    modules = {k.rsplit(".", 1)[0] for k in a}
-    for part in ("single_transformer_blocks.1.attn.to_qkv_mlp_proj", "transformer_blocks.0.ff_context.linear_out"):
-        assert f"transformer.{part}" in modules
-    assert all(a[k].abs().sum() > 0 for k in a if k.endswith("kron_b"))
-    assert len(list((tmp_path / "classes").glob("*.png"))) == 2  # drawn by the tiny FLUX.2
-
-
-def test_the_merged_single_file_is_bfls_layout_and_diffusers_reads_it_back(tiny_flux2_dir, tmp_path):
-    from diffusers import Flux2Transformer2DModel
-    from safetensors import safe_open
-
-    run = train(config(tiny_flux2_dir, tmp_path / "run", steps=2, targets="attn-ff", lr=1e-2))
-    merge = ["merge", "--adapter", str(run.adapter)]
-    assert main([*merge, "--output", str(tmp_path / "m.safetensors"), "--dtype", "fp32"]) == 0
-    assert main([*merge, "--output-dir", str(tmp_path / "folder")]) == 0
-    with safe_open(tmp_path / "m.safetensors", "pt") as f:
-        keys = set(f.keys())
-    assert {"double_blocks.0.img_attn.qkv.weight", "single_blocks.1.linear1.weight", "img_in.weight"} <= keys
-    assert "double_blocks.0.img_attn.norm.query_norm.scale" in keys and not any(".to_q." in k for k in keys)
-    read = Flux2Transformer2DModel.from_single_file(
-        str(tmp_path / "m.safetensors"), config=str(tiny_flux2_dir), subfolder="transformer"
-    ).state_dict()
-    want = Flux2Transformer2DModel.from_pretrained(tmp_path / "folder", subfolder="transformer").state_dict()
-    assert read.keys() == want.keys() and all(torch.equal(read[k], want[k]) for k in want)
-
-
-@pytest.mark.parametrize("flag", [{"guidance": 2.0}, {"max_sequence_length": 64}, {"train_text_encoder": True}])
-def test_settings_flux2_has_no_use_for_are_refused(tiny_flux2_dir, tmp_path, flag):
-    with pytest.raises(KronaError):
-        train(config(tiny_flux2_dir, tmp_path / "r", steps=1, **flag))
 
 
 def test_every_adapted_layer_of_the_real_model_is_named_as_comfyui_maps_it():

@@ -222,7 +222,8 @@ def test_transformer_families_hub_ids_train_sample_merge_and_export_offline(hub_
 def test_sd35_downloaded_without_t5_trains_samples_and_merges_with_drop_t5(tmp_path):
     """SD3.5 Large as `hf download ... --exclude "text_encoder_3/*" "tokenizer_3/*"` leaves it in the cache, by its hub
     id in a fresh shell from another folder: `--drop-t5` trains, and the sample and merge lines it prints work as
-    printed; a merged folder (which would lack T5) is refused in one line."""
+    printed; a merged folder (which would lack T5) is refused in one line, and so is sampling without the flag, which
+    names it."""
     folder = make_tiny(tmp_path / "sd3", arch="sd3")
     shutil.rmtree(folder / "text_encoder_3")
     shutil.rmtree(folder / "tokenizer_3")
@@ -231,6 +232,7 @@ def test_sd35_downloaded_without_t5_trains_samples_and_merges_with_drop_t5(tmp_p
     work.mkdir()
     args = ["--pretrained-model", SD35[1], "--instance-dir", str(EXAMPLES), "--prompt", "a photo of sks cat"]
     done = krona(["train", *args, "--output-dir", "run", "--drop-t5", *SMALL_TRAIN], work, env)
+    assert "Could not reach the Hub" not in done.stderr  # huggingface_hub's warning on every offline load, quieted
     printed = [shlex.split(line, comments=True) for line in done.stdout.splitlines() if line.startswith("  krona ")]
     sample = next(line for line in printed if line[1] == "sample")
     merge = next(line for line in printed if line[1] == "merge")
@@ -248,6 +250,10 @@ def test_sd35_downloaded_without_t5_trains_samples_and_merges_with_drop_t5(tmp_p
     )
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "a merged folder holds every text encoder" in refused.stderr and not (work / "merged").exists()
+    forgot = [str(KRONA), *sample[1 : sample.index("--drop-t5")], "--output-dir", "forgot"]
+    forgot = subprocess.run(forgot, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert forgot.returncode == 2 and len(forgot.stderr.strip().splitlines()) == 1, forgot.stderr
+    assert forgot.stderr.strip().endswith("if it was downloaded without its T5, add --drop-t5")
 
 
 @pytest.mark.slow

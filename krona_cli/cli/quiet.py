@@ -17,6 +17,7 @@ _ALWAYS = (
 _QUIET = (
     ("TRANSFORMERS_VERBOSITY", "error"),
     ("DIFFUSERS_VERBOSITY", "error"),
+    ("HF_HUB_VERBOSITY", "error"),  # else "Could not reach the Hub" on every offline load of a cached hub id
     ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
 )
 # Every library krona loads, by the top of its logger hierarchy (`kernels._internals.hf_hub` is under `kernels`).

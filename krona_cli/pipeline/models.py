@@ -248,11 +248,12 @@ def load_pipeline(
     else:
         index = _hub_json(where, "model_index.json", revision, "--pretrained-model")
     replaced = _replaced_transformer(transformer, pretrained, kind, where, index, revision, dtype, quantized)
+    family = None if kind == "file" else families.by_pipeline_class(index.get("_class_name"))
+    droppable = family is not None and not drop_t5 and any(c.optional for c in family.components)
     try:
         if kind == "file":
             pipe = load_single_file(where, keys, metadata, dtype)
         else:
-            family = families.by_pipeline_class(index.get("_class_name"))
             extras = dict(family.load_extras) if family else {}
             if drop_t5 and family:
                 extras |= family.without_optional_text()
@@ -268,6 +269,7 @@ def load_pipeline(
                 if kind == "hub"
                 else ""
             )
+            + ("; if it was downloaded without its T5, add --drop-t5" if droppable else "")
         ) from e
     family = families.recognise_pipeline(pipe, pretrained)
     if vae:
