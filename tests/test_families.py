@@ -232,3 +232,40 @@ def test_no_family_branches_outside_families():
             continue
         hits += [f"{where}:{line} {what}" for line, what in family_branches(ast.parse(path.read_text()))]
     assert hits == []
+
+
+@pytest.mark.parametrize(
+    "arch, distilled, variant",
+    [
+        ("sdxl", False, ""),
+        ("flux", False, "[dev]"),
+        ("flux-schnell", False, "[schnell]"),
+        ("sd3", False, ""),
+        ("flux2", False, "base"),
+        ("flux2", True, "distilled"),
+        ("qwen-image", False, ""),
+        ("z-image", False, ""),
+    ],
+)
+def test_sampling_defaults_are_the_variant_the_pipeline_is(arch, distilled, variant):
+    """FLUX.1 [dev] and [schnell] by the guidance embedding, FLUX.2 [klein]'s step-distilled releases by the
+    pipeline's `is_distilled`; the others have one."""
+    pipe = build_tiny_pipeline(arch)
+    if distilled:
+        pipe.register_to_config(is_distilled=True)
+    family = families.recognise_pipeline(pipe, arch)
+    assert family.sampler_variant(pipe) == variant
+    assert family.sampler_defaults(pipe) == family.samplers[variant]
+
+
+def test_help_texts_give_every_familys_default():
+    """`families.in_words` lists each family (and variant) once, with its own value: read back, the text is the data."""
+    text = families.in_words(lambda f: {variant: d.steps for variant, d in f.samplers.items()})
+    read = {}
+    for group in text.split("; "):
+        value, names = group.split(" for ", 1)
+        for name in names.replace(" and ", ", ").split(", "):
+            assert name not in read, name
+            read[name] = int(value)
+    want = {f"{f.title} {v}".strip(): d.steps for f in families.FAMILIES for v, d in f.samplers.items()}
+    assert read == want and len(text.split("; ")) == len(set(want.values()))
