@@ -187,7 +187,9 @@ def test_a_transformer_file_quantized_as_it_loads_trains_the_adapter_of_the_base
     tiny_flux_dir, tmp_path, precision
 ):
     """Under int8/nf4 a --transformer file is quantized layer by layer as it is read (FLUX.1's does not fit in memory
-    whole in fp32); the run is the one on the same weights loaded whole and then quantized."""
+    whole in fp32); the run is the one on the same weights loaded whole and then quantized. Under nf4 the tiny layers
+    stay fp32 (below), and fp32 matmuls on the two loads' tensors may round differently: on an AVX512-BF16 CPU the
+    two adapters were 1.9e-6 apart (values up to 0.52), so those are compared within float32 rounding."""
     from diffusers import FluxTransformer2DModel
 
     from krona_cli.pipeline.flux_file import save_transformer_file
@@ -198,7 +200,12 @@ def test_a_transformer_file_quantized_as_it_loads_trains_the_adapter_of_the_base
     whole = train(config(tiny_flux_dir, tmp_path / "whole", **settings))
     streamed = train(config(tiny_flux_dir, tmp_path / "streamed", transformer=str(file), **settings))
     a, b = load_file(whole.adapter), load_file(streamed.adapter)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    for key in a:
+        if precision == "int8":
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     # the file's layers arrive quantized (every tiny layer under int8; none is a multiple of 64 for nf4's kernels)
     from krona_cli.pipeline import models
     from krona_cli.pipeline.quantize import quantizable
