@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from krona_cli import families
 from krona_cli.pipeline.toy import ARCHS, build_toy_pipeline, read_weights, weights_file
-from krona_cli.world.scenes import SHAPES, SIZE, prompt, random_scene, render, seen_pairs
+from krona_cli.world.scenes import SHAPES, SIZE, prompt, random_scene, render
 from krona_cli.world.scorers import score
 
 STRENGTHS = (0.3, 0.5, 0.7, 0.85, 1.0)
@@ -42,12 +42,11 @@ def noise_to_signal(scheduler) -> float | None:
 
 
 def scenes(count: int, seed: int):
-    """``count`` world scenes of seen (colour, shape) pairs, rendered."""
-    rng, seen, found = np.random.default_rng(seed), set(seen_pairs()), []
-    while len(found) < count:
+    """``count`` world scenes, rendered (random_scene draws the (colour, shape) pairs pretraining shows)."""
+    rng, found = np.random.default_rng(seed), []
+    for _ in range(count):
         scene = random_scene(rng)
-        if (scene.colour, scene.shape) in seen:
-            found.append((scene, render(scene, rng)))
+        found.append((scene, render(scene, rng)))
     return found
 
 
