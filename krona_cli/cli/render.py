@@ -12,6 +12,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
+from ..training.config import drop_t5_flag
 from .app import console, warn
 
 
@@ -223,7 +224,7 @@ def next_steps(adapter: Path, prompt: str, name: str, family, drop_t5: bool = Fa
     """What to do with a trained adapter: the commands, ready to paste (a merge into the single file the family has:
     a whole checkpoint, or its denoiser alone; sampling as it was trained, `--drop-t5` where it was)."""
     a = shlex.quote(str(adapter))
-    drop = " --drop-t5" if drop_t5 else ""
+    drop = drop_t5_flag(drop_t5)
     merge = f"--output {shlex.quote(name + '.safetensors')}   # one checkpoint for A1111, Forge, ComfyUI"
     if family.single_file.denoiser_only:
         merge = f"--output {shlex.quote(name + '.safetensors')}{drop}   # {family.single_file.holds}, for ComfyUI"

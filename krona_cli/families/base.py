@@ -216,10 +216,15 @@ class Family(ABC):
         present = [c for c in self.components if c.role == "text" and getattr(pipe, c.name, None) is not None]
         return [getattr(pipe, c.tokenizer) for c in present]
 
+    @property
+    def optional_text(self) -> tuple[Component, ...]:
+        """The text encoders the model can do without (`--drop-t5` leaves them out); none for most families."""
+        return tuple(c for c in self.components if c.optional)
+
     def without_optional_text(self) -> dict[str, None]:
         """The from_pretrained keywords that leave out the text encoders the model can do without, and their
         tokenizers (`--drop-t5`); one line where it has none."""
-        dropped = {name: None for c in self.components if c.optional for name in (c.name, c.tokenizer)}
+        dropped = {name: None for c in self.optional_text for name in (c.name, c.tokenizer)}
         if not dropped:
             raise KronaError(f"--drop-t5 does not apply to {self.title} models: they cannot do without a text encoder")
         return dropped

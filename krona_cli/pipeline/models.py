@@ -249,7 +249,7 @@ def load_pipeline(
         index = _hub_json(where, "model_index.json", revision, "--pretrained-model")
     replaced = _replaced_transformer(transformer, pretrained, kind, where, index, revision, dtype, quantized)
     family = None if kind == "file" else families.by_pipeline_class(index.get("_class_name"))
-    droppable = family is not None and not drop_t5 and any(c.optional for c in family.components)
+    droppable = family is not None and not drop_t5 and bool(family.optional_text)
     try:
         if kind == "file":
             pipe = load_single_file(where, keys, metadata, dtype)

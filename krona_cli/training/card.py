@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..atomic import write_bytes_atomic
-from .config import TrainConfig
+from .config import TrainConfig, drop_t5_flag
 
 _USE_KRON = """\
 ## Use it
@@ -124,7 +124,7 @@ def write_model_card(
             prompt=cfg.prompt,
             name=out.name,
             folder=out,
-            drop=" --drop-t5" if cfg.drop_t5 else "",
+            drop=drop_t5_flag(cfg.drop_t5),
         )
     )
     return write_bytes_atomic(out / "README.md", "\n".join(lines).encode())

@@ -35,10 +35,16 @@ CONFIG_PRESETS = ("sdxl", "sd15", "tiny", "toy")
 # --drop-t5 of train and sample
 DROP_T5 = (
     "Leave out the T5 text encoder of a model that can do without it ("
-    + titles(lambda family: any(c.optional for c in family.components))
+    + titles(lambda family: bool(family.optional_text))
     + "): its part of the prompt states is zeros, as the model's pipeline gives them without it. Less memory, "
     "weaker prompt following."
 )
+
+
+def drop_t5_flag(drop_t5: bool) -> str:
+    """The ` --drop-t5` the printed sample and merge commands carry where training left T5 out."""
+    return " --drop-t5" if drop_t5 else ""
+
 
 # flow-matching weighting schemes (families/flow_match.py's WEIGHTINGS, without importing torch for --help)
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
